@@ -1,0 +1,80 @@
+"""Export a personal file as an ordinary LoRA: diffusers/peft keys or kohya keys (A1111, ComfyUI).
+
+LiDB is an exact rank-r LoRA, lora_A = A_train @ A_aux and lora_B = B_aux @ B_train, computed by the
+same `lora_factors` the forward pass uses, from aux bases rebuilt from the file alone (its layer
+shapes and seed), so export needs no base model and cannot drift from what was trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors.torch import save_file
+
+from hdb.errors import HdbError
+from hdb.lidb import aux_bases, aux_fingerprint, lora_factors
+from hdb.personal_file import PersonalWeights
+
+FORMATS = ("diffusers", "kohya")
+KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+
+
+def personal_lora_factors(weights: PersonalWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (lora_A [r, in], lora_B [out, r]) from a personal file, checking the rebuilt aux bases."""
+    config = weights.config
+    bases = {name: aux_bases(config.seed, name, i, o, config.a, config.b) for name, (i, o) in weights.layer_shapes.items()}
+    rebuilt = aux_fingerprint(basis for pair in bases.values() for basis in pair)
+    if rebuilt != weights.aux_fingerprint:
+        raise HdbError(f"The aux bases rebuilt here (fingerprint {rebuilt}) differ from the file's ({weights.aux_fingerprint})")
+    return {
+        name: lora_factors(weights.A[index], weights.B[index], *bases[name])
+        for index, name in enumerate(weights.layer_shapes)
+    }
+
+
+def _split_component(name: str) -> tuple[str, str]:
+    component, path = name.split(".", 1)
+    return component, path
+
+
+def export_lora(weights: PersonalWeights, path: str | Path, format: str = "diffusers", dtype: torch.dtype = torch.float32) -> Path:
+    """Write the person's LoRA to `path` (a .safetensors file) in the chosen key format."""
+    if format not in FORMATS:
+        raise HdbError(f"Unknown LoRA format {format!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    factors = {name: (down.to(dtype).contiguous(), up.to(dtype).contiguous()) for name, (down, up) in personal_lora_factors(weights).items()}
+    if format == "diffusers":
+        _save_diffusers(factors, path)
+    else:
+        _save_kohya(factors, path, weights.config.rank)
+    return path
+
+
+def _save_diffusers(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+    # diffusers writes its own LoRA format; we hand it peft-style per-component state dicts.
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for name, (down, up) in factors.items():
+        component, module_path = _split_component(name)
+        layers.setdefault(component, {})[f"{module_path}.lora_A.weight"] = down
+        layers[component][f"{module_path}.lora_B.weight"] = up
+    pipeline_class = StableDiffusionXLPipeline if "text_encoder_2" in layers else StableDiffusionPipeline
+    arguments = {f"{component}_lora_layers": state for component, state in layers.items()}
+    pipeline_class.save_lora_weights(str(path.parent), weight_name=path.name, **arguments)
+
+
+def _save_kohya(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, rank: int) -> None:
+    # kohya names: lora_unet_<module path with _>, lora_te_ (SD1/2) or lora_te1_/lora_te2_ (SDXL).
+    sdxl = any(name.startswith("text_encoder_2.") for name in factors)
+    prefixes = dict(KOHYA_PREFIXES, text_encoder="lora_te1" if sdxl else "lora_te")
+    state: dict[str, torch.Tensor] = {}
+    for name, (down, up) in factors.items():
+        component, module_path = _split_component(name)
+        key = f"{prefixes[component]}_{module_path.replace('.', '_')}"
+        state[f"{key}.lora_down.weight"] = down
+        state[f"{key}.lora_up.weight"] = up
+        state[f"{key}.alpha"] = torch.tensor(float(rank), dtype=down.dtype)  # alpha = rank: scale 1, as trained
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
+    save_file(state, str(path), metadata=metadata)

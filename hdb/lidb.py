@@ -1,0 +1,293 @@
+"""LiDB, Lightweight DreamBooth: a rank-r LoRA factored through frozen random orthonormal bases.
+
+For every attention projection W (out x in) of the UNet and the text encoder(s):
+
+    dW = B_aux @ B_train @ A_train @ A_aux
+         (out x b)(b x r) (r x a) (a x in)
+
+A_aux and B_aux are random semi-orthogonal matrices regenerated from (seed, layer name, shape), never
+stored. Only A_train and B_train are personal: r*(a+b) numbers a layer, 26,400 for SD1.5 at the
+paper's r=1, a=100, b=50. Since `lora_A = A_train @ A_aux` and `lora_B = B_aux @ B_train`, LiDB is
+an exact rank-r LoRA, which is how the forward pass computes it (cheaper than four matmuls) and how
+`hdb.export` writes it.
+
+One primitive serves every stage. All layers of a pipeline read their weights from one packed pair
+of tensors held by `LiDB`:
+  * shared weights `A: [L, r, a]`, `B: [L, b, r]`: one person (inference, personal files, finetuning);
+  * per-sample weights `A: [S, L, r, a]`, `B: [S, L, b, r]`: a different person per batch element
+    (pre-optimising many identities at once, training the hypernetwork), applied with batched matmuls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from hdb.errors import HdbError
+from hdb.models import text_encoders
+
+UNET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers Attention (self and cross)
+TEXT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # transformers CLIPAttention
+
+
+@dataclass(frozen=True)
+class LiDBConfig:
+    """Shape of the personal weights. `a`, `b`: widths of the frozen aux bases; `rank`: the LoRA rank."""
+
+    rank: int = 1
+    a: int = 100
+    b: int = 50
+    seed: int = 0  # seeds the aux bases; weights only make sense with the seed they were made with
+
+    def __post_init__(self) -> None:
+        if min(self.rank, self.a, self.b) < 1:
+            raise HdbError(f"LiDB rank, a and b must be positive, got r={self.rank}, a={self.a}, b={self.b}")
+
+
+# ----------------------------------------------------------------------------- frozen aux bases
+
+
+def _semi_orthogonal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """Random matrix with orthonormal rows (rows <= cols) or orthonormal columns (rows > cols)."""
+    tall = torch.randn(max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(tall)
+    q = q * torch.sign(torch.diagonal(r))  # fix QR's sign ambiguity so the basis is unique
+    return (q if rows > cols else q.T).float().contiguous()
+
+
+def aux_bases(seed: int, name: str, in_features: int, out_features: int, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_aux [a, in], B_aux [out, b]) for one layer: deterministic on CPU from (seed, name, shape)."""
+    key = hashlib.sha256(f"{seed}|{name}|{in_features}x{out_features}|{a}|{b}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+    return _semi_orthogonal(a, in_features, generator), _semi_orthogonal(out_features, b, generator)
+
+
+def lora_factors(A: torch.Tensor, B: torch.Tensor, A_aux: torch.Tensor, B_aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact LoRA of LiDB weights: (lora_A = A_train @ A_aux: [.., r, in], lora_B = B_aux @ B_train: [.., out, r])."""
+    return A.float() @ A_aux, B_aux @ B.float()
+
+
+def _fingerprint(parts: Iterable[bytes]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()[:16]
+
+
+def arch_fingerprint(layer_shapes: dict[str, tuple[int, int]]) -> str:
+    """Identifies a base architecture by its LiDB layer names and shapes."""
+    return _fingerprint(f"{name}:{i}x{o};".encode() for name, (i, o) in layer_shapes.items())
+
+
+def aux_fingerprint(bases: Iterable[torch.Tensor]) -> str:
+    """Identifies aux bases. Rounded, so that it is stable across CPUs and BLAS builds, not only runs."""
+    return _fingerprint(torch.round(basis.detach().cpu().double() * 1e4).to(torch.int32).numpy().tobytes() for basis in bases)
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+class WeightSource:
+    """What every LiDB layer of one pipeline reads at forward time (shared, not a module)."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        self.A, self.B, self.scale = A, B, 1.0
+
+
+class LiDBLinear(nn.Module):
+    """Wraps an nn.Linear: y = W x + scale * lora_B (lora_A x), factors built from the aux bases."""
+
+    def __init__(self, base: nn.Linear, name: str, index: int, config: LiDBConfig, source: WeightSource) -> None:
+        super().__init__()
+        self.base, self.name, self.index, self.source = base, name, index, source
+        A_aux, B_aux = aux_bases(config.seed, name, base.in_features, base.out_features, config.a, config.b)
+        device = base.weight.device
+        # Kept in fp32 whatever the base dtype, so exported LoRA factors are exact; not in state_dict.
+        self.register_buffer("A_aux", A_aux.to(device), persistent=False)
+        self.register_buffer("B_aux", B_aux.to(device), persistent=False)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged or self.source.scale == 0:
+            return y
+        A = self.source.A.select(-3, self.index)  # [r, a] shared, or [S, r, a] per sample
+        B = self.source.B.select(-3, self.index)
+        down, up = lora_factors(A, B, self.A_aux, self.B_aux)
+        down, up = down.to(x.dtype), up.to(x.dtype)
+        if A.dim() == 2:
+            delta = (x @ down.T) @ up.T
+        else:  # per-sample weights: batch element s uses (A[s], B[s])
+            samples = A.shape[0]
+            if x.shape[0] != samples:
+                raise HdbError(f"LiDB got per-sample weights for {samples} samples but a batch of {x.shape[0]}")
+            flat = x.reshape(samples, -1, x.shape[-1])
+            delta = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2)).reshape(*x.shape[:-1], -1)
+        return y + self.source.scale * delta
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense dW (out x in) of the shared weights, for merging."""
+        down, up = lora_factors(self.source.A[self.index], self.source.B[self.index], self.A_aux, self.B_aux)
+        return self.source.scale * (up @ down)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+
+# ----------------------------------------------------------------------------- all layers of a pipeline
+
+
+def find_target_linears(pipe) -> dict[str, nn.Linear]:
+    """Every attention q/k/v/out linear of the UNet and self-attention q/k/v/out of the text encoder(s).
+
+    Found from module structure (a module owning to_q/to_k/to_v/to_out, or q_proj/k_proj/v_proj/out_proj),
+    so SD1.5, SD2.1 and SDXL all work without per-family tables. Names are "<component>.<module path>".
+    """
+    targets: dict[str, nn.Linear] = {}
+    components = {"unet": pipe.unet, **text_encoders(pipe)}
+    for component, model in components.items():
+        projections = UNET_PROJECTIONS if component == "unet" else TEXT_PROJECTIONS
+        for path, module in model.named_modules():
+            if all(hasattr(module, p.split(".")[0]) for p in projections):
+                for projection in projections:
+                    linear = module.get_submodule(projection)
+                    if isinstance(linear, LiDBLinear):
+                        raise HdbError("LiDB is already attached to this pipeline; detach it first")
+                    targets[f"{component}.{path}.{projection}"] = linear
+    return targets
+
+
+class LiDB:
+    """All LiDB layers of one pipeline, with their packed trainable weights.
+
+    `A_train: [L, r, a]` and `B_train: [L, b, r]` are the shared (one-person) weights; B starts at zero,
+    so a freshly attached LiDB leaves the model unchanged, and A starts random, so that training from
+    zero gets gradients (as in LoRA).
+    """
+
+    def __init__(self, pipe, config: LiDBConfig = LiDBConfig()) -> None:
+        self.config = config
+        self.pipe = pipe
+        targets = find_target_linears(pipe)
+        if not targets:
+            raise HdbError(f"No attention projections found in {type(pipe).__name__}; is it a Stable Diffusion pipeline?")
+        self.layer_shapes = {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}
+        device = pipe.unet.device
+        A_train = torch.empty(len(targets), config.rank, config.a, device=device)
+        nn.init.uniform_(A_train, -1 / math.sqrt(config.a), 1 / math.sqrt(config.a))
+        self.A_train = nn.Parameter(A_train)
+        self.B_train = nn.Parameter(torch.zeros(len(targets), config.b, config.rank, device=device))
+        self.source = WeightSource(self.A_train, self.B_train)
+        self.layers: dict[str, LiDBLinear] = {}
+        for index, (name, linear) in enumerate(targets.items()):
+            layer = LiDBLinear(linear, name, index, config, self.source)
+            self._replace(name, layer)
+            self.layers[name] = layer
+
+    # -- structure
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    def _replace(self, name: str, module: nn.Module) -> None:
+        component, path = name.split(".", 1)
+        parent_path, _, child = path.rpartition(".")
+        root = getattr(self.pipe, component)
+        setattr(root.get_submodule(parent_path) if parent_path else root, child, module)
+
+    def detach(self) -> None:
+        """Put the original linears back (merged weights stay merged; unmerge first to undo them)."""
+        for name, layer in self.layers.items():
+            self._replace(name, layer.base)
+        self.layers = {}
+
+    def arch_fingerprint(self) -> str:
+        return arch_fingerprint(self.layer_shapes)
+
+    def aux_fingerprint(self) -> str:
+        return aux_fingerprint(basis for layer in self.layers.values() for basis in (layer.A_aux, layer.B_aux))
+
+    # -- weights
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.A_train, self.B_train]
+
+    @torch.no_grad()
+    def load_weights(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy one person's weights (A: [L, r, a], B: [L, b, r]) into the shared weights."""
+        expected_A, expected_B = tuple(self.A_train.shape), tuple(self.B_train.shape)
+        if tuple(A.shape) != expected_A or tuple(B.shape) != expected_B:
+            raise HdbError(f"LiDB weights of shape {tuple(A.shape)}/{tuple(B.shape)} do not fit this model ({expected_A}/{expected_B})")
+        self.A_train.copy_(A)
+        self.B_train.copy_(B)
+
+    def use_per_sample(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Route layers to per-sample weights (A: [S, L, r, a], B: [S, L, b, r]) until `use_shared()`.
+
+        Not a context manager on purpose: with gradient checkpointing the forward pass is re-run during
+        backward, and it must still see the same weights then.
+        """
+        if A.dim() != 4 or A.shape[1:] != self.A_train.shape or B.shape[1:] != self.B_train.shape:
+            raise HdbError(f"per-sample LiDB weights must be [S, {', '.join(map(str, self.A_train.shape))}], got {tuple(A.shape)}")
+        self.source.A, self.source.B = A, B
+
+    def use_shared(self) -> None:
+        self.source.A, self.source.B = self.A_train, self.B_train
+
+    def set_scale(self, scale: float) -> None:
+        """Identity strength: 0 is the base model, 1 the trained person."""
+        if any(layer.merged for layer in self.layers.values()):
+            raise HdbError("Unmerge LiDB before changing its scale")
+        self.source.scale = float(scale)
+
+    @torch.no_grad()
+    def relax_rank(self, rank: int) -> None:
+        """Grow the shared weights to a higher rank without changing the function they compute.
+
+        New rows of A are random and new columns of B are zero, so B @ A is unchanged at first and the
+        extra rank becomes trainable: the paper's rank-relaxed fast finetuning, inside the LiDB space.
+        """
+        old = self.config.rank
+        if rank < old:
+            raise HdbError(f"Cannot relax rank {old} down to {rank}")
+        extra_A = torch.empty(len(self.layers), rank - old, self.config.a, device=self.A_train.device)
+        nn.init.uniform_(extra_A, -1 / math.sqrt(self.config.a), 1 / math.sqrt(self.config.a))
+        B_zeros = self.B_train.new_zeros(len(self.layers), self.config.b, rank - old)
+        self.A_train = nn.Parameter(torch.cat([self.A_train, extra_A], dim=1))
+        self.B_train = nn.Parameter(torch.cat([self.B_train, B_zeros], dim=2))
+        self.config = replace(self.config, rank=rank)
+        self.use_shared()
+
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (lora_A [r, in], lora_B [out, r]) of the shared weights at scale 1, as the forward computes them."""
+        with torch.no_grad():
+            return {
+                name: lora_factors(self.A_train[layer.index], self.B_train[layer.index], layer.A_aux, layer.B_aux)
+                for name, layer in self.layers.items()
+            }
+
+    def merge(self) -> None:
+        """Fold the shared weights into the base weights (faster generation; unmerge to change them)."""
+        if self.source.A is not self.A_train:
+            raise HdbError("Only shared LiDB weights can be merged; call use_shared() first")
+        for layer in self.layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()

@@ -1,0 +1,151 @@
+"""Base models: load a Stable Diffusion pipeline (SD1.5, SD2.1, SDXL) or build a tiny random one.
+
+The tiny pipeline has the real architecture families' shapes in miniature (UNet with self- and
+cross-attention, a VAE with SD's x8 latent geometry, CLIP text encoder(s)) and the real CLIP
+tokenizer, so every code path of hdb runs offline and in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from hdb.errors import HdbError
+
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
+SUPPORTED = (StableDiffusionPipeline, StableDiffusionXLPipeline)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto'/None picks CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HdbError(f"--device {device} was asked for, but no CUDA GPU is available here; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' means fp16 on a GPU and fp32 on a CPU (half precision is slow or unsupported there)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise HdbError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_pipeline(
+    base: str = DEFAULT_BASE, dtype: str | torch.dtype = "auto", device: str | None = "auto"
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Load a Stable Diffusion pipeline from a hub id or a local directory, on `device` in `dtype`."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    local = Path(base).expanduser()
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise HdbError(f"{base} is not a diffusers pipeline directory (it has no model_index.json)")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else base, torch_dtype=torch_dtype)
+    except OSError as error:  # hub unreachable / offline / unknown id all surface as OSError subclasses
+        raise HdbError(
+            f"Could not load base model {base!r}: it is not a local directory and could not be fetched "
+            f"from the Hugging Face Hub ({type(error).__name__}). On a connected machine run "
+            f"`huggingface-cli download {base} --local-dir DIR`, then pass --base DIR."
+        ) from None
+    if not isinstance(pipe, SUPPORTED):
+        raise HdbError(f"{base} is a {type(pipe).__name__}; hdb supports Stable Diffusion 1.x/2.x and SDXL pipelines")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch_device)
+
+
+def is_sdxl(pipe: DiffusionPipeline) -> bool:
+    return isinstance(pipe, StableDiffusionXLPipeline)
+
+
+def text_encoders(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
+    """The pipeline's text encoders by component name (SDXL has two)."""
+    names = ("text_encoder", "text_encoder_2")
+    return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
+
+
+# ----------------------------------------------------------------------------- tiny random pipelines
+
+
+def _tiny_text_encoder(with_projection: bool, hidden: int = 32) -> torch.nn.Module:
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=hidden,
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def _tiny_vae() -> AutoencoderKL:
+    # Four blocks: three 2x downsamplings, SD's x8 latent geometry (64 px image -> 8x8x4 latent).
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def _tiny_unet(sdxl: bool) -> UNet2DConditionModel:
+    common = dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8,
+    )
+    if not sdxl:
+        return UNet2DConditionModel(cross_attention_dim=32, **common)
+    # SDXL conditions on both encoders' hidden states (32 + 32) and on pooled text + 6 size/crop numbers.
+    return UNet2DConditionModel(
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True, **common,
+    )
+
+
+def build_tiny_pipeline(arch: str = "sd15", seed: int = 0) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A randomly initialised pipeline of the given family, built offline in under a second."""
+    if arch not in ("sd15", "sdxl"):
+        raise HdbError(f"Unknown tiny architecture {arch!r}; choose sd15 or sdxl")
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
+    # SD1.5's own scheduler settings: scaled-linear betas, 1000 steps.
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    scheduler = PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, **schedule)
+    parts = dict(unet=_tiny_unet(arch == "sdxl"), vae=_tiny_vae(), scheduler=scheduler, tokenizer=tokenizer)
+    if arch == "sd15":
+        return StableDiffusionPipeline(
+            text_encoder=_tiny_text_encoder(False), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, **parts,
+        )
+    return StableDiffusionXLPipeline(
+        text_encoder=_tiny_text_encoder(False), text_encoder_2=_tiny_text_encoder(True), tokenizer_2=tokenizer, **parts
+    )
+
+
+def save_tiny_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
+    """Write a tiny pipeline that `load_pipeline(out_dir)` loads; a marker file says it is untrained."""
+    out = Path(out_dir)
+    build_tiny_pipeline(arch, seed).save_pretrained(out, safe_serialization=True)
+    (out / "hdb_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed, "note": "random weights, for tests"}))
+    return out
+
+
+def training_scheduler(pipe: DiffusionPipeline) -> DDPMScheduler:
+    """The noise schedule the base model was trained with, for the diffusion loss."""
+    return DDPMScheduler.from_config(pipe.scheduler.config)

@@ -1,0 +1,174 @@
+"""The personal weight file: one person's LiDB weights in ~100 KB of safetensors.
+
+Two packed tensors, `A_train: [L, r, a]` and `B_train: [L, b, r]` (a tensor per layer would not fit:
+the safetensors header alone would outweigh the numbers), and string metadata that says what the
+weights belong to: format version, base architecture fingerprint, aux seed and fingerprint, r, a, b,
+the layer names (zlib-compressed), and the instance prompt that names the person.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hdb.errors import HdbError
+from hdb.lidb import LiDB, LiDBConfig
+
+FORMAT = "hdb-lidb"
+FORMAT_VERSION = "1"
+DEFAULT_INSTANCE_PROMPT = "a photo of sks person"
+
+
+@dataclass
+class PersonalWeights:
+    A: torch.Tensor  # [L, r, a]
+    B: torch.Tensor  # [L, b, r]
+    config: LiDBConfig
+    layer_shapes: dict[str, tuple[int, int]]  # name -> (in_features, out_features), enough to rebuild the aux bases
+    arch_fingerprint: str
+    aux_fingerprint: str
+    instance_prompt: str
+    base_model: str
+
+    @classmethod
+    def from_lidb(cls, lidb: LiDB, instance_prompt: str = DEFAULT_INSTANCE_PROMPT) -> "PersonalWeights":
+        return cls(
+            A=lidb.A_train.detach().float().cpu().clone(), B=lidb.B_train.detach().float().cpu().clone(),
+            config=lidb.config, layer_shapes=dict(lidb.layer_shapes), arch_fingerprint=lidb.arch_fingerprint(),
+            aux_fingerprint=lidb.aux_fingerprint(), instance_prompt=instance_prompt,
+            base_model=str(getattr(lidb.pipe, "name_or_path", "") or ""),
+        )
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layer_shapes)
+
+    @property
+    def num_numbers(self) -> int:
+        return self.A.numel() + self.B.numel()
+
+
+def _pack_layers(layer_shapes: dict[str, tuple[int, int]]) -> str:
+    # ~12 KB of names compress to ~2 KB: the header must stay small beside 105 KB of numbers.
+    return base64.b64encode(zlib.compress(json.dumps(list(layer_shapes.items())).encode(), 9)).decode()
+
+
+def _unpack_layers(packed: str) -> dict[str, tuple[int, int]]:
+    return {name: tuple(shape) for name, shape in json.loads(zlib.decompress(base64.b64decode(packed)))}
+
+
+def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `weights` to `path` (fp32 by default; fp16 halves the size)."""
+    config = weights.config
+    metadata = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "arch_fingerprint": weights.arch_fingerprint,
+        "aux_fingerprint": weights.aux_fingerprint, "seed": str(config.seed), "r": str(config.rank),
+        "a": str(config.a), "b": str(config.b), "num_layers": str(len(weights.layer_names)),
+        "layers": _pack_layers(weights.layer_shapes), "instance_prompt": weights.instance_prompt,
+        "base_model": weights.base_model,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"A_train": weights.A.to(dtype).contiguous(), "B_train": weights.B.to(dtype).contiguous()}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def load_personal(path: str | Path) -> PersonalWeights:
+    """Read and validate a personal file; any problem is an HdbError that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise HdbError(f"Personal weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
+        raise HdbError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    if metadata.get("format") != FORMAT:
+        raise HdbError(f"{path} is a safetensors file but not an hdb personal file (no '{FORMAT}' format tag); "
+                       "LoRA files from other tools cannot be loaded as personal weights")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise HdbError(f"{path} has personal-file format version {metadata.get('format_version')}; this hdb reads version {FORMAT_VERSION}")
+    try:
+        config = LiDBConfig(rank=int(metadata["r"]), a=int(metadata["a"]), b=int(metadata["b"]), seed=int(metadata["seed"]))
+        layer_shapes = _unpack_layers(metadata["layers"])
+        names = list(layer_shapes)
+        weights = PersonalWeights(
+            A=tensors["A_train"].float(), B=tensors["B_train"].float(), config=config, layer_shapes=layer_shapes,
+            arch_fingerprint=metadata["arch_fingerprint"], aux_fingerprint=metadata["aux_fingerprint"],
+            instance_prompt=metadata.get("instance_prompt", DEFAULT_INSTANCE_PROMPT), base_model=metadata.get("base_model", ""),
+        )
+    except (KeyError, ValueError, zlib.error) as error:
+        raise HdbError(f"{path} has damaged metadata ({type(error).__name__}: {error})") from None
+    expected_A = (len(names), config.rank, config.a)
+    expected_B = (len(names), config.b, config.rank)
+    if tuple(weights.A.shape) != expected_A or tuple(weights.B.shape) != expected_B:
+        raise HdbError(f"{path}: tensor shapes {tuple(weights.A.shape)}/{tuple(weights.B.shape)} do not match its metadata {expected_A}/{expected_B}")
+    if not (torch.isfinite(weights.A).all() and torch.isfinite(weights.B).all()):
+        raise HdbError(f"{path} contains NaN or infinite weights")
+    return weights
+
+
+def check_compatible(weights: PersonalWeights, lidb: LiDB, source: str = "personal file") -> None:
+    """Refuse weights made for another base architecture or other aux bases, naming which."""
+    if weights.arch_fingerprint != lidb.arch_fingerprint():
+        raise HdbError(
+            f"This {source} was made for a different base model architecture ({len(weights.layer_names)} LiDB layers, "
+            f"fingerprint {weights.arch_fingerprint}, base '{weights.base_model}'); the loaded base has "
+            f"{len(lidb.layers)} layers, fingerprint {lidb.arch_fingerprint()}"
+        )
+    if (weights.config.seed, weights.config.a, weights.config.b) != (lidb.config.seed, lidb.config.a, lidb.config.b):
+        raise HdbError(
+            f"This {source} uses aux seed {weights.config.seed} (a={weights.config.a}, b={weights.config.b}); the model's LiDB "
+            f"uses seed {lidb.config.seed} (a={lidb.config.a}, b={lidb.config.b}): weights only work with their own aux bases"
+        )
+    if weights.aux_fingerprint != lidb.aux_fingerprint():
+        raise HdbError(f"The aux bases regenerated here (fingerprint {lidb.aux_fingerprint()}) differ from the ones this "
+                       f"{source} was trained with ({weights.aux_fingerprint})")
+
+
+def apply_personal(pipe, weights: PersonalWeights | str | Path, lidb: LiDB | None = None) -> LiDB:
+    """Attach LiDB to `pipe` (or reuse `lidb`) and load a person's weights into it."""
+    if not isinstance(weights, PersonalWeights):
+        weights = load_personal(weights)
+    if lidb is None:
+        lidb = LiDB(pipe, weights.config)
+    elif weights.config.rank > lidb.config.rank:
+        lidb.relax_rank(weights.config.rank)
+    check_compatible(weights, lidb)
+    lidb.load_weights(weights.A.to(lidb.A_train.device), weights.B.to(lidb.B_train.device))
+    return lidb
+
+
+def describe(path: str | Path) -> str:
+    """Human-readable summary of a personal file, for `python -m hdb info`."""
+    weights = load_personal(path)
+    size = Path(path).stat().st_size
+    components: dict[str, int] = {}
+    for name in weights.layer_names:
+        components[name.split(".")[0]] = components.get(name.split(".")[0], 0) + 1
+    config = weights.config
+    lines = [
+        f"file:             {path} ({size:,} bytes, {_stored_dtype(path)})",
+        f"format:           {FORMAT} v{FORMAT_VERSION}",
+        f"base model:       {weights.base_model or '(unknown)'}  architecture fingerprint {weights.arch_fingerprint}",
+        f"LiDB:             r={config.rank} a={config.a} b={config.b} aux seed {config.seed} (fingerprint {weights.aux_fingerprint})",
+        f"layers:           {len(weights.layer_names)} ({', '.join(f'{k}: {v}' for k, v in components.items())})",
+        f"numbers:          {weights.num_numbers:,}",
+        f"instance prompt:  {weights.instance_prompt}",
+        f"weight norms:     |A| {weights.A.norm():.4f}  |B| {weights.B.norm():.4f}",
+    ]
+    return "\n".join(lines)
+
+
+def _stored_dtype(path: str | Path) -> str:
+    with safe_open(str(path), framework="pt") as file:
+        return str(file.get_slice("A_train").get_dtype())
