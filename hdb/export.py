@@ -35,7 +35,14 @@ def personal_lora_factors(weights: PersonalWeights) -> dict[str, tuple[torch.Ten
 
 
 def _split_component(name: str) -> tuple[str, str]:
+    """"text_encoder.encoder.layers.0..." -> ("text_encoder", "text_model.encoder.layers.0...").
+
+    transformers 5 dropped the `text_model` level from CLIPTextModel; LoRA files everywhere (A1111,
+    ComfyUI, older diffusers) name it, and diffusers accepts either, so files use the classic path.
+    """
     component, path = name.split(".", 1)
+    if component.startswith("text_encoder") and not path.startswith("text_model."):
+        path = f"text_model.{path}"
     return component, path
 
 

@@ -151,14 +151,14 @@ class LiDBLinear(nn.Module):
 # ----------------------------------------------------------------------------- all layers of a pipeline
 
 
-def find_target_linears(pipe) -> dict[str, nn.Linear]:
+def find_target_linears(components: dict[str, nn.Module]) -> dict[str, nn.Linear]:
     """Every attention q/k/v/out linear of the UNet and self-attention q/k/v/out of the text encoder(s).
 
     Found from module structure (a module owning to_q/to_k/to_v/to_out, or q_proj/k_proj/v_proj/out_proj),
-    so SD1.5, SD2.1 and SDXL all work without per-family tables. Names are "<component>.<module path>".
+    so SD1.5, SD2.1 and SDXL all work without per-family tables. `components` maps pipeline component
+    names ("unet", "text_encoder", "text_encoder_2") to models; layer names are "<component>.<module path>".
     """
     targets: dict[str, nn.Linear] = {}
-    components = {"unet": pipe.unet, **text_encoders(pipe)}
     for component, model in components.items():
         projections = UNET_PROJECTIONS if component == "unet" else TEXT_PROJECTIONS
         for path, module in model.named_modules():
@@ -182,7 +182,7 @@ class LiDB:
     def __init__(self, pipe, config: LiDBConfig = LiDBConfig()) -> None:
         self.config = config
         self.pipe = pipe
-        targets = find_target_linears(pipe)
+        targets = find_target_linears({"unet": pipe.unet, **text_encoders(pipe)})
         if not targets:
             raise HdbError(f"No attention projections found in {type(pipe).__name__}; is it a Stable Diffusion pipeline?")
         self.layer_shapes = {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}

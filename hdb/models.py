@@ -60,7 +60,7 @@ def load_pipeline(
     if local.exists() and not (local / "model_index.json").is_file():
         raise HdbError(f"{base} is not a diffusers pipeline directory (it has no model_index.json)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else base, torch_dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else base, dtype=torch_dtype)
     except OSError as error:  # hub unreachable / offline / unknown id all surface as OSError subclasses
         raise HdbError(
             f"Could not load base model {base!r}: it is not a local directory and could not be fetched "
@@ -144,6 +144,35 @@ def save_tiny_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -
     build_tiny_pipeline(arch, seed).save_pretrained(out, safe_serialization=True)
     (out / "hdb_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed, "note": "random weights, for tests"}))
     return out
+
+
+def build_full_size_sd15(empty: bool = False, seed: int = 0) -> StableDiffusionPipeline:
+    """An SD1.5-shaped pipeline (860M-parameter UNet, CLIP ViT-L text encoder, SD VAE) with random weights.
+
+    For benchmarks and size checks: the arithmetic, and so the time and memory, equal the real model's.
+    `empty=True` builds the modules on the meta device (shapes only, instant, no memory).
+    """
+    from accelerate import init_empty_weights
+
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
+    text_config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    with init_empty_weights(include_buffers=False) if empty else torch.device("cpu"):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD1.x's UNet
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+        )
+        text_encoder = CLIPTextModel(text_config)
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, **schedule),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
 
 
 def training_scheduler(pipe: DiffusionPipeline) -> DDPMScheduler:

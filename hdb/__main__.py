@@ -1,0 +1,7 @@
+"""python -m hdb"""
+
+import sys
+
+from hdb.cli import main
+
+sys.exit(main())

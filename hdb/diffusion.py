@@ -1,0 +1,63 @@
+"""The diffusion objective, written once for SD1.x/2.x and SDXL: encode prompts, predict noise, loss.
+
+Every stage trains with it: pre-optimisation, hypernetwork training and fast finetuning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from hdb.models import is_sdxl
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on: token embeddings, plus SDXL's pooled text embedding."""
+
+    embeds: torch.Tensor  # [B, 77, D]
+    pooled: torch.Tensor | None = None  # SDXL only: [B, D2]
+
+
+def encode_prompts(pipe, prompts: list[str]) -> Conditioning:
+    """Text embeddings with gradients (the text encoders carry LiDB layers too)."""
+    device = pipe.unet.device
+    if is_sdxl(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return Conditioning(embeds, pooled)
+    embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+    return Conditioning(embeds)
+
+
+def predict_noise(pipe, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The UNet's prediction (noise or v, as the scheduler says) for a batch of noisy latents."""
+    added = None
+    if cond.pooled is not None:  # SDXL micro-conditioning: original size, crop (0, 0), target size
+        size = latents.shape[-1] * pipe.vae_scale_factor
+        time_ids = torch.tensor([size, size, 0, 0, size, size], device=latents.device, dtype=cond.pooled.dtype)
+        added = {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(latents.shape[0], 1)}
+    return pipe.unet(latents, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
+
+
+@torch.no_grad()
+def encode_images(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1], [B, 3, H, W] -> scaled VAE latents (the posterior mean: one photo, no sampling noise)."""
+    vae = pipe.vae
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+    return latents * vae.config.scaling_factor
+
+
+def diffusion_loss(
+    pipe, scheduler: DDPMScheduler, latents: torch.Tensor, cond: Conditioning, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample MSE between the UNet's prediction and its target at the given noise and timesteps: [B]."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = predict_noise(pipe, noisy.to(pipe.unet.dtype), timesteps, cond)
+    if scheduler.config.prediction_type == "v_prediction":  # SD2.1-768
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

@@ -1,0 +1,75 @@
+"""`python -m hdb` for the foundation: help, tiny-model, base loading, info, export, clear errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hdb.errors import HdbError
+from hdb.models import load_pipeline
+from hdb.personal_file import PersonalWeights, save_personal
+from helpers import trained_person
+
+
+def hdb(*args, check=True):
+    """Run the CLI in a fresh process, offline, and return the finished process."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    result = subprocess.run([sys.executable, "-m", "hdb", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"hdb {args} failed:\n{result.stderr}")
+    return result
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+
+
+def test_help_lists_the_subcommands():
+    out = hdb("--help").stdout
+    for command in ("tiny-model", "info", "export"):
+        assert command in out
+
+
+def test_tiny_model_is_loaded_by_the_real_loader(tmp_path):
+    hdb("tiny-model", tmp_path / "tiny", "--arch", "sdxl")
+    pipe = load_pipeline(str(tmp_path / "tiny"), dtype="fp32", device="cpu")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    image = pipe("a photo of sks person", num_inference_steps=2, height=64, width=64, output_type="pil").images[0]
+    assert image.size == (64, 64)
+
+
+def test_offline_hub_id_gives_a_clear_error():
+    with pytest.raises(HdbError, match="--base DIR"):
+        load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cpu")
+    with pytest.raises(HdbError, match="model_index.json"):
+        load_pipeline(os.path.dirname(__file__), device="cpu")
+
+
+def test_info_and_export_through_the_cli(tiny_sd15, tmp_path):
+    path = save_personal(PersonalWeights.from_lidb(trained_person(tiny_sd15), "a photo of zxq person"), tmp_path / "p.safetensors")
+    info = hdb("info", path).stdout
+    assert "zxq" in info and "r=1 a=100 b=50" in info
+    out = hdb("export", path, "--format", "kohya", "-o", tmp_path / "k.safetensors").stdout
+    assert "kohya LoRA written" in out and (tmp_path / "k.safetensors").is_file()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(os.urandom(300))
+    assert_one_line_error(hdb("info", tmp_path / "junk.safetensors", check=False), "truncated or corrupt")
+    assert_one_line_error(hdb("info", tmp_path / "nope.safetensors", check=False), "not found")
+    assert_one_line_error(hdb("export", tmp_path / "junk.safetensors", "-o", tmp_path / "x.safetensors", check=False))
+
+
+def test_resolve_dtype_refuses_unknown_names():
+    from hdb.models import resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(HdbError, match="Unknown dtype"):
+        resolve_dtype("fp8", torch.device("cpu"))

@@ -1,0 +1,48 @@
+"""Exported LoRAs, loaded by diffusers itself, reproduce the in-house LiDB forward."""
+
+import pytest
+import torch
+
+from hdb.export import export_lora
+from hdb.models import build_tiny_pipeline
+from hdb.personal_file import PersonalWeights, load_personal, save_personal
+from hdb.lidb import LiDBConfig
+from helpers import forward, trained_person
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("lora_format", ["diffusers", "kohya"])
+def test_exported_lora_matches_lidb_forward(arch, lora_format, tmp_path):
+    pipe = build_tiny_pipeline(arch)
+    lidb = trained_person(pipe, config=LiDBConfig(rank=2))
+    with torch.no_grad():
+        cond_lidb, noise_lidb = forward(pipe)
+    path = save_personal(PersonalWeights.from_lidb(lidb), tmp_path / "person.safetensors")
+    lora = export_lora(load_personal(path), tmp_path / f"lora_{lora_format}.safetensors", lora_format)
+
+    fresh = build_tiny_pipeline(arch)
+    with torch.no_grad():
+        _, noise_base = forward(fresh)
+    fresh.load_lora_weights(str(lora))
+    with torch.no_grad():
+        cond_lora, noise_lora = forward(fresh)
+    torch.testing.assert_close(cond_lora.embeds, cond_lidb.embeds, atol=1e-5, rtol=1e-5)
+    if arch == "sdxl":
+        torch.testing.assert_close(cond_lora.pooled, cond_lidb.pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(noise_lora, noise_lidb, atol=1e-5, rtol=1e-5)
+    assert (noise_lora - noise_base).abs().max() > 1e-3  # the LoRA really is applied
+
+
+def test_kohya_keys_follow_the_a1111_convention(tiny_sdxl, tmp_path):
+    from safetensors import safe_open
+
+    weights = PersonalWeights.from_lidb(trained_person(tiny_sdxl))
+    path = export_lora(weights, tmp_path / "kohya.safetensors", "kohya", torch.float16)
+    with safe_open(str(path), "pt") as file:
+        keys = list(file.keys())
+        assert file.get_tensor(keys[0]).dtype == torch.float16
+    prefixes = {key.split("_", 2)[1] for key in keys}
+    assert prefixes == {"unet", "te1", "te2"}
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
+    assert len(keys) == 3 * len(weights.layer_names)

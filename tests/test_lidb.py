@@ -1,0 +1,184 @@
+"""LiDB: rank, aux bases, zero init, per-sample batches, merge, gradient checkpointing."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hdb.diffusion import encode_prompts, predict_noise
+from helpers import PROMPTS, forward
+from hdb.errors import HdbError
+from hdb.lidb import LiDB, LiDBConfig, aux_bases, aux_fingerprint
+
+def randomize(lidb: LiDB, scale: float = 0.3) -> None:
+    with torch.no_grad():
+        lidb.B_train.normal_(0, scale)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_delta_has_exact_rank(tiny_sd15, rank):
+    lidb = LiDB(tiny_sd15, LiDBConfig(rank=rank))
+    randomize(lidb)
+    for layer in list(lidb.layers.values())[:6]:
+        assert torch.linalg.matrix_rank(layer.delta_weight().detach(), rtol=1e-4) == rank  # fp32 noise floor
+
+
+def test_aux_bases_are_orthonormal():
+    # rows of A_aux and columns of B_aux are orthonormal where the shape allows (a <= in, b <= out) ...
+    A_aux, B_aux = aux_bases(0, "unet.x.to_q", 320, 640, 100, 50)
+    assert A_aux.shape == (100, 320) and B_aux.shape == (640, 50)
+    torch.testing.assert_close(A_aux @ A_aux.T, torch.eye(100), atol=1e-5, rtol=0)
+    torch.testing.assert_close(B_aux.T @ B_aux, torch.eye(50), atol=1e-5, rtol=0)
+    # ... and columns of A_aux when a layer is narrower than a (tiny models): still semi-orthogonal.
+    A_aux, _ = aux_bases(0, "tiny", 32, 32, 100, 50)
+    torch.testing.assert_close(A_aux.T @ A_aux, torch.eye(32), atol=1e-5, rtol=0)
+    # Different layer names or seeds give different bases.
+    assert not torch.allclose(aux_bases(0, "a", 320, 320, 100, 50)[0], aux_bases(0, "b", 320, 320, 100, 50)[0])
+    assert not torch.allclose(aux_bases(0, "a", 320, 320, 100, 50)[0], aux_bases(1, "a", 320, 320, 100, 50)[0])
+
+
+def test_aux_bases_identical_across_processes():
+    code = (
+        "from hdb.lidb import aux_bases\n"
+        "import hashlib\n"
+        "A, B = aux_bases(7, 'unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k', 768, 1280, 100, 50)\n"
+        "print(hashlib.sha256(A.numpy().tobytes() + B.numpy().tobytes()).hexdigest())\n"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    A, B = aux_bases(7, "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k", 768, 1280, 100, 50)
+    import hashlib
+
+    here = hashlib.sha256(A.numpy().tobytes() + B.numpy().tobytes()).hexdigest()
+    assert runs[0].strip() == runs[1].strip() == here
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_targets_are_every_attention_projection(arch, request):
+    pipe = request.getfixturevalue(f"tiny_{arch}")
+    lidb = LiDB(pipe)
+    unet_attention = [m for m in pipe.unet.modules() if hasattr(m, "to_q")]
+    text_layers = sum(e.config.num_hidden_layers for e in [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)] if e is not None)
+    assert len(lidb.layers) == 4 * len(unet_attention) + 4 * text_layers
+    names = lidb.layer_names
+    assert any(".attn1.to_q" in n for n in names) and any(".attn2.to_out.0" in n for n in names)
+    assert any(n.startswith("text_encoder.") and n.endswith("self_attn.out_proj") for n in names)
+    assert (arch == "sdxl") == any(n.startswith("text_encoder_2.") for n in names)
+    with pytest.raises(HdbError, match="already attached"):
+        LiDB(pipe)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_zero_weights_leave_the_model_unchanged(arch, request):
+    pipe = request.getfixturevalue(f"tiny_{arch}")
+    with torch.no_grad():
+        cond_before, noise_before = forward(pipe)
+        LiDB(pipe)  # fresh LiDB: B_train = 0
+        cond_after, noise_after = forward(pipe)
+    assert torch.equal(cond_before.embeds, cond_after.embeds)
+    assert torch.equal(noise_before, noise_after)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_per_sample_batch_equals_one_sample_at_a_time(arch, request):
+    pipe = request.getfixturevalue(f"tiny_{arch}")
+    lidb = LiDB(pipe)
+    generator = torch.Generator().manual_seed(1)
+    A = torch.randn(2, *lidb.A_train.shape, generator=generator) * 0.1
+    B = torch.randn(2, *lidb.B_train.shape, generator=generator) * 0.3
+    with torch.no_grad():
+        lidb.use_per_sample(A, B)
+        cond, batched = forward(pipe)
+        for sample in range(2):
+            # the same person as shared weights, one prompt at a time
+            lidb.use_shared()
+            lidb.load_weights(A[sample], B[sample])
+            generator = torch.Generator().manual_seed(0)
+            latents = torch.randn(2, 4, 8, 8, generator=generator)[sample : sample + 1]
+            single_cond = encode_prompts(pipe, PROMPTS[sample : sample + 1])
+            single = predict_noise(pipe, latents, torch.tensor([10, 700])[sample : sample + 1], single_cond)
+            torch.testing.assert_close(single_cond.embeds[0], cond.embeds[sample], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(single[0], batched[sample], atol=1e-5, rtol=1e-5)
+    # the per-sample path changes outputs (it is not silently ignored)
+    lidb.use_shared()
+    lidb.load_weights(torch.zeros_like(lidb.A_train), torch.zeros_like(lidb.B_train))
+    with torch.no_grad():
+        assert not torch.allclose(forward(pipe)[1], batched, atol=1e-3)
+
+
+def test_merge_unmerge_and_scale(tiny_sd15):
+    lidb = LiDB(tiny_sd15)
+    randomize(lidb)
+    with torch.no_grad():
+        _, unmerged = forward(tiny_sd15)
+        lidb.merge()
+        _, merged = forward(tiny_sd15)
+        lidb.unmerge()
+        _, again = forward(tiny_sd15)
+        lidb.set_scale(0.0)
+        _, scale_zero = forward(tiny_sd15)
+        lidb.detach()
+        _, base = forward(tiny_sd15)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scale_zero, base, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmerged, base, atol=1e-3)
+
+
+def test_relax_rank_keeps_the_function(tiny_sd15):
+    lidb = LiDB(tiny_sd15)
+    randomize(lidb)
+    with torch.no_grad():
+        _, before = forward(tiny_sd15)
+        lidb.relax_rank(4)
+        _, after = forward(tiny_sd15)
+    assert lidb.A_train.shape[1] == 4 and lidb.B_train.shape[2] == 4
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+
+
+def lidb_gradients(pipe, checkpointing: bool, per_sample: bool):
+    lidb = LiDB(pipe)
+    randomize(lidb)
+    if checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        pipe.text_encoder.gradient_checkpointing_enable()
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    weights = [lidb.A_train, lidb.B_train]
+    if per_sample:
+        weights = [lidb.A_train.detach().repeat(2, 1, 1, 1).requires_grad_(), lidb.B_train.detach().repeat(2, 1, 1, 1).requires_grad_()]
+        lidb.use_per_sample(*weights)
+    _, noise = forward(pipe)
+    noise.square().mean().backward()
+    return [w.grad.clone() for w in weights]
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(per_sample):
+    from hdb.models import build_tiny_pipeline
+
+    plain = lidb_gradients(build_tiny_pipeline("sd15"), checkpointing=False, per_sample=per_sample)
+    checkpointed = lidb_gradients(build_tiny_pipeline("sd15"), checkpointing=True, per_sample=per_sample)
+    for g_plain, g_checkpointed in zip(plain, checkpointed):
+        assert g_plain.abs().sum() > 0
+        torch.testing.assert_close(g_checkpointed, g_plain, atol=1e-6, rtol=1e-5)
+
+
+def test_per_sample_weights_must_match_the_batch(tiny_sd15):
+    lidb = LiDB(tiny_sd15)
+    lidb.use_per_sample(torch.zeros(3, *lidb.A_train.shape), torch.zeros(3, *lidb.B_train.shape))
+    with pytest.raises(HdbError, match="3 samples but a batch of 2"), torch.no_grad():
+        forward(tiny_sd15)
+    with pytest.raises(HdbError, match="per-sample"):
+        lidb.use_per_sample(torch.zeros(*lidb.A_train.shape), torch.zeros(*lidb.B_train.shape))
+
+
+def test_aux_fingerprint_tracks_seed(tiny_sd15):
+    from hdb.models import build_tiny_pipeline
+
+    other = LiDB(build_tiny_pipeline("sd15"), LiDBConfig(seed=1))
+    lidb = LiDB(tiny_sd15)
+    assert lidb.aux_fingerprint() != other.aux_fingerprint()
+    assert lidb.arch_fingerprint() == other.arch_fingerprint()
+    assert aux_fingerprint([torch.ones(2, 2)]) == aux_fingerprint([torch.ones(2, 2) + 1e-7])  # rounding-stable
+

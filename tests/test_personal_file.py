@@ -1,0 +1,118 @@
+"""Personal weight files: exact round trip, the ~100 KB size bound, clear errors on bad files."""
+
+import os
+
+import pytest
+import torch
+
+from hdb.errors import HdbError
+from hdb.lidb import LiDB, LiDBConfig, arch_fingerprint, aux_bases, aux_fingerprint, find_target_linears
+from hdb.models import build_full_size_sd15, build_tiny_pipeline
+from hdb.personal_file import PersonalWeights, apply_personal, describe, load_personal, save_personal
+from helpers import trained_person
+
+
+def test_save_load_is_bit_exact_and_reproduces_the_model(tiny_sd15, tmp_path):
+    lidb = trained_person(tiny_sd15)
+    path = save_personal(PersonalWeights.from_lidb(lidb, "a photo of zxq person"), tmp_path / "person.safetensors")
+    loaded = load_personal(path)
+    assert torch.equal(loaded.A, lidb.A_train.detach()) and torch.equal(loaded.B, lidb.B_train.detach())
+    assert loaded.instance_prompt == "a photo of zxq person"
+    assert loaded.layer_names == lidb.layer_names and loaded.config == lidb.config
+
+    fresh = build_tiny_pipeline("sd15")
+    fresh_lidb = apply_personal(fresh, path)
+    assert torch.equal(fresh_lidb.A_train, lidb.A_train) and torch.equal(fresh_lidb.B_train, lidb.B_train)
+    ids = tiny_sd15.tokenizer(["a photo of zxq person"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(fresh.text_encoder(ids)[0], tiny_sd15.text_encoder(ids)[0])
+
+
+def test_fp16_file_is_half_the_size(tiny_sd15, tmp_path):
+    weights = PersonalWeights.from_lidb(trained_person(tiny_sd15))
+    fp32 = save_personal(weights, tmp_path / "fp32.safetensors")
+    fp16 = save_personal(weights, tmp_path / "fp16.safetensors", dtype=torch.float16)
+    numbers_bytes = weights.num_numbers * 4
+    assert fp16.stat().st_size - (fp32.stat().st_size - numbers_bytes) == numbers_bytes // 2
+    torch.testing.assert_close(load_personal(fp16).A, weights.A, atol=1e-3, rtol=1e-3)
+
+
+def test_sd15_file_holds_26400_numbers_in_at_most_120_kb(tmp_path):
+    # The real SD1.5 layer list: 860M-parameter UNet + CLIP ViT-L text encoder, shapes only (meta device).
+    pipe = build_full_size_sd15(empty=True)
+    targets = find_target_linears({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    shapes = {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}
+    assert len(shapes) == 176 and sum(name.startswith("unet.") for name in shapes) == 128
+    config = LiDBConfig()  # r=1, a=100, b=50
+    bases = [basis for name, (i, o) in shapes.items() for basis in aux_bases(0, name, i, o, config.a, config.b)]
+    weights = PersonalWeights(
+        A=torch.randn(176, 1, 100), B=torch.randn(176, 50, 1), config=config, layer_shapes=shapes,
+        arch_fingerprint=arch_fingerprint(shapes), aux_fingerprint=aux_fingerprint(bases),
+        instance_prompt="a photo of sks person", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    )
+    assert weights.num_numbers == 26_400
+    path = save_personal(weights, tmp_path / "sd15.safetensors")
+    size = path.stat().st_size
+    print(f"SD1.5 personal file: {size:,} bytes fp32")
+    assert size <= 120_000
+    assert save_personal(weights, tmp_path / "sd15_fp16.safetensors", torch.float16).stat().st_size <= 60_000
+    assert torch.equal(load_personal(path).A, weights.A)
+
+
+def test_truncated_file_is_refused(tiny_sd15, tmp_path):
+    path = save_personal(PersonalWeights.from_lidb(trained_person(tiny_sd15)), tmp_path / "p.safetensors")
+    data = path.read_bytes()
+    for cut in (10, len(data) // 2, len(data) - 7):
+        (tmp_path / "cut.safetensors").write_bytes(data[:cut])
+        with pytest.raises(HdbError, match="truncated or corrupt"):
+            load_personal(tmp_path / "cut.safetensors")
+
+
+def test_random_bytes_and_missing_files_are_refused(tmp_path):
+    (tmp_path / "noise.safetensors").write_bytes(os.urandom(4096))
+    with pytest.raises(HdbError, match="truncated or corrupt"):
+        load_personal(tmp_path / "noise.safetensors")
+    with pytest.raises(HdbError, match="not found"):
+        load_personal(tmp_path / "missing.safetensors")
+
+
+def test_other_safetensors_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"lora.down": torch.zeros(2, 2)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(HdbError, match="not an hdb personal file"):
+        load_personal(tmp_path / "lora.safetensors")
+
+
+def test_file_for_another_architecture_is_refused(tiny_sd15, tiny_sdxl, tmp_path):
+    path = save_personal(PersonalWeights.from_lidb(trained_person(tiny_sd15)), tmp_path / "sd15.safetensors")
+    with pytest.raises(HdbError, match="different base model architecture"):
+        apply_personal(tiny_sdxl, path)
+
+
+def test_file_from_another_seed_is_refused(tiny_sd15, tmp_path):
+    path = save_personal(PersonalWeights.from_lidb(trained_person(tiny_sd15)), tmp_path / "seed0.safetensors")
+    other = build_tiny_pipeline("sd15")
+    with pytest.raises(HdbError, match="aux seed 0"):
+        apply_personal(other, path, LiDB(other, LiDBConfig(seed=5)))
+
+
+def test_tampered_aux_fingerprint_is_refused(tiny_sd15, tmp_path):
+    weights = PersonalWeights.from_lidb(trained_person(tiny_sd15))
+    weights.aux_fingerprint = "0" * 16
+    path = save_personal(weights, tmp_path / "bad.safetensors")
+    with pytest.raises(HdbError, match="aux bases regenerated here"):
+        apply_personal(build_tiny_pipeline("sd15"), path)
+
+
+def test_nan_weights_are_refused(tiny_sd15, tmp_path):
+    weights = PersonalWeights.from_lidb(trained_person(tiny_sd15))
+    weights.A[0, 0, 0] = float("nan")
+    with pytest.raises(HdbError, match="NaN"):
+        load_personal(save_personal(weights, tmp_path / "nan.safetensors"))
+
+
+def test_describe_names_the_contents(tiny_sdxl, tmp_path):
+    path = save_personal(PersonalWeights.from_lidb(trained_person(tiny_sdxl), "a photo of zxq person"), tmp_path / "p.safetensors")
+    text = describe(path)
+    assert "r=1 a=100 b=50" in text and "zxq" in text and "text_encoder_2: 8" in text
