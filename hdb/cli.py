@@ -15,6 +15,7 @@ from hdb.errors import HdbError
 def _quiet_libraries() -> None:
     """Keep the terminal for hdb's own progress: no library load bars or import-time chatter."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "no torchvision, using the PIL processor"
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels-community" notice on CPU import
     warnings.filterwarnings("ignore", category=FutureWarning)
     import diffusers
@@ -53,6 +54,71 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"{args.format} LoRA written to {path} ({path.stat().st_size:,} bytes)")
 
 
+def cmd_personalize(args: argparse.Namespace) -> None:
+    import torch
+
+    from hdb.faces import align_face
+    from hdb.models import load_pipeline
+    from hdb.personal_file import save_personal
+    from hdb.personalize import PersonalizeConfig, personalize
+
+    face = align_face(args.photo, size=max(args.resolution or 512, 256))  # a bad photo fails before the model loads
+    if face.note:
+        print(face.note)
+    pipe = load_pipeline(args.base, args.dtype, args.device)
+    hypernet = None
+    if args.hypernet:
+        from hdb.hypernet import HyperNetwork
+
+        hypernet = HyperNetwork.from_pretrained(args.hypernet, device=pipe.unet.device)
+    else:
+        print("No --hypernet given: finetuning from zero (no prediction to start from), so more steps by default.")
+    config = PersonalizeConfig(
+        steps=args.steps, relaxed_rank=args.rank, learning_rate=args.lr, optimizer=args.optimizer,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resolution=args.resolution,
+    )
+    result = personalize(pipe, face, hypernet, config)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.save_dtype]
+    path = save_personal(result.weights, args.output, dtype)
+    losses = result.losses
+    print(f"{result.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of last 10: {sum(losses[-10:]) / len(losses[-10:]):.4f})")
+    print(f"personal file: {path} ({path.stat().st_size:,} bytes, rank {result.weights.config.rank}, {result.weights.num_numbers:,} numbers)")
+    if args.save_face:
+        result.face.image.save(args.save_face)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from hdb.generate import DEFAULT_NEGATIVE, expand_prompt, generate, mentions_person
+    from hdb.models import load_pipeline
+    from hdb.personal_file import apply_personal, load_personal
+
+    weights = load_personal(args.person)  # check the file before loading a large model
+    pipe = load_pipeline(args.base, args.dtype, args.device)
+    lidb = apply_personal(pipe, weights)
+    if not mentions_person(args.prompt, weights.instance_token):
+        print(f"note: the prompt does not mention [V] (or '{weights.instance_token}'); the person may not appear")
+    prompt = expand_prompt(args.prompt, weights.instance_token, args.style)
+    negative = DEFAULT_NEGATIVE if args.negative_prompt is None else args.negative_prompt
+    images = generate(
+        pipe, lidb, prompt, negative, args.steps, args.guidance, args.seed, args.num_images,
+        args.strength, args.height, args.width,
+    )
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        path = output if len(images) == 1 else output.with_name(f"{output.stem}_{index}{output.suffix}")
+        image.save(path)
+        print(f"saved {path}")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    from hdb.models import DEFAULT_BASE
+
+    parser.add_argument("--base", default=DEFAULT_BASE, help=f"base model: hub id or local directory (default {DEFAULT_BASE})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPU, fp32 on CPU")
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -76,12 +142,50 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors file")
     export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     export.set_defaults(run=cmd_export)
+
+    person = sub.add_parser("personalize", help="personalise from one face photo -> personal weights file")
+    person.add_argument("photo", type=Path)
+    _add_model_options(person)
+    person.add_argument("--hypernet", type=Path, help="hypernetwork checkpoint directory (optional)")
+    person.add_argument("-o", "--output", type=Path, required=True, help="personal .safetensors file to write")
+    person.add_argument("--steps", type=int, help="finetune steps (default 40 with --hypernet, 200 without)")
+    person.add_argument("--rank", type=int, default=4, help="relaxed rank of the fast finetune (1: paper's r=1 file size)")
+    person.add_argument("--lr", type=float, default=1e-3)
+    person.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    person.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower steps")
+    person.add_argument("--seed", type=int, default=0)
+    person.add_argument("--resolution", type=int, help="training resolution (default: the base model's)")
+    person.add_argument("--save-dtype", choices=["fp32", "fp16"], default="fp32")
+    person.add_argument("--save-face", type=Path, help="also save the aligned face crop here")
+    person.set_defaults(run=cmd_personalize)
+
+    gen = sub.add_parser("generate", help="generate pictures of a personalised person")
+    _add_model_options(gen)
+    gen.add_argument("--person", type=Path, required=True, help="personal weights file")
+    gen.add_argument("--prompt", required=True, help="use [V] for the person, e.g. '[V] as an astronaut'")
+    gen.add_argument("--style", default="None", choices=_style_names(), help="style preset")
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("-o", "--output", type=Path, required=True, help="output .png (several images: _0, _1, ...)")
+    gen.add_argument("--steps", type=int, default=25)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--strength", type=float, default=1.0, help="identity strength (LiDB scale), 0..1+")
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.set_defaults(run=cmd_generate)
     return parser
 
 
+def _style_names() -> list[str]:
+    from hdb.generate import STYLE_PRESETS
+
+    return list(STYLE_PRESETS)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     _quiet_libraries()
+    args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except HdbError as error:

@@ -59,9 +59,11 @@ def load_pipeline(
     local = Path(base).expanduser()
     if local.exists() and not (local / "model_index.json").is_file():
         raise HdbError(f"{base} is not a diffusers pipeline directory (it has no model_index.json)")
+    if not local.exists() and (base.startswith((".", "/", "~")) or base.count("/") > 1):
+        raise HdbError(f"Base model directory {base} does not exist (a hub id looks like 'owner/name')")
     try:
         pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else base, dtype=torch_dtype)
-    except OSError as error:  # hub unreachable / offline / unknown id all surface as OSError subclasses
+    except (OSError, ValueError) as error:  # offline, unknown or malformed hub id
         raise HdbError(
             f"Could not load base model {base!r}: it is not a local directory and could not be fetched "
             f"from the Hugging Face Hub ({type(error).__name__}). On a connected machine run "

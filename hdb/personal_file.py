@@ -23,7 +23,15 @@ from hdb.lidb import LiDB, LiDBConfig
 
 FORMAT = "hdb-lidb"
 FORMAT_VERSION = "1"
-DEFAULT_INSTANCE_PROMPT = "a photo of sks person"
+DEFAULT_INSTANCE_TOKEN = "sks person"  # a rare token + class noun; prompts name the person with "[V]"
+
+
+def instance_prompt_for(instance_token: str) -> str:
+    """The prompt a person is trained with (the paper's "a [V] face", in DreamBooth's usual wording)."""
+    return f"a photo of {instance_token}"
+
+
+DEFAULT_INSTANCE_PROMPT = instance_prompt_for(DEFAULT_INSTANCE_TOKEN)
 
 
 @dataclass
@@ -36,14 +44,15 @@ class PersonalWeights:
     aux_fingerprint: str
     instance_prompt: str
     base_model: str
+    instance_token: str = DEFAULT_INSTANCE_TOKEN
 
     @classmethod
-    def from_lidb(cls, lidb: LiDB, instance_prompt: str = DEFAULT_INSTANCE_PROMPT) -> "PersonalWeights":
+    def from_lidb(cls, lidb: LiDB, instance_prompt: str = DEFAULT_INSTANCE_PROMPT, instance_token: str = DEFAULT_INSTANCE_TOKEN) -> "PersonalWeights":
         return cls(
             A=lidb.A_train.detach().float().cpu().clone(), B=lidb.B_train.detach().float().cpu().clone(),
             config=lidb.config, layer_shapes=dict(lidb.layer_shapes), arch_fingerprint=lidb.arch_fingerprint(),
             aux_fingerprint=lidb.aux_fingerprint(), instance_prompt=instance_prompt,
-            base_model=str(getattr(lidb.pipe, "name_or_path", "") or ""),
+            base_model=str(getattr(lidb.pipe, "name_or_path", "") or ""), instance_token=instance_token,
         )
 
     @property
@@ -72,6 +81,7 @@ def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype
         "aux_fingerprint": weights.aux_fingerprint, "seed": str(config.seed), "r": str(config.rank),
         "a": str(config.a), "b": str(config.b), "num_layers": str(len(weights.layer_names)),
         "layers": _pack_layers(weights.layer_shapes), "instance_prompt": weights.instance_prompt,
+        "instance_token": weights.instance_token,
         "base_model": weights.base_model,
     }
     path = Path(path)
@@ -105,6 +115,7 @@ def load_personal(path: str | Path) -> PersonalWeights:
             A=tensors["A_train"].float(), B=tensors["B_train"].float(), config=config, layer_shapes=layer_shapes,
             arch_fingerprint=metadata["arch_fingerprint"], aux_fingerprint=metadata["aux_fingerprint"],
             instance_prompt=metadata.get("instance_prompt", DEFAULT_INSTANCE_PROMPT), base_model=metadata.get("base_model", ""),
+            instance_token=metadata.get("instance_token", DEFAULT_INSTANCE_TOKEN),
         )
     except (KeyError, ValueError, zlib.error) as error:
         raise HdbError(f"{path} has damaged metadata ({type(error).__name__}: {error})") from None
@@ -163,7 +174,7 @@ def describe(path: str | Path) -> str:
         f"LiDB:             r={config.rank} a={config.a} b={config.b} aux seed {config.seed} (fingerprint {weights.aux_fingerprint})",
         f"layers:           {len(weights.layer_names)} ({', '.join(f'{k}: {v}' for k, v in components.items())})",
         f"numbers:          {weights.num_numbers:,}",
-        f"instance prompt:  {weights.instance_prompt}",
+        f"instance prompt:  {weights.instance_prompt}   (prompts name the person with [V] = '{weights.instance_token}')",
         f"weight norms:     |A| {weights.A.norm():.4f}  |B| {weights.B.norm():.4f}",
     ]
     return "\n".join(lines)

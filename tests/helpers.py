@@ -1,5 +1,9 @@
 """Small helpers shared by the tests."""
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from hdb.diffusion import encode_prompts, predict_noise
@@ -25,3 +29,21 @@ def trained_person(pipe, seed: int = 0, config: LiDBConfig = LiDBConfig()) -> Li
         lidb.A_train.copy_(torch.randn(lidb.A_train.shape, generator=generator) * 0.1)
         lidb.B_train.copy_(torch.randn(lidb.B_train.shape, generator=generator) * 0.3)
     return lidb
+
+
+def hdb_cli(*args, check=True):
+    """Run the CLI in a fresh process, offline, and return the finished process."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    result = subprocess.run([sys.executable, "-m", "hdb", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"hdb {args} failed:\n{result.stderr}")
+    return result
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]

@@ -1,8 +1,6 @@
 """`python -m hdb` for the foundation: help, tiny-model, base loading, info, export, clear errors."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,25 +8,8 @@ import torch
 from hdb.errors import HdbError
 from hdb.models import load_pipeline
 from hdb.personal_file import PersonalWeights, save_personal
-from helpers import trained_person
-
-
-def hdb(*args, check=True):
-    """Run the CLI in a fresh process, offline, and return the finished process."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    result = subprocess.run([sys.executable, "-m", "hdb", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"hdb {args} failed:\n{result.stderr}")
-    return result
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0]
+from helpers import assert_one_line_error, trained_person
+from helpers import hdb_cli as hdb
 
 
 def test_help_lists_the_subcommands():

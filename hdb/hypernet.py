@@ -1,0 +1,239 @@
+"""The HyperDreamBooth hypernetwork: one face photo -> a person's LiDB weights in one forward pass.
+
+    image --ViT--> image tokens ---------------------------+ (cross-attention)
+    weights (start at 0) -> one token per LiDB layer -> transformer decoder -> per-layer heads -> delta
+    weights += delta, repeated `iterations` times with the same decoder (the paper's iterative refinement)
+
+Each LiDB layer i is one token: its current weights [A_i.flatten(), B_i.flatten()] ((a+b)*r numbers)
+projected to `width`, plus a learned position embedding saying which layer it is. Self-attention lets
+layers agree with each other; cross-attention reads the face. The heads start near zero (the authors'
+advice) so an untrained hypernetwork predicts "no change" (each number ~1e-3) rather than noise.
+
+The output, A [B, L, r, a] and B [B, L, b, r], is exactly what `LiDB.use_per_sample` takes, so the
+diffusion loss trains the hypernetwork end to end through the LiDB layers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
+
+from hdb.errors import HdbError
+
+CLIP_MEAN = (0.4815, 0.4578, 0.4082)
+CLIP_STD = (0.2686, 0.2613, 0.2758)
+CONFIG_FILE, WEIGHTS_FILE, ENCODER_DIR = "config.json", "hypernet.safetensors", "image_encoder"
+
+
+@dataclass
+class HyperNetworkConfig:
+    image_encoder: str  # hub id or path the encoder was loaded from (informational)
+    num_layers: int  # L, LiDB layers of the base
+    rank: int
+    a: int
+    b: int
+    width: int = 512  # decoder d_model
+    depth: int = 4
+    heads: int = 8
+    iterations: int = 4  # the paper's s
+    image_size: int = 224
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    # The LiDB this hypernetwork predicts for: its weights mean nothing with other aux bases or layers.
+    lidb_seed: int = 0
+    arch_fingerprint: str = ""
+    aux_fingerprint: str = ""
+    layer_names: list[str] = field(default_factory=list)
+
+
+def load_image_encoder(name_or_path: str) -> nn.Module:
+    """A transformers vision model whose output has `last_hidden_state` [B, T, D] (CLIP/SigLIP: the vision tower)."""
+    local = Path(name_or_path).expanduser()
+    try:
+        model = AutoModel.from_pretrained(str(local) if local.exists() else name_or_path)
+    except OSError as error:  # offline, unknown id, or a path that does not exist all arrive as OSError
+        raise HdbError(
+            f"Could not load image encoder {name_or_path!r}: it is not a local directory and could not be fetched "
+            f"from the Hugging Face Hub ({type(error).__name__}). On a connected machine run "
+            f"`huggingface-cli download {name_or_path} --local-dir DIR`, then pass DIR."
+        ) from None
+    return getattr(model, "vision_model", model)  # full CLIP/SigLIP: keep only the image tower
+
+
+def build_tiny_image_encoder(seed: int = 0) -> CLIPVisionModel:
+    """A randomly initialised miniature CLIP vision tower (64 px, 16 px patches) for tests and demos."""
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=64, patch_size=16
+    )
+    return CLIPVisionModel(config)
+
+
+def _encoder_setting(encoder: nn.Module, key: str) -> int | None:
+    config = getattr(encoder, "config", None)
+    value = getattr(config, key, None) or getattr(getattr(config, "vision_config", None), key, None)
+    return int(value) if isinstance(value, int) else None
+
+
+class HyperNetwork(nn.Module):
+    def __init__(self, config: HyperNetworkConfig, image_encoder: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        hidden = _encoder_setting(image_encoder, "hidden_size")
+        if hidden is None:
+            raise HdbError(f"Cannot tell the hidden size of image encoder {type(image_encoder).__name__} (no config.hidden_size)")
+        L, width, size = config.num_layers, config.width, (config.a + config.b) * config.rank
+        self.image_encoder = image_encoder
+        for name, parameter in image_encoder.named_parameters():
+            if name.endswith("mask_token"):  # ViT/DINOv2 masked-image-modelling only: never used, never learns
+                parameter.requires_grad_(False)
+        self.image_proj = nn.Linear(hidden, width)
+        self.image_norm = nn.LayerNorm(width)  # the pre-norm decoder layers do not normalise the memory
+        # One projection per LiDB layer (layers differ in meaning), batched into one tensor.
+        self.weight_in = nn.Parameter(torch.randn(L, size, width) / size**0.5)
+        self.position = nn.Parameter(torch.randn(L, width) * 0.02)
+        layer = nn.TransformerDecoderLayer(width, config.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, config.depth, norm=nn.LayerNorm(width))
+        # Near zero, so the first prediction is ~ "no change" (the authors' N(0, 1e-3)). The decoder's output
+        # is layer-normed (entries ~1), so the weights are scaled by 1/sqrt(width) to make each predicted
+        # number ~1e-3 whatever the width; plain N(0, 1e-3) would give ~0.1 at width 512 after 4 iterations.
+        self.head = nn.Parameter(torch.randn(L, width, size) * 1e-3 / width**0.5)
+        self.head_bias = nn.Parameter(torch.randn(L, size) * 1e-3)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.device
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, S, S] -> image tokens [B, T, width]."""
+        dtype = next(self.image_encoder.parameters()).dtype
+        out = self.image_encoder(pixel_values=pixel_values.to(self.device, dtype))
+        tokens = out.last_hidden_state
+        pooled = getattr(out, "pooler_output", None)
+        # The pooled summary joins the tokens: a useful global token, and without it the encoder's
+        # pooling layers (CLIP's post_layernorm, SigLIP's head) would be parameters that never learn.
+        if pooled is not None and pooled.shape[-1] == tokens.shape[-1]:
+            tokens = torch.cat([pooled[:, None], tokens], dim=1)
+        return self.image_norm(self.image_proj(tokens.to(self.image_proj.weight.dtype)))
+
+    def forward(self, pixel_values: torch.Tensor, iterations: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels [B, 3, S, S] -> LiDB weights A [B, L, r, a], B [B, L, b, r]."""
+        c = self.config
+        image_tokens = self.encode_image(pixel_values)
+        weights = image_tokens.new_zeros(image_tokens.shape[0], c.num_layers, (c.a + c.b) * c.rank)
+        for _ in range(c.iterations if iterations is None else iterations):
+            tokens = torch.einsum("bli,liw->blw", weights, self.weight_in) + self.position
+            tokens = self.decoder(tokens, image_tokens)
+            weights = weights + torch.einsum("blw,lwo->blo", tokens, self.head) + self.head_bias
+        split = c.rank * c.a  # A's numbers first, then B's, as the tokens were built
+        A = weights[..., :split].unflatten(-1, (c.rank, c.a))
+        B = weights[..., split:].unflatten(-1, (c.b, c.rank))
+        return A, B
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images -> normalised pixels [B, 3, S, S]: centre square crop, bicubic resize (CLIP's recipe)."""
+        size = (self.config.image_size, self.config.image_size)
+        squares = [ImageOps.fit(image.convert("RGB"), size, Image.BICUBIC) for image in images]  # no squashing
+        pixels = torch.from_numpy(np.stack([np.asarray(s, dtype=np.float32) / 255.0 for s in squares]))
+        pixels = pixels.permute(0, 3, 1, 2)
+        mean, std = torch.tensor(self.config.image_mean), torch.tensor(self.config.image_std)
+        return ((pixels - mean[:, None, None]) / std[:, None, None]).to(self.device)
+
+    @torch.no_grad()
+    def predict(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """One person's weights, A [L, r, a], B [L, b, r] in fp32, ready for `LiDB.load_weights`."""
+        was_training = self.training
+        self.eval()
+        A, B = self(self.preprocess([image]))
+        self.train(was_training)
+        return A[0].float(), B[0].float()
+
+    # -- the LiDB it belongs to
+
+    @classmethod
+    def for_lidb(cls, lidb, image_encoder: nn.Module, image_encoder_name: str, **config_overrides) -> HyperNetwork:
+        """A fresh hypernetwork predicting weights for `lidb` (its layers, shapes and aux bases)."""
+        values = dict(
+            image_encoder=image_encoder_name, num_layers=len(lidb.layer_names), rank=lidb.config.rank,
+            a=lidb.config.a, b=lidb.config.b, lidb_seed=lidb.config.seed, arch_fingerprint=lidb.arch_fingerprint(),
+            aux_fingerprint=lidb.aux_fingerprint(), layer_names=list(lidb.layer_names),
+        )
+        image_size = _encoder_setting(image_encoder, "image_size")
+        if image_size is not None:
+            values["image_size"] = image_size
+        values.update(config_overrides)
+        return cls(HyperNetworkConfig(**values), image_encoder)
+
+    def check_compatible(self, lidb) -> None:
+        """Raise HdbError if this hypernetwork's weights would mean nothing for `lidb`."""
+        _check_compatible(self.config, lidb)
+
+    # -- files
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json + hypernet.safetensors (all but the encoder) + image_encoder/ (its own format)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        own = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("image_encoder.")}
+        save_file(own, str(directory / WEIGHTS_FILE), metadata={"format": "hdb-hypernet"})
+        self.image_encoder.save_pretrained(directory / ENCODER_DIR)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, lidb=None, device: str | torch.device | None = None) -> HyperNetwork:
+        """Load what `save_pretrained` wrote; with `lidb`, first check that the weights are meant for it."""
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise HdbError(f"{directory} is not a saved hypernetwork (no {CONFIG_FILE})")
+        try:
+            values = json.loads((directory / CONFIG_FILE).read_text())
+            values.update({k: tuple(values[k]) for k in ("image_mean", "image_std") if k in values})  # JSON has no tuples
+            config = HyperNetworkConfig(**values)
+        except (ValueError, TypeError) as error:
+            raise HdbError(f"{directory / CONFIG_FILE} is not a valid hypernetwork config: {error}") from None
+        if lidb is not None:  # before loading a possibly large image encoder
+            _check_compatible(config, lidb)
+        if not (directory / ENCODER_DIR / "config.json").is_file():
+            raise HdbError(f"{directory} has no saved image encoder ({ENCODER_DIR}/config.json is missing)")
+        model = cls(config, load_image_encoder(str(directory / ENCODER_DIR)))
+        try:
+            state = load_file(str(directory / WEIGHTS_FILE))
+        except Exception as error:  # missing, truncated or not safetensors at all
+            raise HdbError(f"Could not read hypernetwork weights {directory / WEIGHTS_FILE}: {error}") from None
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("image_encoder.")}
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        if found != expected:
+            wrong = sorted(set(found.items()) ^ set(expected.items()))[:3]
+            raise HdbError(f"{directory / WEIGHTS_FILE} does not match its config (first differences: {wrong})")
+        model.load_state_dict(state, strict=False)  # strict on our part (checked above); the encoder is loaded
+        return model.to(device).eval() if device is not None else model.eval()
+
+
+def _check_compatible(c: HyperNetworkConfig, lidb) -> None:
+    lc = lidb.config  # most telling mismatch first: architecture, then shape, seed, bases
+    layers, arch = len(lidb.layer_names), lidb.arch_fingerprint()
+    if c.num_layers != layers or c.arch_fingerprint != arch:
+        raise HdbError(
+            f"This hypernetwork was trained for a base with {c.num_layers} LiDB layers (fingerprint {c.arch_fingerprint}); "
+            f"the loaded base has {layers} (fingerprint {arch})"
+        )
+    if (c.rank, c.a, c.b) != (lc.rank, lc.a, lc.b):
+        raise HdbError(
+            f"This hypernetwork predicts LiDB weights r={c.rank}, a={c.a}, b={c.b}; the LiDB has r={lc.rank}, a={lc.a}, b={lc.b}"
+        )
+    if c.lidb_seed != lc.seed:
+        raise HdbError(f"This hypernetwork was trained with LiDB aux seed {c.lidb_seed}; the LiDB uses seed {lc.seed}")
+    aux = lidb.aux_fingerprint()
+    if c.aux_fingerprint != aux:  # same seed, other bases: the aux-basis recipe changed
+        raise HdbError(
+            f"LiDB aux bases differ from the ones this hypernetwork was trained with "
+            f"(fingerprint {aux}, expected {c.aux_fingerprint}), although the seed is the same"
+        )

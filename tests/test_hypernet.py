@@ -1,0 +1,144 @@
+"""HyperNetwork: shapes, near-zero start, gradients to every parameter, learning, save/load, compatibility."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
+
+from hdb.diffusion import diffusion_loss, encode_images, encode_prompts
+from hdb.errors import HdbError
+from hdb.hypernet import HyperNetwork, build_tiny_image_encoder, load_image_encoder
+from hdb.lidb import LiDB, LiDBConfig
+from hdb.models import training_scheduler
+
+TINY = dict(width=32, depth=2, heads=4)
+
+
+def tiny_hypernet(lidb: LiDB, **overrides) -> HyperNetwork:
+    torch.manual_seed(0)
+    return HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny-clip-vision", **{**TINY, **overrides})
+
+
+def pixels(n: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def face(seed: int = 0) -> Image.Image:
+    rgb = torch.randint(0, 256, (80, 96, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return Image.fromarray(rgb.numpy())
+
+
+def test_shapes_and_near_zero_start(tiny_sd15):
+    lidb = LiDB(tiny_sd15)
+    hypernet = tiny_hypernet(lidb)
+    assert hypernet.config.image_size == 64 and hypernet.config.num_layers == len(lidb.layer_names)
+    A, B = hypernet(pixels(2))
+    assert A.shape == (2, *lidb.A_train.shape) and B.shape == (2, *lidb.B_train.shape)
+    # An untrained hypernetwork predicts (almost) "no change".
+    assert A.abs().max() < 0.05 and B.abs().max() < 0.05
+    A1, B1 = hypernet.predict(face())
+    assert A1.shape == lidb.A_train.shape and B1.shape == lidb.B_train.shape and A1.dtype == torch.float32
+    lidb.load_weights(A1, B1)
+    # Any photo size: centre-cropped to a square, resized, normalised with the config's mean and std.
+    grey = hypernet.preprocess([face(), Image.new("RGB", (300, 200), (128, 128, 128))])
+    assert grey.shape == (2, 3, 64, 64)
+    expected = (128 / 255 - torch.tensor(hypernet.config.image_mean)) / torch.tensor(hypernet.config.image_std)
+    torch.testing.assert_close(grey[1, :, 5, 7], expected)
+
+
+def test_gradients_reach_every_parameter(tiny_sd15):
+    pipe = tiny_sd15
+    for model in (pipe.unet, pipe.text_encoder, pipe.vae):
+        model.requires_grad_(False)
+    lidb = LiDB(pipe)
+    hypernet = tiny_hypernet(lidb)
+    A, B = hypernet(pixels(2))
+    lidb.use_per_sample(A, B)
+    generator = torch.Generator().manual_seed(0)
+    latents = encode_images(pipe, torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1)
+    noise = torch.randn(latents.shape, generator=generator)
+    cond = encode_prompts(pipe, ["a photo of sks person"] * 2)
+    loss = diffusion_loss(pipe, training_scheduler(pipe), latents, cond, noise, torch.tensor([100, 600])).mean()
+    loss.backward()
+    # The encoder's pooling layers would get no gradient from last_hidden_state alone; the hypernetwork
+    # uses the pooled output as an extra image token so that they are part of the model, not excluded here.
+    dead = [name for name, p in hypernet.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not dead, f"no gradient reaches {dead}"
+    assert any(name.startswith("image_encoder.") for name, _ in hypernet.named_parameters())
+
+
+def test_learns_target_weights(tiny_sd15):
+    lidb = LiDB(tiny_sd15)
+    hypernet = tiny_hypernet(lidb)
+    generator = torch.Generator().manual_seed(1)
+    target_A = torch.randn(2, *lidb.A_train.shape, generator=generator) * 0.1
+    target_B = torch.randn(2, *lidb.B_train.shape, generator=generator) * 0.1
+    images = pixels(2)
+    optimizer = torch.optim.Adam(hypernet.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        A, B = hypernet(images)
+        loss = ((A - target_A) ** 2).sum() + ((B - target_B) ** 2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    with torch.no_grad():
+        for iterations in (1, 4):
+            A, B = hypernet(images, iterations=iterations)
+            assert A.shape == (2, *lidb.A_train.shape) and torch.isfinite(A).all() and torch.isfinite(B).all()
+
+
+def test_save_load_roundtrip_and_compatibility(tiny_sd15, tiny_sdxl, tmp_path):
+    lidb = LiDB(tiny_sd15)
+    hypernet = tiny_hypernet(lidb)
+    with torch.no_grad():  # make the weights non-trivial, so a lost tensor would show
+        hypernet.head.normal_(0, 0.05)
+    hypernet.save_pretrained(tmp_path / "hn")
+    loaded = HyperNetwork.from_pretrained(tmp_path / "hn", lidb=lidb)
+    for before, after in zip(hypernet.predict(face()), loaded.predict(face())):
+        assert torch.equal(before, after)
+
+    with pytest.raises(HdbError, match="LiDB layers.*fingerprint"):
+        HyperNetwork.from_pretrained(tmp_path / "hn", lidb=LiDB(tiny_sdxl))
+    lidb.detach()
+    other = LiDB(tiny_sd15, LiDBConfig(seed=1))
+    with pytest.raises(HdbError, match="seed 0; the LiDB uses seed 1"):
+        HyperNetwork.from_pretrained(tmp_path / "hn", lidb=other)
+    other.detach()
+    with pytest.raises(HdbError, match="a=100, b=50; the LiDB has r=1, a=64, b=50"):
+        loaded.check_compatible(LiDB(tiny_sd15, LiDBConfig(a=64)))
+
+
+def test_bad_files_raise_hdb_error(tiny_sd15, tmp_path):
+    hypernet = tiny_hypernet(LiDB(tiny_sd15))
+    with pytest.raises(HdbError, match="no config.json"):
+        HyperNetwork.from_pretrained(tmp_path / "missing")
+
+    hypernet.save_pretrained(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "hypernet.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(HdbError, match="Could not read"):
+        HyperNetwork.from_pretrained(tmp_path / "corrupt")
+
+    hypernet.save_pretrained(tmp_path / "resized")  # config says one width, the weights have another
+    config = json.loads((tmp_path / "resized" / "config.json").read_text())
+    (tmp_path / "resized" / "config.json").write_text(json.dumps({**config, "width": 48}))
+    with pytest.raises(HdbError, match="does not match its config"):
+        HyperNetwork.from_pretrained(tmp_path / "resized")
+
+
+def test_load_image_encoder(tmp_path):
+    build_tiny_image_encoder().save_pretrained(tmp_path / "enc")
+    encoder = load_image_encoder(str(tmp_path / "enc"))
+    assert encoder(pixel_values=pixels(1)).last_hidden_state.shape == (1, 17, 32)
+    # A full CLIP model (image + text towers) gives its vision tower, which can be saved on its own.
+    vision = build_tiny_image_encoder().config.to_dict()
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, vocab_size=99)
+    CLIPModel(CLIPConfig(vision_config=vision, text_config=text)).save_pretrained(tmp_path / "clip")
+    tower = load_image_encoder(str(tmp_path / "clip"))
+    assert isinstance(tower, CLIPVisionModel) and tower(pixel_values=pixels(1)).last_hidden_state.shape == (1, 17, 32)
+    with pytest.raises(HdbError, match="local directory"):  # tests run with HF_HUB_OFFLINE=1
+        load_image_encoder("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")

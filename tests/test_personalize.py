@@ -1,0 +1,116 @@
+"""Personalisation end to end on the tiny pipeline: CLI, loss going down, optimizers, bad input."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hdb.errors import HdbError
+from hdb.faces import align_face
+from hdb.generate import STYLE_PRESETS, expand_prompt
+from hdb.lidb import LiDB
+from hdb.models import build_tiny_pipeline
+from hdb.personalize import PersonalizeConfig, personalize, photo_loss
+from hdb.training import TrainConfig, TrainingDiverged, train
+from helpers import assert_one_line_error
+from helpers import hdb_cli as hdb
+
+ASSETS = Path(__file__).parent.parent / "assets"
+
+
+@pytest.fixture(scope="module")
+def obama_face():
+    return align_face(ASSETS / "obama.jpg", size=256)
+
+
+def test_cli_personalize_then_generate_is_reproducible(tiny_sd15_dir, tmp_path):
+    person = tmp_path / "obama.safetensors"
+    out = hdb("personalize", ASSETS / "obama.jpg", "--base", tiny_sd15_dir, "-o", person, "--steps", "8", "--rank", "1").stdout
+    assert "No --hypernet given" in out and "8 steps" in out
+    assert person.stat().st_size <= 120_000
+    relaxed = tmp_path / "relaxed.safetensors"
+    hdb("personalize", ASSETS / "obama.jpg", "--base", tiny_sd15_dir, "-o", relaxed, "--steps", "2", "--rank", "4")
+    print(f"tiny pipeline personal file: r=1 {person.stat().st_size:,} B, relaxed r=4 {relaxed.stat().st_size:,} B")
+
+    args = ["generate", "--base", tiny_sd15_dir, "--person", person, "--prompt", "[V] as an astronaut", "--steps", "3", "--seed", "7"]
+    hdb(*args, "-o", tmp_path / "first.png")
+    hdb(*args, "-o", tmp_path / "second.png")  # a fresh process loading the file again
+    first, second = (np.asarray(Image.open(tmp_path / name)) for name in ("first.png", "second.png"))
+    assert first.shape == (64, 64, 3) and np.array_equal(first, second)
+    hdb(*args[:-1], "8", "-o", tmp_path / "other_seed.png")
+    assert not np.array_equal(first, np.asarray(Image.open(tmp_path / "other_seed.png")))
+
+
+def test_file_reproduces_the_in_memory_person(tiny_sd15_dir, obama_face, tmp_path):
+    from hdb.generate import generate
+    from hdb.models import load_pipeline
+    from hdb.personal_file import apply_personal, save_personal
+
+    pipe = load_pipeline(str(tiny_sd15_dir), "fp32", "cpu")
+    result = personalize(pipe, obama_face, config=PersonalizeConfig(steps=5, progress=False))
+    prompt = expand_prompt("[V] in a garden", result.weights.instance_token)
+    trained = generate(pipe, result.lidb, prompt, steps=3, seed=3)[0]
+    path = save_personal(result.weights, tmp_path / "p.safetensors")
+    fresh = load_pipeline(str(tiny_sd15_dir), "fp32", "cpu")
+    loaded = generate(fresh, apply_personal(fresh, path), prompt, steps=3, seed=3)[0]
+    assert np.array_equal(np.asarray(trained), np.asarray(loaded))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_finetuning_from_zero_lowers_the_loss_on_the_photo(obama_face, optimizer):
+    pipe = build_tiny_pipeline("sd15")
+    lidb = LiDB(pipe)
+    before = photo_loss(pipe, lidb, obama_face)
+    result = personalize(pipe, obama_face, config=PersonalizeConfig(steps=30, learning_rate=5e-3, optimizer=optimizer, progress=False), lidb=lidb)
+    after = photo_loss(pipe, lidb, obama_face)
+    assert result.steps == 30 and len(result.losses) == 30 and not result.used_hypernet
+    assert after < before - 0.02, (before, after)
+
+
+def test_training_stops_on_nan_and_keeps_the_last_good_weights():
+    weight = torch.nn.Parameter(torch.ones(3))
+
+    def loss_fn(step):
+        return (weight.sum() * (float("nan") if step == 3 else 1.0)) ** 2
+
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        train([weight], loss_fn, TrainConfig(steps=10, learning_rate=0.1, progress=False))
+    # the weights that gave the last finite loss (step 2), not the NaN-producing update
+    assert torch.isfinite(weight).all()
+
+
+def test_training_stops_when_the_loss_explodes():
+    weight = torch.nn.Parameter(torch.ones(2))
+    losses = iter([1.0, 1.1, 500.0])
+
+    def loss_fn(step):
+        return weight.sum() * 0 + next(losses)
+
+    with pytest.raises(TrainingDiverged, match="500"):
+        train([weight], loss_fn, TrainConfig(steps=3, learning_rate=0.1, progress=False))
+
+
+def test_style_presets_and_prompt_expansion():
+    assert expand_prompt("[V] as a chef", "sks person") == "sks person as a chef"
+    assert "oil painting" in expand_prompt("[V]", "sks person", "Oil painting")
+    assert all("{prompt}" in template for template in STYLE_PRESETS.values())
+    with pytest.raises(HdbError, match="Unknown style"):
+        expand_prompt("[V]", "sks person", "Nope")
+    with pytest.raises(HdbError, match="empty"):
+        expand_prompt("  ", "sks person")
+
+
+def test_cli_bad_inputs_end_with_one_line_errors(tiny_sd15_dir, tmp_path):
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 50)
+    base = ["--base", tiny_sd15_dir, "-o", tmp_path / "p.safetensors", "--steps", "1"]
+    assert_one_line_error(hdb("personalize", tmp_path / "notes.jpg", *base, check=False), "not an image")
+    assert_one_line_error(hdb("personalize", ASSETS / "landscape.jpg", *base, check=False), "No face")
+    assert_one_line_error(hdb("personalize", tmp_path / "missing.jpg", *base, check=False))
+    assert_one_line_error(hdb("personalize", ASSETS / "obama.jpg", "--base", tmp_path / "nowhere", "-o", tmp_path / "p.safetensors", check=False), "does not exist")
+    assert_one_line_error(hdb("personalize", ASSETS / "obama.jpg", *base, "--optimizer", "adamw8bit", "--hypernet", tmp_path / "nohypernet", check=False))
+    gen = ["generate", "--base", tiny_sd15_dir, "--prompt", "[V]", "-o", tmp_path / "x.png"]
+    assert_one_line_error(hdb(*gen, "--person", tmp_path / "junk.safetensors", check=False), "truncated or corrupt")
+    assert_one_line_error(hdb(*gen, "--person", tmp_path / "missing.safetensors", check=False), "not found")
