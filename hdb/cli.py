@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -111,6 +112,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"saved {path}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from hdb.bench import BenchOptions, main
+
+    if args.arch != "sd15":
+        raise HdbError("The benchmark builds SD1.5-shaped models; only --arch sd15 is available")
+    record = main(BenchOptions(
+        device=args.device, tiny=args.tiny, steps=args.steps, baseline_steps=args.baseline_steps,
+        compile=args.compile, repeats=args.repeats, baselines=not args.no_baselines,
+    ))
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=1))
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from hdb.models import DEFAULT_BASE
 
@@ -174,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int)
     gen.add_argument("--width", type=int)
     gen.set_defaults(run=cmd_generate)
+
+    bench = sub.add_parser("bench", help="time personalisation against DreamBooth and DreamBooth-LoRA, same run")
+    bench.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    bench.add_argument("--arch", default="sd15", choices=["sd15"])
+    bench.add_argument("--tiny", action="store_true", help="tiny random pipeline instead of SD1.5-shaped (for CPUs)")
+    bench.add_argument("--steps", type=int, default=40, help="fast-finetune steps")
+    bench.add_argument("--baseline-steps", type=int, default=50, help="measured baseline steps (then extrapolated)")
+    bench.add_argument("--compile", action="store_true", help="torch.compile with CUDA graphs (GPU)")
+    bench.add_argument("--repeats", type=int, default=3, help="warm personalisations timed (best reported)")
+    bench.add_argument("--no-baselines", action="store_true")
+    bench.add_argument("--json", type=Path, help="also write the figures here")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -21,7 +21,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dlib
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
@@ -137,7 +136,8 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
 @functools.cache
 def _models() -> tuple:
     """Load the three dlib models once, on first use (they take ~0.5 s)."""
-    import face_recognition_models as frm  # imported here: it only serves file paths
+    import dlib  # imported on first use: code that only handles aligned crops runs without dlib
+    import face_recognition_models as frm  # it only serves file paths
 
     return (dlib.get_frontal_face_detector(),
             dlib.shape_predictor(frm.pose_predictor_five_point_model_location()),
@@ -147,6 +147,8 @@ def _models() -> tuple:
 def detect_faces(source: ImageSource) -> list[Face]:
     """All faces in the photo, most confident first (ties: largest first)."""
     image = load_image(source)
+    import dlib
+
     detector, predictor, _ = _models()
     scale = min(1.0, DETECT_SIDE / max(image.size))
     small = image if scale == 1 else image.resize(
@@ -254,6 +256,8 @@ def face_embedding(source: AlignedFace | ImageSource) -> np.ndarray:
             raise HdbError("No face found in the image, so no identity embedding can be computed")
         face = faces[0]
     _, _, encoder = _models()
+    import dlib
+
     # Rebuild dlib's landmark object; dlib then makes its own 150 px chip from the photo.
     shape = dlib.full_object_detection(dlib.rectangle(*face.box),
                                        [dlib.point(int(x), int(y)) for x, y in face.landmarks])

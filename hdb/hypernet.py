@@ -27,9 +27,11 @@ from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 
 from hdb.errors import HdbError
+from hdb.lidb import LiDBConfig
 
 CLIP_MEAN = (0.4815, 0.4578, 0.4082)
 CLIP_STD = (0.2686, 0.2613, 0.2758)
+NO_GRADIENT = ("k_proj.bias", "attention.key.bias", "mask_token")  # CLIP/SigLIP, ViT/DINOv2 names
 CONFIG_FILE, WEIGHTS_FILE, ENCODER_DIR = "config.json", "hypernet.safetensors", "image_encoder"
 
 
@@ -92,8 +94,10 @@ class HyperNetwork(nn.Module):
             raise HdbError(f"Cannot tell the hidden size of image encoder {type(image_encoder).__name__} (no config.hidden_size)")
         L, width, size = config.num_layers, config.width, (config.a + config.b) * config.rank
         self.image_encoder = image_encoder
+        # Freeze what can never learn: attention key biases (softmax ignores a shift shared by all keys, so
+        # their gradient is zero up to rounding) and ViT/DINOv2 mask tokens (masked-image-modelling only).
         for name, parameter in image_encoder.named_parameters():
-            if name.endswith("mask_token"):  # ViT/DINOv2 masked-image-modelling only: never used, never learns
+            if name.endswith(NO_GRADIENT):
                 parameter.requires_grad_(False)
         self.image_proj = nn.Linear(hidden, width)
         self.image_norm = nn.LayerNorm(width)  # the pre-norm decoder layers do not normalise the memory
@@ -111,6 +115,11 @@ class HyperNetwork(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.head.device
+
+    @property
+    def lidb_config(self) -> LiDBConfig:
+        """The LiDB shape and seed to attach to a base so that this hypernetwork's predictions fit it."""
+        return LiDBConfig(rank=self.config.rank, a=self.config.a, b=self.config.b, seed=self.config.lidb_seed)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, S, S] -> image tokens [B, T, width]."""
@@ -225,10 +234,8 @@ def _check_compatible(c: HyperNetworkConfig, lidb) -> None:
             f"This hypernetwork was trained for a base with {c.num_layers} LiDB layers (fingerprint {c.arch_fingerprint}); "
             f"the loaded base has {layers} (fingerprint {arch})"
         )
-    if (c.rank, c.a, c.b) != (lc.rank, lc.a, lc.b):
-        raise HdbError(
-            f"This hypernetwork predicts LiDB weights r={c.rank}, a={c.a}, b={c.b}; the LiDB has r={lc.rank}, a={lc.a}, b={lc.b}"
-        )
+    if (c.a, c.b) != (lc.a, lc.b):  # the rank may differ: personalisation relaxes it anyway
+        raise HdbError(f"This hypernetwork predicts LiDB weights with a={c.a}, b={c.b}; the LiDB has a={lc.a}, b={lc.b}")
     if c.lidb_seed != lc.seed:
         raise HdbError(f"This hypernetwork was trained with LiDB aux seed {c.lidb_seed}; the LiDB uses seed {lc.seed}")
     aux = lidb.aux_fingerprint()

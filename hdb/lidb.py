@@ -193,6 +193,7 @@ class LiDB:
         self.B_train = nn.Parameter(torch.zeros(len(targets), config.b, config.rank, device=device))
         self.source = WeightSource(self.A_train, self.B_train)
         self.layers: dict[str, LiDBLinear] = {}
+        self._aux_fingerprint: str | None = None
         for index, (name, linear) in enumerate(targets.items()):
             layer = LiDBLinear(linear, name, index, config, self.source)
             self._replace(name, layer)
@@ -220,7 +221,9 @@ class LiDB:
         return arch_fingerprint(self.layer_shapes)
 
     def aux_fingerprint(self) -> str:
-        return aux_fingerprint(basis for layer in self.layers.values() for basis in (layer.A_aux, layer.B_aux))
+        if self._aux_fingerprint is None:  # the bases never change; hashing them all costs ~0.1 s at SD1.5 size
+            self._aux_fingerprint = aux_fingerprint(basis for layer in self.layers.values() for basis in (layer.A_aux, layer.B_aux))
+        return self._aux_fingerprint
 
     # -- weights
 
@@ -256,22 +259,31 @@ class LiDB:
         self.source.scale = float(scale)
 
     @torch.no_grad()
-    def relax_rank(self, rank: int) -> None:
-        """Grow the shared weights to a higher rank without changing the function they compute.
+    def start_from(self, A: torch.Tensor, B: torch.Tensor, rank: int | None = None) -> None:
+        """Load rank-k weights (A: [L, k, a], B: [L, b, k]) as the start of training at `rank` >= k.
 
-        New rows of A are random and new columns of B are zero, so B @ A is unchanged at first and the
-        extra rank becomes trainable: the paper's rank-relaxed fast finetuning, inside the LiDB space.
+        Rank relaxation: the extra rows of A are random and the extra columns of B zero, so the model
+        computes exactly what (A, B) compute, while the extra rank is free to train: the paper's
+        rank-relaxed fast finetuning, inside the LiDB space. The parameter tensors are reused when the
+        rank does not change (a server personalising one person after another, CUDA graphs).
         """
-        old = self.config.rank
-        if rank < old:
-            raise HdbError(f"Cannot relax rank {old} down to {rank}")
-        extra_A = torch.empty(len(self.layers), rank - old, self.config.a, device=self.A_train.device)
-        nn.init.uniform_(extra_A, -1 / math.sqrt(self.config.a), 1 / math.sqrt(self.config.a))
-        B_zeros = self.B_train.new_zeros(len(self.layers), self.config.b, rank - old)
-        self.A_train = nn.Parameter(torch.cat([self.A_train, extra_A], dim=1))
-        self.B_train = nn.Parameter(torch.cat([self.B_train, B_zeros], dim=2))
-        self.config = replace(self.config, rank=rank)
+        rank = rank or A.shape[1]
+        if A.shape[1] > rank:
+            raise HdbError(f"Cannot relax rank {A.shape[1]} down to {rank}")
+        if rank != self.config.rank:
+            self.config = replace(self.config, rank=rank)
+            self.A_train = nn.Parameter(self.A_train.new_empty(len(self.layers), rank, self.config.a))
+            self.B_train = nn.Parameter(self.B_train.new_empty(len(self.layers), self.config.b, rank))
+        start = A.shape[1]
+        nn.init.uniform_(self.A_train[:, start:], -1 / math.sqrt(self.config.a), 1 / math.sqrt(self.config.a))
+        self.A_train[:, :start] = A
+        self.B_train.zero_()
+        self.B_train[:, :, :start] = B
         self.use_shared()
+
+    def relax_rank(self, rank: int) -> None:
+        """Grow the shared weights to a higher rank without changing the function they compute."""
+        self.start_from(self.A_train.detach().clone(), self.B_train.detach().clone(), rank)
 
     def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """name -> (lora_A [r, in], lora_B [out, r]) of the shared weights at scale 1, as the forward computes them."""

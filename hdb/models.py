@@ -40,11 +40,16 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' means fp16 on a GPU and fp32 on a CPU (half precision is slow or unsupported there)."""
+    """'auto' means bf16 on GPUs that have it (fp16 on older ones) and fp32 on a CPU.
+
+    bf16 has fp32's range, so training needs no loss scaling; half precision is slow on CPUs.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype not in DTYPES:
         raise HdbError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -148,11 +153,12 @@ def save_tiny_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -
     return out
 
 
-def build_full_size_sd15(empty: bool = False, seed: int = 0) -> StableDiffusionPipeline:
+def build_full_size_sd15(empty: bool = False, seed: int = 0, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
     """An SD1.5-shaped pipeline (860M-parameter UNet, CLIP ViT-L text encoder, SD VAE) with random weights.
 
     For benchmarks and size checks: the arithmetic, and so the time and memory, equal the real model's.
-    `empty=True` builds the modules on the meta device (shapes only, instant, no memory).
+    `empty=True` builds the modules on the meta device (shapes only, instant, no memory); otherwise
+    they are initialised directly on `device` (seconds on a GPU instead of a minute on a CPU).
     """
     from accelerate import init_empty_weights
 
@@ -163,7 +169,7 @@ def build_full_size_sd15(empty: bool = False, seed: int = 0) -> StableDiffusionP
         max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     )
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    with init_empty_weights(include_buffers=False) if empty else torch.device("cpu"):
+    with init_empty_weights(include_buffers=False) if empty else torch.device(device):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD1.x's UNet
         vae = AutoencoderKL(
             block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,

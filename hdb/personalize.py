@@ -74,22 +74,24 @@ def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: P
     if hypernet is not None:
         hypernet.check_compatible(lidb)
         A, B = hypernet.predict(face.image)
-        lidb.load_weights(A.to(lidb.A_train.device), B.to(lidb.A_train.device))
-    if config.relaxed_rank > lidb.config.rank:
-        lidb.relax_rank(config.relaxed_rank)
+    else:  # zero start: random A, zero B (as LoRA), so the model starts unchanged but gradients flow
+        A, B = torch.empty(len(lidb.layers), 1, lidb.config.a), torch.zeros(len(lidb.layers), lidb.config.b, 1)
+        torch.nn.init.uniform_(A, -1 / lidb.config.a**0.5, 1 / lidb.config.a**0.5)
+    lidb.start_from(A.to(lidb.A_train.device), B.to(lidb.A_train.device), max(config.relaxed_rank, A.shape[1]))
     steps = config.steps if config.steps is not None else (STEPS_WITH_HYPERNET if hypernet is not None else STEPS_FROM_ZERO)
 
     freeze(pipe.unet, pipe.vae, *text_encoders(pipe).values())
     prompt = instance_prompt_for(config.instance_token)
-    latents = encode_images(pipe, augmented_views(face.image, resolution)).float()
+    # one view at a time: the VAE encoder's activations at 512 px would otherwise set the peak memory
+    latents = torch.cat([encode_images(pipe, view[None]) for view in augmented_views(face.image, resolution)]).float()
     scheduler = training_scheduler(pipe)
-    generator = torch.Generator().manual_seed(config.seed)  # noise and timesteps are reproducible
     device = pipe.unet.device
+    generator = torch.Generator(device).manual_seed(config.seed)  # reproducible noise and timesteps, drawn on the device
 
     def loss_fn(step: int) -> torch.Tensor:
         view = latents[step % len(latents)].unsqueeze(0)
-        noise = torch.randn(view.shape, generator=generator).to(device)
-        timestep = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator).to(device)
+        noise = torch.randn(view.shape, generator=generator, device=device)
+        timestep = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator, device=device)
         return diffusion_loss(pipe, scheduler, view, encode_prompts(pipe, [prompt]), noise, timestep).mean()
 
     modules = [pipe.unet, *text_encoders(pipe).values()]

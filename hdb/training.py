@@ -7,6 +7,7 @@ bar, and a guard that stops on a NaN or exploding loss with the last good weight
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ class TrainingDiverged(HdbError):
 
 def make_optimizer(parameters: list[torch.nn.Parameter], name: str, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+        fused = all(p.device.type == "cuda" for p in parameters)  # one kernel for the whole update on GPUs
+        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused or None)
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -70,20 +72,19 @@ def train(
     bar = tqdm(range(config.steps), desc=config.description, disable=not config.progress, leave=False)
     for step in bar:
         loss = loss_fn(step)
-        value = loss.item()
-        if not torch.isfinite(loss) or (losses and value > config.explode_factor * max(losses[0], 1e-8)):
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or float("inf"))
+        value, norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one GPU sync a step
+        if not math.isfinite(value) or (losses and value > config.explode_factor * max(losses[0], 1e-8)):
             _restore(parameters, last_good)
             raise TrainingDiverged(
                 f"{config.description}: loss became {value:.4g} at step {step} (first step: {losses[0] if losses else float('nan'):.4g}); "
                 "stopped and kept the weights of the last good step. Try a lower learning rate."
             )
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if not scaler.is_enabled() and not all(p.grad is None or torch.isfinite(p.grad).all() for p in parameters):
+        if not scaler.is_enabled() and not math.isfinite(norm):  # with fp16 scaling, the scaler skips such steps
             _restore(parameters, last_good)
             raise TrainingDiverged(f"{config.description}: gradients became NaN/inf at step {step}; kept the last good weights")
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
         for good, parameter in zip(last_good, parameters):
             good.copy_(parameter.detach())
         scaler.step(optimizer)

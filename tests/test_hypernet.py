@@ -62,11 +62,14 @@ def test_gradients_reach_every_parameter(tiny_sd15):
     cond = encode_prompts(pipe, ["a photo of sks person"] * 2)
     loss = diffusion_loss(pipe, training_scheduler(pipe), latents, cond, noise, torch.tensor([100, 600])).mean()
     loss.backward()
-    # The encoder's pooling layers would get no gradient from last_hidden_state alone; the hypernetwork
-    # uses the pooled output as an extra image token so that they are part of the model, not excluded here.
-    dead = [name for name, p in hypernet.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    # The encoder's pooling layers would get no gradient from last_hidden_state alone: the hypernetwork
+    # uses the pooled output as an extra image token, so they are part of the model, not excluded here.
+    # Attention key biases get only rounding noise (~1e-14): the model freezes them. The smallest real
+    # gradients here are ~1e-7 (the heads start near zero and so does B), hence the 1e-10 floor.
+    trainable = [(name, p) for name, p in hypernet.named_parameters() if p.requires_grad]
+    dead = [name for name, p in trainable if p.grad is None or not p.grad.abs().max() > 1e-10]
     assert not dead, f"no gradient reaches {dead}"
-    assert any(name.startswith("image_encoder.") for name, _ in hypernet.named_parameters())
+    assert sum(name.startswith("image_encoder.") for name, _ in trainable) > 30  # the encoder is trained too
 
 
 def test_learns_target_weights(tiny_sd15):
@@ -99,6 +102,7 @@ def test_save_load_roundtrip_and_compatibility(tiny_sd15, tiny_sdxl, tmp_path):
         hypernet.head.normal_(0, 0.05)
     hypernet.save_pretrained(tmp_path / "hn")
     loaded = HyperNetwork.from_pretrained(tmp_path / "hn", lidb=lidb)
+    assert loaded.lidb_config == lidb.config
     for before, after in zip(hypernet.predict(face()), loaded.predict(face())):
         assert torch.equal(before, after)
 
@@ -109,7 +113,7 @@ def test_save_load_roundtrip_and_compatibility(tiny_sd15, tiny_sdxl, tmp_path):
     with pytest.raises(HdbError, match="seed 0; the LiDB uses seed 1"):
         HyperNetwork.from_pretrained(tmp_path / "hn", lidb=other)
     other.detach()
-    with pytest.raises(HdbError, match="a=100, b=50; the LiDB has r=1, a=64, b=50"):
+    with pytest.raises(HdbError, match="a=100, b=50; the LiDB has a=64, b=50"):
         loaded.check_compatible(LiDB(tiny_sd15, LiDBConfig(a=64)))
 
 

@@ -114,3 +114,50 @@ def test_cli_bad_inputs_end_with_one_line_errors(tiny_sd15_dir, tmp_path):
     gen = ["generate", "--base", tiny_sd15_dir, "--prompt", "[V]", "-o", tmp_path / "x.png"]
     assert_one_line_error(hdb(*gen, "--person", tmp_path / "junk.safetensors", check=False), "truncated or corrupt")
     assert_one_line_error(hdb(*gen, "--person", tmp_path / "missing.safetensors", check=False), "not found")
+
+
+def tiny_hypernet(pipe, lidb):
+    from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
+
+    return HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4)
+
+
+def test_finetuning_from_a_hypernetwork_prediction_lowers_the_loss(obama_face):
+    pipe = build_tiny_pipeline("sd15")
+    lidb = LiDB(pipe)
+    hypernet = tiny_hypernet(pipe, lidb)
+    with torch.no_grad():  # a prediction that is clearly not zero, as a trained hypernetwork gives
+        hypernet.head_bias.normal_(0, 0.05)
+    A, B = hypernet.predict(obama_face.image)
+    lidb.start_from(A, B)
+    before = photo_loss(pipe, lidb, obama_face)
+    result = personalize(pipe, obama_face, hypernet, PersonalizeConfig(learning_rate=5e-3, progress=False), lidb=lidb)
+    after = photo_loss(pipe, lidb, obama_face)
+    assert result.used_hypernet and result.steps == 40  # the paper's default with a hypernetwork
+    assert result.weights.config.rank == 4
+    assert after < before - 0.02, (before, after)
+
+
+def test_cli_personalize_with_a_hypernetwork_checkpoint(tiny_sd15_dir, tmp_path):
+    from hdb.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_sd15_dir), "fp32", "cpu")
+    tiny_hypernet(pipe, LiDB(pipe)).save_pretrained(tmp_path / "hypernet")
+    out = hdb("personalize", ASSETS / "grace_hopper.jpg", "--base", tiny_sd15_dir, "--hypernet", tmp_path / "hypernet",
+              "-o", tmp_path / "p.safetensors", "--steps", "3", "--optimizer", "adamw8bit").stdout
+    assert "No --hypernet" not in out and "3 steps" in out
+    # a hypernetwork for another architecture is refused with a one-line error
+    sdxl = build_tiny_pipeline("sdxl")
+    tiny_hypernet(sdxl, LiDB(sdxl)).save_pretrained(tmp_path / "sdxl_hypernet")
+    result = hdb("personalize", ASSETS / "grace_hopper.jpg", "--base", tiny_sd15_dir, "--hypernet", tmp_path / "sdxl_hypernet",
+                 "-o", tmp_path / "q.safetensors", check=False)
+    assert_one_line_error(result, "LiDB layers")
+
+
+def test_bench_command_prints_the_table_and_json(tmp_path):
+    import json
+
+    out = hdb("bench", "--tiny", "--device", "cpu", "--steps", "3", "--baseline-steps", "3", "--repeats", "1", "--json", tmp_path / "b.json").stdout
+    assert "DreamBooth-LoRA (peft r=4)" in out and "faster than DreamBooth" in out
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["steps"] == 3 and record["finetune_step_s"] > 0 and record["dreambooth_step_s"] > 0
