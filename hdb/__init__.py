@@ -3,4 +3,5 @@
 from hdb.errors import HdbError
 
 __version__ = "0.1.0"
-__all__ = ["HdbError", "__version__"]
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the base model users get by default
+__all__ = ["DEFAULT_BASE", "HdbError", "__version__"]

@@ -17,14 +17,17 @@ def _quiet_libraries() -> None:
     """Keep the terminal for hdb's own progress: no library load bars or import-time chatter."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "no torchvision, using the PIL processor"
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels-community" notice on CPU import
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _quiet_model_loading() -> None:
+    """No per-file load bars (imported only by commands that load models: diffusers takes seconds to import)."""
     import diffusers
     import transformers
 
-    transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
 
 
@@ -59,13 +62,15 @@ def cmd_personalize(args: argparse.Namespace) -> None:
     import torch
 
     from hdb.faces import align_face
-    from hdb.models import load_pipeline
-    from hdb.personal_file import save_personal
-    from hdb.personalize import PersonalizeConfig, personalize
 
     face = align_face(args.photo, size=max(args.resolution or 512, 256))  # a bad photo fails before the model loads
     if face.note:
         print(face.note)
+    from hdb.models import load_pipeline
+    from hdb.personal_file import save_personal
+    from hdb.personalize import PersonalizeConfig, personalize
+
+    _quiet_model_loading()
     pipe = load_pipeline(args.base, args.dtype, args.device)
     hypernet = None
     if args.hypernet:
@@ -89,11 +94,14 @@ def cmd_personalize(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from hdb.generate import DEFAULT_NEGATIVE, expand_prompt, generate, mentions_person
-    from hdb.models import load_pipeline
     from hdb.personal_file import apply_personal, load_personal
+    from hdb.styles import DEFAULT_NEGATIVE, expand_prompt, mentions_person
 
     weights = load_personal(args.person)  # check the file before loading a large model
+    from hdb.generate import generate
+    from hdb.models import load_pipeline
+
+    _quiet_model_loading()
     pipe = load_pipeline(args.base, args.dtype, args.device)
     lidb = apply_personal(pipe, weights)
     if not mentions_person(args.prompt, weights.instance_token):
@@ -115,6 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from hdb.bench import BenchOptions, main
 
+    _quiet_model_loading()
     if args.arch != "sd15":
         raise HdbError("The benchmark builds SD1.5-shaped models; only --arch sd15 is available")
     record = main(BenchOptions(
@@ -126,7 +135,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from hdb.models import DEFAULT_BASE
+    from hdb import DEFAULT_BASE
 
     parser.add_argument("--base", default=DEFAULT_BASE, help=f"base model: hub id or local directory (default {DEFAULT_BASE})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -204,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _style_names() -> list[str]:
-    from hdb.generate import STYLE_PRESETS
+    from hdb.styles import STYLE_PRESETS
 
     return list(STYLE_PRESETS)
 

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from hdb.errors import HdbError
-from hdb.models import text_encoders
 
 UNET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers Attention (self and cross)
 TEXT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # transformers CLIPAttention
@@ -149,6 +148,12 @@ class LiDBLinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------- all layers of a pipeline
+
+
+def text_encoders(pipe) -> dict[str, nn.Module]:
+    """The pipeline's text encoders by component name (SDXL has two)."""
+    names = ("text_encoder", "text_encoder_2")
+    return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
 
 
 def find_target_linears(components: dict[str, nn.Module]) -> dict[str, nn.Linear]:

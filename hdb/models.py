@@ -22,9 +22,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from hdb import DEFAULT_BASE
 from hdb.errors import HdbError
 
-DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 SUPPORTED = (StableDiffusionPipeline, StableDiffusionXLPipeline)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -82,12 +82,6 @@ def load_pipeline(
 
 def is_sdxl(pipe: DiffusionPipeline) -> bool:
     return isinstance(pipe, StableDiffusionXLPipeline)
-
-
-def text_encoders(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
-    """The pipeline's text encoders by component name (SDXL has two)."""
-    names = ("text_encoder", "text_encoder_2")
-    return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
 
 
 # ----------------------------------------------------------------------------- tiny random pipelines

@@ -18,8 +18,8 @@ from PIL import Image, ImageOps
 from hdb.diffusion import diffusion_loss, encode_images, encode_prompts
 from hdb.errors import HdbError
 from hdb.faces import AlignedFace, ImageSource, align_face
-from hdb.lidb import LiDB, LiDBConfig
-from hdb.models import text_encoders, training_scheduler
+from hdb.lidb import LiDB, LiDBConfig, text_encoders
+from hdb.models import training_scheduler
 from hdb.personal_file import DEFAULT_INSTANCE_TOKEN, PersonalWeights, instance_prompt_for
 from hdb.training import TrainConfig, freeze, train
 

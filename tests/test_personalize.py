@@ -9,7 +9,7 @@ from PIL import Image
 
 from hdb.errors import HdbError
 from hdb.faces import align_face
-from hdb.generate import STYLE_PRESETS, expand_prompt
+from hdb.styles import STYLE_PRESETS, expand_prompt
 from hdb.lidb import LiDB
 from hdb.models import build_tiny_pipeline
 from hdb.personalize import PersonalizeConfig, personalize, photo_loss
