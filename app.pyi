@@ -1,0 +1,276 @@
+"""hdb demo: one photo of a face in, that person in any scene or style out (Gradio, Spaces ready).
+
+    python app.py                       # SD1.5 from the hub (or HDB_BASE), GPU if there is one
+    python app.py --tiny                # tiny random pipeline: the whole flow offline, in seconds, on a CPU
+
+Every option is also an environment variable (HDB_BASE, HDB_HYPERNET, HDB_DEVICE, HDB_DTYPE,
+HDB_OPTIMIZER, HDB_TINY), which is how a Hugging Face Space sets them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from hdb import DEFAULT_BASE, HdbError
+from hdb.styles import DEFAULT_NEGATIVE, EXAMPLE_PROMPTS, STYLE_PRESETS, expand_prompt
+
+try:  # ZeroGPU Spaces lend a GPU only inside functions marked with spaces.GPU; elsewhere a no-op
+    import spaces
+
+    gpu_task = spaces.GPU(duration=120)
+except ImportError:
+    def gpu_task(fn):
+        return fn
+
+ASSETS = Path(__file__).parent / "assets"
+EXAMPLE_PHOTOS = [str(ASSETS / name) for name in ("obama.jpg", "grace_hopper.jpg", "astronaut.png")]
+NOTICE = (
+    "**Responsible use.** Only personalise photos of yourself or of people who agreed to it. Do not make "
+    "images that deceive, harass or sexualise anyone. Photos and personal weights stay in your session "
+    "and are deleted when you leave."
+)
+
+from gradio.events import Dependency
+
+class PhotoInput(gr.Image):
+    """gr.Image whose bad uploads (not an image, damaged, too large) end in a clear message, not a stack trace."""
+
+    is_template = True  # the page renders it as a plain gr.Image
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except Exception as error:  # Pillow's many error types: unidentified, truncated, decompression bomb
+            raise gr.Error(f"The uploaded file is not an image Pillow can read ({type(error).__name__}).") from None
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+# ----------------------------------------------------------------------------- the shared models
+
+
+class Engine:
+    """The pipeline and hypernetwork, loaded once and shared; GPU work runs one event at a time."""
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        from hdb.lidb import LiDB, LiDBConfig
+        from hdb.models import build_tiny_pipeline, load_pipeline, resolve_device, resolve_dtype
+
+        self.options = options
+        self.tiny = options.tiny
+        if self.tiny:
+            device = resolve_device(options.device)
+            self.pipe = build_tiny_pipeline("sd15").to(device, resolve_dtype(options.dtype, device))
+            self.pipe.set_progress_bar_config(disable=True)
+        else:
+            self.pipe = load_pipeline(options.base, options.dtype, options.device)
+        self.hypernet = None
+        if options.hypernet:
+            from hdb.hypernet import HyperNetwork
+
+            self.hypernet = HyperNetwork.from_pretrained(options.hypernet, device=self.pipe.unet.device)
+        self.lidb = LiDB(self.pipe, self.hypernet.lidb_config if self.hypernet else LiDBConfig())
+        self.seconds_per_step: float | None = None  # measured on the first personalisation
+
+    @property
+    def device_name(self) -> str:
+        return str(self.pipe.unet.device)
+
+    def estimate(self, steps: int) -> str:
+        if self.seconds_per_step is None:
+            return f"{steps} finetune steps on {self.device_name}"
+        return f"{steps} finetune steps on {self.device_name}: about {steps * self.seconds_per_step:.0f} s"
+
+
+@dataclass
+class Session:
+    """One visitor's person: nothing here is visible to another session."""
+
+    weights: object | None = None  # PersonalWeights
+    face: object | None = None  # PIL image of the aligned crop
+    folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hdb_session_")))
+
+
+def forget(session: Session | None) -> None:
+    """Called by Gradio when a session ends: delete the person's files."""
+    if session is not None:
+        shutil.rmtree(session.folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- event handlers
+
+
+def make_handlers(engine: Engine):
+    from hdb.export import export_lora
+    from hdb.faces import align_face
+    from hdb.generate import generate
+    from hdb.personal_file import check_compatible, load_personal, save_personal
+    from hdb.personalize import PersonalizeConfig, STEPS_FROM_ZERO, STEPS_WITH_HYPERNET, native_resolution, personalize
+
+    def show_crop(photo: str | None):
+        if not photo:
+            return None, ""
+        try:
+            face = align_face(photo, size=native_resolution(engine.pipe))
+        except HdbError as error:
+            raise gr.Error(str(error)) from None
+        return face.image, face.note or "Face found and aligned."
+
+    @gpu_task
+    def run_personalize(photo: str | None, consent: bool, steps: float, session: Session | None, progress=gr.Progress()):
+        session = session or Session()
+        if not photo:
+            raise gr.Error("Upload a photo of a face first (or pick an example).")
+        if not consent:
+            raise gr.Error("Please confirm that you have the right to use this photo.")
+        steps = int(steps) or (STEPS_WITH_HYPERNET if engine.hypernet else STEPS_FROM_ZERO)
+        yield None, f"Preparing the face... ({engine.estimate(steps)})", session, None
+        try:
+            progress(0, desc="Finding and aligning the face")
+            face = align_face(photo, size=native_resolution(engine.pipe))
+            progress(0.05, desc="Predicting weights" if engine.hypernet else "Starting from zero (no hypernetwork)")
+            started = time.perf_counter()
+
+            def on_step(step: int, loss: float) -> None:
+                progress((step + 1) / steps, desc=f"Finetuning step {step + 1}/{steps} (loss {loss:.3f})")
+
+            config = PersonalizeConfig(steps=steps, optimizer=engine.options.optimizer, progress=False)
+            result = personalize(engine.pipe, face, engine.hypernet, config, lidb=engine.lidb, on_step=on_step)
+        except HdbError as error:
+            raise gr.Error(str(error)) from None
+        engine.seconds_per_step = (time.perf_counter() - started) / steps
+        session.weights, session.face = result.weights, face.image
+        files = save_files(session)
+        how = "from the hypernetwork's prediction" if result.used_hypernet else "from zero (no hypernetwork loaded)"
+        message = f"Personalised in {time.perf_counter() - started:.1f} s: {steps} steps {how}. {face.note or ''}"
+        yield face.image, message, session, files
+
+    def save_files(session: Session) -> list[str]:
+        person = save_personal(session.weights, session.folder / "person.safetensors")
+        kohya = export_lora(session.weights, session.folder / "person_lora_kohya.safetensors", "kohya")
+        diffusers = export_lora(session.weights, session.folder / "person_lora_diffusers.safetensors", "diffusers")
+        return [str(person), str(kohya), str(diffusers)]
+
+    def upload_person(file: str | None, session: Session | None):
+        session = session or Session()
+        if not file:
+            return session, "", None
+        try:
+            weights = load_personal(file)
+            check_compatible(weights, engine.lidb)
+        except HdbError as error:
+            raise gr.Error(str(error)) from None
+        session.weights, session.face = weights, None
+        return session, f"Loaded a saved person ({weights.num_numbers:,} numbers, rank {weights.config.rank}).", save_files(session)
+
+    @gpu_task
+    def run_generate(session: Session | None, prompt: str, style: str, negative: str, strength: float, steps: float,
+                     guidance: float, seed: float, count: float, progress=gr.Progress()):
+        if session is None or session.weights is None:
+            raise gr.Error("Personalise a photo first (or upload a saved personal file).")
+        try:
+            from hdb.personal_file import apply_personal
+
+            apply_personal(engine.pipe, session.weights, engine.lidb)  # this session's person, nobody else's
+            full_prompt = expand_prompt(prompt, session.weights.instance_token, style)
+            progress(0, desc=f"Generating {int(count)} image(s)")
+            images = generate(engine.pipe, engine.lidb, full_prompt, negative, int(steps), guidance, int(seed), int(count), strength)
+        except HdbError as error:
+            raise gr.Error(str(error)) from None
+        return [(image, full_prompt) for image in images]
+
+    return show_crop, run_personalize, upload_person, run_generate
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def build_demo(engine: Engine) -> gr.Blocks:
+    show_crop, run_personalize, upload_person, run_generate = make_handlers(engine)
+    with gr.Blocks(title="hdb: HyperDreamBooth", delete_cache=(600, 3600)) as demo:
+        gr.Markdown(
+            "# hdb: HyperDreamBooth\nOne photo of a face in; that person in any scene or style out. "
+            "A ~100 KB personal file, made in seconds on a GPU."
+        )
+        if engine.tiny:
+            gr.Markdown("⚠️ **Tiny demo mode:** a tiny pipeline with random, untrained weights. The whole flow works, "
+                        "but the pictures are noise. Start without `--tiny` for Stable Diffusion.", elem_id="tiny-notice")
+        if engine.hypernet is None:
+            gr.Markdown("No hypernetwork loaded: personalisation finetunes from zero (more steps, slower).")
+        session = gr.State(None, delete_callback=forget, time_to_live=3600)
+        with gr.Row():
+            with gr.Column():
+                photo = PhotoInput(label="Face photo", type="filepath", sources=["upload", "webcam"], elem_id="photo")
+                gr.Examples(EXAMPLE_PHOTOS, inputs=photo)
+                gr.Markdown(NOTICE)
+                consent = gr.Checkbox(label="I have the right to use this photo", elem_id="consent")
+                with gr.Accordion("Personalisation options", open=False):
+                    steps = gr.Slider(0, 400, value=0, step=1, label="Finetune steps (0: 40 with a hypernetwork, 200 without)")
+                personalize_button = gr.Button("Personalise", variant="primary", elem_id="personalize")
+                saved = gr.File(label="Or upload a saved personal file", file_types=[".safetensors"], elem_id="upload-person")
+            with gr.Column():
+                crop = gr.Image(label="Aligned face", interactive=False, elem_id="crop")
+                status = gr.Markdown(elem_id="status")
+                files = gr.File(label="Your personal file and LoRA exports (kohya, diffusers)", file_count="multiple", interactive=False)
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt ([V] is the person)", value=EXAMPLE_PROMPTS[1], elem_id="prompt")
+                gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
+                style = gr.Dropdown(list(STYLE_PRESETS), value="None", label="Style")
+                with gr.Accordion("Generation options", open=False):
+                    negative = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE)
+                    strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Identity strength")
+                    gen_steps = gr.Slider(1, 100, value=25, step=1, label="Sampling steps")
+                    guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    count = gr.Slider(1, 4, value=2, step=1, label="Images")
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+            gallery = gr.Gallery(label="Gallery", columns=2, elem_id="gallery")
+
+        photo.change(show_crop, photo, [crop, status], api_name="align")
+        personalize_button.click(run_personalize, [photo, consent, steps, session], [crop, status, session, files], api_name="personalize")
+        saved.upload(upload_person, [saved, session], [session, status, files], api_name="upload_person")
+        generate_button.click(
+            run_generate, [session, prompt, style, negative, strength, gen_steps, guidance, seed, count], gallery, api_name="generate"
+        )
+    demo.queue(default_concurrency_limit=1, max_size=32)  # one GPU job at a time; the rest wait in line
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description="hdb demo (Gradio)")
+    parser.add_argument("--base", default=env("HDB_BASE", DEFAULT_BASE), help="base model: hub id or local directory")
+    parser.add_argument("--hypernet", default=env("HDB_HYPERNET"), help="hypernetwork checkpoint directory")
+    parser.add_argument("--device", default=env("HDB_DEVICE", "auto"))
+    parser.add_argument("--dtype", default=env("HDB_DTYPE", "auto"), choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--optimizer", default=env("HDB_OPTIMIZER", "adamw"), choices=["adamw", "adamw8bit"])
+    parser.add_argument("--tiny", action="store_true", default=env("HDB_TINY", "") not in ("", "0", "false"))
+    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="0.0.0.0 to serve the network (Spaces set it)")
+    parser.add_argument("--port", type=int, default=int(env("HDB_PORT", env("GRADIO_SERVER_PORT", "7860"))))
+    parser.add_argument("--share", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = parse_args(argv)
+    try:
+        engine = Engine(options)
+    except HdbError as error:
+        raise SystemExit(f"error: {error}") from None
+    build_demo(engine).launch(server_name=options.host, server_port=options.port, share=options.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The Gradio demo, served for real on the tiny pipeline: driven by gradio_client and by headless Chromium."""
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from hdb.personal_file import load_personal
+
+ASSETS = Path(__file__).parent.parent / "assets"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    from app import Engine, build_demo, parse_args
+
+    engine = Engine(parse_args(["--tiny", "--device", "cpu"]))
+    demo = build_demo(engine)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+def personalize(client: Client, photo: Path, steps: int = 3):
+    return client.predict(handle_file(str(photo)), True, steps, api_name="/personalize")
+
+
+def generate(client: Client, prompt: str = "[V] as an astronaut", seed: int = 1, count: int = 2):
+    gallery = client.predict(prompt, "Oil painting", "", 1.0, 3, 7.5, seed, count, api_name="/generate")
+    return [np.asarray(Image.open(item["image"])) for item in gallery]
+
+
+def test_client_personalises_generates_and_downloads(app_url):
+    client = Client(app_url, verbose=False)
+    crop, status, files = personalize(client, ASSETS / "obama.jpg")
+    assert Image.open(crop).size == (256, 256)  # at least 256 px, whatever the model's native size
+    assert "Personalised" in status and "from zero" in status
+    names = sorted(Path(f).name for f in files)
+    assert names == ["person.safetensors", "person_lora_diffusers.safetensors", "person_lora_kohya.safetensors"]
+    person = load_personal(next(f for f in files if Path(f).name == "person.safetensors"))
+    assert person.num_numbers > 0 and person.config.rank == 4
+    images = generate(client)
+    assert len(images) == 2 and images[0].shape == (64, 64, 3)
+
+
+def test_clear_messages_for_bad_photos(app_url, tmp_path):
+    client = Client(app_url, verbose=False)
+    (tmp_path / "notes.png").write_text("this is not a picture")
+    with pytest.raises(Exception, match="not an image"):
+        personalize(client, tmp_path / "notes.png")
+    with pytest.raises(Exception, match="No face found"):
+        personalize(client, ASSETS / "landscape.jpg")
+    with pytest.raises(Exception, match="right to use this photo"):
+        client.predict(handle_file(str(ASSETS / "obama.jpg")), False, 3, api_name="/personalize")
+    with pytest.raises(Exception, match="Personalise a photo first"):
+        generate(client)
+
+
+def test_two_clients_do_not_see_each_other(app_url):
+    alice, bob = Client(app_url, verbose=False), Client(app_url, verbose=False)
+    _, _, alice_files = personalize(alice, ASSETS / "obama.jpg")
+    alice_before = generate(alice, seed=5)
+    with pytest.raises(Exception, match="Personalise a photo first"):
+        generate(bob)  # Bob has no person yet: Alice's is not visible to him
+    _, _, bob_files = personalize(bob, ASSETS / "grace_hopper.jpg")
+    bob_images = generate(bob, seed=5)
+    alice_after = generate(alice, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(alice_before, alice_after))  # still Alice's person
+    assert not np.array_equal(alice_after[0], bob_images[0])
+    alice_person = [f for f in alice_files if Path(f).name == "person.safetensors"][0]
+    bob_person = [f for f in bob_files if Path(f).name == "person.safetensors"][0]
+    assert not (load_personal(alice_person).B == load_personal(bob_person).B).all()
+
+
+def test_upload_a_saved_person_skips_personalisation(app_url, tmp_path):
+    first = Client(app_url, verbose=False)
+    _, _, files = personalize(first, ASSETS / "obama.jpg")
+    person = [f for f in files if Path(f).name == "person.safetensors"][0]
+    reference = generate(first, seed=9)
+    second = Client(app_url, verbose=False)
+    status, _ = second.predict(handle_file(person), api_name="/upload_person")  # the session State is not in the API
+    assert "Loaded a saved person" in status
+    assert all(np.array_equal(a, b) for a, b in zip(reference, generate(second, seed=9)))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(Exception, match="truncated or corrupt"):
+        second.predict(handle_file(str(tmp_path / "bad.safetensors")), api_name="/upload_person")
+
+
+def test_real_browser_flow(app_url, tmp_path):
+    assert CHROMIUM, "Debian's chromium is needed (apt-get install chromium; .ci/run installs it)"
+    from playwright.sync_api import expect, sync_playwright
+
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.goto(app_url)
+        page.locator("#photo input[type=file]").set_input_files(str(ASSETS / "obama.jpg"))
+        expect(page.locator("#crop img")).to_be_visible(timeout=60_000)
+        page.locator("#consent input[type=checkbox]").check()
+        page.locator("#personalize").click()
+        expect(page.locator("#status")).to_contain_text("Personalised", timeout=120_000)
+        page.locator("#generate").click()
+        expect(page.locator("#gallery img")).to_have_count(2, timeout=120_000)
+        screenshot = Path(os.environ.get("HDB_SCREENSHOT", tmp_path / "app.jpg"))
+        page.screenshot(path=str(screenshot), full_page=True, quality=80)
+        browser.close()
+    assert screenshot.stat().st_size > 10_000
