@@ -134,6 +134,67 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(record, indent=1))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from hdb.evaluate import Evaluator, evaluate, find_people, read_prompts
+    from hdb.styles import EXAMPLE_PROMPTS
+
+    people = find_people(args.people)  # pair files and photos before loading a large model
+    prompts = read_prompts(args.prompts) if args.prompts else EXAMPLE_PROMPTS
+    from hdb.models import load_pipeline
+
+    _quiet_model_loading()
+    pipe = load_pipeline(args.base, args.dtype, args.device)
+    evaluator = Evaluator(args.clip, args.dino, device=pipe.unet.device).load()
+    print(f"evaluating {len(people)} people x {len(prompts)} prompts, {args.steps} steps, seed {args.seed}")
+
+    def show(sample: dict) -> None:
+        scores = "  ".join("no face" if v is None else f"{k} {v:.3f}" for k, v in sample.items() if k not in ("person", "prompt"))
+        print(f"  {sample['person']}: {sample['prompt']!r}  {scores}")
+
+    result = evaluate(pipe, people, prompts, evaluator, seed=args.seed, steps=args.steps, on_sample=show)
+    paths = result.save(args.out)
+    print(result.table_markdown())
+    print(f"written: {', '.join(str(p) for p in paths)}")
+
+
+def cmd_preoptimize(args: argparse.Namespace) -> None:
+    from hdb.lidb import LiDBConfig
+    from hdb.preoptimize import PreoptimizeConfig, preoptimize
+
+    _quiet_model_loading()
+    from hdb.models import load_pipeline
+
+    pipe = load_pipeline(args.base, args.dtype, args.device)
+    config = PreoptimizeConfig(
+        steps=args.steps, group_size=args.group_size, learning_rate=args.lr, optimizer=args.optimizer,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resolution=args.resolution,
+        lidb=LiDBConfig(rank=args.rank),
+    )
+    summary = preoptimize(pipe, args.images, args.out, config)
+    print(f"{summary['identities']} identities: {summary['trained']} pre-optimised now, {summary['already_done']} already done; "
+          f"photos skipped: {summary['skipped_photos'] or 'none'} -> {args.out}/weights")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from hdb.train_hypernet import HypernetTrainConfig, train_hypernetwork
+
+    _quiet_model_loading()
+    config = HypernetTrainConfig(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, alpha=args.alpha, beta=args.beta,
+        accumulation_steps=args.accumulation_steps, optimizer=args.optimizer, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every, holdout=args.holdout, seed=args.seed, image_encoder=args.image_encoder,
+        width=args.width, depth=args.depth, heads=args.heads, iterations=args.iterations, resolution=args.resolution,
+    )
+    from hdb import DEFAULT_BASE
+
+    summary = train_hypernetwork(args.base or DEFAULT_BASE, args.images, args.out, args.weights, config, args.device)
+    if summary["losses"]:
+        print(f"steps {summary['start_step']}..{summary['start_step'] + len(summary['losses']) - 1} on {summary['processes']} process(es), "
+              f"loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}; held out: {', '.join(summary['held_out'])}; "
+              f"photos skipped: {summary['skipped_photos'] or 'none'}; hypernetwork -> {args.out}/hypernet")
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from hdb import DEFAULT_BASE
 
@@ -198,6 +259,47 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int)
     gen.set_defaults(run=cmd_generate)
 
+    pre = sub.add_parser("preoptimize", help="stage 1: pre-optimise a LiDB per identity (resumable)")
+    pre.add_argument("--images", type=Path, required=True, help="one photo per identity, or one sub-folder per identity")
+    pre.add_argument("--out", type=Path, required=True)
+    _add_model_options(pre)
+    pre.add_argument("--steps", type=int, default=300, help="steps per group of identities")
+    pre.add_argument("--group-size", type=int, default=4, help="identities trained together (one batch element each)")
+    pre.add_argument("--lr", type=float, default=5e-3)
+    pre.add_argument("--rank", type=int, default=1)
+    pre.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    pre.add_argument("--gradient-checkpointing", action="store_true")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--resolution", type=int)
+    pre.set_defaults(run=cmd_preoptimize)
+
+    tr = sub.add_parser("train", help="stage 2: train the hypernetwork (works under `accelerate launch`)")
+    tr.add_argument("--images", type=Path, required=True)
+    tr.add_argument("--weights", type=Path, help="pre-optimised weights from `preoptimize` (needed when --beta > 0)")
+    tr.add_argument("--out", type=Path, required=True, help="checkpoints, TensorBoard logs and the final hypernet/")
+    tr.add_argument("--base", default=None, help="base model: hub id or local directory")
+    tr.add_argument("--device", default="auto", help="auto or cpu (several GPUs: accelerate launch)")
+    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--batch-size", type=int, default=4, help="global batch, split across processes")
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--alpha", type=float, default=1.0, help="diffusion loss weight")
+    tr.add_argument("--beta", type=float, default=1.0, help="weight-L2 loss weight (0: diffusion loss alone)")
+    tr.add_argument("--accumulation-steps", type=int, default=1)
+    tr.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    tr.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--checkpoint-every", type=int, default=100)
+    tr.add_argument("--validate-every", type=int, default=100)
+    tr.add_argument("--holdout", type=int, default=1, help="identities held out for validation")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--image-encoder", default="tiny", help="vision model hub id or directory (e.g. a CLIP ViT-H/14), or tiny")
+    tr.add_argument("--width", type=int, default=512)
+    tr.add_argument("--depth", type=int, default=4)
+    tr.add_argument("--heads", type=int, default=8)
+    tr.add_argument("--iterations", type=int, default=4, help="refinement iterations s")
+    tr.add_argument("--resolution", type=int)
+    tr.set_defaults(run=cmd_train)
+
     bench = sub.add_parser("bench", help="time personalisation against DreamBooth and DreamBooth-LoRA, same run")
     bench.add_argument("--device", default="auto", help="auto, cpu or cuda")
     bench.add_argument("--arch", default="sd15", choices=["sd15"])
@@ -209,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-baselines", action="store_true")
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.set_defaults(run=cmd_bench)
+
+    ev = sub.add_parser("eval", help="score personal files as in the paper (face similarity, CLIP, DINO)")
+    _add_model_options(ev)
+    ev.add_argument("--people", type=Path, required=True, help="directory of NAME.safetensors + NAME.jpg/png reference photos")
+    ev.add_argument("--prompts", type=Path, help="text file, one prompt per line with [V] (default: the example prompts)")
+    ev.add_argument("--clip", help="CLIP model (hub id or directory) for CLIP-I / CLIP-T")
+    ev.add_argument("--dino", help="DINO model (hub id or directory, e.g. facebook/dino-vits16)")
+    ev.add_argument("--out", type=Path, default=Path("eval"), help="writes table.md, results.json, grid.jpg here")
+    ev.add_argument("--steps", type=int, default=25)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(run=cmd_eval)
     return parser
 
 

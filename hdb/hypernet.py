@@ -111,6 +111,12 @@ class HyperNetwork(nn.Module):
         # number ~1e-3 whatever the width; plain N(0, 1e-3) would give ~0.1 at width 512 after 4 iterations.
         self.head = nn.Parameter(torch.randn(L, width, size) * 1e-3 / width**0.5)
         self.head_bias = nn.Parameter(torch.randn(L, size) * 1e-3)
+        # The iterations start where LiDB training from zero starts (A random, B zero, as LoRA): the model
+        # is unchanged, yet the diffusion loss has a gradient at once (at A = B = 0 it has none). Saved with
+        # the weights, so a checkpoint predicts the same everywhere.
+        generator = torch.Generator().manual_seed(config.lidb_seed)
+        start_A = (torch.rand(L, config.rank * config.a, generator=generator) * 2 - 1) / config.a**0.5
+        self.register_buffer("start", torch.cat([start_A, torch.zeros(L, config.b * config.rank)], dim=1))
 
     @property
     def device(self) -> torch.device:
@@ -137,7 +143,7 @@ class HyperNetwork(nn.Module):
         """Pixels [B, 3, S, S] -> LiDB weights A [B, L, r, a], B [B, L, b, r]."""
         c = self.config
         image_tokens = self.encode_image(pixel_values)
-        weights = image_tokens.new_zeros(image_tokens.shape[0], c.num_layers, (c.a + c.b) * c.rank)
+        weights = self.start.to(image_tokens.dtype).expand(image_tokens.shape[0], -1, -1)
         for _ in range(c.iterations if iterations is None else iterations):
             tokens = torch.einsum("bli,liw->blw", weights, self.weight_in) + self.position
             tokens = self.decoder(tokens, image_tokens)

@@ -263,6 +263,17 @@ class LiDB:
             raise HdbError("Unmerge LiDB before changing its scale")
         self.source.scale = float(scale)
 
+    def initial_weights(self, count: int | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where training from zero starts, as in LoRA: A random, B zero (no change, yet gradients flow).
+
+        count=None gives one person ([L, r, a], [L, b, r]); count=N gives N people ([N, L, r, a], ...).
+        """
+        batch = () if count is None else (count,)
+        bound = 1 / math.sqrt(self.config.a)
+        A = (torch.rand(*batch, len(self.layers), self.config.rank, self.config.a, generator=generator) * 2 - 1) * bound
+        B = torch.zeros(*batch, len(self.layers), self.config.b, self.config.rank)
+        return A.to(self.A_train.device), B.to(self.A_train.device)
+
     @torch.no_grad()
     def start_from(self, A: torch.Tensor, B: torch.Tensor, rank: int | None = None) -> None:
         """Load rank-k weights (A: [L, k, a], B: [L, b, k]) as the start of training at `rank` >= k.

@@ -74,9 +74,8 @@ def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: P
     if hypernet is not None:
         hypernet.check_compatible(lidb)
         A, B = hypernet.predict(face.image)
-    else:  # zero start: random A, zero B (as LoRA), so the model starts unchanged but gradients flow
-        A, B = torch.empty(len(lidb.layers), 1, lidb.config.a), torch.zeros(len(lidb.layers), lidb.config.b, 1)
-        torch.nn.init.uniform_(A, -1 / lidb.config.a**0.5, 1 / lidb.config.a**0.5)
+    else:
+        A, B = lidb.initial_weights(generator=torch.Generator().manual_seed(config.seed))
     lidb.start_from(A.to(lidb.A_train.device), B.to(lidb.A_train.device), max(config.relaxed_rank, A.shape[1]))
     steps = config.steps if config.steps is not None else (STEPS_WITH_HYPERNET if hypernet is not None else STEPS_FROM_ZERO)
 

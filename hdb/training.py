@@ -1,17 +1,23 @@
 """The one training loop: pre-optimisation, hypernetwork training and fast finetuning all use it.
 
-A stage hands over its trainable parameters and a `loss_fn(step) -> loss`; the loop owns the rest:
-optimizer (AdamW, or bitsandbytes' 8-bit AdamW), fp16 loss scaling, gradient clipping, a progress
-bar, and a guard that stops on a NaN or exploding loss with the last good weights restored.
+A stage hands over its trainable parameters and a `loss_fn(i) -> loss`; the loop owns the rest:
+optimizer (AdamW, or bitsandbytes' 8-bit AdamW), gradient accumulation, fp16 loss scaling,
+gradient clipping, several processes through `accelerate`, a progress bar, and a guard that stops
+on a NaN or exploding loss with the last good weights restored. Optimizer state is checkpointed
+as safetensors, like everything else hdb writes.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hdb.errors import HdbError
@@ -26,6 +32,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    accumulation_steps: int = 1  # micro-batches per optimizer step
     fp16_loss_scaling: bool = False  # set when activations are fp16 (bf16/fp32 need none)
     explode_factor: float = 50.0  # a loss this many times the first one means training blew up
     progress: bool = True
@@ -62,24 +69,44 @@ def train(
     loss_fn: Callable[[int], torch.Tensor],
     config: TrainConfig,
     on_step: Callable[[int, float], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    accelerator=None,
+    start_step: int = 0,
 ) -> list[float]:
-    """Run `config.steps` optimisation steps of `loss_fn` over `parameters`; returns the loss per step."""
-    optimizer = make_optimizer(parameters, config.optimizer, config.learning_rate, config.weight_decay)
+    """Optimise `parameters` from `start_step` to `config.steps`; returns the loss of each step run.
+
+    `loss_fn(i)` computes the loss of micro-batch i (with gradient accumulation, step s runs
+    micro-batches s*k .. s*k+k-1); drawing its data and noise from i makes a resumed run exact.
+    With an `accelerate.Accelerator` (several processes), `parameters` belong to a model it
+    prepared, so gradients are averaged across processes; the loss guard sees the mean over all
+    processes, so every process stops together.
+    """
+    optimizer = optimizer or make_optimizer(parameters, config.optimizer, config.learning_rate, config.weight_decay)
     device_type = parameters[0].device.type
     scaler = torch.amp.GradScaler(device_type, enabled=config.fp16_loss_scaling and device_type == "cuda")
+    backward = accelerator.backward if accelerator is not None else (lambda loss: scaler.scale(loss).backward())
     last_good = [p.detach().clone() for p in parameters]
     losses: list[float] = []
-    bar = tqdm(range(config.steps), desc=config.description, disable=not config.progress, leave=False)
+    first_loss: float | None = None
+    main_process = accelerator is None or accelerator.is_main_process
+    bar = tqdm(range(start_step, config.steps), desc=config.description, disable=not (config.progress and main_process), leave=False)
     for step in bar:
-        loss = loss_fn(step)
-        scaler.scale(loss).backward()
+        loss_sum = torch.zeros((), device=parameters[0].device)
+        for micro in range(config.accumulation_steps):
+            loss = loss_fn(step * config.accumulation_steps + micro)
+            backward(loss / config.accumulation_steps)
+            loss_sum = loss_sum + loss.detach().float() / config.accumulation_steps
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or float("inf"))
-        value, norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one GPU sync a step
-        if not math.isfinite(value) or (losses and value > config.explode_factor * max(losses[0], 1e-8)):
+        clip = accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(parameters, config.max_grad_norm or float("inf"))
+        if accelerator is not None:
+            loss_sum = accelerator.reduce(loss_sum, reduction="mean")
+        value, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # one GPU sync a step
+        first_loss = value if first_loss is None else first_loss
+        if not math.isfinite(value) or value > config.explode_factor * max(first_loss, 1e-8):
             _restore(parameters, last_good)
             raise TrainingDiverged(
-                f"{config.description}: loss became {value:.4g} at step {step} (first step: {losses[0] if losses else float('nan'):.4g}); "
+                f"{config.description}: loss became {value:.4g} at step {step} (first step: {first_loss:.4g}); "
                 "stopped and kept the weights of the last good step. Try a lower learning rate."
             )
         if not scaler.is_enabled() and not math.isfinite(norm):  # with fp16 scaling, the scaler skips such steps
@@ -101,3 +128,34 @@ def train(
 def _restore(parameters: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
     for parameter, value in zip(parameters, values):
         parameter.copy_(value)
+
+
+# ----------------------------------------------------------------------------- optimizer checkpoints (safetensors, no pickles)
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """Optimizer state as safetensors: tensors flattened to "state.<param>.<name>", the rest as JSON metadata."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    metadata = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in json.loads(metadata["scalars"]).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})

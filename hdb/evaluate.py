@@ -1,0 +1,274 @@
+"""Evaluation as in the paper (HyperDreamBooth, Table 1): generate each person in each prompt and score it.
+
+Each generated image is compared with the person's reference photo (its aligned face crop):
+- Face Rec.: cosine similarity of dlib's 128-d face descriptors (hdb.faces). An image in which no face
+  is found gets no score; it counts against the "face detected" rate instead, which is reported beside.
+- DINO: cosine of DINO ViT CLS embeddings, reference vs generated (subject fidelity).
+- CLIP-I: cosine of CLIP image embeddings, reference vs generated (subject fidelity).
+- CLIP-T: cosine of the CLIP embeddings of the prompt ([V] -> "person") and the image (prompt fidelity).
+CLIP and DINO are optional: pass a hub id or a local directory (e.g. openai/clip-vit-large-patch14,
+facebook/dino-vits16). dlib's descriptors sit close together (different people score ~0.8, the same
+person ~0.95), so Face Rec. numbers are not on the scale of the paper's face-recognition network.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hdb.errors import HdbError
+from hdb.faces import AlignedFace, ImageSource, align_face, face_embedding, load_image
+from hdb.personal_file import PersonalWeights, apply_personal, load_personal
+from hdb.styles import PERSON, expand_prompt
+
+COLUMNS = {"face_rec": "Face Rec.", "dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def _cosine(a, b) -> float:
+    a, b = (torch.as_tensor(np.asarray(x, dtype=np.float32)).flatten() for x in (a, b))
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0).clamp(-1, 1))  # clamp: rounding can pass 1
+
+
+def _generated_descriptor(generated: ImageSource) -> np.ndarray | None:
+    image = load_image(generated)  # an unreadable file is an error, not a missing face
+    try:
+        return face_embedding(image)
+    except HdbError:  # the only error left: no face found
+        return None
+
+
+def identity_similarity(reference: AlignedFace | ImageSource, generated: ImageSource) -> float | None:
+    """Cosine similarity of the dlib face descriptors; None when the generated image shows no face."""
+    descriptor = _generated_descriptor(generated)
+    return None if descriptor is None else _cosine(face_embedding(reference), descriptor)
+
+
+def identity_matrix(images: dict[str, ImageSource]) -> dict[tuple[str, str], float]:
+    """Face similarity of every ordered pair of different images (each must show a face)."""
+    descriptors = {}
+    for name, image in images.items():
+        try:
+            descriptors[name] = face_embedding(image)
+        except HdbError as error:
+            raise HdbError(f"{name}: {error}") from None
+    return {(a, b): _cosine(descriptors[a], descriptors[b]) for a in images for b in images if a != b}
+
+
+def _load(kind: str, name: str, loader):
+    """Load model + processor from a local directory or the hub, with one clear error when it cannot be."""
+    local = Path(name).expanduser()
+    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise HdbError(f"{kind} model directory {name} does not exist (a hub id looks like 'owner/name')")
+    try:
+        return loader(str(local) if local.exists() else name)
+    except (OSError, ValueError) as error:  # offline, unknown id, incomplete directory
+        raise HdbError(f"Could not load {kind} model {name!r}: not a complete local directory and not fetchable from "
+                       f"the Hugging Face Hub ({type(error).__name__}). On a connected machine run "
+                       f"`huggingface-cli download {name} --local-dir DIR`, then pass DIR.") from None
+
+
+def _features(output) -> torch.Tensor:
+    # transformers 5 returns a model output (projected pooler_output) where 4.x returned the tensor
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@dataclass
+class Reference:
+    face: AlignedFace
+    descriptor: np.ndarray  # dlib 128-d
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # "clip_i" / "dino" -> image embedding
+
+
+class Evaluator:
+    """Scores generated images against a reference photo; CLIP / DINO models load on first use."""
+
+    def __init__(self, clip: str | None = None, dino: str | None = None, device: str | torch.device = "cpu") -> None:
+        self.clip_name, self.dino_name, self.device = clip, dino, torch.device(device)
+        self._clip = self._dino = None
+
+    def load(self) -> "Evaluator":
+        """Load the models now, so a bad name fails before any image is generated."""
+        if self.clip_name:
+            self._clip_models()
+        if self.dino_name:
+            self._dino_models()
+        return self
+
+    def _clip_models(self):
+        if self._clip is None:
+            from transformers import CLIPModel, CLIPProcessor
+
+            model, processor = _load("CLIP", self.clip_name, lambda p: (CLIPModel.from_pretrained(p), CLIPProcessor.from_pretrained(p)))
+            self._clip = model.to(self.device).eval(), processor
+        return self._clip
+
+    def _dino_models(self):
+        if self._dino is None:
+            from transformers import AutoImageProcessor, AutoModel
+
+            model, processor = _load("DINO", self.dino_name, lambda p: (AutoModel.from_pretrained(p), AutoImageProcessor.from_pretrained(p)))
+            self._dino = model.to(self.device).eval(), processor
+        return self._dino
+
+    @torch.no_grad()
+    def _clip_image(self, image: Image.Image) -> torch.Tensor:
+        model, processor = self._clip_models()
+        pixels = processor.image_processor(images=image, return_tensors="pt").pixel_values.to(self.device)
+        return _features(model.get_image_features(pixel_values=pixels))[0].float().cpu()
+
+    @torch.no_grad()
+    def _clip_text(self, text: str) -> torch.Tensor:
+        model, processor = self._clip_models()
+        tokens = processor.tokenizer([text], padding=True, truncation=True, return_tensors="pt").to(self.device)
+        return _features(model.get_text_features(**tokens))[0].float().cpu()
+
+    @torch.no_grad()
+    def _dino_image(self, image: Image.Image) -> torch.Tensor:
+        model, processor = self._dino_models()
+        pixels = processor(images=image, return_tensors="pt").pixel_values.to(self.device)
+        # The CLS token of the last layer, as DreamBooth's DINO metric uses it (ViT's pooler is untrained in DINO checkpoints)
+        return model(pixel_values=pixels).last_hidden_state[0, 0].float().cpu()
+
+    def reference(self, source: AlignedFace | ImageSource) -> Reference:
+        """Align the reference photo once and embed its face crop with every model in use."""
+        face = source if isinstance(source, AlignedFace) else align_face(source, size=512)
+        reference = Reference(face, face_embedding(face))
+        if self.clip_name:
+            reference.embeddings["clip_i"] = self._clip_image(face.image)
+        if self.dino_name:
+            reference.embeddings["dino"] = self._dino_image(face.image)
+        return reference
+
+    def score(self, reference: Reference | AlignedFace | ImageSource, generated: ImageSource, prompt: str) -> dict[str, float | None]:
+        """Metric -> value for one generated image; face_rec is None when no face is found in it."""
+        if not isinstance(reference, Reference):
+            reference = self.reference(reference)
+        image = load_image(generated)
+        descriptor = _generated_descriptor(image)
+        scores = {"face_rec": None if descriptor is None else _cosine(reference.descriptor, descriptor)}
+        if self.dino_name:
+            scores["dino"] = _cosine(reference.embeddings["dino"], self._dino_image(image))
+        if self.clip_name:
+            embedding = self._clip_image(image)
+            scores["clip_i"] = _cosine(reference.embeddings["clip_i"], embedding)
+            scores["clip_t"] = _cosine(self._clip_text(prompt.replace(PERSON, "person")), embedding)
+        return scores
+
+
+def _mean_row(name: str, samples: list[dict]) -> dict:
+    row = {"name": name, "images": len(samples)}
+    for key in COLUMNS:
+        values = [s[key] for s in samples if s.get(key) is not None]
+        row[key] = float(np.mean(values)) if values else None
+    row["face_detected"] = sum(s["face_rec"] is not None for s in samples) / len(samples)
+    return row
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict]  # one per person, then "all": mean of each metric and the face-detected rate
+    samples: list[dict]  # one per generated image: person, prompt, scores
+    prompts: list[str]
+    images: dict[str, list[Image.Image]]  # person -> one image per prompt
+    references: dict[str, Image.Image]  # person -> aligned reference crop
+    settings: dict = field(default_factory=dict)
+
+    def table_markdown(self) -> str:
+        lines = ["| Person | " + " | ".join(COLUMNS.values()) + " | Face detected |", "|---" * (len(COLUMNS) + 2) + "|"]
+        for row in self.rows:
+            cells = ["-" if row[key] is None else f"{row[key]:.3f}" for key in COLUMNS]
+            found = round(row["face_detected"] * row["images"])
+            lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {row['face_detected']:.0%} ({found}/{row['images']}) |")
+        return "\n".join(lines)
+
+    def grid(self) -> Image.Image:
+        """People x (reference + prompts); the reference crop is resized to the generated images' size."""
+        from diffusers.utils import make_image_grid
+
+        size = next(iter(self.images.values()))[0].size
+        tiles = [tile for name, images in self.images.items() for tile in [self.references[name].resize(size, Image.LANCZOS), *images]]
+        return make_image_grid(tiles, rows=len(self.images), cols=len(self.prompts) + 1)
+
+    def to_json(self) -> str:
+        return json.dumps({"rows": self.rows, "samples": self.samples, "prompts": self.prompts, "settings": self.settings}, indent=1)
+
+    def save(self, out_dir: str | Path) -> list[Path]:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(self.table_markdown() + "\n")
+        (out / "results.json").write_text(self.to_json())
+        self.grid().save(out / "grid.jpg", quality=92)
+        return [out / "table.md", out / "results.json", out / "grid.jpg"]
+
+
+def _pad_rank(weights: PersonalWeights, rank: int) -> PersonalWeights:
+    """Zero-extend to a higher rank (same function): one shared LiDB then holds every person."""
+    extra = rank - weights.config.rank
+    if extra == 0:
+        return weights
+    A = torch.cat([weights.A, weights.A.new_zeros(weights.A.shape[0], extra, weights.A.shape[2])], dim=1)
+    B = torch.cat([weights.B, weights.B.new_zeros(*weights.B.shape[:2], extra)], dim=2)
+    return replace(weights, A=A, B=B, config=replace(weights.config, rank=rank))
+
+
+def evaluate(pipe, people: dict[str, tuple[ImageSource, str | Path | PersonalWeights]], prompts: list[str], evaluator: Evaluator,
+             seed: int = 0, steps: int = 25, style: str = "None", guidance: float = 7.5, on_sample=None) -> EvalResult:
+    """Generate one image per person x prompt (same seed for all), score each, and average per person and overall."""
+    if not people or not prompts:
+        raise HdbError("Evaluation needs at least one person and one prompt")
+    # Check every file and photo before the slow part: a bad one fails in seconds, not after the images.
+    weights = {name: w if isinstance(w, PersonalWeights) else load_personal(w) for name, (_, w) in people.items()}
+    references = {name: evaluator.reference(photo) for name, (photo, _) in people.items()}
+    rank = max(w.config.rank for w in weights.values())
+    from hdb.generate import generate  # diffusers: imported only when images are made
+
+    lidb, samples, images = None, [], {}
+    for name, person in weights.items():
+        lidb = apply_personal(pipe, _pad_rank(person, rank), lidb)
+        images[name] = []
+        for prompt in prompts:
+            image = generate(pipe, lidb, expand_prompt(prompt, person.instance_token, style), steps=steps, guidance=guidance, seed=seed)[0]
+            text = expand_prompt(prompt, "person", style).replace(person.instance_token, "person")  # the prompt without the identifier
+            sample = {"person": name, "prompt": prompt, **evaluator.score(references[name], image, text)}
+            samples.append(sample)
+            images[name].append(image)
+            if on_sample:
+                on_sample(sample)
+    rows = [_mean_row(name, [s for s in samples if s["person"] == name]) for name in weights] + [_mean_row("all", samples)]
+    settings = {"seed": seed, "steps": steps, "style": style, "guidance": guidance, "clip": evaluator.clip_name, "dino": evaluator.dino_name}
+    return EvalResult(rows, samples, list(prompts), images, {n: r.face.image for n, r in references.items()}, settings)
+
+
+def find_people(directory: str | Path) -> dict[str, tuple[Path, Path]]:
+    """Pair NAME.safetensors with NAME.jpg/.png/... in `directory`: name -> (photo, personal file)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise HdbError(f"People directory not found: {directory}")
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise HdbError(f"No personal files (NAME.safetensors) in {directory}")
+    people = {}
+    for file in files:
+        photos = [file.with_suffix(s) for s in PHOTO_SUFFIXES + tuple(s.upper() for s in PHOTO_SUFFIXES)]
+        photo = next((p for p in photos if p.is_file()), None)
+        if photo is None:
+            raise HdbError(f"{file.name} has no reference photo beside it; add {file.stem}.jpg or {file.stem}.png to {directory}")
+        people[file.stem] = (photo, file)
+    return people
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line ([V] for the person); blank lines and # comments are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise HdbError(f"Prompts file not found: {path}")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise HdbError(f"{path} holds no prompts (one per line, [V] for the person)")
+    return prompts

@@ -1,0 +1,81 @@
+"""Training data: a folder of face photos, one identity per photo or per sub-folder, aligned once.
+
+Both training stages read it the same way, with the face alignment personalisation uses. Photos
+that cannot be used (unreadable, no face) are skipped and counted, never fatal; a folder with
+nothing usable is.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from hdb.diffusion import encode_images
+from hdb.errors import HdbError
+from hdb.personalize import augmented_views
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+@dataclass
+class Identity:
+    name: str
+    faces: list[Image.Image]  # aligned crops, one per usable photo
+
+
+def _photos(entry: Path) -> list[Path]:
+    if entry.is_dir():
+        return sorted(p for p in entry.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [entry] if entry.suffix.lower() in IMAGE_SUFFIXES else []
+
+
+def load_identities(images_dir: str | Path, size: int, cache_dir: str | Path | None = None, progress: bool = True) -> tuple[list[Identity], Counter]:
+    """Aligned faces per identity, and a count of skipped photos by reason.
+
+    With `cache_dir`, aligned crops are stored as PNGs and reused (face detection is the slow part).
+    """
+    from tqdm.auto import tqdm
+
+    from hdb.faces import align_face
+
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise HdbError(f"Image folder not found: {root}")
+    entries = sorted(e for e in root.iterdir() if _photos(e))
+    if not entries:
+        raise HdbError(f"{root} holds no photos ({', '.join(sorted(IMAGE_SUFFIXES))}), neither directly nor in sub-folders")
+    cache = Path(cache_dir) if cache_dir else None
+    identities, skipped = [], Counter()
+    for entry in tqdm(entries, desc="aligning faces", disable=not progress, leave=False):
+        faces = []
+        for photo in _photos(entry):
+            cached = cache / entry.stem / f"{photo.stem}_{size}.png" if cache else None
+            if cached is not None and cached.is_file():
+                faces.append(Image.open(cached).convert("RGB"))
+                continue
+            try:
+                face = align_face(photo, size=size).image
+            except HdbError as error:
+                skipped["no face" if "No face" in str(error) else "unreadable"] += 1
+                continue
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                face.save(cached)
+            faces.append(face)
+        if faces:
+            identities.append(Identity(entry.stem, faces))
+    if not identities:
+        raise HdbError(f"No usable face in {root} ({dict(skipped)} photos skipped)")
+    return identities, skipped
+
+
+def encode_identities(pipe, identities: list[Identity], resolution: int) -> list[torch.Tensor]:
+    """VAE latents of each identity's augmented views: one [views, 4, h, w] tensor per identity."""
+    return [
+        torch.cat([encode_images(pipe, view[None]) for face in identity.faces for view in augmented_views(face, resolution)]).float()
+        for identity in identities
+    ]
