@@ -189,7 +189,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from hdb import DEFAULT_BASE
 
     summary = train_hypernetwork(args.base or DEFAULT_BASE, args.images, args.out, args.weights, config, args.device)
-    if summary["losses"]:
+    if summary["losses"] and summary["main_process"]:
         print(f"steps {summary['start_step']}..{summary['start_step'] + len(summary['losses']) - 1} on {summary['processes']} process(es), "
               f"loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}; held out: {', '.join(summary['held_out'])}; "
               f"photos skipped: {summary['skipped_photos'] or 'none'}; hypernetwork -> {args.out}/hypernet")

@@ -14,7 +14,7 @@ person ~0.95), so Face Rec. numbers are not on the scale of the paper's face-rec
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -207,16 +207,6 @@ class EvalResult:
         return [out / "table.md", out / "results.json", out / "grid.jpg"]
 
 
-def _pad_rank(weights: PersonalWeights, rank: int) -> PersonalWeights:
-    """Zero-extend to a higher rank (same function): one shared LiDB then holds every person."""
-    extra = rank - weights.config.rank
-    if extra == 0:
-        return weights
-    A = torch.cat([weights.A, weights.A.new_zeros(weights.A.shape[0], extra, weights.A.shape[2])], dim=1)
-    B = torch.cat([weights.B, weights.B.new_zeros(*weights.B.shape[:2], extra)], dim=2)
-    return replace(weights, A=A, B=B, config=replace(weights.config, rank=rank))
-
-
 def evaluate(pipe, people: dict[str, tuple[ImageSource, str | Path | PersonalWeights]], prompts: list[str], evaluator: Evaluator,
              seed: int = 0, steps: int = 25, style: str = "None", guidance: float = 7.5, on_sample=None) -> EvalResult:
     """Generate one image per person x prompt (same seed for all), score each, and average per person and overall."""
@@ -225,12 +215,11 @@ def evaluate(pipe, people: dict[str, tuple[ImageSource, str | Path | PersonalWei
     # Check every file and photo before the slow part: a bad one fails in seconds, not after the images.
     weights = {name: w if isinstance(w, PersonalWeights) else load_personal(w) for name, (_, w) in people.items()}
     references = {name: evaluator.reference(photo) for name, (photo, _) in people.items()}
-    rank = max(w.config.rank for w in weights.values())
     from hdb.generate import generate  # diffusers: imported only when images are made
 
     lidb, samples, images = None, [], {}
     for name, person in weights.items():
-        lidb = apply_personal(pipe, _pad_rank(person, rank), lidb)
+        lidb = apply_personal(pipe, person, lidb)
         images[name] = []
         for prompt in prompts:
             image = generate(pipe, lidb, expand_prompt(prompt, person.instance_token, style), steps=steps, guidance=guidance, seed=seed)[0]

@@ -199,10 +199,15 @@ class LiDB:
         self.source = WeightSource(self.A_train, self.B_train)
         self.layers: dict[str, LiDBLinear] = {}
         self._aux_fingerprint: str | None = None
-        for index, (name, linear) in enumerate(targets.items()):
-            layer = LiDBLinear(linear, name, index, config, self.source)
-            self._replace(name, layer)
-            self.layers[name] = layer
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # hundreds of small QRs: threads only add contention (seconds on a busy CPU)
+        try:
+            for index, (name, linear) in enumerate(targets.items()):
+                layer = LiDBLinear(linear, name, index, config, self.source)
+                self._replace(name, layer)
+                self.layers[name] = layer
+        finally:
+            torch.set_num_threads(threads)
 
     # -- structure
 

@@ -152,10 +152,8 @@ def apply_personal(pipe, weights: PersonalWeights | str | Path, lidb: LiDB | Non
         weights = load_personal(weights)
     if lidb is None:
         lidb = LiDB(pipe, weights.config)
-    elif weights.config.rank > lidb.config.rank:
-        lidb.relax_rank(weights.config.rank)
     check_compatible(weights, lidb)
-    lidb.load_weights(weights.A.to(lidb.A_train.device), weights.B.to(lidb.B_train.device))
+    lidb.start_from(weights.A.to(lidb.A_train.device), weights.B.to(lidb.B_train.device), weights.config.rank)  # any rank
     return lidb
 
 

@@ -192,5 +192,5 @@ def train_hypernetwork(base: str, images_dir: str | Path, out_dir: str | Path, w
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out / "hypernet")
     accelerator.end_training()
-    return {"start_step": start_step, "losses": losses, "validation": history["validation"], "identities": len(train_ids),
+    return {"main_process": accelerator.is_main_process, "start_step": start_step, "losses": losses, "validation": history["validation"], "identities": len(train_ids),
             "held_out": [i.name for i in held_ids], "skipped_photos": dict(skipped), "processes": accelerator.num_processes}

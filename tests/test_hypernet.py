@@ -36,8 +36,9 @@ def test_shapes_and_near_zero_start(tiny_sd15):
     assert hypernet.config.image_size == 64 and hypernet.config.num_layers == len(lidb.layer_names)
     A, B = hypernet(pixels(2))
     assert A.shape == (2, *lidb.A_train.shape) and B.shape == (2, *lidb.B_train.shape)
-    # An untrained hypernetwork predicts (almost) "no change".
-    assert A.abs().max() < 0.05 and B.abs().max() < 0.05
+    # An untrained hypernetwork predicts (almost) "no change": B ~ 0, A ~ the fixed LoRA-style start.
+    start_A = hypernet.start[:, : lidb.config.rank * lidb.config.a].reshape(lidb.A_train.shape)
+    assert B.abs().max() < 0.05 and (A - start_A).abs().max() < 0.05 and start_A.abs().max() > 0.05
     A1, B1 = hypernet.predict(face())
     assert A1.shape == lidb.A_train.shape and B1.shape == lidb.B_train.shape and A1.dtype == torch.float32
     lidb.load_weights(A1, B1)
