@@ -73,6 +73,15 @@ def load_identities(images_dir: str | Path, size: int, cache_dir: str | Path | N
     return identities, skipped
 
 
+def resolve_identities(images: str | Path | list[Identity], size: int, cache_dir: str | Path | None = None, progress: bool = True) -> tuple[list[Identity], Counter]:
+    """A folder of photos (aligned here) or identities already prepared (e.g. synthetic renders)."""
+    if isinstance(images, (str, Path)):
+        return load_identities(images, size, cache_dir, progress)
+    if not images:
+        raise HdbError("No identities given")
+    return list(images), Counter()
+
+
 def encode_identities(pipe, identities: list[Identity], resolution: int) -> list[torch.Tensor]:
     """VAE latents of each identity's augmented views: one [views, 4, h, w] tensor per identity."""
     return [

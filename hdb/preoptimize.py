@@ -16,7 +16,7 @@ import torch
 
 from hdb.diffusion import diffusion_loss, encode_prompts
 from hdb.errors import HdbError
-from hdb.identities import encode_identities, load_identities
+from hdb.identities import Identity, encode_identities, resolve_identities
 from hdb.lidb import LiDB, LiDBConfig, text_encoders
 from hdb.models import training_scheduler
 from hdb.personal_file import DEFAULT_INSTANCE_TOKEN, PersonalWeights, instance_prompt_for, save_personal
@@ -38,11 +38,14 @@ class PreoptimizeConfig:
     progress: bool = True
 
 
-def preoptimize(pipe, images_dir: str | Path, out_dir: str | Path, config: PreoptimizeConfig = PreoptimizeConfig()) -> dict:
-    """Write out_dir/weights/<identity>.safetensors for every identity not done yet; returns a summary."""
+def preoptimize(pipe, images: str | Path | list[Identity], out_dir: str | Path, config: PreoptimizeConfig = PreoptimizeConfig()) -> dict:
+    """Write out_dir/weights/<identity>.safetensors for every identity not done yet; returns a summary.
+
+    `images`: a folder (one photo or sub-folder per identity) or a list of prepared `Identity`s.
+    """
     out = Path(out_dir)
     resolution = config.resolution or native_resolution(pipe)
-    identities, skipped = load_identities(images_dir, max(resolution, 256), out / "faces", config.progress)
+    identities, skipped = resolve_identities(images, max(resolution, 256), out / "faces", config.progress)
     weights_dir = out / "weights"
     weights_dir.mkdir(parents=True, exist_ok=True)
     todo = [identity for identity in identities if not (weights_dir / f"{identity.name}.safetensors").is_file()]

@@ -20,7 +20,7 @@ import torch
 
 from hdb.diffusion import diffusion_loss, encode_prompts
 from hdb.errors import HdbError
-from hdb.identities import encode_identities, load_identities
+from hdb.identities import Identity, encode_identities, resolve_identities
 from hdb.lidb import LiDB, LiDBConfig, text_encoders
 from hdb.models import load_pipeline, training_scheduler
 from hdb.personal_file import DEFAULT_INSTANCE_TOKEN, instance_prompt_for
@@ -86,9 +86,12 @@ def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None
                                  heads=config.heads, iterations=config.iterations)
 
 
-def train_hypernetwork(base: str, images_dir: str | Path, out_dir: str | Path, weights_dir: str | Path | None = None,
+def train_hypernetwork(base, images: str | Path | list[Identity], out_dir: str | Path, weights_dir: str | Path | None = None,
                        config: HypernetTrainConfig = HypernetTrainConfig(), device: str = "auto") -> dict:
-    """Train (or resume training) a hypernetwork; writes out_dir/hypernet, checkpoints and TensorBoard logs."""
+    """Train (or resume training) a hypernetwork; writes out_dir/hypernet, checkpoints and TensorBoard logs.
+
+    `base`: hub id or directory, or a pipeline already loaded; `images`: a folder or prepared `Identity`s.
+    """
     from accelerate import Accelerator
 
     from hdb.preoptimize import load_weights_dataset
@@ -101,9 +104,9 @@ def train_hypernetwork(base: str, images_dir: str | Path, out_dir: str | Path, w
     if config.beta > 0 and weights_dir is None:
         raise HdbError("--beta > 0 needs pre-optimised weights (--weights DIR from `python -m hdb preoptimize`); or pass --beta 0")
     base_dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[config.mixed_precision]  # the frozen base's weights
-    pipe = load_pipeline(base, base_dtype, str(accelerator.device))
+    pipe = load_pipeline(base, base_dtype, str(accelerator.device)) if isinstance(base, (str, Path)) else base
     resolution = config.resolution or native_resolution(pipe)
-    identities, skipped = load_identities(images_dir, max(resolution, 256), out / "faces" if accelerator.is_main_process else None, config.progress and accelerator.is_main_process)
+    identities, skipped = resolve_identities(images, max(resolution, 256), out / "faces" if accelerator.is_main_process else None, config.progress and accelerator.is_main_process)
     if len(identities) <= config.holdout:
         raise HdbError(f"Need more than {config.holdout} usable identities (found {len(identities)}; {dict(skipped)} photos skipped)")
     latents = encode_identities(pipe, identities, resolution)
@@ -192,5 +195,7 @@ def train_hypernetwork(base: str, images_dir: str | Path, out_dir: str | Path, w
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out / "hypernet")
     accelerator.end_training()
+    lidb.detach()
+    pipe.unet.eval()
     return {"main_process": accelerator.is_main_process, "start_step": start_step, "losses": losses, "validation": history["validation"], "identities": len(train_ids),
             "held_out": [i.name for i in held_ids], "skipped_photos": dict(skipped), "processes": accelerator.num_processes}
