@@ -208,6 +208,13 @@ class LiDB:
                 self.layers[name] = layer
         finally:
             torch.set_num_threads(threads)
+        pipe._hdb_lidb = self  # so later calls find it: `LiDB.attached(pipe)`
+
+    @staticmethod
+    def attached(pipe) -> "LiDB | None":
+        """The LiDB attached to `pipe`, if any (personalise, then generate or evaluate on the same pipe)."""
+        lidb = getattr(pipe, "_hdb_lidb", None)
+        return lidb if lidb is not None and lidb.layers else None
 
     # -- structure
 
@@ -226,6 +233,7 @@ class LiDB:
         for name, layer in self.layers.items():
             self._replace(name, layer.base)
         self.layers = {}
+        self.pipe._hdb_lidb = None
 
     def arch_fingerprint(self) -> str:
         return arch_fingerprint(self.layer_shapes)

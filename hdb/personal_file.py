@@ -147,11 +147,10 @@ def check_compatible(weights: PersonalWeights, lidb: LiDB, source: str = "person
 
 
 def apply_personal(pipe, weights: PersonalWeights | str | Path, lidb: LiDB | None = None) -> LiDB:
-    """Attach LiDB to `pipe` (or reuse `lidb`) and load a person's weights into it."""
+    """Load a person's weights into `lidb`, the LiDB already on `pipe`, or a newly attached one."""
     if not isinstance(weights, PersonalWeights):
         weights = load_personal(weights)
-    if lidb is None:
-        lidb = LiDB(pipe, weights.config)
+    lidb = lidb or LiDB.attached(pipe) or LiDB(pipe, weights.config)
     check_compatible(weights, lidb)
     lidb.start_from(weights.A.to(lidb.A_train.device), weights.B.to(lidb.B_train.device), weights.config.rank)  # any rank
     return lidb

@@ -69,8 +69,7 @@ def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: P
     """Personalise `pipe` to the face in `photo`; LiDB stays attached with the person's weights."""
     resolution = config.resolution or native_resolution(pipe)
     face = photo if isinstance(photo, AlignedFace) else align_face(photo, size=max(resolution, 256))
-    if lidb is None:
-        lidb = LiDB(pipe, hypernet.lidb_config if hypernet is not None else config.lidb)
+    lidb = lidb or LiDB.attached(pipe) or LiDB(pipe, hypernet.lidb_config if hypernet is not None else config.lidb)
     if hypernet is not None:
         hypernet.check_compatible(lidb)
         A, B = hypernet.predict(face.image)
