@@ -75,7 +75,28 @@ class Engine:
 
             self.hypernet = HyperNetwork.from_pretrained(options.hypernet, device=self.pipe.unet.device)
         self.lidb = LiDB(self.pipe, self.hypernet.lidb_config if self.hypernet else LiDBConfig())
-        self.seconds_per_step: float | None = None  # measured on the first personalisation
+        self.seconds_per_step: float | None = None  # measured: at start on a CPU, else on the first personalisation
+        if self.pipe.unet.device.type == "cpu":
+            self.seconds_per_step = self._time_two_steps()
+
+    def _time_two_steps(self) -> float:
+        """On a CPU, users deserve an honest estimate before they wait: time two real steps once at start."""
+        from PIL import Image
+
+        from hdb.faces import AlignedFace
+        from hdb.personalize import PersonalizeConfig, native_resolution, personalize
+
+        size = native_resolution(self.pipe)
+        crop = AlignedFace.from_crop(Image.new("RGB", (size, size), (128, 128, 128)))
+        started = time.perf_counter()
+        personalize(self.pipe, crop, None, PersonalizeConfig(steps=2, progress=False), lidb=self.lidb)
+        return (time.perf_counter() - started) / 2
+
+    @property
+    def default_steps(self) -> int:
+        from hdb.personalize import STEPS_FROM_ZERO, STEPS_WITH_HYPERNET
+
+        return STEPS_WITH_HYPERNET if self.hypernet else STEPS_FROM_ZERO
 
     @property
     def device_name(self) -> str:
@@ -110,7 +131,7 @@ def make_handlers(engine: Engine):
     from hdb.faces import align_face
     from hdb.generate import generate
     from hdb.personal_file import check_compatible, load_personal, save_personal
-    from hdb.personalize import PersonalizeConfig, STEPS_FROM_ZERO, STEPS_WITH_HYPERNET, native_resolution, personalize
+    from hdb.personalize import PersonalizeConfig, native_resolution, personalize
 
     def show_crop(photo: str | None):
         if not photo:
@@ -128,7 +149,7 @@ def make_handlers(engine: Engine):
             raise gr.Error("Upload a photo of a face first (or pick an example).")
         if not consent:
             raise gr.Error("Please confirm that you have the right to use this photo.")
-        steps = int(steps) or (STEPS_WITH_HYPERNET if engine.hypernet else STEPS_FROM_ZERO)
+        steps = int(steps) or engine.default_steps
         yield None, f"Preparing the face... ({engine.estimate(steps)})", session, None
         try:
             progress(0, desc="Finding and aligning the face")
@@ -202,6 +223,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
                         "but the pictures are noise. Start without `--tiny` for Stable Diffusion.", elem_id="tiny-notice")
         if engine.hypernet is None:
             gr.Markdown("No hypernetwork loaded: personalisation finetunes from zero (more steps, slower).")
+        if engine.pipe.unet.device.type == "cpu":
+            gr.Markdown(f"Running on a CPU: personalising takes {engine.estimate(engine.default_steps)}.", elem_id="cpu-estimate")
         session = gr.State(None, delete_callback=forget, time_to_live=3600)
         with gr.Row():
             with gr.Column():

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from hdb.diffusion import diffusion_loss, encode_images, encode_prompts
+from hdb.faces import AlignedFace
 from hdb.lidb import LiDB
 from hdb.models import build_full_size_sd15, build_tiny_pipeline, resolve_device, resolve_dtype, training_scheduler
 from hdb.personal_file import PersonalWeights, save_personal
@@ -96,18 +97,9 @@ def _photo(size: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def _aligned(image: Image.Image):
-    from hdb.faces import AlignedFace, Face
-
-    import numpy as np
-
-    face = Face(box=(0, 0, image.width, image.height), score=1.0, landmarks=np.zeros((5, 2)))
-    return AlignedFace(image=image, face=face, num_faces=1, note=None, aligned_landmarks=np.zeros((5, 2)), source=image)
-
-
 def bench_hdb(options: BenchOptions, pipe, lidb: LiDB, hypernet, device: torch.device) -> dict:
     record: dict = {}
-    face = _aligned(_photo(native_resolution(pipe)))
+    face = AlignedFace.from_crop(_photo(native_resolution(pipe)))
     for _ in range(3):  # warm up the encoder kernels
         hypernet.predict(face.image)
     record["hypernet_forward_s"] = min(_timed(lambda: hypernet.predict(face.image), device) for _ in range(5))

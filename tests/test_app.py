@@ -112,6 +112,7 @@ def test_real_browser_flow(app_url, tmp_path):
         expect(page.locator("#crop img")).to_be_visible(timeout=60_000)
         page.locator("#consent input[type=checkbox]").check()
         page.locator("#personalize").click()
+        expect(page.locator("#cpu-estimate")).to_contain_text("about")  # an estimate before any long work
         expect(page.locator("#status")).to_contain_text("Personalised", timeout=120_000)
         page.locator("#generate").click()
         expect(page.locator("#gallery img")).to_have_count(2, timeout=120_000)
