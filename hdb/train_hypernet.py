@@ -16,6 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hdb.diffusion import diffusion_loss, encode_prompts
@@ -42,6 +43,7 @@ class HypernetTrainConfig:
     checkpoint_every: int = 100
     validate_every: int = 100
     holdout: int = 1  # identities kept out of training for validation
+    sample_steps: int = 20  # sampling steps of the validation image (0: no image)
     seed: int = 0
     image_encoder: str = "tiny"  # hub id / local path of a vision model, or "tiny" (random, for tests)
     width: int = 512
@@ -164,6 +166,21 @@ def train_hypernetwork(base, images: str | Path | list[Identity], out_dir: str |
         model.train()
         return loss
 
+    @torch.no_grad()
+    def sample(step: int) -> None:
+        """What the predicted weights draw for the first held-out face: saved and logged to TensorBoard."""
+        from hdb.generate import generate
+
+        A, B = accelerator.unwrap_model(model).predict(held_ids[0].faces[0])
+        lidb.start_from(A, B)
+        pipe.unet.eval()
+        image = generate(pipe, lidb, f"a portrait of {config.instance_token}", steps=config.sample_steps, seed=0)[0]
+        pipe.unet.train()
+        (out / "samples").mkdir(exist_ok=True)
+        image.save(out / "samples" / f"step-{step:06d}.png")
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image("validation/sample", np.asarray(image), step, dataformats="HWC")
+
     log_path = out / "losses.jsonl"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +196,8 @@ def train_hypernetwork(base, images: str | Path | list[Identity], out_dir: str |
             record["validation_loss"] = validate(step)
             history["validation"].append((step, record["validation_loss"]))
         if accelerator.is_main_process:
+            if "validation_loss" in record and config.sample_steps:
+                sample(step)
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
             with log_path.open("a") as file:
                 file.write(json.dumps(record) + "\n")

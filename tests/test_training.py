@@ -82,6 +82,9 @@ def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_fold
         assert abs(a["loss"] - b["loss"]) < 1e-4
     checkpoints = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-3", "latest"]
+    samples = sorted(p.name for p in (tmp_path / "two" / "samples").iterdir())  # validation images of a held-out face
+    assert samples == ["step-000001.png", "step-000003.png"]
+    assert list((tmp_path / "two").glob("hdb/events.out.tfevents.*"))  # TensorBoard log
     final_one = load_file(str(tmp_path / "one" / "hypernet" / "hypernet.safetensors"))
     final_two = load_file(str(tmp_path / "two" / "hypernet" / "hypernet.safetensors"))
     for key in final_one:
