@@ -88,6 +88,11 @@ def aux_fingerprint(bases: Iterable[torch.Tensor]) -> str:
     return _fingerprint(torch.round(basis.detach().cpu().double() * 1e4).to(torch.int32).numpy().tobytes() for basis in bases)
 
 
+def random_A(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """LoRA's init for the down factor, uniform in +-1/sqrt(a): with B = 0 the model is unchanged, yet gradients flow."""
+    return (torch.rand(*shape, generator=generator) * 2 - 1) / math.sqrt(shape[-1])
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
@@ -192,9 +197,7 @@ class LiDB:
             raise HdbError(f"No attention projections found in {type(pipe).__name__}; is it a Stable Diffusion pipeline?")
         self.layer_shapes = {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}
         device = pipe.unet.device
-        A_train = torch.empty(len(targets), config.rank, config.a, device=device)
-        nn.init.uniform_(A_train, -1 / math.sqrt(config.a), 1 / math.sqrt(config.a))
-        self.A_train = nn.Parameter(A_train)
+        self.A_train = nn.Parameter(random_A(len(targets), config.rank, config.a).to(device))
         self.B_train = nn.Parameter(torch.zeros(len(targets), config.b, config.rank, device=device))
         self.source = WeightSource(self.A_train, self.B_train)
         self.layers: dict[str, LiDBLinear] = {}
@@ -282,8 +285,7 @@ class LiDB:
         count=None gives one person ([L, r, a], [L, b, r]); count=N gives N people ([N, L, r, a], ...).
         """
         batch = () if count is None else (count,)
-        bound = 1 / math.sqrt(self.config.a)
-        A = (torch.rand(*batch, len(self.layers), self.config.rank, self.config.a, generator=generator) * 2 - 1) * bound
+        A = random_A(*batch, len(self.layers), self.config.rank, self.config.a, generator=generator)
         B = torch.zeros(*batch, len(self.layers), self.config.b, self.config.rank)
         return A.to(self.A_train.device), B.to(self.A_train.device)
 
@@ -304,7 +306,7 @@ class LiDB:
             self.A_train = nn.Parameter(self.A_train.new_empty(len(self.layers), rank, self.config.a))
             self.B_train = nn.Parameter(self.B_train.new_empty(len(self.layers), self.config.b, rank))
         start = A.shape[1]
-        nn.init.uniform_(self.A_train[:, start:], -1 / math.sqrt(self.config.a), 1 / math.sqrt(self.config.a))
+        self.A_train[:, start:] = random_A(len(self.layers), rank - start, self.config.a).to(self.A_train.device)
         self.A_train[:, :start] = A
         self.B_train.zero_()
         self.B_train[:, :, :start] = B
@@ -313,14 +315,6 @@ class LiDB:
     def relax_rank(self, rank: int) -> None:
         """Grow the shared weights to a higher rank without changing the function they compute."""
         self.start_from(self.A_train.detach().clone(), self.B_train.detach().clone(), rank)
-
-    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """name -> (lora_A [r, in], lora_B [out, r]) of the shared weights at scale 1, as the forward computes them."""
-        with torch.no_grad():
-            return {
-                name: lora_factors(self.A_train[layer.index], self.B_train[layer.index], layer.A_aux, layer.B_aux)
-                for name, layer in self.layers.items()
-            }
 
     def merge(self) -> None:
         """Fold the shared weights into the base weights (faster generation; unmerge to change them)."""
