@@ -76,6 +76,7 @@ def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: P
     else:
         A, B = lidb.initial_weights(generator=torch.Generator().manual_seed(config.seed))
     lidb.start_from(A.to(lidb.A_train.device), B.to(lidb.A_train.device), max(config.relaxed_rank, A.shape[1]))
+    lidb.set_scale(1.0)  # train the person at full strength, whatever the last generation used
     steps = config.steps if config.steps is not None else (STEPS_WITH_HYPERNET if hypernet is not None else STEPS_FROM_ZERO)
 
     freeze(pipe.unet, pipe.vae, *text_encoders(pipe).values())
