@@ -3,7 +3,10 @@
 import logging
 import os
 
-os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false")
+# One thread per process (CLI subprocesses inherit it): the models are tiny, and with two cores shared by
+# pytest, a CLI subprocess and a Gradio server, more threads only fight (small ops then slow down 1000x).
+os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false",
+                  OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 import pytest  # noqa: E402
@@ -11,7 +14,7 @@ import torch  # noqa: E402
 
 from hdb.models import build_tiny_pipeline, save_tiny_pipeline  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture
