@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,11 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     accumulation_steps: int = 1  # micro-batches per optimizer step
     fp16_loss_scaling: bool = False  # set when activations are fp16 (bf16/fp32 need none)
-    explode_factor: float = 50.0  # a loss this many times the first one means training blew up
+    # A loss above explode_factor x (the median of recent good losses, at least 1) means training blew
+    # up. Not "x the first loss": with one sample a step the diffusion loss spans ~100x across
+    # timesteps, so a first draw at high noise would stop healthy runs. The floor of 1 is the
+    # diffusion loss's own scale (its target is unit-variance noise).
+    explode_factor: float = 50.0
     progress: bool = True
     description: str = "training"
 
@@ -87,7 +92,6 @@ def train(
     backward = accelerator.backward if accelerator is not None else (lambda loss: scaler.scale(loss).backward())
     last_good = [p.detach().clone() for p in parameters]
     losses: list[float] = []
-    first_loss: float | None = None
     main_process = accelerator is None or accelerator.is_main_process
     bar = tqdm(range(start_step, config.steps), desc=config.description, disable=not (config.progress and main_process), leave=False)
     for step in bar:
@@ -102,11 +106,11 @@ def train(
         if accelerator is not None:
             loss_sum = accelerator.reduce(loss_sum, reduction="mean")
         value, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # one GPU sync a step
-        first_loss = value if first_loss is None else first_loss
-        if not math.isfinite(value) or value > config.explode_factor * max(first_loss, 1e-8):
+        typical = max(statistics.median(losses[-100:]), 1.0) if losses else 1.0
+        if not math.isfinite(value) or value > config.explode_factor * typical:
             _restore(parameters, last_good)
             raise TrainingDiverged(
-                f"{config.description}: loss became {value:.4g} at step {step} (first step: {first_loss:.4g}); "
+                f"{config.description}: loss became {value:.4g} at step {step} (typical so far: {typical:.4g}); "
                 "stopped and kept the weights of the last good step. Try a lower learning rate."
             )
         if not scaler.is_enabled() and not math.isfinite(norm):  # with fp16 scaling, the scaler skips such steps

@@ -92,6 +92,17 @@ def test_training_stops_when_the_loss_explodes():
         train([weight], loss_fn, TrainConfig(steps=3, learning_rate=0.1, progress=False))
 
 
+def test_a_first_step_at_high_noise_does_not_stop_healthy_training():
+    # one sample a step: a first draw near t=1000 has a tiny loss, a later one near t=0 a ~200x larger one
+    weight = torch.nn.Parameter(torch.ones(2))
+    losses = iter([0.002, 0.45, 0.01, 0.6, 0.003])
+
+    def loss_fn(step):
+        return weight.sum() * 0 + next(losses)
+
+    assert len(train([weight], loss_fn, TrainConfig(steps=5, learning_rate=0.1, progress=False))) == 5
+
+
 def test_style_presets_and_prompt_expansion():
     assert expand_prompt("[V] as a chef", "sks person") == "sks person as a chef"
     assert "oil painting" in expand_prompt("[V]", "sks person", "Oil painting")
