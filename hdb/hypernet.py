@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 
 from hdb.errors import HdbError
-from hdb.lidb import LiDBConfig, random_A
+from hdb.lidb import LiDBConfig, start_A
 
 CLIP_MEAN = (0.4815, 0.4578, 0.4082)
 CLIP_STD = (0.2686, 0.2613, 0.2758)
@@ -114,8 +114,8 @@ class HyperNetwork(nn.Module):
         # The iterations start where LiDB training from zero starts (A random, B zero, as LoRA): the model
         # is unchanged, yet the diffusion loss has a gradient at once (at A = B = 0 it has none). Saved with
         # the weights, so a checkpoint predicts the same everywhere.
-        start_A = random_A(L, config.rank, config.a, generator=torch.Generator().manual_seed(config.lidb_seed)).flatten(1)
-        self.register_buffer("start", torch.cat([start_A, torch.zeros(L, config.b * config.rank)], dim=1))
+        A = start_A(L, self.lidb_config).flatten(1)
+        self.register_buffer("start", torch.cat([A, torch.zeros(L, config.b * config.rank)], dim=1))
 
     @property
     def device(self) -> torch.device:

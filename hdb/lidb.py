@@ -93,6 +93,16 @@ def random_A(*shape: int, generator: torch.Generator | None = None) -> torch.Ten
     return (torch.rand(*shape, generator=generator) * 2 - 1) / math.sqrt(shape[-1])
 
 
+def start_A(num_layers: int, config: LiDBConfig) -> torch.Tensor:
+    """The A that every person's training starts from, fixed by the LiDB seed: [L, rank, a].
+
+    A rank-1 product is unchanged by A -> cA, B -> B/c, so people trained from different random A's
+    end up in different "gauges", and a per-entry loss between their weights (the hypernetwork's
+    weight term) would compare unlike with unlike. One shared start keeps them comparable.
+    """
+    return random_A(num_layers, config.rank, config.a, generator=torch.Generator().manual_seed(config.seed))
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
@@ -279,18 +289,20 @@ class LiDB:
             raise HdbError("Unmerge LiDB before changing its scale")
         self.source.scale = float(scale)
 
-    def initial_weights(self, count: int | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_weights(self, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Where training from zero starts, as in LoRA: A random, B zero (no change, yet gradients flow).
 
         count=None gives one person ([L, r, a], [L, b, r]); count=N gives N people ([N, L, r, a], ...).
+        Everyone starts from the same A, the one the hypernetwork starts from (see `start_A`).
         """
-        batch = () if count is None else (count,)
-        A = random_A(*batch, len(self.layers), self.config.rank, self.config.a, generator=generator)
-        B = torch.zeros(*batch, len(self.layers), self.config.b, self.config.rank)
+        A = start_A(len(self.layers), self.config)
+        B = torch.zeros(len(self.layers), self.config.b, self.config.rank)
+        if count is not None:
+            A, B = A.expand(count, -1, -1, -1).clone(), B.expand(count, -1, -1, -1).clone()
         return A.to(self.A_train.device), B.to(self.A_train.device)
 
     @torch.no_grad()
-    def start_from(self, A: torch.Tensor, B: torch.Tensor, rank: int | None = None) -> None:
+    def start_from(self, A: torch.Tensor, B: torch.Tensor, rank: int | None = None, generator: torch.Generator | None = None) -> None:
         """Load rank-k weights (A: [L, k, a], B: [L, b, k]) as the start of training at `rank` >= k.
 
         Rank relaxation: the extra rows of A are random and the extra columns of B zero, so the model
@@ -306,7 +318,7 @@ class LiDB:
             self.A_train = nn.Parameter(self.A_train.new_empty(len(self.layers), rank, self.config.a))
             self.B_train = nn.Parameter(self.B_train.new_empty(len(self.layers), self.config.b, rank))
         start = A.shape[1]
-        self.A_train[:, start:] = random_A(len(self.layers), rank - start, self.config.a).to(self.A_train.device)
+        self.A_train[:, start:] = random_A(len(self.layers), rank - start, self.config.a, generator=generator).to(self.A_train.device)
         self.A_train[:, :start] = A
         self.B_train.zero_()
         self.B_train[:, :, :start] = B

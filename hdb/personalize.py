@@ -74,8 +74,9 @@ def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: P
         hypernet.check_compatible(lidb)
         A, B = hypernet.predict(face.image)
     else:
-        A, B = lidb.initial_weights(generator=torch.Generator().manual_seed(config.seed))
-    lidb.start_from(A.to(lidb.A_train.device), B.to(lidb.A_train.device), max(config.relaxed_rank, A.shape[1]))
+        A, B = lidb.initial_weights()
+    relaxed_rows = torch.Generator().manual_seed(config.seed)  # the same person from the same seed
+    lidb.start_from(A.to(lidb.A_train.device), B.to(lidb.A_train.device), max(config.relaxed_rank, A.shape[1]), relaxed_rows)
     lidb.set_scale(1.0)  # train the person at full strength, whatever the last generation used
     steps = config.steps if config.steps is not None else (STEPS_WITH_HYPERNET if hypernet is not None else STEPS_FROM_ZERO)
 

@@ -62,7 +62,7 @@ def preoptimize(pipe, images: str | Path | list[Identity], out_dir: str | Path, 
     for start in range(0, len(todo), config.group_size):
         group = todo[start : start + config.group_size]
         latents = encode_identities(pipe, group, resolution)
-        A, B = lidb.initial_weights(len(group), torch.Generator().manual_seed(config.seed + start))
+        A, B = lidb.initial_weights(len(group))  # one shared start: comparable targets
         A, B = torch.nn.Parameter(A), torch.nn.Parameter(B)
         lidb.use_per_sample(A, B)
 

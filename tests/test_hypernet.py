@@ -39,6 +39,9 @@ def test_shapes_and_near_zero_start(tiny_sd15):
     # An untrained hypernetwork predicts (almost) "no change": B ~ 0, A ~ the fixed LoRA-style start.
     start_A = hypernet.start[:, : lidb.config.rank * lidb.config.a].reshape(lidb.A_train.shape)
     assert B.abs().max() < 0.05 and (A - start_A).abs().max() < 0.05 and start_A.abs().max() > 0.05
+    # ... the same A that training from zero starts from, for every person (one gauge for the weight loss)
+    start_A_each, start_B_each = lidb.initial_weights(3)
+    assert all(torch.equal(a, start_A) for a in start_A_each) and not start_B_each.any()
     A1, B1 = hypernet.predict(face())
     assert A1.shape == lidb.A_train.shape and B1.shape == lidb.B_train.shape and A1.dtype == torch.float32
     lidb.load_weights(A1, B1)
