@@ -1,0 +1,553 @@
+"""A synthetic world of faces: the paper's Table 3 in miniature, run on a CPU in minutes.
+
+    random identities (colours, proportions, hair, glasses, beard), jittered renders at 64 px
+    -> pre-train the tiny base UNet on renders of many people ("a photo of a person")
+    -> stage 1: pre-optimise a LiDB per training identity        (hdb.preoptimize)
+    -> stage 2: train the hypernetwork on the training identities (hdb.train_hypernet)
+    -> held-out identities, personalised from ONE render each    (hdb.personalize)
+    -> diffusion loss on OTHER renders of the same person, fixed noise and timesteps for every method
+
+Every training stage goes through `hdb.training.train`, the same loop the real model uses. The
+numbers are small-scale evidence that the pipeline learns, not a claim about SD1.5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+
+SIZE = 64  # the tiny pipeline's native resolution (8x8 latents)
+DRAW_SCALE = 2  # draw at 2x and downsample: anti-aliased edges
+HAIR_STYLES = ("bald", "short", "long", "bun")
+GENERIC_PROMPT = "a photo of a person"
+# How much renders of one person differ: scale, rotation (degrees), shift (fraction of the side), and
+# brightness/contrast. Kept small on purpose: the random VAE is not shift-invariant, so a few pixels of
+# shift already change the 8x8 latents as much as a change of person does.
+JITTER = {"scale": 0.02, "rotation": 2.0, "shift": 0.01, "light": 0.05, "background": 12.0, "blur": 1.0}
+
+
+# ----------------------------------------------------------------------------- the synthetic world
+
+
+@dataclass
+class ToyIdentity:
+    """What makes a person in this world; renders vary everything else."""
+
+    name: str
+    skin: tuple[int, int, int]
+    hair: tuple[int, int, int]
+    eyes: tuple[int, int, int]
+    face_width: float  # fractions of the image side
+    face_height: float
+    eye_spacing: float  # distance between eye centres, fraction of the face width
+    mouth_width: float  # fraction of the face width
+    hair_style: str
+    glasses: bool
+    beard: bool
+
+
+def _colour(rng: np.random.Generator, low: float, high: float) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.uniform(low, high, 3))
+
+
+# Hair and eye colours come from palettes: a world a few dozen training people can cover.
+HAIR_COLOURS = ((25, 20, 20), (90, 55, 30), (170, 120, 60), (225, 200, 120), (150, 40, 30), (200, 200, 205), (40, 90, 190), (60, 160, 80))
+EYE_COLOURS = ((60, 40, 25), (50, 110, 170), (60, 140, 80), (110, 110, 120))
+
+
+def random_identity(rng: np.random.Generator, name: str) -> ToyIdentity:
+    tone = rng.uniform(0.25, 1.0)  # skin from dark to light, warm-tinted
+    skin = (int(90 + 160 * tone), int(55 + 150 * tone), int(35 + 140 * tone))
+    return ToyIdentity(
+        name=name, skin=skin, hair=HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))], eyes=EYE_COLOURS[rng.integers(len(EYE_COLOURS))],
+        face_width=rng.uniform(0.44, 0.58), face_height=rng.uniform(0.56, 0.70),
+        eye_spacing=rng.uniform(0.34, 0.52), mouth_width=rng.uniform(0.25, 0.55),
+        hair_style=HAIR_STYLES[rng.integers(len(HAIR_STYLES))], glasses=bool(rng.random() < 0.35), beard=bool(rng.random() < 0.3),
+    )
+
+
+def render(identity: ToyIdentity, rng: np.random.Generator) -> Image.Image:
+    """One 64x64 RGB photo of `identity`: jittered pose, scale, lighting and background."""
+    side = SIZE * DRAW_SCALE
+    scale = rng.uniform(1 - JITTER["scale"], 1 + JITTER["scale"])
+    angle = rng.uniform(-JITTER["rotation"], JITTER["rotation"])
+    shift = rng.uniform(-JITTER["shift"], JITTER["shift"], 2) * side
+    face = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(face)
+    cx, cy = side / 2, side * 0.52
+    w, h = identity.face_width * side * scale / 2, identity.face_height * side * scale / 2  # half axes
+
+    def box(x: float, y: float, rx: float, ry: float) -> list[float]:
+        return [x - rx, y - ry, x + rx, y + ry]
+
+    hair = (*identity.hair, 255)
+    draw.rectangle([cx - 0.35 * w, cy + 0.8 * h, cx + 0.35 * w, cy + 1.5 * h], fill=(*identity.skin, 255))  # neck
+    if identity.hair_style == "long":  # behind the face, down to the shoulders
+        draw.rounded_rectangle([cx - 1.25 * w, cy - 1.2 * h, cx + 1.25 * w, cy + 1.1 * h], radius=w, fill=hair)
+    if identity.hair_style == "bun":
+        draw.ellipse(box(cx, cy - 1.15 * h, 0.45 * w, 0.3 * h), fill=hair)
+    draw.ellipse(box(cx, cy, w, h), fill=(*identity.skin, 255))
+    if identity.hair_style in ("short", "long", "bun"):  # a cap of hair over the top of the head
+        draw.chord(box(cx, cy - 0.15 * h, 1.04 * w, 0.95 * h), 180, 360, fill=hair)
+    if identity.beard:
+        draw.chord(box(cx, cy + 0.3 * h, 0.9 * w, 0.68 * h), 15, 165, fill=hair)
+    eye_y, eye_dx = cy - 0.12 * h, identity.eye_spacing * w
+    eye_r = 0.13 * w
+    for x in (cx - eye_dx, cx + eye_dx):
+        draw.ellipse(box(x, eye_y, eye_r * 1.4, eye_r), fill=(245, 245, 240, 255))
+        draw.ellipse(box(x, eye_y, eye_r * 0.7, eye_r * 0.7), fill=(*identity.eyes, 255))
+        draw.line([x - eye_r * 1.4, eye_y - 1.8 * eye_r, x + eye_r * 1.4, eye_y - 2.0 * eye_r], fill=hair, width=max(2, int(eye_r / 2)))
+        if identity.glasses:
+            draw.ellipse(box(x, eye_y, eye_r * 2.1, eye_r * 1.8), outline=(20, 20, 20, 255), width=max(2, int(eye_r / 2.5)))
+    if identity.glasses:
+        draw.line([cx - eye_dx + eye_r * 2.1, eye_y, cx + eye_dx - eye_r * 2.1, eye_y], fill=(20, 20, 20, 255), width=2)
+    nose = tuple(int(c * 0.8) for c in identity.skin)
+    draw.polygon([(cx, eye_y + 0.1 * h), (cx - 0.1 * w, cy + 0.25 * h), (cx + 0.1 * w, cy + 0.25 * h)], fill=(*nose, 255))
+    mouth_w = identity.mouth_width * w
+    draw.chord(box(cx, cy + 0.45 * h, mouth_w, 0.12 * h), 0, 180, fill=(170, 40, 50, 255))
+
+    face = face.rotate(angle, resample=Image.BICUBIC, center=(cx, cy), translate=tuple(shift))
+    grey, tint = 135 + rng.uniform(-2, 2) * JITTER["background"], rng.uniform(-1, 1, 3) * JITTER["background"]  # a muted colour
+    background = Image.new("RGBA", (side, side), (*(int(grey + t) for t in tint), 255))
+    photo = Image.alpha_composite(background, face).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)
+    photo = ImageEnhance.Brightness(photo).enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"]))
+    return ImageEnhance.Contrast(photo).enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"])).filter(ImageFilter.GaussianBlur(JITTER["blur"]))  # camera softness
+
+
+def renders_grid(rows: list[list[Image.Image]], gap: int = 2) -> Image.Image:
+    """Rows of equally sized images on one white sheet."""
+    w, h = rows[0][0].size
+    columns = max(len(row) for row in rows)
+    sheet = Image.new("RGB", (columns * (w + gap) + gap, len(rows) * (h + gap) + gap), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            sheet.paste(image, (gap + c * (w + gap), gap + r * (h + gap)))
+    return sheet
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+@dataclass
+class ToyConfig:
+    # base model: pre-trained on renders of people who appear nowhere else
+    pretrain_identities: int = 600
+    pretrain_renders: int = 4
+    pretrain_steps: int = 1000
+    pretrain_batch: int = 16
+    pretrain_lr: float = 1e-3
+    # stages 1 and 2: training identities, a few renders each
+    train_identities: int = 200
+    train_renders: int = 3
+    preopt_steps: int = 150  # per identity
+    preopt_group: int = 8  # identities trained together
+    preopt_lr: float = 5e-3
+    hyper_steps: int = 1000
+    hyper_batch: int = 8
+    hyper_lr: float = 3e-4
+    hyper_alpha: float = 1.0  # diffusion loss weight
+    hyper_beta: float = 100.0  # weight-space loss weight (its MSE is ~1e-2, the diffusion loss ~0.2)
+    hyper_width: int = 128
+    hyper_depth: int = 2
+    hyper_heads: int = 4
+    iterations: int = 4  # the hypernetwork's refinement iterations s
+    compare_s1: bool = True  # also train a hypernetwork with s=1 (the paper's ablation)
+    # held out from both stages: personalised from one render, scored on others
+    test_identities: int = 12
+    eval_renders: int = 4
+    eval_draws: int = 16  # noise/timestep draws per eval render
+    finetune_steps: int = 40
+    finetune_lr: float = 1e-3  # personalize's default
+    long_finetune_steps: int = 200  # zero init with the steps personalize gives it by default (0: skip)
+    upper_bound_renders: int = 8  # a LiDB pre-optimised on this many OTHER renders of the person (0: skip)
+
+
+QUICK = ToyConfig(
+    pretrain_identities=150, pretrain_steps=240, train_identities=96, preopt_steps=80, hyper_steps=300,
+    test_identities=8, eval_renders=3, eval_draws=12, long_finetune_steps=0, compare_s1=False, upper_bound_renders=0,
+)
+
+
+def _pixels(images: list[Image.Image]) -> torch.Tensor:
+    """PIL renders -> [B, 3, 64, 64] in [-1, 1], what the VAE takes."""
+    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) for i in images])).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def _encode(pipe, images: list[Image.Image], chunk: int = 64) -> torch.Tensor:
+    from hdb.diffusion import encode_images
+
+    return torch.cat([encode_images(pipe, _pixels(images[i : i + chunk])) for i in range(0, len(images), chunk)]).float()
+
+
+def calibrate_latents(pipe, images: list[Image.Image]) -> tuple[torch.Tensor, float]:
+    """Set the VAE's scaling factor so latents have unit standard deviation (SD's recipe for 0.18215).
+
+    The tiny VAE is random: with SD's factor its latents have std ~0.04, so at almost every timestep
+    the noisy latent is pure noise and the loss could not tell one person from another.
+    """
+    latents = _encode(pipe, images)
+    std = latents.std().item()
+    factor = pipe.vae.config.scaling_factor / std
+    pipe.vae.register_to_config(scaling_factor=factor)
+    return latents / std, factor
+
+
+def pretrain_base(pipe, latents: torch.Tensor, config: ToyConfig, seed: int, progress: bool = True) -> list[float]:
+    """Train every UNet weight on renders of many people with one generic prompt (text encoder and VAE stay random)."""
+    from hdb.diffusion import diffusion_loss, encode_prompts
+    from hdb.models import training_scheduler
+    from hdb.training import TrainConfig, freeze, train
+
+    freeze(pipe.vae, pipe.text_encoder)
+    pipe.unet.requires_grad_(True)
+    pipe.unet.train()
+    scheduler = training_scheduler(pipe)
+    with torch.no_grad():
+        cond = encode_prompts(pipe, [GENERIC_PROMPT] * config.pretrain_batch)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # a step's batch depends on (seed, step) only
+        batch = latents[torch.randint(0, len(latents), (config.pretrain_batch,), generator=generator)]
+        noise = torch.randn(batch.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
+        return diffusion_loss(pipe, scheduler, batch, cond, noise, timesteps).mean()
+
+    # The learning rate, then a tenth of it for the last quarter: the base should be near converged, or
+    # any further training (LiDB included) would lower the loss of every person alike.
+    cooldown = config.pretrain_steps // 4
+    phases = ((config.pretrain_lr, 0, config.pretrain_steps - cooldown), (config.pretrain_lr / 10, config.pretrain_steps - cooldown, config.pretrain_steps))
+    losses = []
+    for lr, start, end in phases:
+        train_config = TrainConfig(steps=end, learning_rate=lr, weight_decay=0.01, progress=progress, description="pre-training the base UNet")
+        losses += train(list(pipe.unet.parameters()), loss_fn, train_config, start_step=start)
+    freeze(pipe.unet)
+    pipe.unet.eval()
+    return losses
+
+
+@dataclass
+class Person:
+    """An identity with its renders: `photos` are what training (or personalisation) sees, `eval_renders` score it."""
+
+    identity: ToyIdentity
+    photos: list[Image.Image]
+    eval_renders: list[Image.Image]
+    extra_renders: list[Image.Image]  # held-out people only: what the upper bound trains on
+
+
+def sample_people(seed: int, role: int, count: int, photos: int, eval_renders: int, prefix: str, extra_renders: int = 0) -> list[Person]:
+    """`count` people of one role (0 pre-training, 1 training, 2 test); person i depends on (seed, role, i) only."""
+    people = []
+    for index in range(count):
+        rng = np.random.default_rng([seed, role, index])
+        identity = random_identity(rng, f"{prefix}{index:03d}")
+        shots = [render(identity, rng) for _ in range(photos)]
+        evals = [render(identity, rng) for _ in range(eval_renders)]
+        people.append(Person(identity, shots, evals, [render(identity, rng) for _ in range(extra_renders)]))
+    return people
+
+
+def as_identities(people: list[Person]) -> list:
+    from hdb.identities import Identity
+
+    return [Identity(p.identity.name, p.photos) for p in people]
+
+
+def preoptimize_people(pipe, people: list[Person], out_dir: Path, config: ToyConfig, seed: int, progress: bool = True) -> dict:
+    """Stage 1: a LiDB per training identity, `preopt_group` identities at a time (LiDB's per-sample path)."""
+    from hdb.preoptimize import PreoptimizeConfig, preoptimize
+
+    preopt_config = PreoptimizeConfig(steps=config.preopt_steps, group_size=config.preopt_group, learning_rate=config.preopt_lr, seed=seed, progress=progress)
+    return preoptimize(pipe, as_identities(people), out_dir, preopt_config)["losses"]
+
+
+def _progress(items, enabled: bool, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, disable=not enabled, leave=False)
+
+
+@dataclass
+class EvalDraws:
+    """Fixed noise and timesteps for one held-out person, shared by every method (paired comparisons)."""
+
+    latents: torch.Tensor  # [renders * draws, 4, 8, 8]
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def eval_draws(pipe, person: Person, draws: int, seed: int) -> EvalDraws:
+    generator = torch.Generator().manual_seed(seed)
+    latents = _encode(pipe, person.eval_renders).repeat_interleave(draws, dim=0)
+    # evenly spaced timesteps with a random phase per render: every noise level counts, as in training
+    grid = (torch.arange(draws) + torch.rand(len(person.eval_renders), 1, generator=generator)) * (1000 / draws)
+    timesteps = grid.flatten().long().clamp(0, 999)
+    return EvalDraws(latents, torch.randn(latents.shape, generator=generator), timesteps)
+
+
+@torch.no_grad()
+def heldout_loss(pipe, lidb, draws: EvalDraws, prompt: str) -> float:
+    """Diffusion loss of the LiDB's current shared weights on the person's other renders."""
+    from hdb.diffusion import diffusion_loss, encode_prompts
+    from hdb.models import training_scheduler
+
+    lidb.use_shared()
+    cond = encode_prompts(pipe, [prompt] * len(draws.latents))
+    return diffusion_loss(pipe, training_scheduler(pipe), draws.latents, cond, draws.noise, draws.timesteps).mean().item()
+
+
+def method_labels(config: ToyConfig) -> dict[str, str]:
+    labels = {
+        "base": "base model (no personalisation)",
+        "zero_ft": f"zero init + {config.finetune_steps} steps",
+        "zero_ft_long": f"zero init + {config.long_finetune_steps} steps",
+        "hyper_s1": "hypernetwork only, trained with s=1",
+        "hyper": f"hypernetwork only, s={config.iterations}",
+        "hyper_ft": f"hypernetwork + {config.finetune_steps} rank-relaxed steps",
+        "hyper_wrong": "control: hypernetwork fed another person's photo",
+        "upper_bound": f"upper bound: LiDB pre-optimised on {config.upper_bound_renders} other renders",
+    }
+    if not config.long_finetune_steps:
+        del labels["zero_ft_long"]
+    if not config.compare_s1:
+        del labels["hyper_s1"]
+    if not config.upper_bound_renders:
+        del labels["upper_bound"]
+    return labels
+
+
+def evaluate_methods(pipe, hypernet, hypernet_s1, upper_bound_dir: Path | None, test: list[Person], config: ToyConfig, seed: int, progress: bool = True) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Each method's held-out loss per test person, personalised from that person's one photo; and guard stops."""
+    from hdb.faces import AlignedFace
+    from hdb.lidb import LiDB
+    from hdb.personal_file import DEFAULT_INSTANCE_PROMPT
+    from hdb.personalize import PersonalizeConfig, personalize
+    from hdb.preoptimize import load_weights_dataset
+    from hdb.training import TrainingDiverged
+
+    lidb = LiDB(pipe, hypernet.lidb_config)
+    upper_bound = load_weights_dataset(upper_bound_dir, lidb, [p.identity.name for p in test]) if upper_bound_dir else {}
+    scores: dict[str, list[float]] = {name: [] for name in method_labels(config)}
+    stops: dict[str, int] = {}
+    hypernet.eval()
+
+    def finetune(name: str, face, net, steps: int) -> None:
+        ft = PersonalizeConfig(steps=steps, learning_rate=config.finetune_lr, seed=seed, progress=False)
+        try:
+            personalize(pipe, face, net, ft, lidb=lidb)
+        except TrainingDiverged:  # the LiDB holds the last good step's weights: score those, and count the stop
+            stops[name] = stops.get(name, 0) + 1
+
+    for k, person in enumerate(_progress(test, progress, "personalising held-out people")):
+        draws = eval_draws(pipe, person, config.eval_draws, seed * 7919 + k)
+        photo, face = person.photos[0], AlignedFace.from_crop(person.photos[0])  # a render is already an aligned crop
+
+        def score(name: str) -> None:
+            scores[name].append(heldout_loss(pipe, lidb, draws, DEFAULT_INSTANCE_PROMPT))
+
+        lidb.start_from(*lidb.initial_weights())  # B = 0: the base model
+        score("base")
+        other = test[(k + 1) % len(test)].photos[0]
+        with torch.no_grad():
+            for name, net, image in (("hyper_s1", hypernet_s1, photo), ("hyper", hypernet, photo), ("hyper_wrong", hypernet, other)):
+                if net is not None:
+                    lidb.start_from(*net.predict(image))
+                    score(name)
+        finetune("zero_ft", face, None, config.finetune_steps)
+        score("zero_ft")
+        if config.long_finetune_steps:
+            finetune("zero_ft_long", face, None, config.long_finetune_steps)
+            score("zero_ft_long")
+        finetune("hyper_ft", face, hypernet, config.finetune_steps)
+        score("hyper_ft")
+        if upper_bound:
+            lidb.start_from(*upper_bound[person.identity.name])
+            score("upper_bound")
+    lidb.detach()
+    return scores, stops
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+def run_toy(out_dir: str | Path = "docs/toy", quick: bool = False, seed: int = 0, config: ToyConfig | None = None, progress: bool = True) -> dict:
+    """Run the experiment end to end; write results.json, results.md, losses.png, renders.jpg to `out_dir`.
+
+    Intermediate files (stage 1 weights, hypernetwork checkpoint, TensorBoard logs) go to out_dir/work,
+    which is emptied first: a resumable stage must not pick up a previous run's state.
+    """
+    from hdb.hypernet import HyperNetwork
+    from hdb.models import build_tiny_pipeline
+    from hdb.train_hypernet import HypernetTrainConfig, train_hypernetwork
+
+    config = config or (QUICK if quick else ToyConfig())
+    out, started = Path(out_dir), time.perf_counter()
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 1)
+        if progress:
+            print(f"  {name}: {timings[name]:.1f} s", flush=True)
+        return now
+
+    # 1. the world: three disjoint populations
+    clock = time.perf_counter()
+    crowd = sample_people(seed, 0, config.pretrain_identities, config.pretrain_renders, 0, "crowd")
+    train_people = sample_people(seed, 1, config.train_identities, config.train_renders, 0, "train")
+    test_people = sample_people(seed, 2, config.test_identities, 1, config.eval_renders, "test", config.upper_bound_renders)
+    clock = lap("render", clock)
+
+    # 2. the base model
+    pipe = build_tiny_pipeline("sd15", seed)
+    pipe.set_progress_bar_config(disable=True)
+    latents, factor = calibrate_latents(pipe, [photo for person in crowd for photo in person.photos])
+    pretrain_losses = pretrain_base(pipe, latents, config, seed, progress)
+    clock = lap("pretrain", clock)
+
+    # 3. stage 1: a LiDB per training identity
+    preopt_losses = preoptimize_people(pipe, train_people, work / "preopt", config, seed, progress)
+    clock = lap("preoptimize", clock)
+
+    # 4. stage 2: the hypernetwork. The held-out people go first with holdout=len(test): train_hypernetwork
+    # never trains on them, only reports its validation loss on their one photo.
+    def train_stage2(iterations: int, folder: str) -> tuple[HyperNetwork, dict]:
+        hyper_config = HypernetTrainConfig(
+            steps=config.hyper_steps, batch_size=config.hyper_batch, learning_rate=config.hyper_lr, alpha=config.hyper_alpha,
+            beta=config.hyper_beta, holdout=len(test_people), seed=seed, image_encoder="tiny", width=config.hyper_width,
+            depth=config.hyper_depth, heads=config.hyper_heads, iterations=iterations, checkpoint_every=config.hyper_steps,
+            validate_every=max(config.hyper_steps // 10, 1), progress=progress,
+        )
+        summary = train_hypernetwork(pipe, as_identities(test_people + train_people), work / folder, work / "preopt", hyper_config, device="cpu")
+        return HyperNetwork.from_pretrained(work / folder / "hypernet"), summary
+
+    hypernet, summary = train_stage2(config.iterations, "hypernet")
+    clock = lap("hypernetwork", clock)
+    hypernet_s1 = None
+    if config.compare_s1:  # the paper's iterative-refinement ablation: the same training with one iteration
+        hypernet_s1, _ = train_stage2(1, "hypernet_s1")
+        clock = lap("hypernetwork_s1", clock)
+
+    # 5. held-out people, personalised from one render, scored on their other renders; and what a LiDB
+    # learns from many renders of them (stage 1 on their extra renders), the most one LiDB can do
+    upper_bound_dir = None
+    if config.upper_bound_renders:
+        upper_bound_dir = work / "upper_bound"
+        upper = [Person(p.identity, p.extra_renders, [], []) for p in test_people]
+        preoptimize_people(pipe, upper, upper_bound_dir, config, seed, progress)
+    scores, stops = evaluate_methods(pipe, hypernet, hypernet_s1, upper_bound_dir, test_people, config, seed, progress)
+    lap("evaluate", clock)
+    timings["total"] = round(time.perf_counter() - started, 1)
+
+    results = {
+        "seed": seed, "quick": quick, "config": asdict(config), "timings_s": timings, "torch_threads": torch.get_num_threads(),
+        "latent_scaling_factor": factor, "jitter": JITTER,
+        "losses": {
+            "pretrain": pretrain_losses, "preoptimize": preopt_losses,
+            "hypernet": summary["losses"], "hypernet_validation": summary["validation"],
+        },
+        "methods": summarise(scores, config), "guard_stops": stops, "held_out": [p.identity.name for p in test_people],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(results_table(results))
+    plot_losses(results, out / "losses.png")
+    renders_sheet(train_people[:4], test_people[:6]).save(out / "renders.jpg", quality=92)
+    return results
+
+
+def summarise(scores: dict[str, list[float]], config: ToyConfig) -> dict:
+    """Per method: mean loss, per-person losses, and on how many people it beats base / zero init / the control."""
+    base, zero, wrong = (np.array(scores[k]) for k in ("base", "zero_ft", "hyper_wrong"))
+    labels = method_labels(config)
+    summary = {}
+    for name, values in scores.items():
+        v = np.array(values)
+        summary[name] = {
+            "label": labels[name], "mean": float(v.mean()), "per_person": [float(x) for x in v],
+            "vs_base_pct": float(100 * (v.mean() / base.mean() - 1)),
+            "beats_base": int((v < base).sum()), "beats_zero_ft": int((v < zero).sum()), "beats_wrong_photo": int((v < wrong).sum()),
+            "people": len(v),
+        }
+    return summary
+
+
+def results_table(results: dict) -> str:
+    methods, n = results["methods"], results["methods"]["base"]["people"]
+    lines = [
+        f"Held-out diffusion loss on {results['config']['eval_renders']} other renders x {results['config']['eval_draws']} fixed "
+        f"noise/timestep draws per person, {n} held-out people, each personalised from one render (seed {results['seed']}"
+        f"{', quick' if results['quick'] else ''}). Lower is better; \"beats\" counts people.",
+        "",
+        "| method | mean loss | vs base | beats base | beats zero init + steps | beats control |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ("base", "zero_ft", "zero_ft_long", "hyper_s1", "hyper", "hyper_ft", "hyper_wrong", "upper_bound"):
+        if name not in methods:
+            continue
+        m = methods[name]
+        lines.append(f"| {m['label']} | {m['mean']:.5f} | {m['vs_base_pct']:+.2f}% | {m['beats_base']}/{n} | {m['beats_zero_ft']}/{n} | {m['beats_wrong_photo']}/{n} |")
+    if results["guard_stops"]:
+        lines += ["", f"train()'s divergence guard stopped these finetunes early (scored at their last good step): {results['guard_stops']}"]
+    t = results["timings_s"]
+    lines += ["", "Time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) + f"; {results['torch_threads']} torch thread(s)."]
+    return "\n".join(lines) + "\n"
+
+
+def _smooth(values: list[float], window: int) -> np.ndarray:
+    window = max(1, min(window, len(values)))
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+PLOT_LABELS = {
+    "zero_ft": "zero init\n+{finetune_steps} steps", "zero_ft_long": "zero init\n+{long_finetune_steps} steps",
+    "hyper_s1": "hypernet\n(s=1)", "hyper": "hypernet\n(s={iterations})", "hyper_ft": "hypernet\n+{finetune_steps} steps",
+    "hyper_wrong": "control:\nwrong photo", "upper_bound": "upper bound\n({upper_bound_renders} renders)",
+}
+
+
+def plot_losses(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    pretrain = results["losses"]["pretrain"]
+    axes[0].plot(_smooth(pretrain, 25))
+    axes[0].set(title="base UNet pre-training (diffusion loss, 25-step mean)", xlabel="step", ylabel="loss")
+    hyper = results["losses"]["hypernet"]
+    axes[1].plot(_smooth(hyper, 25), label="training: alpha*diffusion + beta*weight MSE")
+    axes[1].set(title="hypernetwork training (25-step mean)", xlabel="step", ylabel="loss")
+    axes[1].legend(fontsize=8)
+    methods = results["methods"]
+    names = [n for n in ("zero_ft", "zero_ft_long", "hyper_s1", "hyper", "hyper_ft", "hyper_wrong", "upper_bound") if n in methods]
+    base = np.array(methods["base"]["per_person"])
+    for i, name in enumerate(names):
+        delta = 100 * (np.array(methods[name]["per_person"]) / base - 1)
+        axes[2].bar(i, delta.mean(), color="C1" if name.startswith("hyper") else "C2" if name == "upper_bound" else "C0", alpha=0.6)
+        axes[2].scatter(np.full(len(delta), i), delta, s=10, color="k", zorder=3)
+    axes[2].axhline(0, color="grey", linewidth=0.8)
+    axes[2].set_xticks(range(len(names)), [PLOT_LABELS[n].format(**results["config"]) for n in names], fontsize=7)
+    axes[2].set(title="held-out loss vs base model, per person (%)", ylabel="% change (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def renders_sheet(train_people: list[Person], test_people: list[Person], zoom: int = 2) -> Image.Image:
+    """Rows = people: training people's photos, then held-out people's one photo followed by their eval renders."""
+    rows = [p.photos for p in train_people] + [p.photos + p.eval_renders for p in test_people]
+    sheet = renders_grid(rows)
+    return sheet.resize((sheet.width * zoom, sheet.height * zoom), Image.NEAREST)
