@@ -14,10 +14,9 @@ numbers are small-scale evidence that the pipeline learns, not a claim about SD1
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +149,7 @@ class ToyConfig:
     preopt_steps: int = 150  # per identity
     preopt_group: int = 8  # identities trained together
     preopt_lr: float = 5e-3
-    hyper_steps: int = 1000
+    hyper_steps: int = 2000
     hyper_batch: int = 8
     hyper_lr: float = 3e-4
     hyper_alpha: float = 1.0  # diffusion loss weight
@@ -337,7 +336,9 @@ def evaluate_methods(pipe, hypernet, hypernet_s1, upper_bound_dir: Path | None, 
     upper_bound = load_weights_dataset(upper_bound_dir, lidb, [p.identity.name for p in test]) if upper_bound_dir else {}
     scores: dict[str, list[float]] = {name: [] for name in method_labels(config)}
     stops: dict[str, int] = {}
-    hypernet.eval()
+    for net in (hypernet, hypernet_s1):
+        if net is not None:
+            net.eval()
 
     def finetune(name: str, face, net, steps: int) -> None:
         ft = PersonalizeConfig(steps=steps, learning_rate=config.finetune_lr, seed=seed, progress=False)
