@@ -491,7 +491,7 @@ def results_table(results: dict) -> str:
         f"noise/timestep draws per person, {n} held-out people, each personalised from one render (seed {results['seed']}"
         f"{', quick' if results['quick'] else ''}). Lower is better; \"beats\" counts people.",
         "",
-        "| method | mean loss | vs base | beats base | beats zero init + steps | beats control |",
+        f"| method | mean loss | vs base | beats base | beats zero init + {results['config']['finetune_steps']} steps | beats control (wrong photo) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name in ("base", "zero_ft", "zero_ft_long", "hyper_s1", "hyper", "hyper_ft", "hyper_wrong", "upper_bound"):
@@ -524,7 +524,7 @@ def plot_losses(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.5]})
     pretrain = results["losses"]["pretrain"]
     axes[0].plot(_smooth(pretrain, 25))
     axes[0].set(title="base UNet pre-training (diffusion loss, 25-step mean)", xlabel="step", ylabel="loss")
