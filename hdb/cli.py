@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     toy = sub.add_parser("toy", help="small-scale proof that it learns: synthetic faces, all stages, held-out loss table (CPU)")
     toy.add_argument("--out", type=Path, default=Path("docs/toy"), help="results.json, results.md, losses.png, renders.jpg")
-    toy.add_argument("--quick", action="store_true", help="shortened run for CI (~1-2 min)")
+    toy.add_argument("--quick", action="store_true", help="the shortened run the tests use (~3 min on one core)")
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other work shares the cores)")
     toy.set_defaults(run=cmd_toy)
