@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from PIL import Image
 
 from hdb.models import is_sdxl
 
@@ -40,6 +42,11 @@ def predict_noise(pipe, latents: torch.Tensor, timesteps: torch.Tensor, cond: Co
         time_ids = torch.tensor([size, size, 0, 0, size, size], device=latents.device, dtype=cond.pooled.dtype)
         added = {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(latents.shape[0], 1)}
     return pipe.unet(latents, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
+
+
+def to_pixels(images: list[Image.Image]) -> torch.Tensor:
+    """RGB images of one size -> [B, 3, H, W] in [-1, 1], what `encode_images` takes."""
+    return torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) for image in images])).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 @torch.no_grad()

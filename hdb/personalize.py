@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from hdb.diffusion import diffusion_loss, encode_images, encode_prompts
+from hdb.diffusion import diffusion_loss, encode_images, encode_prompts, to_pixels
 from hdb.errors import HdbError
 from hdb.faces import AlignedFace, ImageSource, align_face
 from hdb.lidb import LiDB, LiDBConfig, text_encoders
@@ -61,8 +60,7 @@ def augmented_views(image: Image.Image, resolution: int, count: int = 4) -> torc
     for zoom in (0.92, 0.85)[: max(count - 2, 0)]:
         margin = int(image.width * (1 - zoom) / 2)
         views.append(image.crop((margin, margin, image.width - margin, image.height - margin)))
-    arrays = [np.asarray(view.resize((resolution, resolution), Image.BICUBIC), dtype=np.float32) for view in views[:count]]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return to_pixels([view.resize((resolution, resolution), Image.BICUBIC) for view in views[:count]])
 
 
 def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: PersonalizeConfig = PersonalizeConfig(), lidb: LiDB | None = None, on_step=None) -> Personalization:

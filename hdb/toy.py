@@ -121,17 +121,6 @@ def render(identity: ToyIdentity, rng: np.random.Generator) -> Image.Image:
     return ImageEnhance.Contrast(photo).enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"])).filter(ImageFilter.GaussianBlur(JITTER["blur"]))  # camera softness
 
 
-def renders_grid(rows: list[list[Image.Image]], gap: int = 2) -> Image.Image:
-    """Rows of equally sized images on one white sheet."""
-    w, h = rows[0][0].size
-    columns = max(len(row) for row in rows)
-    sheet = Image.new("RGB", (columns * (w + gap) + gap, len(rows) * (h + gap) + gap), (255, 255, 255))
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            sheet.paste(image, (gap + c * (w + gap), gap + r * (h + gap)))
-    return sheet
-
-
 # ----------------------------------------------------------------------------- the experiment
 
 
@@ -175,15 +164,10 @@ QUICK = ToyConfig(
 )
 
 
-def _pixels(images: list[Image.Image]) -> torch.Tensor:
-    """PIL renders -> [B, 3, 64, 64] in [-1, 1], what the VAE takes."""
-    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) for i in images])).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
 def _encode(pipe, images: list[Image.Image], chunk: int = 64) -> torch.Tensor:
-    from hdb.diffusion import encode_images
+    from hdb.diffusion import encode_images, to_pixels
 
-    return torch.cat([encode_images(pipe, _pixels(images[i : i + chunk])) for i in range(0, len(images), chunk)]).float()
+    return torch.cat([encode_images(pipe, to_pixels(images[i : i + chunk])) for i in range(0, len(images), chunk)]).float()
 
 
 def calibrate_latents(pipe, images: list[Image.Image]) -> tuple[torch.Tensor, float]:
@@ -549,6 +533,10 @@ def plot_losses(results: dict, path: Path) -> None:
 
 def renders_sheet(train_people: list[Person], test_people: list[Person], zoom: int = 2) -> Image.Image:
     """Rows = people: training people's photos, then held-out people's one photo followed by their eval renders."""
+    from diffusers.utils import make_image_grid
+
     rows = [p.photos for p in train_people] + [p.photos + p.eval_renders for p in test_people]
-    sheet = renders_grid(rows)
+    columns = max(len(row) for row in rows)
+    blank = Image.new("RGB", rows[0][0].size, (255, 255, 255))  # pads the shorter rows
+    sheet = make_image_grid([tile for row in rows for tile in row + [blank] * (columns - len(row))], rows=len(rows), cols=columns)
     return sheet.resize((sheet.width * zoom, sheet.height * zoom), Image.NEAREST)
