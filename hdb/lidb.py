@@ -207,7 +207,7 @@ class LiDB:
             raise HdbError(f"No attention projections found in {type(pipe).__name__}; is it a Stable Diffusion pipeline?")
         self.layer_shapes = {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}
         device = pipe.unet.device
-        self.A_train = nn.Parameter(random_A(len(targets), config.rank, config.a).to(device))
+        self.A_train = nn.Parameter(start_A(len(targets), config).to(device))  # = initial_weights(): B = 0
         self.B_train = nn.Parameter(torch.zeros(len(targets), config.b, config.rank, device=device))
         self.source = WeightSource(self.A_train, self.B_train)
         self.layers: dict[str, LiDBLinear] = {}
