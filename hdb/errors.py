@@ -1,5 +1,31 @@
 """The one exception type users see: a clear, one-line message, never a stack trace."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class HdbError(Exception):
     """A problem the user can act on (bad input, missing model, mismatched file, ...)."""
+
+
+def from_hub_or_directory(kind: str, name: str, loader: Callable[[str], T], pass_as: str = "DIR") -> T:
+    """`loader(local directory or hub id)`, with the ways that fails offline turned into one clear HdbError.
+
+    `kind` names the model in messages ("base model", "CLIP model"); `pass_as` is how to hand over a download.
+    """
+    local = Path(name).expanduser()
+    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise HdbError(f"{kind[0].upper()}{kind[1:]} directory {name} does not exist (a hub id looks like 'owner/name')")
+    try:
+        return loader(str(local) if local.exists() else name)
+    except (OSError, ValueError) as error:  # offline, unknown or malformed hub id, incomplete directory
+        raise HdbError(
+            f"Could not load {kind} {name!r}: it is not a complete local directory and could not be fetched from the "
+            f"Hugging Face Hub ({type(error).__name__}). On a connected machine run "
+            f"`huggingface-cli download {name} --local-dir DIR`, then pass {pass_as}."
+        ) from None

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hdb.errors import HdbError
+from hdb.errors import HdbError, from_hub_or_directory
 from hdb.faces import AlignedFace, ImageSource, align_face, face_embedding, load_image
 from hdb.personal_file import PersonalWeights, apply_personal, load_personal
 from hdb.styles import PERSON, expand_prompt
@@ -60,19 +60,6 @@ def identity_matrix(images: dict[str, ImageSource]) -> dict[tuple[str, str], flo
     return {(a, b): _cosine(descriptors[a], descriptors[b]) for a in images for b in images if a != b}
 
 
-def _load(kind: str, name: str, loader):
-    """Load model + processor from a local directory or the hub, with one clear error when it cannot be."""
-    local = Path(name).expanduser()
-    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise HdbError(f"{kind} model directory {name} does not exist (a hub id looks like 'owner/name')")
-    try:
-        return loader(str(local) if local.exists() else name)
-    except (OSError, ValueError) as error:  # offline, unknown id, incomplete directory
-        raise HdbError(f"Could not load {kind} model {name!r}: not a complete local directory and not fetchable from "
-                       f"the Hugging Face Hub ({type(error).__name__}). On a connected machine run "
-                       f"`huggingface-cli download {name} --local-dir DIR`, then pass DIR.") from None
-
-
 def _features(output) -> torch.Tensor:
     # transformers 5 returns a model output (projected pooler_output) where 4.x returned the tensor
     return output if isinstance(output, torch.Tensor) else output.pooler_output
@@ -104,7 +91,7 @@ class Evaluator:
         if self._clip is None:
             from transformers import CLIPModel, CLIPProcessor
 
-            model, processor = _load("CLIP", self.clip_name, lambda p: (CLIPModel.from_pretrained(p), CLIPProcessor.from_pretrained(p)))
+            model, processor = from_hub_or_directory("CLIP model", self.clip_name, lambda p: (CLIPModel.from_pretrained(p), CLIPProcessor.from_pretrained(p)))
             self._clip = model.to(self.device).eval(), processor
         return self._clip
 
@@ -112,7 +99,7 @@ class Evaluator:
         if self._dino is None:
             from transformers import AutoImageProcessor, AutoModel
 
-            model, processor = _load("DINO", self.dino_name, lambda p: (AutoModel.from_pretrained(p), AutoImageProcessor.from_pretrained(p)))
+            model, processor = from_hub_or_directory("DINO model", self.dino_name, lambda p: (AutoModel.from_pretrained(p), AutoImageProcessor.from_pretrained(p)))
             self._dino = model.to(self.device).eval(), processor
         return self._dino
 

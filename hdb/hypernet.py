@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 
-from hdb.errors import HdbError
+from hdb.errors import HdbError, from_hub_or_directory
 from hdb.lidb import LiDBConfig, start_A
 
 CLIP_MEAN = (0.4815, 0.4578, 0.4082)
@@ -58,15 +58,7 @@ class HyperNetworkConfig:
 
 def load_image_encoder(name_or_path: str) -> nn.Module:
     """A transformers vision model whose output has `last_hidden_state` [B, T, D] (CLIP/SigLIP: the vision tower)."""
-    local = Path(name_or_path).expanduser()
-    try:
-        model = AutoModel.from_pretrained(str(local) if local.exists() else name_or_path)
-    except OSError as error:  # offline, unknown id, or a path that does not exist all arrive as OSError
-        raise HdbError(
-            f"Could not load image encoder {name_or_path!r}: it is not a local directory and could not be fetched "
-            f"from the Hugging Face Hub ({type(error).__name__}). On a connected machine run "
-            f"`huggingface-cli download {name_or_path} --local-dir DIR`, then pass DIR."
-        ) from None
+    model = from_hub_or_directory("image encoder", name_or_path, AutoModel.from_pretrained)
     return getattr(model, "vision_model", model)  # full CLIP/SigLIP: keep only the image tower
 
 

@@ -23,7 +23,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from hdb import DEFAULT_BASE
-from hdb.errors import HdbError
+from hdb.errors import HdbError, from_hub_or_directory
 
 TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 SUPPORTED = (StableDiffusionPipeline, StableDiffusionXLPipeline)
@@ -64,16 +64,7 @@ def load_pipeline(
     local = Path(base).expanduser()
     if local.exists() and not (local / "model_index.json").is_file():
         raise HdbError(f"{base} is not a diffusers pipeline directory (it has no model_index.json)")
-    if not local.exists() and (base.startswith((".", "/", "~")) or base.count("/") > 1):
-        raise HdbError(f"Base model directory {base} does not exist (a hub id looks like 'owner/name')")
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else base, dtype=torch_dtype)
-    except (OSError, ValueError) as error:  # offline, unknown or malformed hub id
-        raise HdbError(
-            f"Could not load base model {base!r}: it is not a local directory and could not be fetched "
-            f"from the Hugging Face Hub ({type(error).__name__}). On a connected machine run "
-            f"`huggingface-cli download {base} --local-dir DIR`, then pass --base DIR."
-        ) from None
+    pipe = from_hub_or_directory("base model", base, lambda path: DiffusionPipeline.from_pretrained(path, dtype=torch_dtype), "--base DIR")
     if not isinstance(pipe, SUPPORTED):
         raise HdbError(f"{base} is a {type(pipe).__name__}; hdb supports Stable Diffusion 1.x/2.x and SDXL pipelines")
     pipe.set_progress_bar_config(disable=True)
