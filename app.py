@@ -128,7 +128,7 @@ def forget(session: Session | None) -> None:
 
 def make_handlers(engine: Engine):
     from hdb.export import export_lora
-    from hdb.faces import align_face
+    from hdb.faces import align_face, crop_size
     from hdb.generate import generate
     from hdb.personal_file import check_compatible, load_personal, save_personal
     from hdb.personalize import PersonalizeConfig, native_resolution, personalize
@@ -137,7 +137,7 @@ def make_handlers(engine: Engine):
         if not photo:
             return None, ""
         try:
-            face = align_face(photo, size=max(native_resolution(engine.pipe), 256))
+            face = align_face(photo, size=crop_size(native_resolution(engine.pipe)))
         except HdbError as error:
             raise gr.Error(str(error)) from None
         return face.image, face.note or "Face found and aligned."
@@ -153,7 +153,7 @@ def make_handlers(engine: Engine):
         yield None, f"Preparing the face... ({engine.estimate(steps)})", session, None
         try:
             progress(0, desc="Finding and aligning the face")
-            face = align_face(photo, size=max(native_resolution(engine.pipe), 256))
+            face = align_face(photo, size=crop_size(native_resolution(engine.pipe)))
             progress(0.05, desc="Predicting weights" if engine.hypernet else "Starting from zero (no hypernetwork)")
             started = time.perf_counter()
 

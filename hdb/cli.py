@@ -61,9 +61,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_personalize(args: argparse.Namespace) -> None:
     import torch
 
-    from hdb.faces import align_face
+    from hdb.faces import align_face, crop_size
 
-    face = align_face(args.photo, size=max(args.resolution or 512, 256))  # a bad photo fails before the model loads
+    face = align_face(args.photo, size=crop_size(args.resolution or 512))  # a bad photo fails before the model loads
     if face.note:
         print(face.note)
     from hdb.models import load_pipeline

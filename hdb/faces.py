@@ -177,6 +177,11 @@ def detect_faces(source: ImageSource) -> list[Face]:
     return sorted(faces, key=lambda f: (-f.score, -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
 
 
+def crop_size(resolution: int) -> int:
+    """The side faces are aligned at for a model of `resolution` px: never under 256 (tiny test models are 64 px)."""
+    return max(resolution, 256)
+
+
 def align_face(source: ImageSource, size: int = 512) -> AlignedFace:
     """Crop the most confident face to a size x size portrait, eyes and nose on TEMPLATE."""
     if size < MIN_SIDE:

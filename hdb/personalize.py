@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from hdb.diffusion import diffusion_loss, encode_images, encode_prompts, to_pixels
 from hdb.errors import HdbError
-from hdb.faces import AlignedFace, ImageSource, align_face
+from hdb.faces import AlignedFace, ImageSource, align_face, crop_size
 from hdb.lidb import LiDB, LiDBConfig, text_encoders
 from hdb.models import training_scheduler
 from hdb.personal_file import DEFAULT_INSTANCE_TOKEN, PersonalWeights, instance_prompt_for
@@ -66,7 +66,7 @@ def augmented_views(image: Image.Image, resolution: int, count: int = 4) -> torc
 def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: PersonalizeConfig = PersonalizeConfig(), lidb: LiDB | None = None, on_step=None) -> Personalization:
     """Personalise `pipe` to the face in `photo`; LiDB stays attached with the person's weights."""
     resolution = config.resolution or native_resolution(pipe)
-    face = photo if isinstance(photo, AlignedFace) else align_face(photo, size=max(resolution, 256))
+    face = photo if isinstance(photo, AlignedFace) else align_face(photo, size=crop_size(resolution))
     lidb = lidb or LiDB.attached(pipe) or LiDB(pipe, hypernet.lidb_config if hypernet is not None else config.lidb)
     if hypernet is not None:
         hypernet.check_compatible(lidb)

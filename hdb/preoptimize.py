@@ -16,6 +16,7 @@ import torch
 
 from hdb.diffusion import diffusion_loss, encode_prompts
 from hdb.errors import HdbError
+from hdb.faces import crop_size
 from hdb.identities import Identity, encode_identities, resolve_identities
 from hdb.lidb import LiDB, LiDBConfig, text_encoders
 from hdb.models import training_scheduler
@@ -45,7 +46,7 @@ def preoptimize(pipe, images: str | Path | list[Identity], out_dir: str | Path, 
     """
     out = Path(out_dir)
     resolution = config.resolution or native_resolution(pipe)
-    identities, skipped = resolve_identities(images, max(resolution, 256), out / "faces", config.progress)
+    identities, skipped = resolve_identities(images, crop_size(resolution), out / "faces", config.progress)
     weights_dir = out / "weights"
     weights_dir.mkdir(parents=True, exist_ok=True)
     todo = [identity for identity in identities if not (weights_dir / f"{identity.name}.safetensors").is_file()]

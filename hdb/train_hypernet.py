@@ -21,6 +21,7 @@ import torch
 
 from hdb.diffusion import diffusion_loss, encode_prompts
 from hdb.errors import HdbError
+from hdb.faces import crop_size
 from hdb.identities import Identity, encode_identities, resolve_identities
 from hdb.lidb import LiDB, LiDBConfig, text_encoders
 from hdb.models import load_pipeline, training_scheduler
@@ -108,7 +109,7 @@ def train_hypernetwork(base, images: str | Path | list[Identity], out_dir: str |
     base_dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[config.mixed_precision]  # the frozen base's weights
     pipe = load_pipeline(base, base_dtype, str(accelerator.device)) if isinstance(base, (str, Path)) else base
     resolution = config.resolution or native_resolution(pipe)
-    identities, skipped = resolve_identities(images, max(resolution, 256), out / "faces" if accelerator.is_main_process else None, config.progress and accelerator.is_main_process)
+    identities, skipped = resolve_identities(images, crop_size(resolution), out / "faces" if accelerator.is_main_process else None, config.progress and accelerator.is_main_process)
     if len(identities) <= config.holdout:
         raise HdbError(f"Need more than {config.holdout} usable identities (found {len(identities)}; {dict(skipped)} photos skipped)")
     latents = encode_identities(pipe, identities, resolution)
