@@ -101,18 +101,7 @@ def test_people_directory_pairs_files_with_photos(tmp_path):
                                      for name, ext in (("ann", "png"), ("bob", "jpg"))}
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    """Tiny models on a shared CPU: one thread here and in the CLI process. With two threads, the many tiny
-    LAPACK calls of LiDB's aux bases wait on each other and take seconds instead of milliseconds."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_cli_eval_end_to_end(tiny_sd15_dir, tiny_metric_models, tmp_path, one_thread):
+def test_cli_eval_end_to_end(tiny_sd15_dir, tiny_metric_models, tmp_path):
     from hdb.lidb import LiDBConfig
     from hdb.models import build_tiny_pipeline
     from hdb.personal_file import PersonalWeights, save_personal
