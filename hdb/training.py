@@ -85,15 +85,43 @@ def train(
     With an `accelerate.Accelerator` (several processes), `parameters` belong to a model it
     prepared, so gradients are averaged across processes; the loss guard sees the mean over all
     processes, so every process stops together.
+
+    The guard reads each step's loss one step late: the host queues step s on the GPU before it
+    waits for step s-1's numbers, so the GPU does not idle while Python prepares the next step.
+    `on_step(step, loss)` is called as each loss is read, after step `step`'s update and before the
+    next one: the right moment to checkpoint step `step`.
     """
     optimizer = optimizer or make_optimizer(parameters, config.optimizer, config.learning_rate, config.weight_decay)
     device_type = parameters[0].device.type
     scaler = torch.amp.GradScaler(device_type, enabled=config.fp16_loss_scaling and device_type == "cuda")
     backward = accelerator.backward if accelerator is not None else (lambda loss: scaler.scale(loss).backward())
-    last_good = [p.detach().clone() for p in parameters]
+    clip = accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_
+    good_weights = _copy(parameters)  # the weights of the last step whose loss passed the guard
+    waiting: _StepOnItsWay | None = None  # the previous step, whose numbers are still on their way to the host
     losses: list[float] = []
     main_process = accelerator is None or accelerator.is_main_process
     bar = tqdm(range(start_step, config.steps), desc=config.description, disable=not (config.progress and main_process), leave=False)
+
+    def check(done: _StepOnItsWay) -> None:
+        """Stop with the last good weights if `done` went wrong; else its weights become the good ones."""
+        nonlocal good_weights
+        value, norm = done.read()
+        typical = max(statistics.median(losses[-100:]), 1.0) if losses else 1.0
+        if not math.isfinite(value) or value > config.explode_factor * typical:
+            _restore(parameters, good_weights)
+            raise TrainingDiverged(
+                f"{config.description}: loss became {value:.4g} at step {done.step} (typical so far: {typical:.4g}); "
+                "stopped and kept the weights of the last good step. Try a lower learning rate."
+            )
+        if not scaler.is_enabled() and not math.isfinite(norm):  # with fp16 scaling, the scaler skips such steps
+            _restore(parameters, good_weights)
+            raise TrainingDiverged(f"{config.description}: gradients became NaN/inf at step {done.step}; kept the last good weights")
+        good_weights = done.weights
+        losses.append(value)
+        bar.set_postfix(loss=f"{value:.4f}")
+        if on_step is not None:
+            on_step(done.step, value)
+
     for step in bar:
         loss_sum = torch.zeros((), device=parameters[0].device)
         for micro in range(config.accumulation_steps):
@@ -101,31 +129,42 @@ def train(
             backward(loss / config.accumulation_steps)
             loss_sum = loss_sum + loss.detach().float() / config.accumulation_steps
         scaler.unscale_(optimizer)
-        clip = accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_
         grad_norm = clip(parameters, config.max_grad_norm or float("inf"))
         if accelerator is not None:
             loss_sum = accelerator.reduce(loss_sum, reduction="mean")
-        value, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # one GPU sync a step
-        typical = max(statistics.median(losses[-100:]), 1.0) if losses else 1.0
-        if not math.isfinite(value) or value > config.explode_factor * typical:
-            _restore(parameters, last_good)
-            raise TrainingDiverged(
-                f"{config.description}: loss became {value:.4g} at step {step} (typical so far: {typical:.4g}); "
-                "stopped and kept the weights of the last good step. Try a lower learning rate."
-            )
-        if not scaler.is_enabled() and not math.isfinite(norm):  # with fp16 scaling, the scaler skips such steps
-            _restore(parameters, last_good)
-            raise TrainingDiverged(f"{config.description}: gradients became NaN/inf at step {step}; kept the last good weights")
-        for good, parameter in zip(last_good, parameters):
-            good.copy_(parameter.detach())
+        if waiting is not None:
+            check(waiting)  # this step is already queued on the GPU
+        # the weights this step's loss came from: the good ones to keep once that loss passes the guard
+        waiting = _StepOnItsWay(step, torch.stack([loss_sum, grad_norm.float()]), _copy(parameters))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(value)
-        bar.set_postfix(loss=f"{value:.4f}")
-        if on_step is not None:
-            on_step(step, value)
+    if waiting is not None:
+        check(waiting)
     return losses
+
+
+class _StepOnItsWay:
+    """A step's [loss, gradient norm], copied to the host without making the host wait for the GPU."""
+
+    def __init__(self, step: int, numbers: torch.Tensor, weights: list[torch.Tensor]) -> None:
+        self.step, self.weights, self.copied = step, weights, None
+        if numbers.device.type == "cuda":
+            self.numbers = torch.empty(numbers.shape, dtype=numbers.dtype, pin_memory=True)
+            self.numbers.copy_(numbers, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.numbers = numbers
+
+    def read(self) -> list[float]:
+        if self.copied is not None:
+            self.copied.synchronize()  # waits for this step only, not for the steps queued after it
+        return self.numbers.tolist()
+
+
+def _copy(parameters: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in parameters]
 
 
 @torch.no_grad()

@@ -71,14 +71,16 @@ def test_finetuning_from_zero_lowers_the_loss_on_the_photo(obama_face, optimizer
 
 def test_training_stops_on_nan_and_keeps_the_last_good_weights():
     weight = torch.nn.Parameter(torch.ones(3))
+    seen = []
 
     def loss_fn(step):
+        seen.append(weight.detach().clone())
         return (weight.sum() * (float("nan") if step == 3 else 1.0)) ** 2
 
     with pytest.raises(TrainingDiverged, match="step 3"):
         train([weight], loss_fn, TrainConfig(steps=10, learning_rate=0.1, progress=False))
     # the weights that gave the last finite loss (step 2), not the NaN-producing update
-    assert torch.isfinite(weight).all()
+    assert torch.equal(weight.detach(), seen[2]) and not torch.equal(seen[2], seen[3])
 
 
 def test_training_stops_when_the_loss_explodes():
