@@ -24,14 +24,35 @@ class Conditioning:
     pooled: torch.Tensor | None = None  # SDXL only: [B, D2]
 
 
-def encode_prompts(pipe, prompts: list[str]) -> Conditioning:
-    """Text embeddings with gradients (the text encoders carry LiDB layers too)."""
+def tokenize_prompts(pipe, prompts: list[str]) -> list[torch.Tensor]:
+    """Token ids of `prompts` for each of the pipeline's text encoders ([B, 77] each), on its device.
+
+    A training loop tokenises its prompt once and calls `encode_tokens` every step:
+    `pipe.encode_prompt` tokenises and copies the ids to the GPU on every call, and a blocking copy
+    to the GPU waits for all the work queued there, which would stall every step.
+    """
+    pairs = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if is_sdxl(pipe) else [])
+    return [
+        tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+        for tokenizer, encoder in pairs
+    ]
+
+
+def encode_tokens(pipe, token_ids: list[torch.Tensor]) -> Conditioning:
+    """Text embeddings with gradients (the text encoders carry LiDB layers too), as `pipe.encode_prompt` makes them."""
     device = pipe.unet.device
-    if is_sdxl(pipe):
-        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-        return Conditioning(embeds, pooled)
-    embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
-    return Conditioning(embeds)
+    if not is_sdxl(pipe):
+        return Conditioning(pipe.text_encoder(token_ids[0])[0].to(device))
+    # SDXL: the two encoders' penultimate hidden states side by side, and the second one's pooled embedding
+    first = pipe.text_encoder(token_ids[0], output_hidden_states=True)
+    second = pipe.text_encoder_2(token_ids[1], output_hidden_states=True)
+    embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return Conditioning(embeds.to(device, pipe.text_encoder_2.dtype), second[0].to(device))
+
+
+def encode_prompts(pipe, prompts: list[str]) -> Conditioning:
+    """Text embeddings with gradients, for prompts that change from call to call."""
+    return encode_tokens(pipe, tokenize_prompts(pipe, prompts))
 
 
 def predict_noise(pipe, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image, ImageOps
 
-from hdb.diffusion import diffusion_loss, encode_images, encode_prompts, to_pixels
+from hdb.diffusion import diffusion_loss, encode_images, encode_prompts, encode_tokens, to_pixels, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.faces import AlignedFace, ImageSource, align_face, crop_size
 from hdb.lidb import LiDB, LiDBConfig, text_encoders
@@ -79,7 +79,7 @@ def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: P
     steps = config.steps if config.steps is not None else (STEPS_WITH_HYPERNET if hypernet is not None else STEPS_FROM_ZERO)
 
     freeze(pipe.unet, pipe.vae, *text_encoders(pipe).values())
-    prompt = instance_prompt_for(config.instance_token)
+    prompt_tokens = tokenize_prompts(pipe, [instance_prompt_for(config.instance_token)])
     # one view at a time: the VAE encoder's activations at 512 px would otherwise set the peak memory
     latents = torch.cat([encode_images(pipe, view[None]) for view in augmented_views(face.image, resolution)]).float()
     scheduler = training_scheduler(pipe)
@@ -90,7 +90,7 @@ def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: P
         view = latents[step % len(latents)].unsqueeze(0)
         noise = torch.randn(view.shape, generator=generator, device=device)
         timestep = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator, device=device)
-        return diffusion_loss(pipe, scheduler, view, encode_prompts(pipe, [prompt]), noise, timestep).mean()
+        return diffusion_loss(pipe, scheduler, view, encode_tokens(pipe, prompt_tokens), noise, timestep).mean()
 
     modules = [pipe.unet, *text_encoders(pipe).values()]
     if config.gradient_checkpointing:

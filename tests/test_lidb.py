@@ -80,6 +80,23 @@ def test_zero_weights_leave_the_model_unchanged(arch, request):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_prompts_encode_as_the_pipeline_encodes_them(arch, request):
+    # training tokenises once and encodes every step; the embeddings must be the pipeline's own
+    pipe = request.getfixturevalue(f"tiny_{arch}")
+    randomize(LiDB(pipe))  # LiDB layers in the text encoders take part
+    with torch.no_grad():
+        ours = encode_prompts(pipe, PROMPTS)
+        if arch == "sdxl":
+            embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+            torch.testing.assert_close(ours.pooled, pooled, atol=0, rtol=0)
+        else:
+            embeds, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
+            assert ours.pooled is None
+    torch.testing.assert_close(ours.embeds, embeds, atol=0, rtol=0)
+    assert not torch.equal(ours.embeds[0], ours.embeds[1])
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_per_sample_batch_equals_one_sample_at_a_time(arch, request):
     pipe = request.getfixturevalue(f"tiny_{arch}")
     lidb = LiDB(pipe)
