@@ -41,6 +41,7 @@ class BenchOptions:
     compile: bool = False
     repeats: int = 3  # warm personalisations timed; the best is reported
     baselines: bool = True
+    dtype: str = "auto"  # of the base model; "auto": bf16 on GPUs that have it, fp32 on CPU
 
 
 def _sync(device: torch.device) -> None:
@@ -74,7 +75,7 @@ def _build(options: BenchOptions, device: torch.device):
 
     from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
 
-    dtype = resolve_dtype("auto", device)
+    dtype = resolve_dtype(options.dtype, device)
     with torch.device(device):
         if options.tiny:
             pipe = build_tiny_pipeline("sd15")
@@ -147,6 +148,7 @@ def _baseline_steps(pipe, parameters, steps: int, device: torch.device, autocast
         timestep = torch.randint(0, 1000, (1,), device=device)
         with torch.no_grad():
             cond = encode_prompts(pipe, ["a photo of sks person"])
+        cond.embeds = cond.embeds.to(pipe.unet.dtype)  # DreamBooth trains an fp32 UNet beside a half-precision text encoder
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             return diffusion_loss(pipe, scheduler, latents, cond, noise, timestep).mean()
 

@@ -128,7 +128,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise HdbError("The benchmark builds SD1.5-shaped models; only --arch sd15 is available")
     record = main(BenchOptions(
         device=args.device, tiny=args.tiny, steps=args.steps, baseline_steps=args.baseline_steps,
-        compile=args.compile, repeats=args.repeats, baselines=not args.no_baselines,
+        compile=args.compile, repeats=args.repeats, baselines=not args.no_baselines, dtype=args.dtype,
     ))
     if args.json:
         args.json.write_text(json.dumps(record, indent=1))
@@ -213,7 +213,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--base", default=DEFAULT_BASE, help=f"base model: hub id or local directory (default {DEFAULT_BASE})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 on GPUs that have it (else fp16), fp32 on CPU")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -327,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=40, help="fast-finetune steps")
     bench.add_argument("--baseline-steps", type=int, default=50, help="measured baseline steps (then extrapolated)")
     bench.add_argument("--compile", action="store_true", help="torch.compile with CUDA graphs (GPU)")
+    bench.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 on GPUs that have it, fp32 on CPU")
     bench.add_argument("--repeats", type=int, default=3, help="warm personalisations timed (best reported)")
     bench.add_argument("--no-baselines", action="store_true")
     bench.add_argument("--json", type=Path, help="also write the figures here")
