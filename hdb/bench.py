@@ -140,15 +140,15 @@ def _baseline_steps(pipe, parameters, steps: int, device: torch.device, autocast
     resolution = native_resolution(pipe)
     latents = encode_images(pipe, augmented_views(_photo(resolution), resolution, count=1)).float()
     scheduler = training_scheduler(pipe)
+    with torch.no_grad():  # the baselines' text encoder is frozen: its embeddings are the same every step
+        cond = encode_prompts(pipe, ["a photo of sks person"])
+    cond.embeds = cond.embeds.to(pipe.unet.dtype)  # DreamBooth trains an fp32 UNet beside a half-precision text encoder
     times: list[float] = []
 
     def loss_fn(step: int) -> torch.Tensor:
         times.append(time.perf_counter())
         noise = torch.randn_like(latents)
         timestep = torch.randint(0, 1000, (1,), device=device)
-        with torch.no_grad():
-            cond = encode_prompts(pipe, ["a photo of sks person"])
-        cond.embeds = cond.embeds.to(pipe.unet.dtype)  # DreamBooth trains an fp32 UNet beside a half-precision text encoder
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             return diffusion_loss(pipe, scheduler, latents, cond, noise, timestep).mean()
 

@@ -213,6 +213,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--base", default=DEFAULT_BASE, help=f"base model: hub id or local directory (default {DEFAULT_BASE})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    _add_dtype_option(parser)
+
+
+def _add_dtype_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 on GPUs that have it (else fp16), fp32 on CPU")
 
 
@@ -327,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=40, help="fast-finetune steps")
     bench.add_argument("--baseline-steps", type=int, default=50, help="measured baseline steps (then extrapolated)")
     bench.add_argument("--compile", action="store_true", help="torch.compile with CUDA graphs (GPU)")
-    bench.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 on GPUs that have it, fp32 on CPU")
+    _add_dtype_option(bench)
     bench.add_argument("--repeats", type=int, default=3, help="warm personalisations timed (best reported)")
     bench.add_argument("--no-baselines", action="store_true")
     bench.add_argument("--json", type=Path, help="also write the figures here")
