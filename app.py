@@ -27,8 +27,10 @@ try:  # ZeroGPU Spaces lend a GPU only inside functions marked with spaces.GPU; 
 
     gpu_task = spaces.GPU(duration=120)
 except ImportError:
+
     def gpu_task(fn):
         return fn
+
 
 ASSETS = Path(__file__).parent / "assets"
 EXAMPLE_PHOTOS = [str(ASSETS / name) for name in ("obama.jpg", "grace_hopper.jpg", "astronaut.png")]
@@ -143,7 +145,9 @@ def make_handlers(engine: Engine):
         return face.image, face.note or "Face found and aligned."
 
     @gpu_task
-    def run_personalize(photo: str | None, consent: bool, steps: float, session: Session | None, progress=gr.Progress()):
+    def run_personalize(
+        photo: str | None, consent: bool, steps: float, session: Session | None, progress=gr.Progress()
+    ):
         session = session or Session()
         if not photo:
             raise gr.Error("Upload a photo of a face first (or pick an example).")
@@ -187,11 +191,25 @@ def make_handlers(engine: Engine):
         except HdbError as error:
             raise gr.Error(str(error)) from None
         session.weights, session.face = weights, None
-        return session, f"Loaded a saved person ({weights.num_numbers:,} numbers, rank {weights.config.rank}).", save_files(session)
+        return (
+            session,
+            f"Loaded a saved person ({weights.num_numbers:,} numbers, rank {weights.config.rank}).",
+            save_files(session),
+        )
 
     @gpu_task
-    def run_generate(session: Session | None, prompt: str, style: str, negative: str, strength: float, steps: float,
-                     guidance: float, seed: float, count: float, progress=gr.Progress()):
+    def run_generate(
+        session: Session | None,
+        prompt: str,
+        style: str,
+        negative: str,
+        strength: float,
+        steps: float,
+        guidance: float,
+        seed: float,
+        count: float,
+        progress=gr.Progress(),
+    ):
         if session is None or session.weights is None:
             raise gr.Error("Personalise a photo first (or upload a saved personal file).")
         try:
@@ -200,7 +218,9 @@ def make_handlers(engine: Engine):
             apply_personal(engine.pipe, session.weights, engine.lidb)  # this session's person, nobody else's
             full_prompt = expand_prompt(prompt, session.weights.instance_token, style)
             progress(0, desc=f"Generating {int(count)} image(s)")
-            images = generate(engine.pipe, engine.lidb, full_prompt, negative, int(steps), guidance, int(seed), int(count), strength)
+            images = generate(
+                engine.pipe, engine.lidb, full_prompt, negative, int(steps), guidance, int(seed), int(count), strength
+            )
         except HdbError as error:
             raise gr.Error(str(error)) from None
         return [(image, full_prompt) for image in images]
@@ -219,12 +239,18 @@ def build_demo(engine: Engine) -> gr.Blocks:
             "A ~100 KB personal file, made in seconds on a GPU."
         )
         if engine.tiny:
-            gr.Markdown("⚠️ **Tiny demo mode:** a tiny pipeline with random, untrained weights. The whole flow works, "
-                        "but the pictures are noise. Start without `--tiny` for Stable Diffusion.", elem_id="tiny-notice")
+            gr.Markdown(
+                "⚠️ **Tiny demo mode:** a tiny pipeline with random, untrained weights. The whole flow works, "
+                "but the pictures are noise. Start without `--tiny` for Stable Diffusion.",
+                elem_id="tiny-notice",
+            )
         if engine.hypernet is None:
             gr.Markdown("No hypernetwork loaded: personalisation finetunes from zero (more steps, slower).")
         if engine.pipe.unet.device.type == "cpu":
-            gr.Markdown(f"Running on a CPU: personalising takes {engine.estimate(engine.default_steps)}.", elem_id="cpu-estimate")
+            gr.Markdown(
+                f"Running on a CPU: personalising takes {engine.estimate(engine.default_steps)}.",
+                elem_id="cpu-estimate",
+            )
         session = gr.State(None, delete_callback=forget, time_to_live=3600)
         with gr.Row():
             with gr.Column():
@@ -233,13 +259,21 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 gr.Markdown(NOTICE)
                 consent = gr.Checkbox(label="I have the right to use this photo", elem_id="consent")
                 with gr.Accordion("Personalisation options", open=False):
-                    steps = gr.Slider(0, 400, value=0, step=1, label="Finetune steps (0: 40 with a hypernetwork, 200 without)")
+                    steps = gr.Slider(
+                        0, 400, value=0, step=1, label="Finetune steps (0: 40 with a hypernetwork, 200 without)"
+                    )
                 personalize_button = gr.Button("Personalise", variant="primary", elem_id="personalize")
-                saved = gr.File(label="Or upload a saved personal file", file_types=[".safetensors"], elem_id="upload-person")
+                saved = gr.File(
+                    label="Or upload a saved personal file", file_types=[".safetensors"], elem_id="upload-person"
+                )
             with gr.Column():
                 crop = gr.Image(label="Aligned face", interactive=False, elem_id="crop")
                 status = gr.Markdown(elem_id="status")
-                files = gr.File(label="Your personal file and LoRA exports (kohya, diffusers)", file_count="multiple", interactive=False)
+                files = gr.File(
+                    label="Your personal file and LoRA exports (kohya, diffusers)",
+                    file_count="multiple",
+                    interactive=False,
+                )
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt ([V] is the person)", value=EXAMPLE_PROMPTS[1], elem_id="prompt")
@@ -256,10 +290,15 @@ def build_demo(engine: Engine) -> gr.Blocks:
             gallery = gr.Gallery(label="Gallery", columns=2, elem_id="gallery")
 
         photo.change(show_crop, photo, [crop, status], api_name="align")
-        personalize_button.click(run_personalize, [photo, consent, steps, session], [crop, status, session, files], api_name="personalize")
+        personalize_button.click(
+            run_personalize, [photo, consent, steps, session], [crop, status, session, files], api_name="personalize"
+        )
         saved.upload(upload_person, [saved, session], [session, status, files], api_name="upload_person")
         generate_button.click(
-            run_generate, [session, prompt, style, negative, strength, gen_steps, guidance, seed, count], gallery, api_name="generate"
+            run_generate,
+            [session, prompt, style, negative, strength, gen_steps, guidance, seed, count],
+            gallery,
+            api_name="generate",
         )
     demo.queue(default_concurrency_limit=1, max_size=32)  # one GPU job at a time; the rest wait in line
     return demo
@@ -274,7 +313,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=env("HDB_DTYPE", "auto"), choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--optimizer", default=env("HDB_OPTIMIZER", "adamw"), choices=["adamw", "adamw8bit"])
     parser.add_argument("--tiny", action="store_true", default=env("HDB_TINY", "") not in ("", "0", "false"))
-    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="0.0.0.0 to serve the network (Spaces set it)")
+    parser.add_argument(
+        "--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="0.0.0.0 to serve the network (Spaces set it)"
+    )
     parser.add_argument("--port", type=int, default=int(env("HDB_PORT", env("GRADIO_SERVER_PORT", "7860"))))
     parser.add_argument("--share", action="store_true")
     return parser.parse_args(argv)

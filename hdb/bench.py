@@ -79,10 +79,21 @@ def _build(options: BenchOptions, device: torch.device):
     with torch.device(device):
         if options.tiny:
             pipe = build_tiny_pipeline("sd15")
-            encoder, encoder_name, sizes = build_tiny_image_encoder(), "tiny CLIP vision", dict(width=64, depth=2, heads=4)
+            encoder, encoder_name, sizes = (
+                build_tiny_image_encoder(),
+                "tiny CLIP vision",
+                dict(width=64, depth=2, heads=4),
+            )
         else:
             pipe = build_full_size_sd15(device=device)
-            vit_h = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224, patch_size=14)
+            vit_h = CLIPVisionConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=16,
+                image_size=224,
+                patch_size=14,
+            )
             encoder, encoder_name, sizes = CLIPVisionModel(vit_h), "ViT-H/14-shaped CLIP vision (random)", {}
     pipe.to(device, dtype)
     lidb = LiDB(pipe)
@@ -127,7 +138,9 @@ def bench_hdb(options: BenchOptions, pipe, lidb: LiDB, hypernet, device: torch.d
     with tempfile.TemporaryDirectory() as folder:
         result_weights = PersonalWeights.from_lidb(lidb)
         record["file_bytes_relaxed_fp32"] = save_personal(result_weights, Path(folder) / "p.safetensors").stat().st_size
-        record["file_bytes_relaxed_fp16"] = save_personal(result_weights, Path(folder) / "p16.safetensors", torch.float16).stat().st_size
+        record["file_bytes_relaxed_fp16"] = (
+            save_personal(result_weights, Path(folder) / "p16.safetensors", torch.float16).stat().st_size
+        )
         rank1 = PersonalWeights.from_lidb(lidb)
         rank1.A, rank1.B = rank1.A[:, :1].contiguous(), rank1.B[:, :, :1].contiguous()
         record["file_bytes_r1_fp32"] = save_personal(rank1, Path(folder) / "r1.safetensors").stat().st_size
@@ -166,7 +179,9 @@ def bench_baselines(options: BenchOptions, pipe, lidb: LiDB, device: torch.devic
     lidb.detach()
     pipe.unet.train()
     # DreamBooth-LoRA: peft rank-4 LoRA on the same attention projections
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     lora_parameters = [p for name, p in pipe.unet.named_parameters() if "lora_" in name]
     for p in lora_parameters:
         p.data = p.data.float()
@@ -180,7 +195,9 @@ def bench_baselines(options: BenchOptions, pipe, lidb: LiDB, device: torch.devic
     for p in unet_parameters:
         p.requires_grad_(True)
     with _peak_memory(device, record, "dreambooth_peak_memory_gib"):
-        record["dreambooth_step_s"] = _baseline_steps(pipe, unet_parameters, options.baseline_steps, device, autocast=device.type == "cuda")
+        record["dreambooth_step_s"] = _baseline_steps(
+            pipe, unet_parameters, options.baseline_steps, device, autocast=device.type == "cuda"
+        )
     freeze(pipe.unet)
     return record
 
@@ -191,10 +208,15 @@ def run_bench(options: BenchOptions) -> dict:
     built = time.perf_counter()
     pipe, lidb, hypernet = _build(options, device)
     record = {
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+        "machine": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)",
         "model": "tiny SD1.5 (random)" if options.tiny else "SD1.5-shaped (random weights)",
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""), "resolution": native_resolution(pipe),
-        "steps": options.steps, "compiled": options.compile, "build_s": time.perf_counter() - built,
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "resolution": native_resolution(pipe),
+        "steps": options.steps,
+        "compiled": options.compile,
+        "build_s": time.perf_counter() - built,
         "lidb_layers": len(lidb.layers),
     }
     record.update(bench_hdb(options, pipe, lidb, hypernet, device))

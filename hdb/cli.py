@@ -80,15 +80,24 @@ def cmd_personalize(args: argparse.Namespace) -> None:
     else:
         print("No --hypernet given: finetuning from zero (no prediction to start from), so more steps by default.")
     config = PersonalizeConfig(
-        steps=args.steps, relaxed_rank=args.rank, learning_rate=args.lr, optimizer=args.optimizer,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resolution=args.resolution,
+        steps=args.steps,
+        relaxed_rank=args.rank,
+        learning_rate=args.lr,
+        optimizer=args.optimizer,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+        resolution=args.resolution,
     )
     result = personalize(pipe, face, hypernet, config)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.save_dtype]
     path = save_personal(result.weights, args.output, dtype)
     losses = result.losses
-    print(f"{result.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of last 10: {sum(losses[-10:]) / len(losses[-10:]):.4f})")
-    print(f"personal file: {path} ({path.stat().st_size:,} bytes, rank {result.weights.config.rank}, {result.weights.num_numbers:,} numbers)")
+    print(
+        f"{result.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of last 10: {sum(losses[-10:]) / len(losses[-10:]):.4f})"
+    )
+    print(
+        f"personal file: {path} ({path.stat().st_size:,} bytes, rank {result.weights.config.rank}, {result.weights.num_numbers:,} numbers)"
+    )
     if args.save_face:
         result.face.image.save(args.save_face)
 
@@ -109,8 +118,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = expand_prompt(args.prompt, weights.instance_token, args.style)
     negative = DEFAULT_NEGATIVE if args.negative_prompt is None else args.negative_prompt
     images = generate(
-        pipe, lidb, prompt, negative, args.steps, args.guidance, args.seed, args.num_images,
-        args.strength, args.height, args.width,
+        pipe,
+        lidb,
+        prompt,
+        negative,
+        args.steps,
+        args.guidance,
+        args.seed,
+        args.num_images,
+        args.strength,
+        args.height,
+        args.width,
     )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -126,10 +144,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     _quiet_model_loading()
     if args.arch != "sd15":
         raise HdbError("The benchmark builds SD1.5-shaped models; only --arch sd15 is available")
-    record = main(BenchOptions(
-        device=args.device, tiny=args.tiny, steps=args.steps, baseline_steps=args.baseline_steps,
-        compile=args.compile, repeats=args.repeats, baselines=not args.no_baselines, dtype=args.dtype,
-    ))
+    record = main(
+        BenchOptions(
+            device=args.device,
+            tiny=args.tiny,
+            steps=args.steps,
+            baseline_steps=args.baseline_steps,
+            compile=args.compile,
+            repeats=args.repeats,
+            baselines=not args.no_baselines,
+            dtype=args.dtype,
+        )
+    )
     if args.json:
         args.json.write_text(json.dumps(record, indent=1))
 
@@ -148,7 +174,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"evaluating {len(people)} people x {len(prompts)} prompts, {args.steps} steps, seed {args.seed}")
 
     def show(sample: dict) -> None:
-        scores = "  ".join("no face" if v is None else f"{k} {v:.3f}" for k, v in sample.items() if k not in ("person", "prompt"))
+        scores = "  ".join(
+            "no face" if v is None else f"{k} {v:.3f}" for k, v in sample.items() if k not in ("person", "prompt")
+        )
         print(f"  {sample['person']}: {sample['prompt']!r}  {scores}")
 
     result = evaluate(pipe, people, prompts, evaluator, seed=args.seed, steps=args.steps, on_sample=show)
@@ -166,13 +194,20 @@ def cmd_preoptimize(args: argparse.Namespace) -> None:
 
     pipe = load_pipeline(args.base, args.dtype, args.device)
     config = PreoptimizeConfig(
-        steps=args.steps, group_size=args.group_size, learning_rate=args.lr, optimizer=args.optimizer,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resolution=args.resolution,
+        steps=args.steps,
+        group_size=args.group_size,
+        learning_rate=args.lr,
+        optimizer=args.optimizer,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+        resolution=args.resolution,
         lidb=LiDBConfig(rank=args.rank),
     )
     summary = preoptimize(pipe, args.images, args.out, config)
-    print(f"{summary['identities']} identities: {summary['trained']} pre-optimised now, {summary['already_done']} already done; "
-          f"photos skipped: {summary['skipped_photos'] or 'none'} -> {args.out}/weights")
+    print(
+        f"{summary['identities']} identities: {summary['trained']} pre-optimised now, {summary['already_done']} already done; "
+        f"photos skipped: {summary['skipped_photos'] or 'none'} -> {args.out}/weights"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -180,19 +215,35 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     _quiet_model_loading()
     config = HypernetTrainConfig(
-        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, alpha=args.alpha, beta=args.beta,
-        accumulation_steps=args.accumulation_steps, optimizer=args.optimizer, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
-        validate_every=args.validate_every, holdout=args.holdout, seed=args.seed, image_encoder=args.image_encoder,
-        width=args.width, depth=args.depth, heads=args.heads, iterations=args.iterations, resolution=args.resolution,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        alpha=args.alpha,
+        beta=args.beta,
+        accumulation_steps=args.accumulation_steps,
+        optimizer=args.optimizer,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        holdout=args.holdout,
+        seed=args.seed,
+        image_encoder=args.image_encoder,
+        width=args.width,
+        depth=args.depth,
+        heads=args.heads,
+        iterations=args.iterations,
+        resolution=args.resolution,
     )
     from hdb import DEFAULT_BASE
 
     summary = train_hypernetwork(args.base or DEFAULT_BASE, args.images, args.out, args.weights, config, args.device)
     if summary["losses"] and summary["main_process"]:
-        print(f"steps {summary['start_step']}..{summary['start_step'] + len(summary['losses']) - 1} on {summary['processes']} process(es), "
-              f"loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}; held out: {', '.join(summary['held_out'])}; "
-              f"photos skipped: {summary['skipped_photos'] or 'none'}; hypernetwork -> {args.out}/hypernet")
+        print(
+            f"steps {summary['start_step']}..{summary['start_step'] + len(summary['losses']) - 1} on {summary['processes']} process(es), "
+            f"loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}; held out: {', '.join(summary['held_out'])}; "
+            f"photos skipped: {summary['skipped_photos'] or 'none'}; hypernetwork -> {args.out}/hypernet"
+        )
 
 
 def cmd_toy(args: argparse.Namespace) -> None:
@@ -205,26 +256,37 @@ def cmd_toy(args: argparse.Namespace) -> None:
     _quiet_model_loading()
     results = run_toy(args.out, quick=args.quick, seed=args.seed)
     print((args.out / "results.md").read_text())
-    print(f"written: {args.out}/results.json, results.md, losses.png, renders.jpg ({results['timings_s']['total']:.0f} s)")
+    print(
+        f"written: {args.out}/results.json, results.md, losses.png, renders.jpg ({results['timings_s']['total']:.0f} s)"
+    )
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from hdb import DEFAULT_BASE
 
-    parser.add_argument("--base", default=DEFAULT_BASE, help=f"base model: hub id or local directory (default {DEFAULT_BASE})")
+    parser.add_argument(
+        "--base", default=DEFAULT_BASE, help=f"base model: hub id or local directory (default {DEFAULT_BASE})"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     _add_dtype_option(parser)
 
 
 def _add_dtype_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 on GPUs that have it (else fp16), fp32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="auto: bf16 on GPUs that have it (else fp16), fp32 on CPU",
+    )
 
 
 # ----------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hdb", description="HyperDreamBooth: personalise Stable Diffusion from one face photo.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hdb", description="HyperDreamBooth: personalise Stable Diffusion from one face photo."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight pipeline (offline tests and demos)")
@@ -250,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     person.add_argument("--hypernet", type=Path, help="hypernetwork checkpoint directory (optional)")
     person.add_argument("-o", "--output", type=Path, required=True, help="personal .safetensors file to write")
     person.add_argument("--steps", type=int, help="finetune steps (default 40 with --hypernet, 200 without)")
-    person.add_argument("--rank", type=int, default=4, help="relaxed rank of the fast finetune (1: paper's r=1 file size)")
+    person.add_argument(
+        "--rank", type=int, default=4, help="relaxed rank of the fast finetune (1: paper's r=1 file size)"
+    )
     person.add_argument("--lr", type=float, default=1e-3)
     person.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     person.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower steps")
@@ -277,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=cmd_generate)
 
     pre = sub.add_parser("preoptimize", help="stage 1: pre-optimise a LiDB per identity (resumable)")
-    pre.add_argument("--images", type=Path, required=True, help="one photo per identity, or one sub-folder per identity")
+    pre.add_argument(
+        "--images", type=Path, required=True, help="one photo per identity, or one sub-folder per identity"
+    )
     pre.add_argument("--out", type=Path, required=True)
     _add_model_options(pre)
     pre.add_argument("--steps", type=int, default=300, help="steps per group of identities")
@@ -309,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--validate-every", type=int, default=100)
     tr.add_argument("--holdout", type=int, default=1, help="identities held out for validation")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--image-encoder", default="tiny", help="vision model hub id or directory (e.g. a CLIP ViT-H/14), or tiny")
+    tr.add_argument(
+        "--image-encoder", default="tiny", help="vision model hub id or directory (e.g. a CLIP ViT-H/14), or tiny"
+    )
     tr.add_argument("--width", type=int, default=512)
     tr.add_argument("--depth", type=int, default=4)
     tr.add_argument("--heads", type=int, default=8)
@@ -317,8 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resolution", type=int)
     tr.set_defaults(run=cmd_train)
 
-    toy = sub.add_parser("toy", help="small-scale proof that it learns: synthetic faces, all stages, held-out loss table (CPU)")
-    toy.add_argument("--out", type=Path, default=Path("docs/toy"), help="results.json, results.md, losses.png, renders.jpg")
+    toy = sub.add_parser(
+        "toy", help="small-scale proof that it learns: synthetic faces, all stages, held-out loss table (CPU)"
+    )
+    toy.add_argument(
+        "--out", type=Path, default=Path("docs/toy"), help="results.json, results.md, losses.png, renders.jpg"
+    )
     toy.add_argument("--quick", action="store_true", help="the shortened run the tests use (~3 min on one core)")
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other work shares the cores)")
@@ -339,8 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score personal files as in the paper (face similarity, CLIP, DINO)")
     _add_model_options(ev)
-    ev.add_argument("--people", type=Path, required=True, help="directory of NAME.safetensors + NAME.jpg/png reference photos")
-    ev.add_argument("--prompts", type=Path, help="text file, one prompt per line with [V] (default: the example prompts)")
+    ev.add_argument(
+        "--people", type=Path, required=True, help="directory of NAME.safetensors + NAME.jpg/png reference photos"
+    )
+    ev.add_argument(
+        "--prompts", type=Path, help="text file, one prompt per line with [V] (default: the example prompts)"
+    )
     ev.add_argument("--clip", help="CLIP model (hub id or directory) for CLIP-I / CLIP-T")
     ev.add_argument("--dino", help="DINO model (hub id or directory, e.g. facebook/dino-vits16)")
     ev.add_argument("--out", type=Path, default=Path("eval"), help="writes table.md, results.json, grid.jpg here")

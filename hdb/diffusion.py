@@ -33,7 +33,9 @@ def tokenize_prompts(pipe, prompts: list[str]) -> list[torch.Tensor]:
     """
     pairs = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if is_sdxl(pipe) else [])
     return [
-        tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+        tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(encoder.device)
         for tokenizer, encoder in pairs
     ]
 
@@ -67,7 +69,11 @@ def predict_noise(pipe, latents: torch.Tensor, timesteps: torch.Tensor, cond: Co
 
 def to_pixels(images: list[Image.Image]) -> torch.Tensor:
     """RGB images of one size -> [B, 3, H, W] in [-1, 1], what `encode_images` takes."""
-    return torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) for image in images])).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return (
+        torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) for image in images])).permute(0, 3, 1, 2)
+        / 127.5
+        - 1.0
+    )
 
 
 @torch.no_grad()
@@ -79,7 +85,12 @@ def encode_images(pipe, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def diffusion_loss(
-    pipe, scheduler: DDPMScheduler, latents: torch.Tensor, cond: Conditioning, noise: torch.Tensor, timesteps: torch.Tensor
+    pipe,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
 ) -> torch.Tensor:
     """Per-sample MSE between the UNet's prediction and its target at the given noise and timesteps: [B]."""
     noisy = scheduler.add_noise(latents, noise, timesteps)

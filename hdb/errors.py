@@ -20,7 +20,9 @@ def from_hub_or_directory(kind: str, name: str, loader: Callable[[str], T], pass
     """
     local = Path(name).expanduser()
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise HdbError(f"{kind[0].upper()}{kind[1:]} directory {name} does not exist (a hub id looks like 'owner/name')")
+        raise HdbError(
+            f"{kind[0].upper()}{kind[1:]} directory {name} does not exist (a hub id looks like 'owner/name')"
+        )
     try:
         return loader(str(local) if local.exists() else name)
     except (OSError, ValueError) as error:  # offline, unknown or malformed hub id, incomplete directory

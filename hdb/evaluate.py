@@ -79,7 +79,7 @@ class Evaluator:
         self.clip_name, self.dino_name, self.device = clip, dino, torch.device(device)
         self._clip = self._dino = None
 
-    def load(self) -> "Evaluator":
+    def load(self) -> Evaluator:
         """Load the models now, so a bad name fails before any image is generated."""
         if self.clip_name:
             self._clip_models()
@@ -91,7 +91,9 @@ class Evaluator:
         if self._clip is None:
             from transformers import CLIPModel, CLIPProcessor
 
-            model, processor = from_hub_or_directory("CLIP model", self.clip_name, lambda p: (CLIPModel.from_pretrained(p), CLIPProcessor.from_pretrained(p)))
+            model, processor = from_hub_or_directory(
+                "CLIP model", self.clip_name, lambda p: (CLIPModel.from_pretrained(p), CLIPProcessor.from_pretrained(p))
+            )
             self._clip = model.to(self.device).eval(), processor
         return self._clip
 
@@ -99,7 +101,11 @@ class Evaluator:
         if self._dino is None:
             from transformers import AutoImageProcessor, AutoModel
 
-            model, processor = from_hub_or_directory("DINO model", self.dino_name, lambda p: (AutoModel.from_pretrained(p), AutoImageProcessor.from_pretrained(p)))
+            model, processor = from_hub_or_directory(
+                "DINO model",
+                self.dino_name,
+                lambda p: (AutoModel.from_pretrained(p), AutoImageProcessor.from_pretrained(p)),
+            )
             self._dino = model.to(self.device).eval(), processor
         return self._dino
 
@@ -132,7 +138,9 @@ class Evaluator:
             reference.embeddings["dino"] = self._dino_image(face.image)
         return reference
 
-    def score(self, reference: Reference | AlignedFace | ImageSource, generated: ImageSource, prompt: str) -> dict[str, float | None]:
+    def score(
+        self, reference: Reference | AlignedFace | ImageSource, generated: ImageSource, prompt: str
+    ) -> dict[str, float | None]:
         """Metric -> value for one generated image; face_rec is None when no face is found in it."""
         if not isinstance(reference, Reference):
             reference = self.reference(reference)
@@ -171,7 +179,9 @@ class EvalResult:
         for row in self.rows:
             cells = ["-" if row[key] is None else f"{row[key]:.3f}" for key in COLUMNS]
             found = round(row["face_detected"] * row["images"])
-            lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {row['face_detected']:.0%} ({found}/{row['images']}) |")
+            lines.append(
+                f"| {row['name']} | " + " | ".join(cells) + f" | {row['face_detected']:.0%} ({found}/{row['images']}) |"
+            )
         return "\n".join(lines)
 
     def grid(self) -> Image.Image:
@@ -179,11 +189,17 @@ class EvalResult:
         from diffusers.utils import make_image_grid
 
         size = next(iter(self.images.values()))[0].size
-        tiles = [tile for name, images in self.images.items() for tile in [self.references[name].resize(size, Image.LANCZOS), *images]]
+        tiles = [
+            tile
+            for name, images in self.images.items()
+            for tile in [self.references[name].resize(size, Image.LANCZOS), *images]
+        ]
         return make_image_grid(tiles, rows=len(self.images), cols=len(self.prompts) + 1)
 
     def to_json(self) -> str:
-        return json.dumps({"rows": self.rows, "samples": self.samples, "prompts": self.prompts, "settings": self.settings}, indent=1)
+        return json.dumps(
+            {"rows": self.rows, "samples": self.samples, "prompts": self.prompts, "settings": self.settings}, indent=1
+        )
 
     def save(self, out_dir: str | Path) -> list[Path]:
         out = Path(out_dir)
@@ -194,8 +210,17 @@ class EvalResult:
         return [out / "table.md", out / "results.json", out / "grid.jpg"]
 
 
-def evaluate(pipe, people: dict[str, tuple[ImageSource, str | Path | PersonalWeights]], prompts: list[str], evaluator: Evaluator,
-             seed: int = 0, steps: int = 25, style: str = "None", guidance: float = 7.5, on_sample=None) -> EvalResult:
+def evaluate(
+    pipe,
+    people: dict[str, tuple[ImageSource, str | Path | PersonalWeights]],
+    prompts: list[str],
+    evaluator: Evaluator,
+    seed: int = 0,
+    steps: int = 25,
+    style: str = "None",
+    guidance: float = 7.5,
+    on_sample=None,
+) -> EvalResult:
     """Generate one image per person x prompt (same seed for all), score each, and average per person and overall."""
     if not people or not prompts:
         raise HdbError("Evaluation needs at least one person and one prompt")
@@ -209,15 +234,33 @@ def evaluate(pipe, people: dict[str, tuple[ImageSource, str | Path | PersonalWei
         lidb = apply_personal(pipe, person, lidb)
         images[name] = []
         for prompt in prompts:
-            image = generate(pipe, lidb, expand_prompt(prompt, person.instance_token, style), steps=steps, guidance=guidance, seed=seed)[0]
-            text = expand_prompt(prompt, "person", style).replace(person.instance_token, "person")  # the prompt without the identifier
+            image = generate(
+                pipe,
+                lidb,
+                expand_prompt(prompt, person.instance_token, style),
+                steps=steps,
+                guidance=guidance,
+                seed=seed,
+            )[0]
+            text = expand_prompt(prompt, "person", style).replace(
+                person.instance_token, "person"
+            )  # the prompt without the identifier
             sample = {"person": name, "prompt": prompt, **evaluator.score(references[name], image, text)}
             samples.append(sample)
             images[name].append(image)
             if on_sample:
                 on_sample(sample)
-    rows = [_mean_row(name, [s for s in samples if s["person"] == name]) for name in weights] + [_mean_row("all", samples)]
-    settings = {"seed": seed, "steps": steps, "style": style, "guidance": guidance, "clip": evaluator.clip_name, "dino": evaluator.dino_name}
+    rows = [_mean_row(name, [s for s in samples if s["person"] == name]) for name in weights] + [
+        _mean_row("all", samples)
+    ]
+    settings = {
+        "seed": seed,
+        "steps": steps,
+        "style": style,
+        "guidance": guidance,
+        "clip": evaluator.clip_name,
+        "dino": evaluator.dino_name,
+    }
     return EvalResult(rows, samples, list(prompts), images, {n: r.face.image for n, r in references.items()}, settings)
 
 
@@ -234,7 +277,9 @@ def find_people(directory: str | Path) -> dict[str, tuple[Path, Path]]:
         photos = [file.with_suffix(s) for s in PHOTO_SUFFIXES + tuple(s.upper() for s in PHOTO_SUFFIXES)]
         photo = next((p for p in photos if p.is_file()), None)
         if photo is None:
-            raise HdbError(f"{file.name} has no reference photo beside it; add {file.stem}.jpg or {file.stem}.png to {directory}")
+            raise HdbError(
+                f"{file.name} has no reference photo beside it; add {file.stem}.jpg or {file.stem}.png to {directory}"
+            )
         people[file.stem] = (photo, file)
     return people
 
@@ -244,7 +289,9 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise HdbError(f"Prompts file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    prompts = [
+        line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not prompts:
         raise HdbError(f"{path} holds no prompts (one per line, [V] for the person)")
     return prompts

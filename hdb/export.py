@@ -24,10 +24,14 @@ KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_
 def personal_lora_factors(weights: PersonalWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name -> (lora_A [r, in], lora_B [out, r]) from a personal file, checking the rebuilt aux bases."""
     config = weights.config
-    bases = {name: aux_bases(config.seed, name, i, o, config.a, config.b) for name, (i, o) in weights.layer_shapes.items()}
+    bases = {
+        name: aux_bases(config.seed, name, i, o, config.a, config.b) for name, (i, o) in weights.layer_shapes.items()
+    }
     rebuilt = aux_fingerprint(basis for pair in bases.values() for basis in pair)
     if rebuilt != weights.aux_fingerprint:
-        raise HdbError(f"The aux bases rebuilt here (fingerprint {rebuilt}) differ from the file's ({weights.aux_fingerprint})")
+        raise HdbError(
+            f"The aux bases rebuilt here (fingerprint {rebuilt}) differ from the file's ({weights.aux_fingerprint})"
+        )
     return {
         name: lora_factors(weights.A[index], weights.B[index], *bases[name])
         for index, name in enumerate(weights.layer_shapes)
@@ -35,7 +39,7 @@ def personal_lora_factors(weights: PersonalWeights) -> dict[str, tuple[torch.Ten
 
 
 def _split_component(name: str) -> tuple[str, str]:
-    """"text_encoder.encoder.layers.0..." -> ("text_encoder", "text_model.encoder.layers.0...").
+    """ "text_encoder.encoder.layers.0..." -> ("text_encoder", "text_model.encoder.layers.0...").
 
     transformers 5 dropped the `text_model` level from CLIPTextModel; LoRA files everywhere (A1111,
     ComfyUI, older diffusers) name it, and diffusers accepts either, so files use the classic path.
@@ -46,13 +50,18 @@ def _split_component(name: str) -> tuple[str, str]:
     return component, path
 
 
-def export_lora(weights: PersonalWeights, path: str | Path, format: str = "diffusers", dtype: torch.dtype = torch.float32) -> Path:
+def export_lora(
+    weights: PersonalWeights, path: str | Path, format: str = "diffusers", dtype: torch.dtype = torch.float32
+) -> Path:
     """Write the person's LoRA to `path` (a .safetensors file) in the chosen key format."""
     if format not in FORMATS:
         raise HdbError(f"Unknown LoRA format {format!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    factors = {name: (down.to(dtype).contiguous(), up.to(dtype).contiguous()) for name, (down, up) in personal_lora_factors(weights).items()}
+    factors = {
+        name: (down.to(dtype).contiguous(), up.to(dtype).contiguous())
+        for name, (down, up) in personal_lora_factors(weights).items()
+    }
     if format == "diffusers":
         _save_diffusers(factors, path)
     else:

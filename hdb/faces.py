@@ -60,7 +60,7 @@ class AlignedFace:
     source: Image.Image = field(repr=False)  # the loaded photo, kept for face_embedding
 
     @classmethod
-    def from_crop(cls, image: Image.Image) -> "AlignedFace":
+    def from_crop(cls, image: Image.Image) -> AlignedFace:
         """A crop that is already aligned (synthetic data, benchmarks): used as is, no detection."""
         landmarks = (TEMPLATE * EYE_DISTANCE + [0.5, EYE_LINE]) * image.width  # where alignment puts them
         face = Face(box=(0, 0, image.width, image.height), score=1.0, landmarks=landmarks)
@@ -77,16 +77,20 @@ def load_image(source: ImageSource) -> Image.Image:
         name, image = _open_file(Path(source))
     width, height = image.size
     if width * height > MAX_PIXELS:
-        raise HdbError(f"{name} is {width}x{height} ({width * height / 1e6:.0f} megapixels); "
-                       f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels, please downscale it")
+        raise HdbError(
+            f"{name} is {width}x{height} ({width * height / 1e6:.0f} megapixels); "
+            f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels, please downscale it"
+        )
     try:
         image.load()
         image = ImageOps.exif_transpose(image)  # phone photos are often stored sideways
     except (OSError, SyntaxError) as e:
         raise HdbError(f"{name} could not be decoded (damaged or truncated file?): {e}") from None
     if min(image.size) < MIN_SIDE:
-        raise HdbError(f"{name} is only {image.width}x{image.height} pixels; the shorter side "
-                       f"must be at least {MIN_SIDE} (a face at least ~150 px wide works best)")
+        raise HdbError(
+            f"{name} is only {image.width}x{image.height} pixels; the shorter side "
+            f"must be at least {MIN_SIDE} (a face at least ~150 px wide works best)"
+        )
     return _to_rgb(image, name)
 
 
@@ -146,9 +150,11 @@ def _models() -> tuple:
     import dlib  # imported on first use: code that only handles aligned crops runs without dlib
     import face_recognition_models as frm  # it only serves file paths
 
-    return (dlib.get_frontal_face_detector(),
-            dlib.shape_predictor(frm.pose_predictor_five_point_model_location()),
-            dlib.face_recognition_model_v1(frm.face_recognition_model_location()))
+    return (
+        dlib.get_frontal_face_detector(),
+        dlib.shape_predictor(frm.pose_predictor_five_point_model_location()),
+        dlib.face_recognition_model_v1(frm.face_recognition_model_location()),
+    )
 
 
 def detect_faces(source: ImageSource) -> list[Face]:
@@ -158,8 +164,11 @@ def detect_faces(source: ImageSource) -> list[Face]:
 
     detector, predictor, _ = _models()
     scale = min(1.0, DETECT_SIDE / max(image.size))
-    small = image if scale == 1 else image.resize(
-        (round(image.width * scale), round(image.height * scale)), Image.Resampling.BOX)
+    small = (
+        image
+        if scale == 1
+        else image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BOX)
+    )
     small_array, full_array = np.asarray(small), np.asarray(image)
     # HOG only finds faces >= ~80 px; upsampling once finds faces down to ~40 px.
     for upsample in (0, 1):
@@ -172,8 +181,9 @@ def detect_faces(source: ImageSource) -> list[Face]:
         full_box = dlib.rectangle(*(round(v / scale) for v in (box.left(), box.top(), box.right(), box.bottom())))
         shape = predictor(full_array, full_box)
         landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
-        faces.append(Face((full_box.left(), full_box.top(), full_box.right(), full_box.bottom()),
-                          float(score), landmarks))
+        faces.append(
+            Face((full_box.left(), full_box.top(), full_box.right(), full_box.bottom()), float(score), landmarks)
+        )
     return sorted(faces, key=lambda f: (-f.score, -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
 
 
@@ -190,8 +200,10 @@ def align_face(source: ImageSource, size: int = 512) -> AlignedFace:
     faces = detect_faces(image)
     name = Path(source).name if isinstance(source, (str, Path)) else "the image"
     if not faces:
-        raise HdbError(f"No face found in {name}; use a clear, front-facing photo of one person "
-                       "with the face well lit and at least ~100 pixels wide")
+        raise HdbError(
+            f"No face found in {name}; use a clear, front-facing photo of one person "
+            "with the face well lit and at least ~100 pixels wide"
+        )
     face = faces[0]
     note = f"{len(faces)} faces found; using the most confident one" if len(faces) > 1 else None
     # Work in continuous coordinates (pixel i spans [i, i+1)), as PIL's transform does.
@@ -234,8 +246,7 @@ def _warp(image: Image.Image, matrix: np.ndarray, size: int) -> Image.Image:
     pads = ((max(-y0, 0), max(y1 - image.height, 0)), (max(-x0, 0), max(x1 - image.width, 0)), (0, 0))
     region = Image.fromarray(_pad(region, pads))
     inverse[:, 2] -= [x0, y0]  # the region's origin is (x0, y0) in image coordinates
-    return region.transform((size, size), Image.Transform.AFFINE, inverse.ravel(),
-                            resample=Image.Resampling.BICUBIC)
+    return region.transform((size, size), Image.Transform.AFFINE, inverse.ravel(), resample=Image.Resampling.BICUBIC)
 
 
 def _pad(region: np.ndarray, pads: tuple) -> np.ndarray:
@@ -247,8 +258,10 @@ def _pad(region: np.ndarray, pads: tuple) -> np.ndarray:
     padded = np.pad(region, pads, mode="edge")
     h, w = padded.shape[:2]
     y, x = np.ogrid[:h, :w]
-    outside = np.maximum(np.maximum(top - y, y - (h - 1 - bottom)),  # pixels beyond the border
-                         np.maximum(left - x, x - (w - 1 - right)))
+    outside = np.maximum(
+        np.maximum(top - y, y - (h - 1 - bottom)),  # pixels beyond the border
+        np.maximum(left - x, x - (w - 1 - right)),
+    )
     ramp = 0.1 * max(h, w)
     weight = np.clip(outside / ramp, 0, 1)[..., None]
     blurred = np.asarray(Image.fromarray(padded).filter(ImageFilter.GaussianBlur(ramp / 2)), np.float32)
@@ -271,8 +284,9 @@ def face_embedding(source: AlignedFace | ImageSource) -> np.ndarray:
     import dlib
 
     # Rebuild dlib's landmark object; dlib then makes its own 150 px chip from the photo.
-    shape = dlib.full_object_detection(dlib.rectangle(*face.box),
-                                       [dlib.point(int(x), int(y)) for x, y in face.landmarks])
+    shape = dlib.full_object_detection(
+        dlib.rectangle(*face.box), [dlib.point(int(x), int(y)) for x, y in face.landmarks]
+    )
     return np.array(encoder.compute_face_descriptor(np.asarray(image), shape))
 
 

@@ -10,6 +10,7 @@ from hdb.errors import HdbError
 from hdb.lidb import LiDB
 from hdb.styles import DEFAULT_NEGATIVE
 
+
 def generate(
     pipe,
     lidb: LiDB | None,
@@ -34,6 +35,12 @@ def generate(
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU generator: same seed, same picture on any device
     with torch.inference_mode():
         return pipe(
-            prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps, guidance_scale=guidance,
-            num_images_per_prompt=num_images, generator=generator, height=height, width=width,
+            prompt,
+            negative_prompt=negative_prompt or None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=num_images,
+            generator=generator,
+            height=height,
+            width=width,
         ).images

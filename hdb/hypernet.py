@@ -83,7 +83,9 @@ class HyperNetwork(nn.Module):
         self.config = config
         hidden = _encoder_setting(image_encoder, "hidden_size")
         if hidden is None:
-            raise HdbError(f"Cannot tell the hidden size of image encoder {type(image_encoder).__name__} (no config.hidden_size)")
+            raise HdbError(
+                f"Cannot tell the hidden size of image encoder {type(image_encoder).__name__} (no config.hidden_size)"
+            )
         L, width, size = config.num_layers, config.width, (config.a + config.b) * config.rank
         self.image_encoder = image_encoder
         # Freeze what can never learn: attention key biases (softmax ignores a shift shared by all keys, so
@@ -96,7 +98,9 @@ class HyperNetwork(nn.Module):
         # One projection per LiDB layer (layers differ in meaning), batched into one tensor.
         self.weight_in = nn.Parameter(torch.randn(L, size, width) / size**0.5)
         self.position = nn.Parameter(torch.randn(L, width) * 0.02)
-        layer = nn.TransformerDecoderLayer(width, config.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerDecoderLayer(
+            width, config.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.decoder = nn.TransformerDecoder(layer, config.depth, norm=nn.LayerNorm(width))
         # Near zero, so the first prediction is ~ "no change" (the authors' N(0, 1e-3)). The decoder's output
         # is layer-normed (entries ~1), so the weights are scaled by 1/sqrt(width) to make each predicted
@@ -168,9 +172,15 @@ class HyperNetwork(nn.Module):
     def for_lidb(cls, lidb, image_encoder: nn.Module, image_encoder_name: str, **config_overrides) -> HyperNetwork:
         """A fresh hypernetwork predicting weights for `lidb` (its layers, shapes and aux bases)."""
         values = dict(
-            image_encoder=image_encoder_name, num_layers=len(lidb.layer_names), rank=lidb.config.rank,
-            a=lidb.config.a, b=lidb.config.b, lidb_seed=lidb.config.seed, arch_fingerprint=lidb.arch_fingerprint(),
-            aux_fingerprint=lidb.aux_fingerprint(), layer_names=list(lidb.layer_names),
+            image_encoder=image_encoder_name,
+            num_layers=len(lidb.layer_names),
+            rank=lidb.config.rank,
+            a=lidb.config.a,
+            b=lidb.config.b,
+            lidb_seed=lidb.config.seed,
+            arch_fingerprint=lidb.arch_fingerprint(),
+            aux_fingerprint=lidb.aux_fingerprint(),
+            layer_names=list(lidb.layer_names),
         )
         image_size = _encoder_setting(image_encoder, "image_size")
         if image_size is not None:
@@ -189,19 +199,25 @@ class HyperNetwork(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
-        own = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("image_encoder.")}
+        own = {
+            k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("image_encoder.")
+        }
         save_file(own, str(directory / WEIGHTS_FILE), metadata={"format": "hdb-hypernet"})
         self.image_encoder.save_pretrained(directory / ENCODER_DIR)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, lidb=None, device: str | torch.device | None = None) -> HyperNetwork:
+    def from_pretrained(
+        cls, directory: str | Path, lidb=None, device: str | torch.device | None = None
+    ) -> HyperNetwork:
         """Load what `save_pretrained` wrote; with `lidb`, first check that the weights are meant for it."""
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
             raise HdbError(f"{directory} is not a saved hypernetwork (no {CONFIG_FILE})")
         try:
             values = json.loads((directory / CONFIG_FILE).read_text())
-            values.update({k: tuple(values[k]) for k in ("image_mean", "image_std") if k in values})  # JSON has no tuples
+            values.update(
+                {k: tuple(values[k]) for k in ("image_mean", "image_std") if k in values}
+            )  # JSON has no tuples
             config = HyperNetworkConfig(**values)
         except (ValueError, TypeError) as error:
             raise HdbError(f"{directory / CONFIG_FILE} is not a valid hypernetwork config: {error}") from None
@@ -232,7 +248,9 @@ def _check_compatible(c: HyperNetworkConfig, lidb) -> None:
             f"the loaded base has {layers} (fingerprint {arch})"
         )
     if (c.a, c.b) != (lc.a, lc.b):  # the rank may differ: personalisation relaxes it anyway
-        raise HdbError(f"This hypernetwork predicts LiDB weights with a={c.a}, b={c.b}; the LiDB has a={lc.a}, b={lc.b}")
+        raise HdbError(
+            f"This hypernetwork predicts LiDB weights with a={c.a}, b={c.b}; the LiDB has a={lc.a}, b={lc.b}"
+        )
     if c.lidb_seed != lc.seed:
         raise HdbError(f"This hypernetwork was trained with LiDB aux seed {c.lidb_seed}; the LiDB uses seed {lc.seed}")
     aux = lidb.aux_fingerprint()

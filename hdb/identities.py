@@ -33,7 +33,9 @@ def _photos(entry: Path) -> list[Path]:
     return [entry] if entry.suffix.lower() in IMAGE_SUFFIXES else []
 
 
-def load_identities(images_dir: str | Path, size: int, cache_dir: str | Path | None = None, progress: bool = True) -> tuple[list[Identity], Counter]:
+def load_identities(
+    images_dir: str | Path, size: int, cache_dir: str | Path | None = None, progress: bool = True
+) -> tuple[list[Identity], Counter]:
     """Aligned faces per identity, and a count of skipped photos by reason.
 
     With `cache_dir`, aligned crops are stored as PNGs and reused (face detection is the slow part).
@@ -47,7 +49,9 @@ def load_identities(images_dir: str | Path, size: int, cache_dir: str | Path | N
         raise HdbError(f"Image folder not found: {root}")
     entries = sorted(e for e in root.iterdir() if _photos(e))
     if not entries:
-        raise HdbError(f"{root} holds no photos ({', '.join(sorted(IMAGE_SUFFIXES))}), neither directly nor in sub-folders")
+        raise HdbError(
+            f"{root} holds no photos ({', '.join(sorted(IMAGE_SUFFIXES))}), neither directly nor in sub-folders"
+        )
     cache = Path(cache_dir) if cache_dir else None
     identities, skipped = [], Counter()
     for entry in tqdm(entries, desc="aligning faces", disable=not progress, leave=False):
@@ -73,7 +77,9 @@ def load_identities(images_dir: str | Path, size: int, cache_dir: str | Path | N
     return identities, skipped
 
 
-def resolve_identities(images: str | Path | list[Identity], size: int, cache_dir: str | Path | None = None, progress: bool = True) -> tuple[list[Identity], Counter]:
+def resolve_identities(
+    images: str | Path | list[Identity], size: int, cache_dir: str | Path | None = None, progress: bool = True
+) -> tuple[list[Identity], Counter]:
     """A folder of photos (aligned here) or identities already prepared (e.g. synthetic renders)."""
     if isinstance(images, (str, Path)):
         return load_identities(images, size, cache_dir, progress)
@@ -85,6 +91,8 @@ def resolve_identities(images: str | Path | list[Identity], size: int, cache_dir
 def encode_identities(pipe, identities: list[Identity], resolution: int) -> list[torch.Tensor]:
     """VAE latents of each identity's augmented views: one [views, 4, h, w] tensor per identity."""
     return [
-        torch.cat([encode_images(pipe, view[None]) for face in identity.faces for view in augmented_views(face, resolution)]).float()
+        torch.cat(
+            [encode_images(pipe, view[None]) for face in identity.faces for view in augmented_views(face, resolution)]
+        ).float()
         for identity in identities
     ]

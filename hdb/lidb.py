@@ -59,14 +59,18 @@ def _semi_orthogonal(rows: int, cols: int, generator: torch.Generator) -> torch.
     return (q if rows > cols else q.T).float().contiguous()
 
 
-def aux_bases(seed: int, name: str, in_features: int, out_features: int, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+def aux_bases(
+    seed: int, name: str, in_features: int, out_features: int, a: int, b: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A_aux [a, in], B_aux [out, b]) for one layer: deterministic on CPU from (seed, name, shape)."""
     key = hashlib.sha256(f"{seed}|{name}|{in_features}x{out_features}|{a}|{b}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
     return _semi_orthogonal(a, in_features, generator), _semi_orthogonal(out_features, b, generator)
 
 
-def lora_factors(A: torch.Tensor, B: torch.Tensor, A_aux: torch.Tensor, B_aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_factors(
+    A: torch.Tensor, B: torch.Tensor, A_aux: torch.Tensor, B_aux: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact LoRA of LiDB weights: (lora_A = A_train @ A_aux: [.., r, in], lora_B = B_aux @ B_train: [.., out, r])."""
     return A.float() @ A_aux, B_aux @ B.float()
 
@@ -85,7 +89,9 @@ def arch_fingerprint(layer_shapes: dict[str, tuple[int, int]]) -> str:
 
 def aux_fingerprint(bases: Iterable[torch.Tensor]) -> str:
     """Identifies aux bases. Rounded, so that it is stable across CPUs and BLAS builds, not only runs."""
-    return _fingerprint(torch.round(basis.detach().cpu().double() * 1e4).to(torch.int32).numpy().tobytes() for basis in bases)
+    return _fingerprint(
+        torch.round(basis.detach().cpu().double() * 1e4).to(torch.int32).numpy().tobytes() for basis in bases
+    )
 
 
 def random_A(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -204,7 +210,9 @@ class LiDB:
         self.pipe = pipe
         targets = find_target_linears({"unet": pipe.unet, **text_encoders(pipe)})
         if not targets:
-            raise HdbError(f"No attention projections found in {type(pipe).__name__}; is it a Stable Diffusion pipeline?")
+            raise HdbError(
+                f"No attention projections found in {type(pipe).__name__}; is it a Stable Diffusion pipeline?"
+            )
         self.layer_shapes = {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}
         device = pipe.unet.device
         self.A_train = nn.Parameter(start_A(len(targets), config).to(device))  # = initial_weights(): B = 0
@@ -224,7 +232,7 @@ class LiDB:
         pipe._hdb_lidb = self  # so later calls find it: `LiDB.attached(pipe)`
 
     @staticmethod
-    def attached(pipe) -> "LiDB | None":
+    def attached(pipe) -> LiDB | None:
         """The LiDB attached to `pipe`, if any (personalise, then generate or evaluate on the same pipe)."""
         lidb = getattr(pipe, "_hdb_lidb", None)
         return lidb if lidb is not None and lidb.layers else None
@@ -253,7 +261,9 @@ class LiDB:
 
     def aux_fingerprint(self) -> str:
         if self._aux_fingerprint is None:  # the bases never change; hashing them all costs ~0.1 s at SD1.5 size
-            self._aux_fingerprint = aux_fingerprint(basis for layer in self.layers.values() for basis in (layer.A_aux, layer.B_aux))
+            self._aux_fingerprint = aux_fingerprint(
+                basis for layer in self.layers.values() for basis in (layer.A_aux, layer.B_aux)
+            )
         return self._aux_fingerprint
 
     # -- weights
@@ -266,7 +276,9 @@ class LiDB:
         """Copy one person's weights (A: [L, r, a], B: [L, b, r]) into the shared weights."""
         expected_A, expected_B = tuple(self.A_train.shape), tuple(self.B_train.shape)
         if tuple(A.shape) != expected_A or tuple(B.shape) != expected_B:
-            raise HdbError(f"LiDB weights of shape {tuple(A.shape)}/{tuple(B.shape)} do not fit this model ({expected_A}/{expected_B})")
+            raise HdbError(
+                f"LiDB weights of shape {tuple(A.shape)}/{tuple(B.shape)} do not fit this model ({expected_A}/{expected_B})"
+            )
         self.A_train.copy_(A)
         self.B_train.copy_(B)
 
@@ -277,7 +289,9 @@ class LiDB:
         backward, and it must still see the same weights then.
         """
         if A.dim() != 4 or A.shape[1:] != self.A_train.shape or B.shape[1:] != self.B_train.shape:
-            raise HdbError(f"per-sample LiDB weights must be [S, {', '.join(map(str, self.A_train.shape))}], got {tuple(A.shape)}")
+            raise HdbError(
+                f"per-sample LiDB weights must be [S, {', '.join(map(str, self.A_train.shape))}], got {tuple(A.shape)}"
+            )
         self.source.A, self.source.B = A, B
 
     def use_shared(self) -> None:
@@ -302,7 +316,9 @@ class LiDB:
         return A.to(self.A_train.device), B.to(self.A_train.device)
 
     @torch.no_grad()
-    def start_from(self, A: torch.Tensor, B: torch.Tensor, rank: int | None = None, generator: torch.Generator | None = None) -> None:
+    def start_from(
+        self, A: torch.Tensor, B: torch.Tensor, rank: int | None = None, generator: torch.Generator | None = None
+    ) -> None:
         """Load rank-k weights (A: [L, k, a], B: [L, b, k]) as the start of training at `rank` >= k.
 
         Rank relaxation: the extra rows of A are random and the extra columns of B zero, so the model
@@ -318,7 +334,9 @@ class LiDB:
             self.A_train = nn.Parameter(self.A_train.new_empty(len(self.layers), rank, self.config.a))
             self.B_train = nn.Parameter(self.B_train.new_empty(len(self.layers), self.config.b, rank))
         start = A.shape[1]
-        self.A_train[:, start:] = random_A(len(self.layers), rank - start, self.config.a, generator=generator).to(self.A_train.device)
+        self.A_train[:, start:] = random_A(len(self.layers), rank - start, self.config.a, generator=generator).to(
+            self.A_train.device
+        )
         self.A_train[:, :start] = A
         self.B_train.zero_()
         self.B_train[:, :, :start] = B

@@ -64,7 +64,9 @@ def load_pipeline(
     local = Path(base).expanduser()
     if local.exists() and not (local / "model_index.json").is_file():
         raise HdbError(f"{base} is not a diffusers pipeline directory (it has no model_index.json)")
-    pipe = from_hub_or_directory("base model", base, lambda path: DiffusionPipeline.from_pretrained(path, dtype=torch_dtype), "--base DIR")
+    pipe = from_hub_or_directory(
+        "base model", base, lambda path: DiffusionPipeline.from_pretrained(path, dtype=torch_dtype), "--base DIR"
+    )
     if not isinstance(pipe, SUPPORTED):
         raise HdbError(f"{base} is a {type(pipe).__name__}; hdb supports Stable Diffusion 1.x/2.x and SDXL pipelines")
     pipe.set_progress_bar_config(disable=True)
@@ -80,8 +82,16 @@ def is_sdxl(pipe: DiffusionPipeline) -> bool:
 
 def _tiny_text_encoder(with_projection: bool, hidden: int = 32) -> torch.nn.Module:
     config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=hidden,
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=hidden,
     )
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
@@ -89,24 +99,40 @@ def _tiny_text_encoder(with_projection: bool, hidden: int = 32) -> torch.nn.Modu
 def _tiny_vae() -> AutoencoderKL:
     # Four blocks: three 2x downsamplings, SD's x8 latent geometry (64 px image -> 8x8x4 latent).
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8,
         sample_size=64,
     )
 
 
 def _tiny_unet(sdxl: bool) -> UNet2DConditionModel:
     common = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
     )
     if not sdxl:
         return UNet2DConditionModel(cross_attention_dim=32, **common)
     # SDXL conditions on both encoders' hidden states (32 + 32) and on pooled text + 6 size/crop numbers.
     return UNet2DConditionModel(
-        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True, **common,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        use_linear_projection=True,
+        **common,
     )
 
 
@@ -122,8 +148,11 @@ def build_tiny_pipeline(arch: str = "sd15", seed: int = 0) -> StableDiffusionPip
     parts = dict(unet=_tiny_unet(arch == "sdxl"), vae=_tiny_vae(), scheduler=scheduler, tokenizer=tokenizer)
     if arch == "sd15":
         return StableDiffusionPipeline(
-            text_encoder=_tiny_text_encoder(False), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, **parts,
+            text_encoder=_tiny_text_encoder(False),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **parts,
         )
     return StableDiffusionXLPipeline(
         text_encoder=_tiny_text_encoder(False), text_encoder_2=_tiny_text_encoder(True), tokenizer_2=tokenizer, **parts
@@ -138,7 +167,9 @@ def save_tiny_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -
     return out
 
 
-def build_full_size_sd15(empty: bool = False, seed: int = 0, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
+def build_full_size_sd15(
+    empty: bool = False, seed: int = 0, device: str | torch.device = "cpu"
+) -> StableDiffusionPipeline:
     """An SD1.5-shaped pipeline (860M-parameter UNet, CLIP ViT-L text encoder, SD VAE) with random weights.
 
     For benchmarks and size checks: the arithmetic, and so the time and memory, equal the real model's.
@@ -150,21 +181,38 @@ def build_full_size_sd15(empty: bool = False, seed: int = 0, device: str | torch
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
     text_config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
     )
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     with init_empty_weights(include_buffers=False) if empty else torch.device(device):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD1.x's UNet
         vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=512,
         )
         text_encoder = CLIPTextModel(text_config)
     return StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         scheduler=PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, **schedule),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 

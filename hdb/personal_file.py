@@ -47,12 +47,19 @@ class PersonalWeights:
     instance_token: str = DEFAULT_INSTANCE_TOKEN
 
     @classmethod
-    def from_lidb(cls, lidb: LiDB, instance_prompt: str = DEFAULT_INSTANCE_PROMPT, instance_token: str = DEFAULT_INSTANCE_TOKEN) -> "PersonalWeights":
+    def from_lidb(
+        cls, lidb: LiDB, instance_prompt: str = DEFAULT_INSTANCE_PROMPT, instance_token: str = DEFAULT_INSTANCE_TOKEN
+    ) -> PersonalWeights:
         return cls(
-            A=lidb.A_train.detach().float().cpu().clone(), B=lidb.B_train.detach().float().cpu().clone(),
-            config=lidb.config, layer_shapes=dict(lidb.layer_shapes), arch_fingerprint=lidb.arch_fingerprint(),
-            aux_fingerprint=lidb.aux_fingerprint(), instance_prompt=instance_prompt,
-            base_model=str(getattr(lidb.pipe, "name_or_path", "") or ""), instance_token=instance_token,
+            A=lidb.A_train.detach().float().cpu().clone(),
+            B=lidb.B_train.detach().float().cpu().clone(),
+            config=lidb.config,
+            layer_shapes=dict(lidb.layer_shapes),
+            arch_fingerprint=lidb.arch_fingerprint(),
+            aux_fingerprint=lidb.aux_fingerprint(),
+            instance_prompt=instance_prompt,
+            base_model=str(getattr(lidb.pipe, "name_or_path", "") or ""),
+            instance_token=instance_token,
         )
 
     @property
@@ -77,10 +84,17 @@ def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype
     """Write `weights` to `path` (fp32 by default; fp16 halves the size)."""
     config = weights.config
     metadata = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "arch_fingerprint": weights.arch_fingerprint,
-        "aux_fingerprint": weights.aux_fingerprint, "seed": str(config.seed), "r": str(config.rank),
-        "a": str(config.a), "b": str(config.b), "num_layers": str(len(weights.layer_names)),
-        "layers": _pack_layers(weights.layer_shapes), "instance_prompt": weights.instance_prompt,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch_fingerprint": weights.arch_fingerprint,
+        "aux_fingerprint": weights.aux_fingerprint,
+        "seed": str(config.seed),
+        "r": str(config.rank),
+        "a": str(config.a),
+        "b": str(config.b),
+        "num_layers": str(len(weights.layer_names)),
+        "layers": _pack_layers(weights.layer_shapes),
+        "instance_prompt": weights.instance_prompt,
         "instance_token": weights.instance_token,
         "base_model": weights.base_model,
     }
@@ -103,18 +117,29 @@ def load_personal(path: str | Path) -> PersonalWeights:
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
         raise HdbError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
     if metadata.get("format") != FORMAT:
-        raise HdbError(f"{path} is a safetensors file but not an hdb personal file (no '{FORMAT}' format tag); "
-                       "LoRA files from other tools cannot be loaded as personal weights")
+        raise HdbError(
+            f"{path} is a safetensors file but not an hdb personal file (no '{FORMAT}' format tag); "
+            "LoRA files from other tools cannot be loaded as personal weights"
+        )
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise HdbError(f"{path} has personal-file format version {metadata.get('format_version')}; this hdb reads version {FORMAT_VERSION}")
+        raise HdbError(
+            f"{path} has personal-file format version {metadata.get('format_version')}; this hdb reads version {FORMAT_VERSION}"
+        )
     try:
-        config = LiDBConfig(rank=int(metadata["r"]), a=int(metadata["a"]), b=int(metadata["b"]), seed=int(metadata["seed"]))
+        config = LiDBConfig(
+            rank=int(metadata["r"]), a=int(metadata["a"]), b=int(metadata["b"]), seed=int(metadata["seed"])
+        )
         layer_shapes = _unpack_layers(metadata["layers"])
         names = list(layer_shapes)
         weights = PersonalWeights(
-            A=tensors["A_train"].float(), B=tensors["B_train"].float(), config=config, layer_shapes=layer_shapes,
-            arch_fingerprint=metadata["arch_fingerprint"], aux_fingerprint=metadata["aux_fingerprint"],
-            instance_prompt=metadata.get("instance_prompt", DEFAULT_INSTANCE_PROMPT), base_model=metadata.get("base_model", ""),
+            A=tensors["A_train"].float(),
+            B=tensors["B_train"].float(),
+            config=config,
+            layer_shapes=layer_shapes,
+            arch_fingerprint=metadata["arch_fingerprint"],
+            aux_fingerprint=metadata["aux_fingerprint"],
+            instance_prompt=metadata.get("instance_prompt", DEFAULT_INSTANCE_PROMPT),
+            base_model=metadata.get("base_model", ""),
             instance_token=metadata.get("instance_token", DEFAULT_INSTANCE_TOKEN),
         )
     except (KeyError, ValueError, zlib.error) as error:
@@ -122,7 +147,9 @@ def load_personal(path: str | Path) -> PersonalWeights:
     expected_A = (len(names), config.rank, config.a)
     expected_B = (len(names), config.b, config.rank)
     if tuple(weights.A.shape) != expected_A or tuple(weights.B.shape) != expected_B:
-        raise HdbError(f"{path}: tensor shapes {tuple(weights.A.shape)}/{tuple(weights.B.shape)} do not match its metadata {expected_A}/{expected_B}")
+        raise HdbError(
+            f"{path}: tensor shapes {tuple(weights.A.shape)}/{tuple(weights.B.shape)} do not match its metadata {expected_A}/{expected_B}"
+        )
     if not (torch.isfinite(weights.A).all() and torch.isfinite(weights.B).all()):
         raise HdbError(f"{path} contains NaN or infinite weights")
     return weights
@@ -142,8 +169,10 @@ def check_compatible(weights: PersonalWeights, lidb: LiDB, source: str = "person
             f"uses seed {lidb.config.seed} (a={lidb.config.a}, b={lidb.config.b}): weights only work with their own aux bases"
         )
     if weights.aux_fingerprint != lidb.aux_fingerprint():
-        raise HdbError(f"The aux bases regenerated here (fingerprint {lidb.aux_fingerprint()}) differ from the ones this "
-                       f"{source} was trained with ({weights.aux_fingerprint})")
+        raise HdbError(
+            f"The aux bases regenerated here (fingerprint {lidb.aux_fingerprint()}) differ from the ones this "
+            f"{source} was trained with ({weights.aux_fingerprint})"
+        )
 
 
 def apply_personal(pipe, weights: PersonalWeights | str | Path, lidb: LiDB | None = None) -> LiDB:
@@ -152,7 +181,9 @@ def apply_personal(pipe, weights: PersonalWeights | str | Path, lidb: LiDB | Non
         weights = load_personal(weights)
     lidb = lidb or LiDB.attached(pipe) or LiDB(pipe, weights.config)
     check_compatible(weights, lidb)
-    lidb.start_from(weights.A.to(lidb.A_train.device), weights.B.to(lidb.B_train.device), weights.config.rank)  # any rank
+    lidb.start_from(
+        weights.A.to(lidb.A_train.device), weights.B.to(lidb.B_train.device), weights.config.rank
+    )  # any rank
     return lidb
 
 

@@ -63,7 +63,14 @@ def augmented_views(image: Image.Image, resolution: int, count: int = 4) -> torc
     return to_pixels([view.resize((resolution, resolution), Image.BICUBIC) for view in views[:count]])
 
 
-def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: PersonalizeConfig = PersonalizeConfig(), lidb: LiDB | None = None, on_step=None) -> Personalization:
+def personalize(
+    pipe,
+    photo: ImageSource | AlignedFace,
+    hypernet=None,
+    config: PersonalizeConfig = PersonalizeConfig(),
+    lidb: LiDB | None = None,
+    on_step=None,
+) -> Personalization:
     """Personalise `pipe` to the face in `photo`; LiDB stays attached with the person's weights."""
     resolution = config.resolution or native_resolution(pipe)
     face = photo if isinstance(photo, AlignedFace) else align_face(photo, size=crop_size(resolution))
@@ -74,9 +81,13 @@ def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: P
     else:
         A, B = lidb.initial_weights()
     relaxed_rows = torch.Generator().manual_seed(config.seed)  # the same person from the same seed
-    lidb.start_from(A.to(lidb.A_train.device), B.to(lidb.A_train.device), max(config.relaxed_rank, A.shape[1]), relaxed_rows)
+    lidb.start_from(
+        A.to(lidb.A_train.device), B.to(lidb.A_train.device), max(config.relaxed_rank, A.shape[1]), relaxed_rows
+    )
     lidb.set_scale(1.0)  # train the person at full strength, whatever the last generation used
-    steps = config.steps if config.steps is not None else (STEPS_WITH_HYPERNET if hypernet is not None else STEPS_FROM_ZERO)
+    steps = (
+        config.steps if config.steps is not None else (STEPS_WITH_HYPERNET if hypernet is not None else STEPS_FROM_ZERO)
+    )
 
     freeze(pipe.unet, pipe.vae, *text_encoders(pipe).values())
     prompt_tokens = tokenize_prompts(pipe, [instance_prompt_for(config.instance_token)])
@@ -84,7 +95,9 @@ def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: P
     latents = torch.cat([encode_images(pipe, view[None]) for view in augmented_views(face.image, resolution)]).float()
     scheduler = training_scheduler(pipe)
     device = pipe.unet.device
-    generator = torch.Generator(device).manual_seed(config.seed)  # reproducible noise and timesteps, drawn on the device
+    generator = torch.Generator(device).manual_seed(
+        config.seed
+    )  # reproducible noise and timesteps, drawn on the device
 
     def loss_fn(step: int) -> torch.Tensor:
         view = latents[step % len(latents)].unsqueeze(0)
@@ -100,8 +113,12 @@ def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: P
     for module in modules:
         module.train()  # gradient checkpointing only runs in train mode; SD has no dropout to mind
     train_config = TrainConfig(
-        steps=steps, learning_rate=config.learning_rate, optimizer=config.optimizer,
-        fp16_loss_scaling=pipe.unet.dtype == torch.float16, progress=config.progress, description="fast finetuning",
+        steps=steps,
+        learning_rate=config.learning_rate,
+        optimizer=config.optimizer,
+        fp16_loss_scaling=pipe.unet.dtype == torch.float16,
+        progress=config.progress,
+        description="fast finetuning",
     )
     try:
         losses = train(lidb.trainable_parameters(), loss_fn, train_config, on_step)
@@ -122,7 +139,15 @@ def personalize(pipe, photo: ImageSource | AlignedFace, hypernet=None, config: P
 
 
 @torch.no_grad()
-def photo_loss(pipe, lidb: LiDB, face: AlignedFace, instance_token: str = DEFAULT_INSTANCE_TOKEN, draws: int = 8, seed: int = 1234, resolution: int | None = None) -> float:
+def photo_loss(
+    pipe,
+    lidb: LiDB,
+    face: AlignedFace,
+    instance_token: str = DEFAULT_INSTANCE_TOKEN,
+    draws: int = 8,
+    seed: int = 1234,
+    resolution: int | None = None,
+) -> float:
     """Diffusion loss of the current weights on the photo over fixed noise/timestep draws (for comparisons)."""
     resolution = resolution or native_resolution(pipe)
     latents = encode_images(pipe, augmented_views(face.image, resolution, count=1)).float().repeat(draws, 1, 1, 1)
@@ -134,4 +159,3 @@ def photo_loss(pipe, lidb: LiDB, face: AlignedFace, instance_token: str = DEFAUL
     if lidb.source.A is not lidb.A_train:
         raise HdbError("photo_loss needs shared LiDB weights")
     return diffusion_loss(pipe, scheduler, latents, cond, noise, timesteps).mean().item()
-

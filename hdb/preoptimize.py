@@ -39,7 +39,9 @@ class PreoptimizeConfig:
     progress: bool = True
 
 
-def preoptimize(pipe, images: str | Path | list[Identity], out_dir: str | Path, config: PreoptimizeConfig = PreoptimizeConfig()) -> dict:
+def preoptimize(
+    pipe, images: str | Path | list[Identity], out_dir: str | Path, config: PreoptimizeConfig = PreoptimizeConfig()
+) -> dict:
     """Write out_dir/weights/<identity>.safetensors for every identity not done yet; returns a summary.
 
     `images`: a folder (one photo or sub-folder per identity) or a list of prepared `Identity`s.
@@ -71,40 +73,61 @@ def preoptimize(pipe, images: str | Path | list[Identity], out_dir: str | Path, 
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start * 10_007 + step)
             batch = torch.stack([views[step % len(views)] for views in latents])
             noise = torch.randn(batch.shape, generator=generator).to(device)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(group),), generator=generator).to(device)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(group),), generator=generator).to(
+                device
+            )
             cond = encode_prompts(pipe, [prompt] * len(group))
             return diffusion_loss(pipe, scheduler, batch, cond, noise, timesteps).mean()
 
         names = ", ".join(identity.name for identity in group)
         train_config = TrainConfig(
-            steps=config.steps, learning_rate=config.learning_rate, optimizer=config.optimizer,
-            progress=config.progress, description=f"pre-optimising {names}"[:60],
+            steps=config.steps,
+            learning_rate=config.learning_rate,
+            optimizer=config.optimizer,
+            progress=config.progress,
+            description=f"pre-optimising {names}"[:60],
         )
         history = train([A, B], loss_fn, train_config)
         for index, identity in enumerate(group):
             lidb.use_shared()
             lidb.load_weights(A[index].detach(), B[index].detach())
-            save_personal(PersonalWeights.from_lidb(lidb, prompt, config.instance_token), weights_dir / f"{identity.name}.safetensors")
+            save_personal(
+                PersonalWeights.from_lidb(lidb, prompt, config.instance_token),
+                weights_dir / f"{identity.name}.safetensors",
+            )
             losses[identity.name] = (history[0], sum(history[-10:]) / len(history[-10:]))
     pipe.unet.eval()
     lidb.detach()
-    return {"identities": len(identities), "trained": len(todo), "already_done": len(identities) - len(todo),
-            "skipped_photos": dict(skipped), "losses": losses}
+    return {
+        "identities": len(identities),
+        "trained": len(todo),
+        "already_done": len(identities) - len(todo),
+        "skipped_photos": dict(skipped),
+        "losses": losses,
+    }
 
 
 def _write_manifest(out: Path, lidb: LiDB, config: PreoptimizeConfig) -> None:
     """What the weights belong to; a later run on another base model is refused instead of mixing."""
-    manifest = {"arch_fingerprint": lidb.arch_fingerprint(), "aux_fingerprint": lidb.aux_fingerprint(),
-                "lidb": asdict(config.lidb), "instance_token": config.instance_token}
+    manifest = {
+        "arch_fingerprint": lidb.arch_fingerprint(),
+        "aux_fingerprint": lidb.aux_fingerprint(),
+        "lidb": asdict(config.lidb),
+        "instance_token": config.instance_token,
+    }
     path = out / "manifest.json"
     if path.is_file():
         existing = json.loads(path.read_text())
         if existing["arch_fingerprint"] != manifest["arch_fingerprint"] or existing["lidb"] != manifest["lidb"]:
-            raise HdbError(f"{out} holds weights for another base model or LiDB shape ({existing['lidb']}); use a new --out folder")
+            raise HdbError(
+                f"{out} holds weights for another base model or LiDB shape ({existing['lidb']}); use a new --out folder"
+            )
     path.write_text(json.dumps(manifest, indent=1))
 
 
-def load_weights_dataset(weights_dir: str | Path, lidb: LiDB, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def load_weights_dataset(
+    weights_dir: str | Path, lidb: LiDB, names: list[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Pre-optimised (A, B) per identity name, checked against the model being trained."""
     from hdb.personal_file import check_compatible, load_personal
 

@@ -30,7 +30,9 @@ def expand_prompt(prompt: str, instance_token: str, style: str = "None") -> str:
     if style not in STYLE_PRESETS:
         raise HdbError(f"Unknown style {style!r}; choose one of: {', '.join(STYLE_PRESETS)}")
     if not prompt.strip():
-        raise HdbError(f"The prompt is empty; describe a scene with {PERSON} for the person, e.g. '{EXAMPLE_PROMPTS[1]}'")
+        raise HdbError(
+            f"The prompt is empty; describe a scene with {PERSON} for the person, e.g. '{EXAMPLE_PROMPTS[1]}'"
+        )
     return STYLE_PRESETS[style].format(prompt=prompt.replace(PERSON, instance_token).strip())
 
 

@@ -58,7 +58,16 @@ def _colour(rng: np.random.Generator, low: float, high: float) -> tuple[int, int
 
 
 # Hair and eye colours come from palettes: a world a few dozen training people can cover.
-HAIR_COLOURS = ((25, 20, 20), (90, 55, 30), (170, 120, 60), (225, 200, 120), (150, 40, 30), (200, 200, 205), (40, 90, 190), (60, 160, 80))
+HAIR_COLOURS = (
+    (25, 20, 20),
+    (90, 55, 30),
+    (170, 120, 60),
+    (225, 200, 120),
+    (150, 40, 30),
+    (200, 200, 205),
+    (40, 90, 190),
+    (60, 160, 80),
+)
 EYE_COLOURS = ((60, 40, 25), (50, 110, 170), (60, 140, 80), (110, 110, 120))
 
 
@@ -66,10 +75,17 @@ def random_identity(rng: np.random.Generator, name: str) -> ToyIdentity:
     tone = rng.uniform(0.25, 1.0)  # skin from dark to light, warm-tinted
     skin = (int(90 + 160 * tone), int(55 + 150 * tone), int(35 + 140 * tone))
     return ToyIdentity(
-        name=name, skin=skin, hair=HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))], eyes=EYE_COLOURS[rng.integers(len(EYE_COLOURS))],
-        face_width=rng.uniform(0.44, 0.58), face_height=rng.uniform(0.56, 0.70),
-        eye_spacing=rng.uniform(0.34, 0.52), mouth_width=rng.uniform(0.25, 0.55),
-        hair_style=HAIR_STYLES[rng.integers(len(HAIR_STYLES))], glasses=bool(rng.random() < 0.35), beard=bool(rng.random() < 0.3),
+        name=name,
+        skin=skin,
+        hair=HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))],
+        eyes=EYE_COLOURS[rng.integers(len(EYE_COLOURS))],
+        face_width=rng.uniform(0.44, 0.58),
+        face_height=rng.uniform(0.56, 0.70),
+        eye_spacing=rng.uniform(0.34, 0.52),
+        mouth_width=rng.uniform(0.25, 0.55),
+        hair_style=HAIR_STYLES[rng.integers(len(HAIR_STYLES))],
+        glasses=bool(rng.random() < 0.35),
+        beard=bool(rng.random() < 0.3),
     )
 
 
@@ -103,22 +119,37 @@ def render(identity: ToyIdentity, rng: np.random.Generator) -> Image.Image:
     for x in (cx - eye_dx, cx + eye_dx):
         draw.ellipse(box(x, eye_y, eye_r * 1.4, eye_r), fill=(245, 245, 240, 255))
         draw.ellipse(box(x, eye_y, eye_r * 0.7, eye_r * 0.7), fill=(*identity.eyes, 255))
-        draw.line([x - eye_r * 1.4, eye_y - 1.8 * eye_r, x + eye_r * 1.4, eye_y - 2.0 * eye_r], fill=hair, width=max(2, int(eye_r / 2)))
+        draw.line(
+            [x - eye_r * 1.4, eye_y - 1.8 * eye_r, x + eye_r * 1.4, eye_y - 2.0 * eye_r],
+            fill=hair,
+            width=max(2, int(eye_r / 2)),
+        )
         if identity.glasses:
-            draw.ellipse(box(x, eye_y, eye_r * 2.1, eye_r * 1.8), outline=(20, 20, 20, 255), width=max(2, int(eye_r / 2.5)))
+            draw.ellipse(
+                box(x, eye_y, eye_r * 2.1, eye_r * 1.8), outline=(20, 20, 20, 255), width=max(2, int(eye_r / 2.5))
+            )
     if identity.glasses:
         draw.line([cx - eye_dx + eye_r * 2.1, eye_y, cx + eye_dx - eye_r * 2.1, eye_y], fill=(20, 20, 20, 255), width=2)
     nose = tuple(int(c * 0.8) for c in identity.skin)
-    draw.polygon([(cx, eye_y + 0.1 * h), (cx - 0.1 * w, cy + 0.25 * h), (cx + 0.1 * w, cy + 0.25 * h)], fill=(*nose, 255))
+    draw.polygon(
+        [(cx, eye_y + 0.1 * h), (cx - 0.1 * w, cy + 0.25 * h), (cx + 0.1 * w, cy + 0.25 * h)], fill=(*nose, 255)
+    )
     mouth_w = identity.mouth_width * w
     draw.chord(box(cx, cy + 0.45 * h, mouth_w, 0.12 * h), 0, 180, fill=(170, 40, 50, 255))
 
     face = face.rotate(angle, resample=Image.BICUBIC, center=(cx, cy), translate=tuple(shift))
-    grey, tint = 135 + rng.uniform(-2, 2) * JITTER["background"], rng.uniform(-1, 1, 3) * JITTER["background"]  # a muted colour
+    grey, tint = (
+        135 + rng.uniform(-2, 2) * JITTER["background"],
+        rng.uniform(-1, 1, 3) * JITTER["background"],
+    )  # a muted colour
     background = Image.new("RGBA", (side, side), (*(int(grey + t) for t in tint), 255))
     photo = Image.alpha_composite(background, face).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)
     photo = ImageEnhance.Brightness(photo).enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"]))
-    return ImageEnhance.Contrast(photo).enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"])).filter(ImageFilter.GaussianBlur(JITTER["blur"]))  # camera softness
+    return (
+        ImageEnhance.Contrast(photo)
+        .enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"]))
+        .filter(ImageFilter.GaussianBlur(JITTER["blur"]))
+    )  # camera softness
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -159,15 +190,26 @@ class ToyConfig:
 
 
 QUICK = ToyConfig(
-    pretrain_identities=150, pretrain_steps=240, train_identities=96, preopt_steps=80, hyper_steps=300,
-    test_identities=8, eval_renders=3, eval_draws=12, long_finetune_steps=0, compare_s1=False, upper_bound_renders=0,
+    pretrain_identities=150,
+    pretrain_steps=240,
+    train_identities=96,
+    preopt_steps=80,
+    hyper_steps=300,
+    test_identities=8,
+    eval_renders=3,
+    eval_draws=12,
+    long_finetune_steps=0,
+    compare_s1=False,
+    upper_bound_renders=0,
 )
 
 
 def _encode(pipe, images: list[Image.Image], chunk: int = 64) -> torch.Tensor:
     from hdb.diffusion import encode_images, to_pixels
 
-    return torch.cat([encode_images(pipe, to_pixels(images[i : i + chunk])) for i in range(0, len(images), chunk)]).float()
+    return torch.cat(
+        [encode_images(pipe, to_pixels(images[i : i + chunk])) for i in range(0, len(images), chunk)]
+    ).float()
 
 
 def calibrate_latents(pipe, images: list[Image.Image]) -> tuple[torch.Tensor, float]:
@@ -197,7 +239,9 @@ def pretrain_base(pipe, latents: torch.Tensor, config: ToyConfig, seed: int, pro
         cond = encode_prompts(pipe, [GENERIC_PROMPT] * config.pretrain_batch)
 
     def loss_fn(step: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # a step's batch depends on (seed, step) only
+        generator = torch.Generator().manual_seed(
+            seed * 1_000_003 + step
+        )  # a step's batch depends on (seed, step) only
         batch = latents[torch.randint(0, len(latents), (config.pretrain_batch,), generator=generator)]
         noise = torch.randn(batch.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
@@ -206,10 +250,15 @@ def pretrain_base(pipe, latents: torch.Tensor, config: ToyConfig, seed: int, pro
     # The learning rate, then a tenth of it for the last quarter: the base should be near converged, or
     # any further training (LiDB included) would lower the loss of every person alike.
     cooldown = config.pretrain_steps // 4
-    phases = ((config.pretrain_lr, 0, config.pretrain_steps - cooldown), (config.pretrain_lr / 10, config.pretrain_steps - cooldown, config.pretrain_steps))
+    phases = (
+        (config.pretrain_lr, 0, config.pretrain_steps - cooldown),
+        (config.pretrain_lr / 10, config.pretrain_steps - cooldown, config.pretrain_steps),
+    )
     losses = []
     for lr, start, end in phases:
-        train_config = TrainConfig(steps=end, learning_rate=lr, weight_decay=0.01, progress=progress, description="pre-training the base UNet")
+        train_config = TrainConfig(
+            steps=end, learning_rate=lr, weight_decay=0.01, progress=progress, description="pre-training the base UNet"
+        )
         losses += train(list(pipe.unet.parameters()), loss_fn, train_config, start_step=start)
     freeze(pipe.unet)
     pipe.unet.eval()
@@ -226,7 +275,9 @@ class Person:
     extra_renders: list[Image.Image]  # held-out people only: what the upper bound trains on
 
 
-def sample_people(seed: int, role: int, count: int, photos: int, eval_renders: int, prefix: str, extra_renders: int = 0) -> list[Person]:
+def sample_people(
+    seed: int, role: int, count: int, photos: int, eval_renders: int, prefix: str, extra_renders: int = 0
+) -> list[Person]:
     """`count` people of one role (0 pre-training, 1 training, 2 test); person i depends on (seed, role, i) only."""
     people = []
     for index in range(count):
@@ -244,11 +295,19 @@ def as_identities(people: list[Person]) -> list:
     return [Identity(p.identity.name, p.photos) for p in people]
 
 
-def preoptimize_people(pipe, people: list[Person], out_dir: Path, config: ToyConfig, seed: int, progress: bool = True) -> dict:
+def preoptimize_people(
+    pipe, people: list[Person], out_dir: Path, config: ToyConfig, seed: int, progress: bool = True
+) -> dict:
     """Stage 1: a LiDB per training identity, `preopt_group` identities at a time (LiDB's per-sample path)."""
     from hdb.preoptimize import PreoptimizeConfig, preoptimize
 
-    preopt_config = PreoptimizeConfig(steps=config.preopt_steps, group_size=config.preopt_group, learning_rate=config.preopt_lr, seed=seed, progress=progress)
+    preopt_config = PreoptimizeConfig(
+        steps=config.preopt_steps,
+        group_size=config.preopt_group,
+        learning_rate=config.preopt_lr,
+        seed=seed,
+        progress=progress,
+    )
     return preoptimize(pipe, as_identities(people), out_dir, preopt_config)["losses"]
 
 
@@ -284,7 +343,9 @@ def heldout_loss(pipe, lidb, draws: EvalDraws, prompt: str) -> float:
 
     lidb.use_shared()
     cond = encode_prompts(pipe, [prompt] * len(draws.latents))
-    return diffusion_loss(pipe, training_scheduler(pipe), draws.latents, cond, draws.noise, draws.timesteps).mean().item()
+    return (
+        diffusion_loss(pipe, training_scheduler(pipe), draws.latents, cond, draws.noise, draws.timesteps).mean().item()
+    )
 
 
 def method_labels(config: ToyConfig) -> dict[str, str]:
@@ -307,7 +368,16 @@ def method_labels(config: ToyConfig) -> dict[str, str]:
     return labels
 
 
-def evaluate_methods(pipe, hypernet, hypernet_s1, upper_bound_dir: Path | None, test: list[Person], config: ToyConfig, seed: int, progress: bool = True) -> tuple[dict[str, list[float]], dict[str, int]]:
+def evaluate_methods(
+    pipe,
+    hypernet,
+    hypernet_s1,
+    upper_bound_dir: Path | None,
+    test: list[Person],
+    config: ToyConfig,
+    seed: int,
+    progress: bool = True,
+) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Each method's held-out loss per test person, personalised from that person's one photo; and guard stops."""
     from hdb.faces import AlignedFace
     from hdb.lidb import LiDB
@@ -317,7 +387,9 @@ def evaluate_methods(pipe, hypernet, hypernet_s1, upper_bound_dir: Path | None, 
     from hdb.training import TrainingDiverged
 
     lidb = LiDB(pipe, hypernet.lidb_config)
-    upper_bound = load_weights_dataset(upper_bound_dir, lidb, [p.identity.name for p in test]) if upper_bound_dir else {}
+    upper_bound = (
+        load_weights_dataset(upper_bound_dir, lidb, [p.identity.name for p in test]) if upper_bound_dir else {}
+    )
     scores: dict[str, list[float]] = {name: [] for name in method_labels(config)}
     stops: dict[str, int] = {}
     for net in (hypernet, hypernet_s1):
@@ -342,7 +414,11 @@ def evaluate_methods(pipe, hypernet, hypernet_s1, upper_bound_dir: Path | None, 
         score("base")
         other = test[(k + 1) % len(test)].photos[0]
         with torch.no_grad():
-            for name, net, image in (("hyper_s1", hypernet_s1, photo), ("hyper", hypernet, photo), ("hyper_wrong", hypernet, other)):
+            for name, net, image in (
+                ("hyper_s1", hypernet_s1, photo),
+                ("hyper", hypernet, photo),
+                ("hyper_wrong", hypernet, other),
+            ):
                 if net is not None:
                     lidb.start_from(*net.predict(image))
                     score(name)
@@ -363,7 +439,13 @@ def evaluate_methods(pipe, hypernet, hypernet_s1, upper_bound_dir: Path | None, 
 # ----------------------------------------------------------------------------- the whole run
 
 
-def run_toy(out_dir: str | Path = "docs/toy", quick: bool = False, seed: int = 0, config: ToyConfig | None = None, progress: bool = True) -> dict:
+def run_toy(
+    out_dir: str | Path = "docs/toy",
+    quick: bool = False,
+    seed: int = 0,
+    config: ToyConfig | None = None,
+    progress: bool = True,
+) -> dict:
     """Run the experiment end to end; write results.json, results.md, losses.png, renders.jpg to `out_dir`.
 
     Intermediate files (stage 1 weights, hypernetwork checkpoint, TensorBoard logs) go to out_dir/work,
@@ -391,7 +473,9 @@ def run_toy(out_dir: str | Path = "docs/toy", quick: bool = False, seed: int = 0
     clock = time.perf_counter()
     crowd = sample_people(seed, 0, config.pretrain_identities, config.pretrain_renders, 0, "crowd")
     train_people = sample_people(seed, 1, config.train_identities, config.train_renders, 0, "train")
-    test_people = sample_people(seed, 2, config.test_identities, 1, config.eval_renders, "test", config.upper_bound_renders)
+    test_people = sample_people(
+        seed, 2, config.test_identities, 1, config.eval_renders, "test", config.upper_bound_renders
+    )
     clock = lap("render", clock)
 
     # 2. the base model
@@ -409,12 +493,25 @@ def run_toy(out_dir: str | Path = "docs/toy", quick: bool = False, seed: int = 0
     # never trains on them, only reports its validation loss on their one photo.
     def train_stage2(iterations: int, folder: str) -> tuple[HyperNetwork, dict]:
         hyper_config = HypernetTrainConfig(
-            steps=config.hyper_steps, batch_size=config.hyper_batch, learning_rate=config.hyper_lr, alpha=config.hyper_alpha,
-            beta=config.hyper_beta, holdout=len(test_people), seed=seed, image_encoder="tiny", width=config.hyper_width,
-            depth=config.hyper_depth, heads=config.hyper_heads, iterations=iterations, checkpoint_every=config.hyper_steps,
-            validate_every=max(config.hyper_steps // 10, 1), progress=progress,
+            steps=config.hyper_steps,
+            batch_size=config.hyper_batch,
+            learning_rate=config.hyper_lr,
+            alpha=config.hyper_alpha,
+            beta=config.hyper_beta,
+            holdout=len(test_people),
+            seed=seed,
+            image_encoder="tiny",
+            width=config.hyper_width,
+            depth=config.hyper_depth,
+            heads=config.hyper_heads,
+            iterations=iterations,
+            checkpoint_every=config.hyper_steps,
+            validate_every=max(config.hyper_steps // 10, 1),
+            progress=progress,
         )
-        summary = train_hypernetwork(pipe, as_identities(test_people + train_people), work / folder, work / "preopt", hyper_config, device="cpu")
+        summary = train_hypernetwork(
+            pipe, as_identities(test_people + train_people), work / folder, work / "preopt", hyper_config, device="cpu"
+        )
         return HyperNetwork.from_pretrained(work / folder / "hypernet"), summary
 
     hypernet, summary = train_stage2(config.iterations, "hypernet")
@@ -436,13 +533,22 @@ def run_toy(out_dir: str | Path = "docs/toy", quick: bool = False, seed: int = 0
     timings["total"] = round(time.perf_counter() - started, 1)
 
     results = {
-        "seed": seed, "quick": quick, "config": asdict(config), "timings_s": timings, "torch_threads": torch.get_num_threads(),
-        "latent_scaling_factor": factor, "jitter": JITTER,
+        "seed": seed,
+        "quick": quick,
+        "config": asdict(config),
+        "timings_s": timings,
+        "torch_threads": torch.get_num_threads(),
+        "latent_scaling_factor": factor,
+        "jitter": JITTER,
         "losses": {
-            "pretrain": pretrain_losses, "preoptimize": preopt_losses,
-            "hypernet": summary["losses"], "hypernet_validation": summary["validation"],
+            "pretrain": pretrain_losses,
+            "preoptimize": preopt_losses,
+            "hypernet": summary["losses"],
+            "hypernet_validation": summary["validation"],
         },
-        "methods": summarise(scores, config), "guard_stops": stops, "held_out": [p.identity.name for p in test_people],
+        "methods": summarise(scores, config),
+        "guard_stops": stops,
+        "held_out": [p.identity.name for p in test_people],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -460,9 +566,13 @@ def summarise(scores: dict[str, list[float]], config: ToyConfig) -> dict:
     for name, values in scores.items():
         v = np.array(values)
         summary[name] = {
-            "label": labels[name], "mean": float(v.mean()), "per_person": [float(x) for x in v],
+            "label": labels[name],
+            "mean": float(v.mean()),
+            "per_person": [float(x) for x in v],
             "vs_base_pct": float(100 * (v.mean() / base.mean() - 1)),
-            "beats_base": int((v < base).sum()), "beats_zero_ft": int((v < zero).sum()), "beats_wrong_photo": int((v < wrong).sum()),
+            "beats_base": int((v < base).sum()),
+            "beats_zero_ft": int((v < zero).sum()),
+            "beats_wrong_photo": int((v < wrong).sum()),
             "people": len(v),
         }
     return summary
@@ -473,7 +583,7 @@ def results_table(results: dict) -> str:
     lines = [
         f"Held-out diffusion loss on {results['config']['eval_renders']} other renders x {results['config']['eval_draws']} fixed "
         f"noise/timestep draws per person, {n} held-out people, each personalised from one render (seed {results['seed']}"
-        f"{', quick' if results['quick'] else ''}). Lower is better; \"beats\" counts people.",
+        f'{", quick" if results["quick"] else ""}). Lower is better; "beats" counts people.',
         "",
         f"| method | mean loss | vs base | beats base | beats zero init + {results['config']['finetune_steps']} steps | beats control (wrong photo) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -482,11 +592,21 @@ def results_table(results: dict) -> str:
         if name not in methods:
             continue
         m = methods[name]
-        lines.append(f"| {m['label']} | {m['mean']:.5f} | {m['vs_base_pct']:+.2f}% | {m['beats_base']}/{n} | {m['beats_zero_ft']}/{n} | {m['beats_wrong_photo']}/{n} |")
+        lines.append(
+            f"| {m['label']} | {m['mean']:.5f} | {m['vs_base_pct']:+.2f}% | {m['beats_base']}/{n} | {m['beats_zero_ft']}/{n} | {m['beats_wrong_photo']}/{n} |"
+        )
     if results["guard_stops"]:
-        lines += ["", f"train()'s divergence guard stopped these finetunes early (scored at their last good step): {results['guard_stops']}"]
+        lines += [
+            "",
+            f"train()'s divergence guard stopped these finetunes early (scored at their last good step): {results['guard_stops']}",
+        ]
     t = results["timings_s"]
-    lines += ["", "Time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) + f"; {results['torch_threads']} torch thread(s)."]
+    lines += [
+        "",
+        "Time (s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in t.items())
+        + f"; {results['torch_threads']} torch thread(s).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -496,9 +616,13 @@ def _smooth(values: list[float], window: int) -> np.ndarray:
 
 
 PLOT_LABELS = {
-    "zero_ft": "zero init\n+{finetune_steps} steps", "zero_ft_long": "zero init\n+{long_finetune_steps} steps",
-    "hyper_s1": "hypernet\n(s=1)", "hyper": "hypernet\n(s={iterations})", "hyper_ft": "hypernet\n+{finetune_steps} steps",
-    "hyper_wrong": "control:\nwrong photo", "upper_bound": "upper bound\n({upper_bound_renders} renders)",
+    "zero_ft": "zero init\n+{finetune_steps} steps",
+    "zero_ft_long": "zero init\n+{long_finetune_steps} steps",
+    "hyper_s1": "hypernet\n(s=1)",
+    "hyper": "hypernet\n(s={iterations})",
+    "hyper_ft": "hypernet\n+{finetune_steps} steps",
+    "hyper_wrong": "control:\nwrong photo",
+    "upper_bound": "upper bound\n({upper_bound_renders} renders)",
 }
 
 
@@ -517,11 +641,20 @@ def plot_losses(results: dict, path: Path) -> None:
     axes[1].set(title="hypernetwork training (25-step mean)", xlabel="step", ylabel="loss")
     axes[1].legend(fontsize=8)
     methods = results["methods"]
-    names = [n for n in ("zero_ft", "zero_ft_long", "hyper_s1", "hyper", "hyper_ft", "hyper_wrong", "upper_bound") if n in methods]
+    names = [
+        n
+        for n in ("zero_ft", "zero_ft_long", "hyper_s1", "hyper", "hyper_ft", "hyper_wrong", "upper_bound")
+        if n in methods
+    ]
     base = np.array(methods["base"]["per_person"])
     for i, name in enumerate(names):
         delta = 100 * (np.array(methods[name]["per_person"]) / base - 1)
-        axes[2].bar(i, delta.mean(), color="C1" if name.startswith("hyper") else "C2" if name == "upper_bound" else "C0", alpha=0.6)
+        axes[2].bar(
+            i,
+            delta.mean(),
+            color="C1" if name.startswith("hyper") else "C2" if name == "upper_bound" else "C0",
+            alpha=0.6,
+        )
         axes[2].scatter(np.full(len(delta), i), delta, s=10, color="k", zorder=3)
     axes[2].axhline(0, color="grey", linewidth=0.8)
     axes[2].set_xticks(range(len(names)), [PLOT_LABELS[n].format(**results["config"]) for n in names], fontsize=7)
@@ -538,5 +671,7 @@ def renders_sheet(train_people: list[Person], test_people: list[Person], zoom: i
     rows = [p.photos for p in train_people] + [p.photos + p.eval_renders for p in test_people]
     columns = max(len(row) for row in rows)
     blank = Image.new("RGB", rows[0][0].size, (255, 255, 255))  # pads the shorter rows
-    sheet = make_image_grid([tile for row in rows for tile in row + [blank] * (columns - len(row))], rows=len(rows), cols=columns)
+    sheet = make_image_grid(
+        [tile for row in rows for tile in row + [blank] * (columns - len(row))], rows=len(rows), cols=columns
+    )
     return sheet.resize((sheet.width * zoom, sheet.height * zoom), Image.NEAREST)

@@ -84,13 +84,30 @@ def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None
     if resume is not None:
         return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb)
     torch.manual_seed(config.seed)
-    encoder = build_tiny_image_encoder(config.seed) if config.image_encoder == "tiny" else load_image_encoder(config.image_encoder)
-    return HyperNetwork.for_lidb(lidb, encoder, config.image_encoder, width=config.width, depth=config.depth,
-                                 heads=config.heads, iterations=config.iterations)
+    encoder = (
+        build_tiny_image_encoder(config.seed)
+        if config.image_encoder == "tiny"
+        else load_image_encoder(config.image_encoder)
+    )
+    return HyperNetwork.for_lidb(
+        lidb,
+        encoder,
+        config.image_encoder,
+        width=config.width,
+        depth=config.depth,
+        heads=config.heads,
+        iterations=config.iterations,
+    )
 
 
-def train_hypernetwork(base, images: str | Path | list[Identity], out_dir: str | Path, weights_dir: str | Path | None = None,
-                       config: HypernetTrainConfig = HypernetTrainConfig(), device: str = "auto") -> dict:
+def train_hypernetwork(
+    base,
+    images: str | Path | list[Identity],
+    out_dir: str | Path,
+    weights_dir: str | Path | None = None,
+    config: HypernetTrainConfig = HypernetTrainConfig(),
+    device: str = "auto",
+) -> dict:
     """Train (or resume training) a hypernetwork; writes out_dir/hypernet, checkpoints and TensorBoard logs.
 
     `base`: hub id or directory, or a pipeline already loaded; `images`: a folder or prepared `Identity`s.
@@ -100,24 +117,40 @@ def train_hypernetwork(base, images: str | Path | list[Identity], out_dir: str |
     from hdb.preoptimize import load_weights_dataset
 
     out = Path(out_dir)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with="tensorboard", project_dir=str(out),
-                              cpu=device == "cpu")
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, log_with="tensorboard", project_dir=str(out), cpu=device == "cpu"
+    )
     if config.batch_size % accelerator.num_processes:
-        raise HdbError(f"--batch-size {config.batch_size} must be a multiple of the {accelerator.num_processes} processes")
+        raise HdbError(
+            f"--batch-size {config.batch_size} must be a multiple of the {accelerator.num_processes} processes"
+        )
     if config.beta > 0 and weights_dir is None:
-        raise HdbError("--beta > 0 needs pre-optimised weights (--weights DIR from `python -m hdb preoptimize`); or pass --beta 0")
+        raise HdbError(
+            "--beta > 0 needs pre-optimised weights (--weights DIR from `python -m hdb preoptimize`); or pass --beta 0"
+        )
     base_dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[config.mixed_precision]  # the frozen base's weights
     pipe = load_pipeline(base, base_dtype, str(accelerator.device)) if isinstance(base, (str, Path)) else base
     resolution = config.resolution or native_resolution(pipe)
-    identities, skipped = resolve_identities(images, crop_size(resolution), out / "faces" if accelerator.is_main_process else None, config.progress and accelerator.is_main_process)
+    identities, skipped = resolve_identities(
+        images,
+        crop_size(resolution),
+        out / "faces" if accelerator.is_main_process else None,
+        config.progress and accelerator.is_main_process,
+    )
     if len(identities) <= config.holdout:
-        raise HdbError(f"Need more than {config.holdout} usable identities (found {len(identities)}; {dict(skipped)} photos skipped)")
+        raise HdbError(
+            f"Need more than {config.holdout} usable identities (found {len(identities)}; {dict(skipped)} photos skipped)"
+        )
     latents = encode_identities(pipe, identities, resolution)
     held_ids, held_latents = identities[: config.holdout], latents[: config.holdout]
     lidb = LiDB(pipe, LiDBConfig())
     targets = load_weights_dataset(weights_dir, lidb, [i.name for i in identities]) if weights_dir is not None else {}
     # identities without pre-optimised weights cannot take the weight loss: leave them out of training
-    train_pairs = [(i, l) for i, l in zip(identities[config.holdout :], latents[config.holdout :]) if not targets or i.name in targets]
+    train_pairs = [
+        (i, l)
+        for i, l in zip(identities[config.holdout :], latents[config.holdout :])
+        if not targets or i.name in targets
+    ]
     train_ids, train_latents = [i for i, _ in train_pairs], [l for _, l in train_pairs]
     resume = _latest_checkpoint(out)
     hypernet = _build_hypernet(config, lidb, resume).to(accelerator.device)
@@ -147,23 +180,38 @@ def train_hypernetwork(base, images: str | Path | list[Identity], out_dir: str |
         A, B = predict(torch.stack(photo[mine]))
         lidb.use_per_sample(A, B)
         with accelerator.autocast():
-            loss = config.alpha * diffusion_loss(pipe, scheduler, batch[mine], encode_prompts(pipe, [prompt] * A.shape[0]),
-                                                 noise[mine].to(batch.device), timesteps[mine].to(batch.device)).mean()
+            loss = (
+                config.alpha
+                * diffusion_loss(
+                    pipe,
+                    scheduler,
+                    batch[mine],
+                    encode_prompts(pipe, [prompt] * A.shape[0]),
+                    noise[mine].to(batch.device),
+                    timesteps[mine].to(batch.device),
+                ).mean()
+            )
         if config.beta > 0 and all(n in targets for n in names):
             target_A = torch.stack([targets[n][0] for n in names])[mine].to(A.device)
             target_B = torch.stack([targets[n][1] for n in names])[mine].to(A.device)
-            loss = loss + config.beta * (torch.nn.functional.mse_loss(A.float(), target_A) + torch.nn.functional.mse_loss(B.float(), target_B))
+            loss = loss + config.beta * (
+                torch.nn.functional.mse_loss(A.float(), target_A) + torch.nn.functional.mse_loss(B.float(), target_B)
+            )
         return loss
 
     def loss_fn(micro: int) -> torch.Tensor:
         seed = config.seed * 1_000_003 + micro
-        order = torch.randint(0, len(train_ids), (config.batch_size,), generator=torch.Generator().manual_seed(seed)).tolist()
+        order = torch.randint(
+            0, len(train_ids), (config.batch_size,), generator=torch.Generator().manual_seed(seed)
+        ).tolist()
         return batch_loss([train_ids[k].name for k in order], [train_latents[k] for k in order], seed, model)
 
     @torch.no_grad()
     def validate(step: int) -> float:
         model.eval()
-        loss = batch_loss([i.name for i in held_ids], held_latents, 10**9, model).item()  # fixed draws: comparable over time
+        loss = batch_loss(
+            [i.name for i in held_ids], held_latents, 10**9, model
+        ).item()  # fixed draws: comparable over time
         model.train()
         return loss
 
@@ -185,8 +233,14 @@ def train_hypernetwork(base, images: str | Path | list[Identity], out_dir: str |
     log_path = out / "losses.jsonl"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        accelerator.init_trackers("hdb", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))})
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start_step] if log_path.is_file() else []
+        accelerator.init_trackers(
+            "hdb", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
+        )
+        kept = (
+            [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start_step]
+            if log_path.is_file()
+            else []
+        )
         log_path.write_text("".join(line + "\n" for line in kept))  # steps after the checkpoint will be redone
 
     history: dict = {"validation": []}
@@ -208,14 +262,30 @@ def train_hypernetwork(base, images: str | Path | list[Identity], out_dir: str |
                 _save_checkpoint(out, step, accelerator.unwrap_model(model), optimizer)
             accelerator.wait_for_everyone()
 
-    train_config = TrainConfig(steps=config.steps, learning_rate=config.learning_rate, optimizer=config.optimizer,
-                               accumulation_steps=config.accumulation_steps, progress=config.progress, description="training the hypernetwork")
-    losses = train(parameters, loss_fn, train_config, on_step, optimizer=optimizer, accelerator=accelerator, start_step=start_step)
+    train_config = TrainConfig(
+        steps=config.steps,
+        learning_rate=config.learning_rate,
+        optimizer=config.optimizer,
+        accumulation_steps=config.accumulation_steps,
+        progress=config.progress,
+        description="training the hypernetwork",
+    )
+    losses = train(
+        parameters, loss_fn, train_config, on_step, optimizer=optimizer, accelerator=accelerator, start_step=start_step
+    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out / "hypernet")
     accelerator.end_training()
     lidb.detach()
     pipe.unet.eval()
-    return {"main_process": accelerator.is_main_process, "start_step": start_step, "losses": losses, "validation": history["validation"], "identities": len(train_ids),
-            "held_out": [i.name for i in held_ids], "skipped_photos": dict(skipped), "processes": accelerator.num_processes}
+    return {
+        "main_process": accelerator.is_main_process,
+        "start_step": start_step,
+        "losses": losses,
+        "validation": history["validation"],
+        "identities": len(train_ids),
+        "held_out": [i.name for i in held_ids],
+        "skipped_photos": dict(skipped),
+        "processes": accelerator.num_processes,
+    }

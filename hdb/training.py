@@ -48,7 +48,9 @@ class TrainingDiverged(HdbError):
     """The loss became NaN/inf or exploded; parameters were restored to the last good step."""
 
 
-def make_optimizer(parameters: list[torch.nn.Parameter], name: str, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def make_optimizer(
+    parameters: list[torch.nn.Parameter], name: str, learning_rate: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     if name == "adamw":
         fused = all(p.device.type == "cuda" for p in parameters)  # one kernel for the whole update on GPUs
         return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused or None)
@@ -100,7 +102,12 @@ def train(
     waiting: _StepOnItsWay | None = None  # the previous step, whose numbers are still on their way to the host
     losses: list[float] = []
     main_process = accelerator is None or accelerator.is_main_process
-    bar = tqdm(range(start_step, config.steps), desc=config.description, disable=not (config.progress and main_process), leave=False)
+    bar = tqdm(
+        range(start_step, config.steps),
+        desc=config.description,
+        disable=not (config.progress and main_process),
+        leave=False,
+    )
 
     def check(done: _StepOnItsWay) -> None:
         """Stop with the last good weights if `done` went wrong; else its weights become the good ones."""
@@ -115,7 +122,9 @@ def train(
             )
         if not scaler.is_enabled() and not math.isfinite(norm):  # with fp16 scaling, the scaler skips such steps
             _restore(parameters, good_weights)
-            raise TrainingDiverged(f"{config.description}: gradients became NaN/inf at step {done.step}; kept the last good weights")
+            raise TrainingDiverged(
+                f"{config.description}: gradients became NaN/inf at step {done.step}; kept the last good weights"
+            )
         good_weights = done.weights
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")

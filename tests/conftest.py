@@ -5,8 +5,14 @@ import os
 
 # One thread per process (CLI subprocesses inherit it): the models are tiny, and with two cores shared by
 # pytest, a CLI subprocess and a Gradio server, more threads only fight (small ops then slow down 1000x).
-os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false",
-                  OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    GRADIO_ANALYTICS_ENABLED="False",
+    TOKENIZERS_PARALLELISM="false",
+    OMP_NUM_THREADS="1",
+    MKL_NUM_THREADS="1",
+)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 import pytest  # noqa: E402

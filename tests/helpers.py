@@ -34,7 +34,9 @@ def trained_person(pipe, seed: int = 0, config: LiDBConfig = LiDBConfig()) -> Li
 def hdb_cli(*args, check=True):
     """Run the CLI in a fresh process, offline, and return the finished process."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    result = subprocess.run([sys.executable, "-m", "hdb", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "hdb", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"hdb {args} failed:\n{result.stderr}")
     return result

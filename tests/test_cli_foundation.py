@@ -4,12 +4,12 @@ import os
 
 import pytest
 import torch
+from helpers import assert_one_line_error, trained_person
+from helpers import hdb_cli as hdb
 
 from hdb.errors import HdbError
 from hdb.models import load_pipeline
 from hdb.personal_file import PersonalWeights, save_personal
-from helpers import assert_one_line_error, trained_person
-from helpers import hdb_cli as hdb
 
 
 def test_help_lists_the_subcommands():
@@ -34,7 +34,9 @@ def test_offline_hub_id_gives_a_clear_error():
 
 
 def test_info_and_export_through_the_cli(tiny_sd15, tmp_path):
-    path = save_personal(PersonalWeights.from_lidb(trained_person(tiny_sd15), "a photo of zxq person"), tmp_path / "p.safetensors")
+    path = save_personal(
+        PersonalWeights.from_lidb(trained_person(tiny_sd15), "a photo of zxq person"), tmp_path / "p.safetensors"
+    )
     info = hdb("info", path).stdout
     assert "zxq" in info and "r=1 a=100 b=50" in info
     out = hdb("export", path, "--format", "kohya", "-o", tmp_path / "k.safetensors").stdout

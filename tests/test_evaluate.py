@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_line_error, trained_person
+from helpers import hdb_cli as hdb
 from PIL import Image
 
 from hdb.errors import HdbError
 from hdb.evaluate import Evaluator, _mean_row, find_people, identity_matrix, identity_similarity
 from hdb.faces import align_face
-from helpers import assert_one_line_error, trained_person
-from helpers import hdb_cli as hdb
 
 ASSETS = Path(__file__).parent.parent / "assets"
 OBAMAS = ["obama.jpg", "obama2.jpg", "obama3.jpg"]
@@ -29,16 +29,33 @@ def obama_face():
 @pytest.fixture(scope="module")
 def tiny_metric_models(tmp_path_factory):
     """A tiny random CLIP (real tokenizer files) and a tiny ViT standing in for DINO, saved as the hub has them."""
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig,
-                              ViTImageProcessor, ViTModel)
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
 
     from hdb.models import TOKENIZER_DIR
 
     root = tmp_path_factory.mktemp("metric_models")
     torch.manual_seed(0)
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-    text = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **small)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)).save_pretrained(root / "clip")
+    text = dict(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        **small,
+    )
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+    ).save_pretrained(root / "clip")
     tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root / "clip")
@@ -53,7 +70,9 @@ def test_face_similarity_tells_obama_from_other_people():
     same = [matrix[pair] for pair in itertools.combinations(OBAMAS, 2)]
     different = [matrix[(a, b)] for a in OBAMAS for b in OTHERS]
     assert min(same) > max(different), (same, different)
-    assert identity_similarity(ASSETS / "obama.jpg", ASSETS / "obama2.jpg") == pytest.approx(matrix[("obama.jpg", "obama2.jpg")], abs=1e-6)
+    assert identity_similarity(ASSETS / "obama.jpg", ASSETS / "obama2.jpg") == pytest.approx(
+        matrix[("obama.jpg", "obama2.jpg")], abs=1e-6
+    )
 
 
 def test_image_without_a_face_scores_none_and_counts_as_not_detected(obama_face):
@@ -97,8 +116,10 @@ def test_people_directory_pairs_files_with_photos(tmp_path):
     with pytest.raises(HdbError, match="bob.safetensors has no reference photo"):
         find_people(tmp_path)
     (tmp_path / "bob.jpg").touch()
-    assert find_people(tmp_path) == {name: (tmp_path / f"{name}.{ext}", tmp_path / f"{name}.safetensors")
-                                     for name, ext in (("ann", "png"), ("bob", "jpg"))}
+    assert find_people(tmp_path) == {
+        name: (tmp_path / f"{name}.{ext}", tmp_path / f"{name}.safetensors")
+        for name, ext in (("ann", "png"), ("bob", "jpg"))
+    }
 
 
 def test_cli_eval_end_to_end(tiny_sd15_dir, tiny_metric_models, tmp_path):
@@ -118,8 +139,25 @@ def test_cli_eval_end_to_end(tiny_sd15_dir, tiny_metric_models, tmp_path):
     prompts.write_text("# two prompts\n[V] as an astronaut\n\na portrait of [V]\n")
     clip, dino = tiny_metric_models
     out = tmp_path / "out"
-    stdout = hdb("eval", "--base", tiny_sd15_dir, "--people", people, "--prompts", prompts, "--clip", clip, "--dino", dino,
-                 "--out", out, "--steps", "2", "--device", "cpu").stdout
+    stdout = hdb(
+        "eval",
+        "--base",
+        tiny_sd15_dir,
+        "--people",
+        people,
+        "--prompts",
+        prompts,
+        "--clip",
+        clip,
+        "--dino",
+        dino,
+        "--out",
+        out,
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ).stdout
     print(stdout)
     header = "| Person | Face Rec. | DINO | CLIP-I | CLIP-T | Face detected |"
     assert header in stdout and (out / "table.md").read_text().startswith(header)
@@ -131,7 +169,9 @@ def test_cli_eval_end_to_end(tiny_sd15_dir, tiny_metric_models, tmp_path):
     assert Image.open(out / "grid.jpg").size == (3 * 64, 2 * 64)  # reference + 2 prompts, 2 people
 
     (people / "obama.jpg").unlink()
-    assert_one_line_error(hdb("eval", "--base", tiny_sd15_dir, "--people", people, check=False), "obama.safetensors", "no reference photo")
+    assert_one_line_error(
+        hdb("eval", "--base", tiny_sd15_dir, "--people", people, check=False), "obama.safetensors", "no reference photo"
+    )
 
 
 def test_one_lidb_serves_people_of_any_rank():

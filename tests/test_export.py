@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from helpers import forward, trained_person
 
 from hdb.export import export_lora
+from hdb.lidb import LiDBConfig
 from hdb.models import build_tiny_pipeline
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
-from hdb.lidb import LiDBConfig
-from helpers import forward, trained_person
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])

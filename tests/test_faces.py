@@ -10,8 +10,18 @@ import pytest
 from PIL import Image
 
 from hdb.errors import HdbError
-from hdb.faces import (EYE_DISTANCE, EYE_LINE, MAX_PIXELS, AlignedFace, Face, align_face,
-                       detect_faces, face_embedding, identity_distance, load_image)
+from hdb.faces import (
+    EYE_DISTANCE,
+    EYE_LINE,
+    MAX_PIXELS,
+    AlignedFace,
+    Face,
+    align_face,
+    detect_faces,
+    face_embedding,
+    identity_distance,
+    load_image,
+)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 OBAMAS = ["obama.jpg", "obama2.jpg", "obama3.jpg"]
@@ -47,6 +57,7 @@ def png_claiming(path: Path, width: int, height: int) -> Path:
 
 
 # --- Alignment on real portraits ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", PORTRAITS)
 def test_each_portrait_gives_one_crop_of_the_asked_size(aligned, name):
@@ -109,6 +120,7 @@ def test_two_people_gives_one_crop_and_a_note(embeddings):
 
 
 # --- Loading: bad and unusual input ------------------------------------------------------
+
 
 @pytest.mark.parametrize("content", [b"this is not an image\n", bytes(range(256)) * 40])
 def test_non_image_file_is_refused(tmp_path, content):
@@ -198,8 +210,9 @@ def test_transparency_is_composited_on_white(obama_small):
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
 def test_numpy_arrays(obama_small, dtype):
     pixels = np.asarray(obama_small)
-    array = {"uint8": pixels, "uint16": pixels.astype(np.uint16) * 257,
-             "float32": pixels.astype(np.float32) / 255}[dtype]
+    array = {"uint8": pixels, "uint16": pixels.astype(np.uint16) * 257, "float32": pixels.astype(np.float32) / 255}[
+        dtype
+    ]
     loaded = np.asarray(load_image(array))
     assert np.abs(loaded.astype(int) - pixels).max() <= 1
 
@@ -210,6 +223,7 @@ def test_bad_array_shape():
 
 
 # --- Identity ----------------------------------------------------------------------------
+
 
 def test_same_person_is_closer_than_different_people(embeddings):
     assert all(e.shape == (128,) for e in embeddings.values())

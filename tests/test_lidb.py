@@ -5,11 +5,12 @@ import sys
 
 import pytest
 import torch
+from helpers import PROMPTS, forward
 
 from hdb.diffusion import encode_prompts, predict_noise
-from helpers import PROMPTS, forward
 from hdb.errors import HdbError
 from hdb.lidb import LiDB, LiDBConfig, aux_bases, aux_fingerprint
+
 
 def randomize(lidb: LiDB, scale: float = 0.3) -> None:
     with torch.no_grad():
@@ -45,7 +46,10 @@ def test_aux_bases_identical_across_processes():
         "A, B = aux_bases(7, 'unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k', 768, 1280, 100, 50)\n"
         "print(hashlib.sha256(A.numpy().tobytes() + B.numpy().tobytes()).hexdigest())\n"
     )
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    ]
     A, B = aux_bases(7, "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k", 768, 1280, 100, 50)
     import hashlib
 
@@ -58,7 +62,9 @@ def test_targets_are_every_attention_projection(arch, request):
     pipe = request.getfixturevalue(f"tiny_{arch}")
     lidb = LiDB(pipe)
     unet_attention = [m for m in pipe.unet.modules() if hasattr(m, "to_q")]
-    text_layers = sum(e.config.num_hidden_layers for e in [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)] if e is not None)
+    text_layers = sum(
+        e.config.num_hidden_layers for e in [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)] if e is not None
+    )
     assert len(lidb.layers) == 4 * len(unet_attention) + 4 * text_layers
     names = lidb.layer_names
     assert any(".attn1.to_q" in n for n in names) and any(".attn2.to_out.0" in n for n in names)
@@ -87,7 +93,9 @@ def test_prompts_encode_as_the_pipeline_encodes_them(arch, request):
     with torch.no_grad():
         ours = encode_prompts(pipe, PROMPTS)
         if arch == "sdxl":
-            embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
             torch.testing.assert_close(ours.pooled, pooled, atol=0, rtol=0)
         else:
             embeds, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
@@ -163,7 +171,10 @@ def lidb_gradients(pipe, checkpointing: bool, per_sample: bool):
     pipe.text_encoder.train()
     weights = [lidb.A_train, lidb.B_train]
     if per_sample:
-        weights = [lidb.A_train.detach().repeat(2, 1, 1, 1).requires_grad_(), lidb.B_train.detach().repeat(2, 1, 1, 1).requires_grad_()]
+        weights = [
+            lidb.A_train.detach().repeat(2, 1, 1, 1).requires_grad_(),
+            lidb.B_train.detach().repeat(2, 1, 1, 1).requires_grad_(),
+        ]
         lidb.use_per_sample(*weights)
     _, noise = forward(pipe)
     noise.square().mean().backward()
@@ -198,4 +209,3 @@ def test_aux_fingerprint_tracks_seed(tiny_sd15):
     assert lidb.aux_fingerprint() != other.aux_fingerprint()
     assert lidb.arch_fingerprint() == other.arch_fingerprint()
     assert aux_fingerprint([torch.ones(2, 2)]) == aux_fingerprint([torch.ones(2, 2) + 1e-7])  # rounding-stable
-

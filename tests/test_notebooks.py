@@ -29,8 +29,15 @@ def test_notebooks_are_committed_clean():
 def test_notebook_runs_offline_on_the_tiny_pipeline(path, tmp_path):
     parameters = dict(TINY_PARAMETERS[path.name], OUT=str(tmp_path / "out"))
     executed = tmp_path / path.name
-    papermill.execute_notebook(str(path), str(executed), parameters=parameters, cwd=str(ROOT), kernel_name="python3",
-                               progress_bar=False, execution_timeout=600)
+    papermill.execute_notebook(
+        str(path),
+        str(executed),
+        parameters=parameters,
+        cwd=str(ROOT),
+        kernel_name="python3",
+        progress_bar=False,
+        execution_timeout=600,
+    )
     notebook = nbformat.read(executed, as_version=4)
     errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors

@@ -4,12 +4,12 @@ import os
 
 import pytest
 import torch
+from helpers import trained_person
 
 from hdb.errors import HdbError
 from hdb.lidb import LiDB, LiDBConfig, arch_fingerprint, aux_bases, aux_fingerprint, find_target_linears
 from hdb.models import build_full_size_sd15, build_tiny_pipeline
 from hdb.personal_file import PersonalWeights, apply_personal, describe, load_personal, save_personal
-from helpers import trained_person
 
 
 def test_save_load_is_bit_exact_and_reproduces_the_model(tiny_sd15, tmp_path):
@@ -47,9 +47,14 @@ def test_sd15_file_holds_26400_numbers_in_at_most_120_kb(tmp_path):
     config = LiDBConfig()  # r=1, a=100, b=50
     bases = [basis for name, (i, o) in shapes.items() for basis in aux_bases(0, name, i, o, config.a, config.b)]
     weights = PersonalWeights(
-        A=torch.randn(176, 1, 100), B=torch.randn(176, 50, 1), config=config, layer_shapes=shapes,
-        arch_fingerprint=arch_fingerprint(shapes), aux_fingerprint=aux_fingerprint(bases),
-        instance_prompt="a photo of sks person", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        A=torch.randn(176, 1, 100),
+        B=torch.randn(176, 50, 1),
+        config=config,
+        layer_shapes=shapes,
+        arch_fingerprint=arch_fingerprint(shapes),
+        aux_fingerprint=aux_fingerprint(bases),
+        instance_prompt="a photo of sks person",
+        base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
     )
     assert weights.num_numbers == 26_400
     path = save_personal(weights, tmp_path / "sd15.safetensors")
@@ -114,6 +119,8 @@ def test_nan_weights_are_refused(tiny_sd15, tmp_path):
 
 
 def test_describe_names_the_contents(tiny_sdxl, tmp_path):
-    path = save_personal(PersonalWeights.from_lidb(trained_person(tiny_sdxl), "a photo of zxq person"), tmp_path / "p.safetensors")
+    path = save_personal(
+        PersonalWeights.from_lidb(trained_person(tiny_sdxl), "a photo of zxq person"), tmp_path / "p.safetensors"
+    )
     text = describe(path)
     assert "r=1 a=100 b=50" in text and "zxq" in text and "text_encoder_2: 8" in text

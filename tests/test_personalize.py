@@ -5,17 +5,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_line_error
+from helpers import hdb_cli as hdb
 from PIL import Image
 
 from hdb.errors import HdbError
 from hdb.faces import align_face
-from hdb.styles import STYLE_PRESETS, expand_prompt
 from hdb.lidb import LiDB
 from hdb.models import build_tiny_pipeline
 from hdb.personalize import PersonalizeConfig, personalize, photo_loss
+from hdb.styles import STYLE_PRESETS, expand_prompt
 from hdb.training import TrainConfig, TrainingDiverged, train
-from helpers import assert_one_line_error
-from helpers import hdb_cli as hdb
 
 ASSETS = Path(__file__).parent.parent / "assets"
 
@@ -27,14 +27,28 @@ def obama_face():
 
 def test_cli_personalize_then_generate_is_reproducible(tiny_sd15_dir, tmp_path):
     person = tmp_path / "obama.safetensors"
-    out = hdb("personalize", ASSETS / "obama.jpg", "--base", tiny_sd15_dir, "-o", person, "--steps", "8", "--rank", "1").stdout
+    out = hdb(
+        "personalize", ASSETS / "obama.jpg", "--base", tiny_sd15_dir, "-o", person, "--steps", "8", "--rank", "1"
+    ).stdout
     assert "No --hypernet given" in out and "8 steps" in out
     assert person.stat().st_size <= 120_000
     relaxed = tmp_path / "relaxed.safetensors"
     hdb("personalize", ASSETS / "obama.jpg", "--base", tiny_sd15_dir, "-o", relaxed, "--steps", "2", "--rank", "4")
     print(f"tiny pipeline personal file: r=1 {person.stat().st_size:,} B, relaxed r=4 {relaxed.stat().st_size:,} B")
 
-    args = ["generate", "--base", tiny_sd15_dir, "--person", person, "--prompt", "[V] as an astronaut", "--steps", "3", "--seed", "7"]
+    args = [
+        "generate",
+        "--base",
+        tiny_sd15_dir,
+        "--person",
+        person,
+        "--prompt",
+        "[V] as an astronaut",
+        "--steps",
+        "3",
+        "--seed",
+        "7",
+    ]
     hdb(*args, "-o", tmp_path / "first.png")
     hdb(*args, "-o", tmp_path / "second.png")  # a fresh process loading the file again
     first, second = (np.asarray(Image.open(tmp_path / name)) for name in ("first.png", "second.png"))
@@ -63,7 +77,12 @@ def test_finetuning_from_zero_lowers_the_loss_on_the_photo(obama_face, optimizer
     pipe = build_tiny_pipeline("sd15")
     lidb = LiDB(pipe)
     before = photo_loss(pipe, lidb, obama_face)
-    result = personalize(pipe, obama_face, config=PersonalizeConfig(steps=30, learning_rate=5e-3, optimizer=optimizer, progress=False), lidb=lidb)
+    result = personalize(
+        pipe,
+        obama_face,
+        config=PersonalizeConfig(steps=30, learning_rate=5e-3, optimizer=optimizer, progress=False),
+        lidb=lidb,
+    )
     after = photo_loss(pipe, lidb, obama_face)
     assert result.steps == 30 and len(result.losses) == 30 and not result.used_hypernet
     assert after < before - 0.02, (before, after)
@@ -122,8 +141,30 @@ def test_cli_bad_inputs_end_with_one_line_errors(tiny_sd15_dir, tmp_path):
     assert_one_line_error(hdb("personalize", tmp_path / "notes.jpg", *base, check=False), "not an image")
     assert_one_line_error(hdb("personalize", ASSETS / "landscape.jpg", *base, check=False), "No face")
     assert_one_line_error(hdb("personalize", tmp_path / "missing.jpg", *base, check=False))
-    assert_one_line_error(hdb("personalize", ASSETS / "obama.jpg", "--base", tmp_path / "nowhere", "-o", tmp_path / "p.safetensors", check=False), "does not exist")
-    assert_one_line_error(hdb("personalize", ASSETS / "obama.jpg", *base, "--optimizer", "adamw8bit", "--hypernet", tmp_path / "nohypernet", check=False))
+    assert_one_line_error(
+        hdb(
+            "personalize",
+            ASSETS / "obama.jpg",
+            "--base",
+            tmp_path / "nowhere",
+            "-o",
+            tmp_path / "p.safetensors",
+            check=False,
+        ),
+        "does not exist",
+    )
+    assert_one_line_error(
+        hdb(
+            "personalize",
+            ASSETS / "obama.jpg",
+            *base,
+            "--optimizer",
+            "adamw8bit",
+            "--hypernet",
+            tmp_path / "nohypernet",
+            check=False,
+        )
+    )
     gen = ["generate", "--base", tiny_sd15_dir, "--prompt", "[V]", "-o", tmp_path / "x.png"]
     assert_one_line_error(hdb(*gen, "--person", tmp_path / "junk.safetensors", check=False), "truncated or corrupt")
     assert_one_line_error(hdb(*gen, "--person", tmp_path / "missing.safetensors", check=False), "not found")
@@ -156,21 +197,57 @@ def test_cli_personalize_with_a_hypernetwork_checkpoint(tiny_sd15_dir, tmp_path)
 
     pipe = load_pipeline(str(tiny_sd15_dir), "fp32", "cpu")
     tiny_hypernet(pipe, LiDB(pipe)).save_pretrained(tmp_path / "hypernet")
-    out = hdb("personalize", ASSETS / "grace_hopper.jpg", "--base", tiny_sd15_dir, "--hypernet", tmp_path / "hypernet",
-              "-o", tmp_path / "p.safetensors", "--steps", "3", "--optimizer", "adamw8bit").stdout
+    out = hdb(
+        "personalize",
+        ASSETS / "grace_hopper.jpg",
+        "--base",
+        tiny_sd15_dir,
+        "--hypernet",
+        tmp_path / "hypernet",
+        "-o",
+        tmp_path / "p.safetensors",
+        "--steps",
+        "3",
+        "--optimizer",
+        "adamw8bit",
+    ).stdout
     assert "No --hypernet" not in out and "3 steps" in out
     # a hypernetwork for another architecture is refused with a one-line error
     sdxl = build_tiny_pipeline("sdxl")
     tiny_hypernet(sdxl, LiDB(sdxl)).save_pretrained(tmp_path / "sdxl_hypernet")
-    result = hdb("personalize", ASSETS / "grace_hopper.jpg", "--base", tiny_sd15_dir, "--hypernet", tmp_path / "sdxl_hypernet",
-                 "-o", tmp_path / "q.safetensors", check=False)
+    result = hdb(
+        "personalize",
+        ASSETS / "grace_hopper.jpg",
+        "--base",
+        tiny_sd15_dir,
+        "--hypernet",
+        tmp_path / "sdxl_hypernet",
+        "-o",
+        tmp_path / "q.safetensors",
+        check=False,
+    )
     assert_one_line_error(result, "LiDB layers")
 
 
 def test_bench_command_prints_the_table_and_json(tmp_path):
     import json
 
-    out = hdb("bench", "--tiny", "--device", "cpu", "--steps", "3", "--baseline-steps", "3", "--repeats", "1", "--dtype", "bf16", "--json", tmp_path / "b.json").stdout
+    out = hdb(
+        "bench",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "3",
+        "--baseline-steps",
+        "3",
+        "--repeats",
+        "1",
+        "--dtype",
+        "bf16",
+        "--json",
+        tmp_path / "b.json",
+    ).stdout
     assert "DreamBooth-LoRA (peft r=4)" in out and "faster than DreamBooth" in out
     record = json.loads((tmp_path / "b.json").read_text())
     assert record["steps"] == 3 and record["finetune_step_s"] > 0 and record["dreambooth_step_s"] > 0

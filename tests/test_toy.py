@@ -27,8 +27,19 @@ def test_cli_wiring(tmp_path):
 
 def test_every_row_of_the_table_runs_and_files_are_written(tmp_path):
     # a miniature of the full run (every method, the s=1 hypernetwork, the upper bound): wiring, not learning
-    config = ToyConfig(pretrain_identities=20, pretrain_steps=20, train_identities=8, preopt_steps=5, hyper_steps=10,
-                       test_identities=2, eval_renders=2, eval_draws=2, finetune_steps=3, long_finetune_steps=5, upper_bound_renders=2)
+    config = ToyConfig(
+        pretrain_identities=20,
+        pretrain_steps=20,
+        train_identities=8,
+        preopt_steps=5,
+        hyper_steps=10,
+        test_identities=2,
+        eval_renders=2,
+        eval_draws=2,
+        finetune_steps=3,
+        long_finetune_steps=5,
+        upper_bound_renders=2,
+    )
     results = run_toy(tmp_path, config=config, progress=False)
     for name in ("results.json", "results.md", "losses.png", "renders.jpg"):
         assert (tmp_path / name).stat().st_size > 0
@@ -58,4 +69,6 @@ def test_quick_run_learns(tmp_path):
 
 
 def results_summary(methods: dict) -> str:
-    return "; ".join(f"{k}: {m['mean']:.5f}, beats zero init on {m['beats_zero_ft']}/{m['people']}" for k, m in methods.items())
+    return "; ".join(
+        f"{k}: {m['mean']:.5f}, beats zero init on {m['beats_zero_ft']}/{m['people']}" for k, m in methods.items()
+    )

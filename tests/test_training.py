@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error
+from helpers import hdb_cli as hdb
 from safetensors.torch import load_file
 
 from hdb.personal_file import load_personal
-from helpers import assert_one_line_error
-from helpers import hdb_cli as hdb
 
 ASSETS = Path(__file__).parent.parent / "assets"
 TINY_HYPERNET = ["--width", "32", "--depth", "2", "--heads", "4", "--device", "cpu"]
@@ -37,13 +37,43 @@ def identity_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def preoptimized(identity_folder, tiny_sd15_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("preopt")
-    result = hdb("preoptimize", "--images", identity_folder, "--out", out, "--base", tiny_sd15_dir, "--steps", "6", "--group-size", "2")
+    result = hdb(
+        "preoptimize",
+        "--images",
+        identity_folder,
+        "--out",
+        out,
+        "--base",
+        tiny_sd15_dir,
+        "--steps",
+        "6",
+        "--group-size",
+        "2",
+    )
     return out, result.stdout
 
 
 def train_args(identity_folder, tiny_sd15_dir, weights, out, steps=4):
-    return ["train", "--images", identity_folder, "--weights", weights, "--out", out, "--base", tiny_sd15_dir,
-            "--steps", str(steps), "--batch-size", "2", "--checkpoint-every", "2", "--validate-every", "2", *TINY_HYPERNET]
+    return [
+        "train",
+        "--images",
+        identity_folder,
+        "--weights",
+        weights,
+        "--out",
+        out,
+        "--base",
+        tiny_sd15_dir,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--validate-every",
+        "2",
+        *TINY_HYPERNET,
+    ]
 
 
 def logged(out: Path) -> list[dict]:
@@ -59,7 +89,9 @@ def test_preoptimize_writes_a_resumable_dataset(preoptimized, identity_folder, t
     weights = {name: load_personal(out / "weights" / f"{name}.safetensors") for name in names}
     assert all(w.B.abs().max() > 0 for w in weights.values())  # trained away from the zero start
     assert not torch.equal(weights["obama"].B, weights["biden"].B)  # each identity its own weights
-    again = hdb("preoptimize", "--images", identity_folder, "--out", out, "--base", tiny_sd15_dir, "--steps", "6").stdout
+    again = hdb(
+        "preoptimize", "--images", identity_folder, "--out", out, "--base", tiny_sd15_dir, "--steps", "6"
+    ).stdout
     assert "0 pre-optimised now, 4 already done" in again
 
 
@@ -69,11 +101,29 @@ def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_fold
     assert "on 1 process(es)" in single
     # torchrun-style launch of 2 processes; `--device cpu` makes them a gloo (CPU) DDP group
     accelerate = Path(sys.executable).parent / "accelerate"
-    launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hdb"]
+    launch = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "hdb",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([*launch, *map(str, train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "two"))],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [*launch, *map(str, train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "two"))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("on 2 process(es)") == 1  # summary from the main process only
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
@@ -95,7 +145,12 @@ def test_resume_after_a_kill_continues_the_same_loss_curve(preoptimized, identit
     weights, _ = preoptimized
     hdb(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "straight", steps=8))
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    args = [sys.executable, "-m", "hdb", *map(str, train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "killed", steps=8))]
+    args = [
+        sys.executable,
+        "-m",
+        "hdb",
+        *map(str, train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "killed", steps=8)),
+    ]
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
     deadline = time.time() + 300
@@ -117,10 +172,27 @@ def test_resume_after_a_kill_continues_the_same_loss_curve(preoptimized, identit
 def test_bad_training_data_gives_clear_errors(preoptimized, tiny_sd15_dir, tmp_path):
     weights, _ = preoptimized
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(hdb("preoptimize", "--images", tmp_path / "empty", "--out", tmp_path / "o", "--base", tiny_sd15_dir, check=False), "holds no photos")
+    assert_one_line_error(
+        hdb(
+            "preoptimize", "--images", tmp_path / "empty", "--out", tmp_path / "o", "--base", tiny_sd15_dir, check=False
+        ),
+        "holds no photos",
+    )
     (tmp_path / "noface").mkdir()
     shutil.copy(ASSETS / "landscape.jpg", tmp_path / "noface")
-    result = hdb("train", "--images", tmp_path / "noface", "--out", tmp_path / "t", "--base", tiny_sd15_dir, "--beta", "0", *TINY_HYPERNET, check=False)
+    result = hdb(
+        "train",
+        "--images",
+        tmp_path / "noface",
+        "--out",
+        tmp_path / "t",
+        "--base",
+        tiny_sd15_dir,
+        "--beta",
+        "0",
+        *TINY_HYPERNET,
+        check=False,
+    )
     assert_one_line_error(result, "No usable face")
     assert not (tmp_path / "t" / "checkpoints").exists()
     # a weights dataset made on another base architecture is refused, naming the problem
@@ -128,8 +200,30 @@ def test_bad_training_data_gives_clear_errors(preoptimized, tiny_sd15_dir, tmp_p
     (tmp_path / "ids").mkdir()
     for name in ("biden.jpg", "astronaut.png"):
         shutil.copy(ASSETS / name, tmp_path / "ids" / name)
-    result = hdb("train", "--images", tmp_path / "ids", "--weights", weights, "--out", tmp_path / "x", "--base", tmp_path / "sdxl", *TINY_HYPERNET, check=False)
+    result = hdb(
+        "train",
+        "--images",
+        tmp_path / "ids",
+        "--weights",
+        weights,
+        "--out",
+        tmp_path / "x",
+        "--base",
+        tmp_path / "sdxl",
+        *TINY_HYPERNET,
+        check=False,
+    )
     assert_one_line_error(result, "different base model architecture")
     assert not (tmp_path / "x" / "checkpoints").exists()
-    result = hdb("train", "--images", tmp_path / "ids", "--out", tmp_path / "y", "--base", tiny_sd15_dir, *TINY_HYPERNET, check=False)
+    result = hdb(
+        "train",
+        "--images",
+        tmp_path / "ids",
+        "--out",
+        tmp_path / "y",
+        "--base",
+        tiny_sd15_dir,
+        *TINY_HYPERNET,
+        check=False,
+    )
     assert_one_line_error(result, "--beta 0")

@@ -4,6 +4,7 @@ CLIP's BPE vocabulary ships (MIT) inside the open-clip-torch wheel as
 `open_clip/bpe_simple_vocab_16e6.txt.gz`; CLIP's own recipe turns it into the 49,408-token vocabulary
 that Stable Diffusion's tokenizer uses. Usage: python tools/build_clip_tokenizer.py BPE_GZ OUT_DIR
 """
+
 import gzip
 import json
 import sys
@@ -12,7 +13,9 @@ from pathlib import Path
 
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2's reversible map from bytes to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for byte in range(256):
