@@ -13,6 +13,7 @@ import argparse
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import gradio as gr
 
 from hdb import DEFAULT_BASE, HdbError
+from hdb.config import DTYPE_CHOICES, OPTIMIZERS
 from hdb.styles import DEFAULT_NEGATIVE, EXAMPLE_PROMPTS, STYLE_PRESETS, expand_prompt
 
 try:  # ZeroGPU Spaces lend a GPU only inside functions marked with spaces.GPU; elsewhere a no-op
@@ -57,14 +59,22 @@ class PhotoInput(gr.Image):
 
 
 class Engine:
-    """The pipeline and hypernetwork, loaded once and shared; GPU work runs one event at a time."""
+    """The pipeline and hypernetwork, loaded once and shared by every visitor.
+
+    The pipeline holds one LiDB, so it holds one person at a time: every use of it (personalise, load a
+    person and generate, check an upload) runs under `lock`, and loads the visitor's own person inside
+    it, whatever Gradio's queue settings are.
+    """
 
     def __init__(self, options: argparse.Namespace) -> None:
-        from hdb.lidb import LiDB, LiDBConfig
-        from hdb.models import build_tiny_pipeline, load_pipeline, resolve_device, resolve_dtype
+        from hdb.config import LiDBConfig
+        from hdb.devices import resolve_device, resolve_dtype
+        from hdb.lidb import LiDB
+        from hdb.models import build_tiny_pipeline, load_pipeline
 
         self.options = options
         self.tiny = options.tiny
+        self.lock = threading.Lock()
         if self.tiny:
             device = resolve_device(options.device)
             self.pipe = build_tiny_pipeline("sd15").to(device, resolve_dtype(options.dtype, device))
@@ -85,18 +95,21 @@ class Engine:
         """On a CPU, users deserve an honest estimate before they wait: time two real steps once at start."""
         from PIL import Image
 
+        from hdb.config import PersonalizeConfig
         from hdb.faces import AlignedFace
-        from hdb.personalize import PersonalizeConfig, native_resolution, personalize
+        from hdb.models import native_resolution
+        from hdb.personalize import personalize
 
         size = native_resolution(self.pipe)
         crop = AlignedFace.from_crop(Image.new("RGB", (size, size), (128, 128, 128)))
         started = time.perf_counter()
-        personalize(self.pipe, crop, None, PersonalizeConfig(steps=2, progress=False), lidb=self.lidb)
+        with self.lock:
+            personalize(self.pipe, crop, None, PersonalizeConfig(steps=2, progress=False), lidb=self.lidb)
         return (time.perf_counter() - started) / 2
 
     @property
     def default_steps(self) -> int:
-        from hdb.personalize import STEPS_FROM_ZERO, STEPS_WITH_HYPERNET
+        from hdb.config import STEPS_FROM_ZERO, STEPS_WITH_HYPERNET
 
         return STEPS_WITH_HYPERNET if self.hypernet else STEPS_FROM_ZERO
 
@@ -132,8 +145,10 @@ def make_handlers(engine: Engine):
     from hdb.export import export_lora
     from hdb.faces import align_face, crop_size
     from hdb.generate import generate
-    from hdb.personal_file import check_compatible, load_personal, save_personal
-    from hdb.personalize import PersonalizeConfig, native_resolution, personalize
+    from hdb.config import PersonalizeConfig
+    from hdb.models import native_resolution
+    from hdb.personal_file import apply_personal, check_compatible, load_personal, save_personal
+    from hdb.personalize import personalize
 
     def show_crop(photo: str | None):
         if not photo:
@@ -165,7 +180,8 @@ def make_handlers(engine: Engine):
                 progress((step + 1) / steps, desc=f"Finetuning step {step + 1}/{steps} (loss {loss:.3f})")
 
             config = PersonalizeConfig(steps=steps, optimizer=engine.options.optimizer, progress=False)
-            result = personalize(engine.pipe, face, engine.hypernet, config, lidb=engine.lidb, on_step=on_step)
+            with engine.lock:
+                result = personalize(engine.pipe, face, engine.hypernet, config, lidb=engine.lidb, on_step=on_step)
         except HdbError as error:
             raise gr.Error(str(error)) from None
         engine.seconds_per_step = (time.perf_counter() - started) / steps
@@ -187,7 +203,8 @@ def make_handlers(engine: Engine):
             return session, "", None
         try:
             weights = load_personal(file)
-            check_compatible(weights, engine.lidb)
+            with engine.lock:
+                check_compatible(weights, engine.lidb)
         except HdbError as error:
             raise gr.Error(str(error)) from None
         session.weights, session.face = weights, None
@@ -213,14 +230,21 @@ def make_handlers(engine: Engine):
         if session is None or session.weights is None:
             raise gr.Error("Personalise a photo first (or upload a saved personal file).")
         try:
-            from hdb.personal_file import apply_personal
-
-            apply_personal(engine.pipe, session.weights, engine.lidb)  # this session's person, nobody else's
             full_prompt = expand_prompt(prompt, session.weights.instance_token, style)
             progress(0, desc=f"Generating {int(count)} image(s)")
-            images = generate(
-                engine.pipe, engine.lidb, full_prompt, negative, int(steps), guidance, int(seed), int(count), strength
-            )
+            with engine.lock:  # this session's person, loaded and used with nobody else's in between
+                apply_personal(engine.pipe, session.weights, engine.lidb)
+                images = generate(
+                    engine.pipe,
+                    engine.lidb,
+                    full_prompt,
+                    negative,
+                    steps=int(steps),
+                    guidance=guidance,
+                    seed=int(seed),
+                    num_images=int(count),
+                    identity_strength=strength,
+                )
         except HdbError as error:
             raise gr.Error(str(error)) from None
         return [(image, full_prompt) for image in images]
@@ -289,18 +313,26 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(label="Gallery", columns=2, elem_id="gallery")
 
+        # Every event that uses the pipeline shares one concurrency group: one job at a time, the rest wait in
+        # line (engine.lock holds the same line should the queue settings change).
+        pipeline = dict(concurrency_id="pipeline", concurrency_limit=1)
         photo.change(show_crop, photo, [crop, status], api_name="align")
         personalize_button.click(
-            run_personalize, [photo, consent, steps, session], [crop, status, session, files], api_name="personalize"
+            run_personalize,
+            [photo, consent, steps, session],
+            [crop, status, session, files],
+            api_name="personalize",
+            **pipeline,
         )
-        saved.upload(upload_person, [saved, session], [session, status, files], api_name="upload_person")
+        saved.upload(upload_person, [saved, session], [session, status, files], api_name="upload_person", **pipeline)
         generate_button.click(
             run_generate,
             [session, prompt, style, negative, strength, gen_steps, guidance, seed, count],
             gallery,
             api_name="generate",
+            **pipeline,
         )
-    demo.queue(default_concurrency_limit=1, max_size=32)  # one GPU job at a time; the rest wait in line
+    demo.queue(max_size=32)
     return demo
 
 
@@ -310,8 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", default=env("HDB_BASE", DEFAULT_BASE), help="base model: hub id or local directory")
     parser.add_argument("--hypernet", default=env("HDB_HYPERNET"), help="hypernetwork checkpoint directory")
     parser.add_argument("--device", default=env("HDB_DEVICE", "auto"))
-    parser.add_argument("--dtype", default=env("HDB_DTYPE", "auto"), choices=["auto", "fp32", "fp16", "bf16"])
-    parser.add_argument("--optimizer", default=env("HDB_OPTIMIZER", "adamw"), choices=["adamw", "adamw8bit"])
+    parser.add_argument("--dtype", default=env("HDB_DTYPE", "auto"), choices=DTYPE_CHOICES)
+    parser.add_argument("--optimizer", default=env("HDB_OPTIMIZER", OPTIMIZERS[0]), choices=OPTIMIZERS)
     parser.add_argument("--tiny", action="store_true", default=env("HDB_TINY", "") not in ("", "0", "false"))
     parser.add_argument(
         "--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="0.0.0.0 to serve the network (Spaces set it)"

@@ -14,34 +14,24 @@ import resource
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from hdb.diffusion import diffusion_loss, encode_images, encode_prompts
+from hdb.config import DEFAULT_INSTANCE_PROMPT, BenchOptions
+from hdb.devices import resolve_device, resolve_dtype
+from hdb.diffusion import augmented_views, encode_images, encode_prompts, sample_seed, step_loss
 from hdb.faces import AlignedFace
 from hdb.lidb import LiDB
-from hdb.models import build_full_size_sd15, build_tiny_pipeline, resolve_device, resolve_dtype, training_scheduler
+from hdb.models import Pipeline, build_full_size_sd15, build_tiny_pipeline, native_resolution, training_scheduler
 from hdb.personal_file import PersonalWeights, save_personal
-from hdb.personalize import PersonalizeConfig, augmented_views, native_resolution, personalize
-from hdb.training import TrainConfig, freeze, train
+from hdb.personalize import PersonalizeConfig, personalize
+from hdb.stage import training_stage
+from hdb.training import TrainConfig, train
 
 DREAMBOOTH_STEPS = 1200  # the paper's DreamBooth: 1,000-1,200 steps (~5 min)
 LORA_STEPS = 1000
-
-
-@dataclass
-class BenchOptions:
-    device: str = "auto"
-    tiny: bool = False
-    steps: int = 40
-    baseline_steps: int = 50  # measured steps per baseline, then extrapolated
-    compile: bool = False
-    repeats: int = 3  # warm personalisations timed; the best is reported
-    baselines: bool = True
-    dtype: str = "auto"  # of the base model; "auto": bf16 on GPUs that have it, fp32 on CPU
 
 
 def _sync(device: torch.device) -> None:
@@ -148,36 +138,39 @@ def bench_hdb(options: BenchOptions, pipe, lidb: LiDB, hypernet, device: torch.d
     return record
 
 
-def _baseline_steps(pipe, parameters, steps: int, device: torch.device, autocast: bool) -> float:
+def _baseline_steps(
+    pipe: Pipeline, parameters: list[torch.nn.Parameter], steps: int, device: torch.device, autocast: bool
+) -> float:
     """Median seconds per step of the diffusion loss on one image, training `parameters`."""
     resolution = native_resolution(pipe)
     latents = encode_images(pipe, augmented_views(_photo(resolution), resolution, count=1)).float()
     scheduler = training_scheduler(pipe)
     with torch.no_grad():  # the baselines' text encoder is frozen: its embeddings are the same every step
-        cond = encode_prompts(pipe, ["a photo of sks person"])
+        cond = encode_prompts(pipe, [DEFAULT_INSTANCE_PROMPT])
     cond.embeds = cond.embeds.to(pipe.unet.dtype)  # DreamBooth trains an fp32 UNet beside a half-precision text encoder
     times: list[float] = []
 
     def loss_fn(step: int) -> torch.Tensor:
         times.append(time.perf_counter())
-        noise = torch.randn_like(latents)
-        timestep = torch.randint(0, 1000, (1,), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            return diffusion_loss(pipe, scheduler, latents, cond, noise, timestep).mean()
+            return step_loss(pipe, scheduler, latents, cond, [sample_seed(0, step)]).mean()
 
-    train(parameters, loss_fn, TrainConfig(steps=steps + 3, learning_rate=1e-6, progress=False, max_grad_norm=None))
+    config = TrainConfig(steps=steps + 3, learning_rate=1e-6, progress=False, max_grad_norm=None)
+    with training_stage(pipe, None, "timing a baseline", "fewer --baseline-steps, or --no-baselines"):
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        train(parameters, loss_fn, config)
     _sync(device)
     times.append(time.perf_counter())
-    per_step = [b - a for a, b in zip(times[3:], times[4:])]  # skip 3 warm-up steps
+    per_step = [b - a for a, b in zip(times[3:], times[4:], strict=False)]  # skip 3 warm-up steps
     return sorted(per_step)[len(per_step) // 2]
 
 
-def bench_baselines(options: BenchOptions, pipe, lidb: LiDB, device: torch.device) -> dict:
+def bench_baselines(options: BenchOptions, pipe: Pipeline, lidb: LiDB, device: torch.device) -> dict:
     from peft import LoraConfig
 
     record: dict = {}
     lidb.detach()
-    pipe.unet.train()
     # DreamBooth-LoRA: peft rank-4 LoRA on the same attention projections
     pipe.unet.add_adapter(
         LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -185,20 +178,15 @@ def bench_baselines(options: BenchOptions, pipe, lidb: LiDB, device: torch.devic
     lora_parameters = [p for name, p in pipe.unet.named_parameters() if "lora_" in name]
     for p in lora_parameters:
         p.data = p.data.float()
-        p.requires_grad_(True)
     with _peak_memory(device, record, "lora_peak_memory_gib"):
         record["lora_step_s"] = _baseline_steps(pipe, lora_parameters, options.baseline_steps, device, autocast=False)
     pipe.unet.delete_adapters("default")
     # DreamBooth: every UNet weight trains (fp32 master weights, bf16 autocast on GPU)
     pipe.unet.to(torch.float32)
-    unet_parameters = list(pipe.unet.parameters())
-    for p in unet_parameters:
-        p.requires_grad_(True)
     with _peak_memory(device, record, "dreambooth_peak_memory_gib"):
         record["dreambooth_step_s"] = _baseline_steps(
-            pipe, unet_parameters, options.baseline_steps, device, autocast=device.type == "cuda"
+            pipe, list(pipe.unet.parameters()), options.baseline_steps, device, autocast=device.type == "cuda"
         )
-    freeze(pipe.unet)
     return record
 
 

@@ -1,4 +1,8 @@
-"""`python -m hdb ...`: the command line. Each subcommand is a thin wrapper over a library function."""
+"""`python -m hdb ...`: the command line. Each subcommand is a thin wrapper over a library function.
+
+Options that configure a stage are made from its config dataclass (`hdb.config`): their defaults and
+types are the dataclass's own, and `config_from_args` builds the config back from the parsed options.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,22 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Any
 
+from hdb import DEFAULT_BASE
+from hdb.config import (
+    DTYPE_CHOICES,
+    FILE_DTYPES,
+    MIXED_PRECISIONS,
+    OPTIMIZERS,
+    BenchOptions,
+    HypernetTrainConfig,
+    LiDBConfig,
+    PersonalizeConfig,
+    PreoptimizeConfig,
+)
 from hdb.errors import HdbError
 
 
@@ -31,6 +49,30 @@ def _quiet_model_loading() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+# ----------------------------------------------------------------------------- options from config dataclasses
+
+
+def config_option(
+    parser: argparse.ArgumentParser, flag: str, config: type, name: str | None = None, help: str = "", **kwargs: Any
+) -> None:
+    """Add `flag` for field `name` of the `config` dataclass (default: the flag's name), with its default."""
+    name = name or flag.lstrip("-").replace("-", "_")
+    field = {f.name: f for f in fields(config)}[name]
+    default = field.default if field.default is not MISSING else field.default_factory()
+    if isinstance(default, bool):
+        kwargs["action"] = "store_false" if default else "store_true"
+    elif default is not None:
+        kwargs.setdefault("type", type(default))
+        help = f"{help} (default {default})" if help else f"default {default}"
+    parser.add_argument(flag, dest=name, default=default, help=help, **kwargs)
+
+
+def config_from_args(config: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """The `config` dataclass holding every parsed option that is one of its fields."""
+    values = {f.name: getattr(args, f.name) for f in fields(config) if hasattr(args, f.name)}
+    return config(**{**values, **overrides})
+
+
 # ----------------------------------------------------------------------------- subcommands
 
 
@@ -48,27 +90,24 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    import torch
-
+    from hdb.devices import DTYPES
     from hdb.export import export_lora
     from hdb.personal_file import load_personal
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
-    path = export_lora(load_personal(args.file), args.output, args.format, dtype)
+    path = export_lora(load_personal(args.file), args.output, args.format, DTYPES[args.dtype])
     print(f"{args.format} LoRA written to {path} ({path.stat().st_size:,} bytes)")
 
 
 def cmd_personalize(args: argparse.Namespace) -> None:
-    import torch
-
     from hdb.faces import align_face, crop_size
 
     face = align_face(args.photo, size=crop_size(args.resolution or 512))  # a bad photo fails before the model loads
     if face.note:
         print(face.note)
+    from hdb.devices import DTYPES
     from hdb.models import load_pipeline
     from hdb.personal_file import save_personal
-    from hdb.personalize import PersonalizeConfig, personalize
+    from hdb.personalize import personalize
 
     _quiet_model_loading()
     pipe = load_pipeline(args.base, args.dtype, args.device)
@@ -79,24 +118,16 @@ def cmd_personalize(args: argparse.Namespace) -> None:
         hypernet = HyperNetwork.from_pretrained(args.hypernet, device=pipe.unet.device)
     else:
         print("No --hypernet given: finetuning from zero (no prediction to start from), so more steps by default.")
-    config = PersonalizeConfig(
-        steps=args.steps,
-        relaxed_rank=args.rank,
-        learning_rate=args.lr,
-        optimizer=args.optimizer,
-        gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed,
-        resolution=args.resolution,
-    )
-    result = personalize(pipe, face, hypernet, config)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.save_dtype]
-    path = save_personal(result.weights, args.output, dtype)
+    result = personalize(pipe, face, hypernet, config_from_args(PersonalizeConfig, args))
+    path = save_personal(result.weights, args.output, DTYPES[args.save_dtype])
     losses = result.losses
     print(
-        f"{result.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of last 10: {sum(losses[-10:]) / len(losses[-10:]):.4f})"
+        f"{result.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f} "
+        f"(mean of last 10: {sum(losses[-10:]) / len(losses[-10:]):.4f})"
     )
     print(
-        f"personal file: {path} ({path.stat().st_size:,} bytes, rank {result.weights.config.rank}, {result.weights.num_numbers:,} numbers)"
+        f"personal file: {path} ({path.stat().st_size:,} bytes, rank {result.weights.config.rank}, "
+        f"{result.weights.num_numbers:,} numbers)"
     )
     if args.save_face:
         result.face.image.save(args.save_face)
@@ -122,13 +153,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         lidb,
         prompt,
         negative,
-        args.steps,
-        args.guidance,
-        args.seed,
-        args.num_images,
-        args.strength,
-        args.height,
-        args.width,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        num_images=args.num_images,
+        identity_strength=args.strength,
+        height=args.height,
+        width=args.width,
     )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -139,23 +170,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from hdb.bench import BenchOptions, main
+    from hdb.bench import main
 
     _quiet_model_loading()
     if args.arch != "sd15":
         raise HdbError("The benchmark builds SD1.5-shaped models; only --arch sd15 is available")
-    record = main(
-        BenchOptions(
-            device=args.device,
-            tiny=args.tiny,
-            steps=args.steps,
-            baseline_steps=args.baseline_steps,
-            compile=args.compile,
-            repeats=args.repeats,
-            baselines=not args.no_baselines,
-            dtype=args.dtype,
-        )
-    )
+    record = main(config_from_args(BenchOptions, args))
     if args.json:
         args.json.write_text(json.dumps(record, indent=1))
 
@@ -186,62 +206,33 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_preoptimize(args: argparse.Namespace) -> None:
-    from hdb.lidb import LiDBConfig
-    from hdb.preoptimize import PreoptimizeConfig, preoptimize
+    from hdb.preoptimize import preoptimize
 
     _quiet_model_loading()
     from hdb.models import load_pipeline
 
     pipe = load_pipeline(args.base, args.dtype, args.device)
-    config = PreoptimizeConfig(
-        steps=args.steps,
-        group_size=args.group_size,
-        learning_rate=args.lr,
-        optimizer=args.optimizer,
-        gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed,
-        resolution=args.resolution,
-        lidb=LiDBConfig(rank=args.rank),
-    )
+    config = config_from_args(PreoptimizeConfig, args, lidb=LiDBConfig(rank=args.rank))
     summary = preoptimize(pipe, args.images, args.out, config)
     print(
-        f"{summary['identities']} identities: {summary['trained']} pre-optimised now, {summary['already_done']} already done; "
+        f"{summary['identities']} identities: {summary['trained']} pre-optimised now, "
+        f"{summary['already_done']} already done; "
         f"photos skipped: {summary['skipped_photos'] or 'none'} -> {args.out}/weights"
     )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from hdb.train_hypernet import HypernetTrainConfig, train_hypernetwork
+    from hdb.train_hypernet import train_hypernetwork
 
     _quiet_model_loading()
-    config = HypernetTrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        alpha=args.alpha,
-        beta=args.beta,
-        accumulation_steps=args.accumulation_steps,
-        optimizer=args.optimizer,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        checkpoint_every=args.checkpoint_every,
-        validate_every=args.validate_every,
-        holdout=args.holdout,
-        seed=args.seed,
-        image_encoder=args.image_encoder,
-        width=args.width,
-        depth=args.depth,
-        heads=args.heads,
-        iterations=args.iterations,
-        resolution=args.resolution,
-    )
-    from hdb import DEFAULT_BASE
-
-    summary = train_hypernetwork(args.base or DEFAULT_BASE, args.images, args.out, args.weights, config, args.device)
+    config = config_from_args(HypernetTrainConfig, args)
+    summary = train_hypernetwork(args.base, args.images, args.out, args.weights, config, args.device)
     if summary["losses"] and summary["main_process"]:
+        last = summary["start_step"] + len(summary["losses"]) - 1
         print(
-            f"steps {summary['start_step']}..{summary['start_step'] + len(summary['losses']) - 1} on {summary['processes']} process(es), "
-            f"loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}; held out: {', '.join(summary['held_out'])}; "
+            f"steps {summary['start_step']}..{last} on {summary['processes']} process(es), "
+            f"loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}; "
+            f"held out: {', '.join(summary['held_out'])}; "
             f"photos skipped: {summary['skipped_photos'] or 'none'}; hypernetwork -> {args.out}/hypernet"
         )
 
@@ -250,8 +241,8 @@ def cmd_toy(args: argparse.Namespace) -> None:
     if args.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
-    from hdb.toy import run_toy
+        torch.set_num_threads(args.threads)  # the toy command owns its process: this is its own setting
+    from hdb.toy.experiment import run_toy
 
     _quiet_model_loading()
     results = run_toy(args.out, quick=args.quick, seed=args.seed)
@@ -262,12 +253,10 @@ def cmd_toy(args: argparse.Namespace) -> None:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from hdb import DEFAULT_BASE
-
     parser.add_argument(
         "--base", default=DEFAULT_BASE, help=f"base model: hub id or local directory (default {DEFAULT_BASE})"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     _add_dtype_option(parser)
 
 
@@ -275,7 +264,7 @@ def _add_dtype_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "fp32", "fp16", "bf16"],
+        choices=DTYPE_CHOICES,
         help="auto: bf16 on GPUs that have it (else fp16), fp32 on CPU",
     )
 
@@ -303,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("file", type=Path)
     export.add_argument("--format", choices=["diffusers", "kohya"], default="diffusers")
     export.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors file")
-    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    export.add_argument("--dtype", choices=FILE_DTYPES, default=FILE_DTYPES[0])
     export.set_defaults(run=cmd_export)
 
     person = sub.add_parser("personalize", help="personalise from one face photo -> personal weights file")
@@ -311,16 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(person)
     person.add_argument("--hypernet", type=Path, help="hypernetwork checkpoint directory (optional)")
     person.add_argument("-o", "--output", type=Path, required=True, help="personal .safetensors file to write")
-    person.add_argument("--steps", type=int, help="finetune steps (default 40 with --hypernet, 200 without)")
-    person.add_argument(
-        "--rank", type=int, default=4, help="relaxed rank of the fast finetune (1: paper's r=1 file size)"
-    )
-    person.add_argument("--lr", type=float, default=1e-3)
-    person.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
-    person.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower steps")
-    person.add_argument("--seed", type=int, default=0)
-    person.add_argument("--resolution", type=int, help="training resolution (default: the base model's)")
-    person.add_argument("--save-dtype", choices=["fp32", "fp16"], default="fp32")
+    P = PersonalizeConfig
+    config_option(person, "--steps", P, type=int, help="finetune steps (default 40 with --hypernet, 200 without)")
+    config_option(person, "--rank", P, "relaxed_rank", help="relaxed rank of the fast finetune (1: paper's r=1 size)")
+    config_option(person, "--lr", P, "learning_rate")
+    config_option(person, "--optimizer", P, choices=OPTIMIZERS)
+    config_option(person, "--gradient-checkpointing", P, help="less memory, slower steps")
+    config_option(person, "--seed", P)
+    config_option(person, "--resolution", P, type=int, help="training resolution (default: the base model's)")
+    person.add_argument("--save-dtype", choices=FILE_DTYPES, default=FILE_DTYPES[0])
     person.add_argument("--save-face", type=Path, help="also save the aligned face crop here")
     person.set_defaults(run=cmd_personalize)
 
@@ -346,43 +334,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("--out", type=Path, required=True)
     _add_model_options(pre)
-    pre.add_argument("--steps", type=int, default=300, help="steps per group of identities")
-    pre.add_argument("--group-size", type=int, default=4, help="identities trained together (one batch element each)")
-    pre.add_argument("--lr", type=float, default=5e-3)
-    pre.add_argument("--rank", type=int, default=1)
-    pre.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
-    pre.add_argument("--gradient-checkpointing", action="store_true")
-    pre.add_argument("--seed", type=int, default=0)
-    pre.add_argument("--resolution", type=int)
+    R = PreoptimizeConfig
+    config_option(pre, "--steps", R, help="steps per group of identities")
+    config_option(pre, "--group-size", R, help="identities trained together (one batch element each)")
+    config_option(pre, "--lr", R, "learning_rate")
+    config_option(pre, "--rank", LiDBConfig, help="LiDB rank")
+    config_option(pre, "--optimizer", R, choices=OPTIMIZERS)
+    config_option(pre, "--gradient-checkpointing", R)
+    config_option(pre, "--seed", R)
+    config_option(pre, "--resolution", R, type=int)
     pre.set_defaults(run=cmd_preoptimize)
 
     tr = sub.add_parser("train", help="stage 2: train the hypernetwork (works under `accelerate launch`)")
     tr.add_argument("--images", type=Path, required=True)
     tr.add_argument("--weights", type=Path, help="pre-optimised weights from `preoptimize` (needed when --beta > 0)")
     tr.add_argument("--out", type=Path, required=True, help="checkpoints, TensorBoard logs and the final hypernet/")
-    tr.add_argument("--base", default=None, help="base model: hub id or local directory")
-    tr.add_argument("--device", default="auto", help="auto or cpu (several GPUs: accelerate launch)")
-    tr.add_argument("--steps", type=int, default=1000)
-    tr.add_argument("--batch-size", type=int, default=4, help="global batch, split across processes")
-    tr.add_argument("--lr", type=float, default=1e-4)
-    tr.add_argument("--alpha", type=float, default=1.0, help="diffusion loss weight")
-    tr.add_argument("--beta", type=float, default=1.0, help="weight-L2 loss weight (0: diffusion loss alone)")
-    tr.add_argument("--accumulation-steps", type=int, default=1)
-    tr.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
-    tr.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    tr.add_argument("--gradient-checkpointing", action="store_true")
-    tr.add_argument("--checkpoint-every", type=int, default=100)
-    tr.add_argument("--validate-every", type=int, default=100)
-    tr.add_argument("--holdout", type=int, default=1, help="identities held out for validation")
-    tr.add_argument("--seed", type=int, default=0)
     tr.add_argument(
-        "--image-encoder", default="tiny", help="vision model hub id or directory (e.g. a CLIP ViT-H/14), or tiny"
+        "--base", default=DEFAULT_BASE, help=f"base model: hub id or local directory (default {DEFAULT_BASE})"
     )
-    tr.add_argument("--width", type=int, default=512)
-    tr.add_argument("--depth", type=int, default=4)
-    tr.add_argument("--heads", type=int, default=8)
-    tr.add_argument("--iterations", type=int, default=4, help="refinement iterations s")
-    tr.add_argument("--resolution", type=int)
+    tr.add_argument("--device", default="auto", help="auto or cpu (several GPUs: accelerate launch)")
+    H = HypernetTrainConfig
+    config_option(tr, "--steps", H)
+    config_option(tr, "--batch-size", H, help="global batch, split across processes")
+    config_option(tr, "--lr", H, "learning_rate")
+    config_option(tr, "--alpha", H, help="diffusion loss weight")
+    config_option(tr, "--beta", H, help="weight-L2 loss weight (0: diffusion loss alone)")
+    config_option(tr, "--accumulation-steps", H)
+    config_option(tr, "--optimizer", H, choices=OPTIMIZERS)
+    config_option(tr, "--mixed-precision", H, choices=list(MIXED_PRECISIONS))
+    config_option(tr, "--gradient-checkpointing", H)
+    config_option(tr, "--checkpoint-every", H)
+    config_option(tr, "--validate-every", H)
+    config_option(tr, "--holdout", H, help="identities held out for validation")
+    config_option(tr, "--seed", H)
+    config_option(tr, "--image-encoder", H, help="vision model hub id or directory (e.g. a CLIP ViT-H/14), or tiny")
+    config_option(tr, "--width", H)
+    config_option(tr, "--depth", H)
+    config_option(tr, "--heads", H)
+    config_option(tr, "--iterations", H, help="refinement iterations s")
+    config_option(tr, "--resolution", H, type=int)
     tr.set_defaults(run=cmd_train)
 
     toy = sub.add_parser(
@@ -397,15 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
     toy.set_defaults(run=cmd_toy)
 
     bench = sub.add_parser("bench", help="time personalisation against DreamBooth and DreamBooth-LoRA, same run")
-    bench.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    B = BenchOptions
+    config_option(bench, "--device", B, help="auto, cpu or cuda")
     bench.add_argument("--arch", default="sd15", choices=["sd15"])
-    bench.add_argument("--tiny", action="store_true", help="tiny random pipeline instead of SD1.5-shaped (for CPUs)")
-    bench.add_argument("--steps", type=int, default=40, help="fast-finetune steps")
-    bench.add_argument("--baseline-steps", type=int, default=50, help="measured baseline steps (then extrapolated)")
-    bench.add_argument("--compile", action="store_true", help="torch.compile with CUDA graphs (GPU)")
-    _add_dtype_option(bench)
-    bench.add_argument("--repeats", type=int, default=3, help="warm personalisations timed (best reported)")
-    bench.add_argument("--no-baselines", action="store_true")
+    config_option(bench, "--tiny", B, help="tiny random pipeline instead of SD1.5-shaped (for CPUs)")
+    config_option(bench, "--steps", B, help="fast-finetune steps")
+    config_option(bench, "--baseline-steps", B, help="measured baseline steps (then extrapolated)")
+    config_option(bench, "--compile", B, help="torch.compile with CUDA graphs (GPU)")
+    config_option(bench, "--dtype", B, choices=DTYPE_CHOICES, help="auto: bf16 on GPUs that have it, fp32 on CPU")
+    config_option(bench, "--repeats", B, help="warm personalisations timed (best reported)")
+    config_option(bench, "--no-baselines", B, "baselines", help="skip DreamBooth and DreamBooth-LoRA")
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.set_defaults(run=cmd_bench)
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +27,10 @@ from hdb.errors import HdbError, from_hub_or_directory
 from hdb.faces import AlignedFace, ImageSource, align_face, face_embedding, load_image
 from hdb.personal_file import PersonalWeights, apply_personal, load_personal
 from hdb.styles import PERSON, expand_prompt
+
+if TYPE_CHECKING:
+    from hdb.lidb import LiDB
+    from hdb.models import Pipeline
 
 COLUMNS = {"face_rec": "Face Rec.", "dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -211,7 +217,7 @@ class EvalResult:
 
 
 def evaluate(
-    pipe,
+    pipe: Pipeline,
     people: dict[str, tuple[ImageSource, str | Path | PersonalWeights]],
     prompts: list[str],
     evaluator: Evaluator,
@@ -219,9 +225,14 @@ def evaluate(
     steps: int = 25,
     style: str = "None",
     guidance: float = 7.5,
-    on_sample=None,
+    on_sample: Callable[[dict], None] | None = None,
+    lidb: LiDB | None = None,
 ) -> EvalResult:
-    """Generate one image per person x prompt (same seed for all), score each, and average per person and overall."""
+    """Generate one image per person x prompt (same seed for all), score each, and average per person and overall.
+
+    `lidb`: the pipeline's LiDB to load each person into; None attaches one for the evaluation and takes it
+    off again afterwards.
+    """
     if not people or not prompts:
         raise HdbError("Evaluation needs at least one person and one prompt")
     # Check every file and photo before the slow part: a bad one fails in seconds, not after the images.
@@ -229,27 +240,32 @@ def evaluate(
     references = {name: evaluator.reference(photo) for name, (photo, _) in people.items()}
     from hdb.generate import generate  # diffusers: imported only when images are made
 
-    lidb, samples, images = None, [], {}
-    for name, person in weights.items():
-        lidb = apply_personal(pipe, person, lidb)
-        images[name] = []
-        for prompt in prompts:
-            image = generate(
-                pipe,
-                lidb,
-                expand_prompt(prompt, person.instance_token, style),
-                steps=steps,
-                guidance=guidance,
-                seed=seed,
-            )[0]
-            text = expand_prompt(prompt, "person", style).replace(
-                person.instance_token, "person"
-            )  # the prompt without the identifier
-            sample = {"person": name, "prompt": prompt, **evaluator.score(references[name], image, text)}
-            samples.append(sample)
-            images[name].append(image)
-            if on_sample:
-                on_sample(sample)
+    attached_here = lidb is None
+    samples, images = [], {}
+    try:
+        for name, person in weights.items():
+            lidb = apply_personal(pipe, person, lidb)
+            images[name] = []
+            for prompt in prompts:
+                image = generate(
+                    pipe,
+                    lidb,
+                    expand_prompt(prompt, person.instance_token, style),
+                    steps=steps,
+                    guidance=guidance,
+                    seed=seed,
+                )[0]
+                text = expand_prompt(prompt, "person", style).replace(
+                    person.instance_token, "person"
+                )  # the prompt without the identifier
+                sample = {"person": name, "prompt": prompt, **evaluator.score(references[name], image, text)}
+                samples.append(sample)
+                images[name].append(image)
+                if on_sample:
+                    on_sample(sample)
+    finally:
+        if attached_here and lidb is not None:  # leave the pipeline as it was found
+            lidb.detach()
     rows = [_mean_row(name, [s for s in samples if s["person"] == name]) for name in weights] + [
         _mean_row("all", samples)
     ]

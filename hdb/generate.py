@@ -8,11 +8,12 @@ from PIL import Image
 
 from hdb.errors import HdbError
 from hdb.lidb import LiDB
+from hdb.models import Pipeline
 from hdb.styles import DEFAULT_NEGATIVE
 
 
 def generate(
-    pipe,
+    pipe: Pipeline,
     lidb: LiDB | None,
     prompt: str,
     negative_prompt: str = DEFAULT_NEGATIVE,
@@ -30,17 +31,20 @@ def generate(
     if lidb is not None:
         lidb.use_shared()
         lidb.set_scale(identity_strength)
-    if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):  # good pictures in ~25 steps
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU generator: same seed, same picture on any device
-    with torch.inference_mode():
-        return pipe(
-            prompt,
-            negative_prompt=negative_prompt or None,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            num_images_per_prompt=num_images,
-            generator=generator,
-            height=height,
-            width=width,
-        ).images
+    scheduler = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)  # good pictures in ~25 steps
+    try:
+        with torch.inference_mode():
+            return pipe(
+                prompt,
+                negative_prompt=negative_prompt or None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                num_images_per_prompt=num_images,
+                generator=generator,
+                height=height,
+                width=width,
+            ).images
+    finally:
+        pipe.scheduler = scheduler

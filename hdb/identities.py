@@ -2,7 +2,7 @@
 
 Both training stages read it the same way, with the face alignment personalisation uses. Photos
 that cannot be used (unreadable, no face) are skipped and counted, never fatal; a folder with
-nothing usable is.
+nothing usable is. Stage 2 also reads what stage 1 wrote for them: `load_weights_dataset`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from hdb.diffusion import encode_images
+from hdb.diffusion import augmented_views, encode_images
 from hdb.errors import HdbError
-from hdb.personalize import augmented_views
+from hdb.lidb import LiDB
+from hdb.models import Pipeline
+from hdb.personal_file import check_compatible, load_personal
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -88,7 +90,7 @@ def resolve_identities(
     return list(images), Counter()
 
 
-def encode_identities(pipe, identities: list[Identity], resolution: int) -> list[torch.Tensor]:
+def encode_identities(pipe: Pipeline, identities: list[Identity], resolution: int) -> list[torch.Tensor]:
     """VAE latents of each identity's augmented views: one [views, 4, h, w] tensor per identity."""
     return [
         torch.cat(
@@ -96,3 +98,21 @@ def encode_identities(pipe, identities: list[Identity], resolution: int) -> list
         ).float()
         for identity in identities
     ]
+
+
+def load_weights_dataset(
+    weights_dir: str | Path, lidb: LiDB, names: list[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Pre-optimised (A, B) per identity name, checked against the model being trained."""
+    root = Path(weights_dir)
+    folder = root / "weights" if (root / "weights").is_dir() else root
+    found = {}
+    for name in names:
+        path = folder / f"{name}.safetensors"
+        if path.is_file():
+            weights = load_personal(path)
+            check_compatible(weights, lidb, source=f"pre-optimised weights file {path.name}")
+            found[name] = (weights.A, weights.B)
+    if not found:
+        raise HdbError(f"No pre-optimised weights in {folder} match the identities in the image folder")
+    return found

@@ -23,29 +23,19 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from hdb.config import LiDBConfig
 from hdb.errors import HdbError
+
+if TYPE_CHECKING:
+    from hdb.models import Pipeline
 
 UNET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers Attention (self and cross)
 TEXT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # transformers CLIPAttention
-
-
-@dataclass(frozen=True)
-class LiDBConfig:
-    """Shape of the personal weights. `a`, `b`: widths of the frozen aux bases; `rank`: the LoRA rank."""
-
-    rank: int = 1
-    a: int = 100
-    b: int = 50
-    seed: int = 0  # seeds the aux bases; weights only make sense with the seed they were made with
-
-    def __post_init__(self) -> None:
-        if min(self.rank, self.a, self.b) < 1:
-            raise HdbError(f"LiDB rank, a and b must be positive, got r={self.rank}, a={self.a}, b={self.b}")
 
 
 # ----------------------------------------------------------------------------- frozen aux bases
@@ -192,7 +182,9 @@ def find_target_linears(components: dict[str, nn.Module]) -> dict[str, nn.Linear
                 for projection in projections:
                     linear = module.get_submodule(projection)
                     if isinstance(linear, LiDBLinear):
-                        raise HdbError("LiDB is already attached to this pipeline; detach it first")
+                        raise HdbError(
+                            "LiDB is already attached to this pipeline; pass that LiDB (lidb=...) or detach it first"
+                        )
                     targets[f"{component}.{path}.{projection}"] = linear
     return targets
 
@@ -202,11 +194,12 @@ class LiDB:
 
     `A_train: [L, r, a]` and `B_train: [L, b, r]` are the shared (one-person) weights; B starts at zero,
     so a freshly attached LiDB leaves the model unchanged, and A starts random, so that training from
-    zero gets gradients (as in LoRA).
+    zero gets gradients (as in LoRA). `config` stays what the LiDB was attached with; `rank` is the rank
+    of the weights it holds now (relaxation raises it).
     """
 
-    def __init__(self, pipe, config: LiDBConfig = LiDBConfig()) -> None:
-        self.config = config
+    def __init__(self, pipe: Pipeline, config: LiDBConfig | None = None) -> None:
+        self.config = config = config or LiDBConfig()
         self.pipe = pipe
         targets = find_target_linears({"unet": pipe.unet, **text_encoders(pipe)})
         if not targets:
@@ -220,24 +213,26 @@ class LiDB:
         self.source = WeightSource(self.A_train, self.B_train)
         self.layers: dict[str, LiDBLinear] = {}
         self._aux_fingerprint: str | None = None
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # hundreds of small QRs: threads only add contention (seconds on a busy CPU)
-        try:
-            for index, (name, linear) in enumerate(targets.items()):
-                layer = LiDBLinear(linear, name, index, config, self.source)
-                self._replace(name, layer)
-                self.layers[name] = layer
-        finally:
-            torch.set_num_threads(threads)
-        pipe._hdb_lidb = self  # so later calls find it: `LiDB.attached(pipe)`
+        for index, (name, linear) in enumerate(targets.items()):
+            layer = LiDBLinear(linear, name, index, config, self.source)
+            self._replace(name, layer)
+            self.layers[name] = layer
 
-    @staticmethod
-    def attached(pipe) -> LiDB | None:
-        """The LiDB attached to `pipe`, if any (personalise, then generate or evaluate on the same pipe)."""
-        lidb = getattr(pipe, "_hdb_lidb", None)
-        return lidb if lidb is not None and lidb.layers else None
+    def require(self, wanted: LiDBConfig) -> None:
+        """Refuse to serve as a LiDB of other aux bases than `wanted` (the rank may differ: training relaxes it)."""
+        have = self.config
+        if (have.a, have.b, have.seed) != (wanted.a, wanted.b, wanted.seed):
+            raise HdbError(
+                f"The pipeline's LiDB has a={have.a}, b={have.b}, aux seed {have.seed}, but a={wanted.a}, b={wanted.b}, "
+                f"aux seed {wanted.seed} was asked for; detach it and attach a LiDB of that shape"
+            )
 
     # -- structure
+
+    @property
+    def rank(self) -> int:
+        """The rank of the shared weights now: the config's at first, higher once relaxed (`start_from`)."""
+        return self.A_train.shape[1]
 
     @property
     def layer_names(self) -> list[str]:
@@ -254,7 +249,6 @@ class LiDB:
         for name, layer in self.layers.items():
             self._replace(name, layer.base)
         self.layers = {}
-        self.pipe._hdb_lidb = None
 
     def arch_fingerprint(self) -> str:
         return arch_fingerprint(self.layer_shapes)
@@ -329,8 +323,7 @@ class LiDB:
         rank = rank or A.shape[1]
         if A.shape[1] > rank:
             raise HdbError(f"Cannot relax rank {A.shape[1]} down to {rank}")
-        if rank != self.config.rank:
-            self.config = replace(self.config, rank=rank)
+        if rank != self.rank:
             self.A_train = nn.Parameter(self.A_train.new_empty(len(self.layers), rank, self.config.a))
             self.B_train = nn.Parameter(self.B_train.new_empty(len(self.layers), self.config.b, rank))
         start = A.shape[1]

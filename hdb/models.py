@@ -23,41 +23,15 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from hdb import DEFAULT_BASE
+from hdb.devices import resolve_device, resolve_dtype
 from hdb.errors import HdbError, from_hub_or_directory
 
 TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 SUPPORTED = (StableDiffusionPipeline, StableDiffusionXLPipeline)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline  # what hdb means by "a pipeline"
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """'auto'/None picks CUDA when present, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HdbError(f"--device {device} was asked for, but no CUDA GPU is available here; use --device cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' means bf16 on GPUs that have it (fp16 on older ones) and fp32 on a CPU.
-
-    bf16 has fp32's range, so training needs no loss scaling; half precision is slow on CPUs.
-    """
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in DTYPES:
-        raise HdbError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def load_pipeline(
-    base: str = DEFAULT_BASE, dtype: str | torch.dtype = "auto", device: str | None = "auto"
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+def load_pipeline(base: str = DEFAULT_BASE, dtype: str | torch.dtype = "auto", device: str | None = "auto") -> Pipeline:
     """Load a Stable Diffusion pipeline from a hub id or a local directory, on `device` in `dtype`."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -75,6 +49,11 @@ def load_pipeline(
 
 def is_sdxl(pipe: DiffusionPipeline) -> bool:
     return isinstance(pipe, StableDiffusionXLPipeline)
+
+
+def native_resolution(pipe: Pipeline) -> int:
+    """The image size the base model was trained at (512 for SD1.5, 1024 for SDXL)."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
 # ----------------------------------------------------------------------------- tiny random pipelines
@@ -136,7 +115,7 @@ def _tiny_unet(sdxl: bool) -> UNet2DConditionModel:
     )
 
 
-def build_tiny_pipeline(arch: str = "sd15", seed: int = 0) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+def build_tiny_pipeline(arch: str = "sd15", seed: int = 0) -> Pipeline:
     """A randomly initialised pipeline of the given family, built offline in under a second."""
     if arch not in ("sd15", "sdxl"):
         raise HdbError(f"Unknown tiny architecture {arch!r}; choose sd15 or sdxl")

@@ -11,27 +11,23 @@ from __future__ import annotations
 import base64
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hdb.config import DEFAULT_INSTANCE_PROMPT, DEFAULT_INSTANCE_TOKEN
 from hdb.errors import HdbError
 from hdb.lidb import LiDB, LiDBConfig
 
+if TYPE_CHECKING:
+    from hdb.models import Pipeline
+
 FORMAT = "hdb-lidb"
 FORMAT_VERSION = "1"
-DEFAULT_INSTANCE_TOKEN = "sks person"  # a rare token + class noun; prompts name the person with "[V]"
-
-
-def instance_prompt_for(instance_token: str) -> str:
-    """The prompt a person is trained with (the paper's "a [V] face", in DreamBooth's usual wording)."""
-    return f"a photo of {instance_token}"
-
-
-DEFAULT_INSTANCE_PROMPT = instance_prompt_for(DEFAULT_INSTANCE_TOKEN)
 
 
 @dataclass
@@ -53,7 +49,7 @@ class PersonalWeights:
         return cls(
             A=lidb.A_train.detach().float().cpu().clone(),
             B=lidb.B_train.detach().float().cpu().clone(),
-            config=lidb.config,
+            config=replace(lidb.config, rank=lidb.rank),
             layer_shapes=dict(lidb.layer_shapes),
             arch_fingerprint=lidb.arch_fingerprint(),
             aux_fingerprint=lidb.aux_fingerprint(),
@@ -175,15 +171,20 @@ def check_compatible(weights: PersonalWeights, lidb: LiDB, source: str = "person
         )
 
 
-def apply_personal(pipe, weights: PersonalWeights | str | Path, lidb: LiDB | None = None) -> LiDB:
-    """Load a person's weights into `lidb`, the LiDB already on `pipe`, or a newly attached one."""
+def apply_personal(pipe: Pipeline, weights: PersonalWeights | str | Path, lidb: LiDB | None = None) -> LiDB:
+    """Load a person's weights into `lidb` (the pipeline's LiDB), or into a LiDB attached here when None."""
     if not isinstance(weights, PersonalWeights):
         weights = load_personal(weights)
-    lidb = lidb or LiDB.attached(pipe) or LiDB(pipe, weights.config)
-    check_compatible(weights, lidb)
-    lidb.start_from(
-        weights.A.to(lidb.A_train.device), weights.B.to(lidb.B_train.device), weights.config.rank
-    )  # any rank
+    attached_here = lidb is None
+    lidb = LiDB(pipe, weights.config) if attached_here else lidb
+    try:
+        check_compatible(weights, lidb)
+    except HdbError:
+        if attached_here:  # leave the pipeline as it was found
+            lidb.detach()
+        raise
+    device = lidb.A_train.device
+    lidb.start_from(weights.A.to(device), weights.B.to(device), weights.config.rank)  # any rank
     return lidb
 
 

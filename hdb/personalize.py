@@ -9,35 +9,43 @@ The result lives in the LiDB space, so the personal file holds exactly the weigh
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image, ImageOps
 
-from hdb.diffusion import diffusion_loss, encode_images, encode_prompts, encode_tokens, to_pixels, tokenize_prompts
+from hdb.config import (
+    DEFAULT_INSTANCE_TOKEN,
+    STEPS_FROM_ZERO,
+    STEPS_WITH_HYPERNET,
+    LiDBConfig,
+    PersonalizeConfig,
+    instance_prompt_for,
+)
+from hdb.diffusion import (
+    augmented_views,
+    diffusion_loss,
+    encode_images,
+    encode_prompts,
+    sample_seed,
+    step_loss,
+    tokenize_prompts,
+)
 from hdb.errors import HdbError
 from hdb.faces import AlignedFace, ImageSource, align_face, crop_size
-from hdb.lidb import LiDB, LiDBConfig, text_encoders
-from hdb.models import training_scheduler
-from hdb.personal_file import DEFAULT_INSTANCE_TOKEN, PersonalWeights, instance_prompt_for
-from hdb.training import TrainConfig, freeze, train
+from hdb.lidb import LiDB
+from hdb.models import Pipeline, native_resolution, training_scheduler
+from hdb.personal_file import PersonalWeights
+from hdb.stage import training_stage
+from hdb.training import TrainConfig, train
 
-STEPS_WITH_HYPERNET = 40  # the paper's fast finetuning
-STEPS_FROM_ZERO = 200  # no prediction to start from: more steps
+if TYPE_CHECKING:
+    from hdb.hypernet import HyperNetwork
 
-
-@dataclass
-class PersonalizeConfig:
-    steps: int | None = None  # None: 40 from a hypernetwork prediction, 200 from zero
-    relaxed_rank: int = 4  # rank of the fast-finetuned adapter (1 keeps the paper's r=1 file size)
-    learning_rate: float = 1e-3
-    optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes)
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    resolution: int | None = None  # None: the base model's native size (512 for SD1.5)
-    instance_token: str = DEFAULT_INSTANCE_TOKEN
-    lidb: LiDBConfig = field(default_factory=LiDBConfig)
-    progress: bool = True
+MEMORY_OPTIONS = (
+    "--gradient-checkpointing, --optimizer adamw8bit, --dtype fp16, a lower --resolution, or a smaller base model"
+)
 
 
 @dataclass
@@ -50,68 +58,45 @@ class Personalization:
     used_hypernet: bool
 
 
-def native_resolution(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-
-def augmented_views(image: Image.Image, resolution: int, count: int = 4) -> torch.Tensor:
-    """Light augmentation of the one photo: mirror and slight zooms. Pixels in [-1, 1]: [count, 3, R, R]."""
-    views = [image, ImageOps.mirror(image)]
-    for zoom in (0.92, 0.85)[: max(count - 2, 0)]:
-        margin = int(image.width * (1 - zoom) / 2)
-        views.append(image.crop((margin, margin, image.width - margin, image.height - margin)))
-    return to_pixels([view.resize((resolution, resolution), Image.BICUBIC) for view in views[:count]])
-
-
 def personalize(
-    pipe,
+    pipe: Pipeline,
     photo: ImageSource | AlignedFace,
-    hypernet=None,
-    config: PersonalizeConfig = PersonalizeConfig(),
+    hypernet: HyperNetwork | None = None,
+    config: PersonalizeConfig | None = None,
     lidb: LiDB | None = None,
-    on_step=None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> Personalization:
-    """Personalise `pipe` to the face in `photo`; LiDB stays attached with the person's weights."""
+    """Personalise `pipe` to the face in `photo`; the LiDB stays attached, holding the person.
+
+    `lidb`: the pipeline's LiDB to train (a server reuses one for every visitor); None attaches a new
+    one, and takes it off again if personalisation fails, so the pipeline is left as it was found.
+    """
+    config = config or PersonalizeConfig()
     resolution = config.resolution or native_resolution(pipe)
     face = photo if isinstance(photo, AlignedFace) else align_face(photo, size=crop_size(resolution))
-    lidb = lidb or LiDB.attached(pipe) or LiDB(pipe, hypernet.lidb_config if hypernet is not None else config.lidb)
-    if hypernet is not None:
-        hypernet.check_compatible(lidb)
-        A, B = hypernet.predict(face.image)
-    else:
-        A, B = lidb.initial_weights()
-    relaxed_rows = torch.Generator().manual_seed(config.seed)  # the same person from the same seed
-    lidb.start_from(
-        A.to(lidb.A_train.device), B.to(lidb.A_train.device), max(config.relaxed_rank, A.shape[1]), relaxed_rows
-    )
-    lidb.set_scale(1.0)  # train the person at full strength, whatever the last generation used
-    steps = (
-        config.steps if config.steps is not None else (STEPS_WITH_HYPERNET if hypernet is not None else STEPS_FROM_ZERO)
-    )
+    if lidb is not None:
+        if config.lidb is not None:
+            lidb.require(config.lidb)
+        return _finetune(pipe, face, hypernet, config, lidb, resolution, on_step)
+    lidb = LiDB(pipe, config.lidb or (hypernet.lidb_config if hypernet is not None else LiDBConfig()))
+    try:
+        return _finetune(pipe, face, hypernet, config, lidb, resolution, on_step)
+    except BaseException:
+        lidb.detach()
+        raise
 
-    freeze(pipe.unet, pipe.vae, *text_encoders(pipe).values())
-    prompt_tokens = tokenize_prompts(pipe, [instance_prompt_for(config.instance_token)])
-    # one view at a time: the VAE encoder's activations at 512 px would otherwise set the peak memory
-    latents = torch.cat([encode_images(pipe, view[None]) for view in augmented_views(face.image, resolution)]).float()
-    scheduler = training_scheduler(pipe)
-    device = pipe.unet.device
-    generator = torch.Generator(device).manual_seed(
-        config.seed
-    )  # reproducible noise and timesteps, drawn on the device
 
-    def loss_fn(step: int) -> torch.Tensor:
-        view = latents[step % len(latents)].unsqueeze(0)
-        noise = torch.randn(view.shape, generator=generator, device=device)
-        timestep = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator, device=device)
-        return diffusion_loss(pipe, scheduler, view, encode_tokens(pipe, prompt_tokens), noise, timestep).mean()
-
-    modules = [pipe.unet, *text_encoders(pipe).values()]
-    if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-        for encoder in text_encoders(pipe).values():
-            encoder.gradient_checkpointing_enable()
-    for module in modules:
-        module.train()  # gradient checkpointing only runs in train mode; SD has no dropout to mind
+def _finetune(
+    pipe: Pipeline,
+    face: AlignedFace,
+    hypernet: HyperNetwork | None,
+    config: PersonalizeConfig,
+    lidb: LiDB,
+    resolution: int,
+    on_step: Callable[[int, float], None] | None,
+) -> Personalization:
+    """Prediction (or zero), rank relaxation, then the fast finetune on the photo's views."""
+    steps = config.steps if config.steps is not None else STEPS_WITH_HYPERNET if hypernet else STEPS_FROM_ZERO
     train_config = TrainConfig(
         steps=steps,
         learning_rate=config.learning_rate,
@@ -120,27 +105,35 @@ def personalize(
         progress=config.progress,
         description="fast finetuning",
     )
-    try:
+    prompt = instance_prompt_for(config.instance_token)
+    with training_stage(pipe, lidb, "finetuning", MEMORY_OPTIONS, config.gradient_checkpointing):
+        if hypernet is not None:
+            hypernet.check_compatible(lidb)
+            A, B = hypernet.predict(face.image)
+        else:
+            A, B = lidb.initial_weights()
+        relaxed_rows = torch.Generator().manual_seed(config.seed)  # the same person from the same seed
+        device = lidb.A_train.device
+        lidb.start_from(A.to(device), B.to(device), max(config.relaxed_rank, A.shape[1]), relaxed_rows)
+        lidb.set_scale(1.0)  # train the person at full strength, whatever the last generation used
+        prompt_tokens = tokenize_prompts(pipe, [prompt])
+        # one view at a time: the VAE encoder's activations at 512 px would otherwise set the peak memory
+        views = augmented_views(face.image, resolution)
+        latents = torch.cat([encode_images(pipe, view[None]) for view in views]).float()
+        scheduler = training_scheduler(pipe)
+
+        def loss_fn(step: int) -> torch.Tensor:
+            view = latents[step % len(latents)].unsqueeze(0)
+            return step_loss(pipe, scheduler, view, prompt_tokens, [sample_seed(config.seed, step)]).mean()
+
         losses = train(lidb.trainable_parameters(), loss_fn, train_config, on_step)
-    except torch.OutOfMemoryError:
-        raise HdbError(
-            "The GPU ran out of memory while finetuning. Lower memory with --gradient-checkpointing, "
-            "--optimizer adamw8bit, --dtype fp16, a lower --resolution, or use a smaller base model."
-        ) from None
-    finally:
-        for module in modules:
-            module.eval()
-        if config.gradient_checkpointing:
-            pipe.unet.disable_gradient_checkpointing()
-            for encoder in text_encoders(pipe).values():
-                encoder.gradient_checkpointing_disable()
-    weights = PersonalWeights.from_lidb(lidb, instance_prompt_for(config.instance_token), config.instance_token)
+    weights = PersonalWeights.from_lidb(lidb, prompt, config.instance_token)
     return Personalization(weights, lidb, face, losses, steps, hypernet is not None)
 
 
 @torch.no_grad()
 def photo_loss(
-    pipe,
+    pipe: Pipeline,
     lidb: LiDB,
     face: AlignedFace,
     instance_token: str = DEFAULT_INSTANCE_TOKEN,

@@ -6,54 +6,35 @@
 The predicted weights of each batch element go through LiDB's per-sample path, so the diffusion
 loss reaches every hypernetwork parameter. Runs unchanged on one process or under
 `accelerate launch` (DDP): each process takes its slice of the same global batch, drawn from
-(seed, step), so several processes compute what one would, and a resumed run continues exactly.
+(seed, step), and each sample's noise from its own seed, so several processes compute what one would,
+and a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from hdb.diffusion import diffusion_loss, encode_prompts
+from hdb.config import MIXED_PRECISIONS, HypernetTrainConfig, LiDBConfig, instance_prompt_for
+from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.faces import crop_size
-from hdb.identities import Identity, encode_identities, resolve_identities
-from hdb.lidb import LiDB, LiDBConfig, text_encoders
-from hdb.models import load_pipeline, training_scheduler
-from hdb.personal_file import DEFAULT_INSTANCE_TOKEN, instance_prompt_for
-from hdb.personalize import native_resolution
-from hdb.training import TrainConfig, freeze, load_optimizer, make_optimizer, save_optimizer, train
+from hdb.identities import Identity, encode_identities, load_weights_dataset, resolve_identities
+from hdb.lidb import LiDB
+from hdb.models import Pipeline, load_pipeline, native_resolution, training_scheduler
+from hdb.stage import training_stage
+from hdb.training import TrainConfig, load_optimizer, make_optimizer, save_optimizer, train
 
-
-@dataclass
-class HypernetTrainConfig:
-    steps: int = 1000
-    batch_size: int = 4  # global: split across processes
-    learning_rate: float = 1e-4
-    alpha: float = 1.0  # diffusion loss weight
-    beta: float = 1.0  # weight-space L2 to the pre-optimised weights (0: diffusion loss alone)
-    accumulation_steps: int = 1
-    optimizer: str = "adamw"
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (accelerate autocast)
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 100
-    validate_every: int = 100
-    holdout: int = 1  # identities kept out of training for validation
-    sample_steps: int = 20  # sampling steps of the validation image (0: no image)
-    seed: int = 0
-    image_encoder: str = "tiny"  # hub id / local path of a vision model, or "tiny" (random, for tests)
-    width: int = 512
-    depth: int = 4
-    heads: int = 8
-    iterations: int = 4
-    resolution: int | None = None
-    instance_token: str = DEFAULT_INSTANCE_TOKEN
-    progress: bool = True
+MEMORY_OPTIONS = (
+    "a smaller --batch-size with --accumulation-steps, --gradient-checkpointing, --mixed-precision fp16 or bf16, "
+    "--optimizer adamw8bit"
+)
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -101,11 +82,11 @@ def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None
 
 
 def train_hypernetwork(
-    base,
+    base: str | Path | Pipeline,
     images: str | Path | list[Identity],
     out_dir: str | Path,
     weights_dir: str | Path | None = None,
-    config: HypernetTrainConfig = HypernetTrainConfig(),
+    config: HypernetTrainConfig | None = None,
     device: str = "auto",
 ) -> dict:
     """Train (or resume training) a hypernetwork; writes out_dir/hypernet, checkpoints and TensorBoard logs.
@@ -114,8 +95,7 @@ def train_hypernetwork(
     """
     from accelerate import Accelerator
 
-    from hdb.preoptimize import load_weights_dataset
-
+    config = config or HypernetTrainConfig()
     out = Path(out_dir)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, log_with="tensorboard", project_dir=str(out), cpu=device == "cpu"
@@ -128,8 +108,10 @@ def train_hypernetwork(
         raise HdbError(
             "--beta > 0 needs pre-optimised weights (--weights DIR from `python -m hdb preoptimize`); or pass --beta 0"
         )
-    base_dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[config.mixed_precision]  # the frozen base's weights
-    pipe = load_pipeline(base, base_dtype, str(accelerator.device)) if isinstance(base, (str, Path)) else base
+    if isinstance(base, (str, Path)):
+        pipe = load_pipeline(str(base), MIXED_PRECISIONS[config.mixed_precision], str(accelerator.device))
+    else:
+        pipe = base
     resolution = config.resolution or native_resolution(pipe)
     identities, skipped = resolve_identities(
         images,
@@ -144,141 +126,131 @@ def train_hypernetwork(
     latents = encode_identities(pipe, identities, resolution)
     held_ids, held_latents = identities[: config.holdout], latents[: config.holdout]
     lidb = LiDB(pipe, LiDBConfig())
-    targets = load_weights_dataset(weights_dir, lidb, [i.name for i in identities]) if weights_dir is not None else {}
-    # identities without pre-optimised weights cannot take the weight loss: leave them out of training
-    train_pairs = [
-        (i, l)
-        for i, l in zip(identities[config.holdout :], latents[config.holdout :])
-        if not targets or i.name in targets
-    ]
-    train_ids, train_latents = [i for i, _ in train_pairs], [l for _, l in train_pairs]
-    resume = _latest_checkpoint(out)
-    hypernet = _build_hypernet(config, lidb, resume).to(accelerator.device)
-    start_step = json.loads((resume / "state.json").read_text())["step"] + 1 if resume is not None else 0
-
-    freeze(pipe.unet, pipe.vae, *text_encoders(pipe).values())
-    if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    pipe.unet.train()
-    parameters = [p for p in hypernet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(parameters, config.optimizer, config.learning_rate)
-    if resume is not None:
-        load_optimizer(optimizer, resume / "optimizer.safetensors")
-    model, optimizer = accelerator.prepare(hypernet, optimizer)
-    scheduler = training_scheduler(pipe)
-    prompt = instance_prompt_for(config.instance_token)
-    pixels = {i.name: hypernet.preprocess(i.faces) for i in identities}  # [photos, 3, S, S] per identity
-    rank, count = accelerator.process_index, config.batch_size // accelerator.num_processes
-
-    def batch_loss(names, views, step_seed: int, predict) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(step_seed)
-        photo = [pixels[n][(step_seed + k) % len(pixels[n])] for k, n in enumerate(names)]
-        batch = torch.stack([v[(step_seed + k) % len(v)] for k, v in enumerate(views)])
-        noise = torch.randn(batch.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(names),), generator=generator)
-        mine = slice(rank * count, (rank + 1) * count) if len(names) == config.batch_size else slice(None)
-        A, B = predict(torch.stack(photo[mine]))
-        lidb.use_per_sample(A, B)
-        with accelerator.autocast():
-            loss = (
-                config.alpha
-                * diffusion_loss(
-                    pipe,
-                    scheduler,
-                    batch[mine],
-                    encode_prompts(pipe, [prompt] * A.shape[0]),
-                    noise[mine].to(batch.device),
-                    timesteps[mine].to(batch.device),
-                ).mean()
-            )
-        if config.beta > 0 and all(n in targets for n in names):
-            target_A = torch.stack([targets[n][0] for n in names])[mine].to(A.device)
-            target_B = torch.stack([targets[n][1] for n in names])[mine].to(A.device)
-            loss = loss + config.beta * (
-                torch.nn.functional.mse_loss(A.float(), target_A) + torch.nn.functional.mse_loss(B.float(), target_B)
-            )
-        return loss
-
-    def loss_fn(micro: int) -> torch.Tensor:
-        seed = config.seed * 1_000_003 + micro
-        order = torch.randint(
-            0, len(train_ids), (config.batch_size,), generator=torch.Generator().manual_seed(seed)
-        ).tolist()
-        return batch_loss([train_ids[k].name for k in order], [train_latents[k] for k in order], seed, model)
-
-    @torch.no_grad()
-    def validate(step: int) -> float:
-        model.eval()
-        loss = batch_loss(
-            [i.name for i in held_ids], held_latents, 10**9, model
-        ).item()  # fixed draws: comparable over time
-        model.train()
-        return loss
-
-    @torch.no_grad()
-    def sample(step: int) -> None:
-        """What the predicted weights draw for the first held-out face: saved and logged to TensorBoard."""
-        from hdb.generate import generate
-
-        A, B = accelerator.unwrap_model(model).predict(held_ids[0].faces[0])
-        lidb.start_from(A, B)
-        pipe.unet.eval()
-        image = generate(pipe, lidb, f"a portrait of {config.instance_token}", steps=config.sample_steps, seed=0)[0]
-        pipe.unet.train()
-        (out / "samples").mkdir(exist_ok=True)
-        image.save(out / "samples" / f"step-{step:06d}.png")
-        writer = accelerator.get_tracker("tensorboard", unwrap=True)
-        writer.add_image("validation/sample", np.asarray(image), step, dataformats="HWC")
-
-    log_path = out / "losses.jsonl"
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        accelerator.init_trackers(
-            "hdb", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
+    with training_stage(
+        pipe, lidb, "training the hypernetwork", MEMORY_OPTIONS, config.gradient_checkpointing, detach_after=True
+    ):
+        targets = (
+            load_weights_dataset(weights_dir, lidb, [i.name for i in identities]) if weights_dir is not None else {}
         )
-        kept = (
-            [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start_step]
-            if log_path.is_file()
-            else []
-        )
-        log_path.write_text("".join(line + "\n" for line in kept))  # steps after the checkpoint will be redone
+        # identities without pre-optimised weights cannot take the weight loss: leave them out of training
+        train_pairs = [
+            (identity, views)
+            for identity, views in zip(identities[config.holdout :], latents[config.holdout :], strict=True)
+            if not targets or identity.name in targets
+        ]
+        train_ids, train_latents = [i for i, _ in train_pairs], [views for _, views in train_pairs]
+        resume = _latest_checkpoint(out)
+        hypernet = _build_hypernet(config, lidb, resume).to(accelerator.device)
+        start_step = json.loads((resume / "state.json").read_text())["step"] + 1 if resume is not None else 0
 
-    history: dict = {"validation": []}
+        parameters = [p for p in hypernet.parameters() if p.requires_grad]
+        optimizer = make_optimizer(parameters, config.optimizer, config.learning_rate)
+        if resume is not None:
+            load_optimizer(optimizer, resume / "optimizer.safetensors")
+        model, optimizer = accelerator.prepare(hypernet, optimizer)
+        scheduler = training_scheduler(pipe)
+        prompt_tokens = tokenize_prompts(pipe, [instance_prompt_for(config.instance_token)])
+        pixels = {i.name: hypernet.preprocess(i.faces) for i in identities}  # [photos, 3, S, S] per identity
+        rank, count = accelerator.process_index, config.batch_size // accelerator.num_processes
 
-    def on_step(step: int, loss: float) -> None:
-        record = {"step": step, "loss": loss}
-        if (step + 1) % config.validate_every == 0 or step + 1 == config.steps:
-            record["validation_loss"] = validate(step)
-            history["validation"].append((step, record["validation_loss"]))
+        def batch_loss(names: list[str], views: list[torch.Tensor], draw: int | str) -> torch.Tensor:
+            """The loss of this process's slice of one global batch; `draw` (a micro-batch) fixes its randomness."""
+            mine = range(rank * count, (rank + 1) * count) if len(names) == config.batch_size else range(len(names))
+            # one seed per slot of the global batch, the same in every process: it picks the slot's input photo
+            # and target view, and draws its noise
+            pick = [sample_seed(config.seed, draw, k) for k in mine]
+            photos = torch.stack([pixels[names[k]][p % len(pixels[names[k]])] for k, p in zip(mine, pick, strict=True)])
+            batch = torch.stack([views[k][(p >> 8) % len(views[k])] for k, p in zip(mine, pick, strict=True)])
+            A, B = model(photos)
+            lidb.use_per_sample(A, B)
+            with accelerator.autocast():
+                loss = config.alpha * step_loss(pipe, scheduler, batch, prompt_tokens, pick).mean()
+            if config.beta > 0 and all(n in targets for n in names):
+                target_A = torch.stack([targets[names[k]][0] for k in mine]).to(A.device)
+                target_B = torch.stack([targets[names[k]][1] for k in mine]).to(A.device)
+                loss = loss + config.beta * (F.mse_loss(A.float(), target_A) + F.mse_loss(B.float(), target_B))
+            return loss
+
+        def loss_fn(micro: int) -> torch.Tensor:
+            generator = torch.Generator().manual_seed(sample_seed(config.seed, "batch", micro))
+            order = torch.randint(0, len(train_ids), (config.batch_size,), generator=generator).tolist()
+            return batch_loss([train_ids[k].name for k in order], [train_latents[k] for k in order], micro)
+
+        @torch.no_grad()
+        def validate(step: int) -> float:
+            model.eval()
+            loss = batch_loss([i.name for i in held_ids], held_latents, "validation").item()  # comparable over time
+            model.train()
+            return loss
+
+        @torch.no_grad()
+        def sample(step: int) -> None:
+            """What the predicted weights draw for the first held-out face: saved and logged to TensorBoard."""
+            from hdb.generate import generate
+
+            A, B = accelerator.unwrap_model(model).predict(held_ids[0].faces[0])
+            lidb.start_from(A, B)
+            pipe.unet.eval()
+            image = generate(pipe, lidb, f"a portrait of {config.instance_token}", steps=config.sample_steps, seed=0)[0]
+            pipe.unet.train()
+            (out / "samples").mkdir(exist_ok=True)
+            image.save(out / "samples" / f"step-{step:06d}.png")
+            writer = accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_image("validation/sample", np.asarray(image), step, dataformats="HWC")
+
+        log_path = out / "losses.jsonl"
         if accelerator.is_main_process:
-            if "validation_loss" in record and config.sample_steps:
-                sample(step)
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            with log_path.open("a") as file:
-                file.write(json.dumps(record) + "\n")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:  # written once, whatever the number of processes
-                _save_checkpoint(out, step, accelerator.unwrap_model(model), optimizer)
-            accelerator.wait_for_everyone()
+            out.mkdir(parents=True, exist_ok=True)
+            accelerator.init_trackers(
+                "hdb", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
+            )
+            kept = (
+                [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start_step]
+                if log_path.is_file()
+                else []
+            )
+            log_path.write_text("".join(line + "\n" for line in kept))  # steps after the checkpoint will be redone
 
-    train_config = TrainConfig(
-        steps=config.steps,
-        learning_rate=config.learning_rate,
-        optimizer=config.optimizer,
-        accumulation_steps=config.accumulation_steps,
-        progress=config.progress,
-        description="training the hypernetwork",
-    )
-    losses = train(
-        parameters, loss_fn, train_config, on_step, optimizer=optimizer, accelerator=accelerator, start_step=start_step
-    )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out / "hypernet")
-    accelerator.end_training()
-    lidb.detach()
-    pipe.unet.eval()
+        history: dict = {"validation": []}
+
+        def on_step(step: int, loss: float) -> None:
+            record = {"step": step, "loss": loss}
+            if (step + 1) % config.validate_every == 0 or step + 1 == config.steps:
+                record["validation_loss"] = validate(step)
+                history["validation"].append((step, record["validation_loss"]))
+            if accelerator.is_main_process:
+                if "validation_loss" in record and config.sample_steps:
+                    sample(step)
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                with log_path.open("a") as file:
+                    file.write(json.dumps(record) + "\n")
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:  # written once, whatever the number of processes
+                    _save_checkpoint(out, step, accelerator.unwrap_model(model), optimizer)
+                accelerator.wait_for_everyone()
+
+        train_config = TrainConfig(
+            steps=config.steps,
+            learning_rate=config.learning_rate,
+            optimizer=config.optimizer,
+            accumulation_steps=config.accumulation_steps,
+            progress=config.progress,
+            description="training the hypernetwork",
+        )
+        losses = train(
+            parameters,
+            loss_fn,
+            train_config,
+            on_step,
+            optimizer=optimizer,
+            accelerator=accelerator,
+            start_step=start_step,
+        )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(out / "hypernet")
+        accelerator.end_training()
     return {
         "main_process": accelerator.is_main_process,
         "start_step": start_step,

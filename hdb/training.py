@@ -15,15 +15,21 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from hdb.config import OPTIMIZERS
 from hdb.errors import HdbError
 
-OPTIMIZERS = ("adamw", "adamw8bit")
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+SNAPSHOT_PLACES = ("auto", "device", "host")
+SNAPSHOT_ON_DEVICE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -40,12 +46,16 @@ class TrainConfig:
     # timesteps, so a first draw at high noise would stop healthy runs. The floor of 1 is the
     # diffusion loss's own scale (its target is unit-variance noise).
     explode_factor: float = 50.0
+    # The guard keeps one copy of the trainables, taken every `snapshot_every` steps (where the host waits
+    # for the GPU once), on the "device", in "host" memory, or "auto": host for trainables over 256 MiB.
+    snapshot_every: int = 10
+    snapshot_on: str = "auto"
     progress: bool = True
     description: str = "training"
 
 
 class TrainingDiverged(HdbError):
-    """The loss became NaN/inf or exploded; parameters were restored to the last good step."""
+    """The loss became NaN/inf or exploded; parameters were restored to the guard's snapshot."""
 
 
 def make_optimizer(
@@ -64,20 +74,13 @@ def make_optimizer(
     raise HdbError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
-def freeze(*modules: torch.nn.Module) -> None:
-    """Base weights never train; only what a stage hands to `train` does."""
-    for module in modules:
-        if module is not None:
-            module.requires_grad_(False)
-
-
 def train(
     parameters: list[torch.nn.Parameter],
     loss_fn: Callable[[int], torch.Tensor],
     config: TrainConfig,
     on_step: Callable[[int, float], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    accelerator=None,
+    accelerator: Accelerator | None = None,
     start_step: int = 0,
 ) -> list[float]:
     """Optimise `parameters` from `start_step` to `config.steps`; returns the loss of each step run.
@@ -88,18 +91,20 @@ def train(
     prepared, so gradients are averaged across processes; the loss guard sees the mean over all
     processes, so every process stops together.
 
-    The guard reads each step's loss one step late: the host queues step s on the GPU before it
+    The guard reads most steps' losses one step late: the host queues step s on the GPU before it
     waits for step s-1's numbers, so the GPU does not idle while Python prepares the next step.
+    Every `snapshot_every` steps it reads the step at once instead and, if it passed, copies the
+    weights that step started from: the one copy a failed step is restored to.
     `on_step(step, loss)` is called as each loss is read, after step `step`'s update and before the
-    next one: the right moment to checkpoint step `step`.
+    next one: the right moment to checkpoint step `step`. Gradients are cleared however it ends.
     """
     optimizer = optimizer or make_optimizer(parameters, config.optimizer, config.learning_rate, config.weight_decay)
     device_type = parameters[0].device.type
     scaler = torch.amp.GradScaler(device_type, enabled=config.fp16_loss_scaling and device_type == "cuda")
     backward = accelerator.backward if accelerator is not None else (lambda loss: scaler.scale(loss).backward())
     clip = accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_
-    good_weights = _copy(parameters)  # the weights of the last step whose loss passed the guard
-    waiting: _StepOnItsWay | None = None  # the previous step, whose numbers are still on their way to the host
+    snapshot = _Snapshot(parameters, config.snapshot_on, start_step)
+    waiting: _StepOnItsWay | None = None  # a step whose numbers are still on their way to the host
     losses: list[float] = []
     main_process = accelerator is None or accelerator.is_main_process
     bar = tqdm(
@@ -110,54 +115,83 @@ def train(
     )
 
     def check(done: _StepOnItsWay) -> None:
-        """Stop with the last good weights if `done` went wrong; else its weights become the good ones."""
-        nonlocal good_weights
+        """Stop with the snapshot's weights if `done` went wrong."""
         value, norm = done.read()
         typical = max(statistics.median(losses[-100:]), 1.0) if losses else 1.0
+        kept = f"kept the weights of step {snapshot.step}"
         if not math.isfinite(value) or value > config.explode_factor * typical:
-            _restore(parameters, good_weights)
+            snapshot.restore(parameters)
             raise TrainingDiverged(
                 f"{config.description}: loss became {value:.4g} at step {done.step} (typical so far: {typical:.4g}); "
-                "stopped and kept the weights of the last good step. Try a lower learning rate."
+                f"stopped and {kept}. Try a lower learning rate."
             )
         if not scaler.is_enabled() and not math.isfinite(norm):  # with fp16 scaling, the scaler skips such steps
-            _restore(parameters, good_weights)
-            raise TrainingDiverged(
-                f"{config.description}: gradients became NaN/inf at step {done.step}; kept the last good weights"
-            )
-        good_weights = done.weights
+            snapshot.restore(parameters)
+            raise TrainingDiverged(f"{config.description}: gradients became NaN/inf at step {done.step}; {kept}")
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
         if on_step is not None:
             on_step(done.step, value)
 
-    for step in bar:
-        loss_sum = torch.zeros((), device=parameters[0].device)
-        for micro in range(config.accumulation_steps):
-            loss = loss_fn(step * config.accumulation_steps + micro)
-            backward(loss / config.accumulation_steps)
-            loss_sum = loss_sum + loss.detach().float() / config.accumulation_steps
-        scaler.unscale_(optimizer)
-        grad_norm = clip(parameters, config.max_grad_norm or float("inf"))
-        if accelerator is not None:
-            loss_sum = accelerator.reduce(loss_sum, reduction="mean")
+    try:
+        for step in bar:
+            loss_sum = torch.zeros((), device=parameters[0].device)
+            for micro in range(config.accumulation_steps):
+                loss = loss_fn(step * config.accumulation_steps + micro)
+                backward(loss / config.accumulation_steps)
+                loss_sum = loss_sum + loss.detach().float() / config.accumulation_steps
+            scaler.unscale_(optimizer)
+            grad_norm = clip(parameters, config.max_grad_norm or float("inf"))
+            if accelerator is not None:
+                loss_sum = accelerator.reduce(loss_sum, reduction="mean")
+            if waiting is not None:
+                check(waiting)  # the previous step, read while this one is already queued on the GPU
+            waiting = _StepOnItsWay(step, torch.stack([loss_sum, grad_norm.float()]))
+            if (step - start_step) % config.snapshot_every == 0:
+                check(waiting)  # the host waits for this step only
+                waiting = None
+                snapshot.take(parameters, step)  # not yet updated: the weights whose loss just passed
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
         if waiting is not None:
-            check(waiting)  # this step is already queued on the GPU
-        # the weights this step's loss came from: the good ones to keep once that loss passes the guard
-        waiting = _StepOnItsWay(step, torch.stack([loss_sum, grad_norm.float()]), _copy(parameters))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-    if waiting is not None:
-        check(waiting)
+            check(waiting)
+    finally:
+        for parameter in parameters:  # a failed step's NaN gradients must not reach the next user of these weights
+            parameter.grad = None
     return losses
+
+
+class _Snapshot:
+    """The guard's one copy of the trainables, on the device or in host memory (see `TrainConfig.snapshot_on`)."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], where: str, step: int) -> None:
+        if where not in SNAPSHOT_PLACES:
+            raise HdbError(f"Unknown snapshot place {where!r}; choose one of {', '.join(SNAPSHOT_PLACES)}")
+        if where == "auto":
+            size = sum(p.numel() * p.element_size() for p in parameters)
+            where = "device" if size <= SNAPSHOT_ON_DEVICE_BYTES else "host"
+        self.on_host = where == "host"
+        self.values = [p.detach().to("cpu" if self.on_host else p.device, copy=True) for p in parameters]
+        self.step = step  # the step whose starting weights these are
+
+    @torch.no_grad()
+    def take(self, parameters: list[torch.nn.Parameter], step: int) -> None:
+        for value, parameter in zip(self.values, parameters, strict=True):
+            value.copy_(parameter)
+        self.step = step
+
+    @torch.no_grad()
+    def restore(self, parameters: list[torch.nn.Parameter]) -> None:
+        for parameter, value in zip(parameters, self.values, strict=True):
+            parameter.copy_(value)
 
 
 class _StepOnItsWay:
     """A step's [loss, gradient norm], copied to the host without making the host wait for the GPU."""
 
-    def __init__(self, step: int, numbers: torch.Tensor, weights: list[torch.Tensor]) -> None:
-        self.step, self.weights, self.copied = step, weights, None
+    def __init__(self, step: int, numbers: torch.Tensor) -> None:
+        self.step, self.copied = step, None
         if numbers.device.type == "cuda":
             self.numbers = torch.empty(numbers.shape, dtype=numbers.dtype, pin_memory=True)
             self.numbers.copy_(numbers, non_blocking=True)
@@ -170,16 +204,6 @@ class _StepOnItsWay:
         if self.copied is not None:
             self.copied.synchronize()  # waits for this step only, not for the steps queued after it
         return self.numbers.tolist()
-
-
-def _copy(parameters: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in parameters]
-
-
-@torch.no_grad()
-def _restore(parameters: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
-    for parameter, value in zip(parameters, values):
-        parameter.copy_(value)
 
 
 # ----------------------------------------------------------------------------- optimizer checkpoints (safetensors, no pickles)

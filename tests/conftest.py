@@ -17,7 +17,9 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import ASSETS  # noqa: E402
 
+from hdb.faces import align_face  # noqa: E402
 from hdb.models import build_tiny_pipeline, save_tiny_pipeline  # noqa: E402
 
 torch.set_num_threads(1)
@@ -37,3 +39,9 @@ def tiny_sdxl():
 def tiny_sd15_dir(tmp_path_factory):
     """A tiny SD1.5 pipeline saved to disk, as `python -m hdb tiny-model` writes it."""
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd15", "sd15")
+
+
+@pytest.fixture(scope="session")
+def obama_face():
+    """A real photo, aligned once for the whole run (face detection is the slow part)."""
+    return align_face(ASSETS / "obama.jpg", size=256)

@@ -3,12 +3,14 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from hdb.diffusion import encode_prompts, predict_noise
 from hdb.lidb import LiDB, LiDBConfig
 
+ASSETS = Path(__file__).resolve().parent.parent / "assets"  # real photos (see assets/SOURCES.md)
 PROMPTS = ["a photo of sks person", "a painting of a dog"]
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from helpers import ASSETS
 from PIL import Image
 
 from hdb.personal_file import load_personal
 
-ASSETS = Path(__file__).parent.parent / "assets"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

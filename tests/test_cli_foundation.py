@@ -51,7 +51,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_resolve_dtype_refuses_unknown_names():
-    from hdb.models import resolve_dtype
+    from hdb.devices import resolve_dtype
 
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     with pytest.raises(HdbError, match="Unknown dtype"):

@@ -3,27 +3,19 @@
 import itertools
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, trained_person
+from helpers import ASSETS, assert_one_line_error, trained_person
 from helpers import hdb_cli as hdb
 from PIL import Image
 
 from hdb.errors import HdbError
 from hdb.evaluate import Evaluator, _mean_row, find_people, identity_matrix, identity_similarity
-from hdb.faces import align_face
 
-ASSETS = Path(__file__).parent.parent / "assets"
 OBAMAS = ["obama.jpg", "obama2.jpg", "obama3.jpg"]
 OTHERS = ["biden.jpg", "astronaut.png", "grace_hopper.jpg"]
-
-
-@pytest.fixture(scope="module")
-def obama_face():
-    return align_face(ASSETS / "obama.jpg", size=256)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ASSETS
 from PIL import Image
 
 from hdb.errors import HdbError
@@ -23,7 +24,6 @@ from hdb.faces import (
     load_image,
 )
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 OBAMAS = ["obama.jpg", "obama2.jpg", "obama3.jpg"]
 OTHERS = ["biden.jpg", "astronaut.png", "grace_hopper.jpg"]
 PORTRAITS = OBAMAS + OTHERS

@@ -5,7 +5,8 @@ import json
 import numpy as np
 
 from hdb.cli import build_parser, cmd_toy
-from hdb.toy import SIZE, ToyConfig, method_labels, run_toy, sample_people
+from hdb.toy.experiment import ToyConfig, method_labels, run_toy
+from hdb.toy.world import SIZE, sample_people
 
 
 def test_people_are_reproducible_and_renders_vary():

@@ -1,4 +1,4 @@
-"""Stages 1 and 2 on the tiny pipeline: pre-optimisation, hypernetwork training, DDP, resume, bad data."""
+"""Training: stages 1 and 2 (DDP, resume, bad data), the loop's divergence guard, and the stage scaffold."""
 
 import json
 import os
@@ -11,13 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error
+from helpers import ASSETS, assert_one_line_error
 from helpers import hdb_cli as hdb
+from PIL import ImageOps
 from safetensors.torch import load_file
 
+from hdb.config import LiDBConfig, PersonalizeConfig, PreoptimizeConfig
+from hdb.diffusion import draw_noise, sample_seed
+from hdb.errors import HdbError
+from hdb.lidb import LiDB, find_target_linears
+from hdb.models import build_tiny_pipeline
 from hdb.personal_file import load_personal
+from hdb.personalize import personalize
+from hdb.preoptimize import preoptimize
+from hdb.training import TrainConfig, TrainingDiverged, train
 
-ASSETS = Path(__file__).parent.parent / "assets"
 TINY_HYPERNET = ["--width", "32", "--depth", "2", "--heads", "4", "--device", "cpu"]
 
 
@@ -227,3 +235,164 @@ def test_bad_training_data_gives_clear_errors(preoptimized, tiny_sd15_dir, tmp_p
         check=False,
     )
     assert_one_line_error(result, "--beta 0")
+
+
+# ----------------------------------------------------------------------------- the divergence guard
+
+
+@pytest.mark.parametrize(("every", "kept"), [(1, 2), (4, 0), (2, 2)])
+def test_nan_restores_the_latest_snapshot_exactly(every, kept):
+    weight = torch.nn.Parameter(torch.ones(3))
+    seen = []
+
+    def loss_fn(step):
+        seen.append(weight.detach().clone())  # the weights step `step` starts from
+        return (weight.sum() * (float("nan") if step == 3 else 1.0)) ** 2
+
+    config = TrainConfig(steps=10, learning_rate=0.1, progress=False, snapshot_every=every)
+    with pytest.raises(TrainingDiverged, match=f"at step 3.*kept the weights of step {kept}"):
+        train([weight], loss_fn, config)
+    # the weights of the newest snapshot whose loss passed, not the NaN-producing ones
+    assert torch.equal(weight.detach(), seen[kept]) and not torch.equal(seen[kept], seen[3])
+    assert weight.grad is None  # the failed step's NaN gradients are not left for the next user
+
+
+def test_training_stops_when_the_loss_explodes():
+    weight = torch.nn.Parameter(torch.ones(2))
+    losses = iter([1.0, 1.1, 500.0])
+
+    def loss_fn(step):
+        return weight.sum() * 0 + next(losses)
+
+    with pytest.raises(TrainingDiverged, match="loss became 500"):
+        train([weight], loss_fn, TrainConfig(steps=3, learning_rate=0.1, progress=False))
+
+
+def test_a_first_step_at_high_noise_does_not_stop_healthy_training():
+    # one sample a step: a first draw near t=1000 has a tiny loss, a later one near t=0 a ~200x larger one
+    weight = torch.nn.Parameter(torch.ones(2))
+    losses = iter([0.002, 0.45, 0.01, 0.6, 0.003])
+
+    def loss_fn(step):
+        return weight.sum() * 0 + next(losses)
+
+    assert len(train([weight], loss_fn, TrainConfig(steps=5, learning_rate=0.1, progress=False))) == 5
+
+
+def test_the_snapshot_goes_to_host_memory_for_large_trainables(monkeypatch):
+    from hdb import training
+
+    small = [torch.nn.Parameter(torch.ones(4))]
+    assert not training._Snapshot(small, "auto", 0).on_host
+    monkeypatch.setattr(training, "SNAPSHOT_ON_DEVICE_BYTES", 8)  # 4 floats are now "large"
+    snapshot = training._Snapshot(small, "auto", 0)
+    assert snapshot.on_host and snapshot.values[0].device.type == "cpu"
+    assert training._Snapshot(small, "device", 0).on_host is False
+    with pytest.raises(HdbError, match="Unknown snapshot place 'gpu'"):
+        training._Snapshot(small, "gpu", 0)
+
+
+# ----------------------------------------------------------------------------- a failed stage leaves the pipeline clean
+
+
+def pipeline_state(pipe):
+    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+    return {
+        "training": {name: m.training for name, m in modules.items()},
+        "checkpointing": (pipe.unet.is_gradient_checkpointing, pipe.text_encoder.is_activation_checkpointing),
+        "requires_grad": {name: [p.requires_grad for p in m.parameters()] for name, m in modules.items()},
+        "lidb_layers": len(find_target_linears({"unet": pipe.unet, "text_encoder": pipe.text_encoder})),
+    }
+
+
+class FailingUNet:
+    """Makes the UNet's next forward pass fail: NaN output, or a (simulated) CUDA out-of-memory."""
+
+    def __init__(self, pipe, failure: str) -> None:
+        self.failure = failure
+        self.handle = pipe.unet.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output):
+        self.handle.remove()  # one failure, then the model is healthy again
+        if self.failure == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        output.sample = output.sample * float("nan")
+        return output
+
+
+@pytest.mark.parametrize("failure", ["nan", "oom"])
+def test_a_failed_personalisation_leaves_the_pipeline_as_it_was(obama_face, failure):
+    pipe = build_tiny_pipeline("sd15")
+    pipe.unet.eval()
+    before = pipeline_state(pipe)
+    config = PersonalizeConfig(steps=3, gradient_checkpointing=True, progress=False)
+    FailingUNet(pipe, failure)
+    expected = {"nan": "loss became nan", "oom": "ran out of memory while finetuning.*--gradient-checkpointing"}[
+        failure
+    ]
+    with pytest.raises(HdbError, match=expected):
+        personalize(pipe, obama_face, config=config)
+    assert pipeline_state(pipe) == before  # modes, checkpointing and frozen flags restored, its LiDB taken off
+
+
+def test_after_a_failed_visitor_the_next_personalisation_is_exactly_a_fresh_one(obama_face):
+    config = PersonalizeConfig(steps=4, progress=False)
+    fresh = personalize(build_tiny_pipeline("sd15"), obama_face, config=config).weights
+    pipe = build_tiny_pipeline("sd15")
+    lidb = LiDB(pipe)  # one LiDB serving every visitor, as in the app
+    FailingUNet(pipe, "nan")
+    with pytest.raises(TrainingDiverged):
+        personalize(pipe, obama_face, config=config, lidb=lidb)
+    assert all(p.grad is None for p in lidb.trainable_parameters())
+    again = personalize(pipe, obama_face, config=config, lidb=lidb).weights
+    torch.testing.assert_close(again.A, fresh.A, rtol=0, atol=0)
+    torch.testing.assert_close(again.B, fresh.B, rtol=0, atol=0)
+
+
+def test_a_failed_preoptimisation_then_a_personalisation_works(obama_face, tmp_path):
+    from hdb.identities import Identity
+
+    pipe = build_tiny_pipeline("sd15")
+    pipe.unet.eval()
+    before = pipeline_state(pipe)
+    people = [Identity("a", [obama_face.image]), Identity("b", [ImageOps.mirror(obama_face.image)])]
+    FailingUNet(pipe, "nan")
+    with pytest.raises(TrainingDiverged, match="pre-optimising"):
+        preoptimize(pipe, people, tmp_path, PreoptimizeConfig(steps=3, gradient_checkpointing=True, progress=False))
+    assert pipeline_state(pipe) == before
+    result = personalize(pipe, obama_face, config=PersonalizeConfig(steps=2, progress=False))
+    assert len(result.losses) == 2
+
+
+# ----------------------------------------------------------------------------- the step recipe and explicit state
+
+
+def test_each_sample_draws_the_same_noise_whatever_its_batch():
+    latents = torch.zeros(3, 4, 8, 8)
+    seeds = [sample_seed(0, name, 7) for name in ("ann", "bob", "cy")]
+    noise, timesteps = draw_noise(latents, seeds, 1000)
+    for k, seed in enumerate(seeds):
+        alone_noise, alone_timestep = draw_noise(latents[k : k + 1], [seed], 1000)
+        assert torch.equal(noise[k], alone_noise[0]) and timesteps[k] == alone_timestep[0]
+    assert not torch.equal(noise[0], noise[1])
+    assert sample_seed(0, "ann", 7) == sample_seed(0, "ann", 7) != sample_seed(0, "ann", 8)
+
+
+def test_library_calls_change_no_process_setting_and_no_hidden_state(obama_face):
+    from hdb.generate import generate
+
+    pipe = build_tiny_pipeline("sd15")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lidb = LiDB(pipe)
+        assert torch.get_num_threads() == 2  # attaching LiDB leaves the thread count alone
+    finally:
+        torch.set_num_threads(threads)
+    scheduler = pipe.scheduler
+    generate(pipe, lidb, "a photo of sks person", steps=2)
+    assert pipe.scheduler is scheduler  # sampling borrows DPM-Solver and gives the scheduler back
+    with pytest.raises(HdbError, match="aux seed 3 was asked for"):
+        personalize(pipe, obama_face, config=PersonalizeConfig(steps=1, lidb=LiDBConfig(seed=3)), lidb=lidb)
+    with pytest.raises(HdbError, match="pass that LiDB"):
+        personalize(pipe, obama_face, config=PersonalizeConfig(steps=1))  # a second LiDB on the same pipeline

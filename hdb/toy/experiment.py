@@ -1,4 +1,4 @@
-"""A synthetic world of faces: the paper's Table 3 in miniature, run on a CPU in minutes.
+"""The toy experiment: the paper's Table 3 in miniature, on a CPU in minutes (`python -m hdb toy`).
 
     random identities (colours, proportions, hair, glasses, beard), jittered renders at 64 px
     -> pre-train the tiny base UNet on renders of many people ("a photo of a person")
@@ -7,8 +7,8 @@
     -> held-out identities, personalised from ONE render each    (hdb.personalize)
     -> diffusion loss on OTHER renders of the same person, fixed noise and timesteps for every method
 
-Every training stage goes through `hdb.training.train`, the same loop the real model uses. The
-numbers are small-scale evidence that the pipeline learns, not a claim about SD1.5.
+Every training stage goes through `hdb.training.train` and `hdb.stage.training_stage`, as the real
+model does. The numbers are small-scale evidence that the pipeline learns, not a claim about SD1.5.
 """
 
 from __future__ import annotations
@@ -21,138 +21,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+from PIL import Image
+from tqdm.auto import tqdm
 
-SIZE = 64  # the tiny pipeline's native resolution (8x8 latents)
-DRAW_SCALE = 2  # draw at 2x and downsample: anti-aliased edges
-HAIR_STYLES = ("bald", "short", "long", "bun")
+from hdb.config import DEFAULT_INSTANCE_PROMPT, HypernetTrainConfig, PersonalizeConfig, PreoptimizeConfig
+from hdb.diffusion import diffusion_loss, encode_images, encode_prompts, sample_seed, step_loss, to_pixels
+from hdb.faces import AlignedFace
+from hdb.hypernet import HyperNetwork
+from hdb.identities import Identity, load_weights_dataset
+from hdb.lidb import LiDB
+from hdb.models import Pipeline, build_tiny_pipeline, training_scheduler
+from hdb.personalize import personalize
+from hdb.preoptimize import preoptimize
+from hdb.stage import training_stage
+from hdb.toy.report import plot_losses, renders_sheet, results_table
+from hdb.toy.world import JITTER, Person, sample_people
+from hdb.train_hypernet import train_hypernetwork
+from hdb.training import TrainConfig, TrainingDiverged, train
+
 GENERIC_PROMPT = "a photo of a person"
-# How much renders of one person differ: scale, rotation (degrees), shift (fraction of the side), and
-# brightness/contrast. Kept small on purpose: the random VAE is not shift-invariant, so a few pixels of
-# shift already change the 8x8 latents as much as a change of person does.
-JITTER = {"scale": 0.02, "rotation": 2.0, "shift": 0.01, "light": 0.05, "background": 12.0, "blur": 1.0}
-
-
-# ----------------------------------------------------------------------------- the synthetic world
-
-
-@dataclass
-class ToyIdentity:
-    """What makes a person in this world; renders vary everything else."""
-
-    name: str
-    skin: tuple[int, int, int]
-    hair: tuple[int, int, int]
-    eyes: tuple[int, int, int]
-    face_width: float  # fractions of the image side
-    face_height: float
-    eye_spacing: float  # distance between eye centres, fraction of the face width
-    mouth_width: float  # fraction of the face width
-    hair_style: str
-    glasses: bool
-    beard: bool
-
-
-def _colour(rng: np.random.Generator, low: float, high: float) -> tuple[int, int, int]:
-    return tuple(int(v) for v in rng.uniform(low, high, 3))
-
-
-# Hair and eye colours come from palettes: a world a few dozen training people can cover.
-HAIR_COLOURS = (
-    (25, 20, 20),
-    (90, 55, 30),
-    (170, 120, 60),
-    (225, 200, 120),
-    (150, 40, 30),
-    (200, 200, 205),
-    (40, 90, 190),
-    (60, 160, 80),
-)
-EYE_COLOURS = ((60, 40, 25), (50, 110, 170), (60, 140, 80), (110, 110, 120))
-
-
-def random_identity(rng: np.random.Generator, name: str) -> ToyIdentity:
-    tone = rng.uniform(0.25, 1.0)  # skin from dark to light, warm-tinted
-    skin = (int(90 + 160 * tone), int(55 + 150 * tone), int(35 + 140 * tone))
-    return ToyIdentity(
-        name=name,
-        skin=skin,
-        hair=HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))],
-        eyes=EYE_COLOURS[rng.integers(len(EYE_COLOURS))],
-        face_width=rng.uniform(0.44, 0.58),
-        face_height=rng.uniform(0.56, 0.70),
-        eye_spacing=rng.uniform(0.34, 0.52),
-        mouth_width=rng.uniform(0.25, 0.55),
-        hair_style=HAIR_STYLES[rng.integers(len(HAIR_STYLES))],
-        glasses=bool(rng.random() < 0.35),
-        beard=bool(rng.random() < 0.3),
-    )
-
-
-def render(identity: ToyIdentity, rng: np.random.Generator) -> Image.Image:
-    """One 64x64 RGB photo of `identity`: jittered pose, scale, lighting and background."""
-    side = SIZE * DRAW_SCALE
-    scale = rng.uniform(1 - JITTER["scale"], 1 + JITTER["scale"])
-    angle = rng.uniform(-JITTER["rotation"], JITTER["rotation"])
-    shift = rng.uniform(-JITTER["shift"], JITTER["shift"], 2) * side
-    face = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(face)
-    cx, cy = side / 2, side * 0.52
-    w, h = identity.face_width * side * scale / 2, identity.face_height * side * scale / 2  # half axes
-
-    def box(x: float, y: float, rx: float, ry: float) -> list[float]:
-        return [x - rx, y - ry, x + rx, y + ry]
-
-    hair = (*identity.hair, 255)
-    draw.rectangle([cx - 0.35 * w, cy + 0.8 * h, cx + 0.35 * w, cy + 1.5 * h], fill=(*identity.skin, 255))  # neck
-    if identity.hair_style == "long":  # behind the face, down to the shoulders
-        draw.rounded_rectangle([cx - 1.25 * w, cy - 1.2 * h, cx + 1.25 * w, cy + 1.1 * h], radius=w, fill=hair)
-    if identity.hair_style == "bun":
-        draw.ellipse(box(cx, cy - 1.15 * h, 0.45 * w, 0.3 * h), fill=hair)
-    draw.ellipse(box(cx, cy, w, h), fill=(*identity.skin, 255))
-    if identity.hair_style in ("short", "long", "bun"):  # a cap of hair over the top of the head
-        draw.chord(box(cx, cy - 0.15 * h, 1.04 * w, 0.95 * h), 180, 360, fill=hair)
-    if identity.beard:
-        draw.chord(box(cx, cy + 0.3 * h, 0.9 * w, 0.68 * h), 15, 165, fill=hair)
-    eye_y, eye_dx = cy - 0.12 * h, identity.eye_spacing * w
-    eye_r = 0.13 * w
-    for x in (cx - eye_dx, cx + eye_dx):
-        draw.ellipse(box(x, eye_y, eye_r * 1.4, eye_r), fill=(245, 245, 240, 255))
-        draw.ellipse(box(x, eye_y, eye_r * 0.7, eye_r * 0.7), fill=(*identity.eyes, 255))
-        draw.line(
-            [x - eye_r * 1.4, eye_y - 1.8 * eye_r, x + eye_r * 1.4, eye_y - 2.0 * eye_r],
-            fill=hair,
-            width=max(2, int(eye_r / 2)),
-        )
-        if identity.glasses:
-            draw.ellipse(
-                box(x, eye_y, eye_r * 2.1, eye_r * 1.8), outline=(20, 20, 20, 255), width=max(2, int(eye_r / 2.5))
-            )
-    if identity.glasses:
-        draw.line([cx - eye_dx + eye_r * 2.1, eye_y, cx + eye_dx - eye_r * 2.1, eye_y], fill=(20, 20, 20, 255), width=2)
-    nose = tuple(int(c * 0.8) for c in identity.skin)
-    draw.polygon(
-        [(cx, eye_y + 0.1 * h), (cx - 0.1 * w, cy + 0.25 * h), (cx + 0.1 * w, cy + 0.25 * h)], fill=(*nose, 255)
-    )
-    mouth_w = identity.mouth_width * w
-    draw.chord(box(cx, cy + 0.45 * h, mouth_w, 0.12 * h), 0, 180, fill=(170, 40, 50, 255))
-
-    face = face.rotate(angle, resample=Image.BICUBIC, center=(cx, cy), translate=tuple(shift))
-    grey, tint = (
-        135 + rng.uniform(-2, 2) * JITTER["background"],
-        rng.uniform(-1, 1, 3) * JITTER["background"],
-    )  # a muted colour
-    background = Image.new("RGBA", (side, side), (*(int(grey + t) for t in tint), 255))
-    photo = Image.alpha_composite(background, face).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)
-    photo = ImageEnhance.Brightness(photo).enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"]))
-    return (
-        ImageEnhance.Contrast(photo)
-        .enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"]))
-        .filter(ImageFilter.GaussianBlur(JITTER["blur"]))
-    )  # camera softness
-
-
-# ----------------------------------------------------------------------------- the experiment
 
 
 @dataclass
@@ -205,8 +92,6 @@ QUICK = ToyConfig(
 
 
 def _encode(pipe, images: list[Image.Image], chunk: int = 64) -> torch.Tensor:
-    from hdb.diffusion import encode_images, to_pixels
-
     return torch.cat(
         [encode_images(pipe, to_pixels(images[i : i + chunk])) for i in range(0, len(images), chunk)]
     ).float()
@@ -225,27 +110,19 @@ def calibrate_latents(pipe, images: list[Image.Image]) -> tuple[torch.Tensor, fl
     return latents / std, factor
 
 
-def pretrain_base(pipe, latents: torch.Tensor, config: ToyConfig, seed: int, progress: bool = True) -> list[float]:
+def pretrain_base(
+    pipe: Pipeline, latents: torch.Tensor, config: ToyConfig, seed: int, progress: bool = True
+) -> list[float]:
     """Train every UNet weight on renders of many people with one generic prompt (text encoder and VAE stay random)."""
-    from hdb.diffusion import diffusion_loss, encode_prompts
-    from hdb.models import training_scheduler
-    from hdb.training import TrainConfig, freeze, train
-
-    freeze(pipe.vae, pipe.text_encoder)
-    pipe.unet.requires_grad_(True)
-    pipe.unet.train()
     scheduler = training_scheduler(pipe)
     with torch.no_grad():
-        cond = encode_prompts(pipe, [GENERIC_PROMPT] * config.pretrain_batch)
+        cond = encode_prompts(pipe, [GENERIC_PROMPT])  # the text encoder is frozen: encode once
 
     def loss_fn(step: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(
-            seed * 1_000_003 + step
-        )  # a step's batch depends on (seed, step) only
+        generator = torch.Generator().manual_seed(sample_seed(seed, "pretrain batch", step))
         batch = latents[torch.randint(0, len(latents), (config.pretrain_batch,), generator=generator)]
-        noise = torch.randn(batch.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
-        return diffusion_loss(pipe, scheduler, batch, cond, noise, timesteps).mean()
+        seeds = [sample_seed(seed, "pretrain", step, k) for k in range(len(batch))]
+        return step_loss(pipe, scheduler, batch, cond, seeds).mean()
 
     # The learning rate, then a tenth of it for the last quarter: the base should be near converged, or
     # any further training (LiDB included) would lower the loss of every person alike.
@@ -255,43 +132,21 @@ def pretrain_base(pipe, latents: torch.Tensor, config: ToyConfig, seed: int, pro
         (config.pretrain_lr / 10, config.pretrain_steps - cooldown, config.pretrain_steps),
     )
     losses = []
-    for lr, start, end in phases:
-        train_config = TrainConfig(
-            steps=end, learning_rate=lr, weight_decay=0.01, progress=progress, description="pre-training the base UNet"
-        )
-        losses += train(list(pipe.unet.parameters()), loss_fn, train_config, start_step=start)
-    freeze(pipe.unet)
-    pipe.unet.eval()
+    with training_stage(pipe, None, "pre-training the base", "a smaller pretrain_batch"):
+        pipe.unet.requires_grad_(True)  # this stage trains the base itself; the scaffold freezes it again after
+        for lr, start, end in phases:
+            train_config = TrainConfig(
+                steps=end,
+                learning_rate=lr,
+                weight_decay=0.01,
+                progress=progress,
+                description="pre-training the base UNet",
+            )
+            losses += train(list(pipe.unet.parameters()), loss_fn, train_config, start_step=start)
     return losses
 
 
-@dataclass
-class Person:
-    """An identity with its renders: `photos` are what training (or personalisation) sees, `eval_renders` score it."""
-
-    identity: ToyIdentity
-    photos: list[Image.Image]
-    eval_renders: list[Image.Image]
-    extra_renders: list[Image.Image]  # held-out people only: what the upper bound trains on
-
-
-def sample_people(
-    seed: int, role: int, count: int, photos: int, eval_renders: int, prefix: str, extra_renders: int = 0
-) -> list[Person]:
-    """`count` people of one role (0 pre-training, 1 training, 2 test); person i depends on (seed, role, i) only."""
-    people = []
-    for index in range(count):
-        rng = np.random.default_rng([seed, role, index])
-        identity = random_identity(rng, f"{prefix}{index:03d}")
-        shots = [render(identity, rng) for _ in range(photos)]
-        evals = [render(identity, rng) for _ in range(eval_renders)]
-        people.append(Person(identity, shots, evals, [render(identity, rng) for _ in range(extra_renders)]))
-    return people
-
-
 def as_identities(people: list[Person]) -> list:
-    from hdb.identities import Identity
-
     return [Identity(p.identity.name, p.photos) for p in people]
 
 
@@ -299,8 +154,6 @@ def preoptimize_people(
     pipe, people: list[Person], out_dir: Path, config: ToyConfig, seed: int, progress: bool = True
 ) -> dict:
     """Stage 1: a LiDB per training identity, `preopt_group` identities at a time (LiDB's per-sample path)."""
-    from hdb.preoptimize import PreoptimizeConfig, preoptimize
-
     preopt_config = PreoptimizeConfig(
         steps=config.preopt_steps,
         group_size=config.preopt_group,
@@ -312,8 +165,6 @@ def preoptimize_people(
 
 
 def _progress(items, enabled: bool, description: str):
-    from tqdm.auto import tqdm
-
     return tqdm(items, desc=description, disable=not enabled, leave=False)
 
 
@@ -338,11 +189,8 @@ def eval_draws(pipe, person: Person, draws: int, seed: int) -> EvalDraws:
 @torch.no_grad()
 def heldout_loss(pipe, lidb, draws: EvalDraws, prompt: str) -> float:
     """Diffusion loss of the LiDB's current shared weights on the person's other renders."""
-    from hdb.diffusion import diffusion_loss, encode_prompts
-    from hdb.models import training_scheduler
-
     lidb.use_shared()
-    cond = encode_prompts(pipe, [prompt] * len(draws.latents))
+    cond = encode_prompts(pipe, [prompt]).expand(len(draws.latents))
     return (
         diffusion_loss(pipe, training_scheduler(pipe), draws.latents, cond, draws.noise, draws.timesteps).mean().item()
     )
@@ -379,13 +227,6 @@ def evaluate_methods(
     progress: bool = True,
 ) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Each method's held-out loss per test person, personalised from that person's one photo; and guard stops."""
-    from hdb.faces import AlignedFace
-    from hdb.lidb import LiDB
-    from hdb.personal_file import DEFAULT_INSTANCE_PROMPT
-    from hdb.personalize import PersonalizeConfig, personalize
-    from hdb.preoptimize import load_weights_dataset
-    from hdb.training import TrainingDiverged
-
     lidb = LiDB(pipe, hypernet.lidb_config)
     upper_bound = (
         load_weights_dataset(upper_bound_dir, lidb, [p.identity.name for p in test]) if upper_bound_dir else {}
@@ -451,10 +292,6 @@ def run_toy(
     Intermediate files (stage 1 weights, hypernetwork checkpoint, TensorBoard logs) go to out_dir/work,
     which is emptied first: a resumable stage must not pick up a previous run's state.
     """
-    from hdb.hypernet import HyperNetwork
-    from hdb.models import build_tiny_pipeline
-    from hdb.train_hypernet import HypernetTrainConfig, train_hypernetwork
-
     config = config or (QUICK if quick else ToyConfig())
     out, started = Path(out_dir), time.perf_counter()
     work = out / "work"
@@ -576,102 +413,3 @@ def summarise(scores: dict[str, list[float]], config: ToyConfig) -> dict:
             "people": len(v),
         }
     return summary
-
-
-def results_table(results: dict) -> str:
-    methods, n = results["methods"], results["methods"]["base"]["people"]
-    lines = [
-        f"Held-out diffusion loss on {results['config']['eval_renders']} other renders x {results['config']['eval_draws']} fixed "
-        f"noise/timestep draws per person, {n} held-out people, each personalised from one render (seed {results['seed']}"
-        f'{", quick" if results["quick"] else ""}). Lower is better; "beats" counts people.',
-        "",
-        f"| method | mean loss | vs base | beats base | beats zero init + {results['config']['finetune_steps']} steps | beats control (wrong photo) |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for name in ("base", "zero_ft", "zero_ft_long", "hyper_s1", "hyper", "hyper_ft", "hyper_wrong", "upper_bound"):
-        if name not in methods:
-            continue
-        m = methods[name]
-        lines.append(
-            f"| {m['label']} | {m['mean']:.5f} | {m['vs_base_pct']:+.2f}% | {m['beats_base']}/{n} | {m['beats_zero_ft']}/{n} | {m['beats_wrong_photo']}/{n} |"
-        )
-    if results["guard_stops"]:
-        lines += [
-            "",
-            f"train()'s divergence guard stopped these finetunes early (scored at their last good step): {results['guard_stops']}",
-        ]
-    t = results["timings_s"]
-    lines += [
-        "",
-        "Time (s): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in t.items())
-        + f"; {results['torch_threads']} torch thread(s).",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _smooth(values: list[float], window: int) -> np.ndarray:
-    window = max(1, min(window, len(values)))
-    return np.convolve(values, np.ones(window) / window, mode="valid")
-
-
-PLOT_LABELS = {
-    "zero_ft": "zero init\n+{finetune_steps} steps",
-    "zero_ft_long": "zero init\n+{long_finetune_steps} steps",
-    "hyper_s1": "hypernet\n(s=1)",
-    "hyper": "hypernet\n(s={iterations})",
-    "hyper_ft": "hypernet\n+{finetune_steps} steps",
-    "hyper_wrong": "control:\nwrong photo",
-    "upper_bound": "upper bound\n({upper_bound_renders} renders)",
-}
-
-
-def plot_losses(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.5]})
-    pretrain = results["losses"]["pretrain"]
-    axes[0].plot(_smooth(pretrain, 25))
-    axes[0].set(title="base UNet pre-training (diffusion loss, 25-step mean)", xlabel="step", ylabel="loss")
-    hyper = results["losses"]["hypernet"]
-    axes[1].plot(_smooth(hyper, 25), label="training: alpha*diffusion + beta*weight MSE")
-    axes[1].set(title="hypernetwork training (25-step mean)", xlabel="step", ylabel="loss")
-    axes[1].legend(fontsize=8)
-    methods = results["methods"]
-    names = [
-        n
-        for n in ("zero_ft", "zero_ft_long", "hyper_s1", "hyper", "hyper_ft", "hyper_wrong", "upper_bound")
-        if n in methods
-    ]
-    base = np.array(methods["base"]["per_person"])
-    for i, name in enumerate(names):
-        delta = 100 * (np.array(methods[name]["per_person"]) / base - 1)
-        axes[2].bar(
-            i,
-            delta.mean(),
-            color="C1" if name.startswith("hyper") else "C2" if name == "upper_bound" else "C0",
-            alpha=0.6,
-        )
-        axes[2].scatter(np.full(len(delta), i), delta, s=10, color="k", zorder=3)
-    axes[2].axhline(0, color="grey", linewidth=0.8)
-    axes[2].set_xticks(range(len(names)), [PLOT_LABELS[n].format(**results["config"]) for n in names], fontsize=7)
-    axes[2].set(title="held-out loss vs base model, per person (%)", ylabel="% change (lower is better)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def renders_sheet(train_people: list[Person], test_people: list[Person], zoom: int = 2) -> Image.Image:
-    """Rows = people: training people's photos, then held-out people's one photo followed by their eval renders."""
-    from diffusers.utils import make_image_grid
-
-    rows = [p.photos for p in train_people] + [p.photos + p.eval_renders for p in test_people]
-    columns = max(len(row) for row in rows)
-    blank = Image.new("RGB", rows[0][0].size, (255, 255, 255))  # pads the shorter rows
-    sheet = make_image_grid(
-        [tile for row in rows for tile in row + [blank] * (columns - len(row))], rows=len(rows), cols=columns
-    )
-    return sheet.resize((sheet.width * zoom, sheet.height * zoom), Image.NEAREST)

@@ -1,0 +1,110 @@
+"""Every option a user can set, with its default, written once: the library, the command line and the app read them here.
+
+Plain dataclasses and choice lists, importable in a blink (no torch, no diffusers), so `python -m hdb
+--help` is instant and every CLI default is the dataclass's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hdb.errors import HdbError
+
+OPTIMIZERS = ("adamw", "adamw8bit")  # torch's AdamW, bitsandbytes' 8-bit AdamW
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")  # the precision the base model runs in
+FILE_DTYPES = ("fp32", "fp16")  # what personal files and LoRA exports are written in
+MIXED_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # accelerate's choice -> the frozen base's dtype
+
+DEFAULT_INSTANCE_TOKEN = "sks person"  # a rare token + class noun; prompts name the person with "[V]"
+
+
+def instance_prompt_for(instance_token: str) -> str:
+    """The prompt a person is trained with (the paper's "a [V] face", in DreamBooth's usual wording)."""
+    return f"a photo of {instance_token}"
+
+
+DEFAULT_INSTANCE_PROMPT = instance_prompt_for(DEFAULT_INSTANCE_TOKEN)
+
+
+STEPS_WITH_HYPERNET = 40  # the paper's fast finetuning
+STEPS_FROM_ZERO = 200  # no prediction to start from: more steps
+
+
+@dataclass(frozen=True)
+class LiDBConfig:
+    """Shape of the personal weights. `a`, `b`: widths of the frozen aux bases; `rank`: the LoRA rank."""
+
+    rank: int = 1
+    a: int = 100
+    b: int = 50
+    seed: int = 0  # seeds the aux bases; weights only make sense with the seed they were made with
+
+    def __post_init__(self) -> None:
+        if min(self.rank, self.a, self.b) < 1:
+            raise HdbError(f"LiDB rank, a and b must be positive, got r={self.rank}, a={self.a}, b={self.b}")
+
+
+@dataclass
+class PersonalizeConfig:
+    steps: int | None = None  # None: 40 from a hypernetwork prediction, 200 from zero
+    relaxed_rank: int = 4  # rank of the fast-finetuned adapter (1 keeps the paper's r=1 file size)
+    learning_rate: float = 1e-3
+    optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    resolution: int | None = None  # None: the base model's native size (512 for SD1.5)
+    instance_token: str = DEFAULT_INSTANCE_TOKEN
+    lidb: LiDBConfig | None = None  # None: the hypernetwork's LiDB, else the default; a LiDB passed in must match
+    progress: bool = True
+
+
+@dataclass
+class PreoptimizeConfig:
+    steps: int = 300  # per group of identities
+    group_size: int = 4  # identities trained together, one batch element each
+    learning_rate: float = 5e-3
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    resolution: int | None = None
+    instance_token: str = DEFAULT_INSTANCE_TOKEN
+    lidb: LiDBConfig = field(default_factory=LiDBConfig)
+    progress: bool = True
+
+
+@dataclass
+class HypernetTrainConfig:
+    steps: int = 1000
+    batch_size: int = 4  # global: split across processes
+    learning_rate: float = 1e-4
+    alpha: float = 1.0  # diffusion loss weight
+    beta: float = 1.0  # weight-space L2 to the pre-optimised weights (0: diffusion loss alone)
+    accumulation_steps: int = 1
+    optimizer: str = "adamw"
+    mixed_precision: str = "no"  # one of MIXED_PRECISIONS (accelerate autocast)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    validate_every: int = 100
+    holdout: int = 1  # identities kept out of training for validation
+    sample_steps: int = 20  # sampling steps of the validation image (0: no image)
+    seed: int = 0
+    image_encoder: str = "tiny"  # hub id / local path of a vision model, or "tiny" (random, for tests)
+    width: int = 512
+    depth: int = 4
+    heads: int = 8
+    iterations: int = 4
+    resolution: int | None = None
+    instance_token: str = DEFAULT_INSTANCE_TOKEN
+    progress: bool = True
+
+
+@dataclass
+class BenchOptions:
+    device: str = "auto"
+    tiny: bool = False
+    steps: int = 40
+    baseline_steps: int = 50  # measured steps per baseline, then extrapolated
+    compile: bool = False
+    repeats: int = 3  # warm personalisations timed; the best is reported
+    baselines: bool = True
+    dtype: str = "auto"  # of the base model; "auto": bf16 on GPUs that have it, fp32 on CPU

@@ -1,0 +1,35 @@
+"""Where and in which precision the models run: device and dtype names as the command line and the app take them."""
+
+from __future__ import annotations
+
+import torch
+
+from hdb.config import DTYPE_CHOICES
+from hdb.errors import HdbError
+
+DTYPES = dict(zip(DTYPE_CHOICES[1:], (torch.float32, torch.float16, torch.bfloat16), strict=True))  # all but auto
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto'/None picks CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HdbError(f"--device {device} was asked for, but no CUDA GPU is available here; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' means bf16 on GPUs that have it (fp16 on older ones) and fp32 on a CPU.
+
+    bf16 has fp32's range, so training needs no loss scaling; half precision is slow on CPUs.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise HdbError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]

@@ -1,0 +1,86 @@
+"""The stage scaffold: how every training stage borrows a pipeline and gives it back as it found it.
+
+Pre-optimisation, hypernetwork training, fast finetuning and the bench all train through a shared
+pipeline. Inside `training_stage` the base weights are frozen, the UNet and text encoders are in
+train mode (gradient checkpointing only runs there), checkpointing is on when asked, and the LiDB
+starts with no gradients. On the way out, whether the stage finished, diverged or ran out of
+memory, all of that is put back, so the next user of the pipeline (the next visitor of the app,
+the next stage) starts clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from hdb.errors import HdbError
+from hdb.lidb import LiDB, text_encoders
+from hdb.models import Pipeline
+
+
+@contextmanager
+def training_stage(
+    pipe: Pipeline,
+    lidb: LiDB | None,
+    activity: str,
+    memory_options: str,
+    gradient_checkpointing: bool = False,
+    detach_after: bool = False,
+) -> Iterator[None]:
+    """Set `pipe` up to train through `lidb`; restore it on exit, and turn a GPU out-of-memory into one clear line.
+
+    `activity` names the stage in messages ("finetuning"); `memory_options` lists the options that lower
+    its memory. With `detach_after`, the stage's own LiDB is taken off the pipeline at the end. Without
+    a LiDB (the bench's baselines, the toy's base model) the stage unfreezes what it trains itself.
+    """
+    encoders = list(text_encoders(pipe).values())
+    trained = [pipe.unet, *encoders]
+    everything = [*trained, pipe.vae]
+    requires_grad = [(p, p.requires_grad) for module in everything for p in module.parameters()]
+    modes = [(module, module.training) for module in everything]
+    checkpointing = [(module, _is_checkpointing(module)) for module in trained]
+    try:
+        for module in everything:
+            module.requires_grad_(False)  # base weights never train; only what the stage hands to `train` does
+        if gradient_checkpointing:
+            for module in trained:
+                _set_checkpointing(module, True)
+        for module in trained:
+            module.train()  # gradient checkpointing only runs in train mode; SD has no dropout to mind
+        _clear_gradients(lidb)
+        yield
+    except torch.OutOfMemoryError:
+        raise HdbError(f"The GPU ran out of memory while {activity}. Lower memory with {memory_options}.") from None
+    finally:
+        _clear_gradients(lidb)
+        if lidb is not None:
+            lidb.use_shared()
+        for module, was_checkpointing in checkpointing:
+            if _is_checkpointing(module) != was_checkpointing:
+                _set_checkpointing(module, was_checkpointing)
+        for module, was_training in modes:
+            module.train(was_training)
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
+        if detach_after and lidb is not None:
+            lidb.detach()
+
+
+def _clear_gradients(lidb: LiDB | None) -> None:
+    for parameter in lidb.trainable_parameters() if lidb is not None else []:
+        parameter.grad = None
+
+
+def _is_checkpointing(module: torch.nn.Module) -> bool:
+    if hasattr(module, "is_activation_checkpointing"):  # transformers 5
+        return module.is_activation_checkpointing
+    return module.is_gradient_checkpointing  # diffusers
+
+
+def _set_checkpointing(module: torch.nn.Module, on: bool) -> None:
+    if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
+        module.enable_gradient_checkpointing() if on else module.disable_gradient_checkpointing()
+    else:  # transformers 5
+        module.activation_checkpointing_enable() if on else module.activation_checkpointing_disable()

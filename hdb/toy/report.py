@@ -1,0 +1,108 @@
+"""The toy's report: the results table, the loss plot (matplotlib, imported only here) and the renders sheet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from diffusers.utils import make_image_grid
+from PIL import Image
+
+from hdb.toy.world import Person
+
+
+def results_table(results: dict) -> str:
+    methods, n = results["methods"], results["methods"]["base"]["people"]
+    lines = [
+        f"Held-out diffusion loss on {results['config']['eval_renders']} other renders x {results['config']['eval_draws']} fixed "
+        f"noise/timestep draws per person, {n} held-out people, each personalised from one render (seed {results['seed']}"
+        f'{", quick" if results["quick"] else ""}). Lower is better; "beats" counts people.',
+        "",
+        f"| method | mean loss | vs base | beats base | beats zero init + {results['config']['finetune_steps']} steps | beats control (wrong photo) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ("base", "zero_ft", "zero_ft_long", "hyper_s1", "hyper", "hyper_ft", "hyper_wrong", "upper_bound"):
+        if name not in methods:
+            continue
+        m = methods[name]
+        lines.append(
+            f"| {m['label']} | {m['mean']:.5f} | {m['vs_base_pct']:+.2f}% | {m['beats_base']}/{n} | {m['beats_zero_ft']}/{n} | {m['beats_wrong_photo']}/{n} |"
+        )
+    if results["guard_stops"]:
+        lines += [
+            "",
+            f"train()'s divergence guard stopped these finetunes early (scored at their last good step): {results['guard_stops']}",
+        ]
+    t = results["timings_s"]
+    lines += [
+        "",
+        "Time (s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in t.items())
+        + f"; {results['torch_threads']} torch thread(s).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _smooth(values: list[float], window: int) -> np.ndarray:
+    window = max(1, min(window, len(values)))
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+PLOT_LABELS = {
+    "zero_ft": "zero init\n+{finetune_steps} steps",
+    "zero_ft_long": "zero init\n+{long_finetune_steps} steps",
+    "hyper_s1": "hypernet\n(s=1)",
+    "hyper": "hypernet\n(s={iterations})",
+    "hyper_ft": "hypernet\n+{finetune_steps} steps",
+    "hyper_wrong": "control:\nwrong photo",
+    "upper_bound": "upper bound\n({upper_bound_renders} renders)",
+}
+
+
+def plot_losses(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.5]})
+    pretrain = results["losses"]["pretrain"]
+    axes[0].plot(_smooth(pretrain, 25))
+    axes[0].set(title="base UNet pre-training (diffusion loss, 25-step mean)", xlabel="step", ylabel="loss")
+    hyper = results["losses"]["hypernet"]
+    axes[1].plot(_smooth(hyper, 25), label="training: alpha*diffusion + beta*weight MSE")
+    axes[1].set(title="hypernetwork training (25-step mean)", xlabel="step", ylabel="loss")
+    axes[1].legend(fontsize=8)
+    methods = results["methods"]
+    names = [
+        n
+        for n in ("zero_ft", "zero_ft_long", "hyper_s1", "hyper", "hyper_ft", "hyper_wrong", "upper_bound")
+        if n in methods
+    ]
+    base = np.array(methods["base"]["per_person"])
+    for i, name in enumerate(names):
+        delta = 100 * (np.array(methods[name]["per_person"]) / base - 1)
+        axes[2].bar(
+            i,
+            delta.mean(),
+            color="C1" if name.startswith("hyper") else "C2" if name == "upper_bound" else "C0",
+            alpha=0.6,
+        )
+        axes[2].scatter(np.full(len(delta), i), delta, s=10, color="k", zorder=3)
+    axes[2].axhline(0, color="grey", linewidth=0.8)
+    axes[2].set_xticks(range(len(names)), [PLOT_LABELS[n].format(**results["config"]) for n in names], fontsize=7)
+    axes[2].set(title="held-out loss vs base model, per person (%)", ylabel="% change (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def renders_sheet(train_people: list[Person], test_people: list[Person], zoom: int = 2) -> Image.Image:
+    """Rows = people: training people's photos, then held-out people's one photo followed by their eval renders."""
+    rows = [p.photos for p in train_people] + [p.photos + p.eval_renders for p in test_people]
+    columns = max(len(row) for row in rows)
+    blank = Image.new("RGB", rows[0][0].size, (255, 255, 255))  # pads the shorter rows
+    sheet = make_image_grid(
+        [tile for row in rows for tile in row + [blank] * (columns - len(row))], rows=len(rows), cols=columns
+    )
+    return sheet.resize((sheet.width * zoom, sheet.height * zoom), Image.NEAREST)
