@@ -15,8 +15,10 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
@@ -24,13 +26,18 @@ from hdb import DEFAULT_BASE, HdbError
 from hdb.config import DTYPE_CHOICES, OPTIMIZERS
 from hdb.styles import DEFAULT_NEGATIVE, EXAMPLE_PROMPTS, STYLE_PRESETS, expand_prompt
 
+if TYPE_CHECKING:
+    import numpy as np
+    from gradio.data_classes import ImageData
+    from PIL import Image
+
 try:  # ZeroGPU Spaces lend a GPU only inside functions marked with spaces.GPU; elsewhere a no-op
     import spaces
 
     gpu_task = spaces.GPU(duration=120)
 except ImportError:
 
-    def gpu_task(fn):
+    def gpu_task(fn: Callable) -> Callable:
         return fn
 
 
@@ -48,7 +55,7 @@ class PhotoInput(gr.Image):
 
     is_template = True  # the page renders it as a plain gr.Image
 
-    def preprocess(self, payload):
+    def preprocess(self, payload: ImageData | None) -> np.ndarray | Image.Image | str | None:
         try:
             return super().preprocess(payload)
         except Exception as error:  # Pillow's many error types: unidentified, truncated, decompression bomb
@@ -141,16 +148,16 @@ def forget(session: Session | None) -> None:
 # ----------------------------------------------------------------------------- event handlers
 
 
-def make_handlers(engine: Engine):
+def make_handlers(engine: Engine) -> tuple[Callable, Callable, Callable, Callable]:
+    from hdb.config import PersonalizeConfig
     from hdb.export import export_lora
     from hdb.faces import align_face, crop_size
     from hdb.generate import generate
-    from hdb.config import PersonalizeConfig
     from hdb.models import native_resolution
     from hdb.personal_file import apply_personal, check_compatible, load_personal, save_personal
     from hdb.personalize import personalize
 
-    def show_crop(photo: str | None):
+    def show_crop(photo: str | None) -> tuple:
         if not photo:
             return None, ""
         try:
@@ -161,8 +168,8 @@ def make_handlers(engine: Engine):
 
     @gpu_task
     def run_personalize(
-        photo: str | None, consent: bool, steps: float, session: Session | None, progress=gr.Progress()
-    ):
+        photo: str | None, consent: bool, steps: float, session: Session | None, progress: gr.Progress = gr.Progress()
+    ) -> Iterator[tuple]:
         session = session or Session()
         if not photo:
             raise gr.Error("Upload a photo of a face first (or pick an example).")
@@ -197,7 +204,7 @@ def make_handlers(engine: Engine):
         diffusers = export_lora(session.weights, session.folder / "person_lora_diffusers.safetensors", "diffusers")
         return [str(person), str(kohya), str(diffusers)]
 
-    def upload_person(file: str | None, session: Session | None):
+    def upload_person(file: str | None, session: Session | None) -> tuple:
         session = session or Session()
         if not file:
             return session, "", None
@@ -225,8 +232,8 @@ def make_handlers(engine: Engine):
         guidance: float,
         seed: float,
         count: float,
-        progress=gr.Progress(),
-    ):
+        progress: gr.Progress = gr.Progress(),
+    ) -> list[tuple]:
         if session is None or session.weights is None:
             raise gr.Error("Personalise a photo first (or upload a saved personal file).")
         try:

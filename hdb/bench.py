@@ -13,8 +13,10 @@ import json
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -29,6 +31,9 @@ from hdb.personal_file import PersonalWeights, save_personal
 from hdb.personalize import PersonalizeConfig, personalize
 from hdb.stage import training_stage
 from hdb.training import TrainConfig, train
+
+if TYPE_CHECKING:
+    from hdb.hypernet import HyperNetwork
 
 DREAMBOOTH_STEPS = 1200  # the paper's DreamBooth: 1,000-1,200 steps (~5 min)
 LORA_STEPS = 1000
@@ -51,7 +56,7 @@ def _peak_memory(device: torch.device, record: dict, key: str):
         record[key] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _timed(fn, device: torch.device) -> float:
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
     fn()
@@ -99,7 +104,7 @@ def _photo(size: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def bench_hdb(options: BenchOptions, pipe, lidb: LiDB, hypernet, device: torch.device) -> dict:
+def bench_hdb(options: BenchOptions, pipe: Pipeline, lidb: LiDB, hypernet: HyperNetwork, device: torch.device) -> dict:
     record: dict = {}
     face = AlignedFace.from_crop(_photo(native_resolution(pipe)))
     for _ in range(3):  # warm up the encoder kernels
@@ -122,7 +127,7 @@ def bench_hdb(options: BenchOptions, pipe, lidb: LiDB, hypernet, device: torch.d
         for _ in range(options.repeats):
             step_times.clear()
             totals.append(_timed(lambda: personalize(pipe, face, hypernet, config, lidb=lidb, on_step=on_step), device))
-    per_step = [b - a for a, b in zip(step_times, step_times[1:])]
+    per_step = [b - a for a, b in zip(step_times, step_times[1:], strict=False)]
     record["finetune_step_s"] = sorted(per_step)[len(per_step) // 2]
     record["personalization_s"] = min(totals)
     with tempfile.TemporaryDirectory() as folder:
@@ -232,16 +237,20 @@ def format_table(record: dict) -> str:
     ]
     if "lora_step_s" in record:
         lines += [
-            f"| DreamBooth-LoRA (peft r=4) | {record['lora_step_s'] * 1e3:.1f} ms | {LORA_STEPS} (extrapolated from {record['baseline_steps_measured']}) | "
+            f"| DreamBooth-LoRA (peft r=4) | {record['lora_step_s'] * 1e3:.1f} ms | {LORA_STEPS} "
+            f"(extrapolated from {record['baseline_steps_measured']}) | "
             f"{record['lora_total_s']:.1f} s | {record['lora_peak_memory_gib']:.2f} GiB |",
-            f"| DreamBooth (full UNet) | {record['dreambooth_step_s'] * 1e3:.1f} ms | {DREAMBOOTH_STEPS} (extrapolated from {record['baseline_steps_measured']}) | "
+            f"| DreamBooth (full UNet) | {record['dreambooth_step_s'] * 1e3:.1f} ms | {DREAMBOOTH_STEPS} "
+            f"(extrapolated from {record['baseline_steps_measured']}) | "
             f"{record['dreambooth_total_s']:.1f} s | {record['dreambooth_peak_memory_gib']:.2f} GiB |",
             "",
-            f"hdb is {record['speedup_vs_dreambooth']:.1f}x faster than DreamBooth and {record['speedup_vs_lora']:.1f}x faster than "
-            f"DreamBooth-LoRA; its r=1 file is {record['size_ratio_vs_dreambooth']:,.0f}x smaller than a fp16 DreamBooth UNet.",
+            f"hdb is {record['speedup_vs_dreambooth']:.1f}x faster than DreamBooth and "
+            f"{record['speedup_vs_lora']:.1f}x faster than DreamBooth-LoRA; "
+            f"its r=1 file is {record['size_ratio_vs_dreambooth']:,.0f}x smaller than a fp16 DreamBooth UNet.",
         ]
     lines += [
-        f"hypernetwork forward: {record['hypernet_forward_s'] * 1e3:.1f} ms; first personalisation (cold{', compiling' if record['compiled'] else ''}): "
+        f"hypernetwork forward: {record['hypernet_forward_s'] * 1e3:.1f} ms; "
+        f"first personalisation (cold{', compiling' if record['compiled'] else ''}): "
         f"{record['first_personalization_s']:.2f} s",
         f"personal file: r=1 {record['file_bytes_r1_fp32']:,} B fp32 ({record['personal_numbers_r1']:,} numbers); "
         f"relaxed r=4 {record['file_bytes_relaxed_fp32']:,} B fp32, {record['file_bytes_relaxed_fp16']:,} B fp16",

@@ -1,4 +1,4 @@
-"""Every option a user can set, with its default, written once: the library, the command line and the app read them here.
+"""Every option a user can set, with its default, written once: the library, the CLI and the app read it here.
 
 Plain dataclasses and choice lists, importable in a blink (no torch, no diffusers), so `python -m hdb
 --help` is instant and every CLI default is the dataclass's own.

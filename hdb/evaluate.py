@@ -14,8 +14,8 @@ person ~0.95), so Face Rec. numbers are not on the scale of the paper's face-rec
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,8 @@ from hdb.personal_file import PersonalWeights, apply_personal, load_personal
 from hdb.styles import PERSON, expand_prompt
 
 if TYPE_CHECKING:
+    from transformers.utils import ModelOutput
+
     from hdb.lidb import LiDB
     from hdb.models import Pipeline
 
@@ -36,7 +38,7 @@ COLUMNS = {"face_rec": "Face Rec.", "dino": "DINO", "clip_i": "CLIP-I", "clip_t"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def _cosine(a, b) -> float:
+def _cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     a, b = (torch.as_tensor(np.asarray(x, dtype=np.float32)).flatten() for x in (a, b))
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0).clamp(-1, 1))  # clamp: rounding can pass 1
 
@@ -66,7 +68,7 @@ def identity_matrix(images: dict[str, ImageSource]) -> dict[tuple[str, str], flo
     return {(a, b): _cosine(descriptors[a], descriptors[b]) for a in images for b in images if a != b}
 
 
-def _features(output) -> torch.Tensor:
+def _features(output: torch.Tensor | ModelOutput) -> torch.Tensor:
     # transformers 5 returns a model output (projected pooler_output) where 4.x returned the tensor
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
@@ -131,7 +133,8 @@ class Evaluator:
     def _dino_image(self, image: Image.Image) -> torch.Tensor:
         model, processor = self._dino_models()
         pixels = processor(images=image, return_tensors="pt").pixel_values.to(self.device)
-        # The CLS token of the last layer, as DreamBooth's DINO metric uses it (ViT's pooler is untrained in DINO checkpoints)
+        # The CLS token of the last layer, as DreamBooth's DINO metric uses it
+        # (ViT's pooler is untrained in DINO checkpoints)
         return model(pixel_values=pixels).last_hidden_state[0, 0].float().cpu()
 
     def reference(self, source: AlignedFace | ImageSource) -> Reference:

@@ -176,7 +176,7 @@ def detect_faces(source: ImageSource) -> list[Face]:
         if boxes:
             break
     faces = []
-    for box, score in zip(boxes, scores):
+    for box, score in zip(boxes, scores, strict=True):
         # Map the box back to full resolution, where landmarks are more precise.
         full_box = dlib.rectangle(*(round(v / scale) for v in (box.left(), box.top(), box.right(), box.bottom())))
         shape = predictor(full_array, full_box)

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 
 from hdb.errors import HdbError, from_hub_or_directory
-from hdb.lidb import LiDBConfig, start_A
+from hdb.lidb import LiDB, LiDBConfig, start_A
 
 CLIP_MEAN = (0.4815, 0.4578, 0.4082)
 CLIP_STD = (0.2686, 0.2613, 0.2758)
@@ -169,7 +169,9 @@ class HyperNetwork(nn.Module):
     # -- the LiDB it belongs to
 
     @classmethod
-    def for_lidb(cls, lidb, image_encoder: nn.Module, image_encoder_name: str, **config_overrides) -> HyperNetwork:
+    def for_lidb(
+        cls, lidb: LiDB, image_encoder: nn.Module, image_encoder_name: str, **config_overrides
+    ) -> HyperNetwork:
         """A fresh hypernetwork predicting weights for `lidb` (its layers, shapes and aux bases)."""
         values = dict(
             image_encoder=image_encoder_name,
@@ -188,7 +190,7 @@ class HyperNetwork(nn.Module):
         values.update(config_overrides)
         return cls(HyperNetworkConfig(**values), image_encoder)
 
-    def check_compatible(self, lidb) -> None:
+    def check_compatible(self, lidb: LiDB) -> None:
         """Raise HdbError if this hypernetwork's weights would mean nothing for `lidb`."""
         _check_compatible(self.config, lidb)
 
@@ -207,7 +209,7 @@ class HyperNetwork(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, lidb=None, device: str | torch.device | None = None
+        cls, directory: str | Path, lidb: LiDB | None = None, device: str | torch.device | None = None
     ) -> HyperNetwork:
         """Load what `save_pretrained` wrote; with `lidb`, first check that the weights are meant for it."""
         directory = Path(directory)
@@ -239,12 +241,13 @@ class HyperNetwork(nn.Module):
         return model.to(device).eval() if device is not None else model.eval()
 
 
-def _check_compatible(c: HyperNetworkConfig, lidb) -> None:
+def _check_compatible(c: HyperNetworkConfig, lidb: LiDB) -> None:
     lc = lidb.config  # most telling mismatch first: architecture, then shape, seed, bases
     layers, arch = len(lidb.layer_names), lidb.arch_fingerprint()
     if c.num_layers != layers or c.arch_fingerprint != arch:
         raise HdbError(
-            f"This hypernetwork was trained for a base with {c.num_layers} LiDB layers (fingerprint {c.arch_fingerprint}); "
+            f"This hypernetwork was trained for a base with {c.num_layers} LiDB layers "
+            f"(fingerprint {c.arch_fingerprint}); "
             f"the loaded base has {layers} (fingerprint {arch})"
         )
     if (c.a, c.b) != (lc.a, lc.b):  # the rank may differ: personalisation relaxes it anyway

@@ -61,7 +61,7 @@ def aux_bases(
 def lora_factors(
     A: torch.Tensor, B: torch.Tensor, A_aux: torch.Tensor, B_aux: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact LoRA of LiDB weights: (lora_A = A_train @ A_aux: [.., r, in], lora_B = B_aux @ B_train: [.., out, r])."""
+    """The exact LoRA of LiDB weights: lora_A = A_train @ A_aux [.., r, in], lora_B = B_aux @ B_train [.., out, r]."""
     return A.float() @ A_aux, B_aux @ B.float()
 
 
@@ -85,7 +85,7 @@ def aux_fingerprint(bases: Iterable[torch.Tensor]) -> str:
 
 
 def random_A(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """LoRA's init for the down factor, uniform in +-1/sqrt(a): with B = 0 the model is unchanged, yet gradients flow."""
+    """LoRA's init for the down factor, uniform in +-1/sqrt(a): with B = 0 the model is unchanged, gradients flow."""
     return (torch.rand(*shape, generator=generator) * 2 - 1) / math.sqrt(shape[-1])
 
 
@@ -161,7 +161,7 @@ class LiDBLinear(nn.Module):
 # ----------------------------------------------------------------------------- all layers of a pipeline
 
 
-def text_encoders(pipe) -> dict[str, nn.Module]:
+def text_encoders(pipe: Pipeline) -> dict[str, nn.Module]:
     """The pipeline's text encoders by component name (SDXL has two)."""
     names = ("text_encoder", "text_encoder_2")
     return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
@@ -223,8 +223,9 @@ class LiDB:
         have = self.config
         if (have.a, have.b, have.seed) != (wanted.a, wanted.b, wanted.seed):
             raise HdbError(
-                f"The pipeline's LiDB has a={have.a}, b={have.b}, aux seed {have.seed}, but a={wanted.a}, b={wanted.b}, "
-                f"aux seed {wanted.seed} was asked for; detach it and attach a LiDB of that shape"
+                f"The pipeline's LiDB has a={have.a}, b={have.b}, aux seed {have.seed}, but "
+                f"a={wanted.a}, b={wanted.b}, aux seed {wanted.seed} was asked for; "
+                "detach it and attach a LiDB of that shape"
             )
 
     # -- structure
@@ -271,7 +272,8 @@ class LiDB:
         expected_A, expected_B = tuple(self.A_train.shape), tuple(self.B_train.shape)
         if tuple(A.shape) != expected_A or tuple(B.shape) != expected_B:
             raise HdbError(
-                f"LiDB weights of shape {tuple(A.shape)}/{tuple(B.shape)} do not fit this model ({expected_A}/{expected_B})"
+                f"LiDB weights of shape {tuple(A.shape)}/{tuple(B.shape)} do not fit this model "
+                f"({expected_A}/{expected_B})"
             )
         self.A_train.copy_(A)
         self.B_train.copy_(B)

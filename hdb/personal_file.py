@@ -119,7 +119,8 @@ def load_personal(path: str | Path) -> PersonalWeights:
         )
     if metadata.get("format_version") != FORMAT_VERSION:
         raise HdbError(
-            f"{path} has personal-file format version {metadata.get('format_version')}; this hdb reads version {FORMAT_VERSION}"
+            f"{path} has personal-file format version {metadata.get('format_version')}; "
+            f"this hdb reads version {FORMAT_VERSION}"
         )
     try:
         config = LiDBConfig(
@@ -144,7 +145,8 @@ def load_personal(path: str | Path) -> PersonalWeights:
     expected_B = (len(names), config.b, config.rank)
     if tuple(weights.A.shape) != expected_A or tuple(weights.B.shape) != expected_B:
         raise HdbError(
-            f"{path}: tensor shapes {tuple(weights.A.shape)}/{tuple(weights.B.shape)} do not match its metadata {expected_A}/{expected_B}"
+            f"{path}: tensor shapes {tuple(weights.A.shape)}/{tuple(weights.B.shape)} "
+            f"do not match its metadata {expected_A}/{expected_B}"
         )
     if not (torch.isfinite(weights.A).all() and torch.isfinite(weights.B).all()):
         raise HdbError(f"{path} contains NaN or infinite weights")
@@ -161,8 +163,9 @@ def check_compatible(weights: PersonalWeights, lidb: LiDB, source: str = "person
         )
     if (weights.config.seed, weights.config.a, weights.config.b) != (lidb.config.seed, lidb.config.a, lidb.config.b):
         raise HdbError(
-            f"This {source} uses aux seed {weights.config.seed} (a={weights.config.a}, b={weights.config.b}); the model's LiDB "
-            f"uses seed {lidb.config.seed} (a={lidb.config.a}, b={lidb.config.b}): weights only work with their own aux bases"
+            f"This {source} uses aux seed {weights.config.seed} (a={weights.config.a}, b={weights.config.b}); "
+            f"the model's LiDB uses seed {lidb.config.seed} (a={lidb.config.a}, b={lidb.config.b}): "
+            "weights only work with their own aux bases"
         )
     if weights.aux_fingerprint != lidb.aux_fingerprint():
         raise HdbError(
@@ -200,10 +203,12 @@ def describe(path: str | Path) -> str:
         f"file:             {path} ({size:,} bytes, {_stored_dtype(path)})",
         f"format:           {FORMAT} v{FORMAT_VERSION}",
         f"base model:       {weights.base_model or '(unknown)'}  architecture fingerprint {weights.arch_fingerprint}",
-        f"LiDB:             r={config.rank} a={config.a} b={config.b} aux seed {config.seed} (fingerprint {weights.aux_fingerprint})",
+        f"LiDB:             r={config.rank} a={config.a} b={config.b} aux seed {config.seed} "
+        f"(fingerprint {weights.aux_fingerprint})",
         f"layers:           {len(weights.layer_names)} ({', '.join(f'{k}: {v}' for k, v in components.items())})",
         f"numbers:          {weights.num_numbers:,}",
-        f"instance prompt:  {weights.instance_prompt}   (prompts name the person with [V] = '{weights.instance_token}')",
+        f"instance prompt:  {weights.instance_prompt}   "
+        f"(prompts name the person with [V] = '{weights.instance_token}')",
         f"weight norms:     |A| {weights.A.norm():.4f}  |B| {weights.B.norm():.4f}",
     ]
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from hdb.config import MIXED_PRECISIONS, HypernetTrainConfig, LiDBConfig, instan
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.faces import crop_size
+from hdb.hypernet import HyperNetwork, build_tiny_image_encoder, load_image_encoder
 from hdb.identities import Identity, encode_identities, load_weights_dataset, resolve_identities
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, load_pipeline, native_resolution, training_scheduler
@@ -42,7 +43,7 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return out / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
 
 
-def _save_checkpoint(out: Path, step: int, hypernet, optimizer) -> None:
+def _save_checkpoint(out: Path, step: int, hypernet: HyperNetwork, optimizer: torch.optim.Optimizer) -> None:
     """Write checkpoint-<step> fully, then point `latest` at it: a kill never leaves a half checkpoint in use."""
     folder = out / "checkpoints"
     target, partial = folder / f"checkpoint-{step}", folder / f"checkpoint-{step}.partial"
@@ -59,9 +60,7 @@ def _save_checkpoint(out: Path, step: int, hypernet, optimizer) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None):
-    from hdb.hypernet import HyperNetwork, build_tiny_image_encoder, load_image_encoder
-
+def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None) -> HyperNetwork:
     if resume is not None:
         return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb)
     torch.manual_seed(config.seed)
@@ -121,7 +120,8 @@ def train_hypernetwork(
     )
     if len(identities) <= config.holdout:
         raise HdbError(
-            f"Need more than {config.holdout} usable identities (found {len(identities)}; {dict(skipped)} photos skipped)"
+            f"Need more than {config.holdout} usable identities "
+            f"(found {len(identities)}; {dict(skipped)} photos skipped)"
         )
     latents = encode_identities(pipe, identities, resolution)
     held_ids, held_latents = identities[: config.holdout], latents[: config.holdout]

@@ -206,7 +206,7 @@ class _StepOnItsWay:
         return self.numbers.tolist()
 
 
-# ----------------------------------------------------------------------------- optimizer checkpoints (safetensors, no pickles)
+# ----------------------------------------------------------------------------- optimizer checkpoints (safetensors)
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: str | Path) -> None:

@@ -23,7 +23,7 @@ def forward(pipe, prompts=PROMPTS, seed=0):
     return cond, predict_noise(pipe, latents, timesteps, cond)
 
 
-def trained_person(pipe, seed: int = 0, config: LiDBConfig = LiDBConfig()) -> LiDB:
+def trained_person(pipe, seed: int = 0, config: LiDBConfig | None = None) -> LiDB:
     """Attach LiDB with random non-zero weights, standing in for a trained person."""
     lidb = LiDB(pipe, config)
     generator = torch.Generator().manual_seed(seed)
@@ -51,3 +51,18 @@ def assert_one_line_error(result, *fragments):
     assert len(error_lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in error_lines[0]
+
+
+class FailingUNet:
+    """Makes the UNet's next forward pass fail: NaN output, or a (simulated) CUDA out-of-memory."""
+
+    def __init__(self, pipe, failure: str) -> None:
+        self.failure = failure
+        self.handle = pipe.unet.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output):
+        self.handle.remove()  # one failure, then the model is healthy again
+        if self.failure == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        output.sample = output.sample * float("nan")
+        return output

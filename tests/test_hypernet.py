@@ -107,7 +107,7 @@ def test_save_load_roundtrip_and_compatibility(tiny_sd15, tiny_sdxl, tmp_path):
     hypernet.save_pretrained(tmp_path / "hn")
     loaded = HyperNetwork.from_pretrained(tmp_path / "hn", lidb=lidb)
     assert loaded.lidb_config == lidb.config
-    for before, after in zip(hypernet.predict(face()), loaded.predict(face())):
+    for before, after in zip(hypernet.predict(face()), loaded.predict(face()), strict=True):
         assert torch.equal(before, after)
 
     with pytest.raises(HdbError, match="LiDB layers.*fingerprint"):

@@ -187,7 +187,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(per_sample):
 
     plain = lidb_gradients(build_tiny_pipeline("sd15"), checkpointing=False, per_sample=per_sample)
     checkpointed = lidb_gradients(build_tiny_pipeline("sd15"), checkpointing=True, per_sample=per_sample)
-    for g_plain, g_checkpointed in zip(plain, checkpointed):
+    for g_plain, g_checkpointed in zip(plain, checkpointed, strict=True):
         assert g_plain.abs().sum() > 0
         torch.testing.assert_close(g_checkpointed, g_plain, atol=1e-6, rtol=1e-5)
 

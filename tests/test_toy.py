@@ -1,4 +1,4 @@
-"""The toy experiment (`python -m hdb toy --quick`): synthetic people, every stage through hdb's own code, held-out losses."""
+"""The toy experiment (`python -m hdb toy --quick`): synthetic people, every stage through hdb, held-out losses."""
 
 import json
 

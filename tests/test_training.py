@@ -6,12 +6,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ASSETS, assert_one_line_error
+from helpers import ASSETS, FailingUNet, assert_one_line_error
 from helpers import hdb_cli as hdb
 from PIL import ImageOps
 from safetensors.torch import load_file
@@ -136,7 +135,7 @@ def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_fold
     assert result.stdout.count("on 2 process(es)") == 1  # summary from the main process only
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
     assert [r["step"] for r in two] == [0, 1, 2, 3]  # written once, not once per process
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4
     checkpoints = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-3", "latest"]
@@ -149,31 +148,41 @@ def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_fold
         torch.testing.assert_close(final_two[key], final_one[key], atol=1e-5, rtol=1e-4)
 
 
+# Runs `hdb train` in a process that kills itself (SIGKILL: no cleanup) right after the checkpoint of a
+# given step is written: a kill at a known point, not a race with a polling loop.
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+import hdb.train_hypernet as stage
+
+save, kill_after = stage._save_checkpoint, int(sys.argv[1])
+
+def save_then_die(out, step, *args):
+    save(out, step, *args)
+    if step == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+stage._save_checkpoint = save_then_die
+from hdb.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_resume_after_a_kill_continues_the_same_loss_curve(preoptimized, identity_folder, tiny_sd15_dir, tmp_path):
     weights, _ = preoptimized
     hdb(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "straight", steps=8))
+    args = map(str, train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "killed", steps=8))
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    args = [
-        sys.executable,
-        "-m",
-        "hdb",
-        *map(str, train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "killed", steps=8)),
-    ]
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_run = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, "3", *args], env=env, capture_output=True, timeout=300
+    )
+    assert killed_run.returncode == -signal.SIGKILL, killed_run.stderr[-2000:]
     latest = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not latest.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert latest.exists(), "no checkpoint was written before the kill"
-    checkpoint_step = json.loads((latest.parent / latest.read_text() / "state.json").read_text())["step"]
-    assert checkpoint_step < 7, "the run finished before it could be killed"
+    assert latest.read_text() == "checkpoint-3"
     resumed = hdb(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "killed", steps=8)).stdout
-    assert f"steps {checkpoint_step + 1}..7" in resumed
+    assert "steps 4..7" in resumed
     straight, killed = logged(tmp_path / "straight"), logged(tmp_path / "killed")
     assert [r["step"] for r in killed] == list(range(8))
-    for a, b in zip(straight, killed):
+    for a, b in zip(straight, killed, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
 
 
@@ -303,21 +312,6 @@ def pipeline_state(pipe):
         "requires_grad": {name: [p.requires_grad for p in m.parameters()] for name, m in modules.items()},
         "lidb_layers": len(find_target_linears({"unet": pipe.unet, "text_encoder": pipe.text_encoder})),
     }
-
-
-class FailingUNet:
-    """Makes the UNet's next forward pass fail: NaN output, or a (simulated) CUDA out-of-memory."""
-
-    def __init__(self, pipe, failure: str) -> None:
-        self.failure = failure
-        self.handle = pipe.unet.register_forward_hook(self.hook)
-
-    def hook(self, module, inputs, output):
-        self.handle.remove()  # one failure, then the model is healthy again
-        if self.failure == "oom":
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        output.sample = output.sample * float("nan")
-        return output
 
 
 @pytest.mark.parametrize("failure", ["nan", "oom"])

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ from hdb.train_hypernet import train_hypernetwork
 from hdb.training import TrainConfig, TrainingDiverged, train
 
 GENERIC_PROMPT = "a photo of a person"
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,13 +94,13 @@ QUICK = ToyConfig(
 )
 
 
-def _encode(pipe, images: list[Image.Image], chunk: int = 64) -> torch.Tensor:
+def _encode(pipe: Pipeline, images: list[Image.Image], chunk: int = 64) -> torch.Tensor:
     return torch.cat(
         [encode_images(pipe, to_pixels(images[i : i + chunk])) for i in range(0, len(images), chunk)]
     ).float()
 
 
-def calibrate_latents(pipe, images: list[Image.Image]) -> tuple[torch.Tensor, float]:
+def calibrate_latents(pipe: Pipeline, images: list[Image.Image]) -> tuple[torch.Tensor, float]:
     """Set the VAE's scaling factor so latents have unit standard deviation (SD's recipe for 0.18215).
 
     The tiny VAE is random: with SD's factor its latents have std ~0.04, so at almost every timestep
@@ -151,7 +154,7 @@ def as_identities(people: list[Person]) -> list:
 
 
 def preoptimize_people(
-    pipe, people: list[Person], out_dir: Path, config: ToyConfig, seed: int, progress: bool = True
+    pipe: Pipeline, people: list[Person], out_dir: Path, config: ToyConfig, seed: int, progress: bool = True
 ) -> dict:
     """Stage 1: a LiDB per training identity, `preopt_group` identities at a time (LiDB's per-sample path)."""
     preopt_config = PreoptimizeConfig(
@@ -164,7 +167,7 @@ def preoptimize_people(
     return preoptimize(pipe, as_identities(people), out_dir, preopt_config)["losses"]
 
 
-def _progress(items, enabled: bool, description: str):
+def _progress(items: Iterable[T], enabled: bool, description: str) -> tqdm[T]:
     return tqdm(items, desc=description, disable=not enabled, leave=False)
 
 
@@ -177,7 +180,7 @@ class EvalDraws:
     timesteps: torch.Tensor
 
 
-def eval_draws(pipe, person: Person, draws: int, seed: int) -> EvalDraws:
+def eval_draws(pipe: Pipeline, person: Person, draws: int, seed: int) -> EvalDraws:
     generator = torch.Generator().manual_seed(seed)
     latents = _encode(pipe, person.eval_renders).repeat_interleave(draws, dim=0)
     # evenly spaced timesteps with a random phase per render: every noise level counts, as in training
@@ -187,7 +190,7 @@ def eval_draws(pipe, person: Person, draws: int, seed: int) -> EvalDraws:
 
 
 @torch.no_grad()
-def heldout_loss(pipe, lidb, draws: EvalDraws, prompt: str) -> float:
+def heldout_loss(pipe: Pipeline, lidb: LiDB, draws: EvalDraws, prompt: str) -> float:
     """Diffusion loss of the LiDB's current shared weights on the person's other renders."""
     lidb.use_shared()
     cond = encode_prompts(pipe, [prompt]).expand(len(draws.latents))
@@ -217,9 +220,9 @@ def method_labels(config: ToyConfig) -> dict[str, str]:
 
 
 def evaluate_methods(
-    pipe,
-    hypernet,
-    hypernet_s1,
+    pipe: Pipeline,
+    hypernet: HyperNetwork,
+    hypernet_s1: HyperNetwork | None,
     upper_bound_dir: Path | None,
     test: list[Person],
     config: ToyConfig,
@@ -237,7 +240,7 @@ def evaluate_methods(
         if net is not None:
             net.eval()
 
-    def finetune(name: str, face, net, steps: int) -> None:
+    def finetune(name: str, face: AlignedFace, net: HyperNetwork | None, steps: int) -> None:
         ft = PersonalizeConfig(steps=steps, learning_rate=config.finetune_lr, seed=seed, progress=False)
         try:
             personalize(pipe, face, net, ft, lidb=lidb)
@@ -248,7 +251,7 @@ def evaluate_methods(
         draws = eval_draws(pipe, person, config.eval_draws, seed * 7919 + k)
         photo, face = person.photos[0], AlignedFace.from_crop(person.photos[0])  # a render is already an aligned crop
 
-        def score(name: str) -> None:
+        def score(name: str, draws: EvalDraws = draws) -> None:
             scores[name].append(heldout_loss(pipe, lidb, draws, DEFAULT_INSTANCE_PROMPT))
 
         lidb.start_from(*lidb.initial_weights())  # B = 0: the base model

@@ -14,11 +14,13 @@ from hdb.toy.world import Person
 def results_table(results: dict) -> str:
     methods, n = results["methods"], results["methods"]["base"]["people"]
     lines = [
-        f"Held-out diffusion loss on {results['config']['eval_renders']} other renders x {results['config']['eval_draws']} fixed "
-        f"noise/timestep draws per person, {n} held-out people, each personalised from one render (seed {results['seed']}"
+        f"Held-out diffusion loss on {results['config']['eval_renders']} other renders x "
+        f"{results['config']['eval_draws']} fixed noise/timestep draws per person, {n} held-out people, "
+        f"each personalised from one render (seed {results['seed']}"
         f'{", quick" if results["quick"] else ""}). Lower is better; "beats" counts people.',
         "",
-        f"| method | mean loss | vs base | beats base | beats zero init + {results['config']['finetune_steps']} steps | beats control (wrong photo) |",
+        f"| method | mean loss | vs base | beats base | beats zero init + {results['config']['finetune_steps']} steps "
+        "| beats control (wrong photo) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name in ("base", "zero_ft", "zero_ft_long", "hyper_s1", "hyper", "hyper_ft", "hyper_wrong", "upper_bound"):
@@ -26,12 +28,14 @@ def results_table(results: dict) -> str:
             continue
         m = methods[name]
         lines.append(
-            f"| {m['label']} | {m['mean']:.5f} | {m['vs_base_pct']:+.2f}% | {m['beats_base']}/{n} | {m['beats_zero_ft']}/{n} | {m['beats_wrong_photo']}/{n} |"
+            f"| {m['label']} | {m['mean']:.5f} | {m['vs_base_pct']:+.2f}% | {m['beats_base']}/{n} "
+            f"| {m['beats_zero_ft']}/{n} | {m['beats_wrong_photo']}/{n} |"
         )
     if results["guard_stops"]:
         lines += [
             "",
-            f"train()'s divergence guard stopped these finetunes early (scored at their last good step): {results['guard_stops']}",
+            "train()'s divergence guard stopped these finetunes early (scored at their last good step): "
+            f"{results['guard_stops']}",
         ]
     t = results["timings_s"]
     lines += [

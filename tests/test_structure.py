@@ -1,0 +1,109 @@
+"""The architecture as tests: a layered, acyclic import graph; every CLI default is its config's default."""
+
+import ast
+import inspect
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from hdb.cli import build_parser, config_from_args
+from hdb.config import BenchOptions, HypernetTrainConfig, LiDBConfig, PersonalizeConfig, PreoptimizeConfig
+
+PACKAGE = Path(__file__).resolve().parent.parent / "hdb"
+
+
+def hdb_imports() -> dict[str, set[str]]:
+    """module -> the hdb modules it imports, anywhere in the file (function-level imports included)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hdb"):
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names if alias.name.startswith("hdb")}
+        graph[module] = imported - {module}
+    return graph
+
+
+def test_the_import_graph_is_acyclic():
+    graph = hdb_imports()
+    done, active = set(), []
+
+    def visit(module: str) -> None:
+        if module in active:
+            raise AssertionError(f"import cycle: {' -> '.join(active[active.index(module) :] + [module])}")
+        if module in done:
+            return
+        active.append(module)
+        for dependency in graph.get(module, ()):
+            visit(dependency)
+        active.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)
+
+
+def test_the_library_does_not_reach_up_into_the_commands_or_the_toy():
+    graph = hdb_imports()
+    top = {"hdb.cli", "hdb.__main__", "hdb.bench"} | {m for m in graph if m.startswith("hdb.toy")}
+    for module, imported in graph.items():
+        if module not in top:
+            assert not imported & top, f"{module} imports {imported & top}"
+    # stages import shared code, never another stage
+    stages = {"hdb.personalize", "hdb.preoptimize", "hdb.train_hypernet"}
+    for stage in stages:
+        assert not graph[stage] & (stages - {stage}), f"{stage} imports {graph[stage] & stages}"
+
+
+def test_plotting_and_heavy_libraries_stay_out_of_the_light_modules():
+    sources = {path.relative_to(PACKAGE).as_posix(): path.read_text() for path in PACKAGE.rglob("*.py")}
+    assert [name for name, text in sources.items() if "matplotlib" in text] == ["toy/report.py"]
+    for light in ("config.py", "errors.py", "cli.py"):  # `python -m hdb --help` must not wait for torch
+        tree = ast.parse(sources[light])
+        top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        names = [n.module if isinstance(n, ast.ImportFrom) else n.names[0].name for n in top_level]
+        assert not [n for n in names if n and n.split(".")[0] in ("torch", "diffusers", "transformers")], light
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    ("argv", "config", "overrides"),
+    [
+        (["personalize", "me.jpg", "-o", "me.safetensors"], PersonalizeConfig, {}),
+        (["preoptimize", "--images", "i", "--out", "o"], PreoptimizeConfig, {}),
+        (["train", "--images", "i", "--out", "o"], HypernetTrainConfig, {}),
+        (["bench"], BenchOptions, {}),
+    ],
+)
+def test_cli_defaults_are_the_config_defaults(argv, config, overrides):
+    args = parse(*argv)
+    assert config_from_args(config, args) == config(**overrides)
+    shared = [f.name for f in fields(config) if hasattr(args, f.name)]
+    assert len(shared) >= 5, shared  # the options really come from the dataclass
+
+
+def test_cli_options_reach_the_config():
+    args = parse("personalize", "me.jpg", "-o", "x", "--rank", "2", "--lr", "0.01", "--optimizer", "adamw8bit")
+    assert config_from_args(PersonalizeConfig, args) == PersonalizeConfig(
+        relaxed_rank=2, learning_rate=0.01, optimizer="adamw8bit"
+    )
+    assert parse("preoptimize", "--images", "i", "--out", "o").rank == LiDBConfig().rank
+    assert parse("bench", "--no-baselines").baselines is False
+    assert parse("train", "--images", "i", "--out", "o").base == parse("personalize", "p", "-o", "x").base
+
+
+def test_generate_defaults_match_the_function():
+    from hdb.generate import generate
+
+    args = parse("generate", "--person", "p", "--prompt", "[V]", "-o", "x.png")
+    signature = inspect.signature(generate).parameters
+    for option, parameter in [("steps", "steps"), ("guidance", "guidance"), ("seed", "seed"),
+                              ("num_images", "num_images"), ("strength", "identity_strength")]:  # fmt: skip
+        assert getattr(args, option) == signature[parameter].default, option
