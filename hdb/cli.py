@@ -20,8 +20,10 @@ from hdb import DEFAULT_BASE
 from hdb.config import (
     DTYPE_CHOICES,
     FILE_DTYPES,
+    LORA_FORMATS,
     MIXED_PRECISIONS,
     OPTIMIZERS,
+    TINY_ARCHS,
     BenchOptions,
     HypernetTrainConfig,
     LiDBConfig,
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight pipeline (offline tests and demos)")
     tiny.add_argument("out_dir", type=Path)
-    tiny.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    tiny.add_argument("--arch", choices=TINY_ARCHS, default=TINY_ARCHS[0])
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=cmd_tiny_model)
 
@@ -290,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a personal file as a standard LoRA (diffusers or kohya keys)")
     export.add_argument("file", type=Path)
-    export.add_argument("--format", choices=["diffusers", "kohya"], default="diffusers")
+    export.add_argument("--format", choices=LORA_FORMATS, default=LORA_FORMATS[0])
     export.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors file")
     export.add_argument("--dtype", choices=FILE_DTYPES, default=FILE_DTYPES[0])
     export.set_defaults(run=cmd_export)

@@ -13,6 +13,8 @@ from hdb.errors import HdbError
 OPTIMIZERS = ("adamw", "adamw8bit")  # torch's AdamW, bitsandbytes' 8-bit AdamW
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")  # the precision the base model runs in
 FILE_DTYPES = ("fp32", "fp16")  # what personal files and LoRA exports are written in
+LORA_FORMATS = ("diffusers", "kohya")  # diffusers/peft keys; kohya keys (AUTOMATIC1111, ComfyUI)
+TINY_ARCHS = ("sd15", "sdxl")  # the tiny random pipelines hdb builds for offline tries and tests
 MIXED_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # accelerate's choice -> the frozen base's dtype
 
 DEFAULT_INSTANCE_TOKEN = "sks person"  # a rare token + class noun; prompts name the person with "[V]"

@@ -13,11 +13,11 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
+from hdb.config import LORA_FORMATS
 from hdb.errors import HdbError
 from hdb.lidb import aux_bases, aux_fingerprint, lora_factors
 from hdb.personal_file import PersonalWeights
 
-FORMATS = ("diffusers", "kohya")
 KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 
 
@@ -54,8 +54,8 @@ def export_lora(
     weights: PersonalWeights, path: str | Path, format: str = "diffusers", dtype: torch.dtype = torch.float32
 ) -> Path:
     """Write the person's LoRA to `path` (a .safetensors file) in the chosen key format."""
-    if format not in FORMATS:
-        raise HdbError(f"Unknown LoRA format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format not in LORA_FORMATS:
+        raise HdbError(f"Unknown LoRA format {format!r}; choose one of {', '.join(LORA_FORMATS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     factors = {

@@ -23,6 +23,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from hdb import DEFAULT_BASE
+from hdb.config import TINY_ARCHS
 from hdb.devices import resolve_device, resolve_dtype
 from hdb.errors import HdbError, from_hub_or_directory
 
@@ -117,8 +118,8 @@ def _tiny_unet(sdxl: bool) -> UNet2DConditionModel:
 
 def build_tiny_pipeline(arch: str = "sd15", seed: int = 0) -> Pipeline:
     """A randomly initialised pipeline of the given family, built offline in under a second."""
-    if arch not in ("sd15", "sdxl"):
-        raise HdbError(f"Unknown tiny architecture {arch!r}; choose sd15 or sdxl")
+    if arch not in TINY_ARCHS:
+        raise HdbError(f"Unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
     # SD1.5's own scheduler settings: scaled-linear betas, 1000 steps.

@@ -47,7 +47,10 @@ def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(os.urandom(300))
     assert_one_line_error(hdb("info", tmp_path / "junk.safetensors", check=False), "truncated or corrupt")
     assert_one_line_error(hdb("info", tmp_path / "nope.safetensors", check=False), "not found")
-    assert_one_line_error(hdb("export", tmp_path / "junk.safetensors", "-o", tmp_path / "x.safetensors", check=False))
+    assert_one_line_error(
+        hdb("export", tmp_path / "junk.safetensors", "-o", tmp_path / "x.safetensors", check=False),
+        "truncated or corrupt",
+    )
 
 
 def test_resolve_dtype_refuses_unknown_names():

@@ -93,7 +93,7 @@ def test_cli_bad_inputs_end_with_one_line_errors(tiny_sd15_dir, tmp_path):
     base = ["--base", tiny_sd15_dir, "-o", tmp_path / "p.safetensors", "--steps", "1"]
     assert_one_line_error(hdb("personalize", tmp_path / "notes.jpg", *base, check=False), "not an image")
     assert_one_line_error(hdb("personalize", ASSETS / "landscape.jpg", *base, check=False), "No face")
-    assert_one_line_error(hdb("personalize", tmp_path / "missing.jpg", *base, check=False))
+    assert_one_line_error(hdb("personalize", tmp_path / "missing.jpg", *base, check=False), "Image file not found")
     assert_one_line_error(
         hdb(
             "personalize",
@@ -116,7 +116,8 @@ def test_cli_bad_inputs_end_with_one_line_errors(tiny_sd15_dir, tmp_path):
             "--hypernet",
             tmp_path / "nohypernet",
             check=False,
-        )
+        ),
+        "is not a saved hypernetwork",
     )
     gen = ["generate", "--base", tiny_sd15_dir, "--prompt", "[V]", "-o", tmp_path / "x.png"]
     assert_one_line_error(hdb(*gen, "--person", tmp_path / "junk.safetensors", check=False), "truncated or corrupt")
