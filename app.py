@@ -347,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(description="hdb demo (Gradio)")
     parser.add_argument("--base", default=env("HDB_BASE", DEFAULT_BASE), help="base model: hub id or local directory")
-    parser.add_argument("--hypernet", default=env("HDB_HYPERNET"), help="hypernetwork checkpoint directory")
+    parser.add_argument("--hypernet", default=env("HDB_HYPERNET"), help="trained hypernetwork: hub id or directory")
     parser.add_argument("--device", default=env("HDB_DEVICE", "auto"))
     parser.add_argument("--dtype", default=env("HDB_DTYPE", "auto"), choices=DTYPE_CHOICES)
     parser.add_argument("--optimizer", default=env("HDB_OPTIMIZER", OPTIMIZERS[0]), choices=OPTIMIZERS)

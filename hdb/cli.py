@@ -239,6 +239,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_push(args: argparse.Namespace) -> None:
+    from hdb.hub import push_to_hub
+
+    evaluation = args.eval.read_text() if args.eval else None
+    url = push_to_hub(args.hypernet, args.repo_id, evaluation, private=args.private)
+    print(f"uploaded {args.hypernet} with its model card to {url}")
+
+
 def cmd_toy(args: argparse.Namespace) -> None:
     if args.threads:
         import torch
@@ -300,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     person = sub.add_parser("personalize", help="personalise from one face photo -> personal weights file")
     person.add_argument("photo", type=Path)
     _add_model_options(person)
-    person.add_argument("--hypernet", type=Path, help="hypernetwork checkpoint directory (optional)")
+    person.add_argument("--hypernet", help="trained hypernetwork: hub id or directory (optional)")
     person.add_argument("-o", "--output", type=Path, required=True, help="personal .safetensors file to write")
     P = PersonalizeConfig
     config_option(person, "--steps", P, type=int, help="finetune steps (default 40 with --hypernet, 200 without)")
@@ -376,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(tr, "--iterations", H, help="refinement iterations s")
     config_option(tr, "--resolution", H, type=int)
     tr.set_defaults(run=cmd_train)
+
+    push = sub.add_parser("push", help="upload a trained hypernetwork to the Hugging Face Hub, with a model card")
+    push.add_argument("hypernet", type=Path, help="the trained hypernetwork directory (OUT/hypernet from `train`)")
+    push.add_argument("repo_id", help="owner/name on the hub")
+    push.add_argument("--eval", type=Path, help="table.md from `hdb eval`, for the card's evaluation section")
+    push.add_argument("--private", action="store_true")
+    push.set_defaults(run=cmd_push)
 
     toy = sub.add_parser(
         "toy", help="small-scale proof that it learns: synthetic faces, all stages, held-out loss table (CPU)"

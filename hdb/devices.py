@@ -1,4 +1,4 @@
-"""Where and in which precision the models run: device and dtype names as the command line and the app take them."""
+"""Where and in which precision the models run: device and dtype names as the CLI and the app take them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from hdb.config import DTYPE_CHOICES
 from hdb.errors import HdbError
 
+NATIVE_BF16 = (8, 0)  # compute capability from which GPUs compute bf16 natively (A100, RTX 30xx, L4, ...)
 DTYPES = dict(zip(DTYPE_CHOICES[1:], (torch.float32, torch.float16, torch.bfloat16), strict=True))  # all but auto
 
 
@@ -20,16 +21,18 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' means bf16 on GPUs that have it (fp16 on older ones) and fp32 on a CPU.
+    """'auto' means bf16 on GPUs that compute it natively (Ampere and newer), fp16 on older ones, fp32 on a CPU.
 
-    bf16 has fp32's range, so training needs no loss scaling; half precision is slow on CPUs.
+    bf16 has fp32's range, so training needs no loss scaling; half precision is slow on CPUs. Not
+    `torch.cuda.is_bf16_supported()`: it counts emulation, and says yes on a T4 (sm_75), where bf16 has
+    no fast kernels and runs several times slower than fp16.
     """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= NATIVE_BF16 else torch.float16
     if dtype not in DTYPES:
         raise HdbError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]

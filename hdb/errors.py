@@ -26,8 +26,14 @@ def from_hub_or_directory(kind: str, name: str, loader: Callable[[str], T], pass
     try:
         return loader(str(local) if local.exists() else name)
     except (OSError, ValueError) as error:  # offline, unknown or malformed hub id, incomplete directory
+        if (
+            local.exists()
+        ):  # e.g. a weights file missing, or only pickled .bin weights (never loaded: they can run code)
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise HdbError(f"Could not load {kind} from directory {name}: {first_line}") from None
         raise HdbError(
             f"Could not load {kind} {name!r}: it is not a complete local directory and could not be fetched from the "
             f"Hugging Face Hub ({type(error).__name__}). On a connected machine run "
-            f"`huggingface-cli download {name} --local-dir DIR`, then pass {pass_as}."
+            f"`hf download {name} --local-dir DIR`, then pass {pass_as}. To try hdb offline: "
+            "`python -m hdb tiny-model tiny` and --base tiny (the demo: python app.py --tiny)."
         ) from None

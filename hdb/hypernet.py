@@ -33,6 +33,7 @@ CLIP_MEAN = (0.4815, 0.4578, 0.4082)
 CLIP_STD = (0.2686, 0.2613, 0.2758)
 NO_GRADIENT = ("k_proj.bias", "attention.key.bias", "mask_token")  # CLIP/SigLIP, ViT/DINOv2 names
 CONFIG_FILE, WEIGHTS_FILE, ENCODER_DIR = "config.json", "hypernet.safetensors", "image_encoder"
+TRAINING_FILE = "training.json"  # how it was trained, written by stage 2 (read by the model card)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class HyperNetworkConfig:
     arch_fingerprint: str = ""
     aux_fingerprint: str = ""
     layer_names: list[str] = field(default_factory=list)
+    base_model: str = ""  # hub id or path of the base it was trained with (informational; the fingerprints decide)
 
 
 def load_image_encoder(name_or_path: str) -> nn.Module:
@@ -183,6 +185,7 @@ class HyperNetwork(nn.Module):
             arch_fingerprint=lidb.arch_fingerprint(),
             aux_fingerprint=lidb.aux_fingerprint(),
             layer_names=list(lidb.layer_names),
+            base_model=str(getattr(lidb.pipe, "name_or_path", "") or ""),
         )
         image_size = _encoder_setting(image_encoder, "image_size")
         if image_size is not None:
@@ -209,10 +212,13 @@ class HyperNetwork(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, lidb: LiDB | None = None, device: str | torch.device | None = None
+        cls, name_or_path: str | Path, lidb: LiDB | None = None, device: str | torch.device | None = None
     ) -> HyperNetwork:
-        """Load what `save_pretrained` wrote; with `lidb`, first check that the weights are meant for it."""
-        directory = Path(directory)
+        """Load what `save_pretrained` wrote, from a directory or a hub id ("owner/name", see `hdb.hub`).
+
+        With `lidb`, first check that the weights are meant for it.
+        """
+        directory = hypernet_directory(name_or_path)
         if not (directory / CONFIG_FILE).is_file():
             raise HdbError(f"{directory} is not a saved hypernetwork (no {CONFIG_FILE})")
         try:
@@ -239,6 +245,16 @@ class HyperNetwork(nn.Module):
             raise HdbError(f"{directory / WEIGHTS_FILE} does not match its config (first differences: {wrong})")
         model.load_state_dict(state, strict=False)  # strict on our part (checked above); the encoder is loaded
         return model.to(device).eval() if device is not None else model.eval()
+
+
+def hypernet_directory(name_or_path: str | Path) -> Path:
+    """A local directory as it is; a hub id downloaded (or found in the hub cache), with one clear error offline."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(from_hub_or_directory("hypernetwork", str(name_or_path), snapshot_download, "--hypernet DIR"))
 
 
 def _check_compatible(c: HyperNetworkConfig, lidb: LiDB) -> None:

@@ -33,15 +33,31 @@ Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline  # what hdb means
 
 
 def load_pipeline(base: str = DEFAULT_BASE, dtype: str | torch.dtype = "auto", device: str | None = "auto") -> Pipeline:
-    """Load a Stable Diffusion pipeline from a hub id or a local directory, on `device` in `dtype`."""
+    """Load a Stable Diffusion pipeline from a hub id or a local directory, on `device` in `dtype`.
+
+    Weights come from safetensors files only (pickled .bin weights can run code). In half precision the
+    base's fp16 variant is loaded where it has one: half the download (SD1.5: ~2 GB instead of ~4 GB).
+    """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     local = Path(base).expanduser()
     if local.exists() and not (local / "model_index.json").is_file():
         raise HdbError(f"{base} is not a diffusers pipeline directory (it has no model_index.json)")
-    pipe = from_hub_or_directory(
-        "base model", base, lambda path: DiffusionPipeline.from_pretrained(path, dtype=torch_dtype), "--base DIR"
-    )
+    if local.exists() and not any(local.rglob("*.safetensors")):
+        raise HdbError(
+            f"{base} holds no .safetensors weights; hdb does not load pickled .bin weights (they can run code)"
+        )
+
+    def load(path: str) -> DiffusionPipeline:
+        if torch_dtype in (torch.float16, torch.bfloat16):
+            try:
+                return DiffusionPipeline.from_pretrained(path, dtype=torch_dtype, variant="fp16", use_safetensors=True)
+            except ValueError as error:  # the base has no fp16 variant: its full-precision files, cast
+                if "variant" not in str(error):
+                    raise
+        return DiffusionPipeline.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+
+    pipe = from_hub_or_directory("base model", base, load, "--base DIR")
     if not isinstance(pipe, SUPPORTED):
         raise HdbError(f"{base} is a {type(pipe).__name__}; hdb supports Stable Diffusion 1.x/2.x and SDXL pipelines")
     pipe.set_progress_bar_config(disable=True)

@@ -25,7 +25,7 @@ from hdb.config import MIXED_PRECISIONS, HypernetTrainConfig, LiDBConfig, instan
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.faces import crop_size
-from hdb.hypernet import HyperNetwork, build_tiny_image_encoder, load_image_encoder
+from hdb.hypernet import TRAINING_FILE, HyperNetwork, build_tiny_image_encoder, load_image_encoder
 from hdb.identities import Identity, encode_identities, load_weights_dataset, resolve_identities
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, load_pipeline, native_resolution, training_scheduler
@@ -250,6 +250,16 @@ def train_hypernetwork(
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(out / "hypernet")
+            training = {  # what the model card (hdb.hub) says about how it was trained
+                "config": {k: v for k, v in asdict(config).items() if k != "progress"},
+                "steps_run": config.steps,
+                "identities": len(train_ids),
+                "held_out": [i.name for i in held_ids],
+                "images": str(images) if isinstance(images, (str, Path)) else "identities given in Python",
+                "processes": accelerator.num_processes,
+                "final_validation_loss": history["validation"][-1][1] if history["validation"] else None,
+            }
+            (out / "hypernet" / TRAINING_FILE).write_text(json.dumps(training, indent=1))
         accelerator.end_training()
     return {
         "main_process": accelerator.is_main_process,

@@ -27,10 +27,22 @@ def test_tiny_model_is_loaded_by_the_real_loader(tmp_path):
 
 
 def test_offline_hub_id_gives_a_clear_error():
-    with pytest.raises(HdbError, match="--base DIR"):
+    with pytest.raises(HdbError, match="`hf download stable-diffusion-v1-5/.*--base DIR.*tiny-model"):
         load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cpu")
     with pytest.raises(HdbError, match="model_index.json"):
         load_pipeline(os.path.dirname(__file__), device="cpu")
+
+
+def test_half_precision_loads_the_fp16_variant_and_pickles_are_refused(tiny_sd15, tmp_path):
+    tiny_sd15.save_pretrained(tmp_path / "fp16_only", variant="fp16")  # as SD1.5's fp16 files, alone
+    for dtype in ("fp16", "bf16"):
+        pipe = load_pipeline(str(tmp_path / "fp16_only"), dtype=dtype, device="cpu")
+        assert pipe.unet.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    tiny_sd15.save_pretrained(tmp_path / "plain")  # no fp16 variant: the full-precision files, cast
+    assert load_pipeline(str(tmp_path / "plain"), dtype="fp16", device="cpu").unet.dtype == torch.float16
+    tiny_sd15.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    with pytest.raises(HdbError, match="no file named diffusion_pytorch_model.safetensors"):
+        load_pipeline(str(tmp_path / "pickled"), dtype="fp32", device="cpu")
 
 
 def test_info_and_export_through_the_cli(tiny_sd15, tmp_path):
@@ -59,3 +71,16 @@ def test_resolve_dtype_refuses_unknown_names():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     with pytest.raises(HdbError, match="Unknown dtype"):
         resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_auto_dtype_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
+    from hdb.devices import resolve_dtype
+
+    cuda = torch.device("cuda")
+    for capability, expected in [((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16),
+                                 ((8, 9), torch.bfloat16), ((9, 0), torch.bfloat16)]:  # fmt: skip
+        # T4 (sm_75) and V100 (sm_70) emulate bf16 slowly; A100, L4 and H100 have it
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # what a T4 says too
+        assert resolve_dtype("auto", cuda) == expected, capability
+    assert resolve_dtype("fp16", cuda) == torch.float16  # an explicit choice stands

@@ -117,7 +117,7 @@ def test_cli_bad_inputs_end_with_one_line_errors(tiny_sd15_dir, tmp_path):
             tmp_path / "nohypernet",
             check=False,
         ),
-        "is not a saved hypernetwork",
+        "Hypernetwork directory",
     )
     gen = ["generate", "--base", tiny_sd15_dir, "--prompt", "[V]", "-o", tmp_path / "x.png"]
     assert_one_line_error(hdb(*gen, "--person", tmp_path / "junk.safetensors", check=False), "truncated or corrupt")

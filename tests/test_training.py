@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from hdb.config import LiDBConfig, PersonalizeConfig, PreoptimizeConfig
 from hdb.diffusion import draw_noise, sample_seed
 from hdb.errors import HdbError
+from hdb.hub import model_card
 from hdb.lidb import LiDB, find_target_linears
 from hdb.models import build_tiny_pipeline
 from hdb.personal_file import load_personal
@@ -142,6 +143,8 @@ def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_fold
     samples = sorted(p.name for p in (tmp_path / "two" / "samples").iterdir())  # validation images of a held-out face
     assert samples == ["step-000001.png", "step-000003.png"]
     assert list((tmp_path / "two").glob("hdb/events.out.tfevents.*"))  # TensorBoard log
+    card = model_card(tmp_path / "two" / "hypernet")  # what `hdb push` would publish, from the run's training.json
+    assert "4 steps on 3 identities" in card and "2 process(es)" in card and "held out for validation: " in card
     final_one = load_file(str(tmp_path / "one" / "hypernet" / "hypernet.safetensors"))
     final_two = load_file(str(tmp_path / "two" / "hypernet" / "hypernet.safetensors"))
     for key in final_one:

@@ -1,0 +1,54 @@
+"""hdb as users install it: one dependency list in three files, and a real (non-editable) install that works."""
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from helpers import ASSETS
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_TOOLS = {"pytest", "ruff", "gradio-client", "playwright", "papermill", "nbclient", "ipykernel", "setuptools"}
+
+
+def names(requirements: list[str]) -> set[str]:
+    """Package names of requirement lines, normalised as pip does (case, '_' vs '-')."""
+    found = set()
+    for line in requirements:
+        line = line.split("#")[0].strip()
+        if line:
+            found.add(re.split(r"[<>=!~\[; ]", line)[0].lower().replace("_", "-"))
+    return found
+
+
+def test_the_three_dependency_lists_name_the_same_packages():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = names(project["dependencies"])
+    space = names((ROOT / "requirements.txt").read_text().splitlines())
+    pinned = names((ROOT / "requirements-dev.txt").read_text().splitlines())
+    assert space == declared
+    assert pinned - TEST_TOOLS == declared
+    assert "torch" in declared and project["requires-python"] == ">=3.11"
+    assert project["scripts"]["hdb"] == "hdb.cli:main"
+
+
+def test_a_clone_installs_and_runs_outside_the_checkout(tmp_path):
+    clone, target, work = tmp_path / "clone", tmp_path / "site", tmp_path / "elsewhere"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{ROOT}", str(clone)], check=True)
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target"]
+    subprocess.run([*install, str(target), str(clone)], check=True, capture_output=True)
+    assert (target / "hdb" / "clip_tokenizer" / "vocab.json").is_file()  # package data came along
+    work.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1")  # the installed copy, not the checkout
+
+    def hdb(*args: str) -> str:
+        result = subprocess.run([str(target / "bin" / "hdb"), *args], cwd=work, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    assert "personalize" in hdb("--help")
+    hdb("tiny-model", "tiny")
+    out = hdb("personalize", str(ASSETS / "obama.jpg"), "--base", "tiny", "-o", "me.safetensors", "--steps", "2")
+    assert "personal file: me.safetensors" in out and (work / "me.safetensors").is_file()
