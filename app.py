@@ -31,14 +31,22 @@ if TYPE_CHECKING:
     from gradio.data_classes import ImageData
     from PIL import Image
 
-try:  # ZeroGPU Spaces lend a GPU only inside functions marked with spaces.GPU; elsewhere a no-op
-    import spaces
+# ZeroGPU lends a GPU only inside functions marked with spaces.GPU, charges a visitor's daily quota by the
+# duration a call *asks* for, and stops a call that runs past it. So each GPU function asks for what its
+# work needs: seconds per unit of work at 512 px, estimated from hdb's H200 measurements (docs/BENCHMARKS.md:
+# 0.24 s an eager fp16 finetune step, 1.13 s a 25-step image) with a margin for a shared GPU slice.
+GPU_SECONDS = {"setup": 10.0, "finetune_step": 0.35, "image_step": 0.08}
+MAX_GPU_SECONDS = 180  # what one call may ask for at most; the sliders' limits are set so their work fits
+MAX_FINETUNE_STEPS, MAX_SAMPLING_STEPS, MAX_IMAGES = 400, 100, 4
 
-    gpu_task = spaces.GPU(duration=120)
-except ImportError:
 
-    def gpu_task(fn: Callable) -> Callable:
-        return fn
+def gpu_task(duration: Callable[..., float]) -> Callable[[Callable], Callable]:
+    """spaces.GPU asking for `duration(*inputs)` seconds on ZeroGPU; elsewhere the function as it is."""
+    try:
+        import spaces  # on Spaces only; effect-free outside ZeroGPU
+    except ImportError:
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
 
 
 ASSETS = Path(__file__).parent / "assets"
@@ -124,6 +132,28 @@ class Engine:
     def device_name(self) -> str:
         return str(self.pipe.unet.device)
 
+    @property
+    def pixel_scale(self) -> float:
+        """Work per step relative to 512 px (SDXL's 1024 px: 4x)."""
+        from hdb.models import native_resolution
+
+        return (native_resolution(self.pipe) / 512) ** 2
+
+    def personalize_seconds(self, steps: int) -> float:
+        """GPU seconds to ask for: measured speed on a dedicated GPU, the estimate elsewhere (ZeroGPU forks)."""
+        per_step = self.seconds_per_step or GPU_SECONDS["finetune_step"] * self.pixel_scale
+        return min(GPU_SECONDS["setup"] + steps * per_step, MAX_GPU_SECONDS)
+
+    def generate_seconds(self, steps: int, images: int) -> float:
+        per_step = GPU_SECONDS["image_step"] * self.pixel_scale
+        return min(GPU_SECONDS["setup"] / 2 + images * steps * per_step, MAX_GPU_SECONDS)
+
+    @property
+    def max_finetune_steps(self) -> int:
+        """The slider's limit: as many steps as fit in one call's GPU time (400 at 512 px)."""
+        per_step = GPU_SECONDS["finetune_step"] * self.pixel_scale
+        return min(MAX_FINETUNE_STEPS, int((MAX_GPU_SECONDS - GPU_SECONDS["setup"]) / per_step))
+
     def estimate(self, steps: int) -> str:
         if self.seconds_per_step is None:
             return f"{steps} finetune steps on {self.device_name}"
@@ -166,7 +196,26 @@ def make_handlers(engine: Engine) -> tuple[Callable, Callable, Callable, Callabl
             raise gr.Error(str(error)) from None
         return face.image, face.note or "Face found and aligned."
 
-    @gpu_task
+    # ZeroGPU calls these with the same inputs as the function they size
+    def personalize_duration(photo: str | None, consent: bool, steps: float, *rest: object, **_: object) -> float:
+        return engine.personalize_seconds(int(steps) or engine.default_steps)
+
+    def generate_duration(
+        session: Session | None,
+        prompt: str,
+        style: str,
+        negative: str,
+        strength: float,
+        steps: float,
+        guidance: float,
+        seed: float,
+        count: float,
+        *rest: object,
+        **_: object,
+    ) -> float:
+        return engine.generate_seconds(int(steps), int(count))
+
+    @gpu_task(personalize_duration)
     def run_personalize(
         photo: str | None, consent: bool, steps: float, session: Session | None, progress: gr.Progress = gr.Progress()
     ) -> Iterator[tuple]:
@@ -221,7 +270,7 @@ def make_handlers(engine: Engine) -> tuple[Callable, Callable, Callable, Callabl
             save_files(session),
         )
 
-    @gpu_task
+    @gpu_task(generate_duration)
     def run_generate(
         session: Session | None,
         prompt: str,
@@ -291,7 +340,11 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 consent = gr.Checkbox(label="I have the right to use this photo", elem_id="consent")
                 with gr.Accordion("Personalisation options", open=False):
                     steps = gr.Slider(
-                        0, 400, value=0, step=1, label="Finetune steps (0: 40 with a hypernetwork, 200 without)"
+                        0,
+                        engine.max_finetune_steps,
+                        value=0,
+                        step=1,
+                        label="Finetune steps (0: 40 with a hypernetwork, 200 without)",
                     )
                 personalize_button = gr.Button("Personalise", variant="primary", elem_id="personalize")
                 saved = gr.File(
@@ -313,10 +366,10 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 with gr.Accordion("Generation options", open=False):
                     negative = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE)
                     strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Identity strength")
-                    gen_steps = gr.Slider(1, 100, value=25, step=1, label="Sampling steps")
+                    gen_steps = gr.Slider(1, MAX_SAMPLING_STEPS, value=25, step=1, label="Sampling steps")
                     guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
                     seed = gr.Number(value=0, precision=0, label="Seed")
-                    count = gr.Slider(1, 4, value=2, step=1, label="Images")
+                    count = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="Images")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(label="Gallery", columns=2, elem_id="gallery")
 

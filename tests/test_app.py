@@ -3,8 +3,11 @@
 import os
 import shutil
 import socket
+import sys
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -167,3 +170,30 @@ def test_a_failed_visitor_does_not_break_the_next_one(app_url, engine, lone_pict
         personalize(Client(app_url, verbose=False), ASSETS / "obama.jpg")
     pictures = lone_visit(app_url, "grace_hopper.jpg")
     assert all(np.array_equal(a, b) for a, b in zip(pictures, lone_pictures["grace_hopper.jpg"], strict=True))
+
+
+def test_zerogpu_asks_for_the_time_each_call_needs(engine, monkeypatch):
+    import app
+
+    asked = []
+    stand_in = types.ModuleType("spaces")  # what the Space's `spaces` package offers: GPU(duration=callable)
+    stand_in.GPU = lambda duration: asked.append(duration) or (lambda fn: fn)
+    monkeypatch.setitem(sys.modules, "spaces", stand_in)
+    app.make_handlers(engine)
+    personalize_duration, generate_duration = asked
+    monkeypatch.setattr(engine, "seconds_per_step", None)  # on ZeroGPU the forked worker's timing never comes back
+    per_step = app.GPU_SECONDS["finetune_step"] * engine.pixel_scale
+    assert personalize_duration("face.jpg", True, 40, None) == pytest.approx(app.GPU_SECONDS["setup"] + 40 * per_step)
+    assert personalize_duration("face.jpg", True, 0, None) > personalize_duration("face.jpg", True, 40, None)  # 200
+    four = generate_duration(None, "[V]", "None", "", 1.0, 25, 7.5, 0, 4)
+    assert four > generate_duration(None, "[V]", "None", "", 1.0, 25, 7.5, 0, 1) > 0
+    # at SD1.5's and SDXL's sizes, the most the sliders allow still fits in what one call may ask for
+    for scale in (1.0, 4.0):
+        base = SimpleNamespace(seconds_per_step=None, pixel_scale=scale)
+        most_steps = app.Engine.max_finetune_steps.fget(base)
+        assert most_steps == (400 if scale == 1.0 else 121)
+        needed = app.GPU_SECONDS["setup"] + most_steps * app.GPU_SECONDS["finetune_step"] * scale
+        assert needed <= app.MAX_GPU_SECONDS
+        assert app.Engine.personalize_seconds(base, most_steps) == pytest.approx(needed)
+        images = app.Engine.generate_seconds(base, app.MAX_SAMPLING_STEPS, app.MAX_IMAGES)
+        assert images < app.MAX_GPU_SECONDS

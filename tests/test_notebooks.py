@@ -1,5 +1,6 @@
 """The Colab notebooks: committed without outputs, and executed end to end on the tiny pipeline, offline."""
 
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -22,12 +23,20 @@ def test_notebooks_are_committed_clean():
         assert "colab.research.google.com" in notebook.cells[0].source  # the "Open in Colab" badge
         code = [cell for cell in notebook.cells if cell.cell_type == "code"]
         assert all(cell.outputs == [] and cell.execution_count is None for cell in code), f"{path.name} has outputs"
-        assert any("parameters" in cell.metadata.get("tags", []) for cell in code)
+        parameters = next(cell for cell in code if "parameters" in cell.metadata.get("tags", []))
+        assert "HDB_SOURCE" in parameters.source  # the one place the install source is set
+        assert notebook.metadata["colab"]["gpuType"] == "T4"
+        assert not any("git clone" in cell.source or "requirements.txt" in cell.source for cell in code)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_offline_on_the_tiny_pipeline(path, tmp_path):
-    parameters = dict(TINY_PARAMETERS[path.name], OUT=str(tmp_path / "out"))
+    # the tutorial's install cell, run for real: pip installs this checkout (into a folder of the test's own,
+    # without dependencies or downloads), as it installs the git URL on Colab
+    site, source = tmp_path / "site", tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__"))
+    source = f"--no-deps --no-build-isolation --target {site} {source}"
+    parameters = dict(TINY_PARAMETERS[path.name], OUT=str(tmp_path / "out"), INSTALL=True, HDB_SOURCE=source)
     executed = tmp_path / path.name
     papermill.execute_notebook(
         str(path),
@@ -43,3 +52,4 @@ def test_notebook_runs_offline_on_the_tiny_pipeline(path, tmp_path):
     assert not errors
     images = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the notebook shows pictures"
+    assert (site / "hdb" / "cli.py").is_file() and (site / "hdb" / "clip_tokenizer" / "vocab.json").is_file()
