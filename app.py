@@ -10,6 +10,7 @@ HDB_OPTIMIZER, HDB_TINY), which is how a Hugging Face Space sets them.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shutil
 import tempfile
@@ -40,13 +41,22 @@ MAX_GPU_SECONDS = 180  # what one call may ask for at most; the sliders' limits 
 MAX_FINETUNE_STEPS, MAX_SAMPLING_STEPS, MAX_IMAGES = 400, 100, 4
 
 
-def gpu_task(duration: Callable[..., float]) -> Callable[[Callable], Callable]:
-    """spaces.GPU asking for `duration(*inputs)` seconds on ZeroGPU; elsewhere the function as it is."""
+def gpu_task(duration: Callable[[dict], float]) -> Callable[[Callable], Callable]:
+    """spaces.GPU asking for `duration(the call's inputs by name)` seconds on ZeroGPU; elsewhere a no-op."""
     try:
         import spaces  # on Spaces only; effect-free outside ZeroGPU
     except ImportError:
         return lambda fn: fn
-    return spaces.GPU(duration=duration)
+
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        def seconds(*args: object, **kwargs: object) -> float:  # ZeroGPU calls it with the function's inputs
+            return duration(signature.bind_partial(*args, **kwargs).arguments)
+
+        return spaces.GPU(duration=seconds)(fn)
+
+    return decorate
 
 
 ASSETS = Path(__file__).parent / "assets"
@@ -196,26 +206,7 @@ def make_handlers(engine: Engine) -> tuple[Callable, Callable, Callable, Callabl
             raise gr.Error(str(error)) from None
         return face.image, face.note or "Face found and aligned."
 
-    # ZeroGPU calls these with the same inputs as the function they size
-    def personalize_duration(photo: str | None, consent: bool, steps: float, *rest: object, **_: object) -> float:
-        return engine.personalize_seconds(int(steps) or engine.default_steps)
-
-    def generate_duration(
-        session: Session | None,
-        prompt: str,
-        style: str,
-        negative: str,
-        strength: float,
-        steps: float,
-        guidance: float,
-        seed: float,
-        count: float,
-        *rest: object,
-        **_: object,
-    ) -> float:
-        return engine.generate_seconds(int(steps), int(count))
-
-    @gpu_task(personalize_duration)
+    @gpu_task(lambda inputs: engine.personalize_seconds(int(inputs["steps"]) or engine.default_steps))
     def run_personalize(
         photo: str | None, consent: bool, steps: float, session: Session | None, progress: gr.Progress = gr.Progress()
     ) -> Iterator[tuple]:
@@ -270,7 +261,7 @@ def make_handlers(engine: Engine) -> tuple[Callable, Callable, Callable, Callabl
             save_files(session),
         )
 
-    @gpu_task(generate_duration)
+    @gpu_task(lambda inputs: engine.generate_seconds(int(inputs["steps"]), int(inputs["count"])))
     def run_generate(
         session: Session | None,
         prompt: str,

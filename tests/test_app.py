@@ -177,7 +177,7 @@ def test_zerogpu_asks_for_the_time_each_call_needs(engine, monkeypatch):
 
     asked = []
     stand_in = types.ModuleType("spaces")  # what the Space's `spaces` package offers: GPU(duration=callable)
-    stand_in.GPU = lambda duration: asked.append(duration) or (lambda fn: fn)
+    stand_in.GPU = lambda duration: asked.append(duration) or (lambda fn: fn)  # called with the inputs, as ZeroGPU
     monkeypatch.setitem(sys.modules, "spaces", stand_in)
     app.make_handlers(engine)
     personalize_duration, generate_duration = asked

@@ -107,3 +107,10 @@ def test_generate_defaults_match_the_function():
     for option, parameter in [("steps", "steps"), ("guidance", "guidance"), ("seed", "seed"),
                               ("num_images", "num_images"), ("strength", "identity_strength")]:  # fmt: skip
         assert getattr(args, option) == signature[parameter].default, option
+
+
+def test_push_is_wired():
+    from hdb.cli import cmd_push
+
+    args = parse("push", "run/hypernet/hypernet", "someone/hdb-hypernet", "--private")
+    assert args.run is cmd_push and args.repo_id == "someone/hdb-hypernet" and args.private and args.eval is None
