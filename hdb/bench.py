@@ -110,6 +110,7 @@ def bench_hdb(options: BenchOptions, pipe: Pipeline, lidb: LiDB, hypernet: Hyper
     for _ in range(3):  # warm up the encoder kernels
         hypernet.predict(face.image)
     record["hypernet_forward_s"] = min(_timed(lambda: hypernet.predict(face.image), device) for _ in range(5))
+    record.update(bench_generation(options, pipe, lidb, device))  # eager, before anything is compiled
     if options.compile:
         pipe.unet.compile(mode="reduce-overhead")
         for encoder in [pipe.text_encoder]:
@@ -140,6 +141,27 @@ def bench_hdb(options: BenchOptions, pipe: Pipeline, lidb: LiDB, hypernet: Hyper
         rank1.A, rank1.B = rank1.A[:, :1].contiguous(), rank1.B[:, :, :1].contiguous()
         record["file_bytes_r1_fp32"] = save_personal(rank1, Path(folder) / "r1.safetensors").stat().st_size
     record["personal_numbers_r1"] = len(lidb.layers) * (lidb.config.a + lidb.config.b)
+    return record
+
+
+def bench_generation(options: BenchOptions, pipe: Pipeline, lidb: LiDB, device: torch.device) -> dict:
+    """One image of `generate_steps` sampling steps: the base model, the person merged, the person unmerged."""
+    from hdb.generate import generate
+
+    steps = options.generate_steps
+
+    def seconds(strength: float, merge: bool) -> float:
+        def run() -> None:
+            generate(pipe, lidb, DEFAULT_INSTANCE_PROMPT, steps=steps, identity_strength=strength, merge=merge)
+
+        run()  # warm-up
+        return min(_timed(run, device) for _ in range(options.repeats))
+
+    record = {"generate_steps": options.generate_steps}
+    record["generate_base_s"] = seconds(0.0, merge=False)  # scale 0: the LiDB layers pass straight through
+    record["generate_person_merged_s"] = seconds(1.0, merge=True)
+    record["generate_person_unmerged_s"] = seconds(1.0, merge=False)
+    record["merge_memory_gib"] = lidb.merged_bytes() / 2**30
     return record
 
 
@@ -248,7 +270,11 @@ def format_table(record: dict) -> str:
             f"{record['speedup_vs_lora']:.1f}x faster than DreamBooth-LoRA; "
             f"its r=1 file is {record['size_ratio_vs_dreambooth']:,.0f}x smaller than a fp16 DreamBooth UNet.",
         ]
+    base, merged, unmerged = (record[f"generate_{k}_s"] for k in ("base", "person_merged", "person_unmerged"))
     lines += [
+        f"one image, {record['generate_steps']} sampling steps: base model {base:.2f} s; with the person merged "
+        f"{merged:.2f} s ({merged / base - 1:+.0%}), unmerged {unmerged:.2f} s ({unmerged / base - 1:+.0%}); "
+        f"merging holds {record['merge_memory_gib']:.2f} GiB of original weights",
         f"hypernetwork forward: {record['hypernet_forward_s'] * 1e3:.1f} ms; "
         f"first personalisation (cold{', compiling' if record['compiled'] else ''}): "
         f"{record['first_personalization_s']:.2f} s",

@@ -107,6 +107,7 @@ class BenchOptions:
     steps: int = 40
     baseline_steps: int = 50  # measured steps per baseline, then extrapolated
     compile: bool = False
-    repeats: int = 3  # warm personalisations timed; the best is reported
+    repeats: int = 3  # warm personalisations (and generations) timed; the best is reported
+    generate_steps: int = 25  # sampling steps of the timed generations
     baselines: bool = True
     dtype: str = "auto"  # of the base model; "auto": bf16 on GPUs that have it, fp32 on CPU

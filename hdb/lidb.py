@@ -121,6 +121,7 @@ class LiDBLinear(nn.Module):
         self.register_buffer("A_aux", A_aux.to(device), persistent=False)
         self.register_buffer("B_aux", B_aux.to(device), persistent=False)
         self.merged = False
+        self.original: torch.Tensor | None = None  # the base weight while merged (see `merge`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -147,14 +148,22 @@ class LiDBLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Swap in W + dW (added in fp32), keeping the original W aside: unmerging puts it back untouched.
+
+        Subtracting dW again would not be exact in half precision, and drift would build up over the
+        thousands of generations a server makes; the kept tensor costs one copy of W while merged.
+        """
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            weight = self.base.weight
+            self.original = weight.data
+            weight.data = (weight.data.float() + self.delta_weight()).to(weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight.data = self.original
+            self.original = None
             self.merged = False
 
 
@@ -293,9 +302,13 @@ class LiDB:
     def use_shared(self) -> None:
         self.source.A, self.source.B = self.A_train, self.B_train
 
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged for layer in self.layers.values())
+
     def set_scale(self, scale: float) -> None:
         """Identity strength: 0 is the base model, 1 the trained person."""
-        if any(layer.merged for layer in self.layers.values()):
+        if self.merged:
             raise HdbError("Unmerge LiDB before changing its scale")
         self.source.scale = float(scale)
 
@@ -342,7 +355,11 @@ class LiDB:
         self.start_from(self.A_train.detach().clone(), self.B_train.detach().clone(), rank)
 
     def merge(self) -> None:
-        """Fold the shared weights into the base weights (faster generation; unmerge to change them)."""
+        """Fold the shared weights into the base weights: sampling then costs what the base model costs.
+
+        Exact to undo (`unmerge` restores the original tensors), at the cost of one copy of the targeted
+        weights while merged (SD1.5: the attention projections, `merged_bytes`). Unmerge to change them.
+        """
         if self.source.A is not self.A_train:
             raise HdbError("Only shared LiDB weights can be merged; call use_shared() first")
         for layer in self.layers.values():
@@ -351,3 +368,7 @@ class LiDB:
     def unmerge(self) -> None:
         for layer in self.layers.values():
             layer.unmerge()
+
+    def merged_bytes(self) -> int:
+        """What merging costs in memory: one copy of every targeted base weight."""
+        return sum(layer.base.weight.numel() * layer.base.weight.element_size() for layer in self.layers.values())

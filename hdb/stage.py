@@ -35,6 +35,8 @@ def training_stage(
     its memory. With `detach_after`, the stage's own LiDB is taken off the pipeline at the end. Without
     a LiDB (the bench's baselines, the toy's base model) the stage unfreezes what it trains itself.
     """
+    if lidb is not None and lidb.merged:  # merged weights take no gradient: training would silently do nothing
+        raise HdbError("The LiDB is merged into the base weights; unmerge it before training")
     encoders = list(text_encoders(pipe).values())
     trained = [pipe.unet, *encoders]
     everything = [*trained, pipe.vae]

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from helpers import PROMPTS, forward
@@ -10,6 +11,7 @@ from helpers import PROMPTS, forward
 from hdb.diffusion import encode_prompts, predict_noise
 from hdb.errors import HdbError
 from hdb.lidb import LiDB, LiDBConfig, aux_bases, aux_fingerprint
+from hdb.stage import training_stage
 
 
 def randomize(lidb: LiDB, scale: float = 0.3) -> None:
@@ -148,6 +150,58 @@ def test_merge_unmerge_and_scale(tiny_sd15):
     torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scale_zero, base, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(unmerged, base, atol=1e-3)
+    torch.testing.assert_close(again, unmerged, atol=0, rtol=0)  # unmerging puts the very same weights back
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_thousand_merge_cycles_leave_the_base_weights_bit_identical(dtype):
+    from hdb.models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd15").to(dtype=dtype)
+    lidb = LiDB(pipe)
+    randomize(lidb)
+    original = {name: layer.base.weight.detach().clone() for name, layer in lidb.layers.items()}
+    for cycle in range(1000):
+        lidb.set_scale(0.5 + (cycle % 3) / 2)  # strengths change between cycles, as visitors' do
+        lidb.merge()
+        if cycle == 0:
+            assert any(not torch.equal(layer.base.weight, original[n]) for n, layer in lidb.layers.items())
+        lidb.unmerge()
+    assert all(torch.equal(layer.base.weight, original[name]) for name, layer in lidb.layers.items())
+    assert lidb.merged_bytes() == sum(w.numel() * w.element_size() for w in original.values())
+
+
+def test_generation_merges_the_person_and_leaves_the_base_exactly_as_it_was(tiny_sd15):
+    from hdb.generate import generate
+
+    def picture(lidb, **options):
+        return np.asarray(generate(tiny_sd15, lidb, "a photo of sks person", steps=3, seed=1, **options)[0], np.int16)
+
+    base = picture(None)
+    weights = {name: p.detach().clone() for name, p in tiny_sd15.unet.named_parameters()}
+    lidb = LiDB(tiny_sd15)
+    randomize(lidb)
+    merged, unmerged = picture(lidb), picture(lidb, merge=False)
+    assert np.abs(merged - unmerged).max() <= 2  # the same function, summed in another order
+    assert np.abs(merged - base).max() > 10  # the person changes the picture
+    assert np.array_equal(picture(lidb, identity_strength=0.0), base)  # strength 0 is the base model
+    half = picture(lidb, identity_strength=0.5)
+    assert not np.array_equal(half, merged) and not np.array_equal(half, base)
+    for _ in range(10):  # visitors taking turns
+        randomize(lidb)
+        picture(lidb)
+    assert not lidb.merged
+    lidb.detach()
+    assert np.array_equal(picture(None), base)
+    current = dict(tiny_sd15.unet.named_parameters())
+    assert all(torch.equal(current[name], value) for name, value in weights.items())
+    lidb = LiDB(tiny_sd15)
+    lidb.merge()
+    with (
+        pytest.raises(HdbError, match="unmerge it before training"),
+        training_stage(tiny_sd15, lidb, "finetuning", "-"),
+    ):
+        pass
 
 
 def test_relax_rank_keeps_the_function(tiny_sd15):
