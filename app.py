@@ -13,18 +13,20 @@ import argparse
 import inspect
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from hdb import DEFAULT_BASE, HdbError
-from hdb.config import DTYPE_CHOICES, OPTIMIZERS
+from hdb.config import DEFAULT_INSTANCE_TOKEN, DTYPE_CHOICES, OPTIMIZERS
 from hdb.styles import DEFAULT_NEGATIVE, EXAMPLE_PROMPTS, STYLE_PRESETS, expand_prompt
 
 if TYPE_CHECKING:
@@ -60,11 +62,14 @@ def gpu_task(duration: Callable[[dict], float]) -> Callable[[Callable], Callable
 
 
 ASSETS = Path(__file__).parent / "assets"
-EXAMPLE_PHOTOS = [str(ASSETS / name) for name in ("obama.jpg", "grace_hopper.jpg", "astronaut.png")]
+EXAMPLE_NAMES = ("obama.jpg", "grace_hopper.jpg", "astronaut.png")
+UPLOADS_FILE = "uploads.txt"  # in a visitor's folder: the photos they uploaded, deleted with it
+EXAMPLE_PHOTOS = [str(ASSETS / name) for name in EXAMPLE_NAMES]
 NOTICE = (
     "**Responsible use.** Only personalise photos of yourself or of people who agreed to it. Do not make "
-    "images that deceive, harass or sexualise anyone. Photos and personal weights stay in your session "
-    "and are deleted when you leave."
+    "images that deceive, harass or sexualise anyone. Your photos and personal weights stay in your "
+    "session and are deleted when you leave; the server's cached copies of uploads and pictures within "
+    "an hour, and everything when the app stops."
 )
 
 
@@ -78,6 +83,27 @@ class PhotoInput(gr.Image):
             return super().preprocess(payload)
         except Exception as error:  # Pillow's many error types: unidentified, truncated, decompression bomb
             raise gr.Error(f"The uploaded file is not an image Pillow can read ({type(error).__name__}).") from None
+
+
+TIPS = """\
+- **The photo**: one face, looking at the camera, evenly lit, not too small in the frame; no sunglasses,
+  hats or hands over the face. Several faces in one photo: crop to the one you mean.
+- **Identity strength** scales the personal weights: 1 is the person as trained, lower drifts towards
+  the base model (more freedom for the style), a little above 1 insists on the likeness.
+- **Without a hypernetwork** (none has been published yet) personalisation starts from zero and takes
+  200 finetune steps instead of 40: slower, and the likeness from one photo is weaker than the paper's.
+"""
+DOWNLOADS_HELP = f"""\
+**person.safetensors**: hdb's ~100 KB personal file, for `python -m hdb generate --person` or upload
+above. **person_lora_kohya.safetensors**: a LoRA for AUTOMATIC1111 and ComfyUI (their `Lora` folder).
+**person_lora_diffusers.safetensors**: a LoRA for diffusers:
+
+```python
+pipe.load_lora_weights(".", weight_name="person_lora_diffusers.safetensors")
+image = pipe("a photo of {DEFAULT_INSTANCE_TOKEN} as an astronaut").images[0]
+```
+Both LoRAs are exact; prompts name the person with the file's token (`{DEFAULT_INSTANCE_TOKEN}`).
+"""
 
 
 # ----------------------------------------------------------------------------- the shared models
@@ -170,25 +196,81 @@ class Engine:
         return f"{steps} finetune steps on {self.device_name}: about {steps * self.seconds_per_step:.0f} s"
 
 
+class VisitorFiles:
+    """Every file the app keeps for visitors, under one folder the app owns: <temp>/hdb_app/<process id>/.
+
+    sessions/<session hash>/ holds a visitor's personal file, LoRA exports and the list of photos they
+    uploaded; all of it goes when the visitor leaves (the page's unload) or their session expires.
+    gradio/ is Gradio's cache (uploads, served pictures), which Gradio empties of files older than an
+    hour. The whole folder goes when the app stops, and at start the folders of app processes that no
+    longer run (killed, crashed) are swept. Everything lives on disk, so a forked ZeroGPU worker's
+    writes are seen by the main process that cleans up.
+    """
+
+    def __init__(self, parent: Path | None = None) -> None:
+        self.parent = parent or Path(tempfile.gettempdir()) / "hdb_app"
+        self.swept = self.sweep()
+        self.root = self.parent / str(os.getpid())
+        (self.root / "sessions").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def gradio_cache(self) -> Path:
+        return self.root / "gradio"
+
+    def sweep(self) -> list[Path]:
+        """Remove what app processes that have stopped left behind; returns what was removed."""
+        stale = [f for f in self.parent.glob("*") if f.name.isdigit() and not _process_runs(int(f.name))]
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
+        return stale
+
+    def folder(self, session_hash: str) -> Path:
+        folder = self.root / "sessions" / session_hash
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def note_upload(self, session_hash: str, photo: str) -> None:
+        with (self.folder(session_hash) / UPLOADS_FILE).open("a") as uploads:
+            uploads.write(photo + "\n")
+
+    def forget(self, session_hash: str) -> None:
+        """Delete a visitor's files and the photos they uploaded (the shared example photos stay)."""
+        folder = self.root / "sessions" / session_hash
+        uploads = folder / UPLOADS_FILE
+        for line in uploads.read_text().splitlines() if uploads.is_file() else []:
+            path = Path(line)
+            if path.is_relative_to(self.root) and path.name not in EXAMPLE_NAMES:
+                path.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @dataclass
 class Session:
     """One visitor's person: nothing here is visible to another session."""
 
+    key: str  # Gradio's session hash: names the visitor's folder (VisitorFiles.folder)
+    folder: Path
     weights: object | None = None  # PersonalWeights
     face: object | None = None  # PIL image of the aligned crop
-    folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hdb_session_")))
-
-
-def forget(session: Session | None) -> None:
-    """Called by Gradio when a session ends: delete the person's files."""
-    if session is not None:
-        shutil.rmtree(session.folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- event handlers
 
 
-def make_handlers(engine: Engine) -> tuple[Callable, Callable, Callable, Callable]:
+def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
     from hdb.config import PersonalizeConfig
     from hdb.export import export_lora
     from hdb.faces import align_face, crop_size
@@ -206,13 +288,25 @@ def make_handlers(engine: Engine) -> tuple[Callable, Callable, Callable, Callabl
             raise gr.Error(str(error)) from None
         return face.image, face.note or "Face found and aligned."
 
+    def visitor(session: Session | None, request: gr.Request) -> Session:
+        """The visitor's Session, made on their first event, with their own folder."""
+        if session is None:
+            session = Session(request.session_hash, files.folder(request.session_hash))
+        return session
+
     @gpu_task(lambda inputs: engine.personalize_seconds(int(inputs["steps"]) or engine.default_steps))
     def run_personalize(
-        photo: str | None, consent: bool, steps: float, session: Session | None, progress: gr.Progress = gr.Progress()
+        photo: str | None,
+        consent: bool,
+        steps: float,
+        session: Session | None,
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple]:
-        session = session or Session()
+        session = visitor(session, request)
         if not photo:
             raise gr.Error("Upload a photo of a face first (or pick an example).")
+        files.note_upload(session.key, photo)
         if not consent:
             raise gr.Error("Please confirm that you have the right to use this photo.")
         steps = int(steps) or engine.default_steps
@@ -233,10 +327,10 @@ def make_handlers(engine: Engine) -> tuple[Callable, Callable, Callable, Callabl
             raise gr.Error(str(error)) from None
         engine.seconds_per_step = (time.perf_counter() - started) / steps
         session.weights, session.face = result.weights, face.image
-        files = save_files(session)
+        downloads = save_files(session)
         how = "from the hypernetwork's prediction" if result.used_hypernet else "from zero (no hypernetwork loaded)"
         message = f"Personalised in {time.perf_counter() - started:.1f} s: {steps} steps {how}. {face.note or ''}"
-        yield face.image, message, session, files
+        yield face.image, message, session, downloads
 
     def save_files(session: Session) -> list[str]:
         person = save_personal(session.weights, session.folder / "person.safetensors")
@@ -244,8 +338,8 @@ def make_handlers(engine: Engine) -> tuple[Callable, Callable, Callable, Callabl
         diffusers = export_lora(session.weights, session.folder / "person_lora_diffusers.safetensors", "diffusers")
         return [str(person), str(kohya), str(diffusers)]
 
-    def upload_person(file: str | None, session: Session | None) -> tuple:
-        session = session or Session()
+    def upload_person(file: str | None, session: Session | None, request: gr.Request) -> tuple:
+        session = visitor(session, request)
         if not file:
             return session, "", None
         try:
@@ -296,14 +390,18 @@ def make_handlers(engine: Engine) -> tuple[Callable, Callable, Callable, Callabl
             raise gr.Error(str(error)) from None
         return [(image, full_prompt) for image in images]
 
-    return show_crop, run_personalize, upload_person, run_generate
+    def leave(request: gr.Request) -> None:
+        files.forget(request.session_hash)
+
+    return show_crop, run_personalize, upload_person, run_generate, leave
 
 
 # ----------------------------------------------------------------------------- the page
 
 
-def build_demo(engine: Engine) -> gr.Blocks:
-    show_crop, run_personalize, upload_person, run_generate = make_handlers(engine)
+def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
+    """The page. Gradio's cache goes wherever GRADIO_TEMP_DIR says when this runs (`main` points it at files)."""
+    show_crop, run_personalize, upload_person, run_generate, leave = make_handlers(engine, files)
     with gr.Blocks(title="hdb: HyperDreamBooth", delete_cache=(600, 3600)) as demo:
         gr.Markdown(
             "# hdb: HyperDreamBooth\nOne photo of a face in; that person in any scene or style out. "
@@ -322,12 +420,17 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 f"Running on a CPU: personalising takes {engine.estimate(engine.default_steps)}.",
                 elem_id="cpu-estimate",
             )
-        session = gr.State(None, delete_callback=forget, time_to_live=3600)
+        # a visitor's files go when they leave (unload), or when an idle session expires (a closed tab's
+        # state is otherwise kept for an hour, in case the visitor comes back)
+        session = gr.State(None, delete_callback=lambda s: s is not None and files.forget(s.key), time_to_live=3600)
+        demo.unload(leave)
         with gr.Row():
             with gr.Column():
                 photo = PhotoInput(label="Face photo", type="filepath", sources=["upload", "webcam"], elem_id="photo")
                 gr.Examples(EXAMPLE_PHOTOS, inputs=photo)
                 gr.Markdown(NOTICE)
+                with gr.Accordion("Tips", open=False):
+                    gr.Markdown(TIPS, elem_id="tips")
                 consent = gr.Checkbox(label="I have the right to use this photo", elem_id="consent")
                 with gr.Accordion("Personalisation options", open=False):
                     steps = gr.Slider(
@@ -344,11 +447,12 @@ def build_demo(engine: Engine) -> gr.Blocks:
             with gr.Column():
                 crop = gr.Image(label="Aligned face", interactive=False, elem_id="crop")
                 status = gr.Markdown(elem_id="status")
-                files = gr.File(
+                downloads = gr.File(
                     label="Your personal file and LoRA exports (kohya, diffusers)",
                     file_count="multiple",
                     interactive=False,
                 )
+                gr.Markdown(DOWNLOADS_HELP, elem_id="downloads-help")
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt ([V] is the person)", value=EXAMPLE_PROMPTS[1], elem_id="prompt")
@@ -371,11 +475,13 @@ def build_demo(engine: Engine) -> gr.Blocks:
         personalize_button.click(
             run_personalize,
             [photo, consent, steps, session],
-            [crop, status, session, files],
+            [crop, status, session, downloads],
             api_name="personalize",
             **pipeline,
         )
-        saved.upload(upload_person, [saved, session], [session, status, files], api_name="upload_person", **pipeline)
+        saved.upload(
+            upload_person, [saved, session], [session, status, downloads], api_name="upload_person", **pipeline
+        )
         generate_button.click(
             run_generate,
             [session, prompt, style, negative, strength, gen_steps, guidance, seed, count],
@@ -410,7 +516,13 @@ def main(argv: list[str] | None = None) -> None:
         engine = Engine(options)
     except HdbError as error:
         raise SystemExit(f"error: {error}") from None
-    build_demo(engine).launch(server_name=options.host, server_port=options.port, share=options.share)
+    files = VisitorFiles()
+    os.environ["GRADIO_TEMP_DIR"] = str(files.gradio_cache)  # this process is the app's: its cache goes with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped container or Space: clean up as on Ctrl-C
+    try:
+        build_demo(engine, files).launch(server_name=options.host, server_port=options.port, share=options.share)
+    finally:
+        files.remove()
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +20,7 @@ from PIL import Image
 
 from hdb.personal_file import load_personal
 
+ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -34,13 +38,22 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def app_url(engine):
+def visitor_files(tmp_path_factory):
+    from app import VisitorFiles
+
+    return VisitorFiles(tmp_path_factory.mktemp("visitors"))
+
+
+@pytest.fixture(scope="module")
+def app_url(engine, visitor_files):
     from app import build_demo
 
-    demo = build_demo(engine)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
+    with pytest.MonkeyPatch.context() as patch:  # as `app.main` does: Gradio's cache inside the app's folder
+        patch.setenv("GRADIO_TEMP_DIR", str(visitor_files.gradio_cache))  # read on every upload: keep it set
+        demo = build_demo(engine, visitor_files)
+        _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+        yield url
+        demo.close()
 
 
 def personalize(client: Client, photo: Path, steps: int = 3):
@@ -108,7 +121,7 @@ def test_upload_a_saved_person_skips_personalisation(app_url, tmp_path):
         second.predict(handle_file(str(tmp_path / "bad.safetensors")), api_name="/upload_person")
 
 
-def test_real_browser_flow(app_url, tmp_path):
+def test_real_browser_flow(app_url, visitor_files, tmp_path):
     assert CHROMIUM, "Debian's chromium is needed (apt-get install chromium; .ci/run installs it)"
     from playwright.sync_api import expect, sync_playwright
 
@@ -125,17 +138,32 @@ def test_real_browser_flow(app_url, tmp_path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        sessions_before = set(visitor_files.root.glob("sessions/*"))
+        photo = tmp_path / "my_own_photo.jpg"  # a visitor's photo (examples are shared, and stay)
+        shutil.copy(ASSETS / "obama.jpg", photo)
         page.goto(app_url)
-        page.locator("#photo input[type=file]").set_input_files(str(ASSETS / "obama.jpg"))
+        page.locator("#photo input[type=file]").set_input_files(str(photo))
         expect(page.locator("#crop img")).to_be_visible(timeout=60_000)
         page.locator("#consent input[type=checkbox]").check()
         page.locator("#personalize").click()
         expect(page.locator("#cpu-estimate")).to_contain_text("about")  # an estimate before any long work
         expect(page.locator("#status")).to_contain_text("Personalised", timeout=120_000)
+        expect(page.locator("#downloads-help")).to_contain_text("AUTOMATIC1111")  # where each download goes
         page.locator("#generate").click()
         expect(page.locator("#gallery img")).to_have_count(2, timeout=120_000)
         screenshot = Path(os.environ.get("HDB_SCREENSHOT", tmp_path / "app.jpg"))
         page.screenshot(path=str(screenshot), full_page=True, quality=80)
+        mine = set(visitor_files.root.glob("sessions/*")) - sessions_before
+        assert len(mine) == 1 and (next(iter(mine)) / "person.safetensors").is_file()
+        assert list(visitor_files.gradio_cache.rglob(photo.name))  # Gradio's copy of the upload
+        page.close()  # the visitor leaves: Gradio ends the session and calls VisitorFiles.forget
+        deadline = time.time() + 90
+        while time.time() < deadline and (
+            next(iter(mine)).exists() or list(visitor_files.gradio_cache.rglob(photo.name))
+        ):
+            time.sleep(0.5)
+        assert not next(iter(mine)).exists(), "the visitor's personal files outlived the session"
+        assert not list(visitor_files.gradio_cache.rglob(photo.name)), "the visitor's photo outlived the session"
         browser.close()
     assert screenshot.stat().st_size > 10_000
 
@@ -172,14 +200,14 @@ def test_a_failed_visitor_does_not_break_the_next_one(app_url, engine, lone_pict
     assert all(np.array_equal(a, b) for a, b in zip(pictures, lone_pictures["grace_hopper.jpg"], strict=True))
 
 
-def test_zerogpu_asks_for_the_time_each_call_needs(engine, monkeypatch):
+def test_zerogpu_asks_for_the_time_each_call_needs(engine, visitor_files, monkeypatch):
     import app
 
     asked = []
     stand_in = types.ModuleType("spaces")  # what the Space's `spaces` package offers: GPU(duration=callable)
     stand_in.GPU = lambda duration: asked.append(duration) or (lambda fn: fn)  # called with the inputs, as ZeroGPU
     monkeypatch.setitem(sys.modules, "spaces", stand_in)
-    app.make_handlers(engine)
+    app.make_handlers(engine, visitor_files)
     personalize_duration, generate_duration = asked
     monkeypatch.setattr(engine, "seconds_per_step", None)  # on ZeroGPU the forked worker's timing never comes back
     per_step = app.GPU_SECONDS["finetune_step"] * engine.pixel_scale
@@ -197,3 +225,32 @@ def test_zerogpu_asks_for_the_time_each_call_needs(engine, monkeypatch):
         assert app.Engine.personalize_seconds(base, most_steps) == pytest.approx(needed)
         images = app.Engine.generate_seconds(base, app.MAX_SAMPLING_STEPS, app.MAX_IMAGES)
         assert images < app.MAX_GPU_SECONDS
+
+
+def test_a_stopped_server_leaves_no_visitor_file_and_the_next_one_sweeps_a_crashed_ones(tmp_path):
+    stale = tmp_path / "hdb_app" / "999999999"  # a process id no system runs: an app that was killed
+    (stale / "sessions" / "someone").mkdir(parents=True)
+    (stale / "sessions" / "someone" / "person.safetensors").write_bytes(b"weights")
+    port = free_port()
+    env = dict(os.environ, TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    command = [sys.executable, "app.py", "--tiny", "--device", "cpu", "--port", str(port)]
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = tmp_path / "hdb_app" / str(server.pid)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                assert server.poll() is None and time.time() < deadline, server.stderr.read().decode()[-2000:]
+                time.sleep(1)
+        assert not stale.exists()  # swept at start
+        photo = tmp_path / "my_own_photo.jpg"
+        shutil.copy(ASSETS / "obama.jpg", photo)
+        personalize(client, photo, steps=2)
+        assert list(root.glob("sessions/*/person.safetensors")) and list(root.glob(f"gradio/**/{photo.name}"))
+    finally:
+        server.send_signal(signal.SIGTERM)  # how a container or a Space is stopped
+        server.wait(timeout=60)
+    assert not root.exists() and not list((tmp_path / "hdb_app").iterdir())
