@@ -123,8 +123,11 @@ def test_save_load_roundtrip_and_compatibility(tiny_sd15, tiny_sdxl, tmp_path):
 
 def test_bad_files_raise_hdb_error(tiny_sd15, tmp_path):
     hypernet = tiny_hypernet(LiDB(tiny_sd15))
-    with pytest.raises(HdbError, match="no config.json"):
+    with pytest.raises(HdbError, match="Hypernetwork directory .*missing does not exist"):
         HyperNetwork.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HdbError, match="not a saved hypernetwork .no config.json"):
+        HyperNetwork.from_pretrained(tmp_path / "empty")
 
     hypernet.save_pretrained(tmp_path / "corrupt")
     (tmp_path / "corrupt" / "hypernet.safetensors").write_bytes(b"\x00garbage" * 10)
