@@ -48,10 +48,12 @@ class LiDBConfig:
 
 @dataclass
 class PersonalizeConfig:
+    """Options of `hdb.personalize.personalize` (fast finetuning from one photo)."""
+
     steps: int | None = None  # None: 40 from a hypernetwork prediction, 200 from zero
     relaxed_rank: int = 4  # rank of the fast-finetuned adapter (1 keeps the paper's r=1 file size)
     learning_rate: float = 1e-3
-    optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes)
+    optimizer: str = OPTIMIZERS[0]  # or "adamw8bit" (bitsandbytes)
     gradient_checkpointing: bool = False
     seed: int = 0
     resolution: int | None = None  # None: the base model's native size (512 for SD1.5)
@@ -62,10 +64,12 @@ class PersonalizeConfig:
 
 @dataclass
 class PreoptimizeConfig:
+    """Options of `hdb.preoptimize.preoptimize` (stage 1)."""
+
     steps: int = 300  # per group of identities
     group_size: int = 4  # identities trained together, one batch element each
     learning_rate: float = 5e-3
-    optimizer: str = "adamw"
+    optimizer: str = OPTIMIZERS[0]
     gradient_checkpointing: bool = False
     seed: int = 0
     resolution: int | None = None
@@ -76,13 +80,15 @@ class PreoptimizeConfig:
 
 @dataclass
 class HypernetTrainConfig:
+    """Options of `hdb.train_hypernet.train_hypernetwork` (stage 2)."""
+
     steps: int = 1000
     batch_size: int = 4  # global: split across processes
     learning_rate: float = 1e-4
     alpha: float = 1.0  # diffusion loss weight
     beta: float = 1.0  # weight-space L2 to the pre-optimised weights (0: diffusion loss alone)
     accumulation_steps: int = 1
-    optimizer: str = "adamw"
+    optimizer: str = OPTIMIZERS[0]
     mixed_precision: str = "no"  # one of MIXED_PRECISIONS (accelerate autocast)
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
@@ -102,6 +108,8 @@ class HypernetTrainConfig:
 
 @dataclass
 class BenchOptions:
+    """Options of `python -m hdb bench`."""
+
     device: str = "auto"
     tiny: bool = False
     steps: int = 40

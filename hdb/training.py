@@ -36,7 +36,7 @@ SNAPSHOT_ON_DEVICE_BYTES = 256 * 2**20
 class TrainConfig:
     steps: int
     learning_rate: float
-    optimizer: str = "adamw"
+    optimizer: str = OPTIMIZERS[0]
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     accumulation_steps: int = 1  # micro-batches per optimizer step
