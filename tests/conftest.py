@@ -45,3 +45,8 @@ def tiny_sd15_dir(tmp_path_factory):
 def obama_face():
     """A real photo, aligned once for the whole run (face detection is the slow part)."""
     return align_face(ASSETS / "obama.jpg", size=256)
+
+
+def pytest_collection_modifyitems(items):
+    """The longest file (the toy's quick run, ~5 minutes) first: on two workers it overlaps the rest."""
+    items.sort(key=lambda item: item.path.name != "test_toy.py")  # a stable sort keeps the rest in order
