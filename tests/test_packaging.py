@@ -10,7 +10,17 @@ from pathlib import Path
 from helpers import ASSETS
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_TOOLS = {"pytest", "pytest-xdist", "ruff", "gradio-client", "playwright", "papermill", "nbclient", "ipykernel", "setuptools"}
+TEST_TOOLS = {
+    "pytest",
+    "pytest-xdist",
+    "ruff",
+    "gradio-client",
+    "playwright",
+    "papermill",
+    "nbclient",
+    "ipykernel",
+    "setuptools",
+}
 
 
 def names(requirements: list[str]) -> set[str]:
