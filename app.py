@@ -10,6 +10,7 @@ HDB_OPTIMIZER, HDB_TINY), which is how a Hugging Face Space sets them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import os
 import shutil
@@ -199,7 +200,7 @@ class Engine:
 class VisitorFiles:
     """Every file the app keeps for visitors, under one folder the app owns: <temp>/hdb_app/<process id>/.
 
-    sessions/<session hash>/ holds a visitor's personal file, LoRA exports and the list of photos they
+    sessions/<hash of the session>/ holds a visitor's personal file, LoRA exports and the list of photos they
     uploaded; all of it goes when the visitor leaves (the page's unload) or their session expires.
     gradio/ is Gradio's cache (uploads, served pictures), which Gradio empties of files older than an
     hour. The whole folder goes when the app stops, and at start the folders of app processes that no
@@ -219,15 +220,24 @@ class VisitorFiles:
 
     def sweep(self) -> list[Path]:
         """Remove what app processes that have stopped left behind; returns what was removed."""
-        stale = [f for f in self.parent.glob("*") if f.name.isdigit() and not _process_runs(int(f.name))]
+        # our own process id's folder too: we have not made it yet, so an earlier process (same id) left it
+        stale = [
+            folder
+            for folder in self.parent.glob("*")
+            if folder.name.isdigit() and (int(folder.name) == os.getpid() or not _process_runs(int(folder.name)))
+        ]
         for folder in stale:
             shutil.rmtree(folder, ignore_errors=True)
         return stale
 
     def folder(self, session_hash: str) -> Path:
-        folder = self.root / "sessions" / session_hash
+        folder = self._session_folder(session_hash)
         folder.mkdir(exist_ok=True)
         return folder
+
+    def _session_folder(self, session_hash: str) -> Path:
+        # the browser chooses the session hash: hashed again, it can only ever name a folder in sessions/
+        return self.root / "sessions" / hashlib.sha256(session_hash.encode()).hexdigest()[:32]
 
     def note_upload(self, session_hash: str, photo: str) -> None:
         with (self.folder(session_hash) / UPLOADS_FILE).open("a") as uploads:
@@ -235,7 +245,7 @@ class VisitorFiles:
 
     def forget(self, session_hash: str) -> None:
         """Delete a visitor's files and the photos they uploaded (the shared example photos stay)."""
-        folder = self.root / "sessions" / session_hash
+        folder = self._session_folder(session_hash)
         uploads = folder / UPLOADS_FILE
         for line in uploads.read_text().splitlines() if uploads.is_file() else []:
             path = Path(line)

@@ -254,3 +254,17 @@ def test_a_stopped_server_leaves_no_visitor_file_and_the_next_one_sweeps_a_crash
         server.send_signal(signal.SIGTERM)  # how a container or a Space is stopped
         server.wait(timeout=60)
     assert not root.exists() and not list((tmp_path / "hdb_app").iterdir())
+
+
+def test_a_session_hash_from_the_browser_can_only_name_a_folder_of_its_own(tmp_path):
+    from app import VisitorFiles
+
+    files = VisitorFiles(tmp_path / "hdb_app")
+    outside = tmp_path / "keep.txt"
+    outside.write_text("not the app's")
+    hostile = "../../../" + outside.stem
+    folder = files.folder(hostile)
+    assert folder.parent == files.root / "sessions"
+    files.note_upload(hostile, str(outside))  # a path outside the app's folder is never deleted
+    files.forget(hostile)
+    assert outside.exists() and not folder.exists()
