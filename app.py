@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import inspect
 import os
+import random
 import shutil
 import signal
 import sys
@@ -28,7 +29,7 @@ import gradio as gr
 
 from hdb import DEFAULT_BASE, HdbError
 from hdb.config import DEFAULT_INSTANCE_TOKEN, DTYPE_CHOICES, OPTIMIZERS
-from hdb.styles import DEFAULT_NEGATIVE, EXAMPLE_PROMPTS, STYLE_PRESETS, expand_prompt
+from hdb.styles import EXAMPLE_PROMPTS, STYLE_PRESETS, expand_prompt, negative_for, picture_size
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 GPU_SECONDS = {"setup": 10.0, "finetune_step": 0.35, "image_step": 0.08}
 MAX_GPU_SECONDS = 180  # what one call may ask for at most; the sliders' limits are set so their work fits
 MAX_FINETUNE_STEPS, MAX_SAMPLING_STEPS, MAX_IMAGES = 400, 100, 4
+MAX_AREA = 1.5  # the largest size preset's pixels over the native square's (hdb.styles.SIZE_PRESETS)
 
 
 def gpu_task(duration: Callable[[dict], float]) -> Callable[[Callable], Callable]:
@@ -181,9 +183,16 @@ class Engine:
         per_step = self.seconds_per_step or GPU_SECONDS["finetune_step"] * self.pixel_scale
         return min(GPU_SECONDS["setup"] + steps * per_step, MAX_GPU_SECONDS)
 
-    def generate_seconds(self, steps: int, images: int) -> float:
-        per_step = GPU_SECONDS["image_step"] * self.pixel_scale
+    def generate_seconds(self, steps: int, images: int, area: float = 1.0) -> float:
+        """`area`: the picture's pixels over the native square's (a portrait: 1.5)."""
+        per_step = GPU_SECONDS["image_step"] * self.pixel_scale * area
         return min(GPU_SECONDS["setup"] / 2 + images * steps * per_step, MAX_GPU_SECONDS)
+
+    @property
+    def max_sampling_steps(self) -> int:
+        """The slider's limit: the most steps whose largest request (4 portraits) fits in one call."""
+        per_step = GPU_SECONDS["image_step"] * self.pixel_scale * MAX_AREA * MAX_IMAGES
+        return min(MAX_SAMPLING_STEPS, int((MAX_GPU_SECONDS - GPU_SECONDS["setup"] / 2) / per_step))
 
     @property
     def max_finetune_steps(self) -> int:
@@ -282,6 +291,7 @@ class Session:
 
 def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
     from hdb.config import PersonalizeConfig
+    from hdb.evaluate import identity_similarity
     from hdb.export import export_lora
     from hdb.faces import align_face, crop_size
     from hdb.generate import generate
@@ -365,7 +375,7 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
             save_files(session),
         )
 
-    @gpu_task(lambda inputs: engine.generate_seconds(int(inputs["steps"]), int(inputs["count"])))
+    @gpu_task(lambda inputs: engine.generate_seconds(int(inputs["steps"]), int(inputs["count"]), area(inputs["size"])))
     def run_generate(
         session: Session | None,
         prompt: str,
@@ -375,14 +385,23 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
         steps: float,
         guidance: float,
         seed: float,
+        randomize: bool,
+        size: str,
         count: float,
         progress: gr.Progress = gr.Progress(),
-    ) -> list[tuple]:
+    ) -> tuple[list[tuple], int]:
         if session is None or session.weights is None:
             raise gr.Error("Personalise a photo first (or upload a saved personal file).")
+        seed = random.randrange(2**31) if randomize else int(seed)
+        steps, count = int(steps), int(count)
         try:
             full_prompt = expand_prompt(prompt, session.weights.instance_token, style)
-            progress(0, desc=f"Generating {int(count)} image(s)")
+            width, height = picture_size(size, native_resolution(engine.pipe))
+
+            def on_step(step: int) -> None:
+                progress((step + 1) / steps, desc=f"Sampling step {step + 1}/{steps}")
+
+            progress(0, desc=f"Generating {count} image(s)")
             with engine.lock:  # this session's person, loaded and used with nobody else's in between
                 apply_personal(engine.pipe, session.weights, engine.lidb)
                 images = generate(
@@ -390,15 +409,31 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
                     engine.lidb,
                     full_prompt,
                     negative,
-                    steps=int(steps),
+                    steps=steps,
                     guidance=guidance,
-                    seed=int(seed),
-                    num_images=int(count),
+                    seed=seed,
+                    num_images=count,
                     identity_strength=strength,
+                    height=height,
+                    width=width,
+                    on_step=on_step,
                 )
         except HdbError as error:
             raise gr.Error(str(error)) from None
-        return [(image, full_prompt) for image in images]
+        return [(image, caption(session, image, seed, k)) for k, image in enumerate(images)], seed
+
+    def area(size: str) -> float:
+        native = native_resolution(engine.pipe)
+        width, height = picture_size(size, native)
+        return width * height / native**2
+
+    def caption(session: Session, image: Image.Image, seed: int, index: int) -> str:
+        """Seed and identity score: how close the face in the picture is to the uploaded face."""
+        where = f"seed {seed}" + (f" #{index + 1}" if index else "")
+        if session.face is None:  # a person loaded from a file: no photo to compare with
+            return where
+        similarity = identity_similarity(session.face, image)
+        return f"{where} · {'no face found' if similarity is None else f'identity {similarity:.2f}'}"
 
     def leave(request: gr.Request) -> None:
         files.forget(request.session_hash)
@@ -409,9 +444,28 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
 # ----------------------------------------------------------------------------- the page
 
 
+def identity_legend() -> str:
+    """What identity scores mean, measured now on the shipped photos: one person's three, and other people."""
+    from hdb.evaluate import identity_matrix
+
+    photos = {name: ASSETS / name for name in ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", *EXAMPLE_NAMES)}
+    scores = identity_matrix(photos)
+    same = [v for (a, b), v in scores.items() if a.startswith("obama") and b.startswith("obama")]
+    other = [v for (a, b), v in scores.items() if a.startswith("obama") != b.startswith("obama")]
+    return (
+        f"**Identity** in each caption: how close the face in the picture is to your photo's (dlib face "
+        f"descriptors, cosine). On the shipped photos: the same person {min(same):.2f}-{max(same):.2f}, "
+        f"different people {min(other):.2f}-{max(other):.2f}."
+    )
+
+
 def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
     """The page. Gradio's cache goes wherever GRADIO_TEMP_DIR says when this runs (`main` points it at files)."""
+    from hdb.models import native_resolution
+    from hdb.styles import SIZE_PRESETS
+
     show_crop, run_personalize, upload_person, run_generate, leave = make_handlers(engine, files)
+    sizes = SIZE_PRESETS.get(native_resolution(engine.pipe)) or SIZE_PRESETS[512]
     with gr.Blocks(title="hdb: HyperDreamBooth", delete_cache=(600, 3600)) as demo:
         gr.Markdown(
             "# hdb: HyperDreamBooth\nOne photo of a face in; that person in any scene or style out. "
@@ -469,36 +523,37 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
                 gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
                 style = gr.Dropdown(list(STYLE_PRESETS), value="None", label="Style")
                 with gr.Accordion("Generation options", open=False):
-                    negative = gr.Textbox(label="Negative prompt", value=DEFAULT_NEGATIVE)
+                    negative = gr.Textbox(label="Negative prompt (follows the style)", value=negative_for("None"))
+                    size = gr.Radio(list(sizes), value=next(iter(sizes)), label="Size", elem_id="size")
                     strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Identity strength")
-                    gen_steps = gr.Slider(1, MAX_SAMPLING_STEPS, value=25, step=1, label="Sampling steps")
+                    gen_steps = gr.Slider(1, engine.max_sampling_steps, value=25, step=1, label="Sampling steps")
                     guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
-                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    with gr.Row():
+                        seed = gr.Number(value=0, precision=0, label="Seed (the last one used)", elem_id="seed")
+                        randomize = gr.Checkbox(value=True, label="Random seed", elem_id="randomize")
                     count = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="Images")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-            gallery = gr.Gallery(label="Gallery", columns=2, elem_id="gallery")
+            with gr.Column():
+                gallery = gr.Gallery(label="Gallery", columns=2, elem_id="gallery")
+                gr.Markdown(identity_legend(), elem_id="identity-legend")
 
         # Every event that uses the pipeline shares one concurrency group: one job at a time, the rest wait in
         # line (engine.lock holds the same line should the queue settings change).
         pipeline = dict(concurrency_id="pipeline", concurrency_limit=1)
         photo.change(show_crop, photo, [crop, status], api_name="align")
+        pictures = [session, prompt, style, negative, strength, gen_steps, guidance, seed, randomize, size, count]
         personalize_button.click(
             run_personalize,
             [photo, consent, steps, session],
             [crop, status, session, downloads],
             api_name="personalize",
             **pipeline,
-        )
+        ).success(run_generate, pictures, [gallery, seed], api_name=False, **pipeline)  # one click to pictures
+        style.change(negative_for, style, negative, api_name=False)
         saved.upload(
             upload_person, [saved, session], [session, status, downloads], api_name="upload_person", **pipeline
         )
-        generate_button.click(
-            run_generate,
-            [session, prompt, style, negative, strength, gen_steps, guidance, seed, count],
-            gallery,
-            api_name="generate",
-            **pipeline,
-        )
+        generate_button.click(run_generate, pictures, [gallery, seed], api_name="generate", **pipeline)
     demo.queue(max_size=32)
     return demo
 

@@ -137,9 +137,14 @@ def cmd_personalize(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from hdb.personal_file import apply_personal, load_personal
-    from hdb.styles import DEFAULT_NEGATIVE, expand_prompt, mentions_person
+    from hdb.styles import expand_prompt, mentions_person, negative_for
 
     weights = load_personal(args.person)  # check the file before loading a large model
+    reference = None
+    if args.score:
+        from hdb.faces import align_face
+
+        reference = align_face(args.score)  # a photo without a face fails before the model loads
     from hdb.generate import generate
     from hdb.models import load_pipeline
 
@@ -149,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not mentions_person(args.prompt, weights.instance_token):
         print(f"note: the prompt does not mention [V] (or '{weights.instance_token}'); the person may not appear")
     prompt = expand_prompt(args.prompt, weights.instance_token, args.style)
-    negative = DEFAULT_NEGATIVE if args.negative_prompt is None else args.negative_prompt
+    negative = negative_for(args.style) if args.negative_prompt is None else args.negative_prompt
     images = generate(
         pipe,
         lidb,
@@ -168,7 +173,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for index, image in enumerate(images):
         path = output if len(images) == 1 else output.with_name(f"{output.stem}_{index}{output.suffix}")
         image.save(path)
-        print(f"saved {path}")
+        if reference is None:
+            print(f"saved {path}")
+            continue
+        from hdb.evaluate import identity_similarity
+
+        similarity = identity_similarity(reference, image)
+        score = "no face found" if similarity is None else f"identity {similarity:.2f} to {args.score.name}"
+        print(f"saved {path} ({score})")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -327,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--person", type=Path, required=True, help="personal weights file")
     gen.add_argument("--prompt", required=True, help="use [V] for the person, e.g. '[V] as an astronaut'")
     gen.add_argument("--style", default="None", choices=_style_names(), help="style preset")
-    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--negative-prompt", default=None, help="default: the style's (hdb.styles.negative_for)")
+    gen.add_argument("--score", type=Path, help="a photo of the person: print each image's identity similarity to it")
     gen.add_argument("-o", "--output", type=Path, required=True, help="output .png (several images: _0, _1, ...)")
     gen.add_argument("--steps", type=int, default=25)
     gen.add_argument("--guidance", type=float, default=7.5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
@@ -25,12 +27,13 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     merge: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[Image.Image]:
     """Sample `num_images` images of the already-expanded `prompt` with the person at `identity_strength`.
 
     With `merge` (the default) the person is folded into the base weights for the sampling and taken out
     again afterwards, exactly (`LiDB.merge`): each step then costs what the base model's step costs,
-    instead of 176 extra low-rank products.
+    instead of 176 extra low-rank products. `on_step(i)` is called after sampling step i (progress bars).
     """
     if steps < 1 or num_images < 1:
         raise HdbError("steps and the number of images must be at least 1")
@@ -53,8 +56,17 @@ def generate(
                 generator=generator,
                 height=height,
                 width=width,
+                callback_on_step_end=None if on_step is None else _report(on_step),
             ).images
     finally:
         pipe.scheduler = scheduler
         if lidb is not None:
             lidb.unmerge()
+
+
+def _report(on_step: Callable[[int], None]) -> Callable:
+    def callback(pipe: Pipeline, step: int, timestep: torch.Tensor, tensors: dict) -> dict:
+        on_step(step)
+        return tensors
+
+    return callback

@@ -1,4 +1,5 @@
-"""Prompts: how they name the person ([V]) and the style presets the CLI, the app and the notebooks share."""
+"""Prompts and pictures: how prompts name the person ([V]), style presets with their negative prompts, and
+picture sizes that suit the base model. The CLI, the app and the notebooks share them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,21 @@ STYLE_PRESETS: dict[str, str] = {
     "Cyberpunk": "{prompt}, cyberpunk, neon lights, rainy night city, highly detailed",
 }
 DEFAULT_NEGATIVE = "blurry, lowres, deformed, disfigured, extra limbs, bad anatomy, watermark, text"
+# What each style should steer away from, on top of DEFAULT_NEGATIVE (a painting is not a photo, ...).
+STYLE_NEGATIVES: dict[str, str] = {
+    "Portrait photo": "painting, drawing, illustration, cartoon, 3d render",
+    "Oil painting": "photo, photograph, 3d render, cartoon",
+    "Watercolor": "photo, photograph, 3d render, harsh lines",
+    "Pencil sketch": "photo, colour, color, painting",
+    "Pixar 3D": "photo, photograph, painting, sketch",
+    "Pop art": "photo, photograph, dull colours",
+    "Cyberpunk": "daylight, pastoral, washed out",
+}
+# Picture sizes the base models were trained to draw, by native resolution: SD1.x at 512, SDXL at 1024.
+SIZE_PRESETS: dict[int, dict[str, tuple[int, int]]] = {
+    512: {"Square": (512, 512), "Portrait": (512, 768), "Landscape": (768, 512)},
+    1024: {"Square": (1024, 1024), "Portrait": (832, 1216), "Landscape": (1216, 832)},
+}
 EXAMPLE_PROMPTS = [
     f"a portrait of {PERSON}",
     f"{PERSON} as an astronaut on the moon",
@@ -38,3 +54,19 @@ def expand_prompt(prompt: str, instance_token: str, style: str = "None") -> str:
 
 def mentions_person(prompt: str, instance_token: str) -> bool:
     return PERSON in prompt or instance_token in prompt
+
+
+def negative_for(style: str) -> str:
+    """The negative prompt that suits `style`."""
+    extra = STYLE_NEGATIVES.get(style)
+    return f"{DEFAULT_NEGATIVE}, {extra}" if extra else DEFAULT_NEGATIVE
+
+
+def picture_size(preset: str, native: int) -> tuple[int, int]:
+    """(width, height) of a size preset for a base model of `native` resolution (others scale SD1.x's)."""
+    table = SIZE_PRESETS.get(native) or SIZE_PRESETS[512]
+    if preset not in table:
+        raise HdbError(f"Unknown size {preset!r}; choose one of: {', '.join(table)}")
+    width, height = table[preset]
+    scale = 1 if native in SIZE_PRESETS else native / 512
+    return round(width * scale / 8) * 8, round(height * scale / 8) * 8

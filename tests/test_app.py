@@ -60,8 +60,13 @@ def personalize(client: Client, photo: Path, steps: int = 3):
     return client.predict(handle_file(str(photo)), True, steps, api_name="/personalize")
 
 
-def generate(client: Client, prompt: str = "[V] as an astronaut", seed: int = 1, count: int = 2):
-    gallery = client.predict(prompt, "Oil painting", "", 1.0, 3, 7.5, seed, count, api_name="/generate")
+def generate(client: Client, prompt: str = "[V] as an astronaut", seed: int = 1, count: int = 2, captions=None):
+    # prompt, style, negative, strength, steps, guidance, seed, random seed, size, images -> gallery, seed used
+    inputs = (prompt, "Oil painting", "", 1.0, 3, 7.5, seed, False, "Square", count)
+    gallery, used_seed = client.predict(*inputs, api_name="/generate")
+    assert used_seed == seed
+    if captions is not None:
+        captions.extend(item["caption"] for item in gallery)
     return [np.asarray(Image.open(item["image"])) for item in gallery]
 
 
@@ -149,8 +154,10 @@ def test_real_browser_flow(app_url, visitor_files, tmp_path):
         expect(page.locator("#cpu-estimate")).to_contain_text("about")  # an estimate before any long work
         expect(page.locator("#status")).to_contain_text("Personalised", timeout=120_000)
         expect(page.locator("#downloads-help")).to_contain_text("AUTOMATIC1111")  # where each download goes
-        page.locator("#generate").click()
+        # one click: the first pictures follow the personalisation, captioned with their seed and identity score
         expect(page.locator("#gallery img")).to_have_count(2, timeout=120_000)
+        expect(page.locator("#gallery")).to_contain_text("seed")
+        expect(page.locator("#identity-legend")).to_contain_text("the same person")
         screenshot = Path(os.environ.get("HDB_SCREENSHOT", tmp_path / "app.jpg"))
         page.screenshot(path=str(screenshot), full_page=True, quality=80)
         mine = set(visitor_files.root.glob("sessions/*")) - sessions_before
@@ -213,8 +220,14 @@ def test_zerogpu_asks_for_the_time_each_call_needs(engine, visitor_files, monkey
     per_step = app.GPU_SECONDS["finetune_step"] * engine.pixel_scale
     assert personalize_duration("face.jpg", True, 40, None) == pytest.approx(app.GPU_SECONDS["setup"] + 40 * per_step)
     assert personalize_duration("face.jpg", True, 0, None) > personalize_duration("face.jpg", True, 40, None)  # 200
-    four = generate_duration(None, "[V]", "None", "", 1.0, 25, 7.5, 0, 4)
-    assert four > generate_duration(None, "[V]", "None", "", 1.0, 25, 7.5, 0, 1) > 0
+    four = generate_duration(None, "[V]", "None", "", 1.0, 25, 7.5, 0, False, "Square", 4)
+    assert four > generate_duration(None, "[V]", "None", "", 1.0, 25, 7.5, 0, False, "Square", 1) > 0
+    assert generate_duration(None, "[V]", "None", "", 1.0, 25, 7.5, 0, False, "Portrait", 4) == pytest.approx(
+        app.GPU_SECONDS["setup"] / 2 + (four - app.GPU_SECONDS["setup"] / 2) * 1.5
+    )
+    from hdb.styles import SIZE_PRESETS
+
+    assert app.MAX_AREA == max(w * h / native**2 for native, t in SIZE_PRESETS.items() for w, h in t.values())
     # at SD1.5's and SDXL's sizes, the most the sliders allow still fits in what one call may ask for
     for scale in (1.0, 4.0):
         base = SimpleNamespace(seconds_per_step=None, pixel_scale=scale)
@@ -223,8 +236,13 @@ def test_zerogpu_asks_for_the_time_each_call_needs(engine, visitor_files, monkey
         needed = app.GPU_SECONDS["setup"] + most_steps * app.GPU_SECONDS["finetune_step"] * scale
         assert needed <= app.MAX_GPU_SECONDS
         assert app.Engine.personalize_seconds(base, most_steps) == pytest.approx(needed)
-        images = app.Engine.generate_seconds(base, app.MAX_SAMPLING_STEPS, app.MAX_IMAGES)
-        assert images < app.MAX_GPU_SECONDS
+        most_sampling = app.Engine.max_sampling_steps.fget(base)
+        assert most_sampling == (100 if scale == 1.0 else 91)
+        needed = (
+            app.GPU_SECONDS["setup"] / 2 + most_sampling * app.MAX_IMAGES * app.GPU_SECONDS["image_step"] * scale * 1.5
+        )
+        assert needed <= app.MAX_GPU_SECONDS
+        assert app.Engine.generate_seconds(base, most_sampling, app.MAX_IMAGES, app.MAX_AREA) == pytest.approx(needed)
 
 
 def test_a_stopped_server_leaves_no_visitor_file_and_the_next_one_sweeps_a_crashed_ones(tmp_path):
@@ -268,3 +286,22 @@ def test_a_session_hash_from_the_browser_can_only_name_a_folder_of_its_own(tmp_p
     files.note_upload(hostile, str(outside))  # a path outside the app's folder is never deleted
     files.forget(hostile)
     assert outside.exists() and not folder.exists()
+
+
+def test_captions_say_the_seed_and_how_close_the_face_is(app_url):
+    client = Client(app_url, verbose=False)
+    personalize(client, ASSETS / "obama.jpg")
+    captions = []
+    generate(client, seed=42, count=2, captions=captions)
+    # the tiny random model draws no faces: the score says so instead of inventing one
+    assert captions == ["seed 42 · no face found", "seed 42 #2 · no face found"]
+    inputs = ("[V]", "None", "", 1.0, 2, 7.5, 0, True, "Portrait", 1)  # random seed, portrait size
+    gallery, used_seed = client.predict(*inputs, api_name="/generate")
+    assert gallery[0]["caption"].startswith(f"seed {used_seed}") and Image.open(gallery[0]["image"]).size == (64, 96)
+
+
+def test_identity_score_of_a_real_face(obama_face):
+    from hdb.evaluate import identity_similarity
+
+    same, other = (identity_similarity(obama_face, ASSETS / name) for name in ("obama2.jpg", "biden.jpg"))
+    assert same > 0.9 > other  # the legend's ranges: the same person ~0.95, different people ~0.8

@@ -11,7 +11,7 @@ from hdb.errors import HdbError
 from hdb.lidb import LiDB
 from hdb.models import build_tiny_pipeline
 from hdb.personalize import PersonalizeConfig, personalize, photo_loss
-from hdb.styles import STYLE_PRESETS, expand_prompt
+from hdb.styles import DEFAULT_NEGATIVE, STYLE_NEGATIVES, STYLE_PRESETS, expand_prompt, negative_for, picture_size
 
 
 def test_cli_personalize_then_generate_is_reproducible(tiny_sd15_dir, tmp_path):
@@ -42,8 +42,9 @@ def test_cli_personalize_then_generate_is_reproducible(tiny_sd15_dir, tmp_path):
     hdb(*args, "-o", tmp_path / "second.png")  # a fresh process loading the file again
     first, second = (np.asarray(Image.open(tmp_path / name)) for name in ("first.png", "second.png"))
     assert first.shape == (64, 64, 3) and np.array_equal(first, second)
-    hdb(*args[:-1], "8", "-o", tmp_path / "other_seed.png")
+    scored = hdb(*args[:-1], "8", "-o", tmp_path / "other_seed.png", "--score", ASSETS / "obama.jpg").stdout
     assert not np.array_equal(first, np.asarray(Image.open(tmp_path / "other_seed.png")))
+    assert "(no face found)" in scored  # the tiny random model draws no face; a real one prints "identity 0.xx"
 
 
 def test_file_reproduces_the_in_memory_person(tiny_sd15_dir, obama_face, tmp_path):
@@ -85,6 +86,12 @@ def test_style_presets_and_prompt_expansion():
         expand_prompt("[V]", "sks person", "Nope")
     with pytest.raises(HdbError, match="empty"):
         expand_prompt("  ", "sks person")
+    assert negative_for("None") == DEFAULT_NEGATIVE and "photograph" in negative_for("Oil painting")
+    assert set(STYLE_NEGATIVES) < set(STYLE_PRESETS)
+    assert picture_size("Portrait", 512) == (512, 768) and picture_size("Landscape", 1024) == (1216, 832)
+    assert picture_size("Portrait", 64) == (64, 96)  # other bases scale SD1.x's sizes
+    with pytest.raises(HdbError, match="Unknown size 'Huge'"):
+        picture_size("Huge", 512)
 
 
 def test_cli_bad_inputs_end_with_one_line_errors(tiny_sd15_dir, tmp_path):
