@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from hdb import DEFAULT_BASE, HdbError
-from hdb.config import DEFAULT_INSTANCE_TOKEN, DTYPE_CHOICES, OPTIMIZERS
+from hdb.config import DEFAULT_INSTANCE_TOKEN, DTYPE_CHOICES, MAX_PHOTOS, OPTIMIZERS
 from hdb.styles import EXAMPLE_PROMPTS, STYLE_PRESETS, expand_prompt, negative_for, picture_size
 
 if TYPE_CHECKING:
@@ -283,7 +283,7 @@ class Session:
     key: str  # Gradio's session hash: names the visitor's folder (VisitorFiles.folder)
     folder: Path
     weights: object | None = None  # PersonalWeights
-    face: object | None = None  # PIL image of the aligned crop
+    faces: list | None = None  # PIL images of the aligned crops: what identity scores compare with
 
 
 # ----------------------------------------------------------------------------- event handlers
@@ -320,20 +320,25 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
         consent: bool,
         steps: float,
         session: Session | None,
+        more_photos: list[str] | None,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple]:
         session = visitor(session, request)
         if not photo:
             raise gr.Error("Upload a photo of a face first (or pick an example).")
-        files.note_upload(session.key, photo)
+        photos = [photo, *(more_photos or [])]
+        for upload in photos:
+            files.note_upload(session.key, upload)
+        if len(photos) > MAX_PHOTOS:
+            raise gr.Error(f"Up to {MAX_PHOTOS} photos of one person, please ({len(photos)} given).")
         if not consent:
             raise gr.Error("Please confirm that you have the right to use this photo.")
         steps = int(steps) or engine.default_steps
         yield None, f"Preparing the face... ({engine.estimate(steps)})", session, None
         try:
-            progress(0, desc="Finding and aligning the face")
-            face = align_face(photo, size=crop_size(native_resolution(engine.pipe)))
+            progress(0, desc="Finding and aligning the face" + ("s" if len(photos) > 1 else ""))
+            faces = [align_face(upload, size=crop_size(native_resolution(engine.pipe))) for upload in photos]
             progress(0.05, desc="Predicting weights" if engine.hypernet else "Starting from zero (no hypernetwork)")
             started = time.perf_counter()
 
@@ -342,15 +347,17 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
 
             config = PersonalizeConfig(steps=steps, optimizer=engine.options.optimizer, progress=False)
             with engine.lock:
-                result = personalize(engine.pipe, face, engine.hypernet, config, lidb=engine.lidb, on_step=on_step)
+                result = personalize(engine.pipe, faces, engine.hypernet, config, lidb=engine.lidb, on_step=on_step)
         except HdbError as error:
             raise gr.Error(str(error)) from None
         engine.seconds_per_step = (time.perf_counter() - started) / steps
-        session.weights, session.face = result.weights, face.image
+        session.weights, session.faces = result.weights, [face.image for face in faces]
         downloads = save_files(session)
         how = "from the hypernetwork's prediction" if result.used_hypernet else "from zero (no hypernetwork loaded)"
-        message = f"Personalised in {time.perf_counter() - started:.1f} s: {steps} steps {how}. {face.note or ''}"
-        yield face.image, message, session, downloads
+        notes = " ".join([face.note for face in faces if face.note] + result.notes)
+        photos_used = f" from {len(faces)} photos" if len(faces) > 1 else ""
+        message = f"Personalised{photos_used} in {time.perf_counter() - started:.1f} s: {steps} steps {how}. {notes}"
+        yield faces[0].image, message, session, downloads
 
     def save_files(session: Session) -> list[str]:
         person = save_personal(session.weights, session.folder / "person.safetensors")
@@ -368,7 +375,7 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
                 check_compatible(weights, engine.lidb)
         except HdbError as error:
             raise gr.Error(str(error)) from None
-        session.weights, session.face = weights, None
+        session.weights, session.faces = weights, []
         return (
             session,
             f"Loaded a saved person ({weights.num_numbers:,} numbers, rank {weights.config.rank}).",
@@ -428,12 +435,14 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
         return width * height / native**2
 
     def caption(session: Session, image: Image.Image, seed: int, index: int) -> str:
-        """Seed and identity score: how close the face in the picture is to the uploaded face."""
+        """Seed and identity score: how close the face in the picture is to the uploaded faces (the mean)."""
         where = f"seed {seed}" + (f" #{index + 1}" if index else "")
-        if session.face is None:  # a person loaded from a file: no photo to compare with
+        if not session.faces:  # a person loaded from a file: no photo to compare with
             return where
-        similarity = identity_similarity(session.face, image)
-        return f"{where} · {'no face found' if similarity is None else f'identity {similarity:.2f}'}"
+        scores = [identity_similarity(face, image) for face in session.faces]
+        if None in scores:
+            return f"{where} · no face found"
+        return f"{where} · identity {sum(scores) / len(scores):.2f}"
 
     def leave(request: gr.Request) -> None:
         files.forget(request.session_hash)
@@ -492,6 +501,12 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
             with gr.Column():
                 photo = PhotoInput(label="Face photo", type="filepath", sources=["upload", "webcam"], elem_id="photo")
                 gr.Examples(EXAMPLE_PHOTOS, inputs=photo)
+                more_photos = gr.File(
+                    label=f"More photos of the same person (optional, up to {MAX_PHOTOS - 1})",
+                    file_count="multiple",
+                    file_types=["image"],
+                    elem_id="more-photos",
+                )
                 gr.Markdown(NOTICE)
                 with gr.Accordion("Tips", open=False):
                     gr.Markdown(TIPS, elem_id="tips")
@@ -544,7 +559,7 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
         pictures = [session, prompt, style, negative, strength, gen_steps, guidance, seed, randomize, size, count]
         personalize_button.click(
             run_personalize,
-            [photo, consent, steps, session],
+            [photo, consent, steps, session, more_photos],
             [crop, status, session, downloads],
             api_name="personalize",
             **pipeline,

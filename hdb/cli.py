@@ -21,6 +21,7 @@ from hdb.config import (
     DTYPE_CHOICES,
     FILE_DTYPES,
     LORA_FORMATS,
+    MAX_PHOTOS,
     MIXED_PRECISIONS,
     OPTIMIZERS,
     TINY_ARCHS,
@@ -103,9 +104,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_personalize(args: argparse.Namespace) -> None:
     from hdb.faces import align_face, crop_size
 
-    face = align_face(args.photo, size=crop_size(args.resolution or 512))  # a bad photo fails before the model loads
-    if face.note:
-        print(face.note)
+    if len(args.photo) > MAX_PHOTOS:
+        raise HdbError(f"Personalise from 1 to {MAX_PHOTOS} photos of one person, not {len(args.photo)}")
+    faces = [align_face(photo, size=crop_size(args.resolution or 512)) for photo in args.photo]  # before the model
+    for photo, face in zip(args.photo, faces, strict=True):
+        if face.note:
+            print(f"{photo.name}: {face.note}")
     from hdb.devices import DTYPES
     from hdb.models import load_pipeline
     from hdb.personal_file import save_personal
@@ -120,7 +124,9 @@ def cmd_personalize(args: argparse.Namespace) -> None:
         hypernet = HyperNetwork.from_pretrained(args.hypernet, device=pipe.unet.device)
     else:
         print("No --hypernet given: finetuning from zero (no prediction to start from), so more steps by default.")
-    result = personalize(pipe, face, hypernet, config_from_args(PersonalizeConfig, args))
+    result = personalize(pipe, faces, hypernet, config_from_args(PersonalizeConfig, args))
+    for note in result.notes:
+        print(f"warning: {note}")
     path = save_personal(result.weights, args.output, DTYPES[args.save_dtype])
     losses = result.losses
     print(
@@ -318,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=cmd_export)
 
     person = sub.add_parser("personalize", help="personalise from one face photo -> personal weights file")
-    person.add_argument("photo", type=Path)
+    person.add_argument("photo", type=Path, nargs="+", help=f"1 to {MAX_PHOTOS} photos of the same person")
     _add_model_options(person)
     person.add_argument("--hypernet", help="trained hypernetwork: hub id or directory (optional)")
     person.add_argument("-o", "--output", type=Path, required=True, help="personal .safetensors file to write")

@@ -28,6 +28,8 @@ def instance_prompt_for(instance_token: str) -> str:
 DEFAULT_INSTANCE_PROMPT = instance_prompt_for(DEFAULT_INSTANCE_TOKEN)
 
 
+MAX_PHOTOS = 5  # photos of one person a personalisation takes
+SAME_PERSON = 0.9  # face similarity below which two photos probably show different people (see faces.py)
 STEPS_WITH_HYPERNET = 40  # the paper's fast finetuning
 STEPS_FROM_ZERO = 200  # no prediction to start from: more steps
 

@@ -17,6 +17,8 @@ import torch
 
 from hdb.config import (
     DEFAULT_INSTANCE_TOKEN,
+    MAX_PHOTOS,
+    SAME_PERSON,
     STEPS_FROM_ZERO,
     STEPS_WITH_HYPERNET,
     LiDBConfig,
@@ -33,7 +35,7 @@ from hdb.diffusion import (
     tokenize_prompts,
 )
 from hdb.errors import HdbError
-from hdb.faces import AlignedFace, ImageSource, align_face, crop_size
+from hdb.faces import AlignedFace, ImageSource, align_face, crop_size, face_similarity
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, native_resolution, training_scheduler
 from hdb.personal_file import PersonalWeights
@@ -52,35 +54,45 @@ MEMORY_OPTIONS = (
 class Personalization:
     weights: PersonalWeights
     lidb: LiDB  # attached to the pipeline, holding the trained person
-    face: AlignedFace
+    faces: list[AlignedFace]  # the aligned photos, in the order given
     losses: list[float]
     steps: int
     used_hypernet: bool
+    notes: list[str]  # warnings worth showing, e.g. photos that may show different people
+
+    @property
+    def face(self) -> AlignedFace:
+        return self.faces[0]
 
 
 def personalize(
     pipe: Pipeline,
-    photo: ImageSource | AlignedFace,
+    photo: ImageSource | AlignedFace | list[ImageSource | AlignedFace],
     hypernet: HyperNetwork | None = None,
     config: PersonalizeConfig | None = None,
     lidb: LiDB | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Personalization:
-    """Personalise `pipe` to the face in `photo`; the LiDB stays attached, holding the person.
+    """Personalise `pipe` to the face in `photo` (or in up to MAX_PHOTOS photos of one person); the LiDB stays
+    attached, holding the person. With several photos the finetune draws its views from all of them, and
+    the hypernetwork's prediction is the mean of its per-photo predictions.
 
     `lidb`: the pipeline's LiDB to train (a server reuses one for every visitor); None attaches a new
     one, and takes it off again if personalisation fails, so the pipeline is left as it was found.
     """
     config = config or PersonalizeConfig()
     resolution = config.resolution or native_resolution(pipe)
-    face = photo if isinstance(photo, AlignedFace) else align_face(photo, size=crop_size(resolution))
+    photos = photo if isinstance(photo, list) else [photo]
+    if not 1 <= len(photos) <= MAX_PHOTOS:
+        raise HdbError(f"Personalise from 1 to {MAX_PHOTOS} photos of one person, not {len(photos)}")
+    faces = [p if isinstance(p, AlignedFace) else align_face(p, size=crop_size(resolution)) for p in photos]
     if lidb is not None:
         if config.lidb is not None:
             lidb.require(config.lidb)
-        return _finetune(pipe, face, hypernet, config, lidb, resolution, on_step)
+        return _finetune(pipe, faces, hypernet, config, lidb, resolution, on_step)
     lidb = LiDB(pipe, config.lidb or (hypernet.lidb_config if hypernet is not None else LiDBConfig()))
     try:
-        return _finetune(pipe, face, hypernet, config, lidb, resolution, on_step)
+        return _finetune(pipe, faces, hypernet, config, lidb, resolution, on_step)
     except BaseException:
         lidb.detach()
         raise
@@ -88,7 +100,7 @@ def personalize(
 
 def _finetune(
     pipe: Pipeline,
-    face: AlignedFace,
+    faces: list[AlignedFace],
     hypernet: HyperNetwork | None,
     config: PersonalizeConfig,
     lidb: LiDB,
@@ -109,7 +121,8 @@ def _finetune(
     with training_stage(pipe, lidb, "finetuning", MEMORY_OPTIONS, config.gradient_checkpointing):
         if hypernet is not None:
             hypernet.check_compatible(lidb)
-            A, B = hypernet.predict(face.image)
+            predictions = [hypernet.predict(face.image) for face in faces]
+            A, B = (torch.stack(parts).mean(dim=0) for parts in zip(*predictions, strict=True))
         else:
             A, B = lidb.initial_weights()
         relaxed_rows = torch.Generator().manual_seed(config.seed)  # the same person from the same seed
@@ -118,7 +131,7 @@ def _finetune(
         lidb.set_scale(1.0)  # train the person at full strength, whatever the last generation used
         prompt_tokens = tokenize_prompts(pipe, [prompt])
         # one view at a time: the VAE encoder's activations at 512 px would otherwise set the peak memory
-        views = augmented_views(face.image, resolution)
+        views = torch.cat([augmented_views(face.image, resolution) for face in faces])  # every photo's views
         latents = torch.cat([encode_images(pipe, view[None]) for view in views]).float()
         scheduler = training_scheduler(pipe)
 
@@ -128,7 +141,20 @@ def _finetune(
 
         losses = train(lidb.trainable_parameters(), loss_fn, train_config, on_step)
     weights = PersonalWeights.from_lidb(lidb, prompt, config.instance_token)
-    return Personalization(weights, lidb, face, losses, steps, hypernet is not None)
+    return Personalization(weights, lidb, faces, losses, steps, hypernet is not None, _same_person_notes(faces))
+
+
+def _same_person_notes(faces: list[AlignedFace]) -> list[str]:
+    """A warning for each photo whose face looks like someone else than the first photo's."""
+    notes = []
+    for number, face in enumerate(faces[1:], start=2):
+        similarity = face_similarity(faces[0], face)
+        if similarity < SAME_PERSON:
+            notes.append(
+                f"Photo {number} may show someone other than photo 1 (face similarity {similarity:.2f}; "
+                f"the same person is usually above {SAME_PERSON}): the result mixes them."
+            )
+    return notes
 
 
 @torch.no_grad()

@@ -56,8 +56,9 @@ def app_url(engine, visitor_files):
         demo.close()
 
 
-def personalize(client: Client, photo: Path, steps: int = 3):
-    return client.predict(handle_file(str(photo)), True, steps, api_name="/personalize")
+def personalize(client: Client, photo: Path, steps: int = 3, more: list[Path] = ()):
+    more_photos = [handle_file(str(p)) for p in more] or None
+    return client.predict(handle_file(str(photo)), True, steps, more_photos, api_name="/personalize")
 
 
 def generate(client: Client, prompt: str = "[V] as an astronaut", seed: int = 1, count: int = 2, captions=None):
@@ -91,7 +92,7 @@ def test_clear_messages_for_bad_photos(app_url, tmp_path):
     with pytest.raises(Exception, match="No face found"):
         personalize(client, ASSETS / "landscape.jpg")
     with pytest.raises(Exception, match="right to use this photo"):
-        client.predict(handle_file(str(ASSETS / "obama.jpg")), False, 3, api_name="/personalize")
+        client.predict(handle_file(str(ASSETS / "obama.jpg")), False, 3, None, api_name="/personalize")
     with pytest.raises(Exception, match="Personalise a photo first"):
         generate(client)
 
@@ -305,3 +306,11 @@ def test_identity_score_of_a_real_face(obama_face):
 
     same, other = (identity_similarity(obama_face, ASSETS / name) for name in ("obama2.jpg", "biden.jpg"))
     assert same > 0.9 > other  # the legend's ranges: the same person ~0.95, different people ~0.8
+
+
+def test_several_photos_in_the_app(app_url):
+    client = Client(app_url, verbose=False)
+    _, status, _ = personalize(client, ASSETS / "obama.jpg", more=[ASSETS / "obama2.jpg"])
+    assert "Personalised from 2 photos" in status and "may show someone" not in status
+    _, status, _ = personalize(client, ASSETS / "obama.jpg", more=[ASSETS / "biden.jpg"])
+    assert "Photo 2 may show someone other than photo 1" in status

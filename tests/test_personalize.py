@@ -8,6 +8,7 @@ from helpers import hdb_cli as hdb
 from PIL import Image
 
 from hdb.errors import HdbError
+from hdb.faces import align_face
 from hdb.lidb import LiDB
 from hdb.models import build_tiny_pipeline
 from hdb.personalize import PersonalizeConfig, personalize, photo_loss
@@ -213,3 +214,27 @@ def test_bench_command_prints_the_table_and_json(tmp_path):
     record = json.loads((tmp_path / "b.json").read_text())
     assert record["steps"] == 3 and record["finetune_step_s"] > 0 and record["dreambooth_step_s"] > 0
     assert record["dtype"] == "bfloat16"
+
+
+def test_several_photos_of_one_person(obama_face, tiny_sd15):
+    second, other = (align_face(ASSETS / name, size=256) for name in ("obama2.jpg", "biden.jpg"))
+    lidb = LiDB(tiny_sd15)
+    hypernet = tiny_hypernet(tiny_sd15, lidb)
+    with torch.no_grad():
+        hypernet.head_bias.normal_(0, 0.05)  # predictions that differ from photo to photo
+    predictions = [hypernet.predict(face.image) for face in (obama_face, second)]
+    config = PersonalizeConfig(steps=0, progress=False)  # no finetuning: the start is what is left
+    both = personalize(tiny_sd15, [obama_face, second], hypernet, config, lidb=lidb)
+    mean_B = (predictions[0][1] + predictions[1][1]) / 2  # the prediction combines the photos: their mean
+    torch.testing.assert_close(both.weights.B[:, :, :1], mean_B, atol=1e-6, rtol=1e-5)
+    assert both.notes == [] and len(both.faces) == 2 and both.face is both.faces[0]
+    mixed = personalize(tiny_sd15, [obama_face, other], config=PersonalizeConfig(steps=2, progress=False), lidb=lidb)
+    assert len(mixed.notes) == 1 and "Photo 2 may show someone other than photo 1" in mixed.notes[0]
+    with pytest.raises(HdbError, match="from 1 to 5 photos"):
+        personalize(tiny_sd15, [obama_face] * 6, lidb=lidb)
+
+
+def test_cli_personalize_from_two_photos_warns_about_different_people(tiny_sd15_dir, tmp_path):
+    out = hdb("personalize", ASSETS / "obama.jpg", ASSETS / "biden.jpg", "--base", tiny_sd15_dir,
+              "-o", tmp_path / "p.safetensors", "--steps", "2").stdout  # fmt: skip
+    assert "warning: Photo 2 may show someone other than photo 1" in out and (tmp_path / "p.safetensors").is_file()
