@@ -447,7 +447,12 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
     def leave(request: gr.Request) -> None:
         files.forget(request.session_hash)
 
-    return show_crop, run_personalize, upload_person, run_generate, leave
+    def draw_example(session: Session | None, *inputs: object) -> tuple:
+        if session is None or session.weights is None:
+            return gr.skip(), gr.skip()  # nobody personalised yet: the example only fills the prompt
+        return run_generate(session, *inputs)
+
+    return show_crop, run_personalize, upload_person, run_generate, draw_example, leave
 
 
 # ----------------------------------------------------------------------------- the page
@@ -473,7 +478,7 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
     from hdb.models import native_resolution
     from hdb.styles import SIZE_PRESETS
 
-    show_crop, run_personalize, upload_person, run_generate, leave = make_handlers(engine, files)
+    show_crop, run_personalize, upload_person, run_generate, draw_example, leave = make_handlers(engine, files)
     sizes = SIZE_PRESETS.get(native_resolution(engine.pipe)) or SIZE_PRESETS[512]
     with gr.Blocks(title="hdb: HyperDreamBooth", delete_cache=(600, 3600)) as demo:
         gr.Markdown(
@@ -535,7 +540,7 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt ([V] is the person)", value=EXAMPLE_PROMPTS[1], elem_id="prompt")
-                gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
+                prompt_examples = gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
                 style = gr.Dropdown(list(STYLE_PRESETS), value="None", label="Style")
                 with gr.Accordion("Generation options", open=False):
                     negative = gr.Textbox(label="Negative prompt (follows the style)", value=negative_for("None"))
@@ -569,6 +574,9 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
             upload_person, [saved, session], [session, status, downloads], api_name="upload_person", **pipeline
         )
         generate_button.click(run_generate, pictures, [gallery, seed], api_name="generate", **pipeline)
+        # a prompt example draws at once once there is a person; a photo example only shows its aligned crop:
+        # personalising still waits for the visitor's consent and click
+        prompt_examples.load_input_event.then(draw_example, pictures, [gallery, seed], api_name=False, **pipeline)
     demo.queue(max_size=32)
     return demo
 
