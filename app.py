@@ -29,7 +29,7 @@ import gradio as gr
 
 from hdb import DEFAULT_BASE, HdbError
 from hdb.config import DEFAULT_INSTANCE_TOKEN, DTYPE_CHOICES, MAX_PHOTOS, OPTIMIZERS
-from hdb.styles import EXAMPLE_PROMPTS, STYLE_PRESETS, expand_prompt, negative_for, picture_size
+from hdb.styles import EXAMPLE_PROMPTS, SIZE_PRESETS, STYLE_PRESETS, expand_prompt, negative_for, picture_size
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 GPU_SECONDS = {"setup": 10.0, "finetune_step": 0.35, "image_step": 0.08}
 MAX_GPU_SECONDS = 180  # what one call may ask for at most; the sliders' limits are set so their work fits
 MAX_FINETUNE_STEPS, MAX_SAMPLING_STEPS, MAX_IMAGES = 400, 100, 4
-MAX_AREA = 1.5  # the largest size preset's pixels over the native square's (hdb.styles.SIZE_PRESETS)
+# the largest size preset's pixels over the native square's (SD1.x's portrait: 1.5)
+MAX_AREA = max(w * h / native**2 for native, sizes in SIZE_PRESETS.items() for w, h in sizes.values())
 
 
 def gpu_task(duration: Callable[[dict], float]) -> Callable[[Callable], Callable]:
@@ -96,13 +97,18 @@ TIPS = """\
 - **Without a hypernetwork** (none has been published yet) personalisation starts from zero and takes
   200 finetune steps instead of 40: slower, and the likeness from one photo is weaker than the paper's.
 """
+PERSON_FILE, KOHYA_FILE, DIFFUSERS_FILE = (
+    "person.safetensors",
+    "person_lora_kohya.safetensors",
+    "person_lora_diffusers.safetensors",
+)
 DOWNLOADS_HELP = f"""\
-**person.safetensors**: hdb's ~100 KB personal file, for `python -m hdb generate --person` or upload
-above. **person_lora_kohya.safetensors**: a LoRA for AUTOMATIC1111 and ComfyUI (their `Lora` folder).
-**person_lora_diffusers.safetensors**: a LoRA for diffusers:
+**{PERSON_FILE}**: hdb's ~100 KB personal file, for `python -m hdb generate --person` or upload
+above. **{KOHYA_FILE}**: a LoRA for AUTOMATIC1111 and ComfyUI (their `Lora` folder).
+**{DIFFUSERS_FILE}**: a LoRA for diffusers:
 
 ```python
-pipe.load_lora_weights(".", weight_name="person_lora_diffusers.safetensors")
+pipe.load_lora_weights(".", weight_name="{DIFFUSERS_FILE}")
 image = pipe("a photo of {DEFAULT_INSTANCE_TOKEN} as an astronaut").images[0]
 ```
 Both LoRAs are exact; prompts name the person with the file's token (`{DEFAULT_INSTANCE_TOKEN}`).
@@ -283,7 +289,7 @@ class Session:
     key: str  # Gradio's session hash: names the visitor's folder (VisitorFiles.folder)
     folder: Path
     weights: object | None = None  # PersonalWeights
-    faces: list | None = None  # PIL images of the aligned crops: what identity scores compare with
+    references: list | None = None  # face descriptors of the visitor's photos, for the identity scores
 
 
 # ----------------------------------------------------------------------------- event handlers
@@ -291,9 +297,9 @@ class Session:
 
 def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
     from hdb.config import PersonalizeConfig
-    from hdb.evaluate import identity_similarity
+    from hdb.evaluate import identity_score
     from hdb.export import export_lora
-    from hdb.faces import align_face, crop_size
+    from hdb.faces import align_face, crop_size, face_embedding
     from hdb.generate import generate
     from hdb.models import native_resolution
     from hdb.personal_file import apply_personal, check_compatible, load_personal, save_personal
@@ -351,7 +357,7 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
         except HdbError as error:
             raise gr.Error(str(error)) from None
         engine.seconds_per_step = (time.perf_counter() - started) / steps
-        session.weights, session.faces = result.weights, [face.image for face in faces]
+        session.weights, session.references = result.weights, [face_embedding(face) for face in faces]
         downloads = save_files(session)
         how = "from the hypernetwork's prediction" if result.used_hypernet else "from zero (no hypernetwork loaded)"
         notes = " ".join([face.note for face in faces if face.note] + result.notes)
@@ -360,9 +366,9 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
         yield faces[0].image, message, session, downloads
 
     def save_files(session: Session) -> list[str]:
-        person = save_personal(session.weights, session.folder / "person.safetensors")
-        kohya = export_lora(session.weights, session.folder / "person_lora_kohya.safetensors", "kohya")
-        diffusers = export_lora(session.weights, session.folder / "person_lora_diffusers.safetensors", "diffusers")
+        person = save_personal(session.weights, session.folder / PERSON_FILE)
+        kohya = export_lora(session.weights, session.folder / KOHYA_FILE, "kohya")
+        diffusers = export_lora(session.weights, session.folder / DIFFUSERS_FILE, "diffusers")
         return [str(person), str(kohya), str(diffusers)]
 
     def upload_person(file: str | None, session: Session | None, request: gr.Request) -> tuple:
@@ -375,7 +381,7 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
                 check_compatible(weights, engine.lidb)
         except HdbError as error:
             raise gr.Error(str(error)) from None
-        session.weights, session.faces = weights, []
+        session.weights, session.references = weights, []
         return (
             session,
             f"Loaded a saved person ({weights.num_numbers:,} numbers, rank {weights.config.rank}).",
@@ -437,12 +443,10 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
     def caption(session: Session, image: Image.Image, seed: int, index: int) -> str:
         """Seed and identity score: how close the face in the picture is to the uploaded faces (the mean)."""
         where = f"seed {seed}" + (f" #{index + 1}" if index else "")
-        if not session.faces:  # a person loaded from a file: no photo to compare with
+        if not session.references:  # a person loaded from a file: no photo to compare with
             return where
-        scores = [identity_similarity(face, image) for face in session.faces]
-        if None in scores:
-            return f"{where} · no face found"
-        return f"{where} · identity {sum(scores) / len(scores):.2f}"
+        score = identity_score(session.references, image)
+        return f"{where} · {'no face found' if score is None else f'identity {score:.2f}'}"
 
     def leave(request: gr.Request) -> None:
         files.forget(request.session_hash)

@@ -146,11 +146,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from hdb.styles import expand_prompt, mentions_person, negative_for
 
     weights = load_personal(args.person)  # check the file before loading a large model
-    reference = None
+    references = None
     if args.score:
-        from hdb.faces import align_face
+        from hdb.faces import align_face, face_embedding
 
-        reference = align_face(args.score)  # a photo without a face fails before the model loads
+        references = [face_embedding(align_face(args.score))]  # no face in the photo fails before the model loads
     from hdb.generate import generate
     from hdb.models import load_pipeline
 
@@ -179,12 +179,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for index, image in enumerate(images):
         path = output if len(images) == 1 else output.with_name(f"{output.stem}_{index}{output.suffix}")
         image.save(path)
-        if reference is None:
+        if references is None:
             print(f"saved {path}")
             continue
-        from hdb.evaluate import identity_similarity
+        from hdb.evaluate import identity_score
 
-        similarity = identity_similarity(reference, image)
+        similarity = identity_score(references, image)
         score = "no face found" if similarity is None else f"identity {similarity:.2f} to {args.score.name}"
         print(f"saved {path} ({score})")
 

@@ -290,12 +290,6 @@ def face_embedding(source: AlignedFace | ImageSource) -> np.ndarray:
     return np.array(encoder.compute_face_descriptor(np.asarray(image), shape))
 
 
-def face_similarity(a: AlignedFace | ImageSource, b: AlignedFace | ImageSource) -> float:
-    """Cosine similarity of two faces' descriptors. On the shipped photos: one person 0.95-0.97, others 0.80-0.88."""
-    x, y = face_embedding(a), face_embedding(b)
-    return float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y)))
-
-
 def identity_distance(a: AlignedFace | ImageSource, b: AlignedFace | ImageSource) -> float:
     """L2 distance between descriptors; dlib's rule of thumb: < 0.6 means same person."""
     return float(np.linalg.norm(face_embedding(a) - face_embedding(b)))

@@ -120,8 +120,11 @@ class LiDBLinear(nn.Module):
         # Kept in fp32 whatever the base dtype, so exported LoRA factors are exact; not in state_dict.
         self.register_buffer("A_aux", A_aux.to(device), persistent=False)
         self.register_buffer("B_aux", B_aux.to(device), persistent=False)
-        self.merged = False
         self.original: torch.Tensor | None = None  # the base weight while merged (see `merge`)
+
+    @property
+    def merged(self) -> bool:
+        return self.original is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -157,14 +160,12 @@ class LiDBLinear(nn.Module):
             weight = self.base.weight
             self.original = weight.data
             weight.data = (weight.data.float() + self.delta_weight()).to(weight.dtype)
-            self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             self.base.weight.data = self.original
             self.original = None
-            self.merged = False
 
 
 # ----------------------------------------------------------------------------- all layers of a pipeline

@@ -35,7 +35,8 @@ from hdb.diffusion import (
     tokenize_prompts,
 )
 from hdb.errors import HdbError
-from hdb.faces import AlignedFace, ImageSource, align_face, crop_size, face_similarity
+from hdb.evaluate import cosine
+from hdb.faces import AlignedFace, ImageSource, align_face, crop_size, face_embedding
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, native_resolution, training_scheduler
 from hdb.personal_file import PersonalWeights
@@ -146,9 +147,12 @@ def _finetune(
 
 def _same_person_notes(faces: list[AlignedFace]) -> list[str]:
     """A warning for each photo whose face looks like someone else than the first photo's."""
+    if len(faces) < 2:
+        return []  # one photo: nothing to compare, and no descriptor to compute
     notes = []
-    for number, face in enumerate(faces[1:], start=2):
-        similarity = face_similarity(faces[0], face)
+    first, *others = [face_embedding(face) for face in faces]  # each photo's descriptor once
+    for number, descriptor in enumerate(others, start=2):
+        similarity = cosine(first, descriptor)
         if similarity < SAME_PERSON:
             notes.append(
                 f"Photo {number} may show someone other than photo 1 (face similarity {similarity:.2f}; "
