@@ -109,7 +109,7 @@ above. **{KOHYA_FILE}**: a LoRA for AUTOMATIC1111 and ComfyUI (their `Lora` fold
 
 ```python
 pipe.load_lora_weights(".", weight_name="{DIFFUSERS_FILE}")
-image = pipe("a photo of {DEFAULT_INSTANCE_TOKEN} as an astronaut").images[0]
+image = pipe("a {DEFAULT_INSTANCE_TOKEN} as an astronaut").images[0]
 ```
 Both LoRAs are exact; prompts name the person with the file's token (`{DEFAULT_INSTANCE_TOKEN}`).
 """

@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate pictures of a personalised person")
     _add_model_options(gen)
     gen.add_argument("--person", type=Path, required=True, help="personal weights file")
-    gen.add_argument("--prompt", required=True, help="use [V] for the person, e.g. '[V] as an astronaut'")
+    gen.add_argument("--prompt", required=True, help="use [V] for the person, e.g. 'a [V] as an astronaut'")
     gen.add_argument("--style", default="None", choices=_style_names(), help="style preset")
     gen.add_argument("--negative-prompt", default=None, help="default: the style's (hdb.styles.negative_for)")
     gen.add_argument("--score", type=Path, help="a photo of the person: print each image's identity similarity to it")

@@ -17,12 +17,13 @@ LORA_FORMATS = ("diffusers", "kohya")  # diffusers/peft keys; kohya keys (AUTOMA
 TINY_ARCHS = ("sd15", "sdxl")  # the tiny random pipelines hdb builds for offline tries and tests
 MIXED_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # accelerate's choice -> the frozen base's dtype
 
-DEFAULT_INSTANCE_TOKEN = "sks person"  # a rare token + class noun; prompts name the person with "[V]"
+# A rare token + the class noun; prompts name the person with "[V]", which stands for all of it ("sks face").
+DEFAULT_INSTANCE_TOKEN = "sks face"
 
 
 def instance_prompt_for(instance_token: str) -> str:
-    """The prompt a person is trained with (the paper's "a [V] face", in DreamBooth's usual wording)."""
-    return f"a photo of {instance_token}"
+    """The prompt a person is trained with: the paper's "a [V] face" ("a sks face" with the default token)."""
+    return f"a {instance_token}"
 
 
 DEFAULT_INSTANCE_PROMPT = instance_prompt_for(DEFAULT_INSTANCE_TOKEN)

@@ -140,7 +140,7 @@ def _finetune(
             view = latents[step % len(latents)].unsqueeze(0)
             return step_loss(pipe, scheduler, view, prompt_tokens, [sample_seed(config.seed, step)]).mean()
 
-        losses = train(lidb.trainable_parameters(), loss_fn, train_config, on_step)
+        losses = train(lidb.trainable_parameters(), loss_fn, train_config, on_step).losses
     weights = PersonalWeights.from_lidb(lidb, prompt, config.instance_token)
     return Personalization(weights, lidb, faces, losses, steps, hypernet is not None, _same_person_notes(faces))
 

@@ -76,7 +76,7 @@ def preoptimize(
                 progress=config.progress,
                 description=f"pre-optimising {names}"[:60],
             )
-            history = train([A, B], loss_fn, train_config)
+            history = train([A, B], loss_fn, train_config).losses
             lidb.use_shared()
             for index, identity in enumerate(group):
                 lidb.load_weights(A[index].detach(), B[index].detach())

@@ -33,16 +33,18 @@ SIZE_PRESETS: dict[int, dict[str, tuple[int, int]]] = {
     512: {"Square": (512, 512), "Portrait": (512, 768), "Landscape": (768, 512)},
     1024: {"Square": (1024, 1024), "Portrait": (832, 1216), "Landscape": (1216, 832)},
 }
+# In the paper's wording: "[V]" is the person with the class noun ("sks face"), so "a [V] as ..." reads as
+# the paper's "a [V] face as ...".
 EXAMPLE_PROMPTS = [
-    f"a portrait of {PERSON}",
-    f"{PERSON} as an astronaut on the moon",
-    f"{PERSON} wearing a wizard hat, fantasy illustration",
-    f"a close-up photo of {PERSON} smiling in a sunny park",
+    f"a portrait of a {PERSON}",
+    f"a {PERSON} as an astronaut on the moon",
+    f"a {PERSON} wearing a wizard hat, fantasy illustration",
+    f"a close-up photo of a {PERSON} smiling in a sunny park",
 ]
 
 
 def expand_prompt(prompt: str, instance_token: str, style: str = "None") -> str:
-    """Put the person and the style into the prompt: "[V] as a chef" -> "sks person as a chef, <style>"."""
+    """Put the person and the style into the prompt: "a [V] as a chef" -> "a sks face as a chef, <style>"."""
     if style not in STYLE_PRESETS:
         raise HdbError(f"Unknown style {style!r}; choose one of: {', '.join(STYLE_PRESETS)}")
     if not prompt.strip():

@@ -191,7 +191,8 @@ def train_hypernetwork(
             A, B = accelerator.unwrap_model(model).predict(held_ids[0].faces[0])
             lidb.start_from(A, B)
             pipe.unet.eval()
-            image = generate(pipe, lidb, f"a portrait of {config.instance_token}", steps=config.sample_steps, seed=0)[0]
+            prompt = f"a portrait of a {config.instance_token}"
+            image = generate(pipe, lidb, prompt, steps=config.sample_steps, seed=0)[0]
             pipe.unet.train()
             (out / "samples").mkdir(exist_ok=True)
             image.save(out / "samples" / f"step-{step:06d}.png")
@@ -238,7 +239,7 @@ def train_hypernetwork(
             progress=config.progress,
             description="training the hypernetwork",
         )
-        losses = train(
+        result = train(
             parameters,
             loss_fn,
             train_config,
@@ -264,7 +265,8 @@ def train_hypernetwork(
     return {
         "main_process": accelerator.is_main_process,
         "start_step": start_step,
-        "losses": losses,
+        "losses": result.losses,
+        "skipped_steps": result.skipped_steps,  # fp16 overflows the loss scaler skipped
         "validation": history["validation"],
         "identities": len(train_ids),
         "held_out": [i.name for i in held_ids],

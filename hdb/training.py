@@ -46,6 +46,9 @@ class TrainConfig:
     # timesteps, so a first draw at high noise would stop healthy runs. The floor of 1 is the
     # diffusion loss's own scale (its target is unit-variance noise).
     explode_factor: float = 50.0
+    # Under fp16 loss scaling an overflowing step is normal: the scaler skips it and halves its scale.
+    # This many skips in a row, though, means the gradients themselves are infinite: training diverged.
+    max_skips_in_a_row: int = 25
     # The guard keeps one copy of the trainables, taken every `snapshot_every` steps (where the host waits
     # for the GPU once), on the "device", in "host" memory, or "auto": host for trainables over 256 MiB.
     snapshot_every: int = 10
@@ -56,6 +59,12 @@ class TrainConfig:
 
 class TrainingDiverged(HdbError):
     """The loss became NaN/inf or exploded; parameters were restored to the guard's snapshot."""
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # the loss of each step run
+    skipped_steps: list[int]  # steps the fp16 loss scaler skipped because their gradients overflowed
 
 
 def make_optimizer(
@@ -82,8 +91,8 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     accelerator: Accelerator | None = None,
     start_step: int = 0,
-) -> list[float]:
-    """Optimise `parameters` from `start_step` to `config.steps`; returns the loss of each step run.
+) -> TrainResult:
+    """Optimise `parameters` from `start_step` to `config.steps`; returns each step's loss and the skipped steps.
 
     `loss_fn(i)` computes the loss of micro-batch i (with gradient accumulation, step s runs
     micro-batches s*k .. s*k+k-1); drawing its data and noise from i makes a resumed run exact.
@@ -97,15 +106,21 @@ def train(
     weights that step started from: the one copy a failed step is restored to.
     `on_step(step, loss)` is called as each loss is read, after step `step`'s update and before the
     next one: the right moment to checkpoint step `step`. Gradients are cleared however it ends.
+
+    With fp16 loss scaling (hdb's own scaler, or accelerate's under `mixed_precision="fp16"`), a step
+    whose gradients overflow is skipped by the scaler and counted, not called divergence; a NaN loss,
+    an exploding loss or `max_skips_in_a_row` overflows in a row still stop training.
     """
     optimizer = optimizer or make_optimizer(parameters, config.optimizer, config.learning_rate, config.weight_decay)
     device_type = parameters[0].device.type
-    scaler = torch.amp.GradScaler(device_type, enabled=config.fp16_loss_scaling and device_type == "cuda")
+    scaler = torch.amp.GradScaler(device_type, enabled=config.fp16_loss_scaling)
+    loss_scaling = scaler.is_enabled() or (accelerator is not None and accelerator.scaler is not None)
     backward = accelerator.backward if accelerator is not None else (lambda loss: scaler.scale(loss).backward())
     clip = accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_
     snapshot = _Snapshot(parameters, config.snapshot_on, start_step)
     waiting: _StepOnItsWay | None = None  # a step whose numbers are still on their way to the host
     losses: list[float] = []
+    skipped: list[int] = []
     main_process = accelerator is None or accelerator.is_main_process
     bar = tqdm(
         range(start_step, config.steps),
@@ -125,9 +140,14 @@ def train(
                 f"{config.description}: loss became {value:.4g} at step {done.step} (typical so far: {typical:.4g}); "
                 f"stopped and {kept}. Try a lower learning rate."
             )
-        if not scaler.is_enabled() and not math.isfinite(norm):  # with fp16 scaling, the scaler skips such steps
-            snapshot.restore(parameters)
-            raise TrainingDiverged(f"{config.description}: gradients became NaN/inf at step {done.step}; {kept}")
+        if not math.isfinite(norm):
+            skipped.append(done.step)
+            in_a_row = len(skipped) >= config.max_skips_in_a_row and skipped[-config.max_skips_in_a_row] == (
+                done.step - config.max_skips_in_a_row + 1
+            )
+            if not loss_scaling or in_a_row:  # without a scaler the optimizer has already taken the step
+                snapshot.restore(parameters)
+                raise TrainingDiverged(f"{config.description}: gradients became NaN/inf at step {done.step}; {kept}")
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
         if on_step is not None:
@@ -159,7 +179,9 @@ def train(
     finally:
         for parameter in parameters:  # a failed step's NaN gradients must not reach the next user of these weights
             parameter.grad = None
-    return losses
+    if skipped and main_process and config.progress:
+        bar.write(f"{config.description}: the fp16 loss scaler skipped {len(skipped)} overflowing step(s)")
+    return TrainResult(losses, skipped)
 
 
 class _Snapshot:

@@ -161,7 +161,7 @@ def test_real_browser_flow(app_url, visitor_files, tmp_path):
         expect(page.locator("#gallery")).to_contain_text("seed")
         expect(page.locator("#identity-legend")).to_contain_text("the same person")
         first = re.search(r"seed \d+", page.locator("#gallery").inner_text()).group()
-        page.get_by_text("[V] wearing a wizard hat, fantasy illustration").click()  # a prompt example draws at once
+        page.get_by_text("a [V] wearing a wizard hat, fantasy illustration").click()  # a prompt example draws at once
         expect(page.locator("#gallery")).not_to_contain_text(first, timeout=120_000)  # pictures of a new seed
         expect(page.locator("#gallery img")).to_have_count(2, timeout=120_000)
         screenshot = Path(os.environ.get("HDB_SCREENSHOT", tmp_path / "app.jpg"))

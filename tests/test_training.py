@@ -288,7 +288,55 @@ def test_a_first_step_at_high_noise_does_not_stop_healthy_training():
     def loss_fn(step):
         return weight.sum() * 0 + next(losses)
 
-    assert len(train([weight], loss_fn, TrainConfig(steps=5, learning_rate=0.1, progress=False))) == 5
+    assert len(train([weight], loss_fn, TrainConfig(steps=5, learning_rate=0.1, progress=False)).losses) == 5
+
+
+def _overflowing_loss(weight, overflow_at):
+    """A finite loss whose gradient is infinite at the steps in `overflow_at`, as an fp16 overflow makes it."""
+
+    def loss_fn(step):
+        used = weight * 1  # a fresh tensor each step, so the hook below touches this step's gradient only
+        if step in overflow_at:
+            used.register_hook(lambda grad: grad * float("inf"))
+        return (used**2).sum()
+
+    return loss_fn
+
+
+def test_fp16_overflow_steps_are_skipped_by_the_scaler_and_counted():
+    weight = torch.nn.Parameter(torch.ones(3))
+    config = TrainConfig(steps=8, learning_rate=0.1, fp16_loss_scaling=True, progress=False, snapshot_every=3)
+    result = train([weight], _overflowing_loss(weight, {2, 5}), config)
+    assert result.skipped_steps == [2, 5] and len(result.losses) == 8
+    assert torch.isfinite(weight).all() and weight.sum() < 3  # trained, and the overflow steps left no trace
+
+
+def test_fp16_overflow_under_accelerate_is_skipped_not_divergence():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    # accelerate builds its scaler for fp16 on GPUs only; hand it one, as `mixed_precision="fp16"` does there
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+    model = torch.nn.Linear(3, 1, bias=False)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1))
+    weight = model.weight
+    config = TrainConfig(steps=6, learning_rate=0.1, progress=False)
+    result = train([weight], _overflowing_loss(weight, {1, 4}), config, optimizer=optimizer, accelerator=accelerator)
+    assert result.skipped_steps == [1, 4] and torch.isfinite(weight).all()
+
+
+def test_gradients_that_always_overflow_still_stop_training():
+    weight = torch.nn.Parameter(torch.ones(3))
+    config = TrainConfig(steps=40, learning_rate=0.1, fp16_loss_scaling=True, progress=False, max_skips_in_a_row=5)
+    with pytest.raises(TrainingDiverged, match="gradients became NaN/inf at step 6"):
+        train([weight], _overflowing_loss(weight, set(range(2, 40))), config)
+    assert torch.isfinite(weight).all()
+
+
+def test_an_infinite_gradient_without_loss_scaling_stops_at_once():
+    weight = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(TrainingDiverged, match="at step 1"):
+        train([weight], _overflowing_loss(weight, {1}), TrainConfig(steps=4, learning_rate=0.1, progress=False))
 
 
 def test_the_snapshot_goes_to_host_memory_for_large_trainables(monkeypatch):

@@ -145,7 +145,7 @@ def pretrain_base(
                 progress=progress,
                 description="pre-training the base UNet",
             )
-            losses += train(list(pipe.unet.parameters()), loss_fn, train_config, start_step=start)
+            losses += train(list(pipe.unet.parameters()), loss_fn, train_config, start_step=start).losses
     return losses
 
 
