@@ -24,6 +24,7 @@ from hdb.config import (
     MAX_PHOTOS,
     MIXED_PRECISIONS,
     OPTIMIZERS,
+    RELAX_MODES,
     TINY_ARCHS,
     BenchOptions,
     HypernetTrainConfig,
@@ -330,7 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     person.add_argument("-o", "--output", type=Path, required=True, help="personal .safetensors file to write")
     P = PersonalizeConfig
     config_option(person, "--steps", P, type=int, help="finetune steps (default 40 with --hypernet, 200 without)")
-    config_option(person, "--rank", P, "relaxed_rank", help="relaxed rank of the fast finetune (1: paper's r=1 size)")
+    config_option(
+        person,
+        "--relax",
+        P,
+        choices=RELAX_MODES,
+        help="lora: a plain LoRA on top (the paper); lidb: compact",
+    )
+    config_option(person, "--rank", P, "relaxed_rank", help="rank of the relaxed finetune (the plain LoRA's or LiDB's)")
     config_option(person, "--lr", P, "learning_rate")
     config_option(person, "--optimizer", P, choices=OPTIMIZERS)
     config_option(person, "--gradient-checkpointing", P, help="less memory, slower steps")

@@ -15,6 +15,10 @@ DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")  # the precision the base model
 FILE_DTYPES = ("fp32", "fp16")  # what personal files and LoRA exports are written in
 LORA_FORMATS = ("diffusers", "kohya")  # diffusers/peft keys; kohya keys (AUTOMATIC1111, ComfyUI)
 TINY_ARCHS = ("sd15", "sdxl")  # the tiny random pipelines hdb builds for offline tries and tests
+# How the fast finetune relaxes the predicted rank-1 LiDB: "lora", the paper's (a plain rank-r LoRA on top of
+# the prediction, free of the aux bases), or "lidb", hdb's compact variant (rank r inside the aux bases, ~4x
+# the r=1 file instead of a few MB)
+RELAX_MODES = ("lora", "lidb")
 MIXED_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # accelerate's choice -> the frozen base's dtype
 
 # A rare token + the class noun; prompts name the person with "[V]", which stands for all of it ("sks face").
@@ -54,7 +58,8 @@ class PersonalizeConfig:
     """Options of `hdb.personalize.personalize` (fast finetuning from one photo)."""
 
     steps: int | None = None  # None: 40 from a hypernetwork prediction, 200 from zero
-    relaxed_rank: int = 4  # rank of the fast-finetuned adapter (1 keeps the paper's r=1 file size)
+    relax: str = RELAX_MODES[0]  # see RELAX_MODES
+    relaxed_rank: int = 4  # rank of what the fast finetune trains: the plain LoRA's, or the LiDB's
     learning_rate: float = 1e-3
     optimizer: str = OPTIMIZERS[0]  # or "adamw8bit" (bitsandbytes)
     gradient_checkpointing: bool = False

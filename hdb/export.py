@@ -2,7 +2,9 @@
 
 LiDB is an exact rank-r LoRA, lora_A = A_train @ A_aux and lora_B = B_aux @ B_train, computed by the
 same `lora_factors` the forward pass uses, from aux bases rebuilt from the file alone (its layer
-shapes and seed), so export needs no base model and cannot drift from what was trained.
+shapes and seed), so export needs no base model and cannot drift from what was trained. A person
+with a plain LoRA on top (the paper's rank relaxation) exports as one LoRA of rank r + r': the two
+factor pairs stacked, which computes exactly their sum.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_
 
 
 def personal_lora_factors(weights: PersonalWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """name -> (lora_A [r, in], lora_B [out, r]) from a personal file, checking the rebuilt aux bases."""
+    """name -> (lora_A [R, in], lora_B [out, R]) from a personal file, checking the rebuilt aux bases.
+
+    R is the LiDB rank, plus the plain LoRA's rank when the file has one (stacked: B1 A1 + B2 A2 = [B1 B2][A1; A2]).
+    """
     config = weights.config
     bases = {
         name: aux_bases(config.seed, name, i, o, config.a, config.b) for name, (i, o) in weights.layer_shapes.items()
@@ -32,9 +37,17 @@ def personal_lora_factors(weights: PersonalWeights) -> dict[str, tuple[torch.Ten
         raise HdbError(
             f"The aux bases rebuilt here (fingerprint {rebuilt}) differ from the file's ({weights.aux_fingerprint})"
         )
-    return {
+    factors = {
         name: lora_factors(weights.A[index], weights.B[index], *bases[name])
         for index, name in enumerate(weights.layer_shapes)
+    }
+    if weights.lora_down is None:
+        return factors
+    return {
+        name: (torch.cat([down, plain_down]), torch.cat([up, plain_up], dim=1))
+        for (name, (down, up)), plain_down, plain_up in zip(
+            factors.items(), weights.lora_down, weights.lora_up, strict=True
+        )
     }
 
 
@@ -65,7 +78,7 @@ def export_lora(
     if format == "diffusers":
         _save_diffusers(factors, path)
     else:
-        _save_kohya(factors, path, weights.config.rank)
+        _save_kohya(factors, path)
     return path
 
 
@@ -81,9 +94,10 @@ def _save_diffusers(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path:
     pipeline_class.save_lora_weights(str(path.parent), weight_name=path.name, **arguments)
 
 
-def _save_kohya(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, rank: int) -> None:
+def _save_kohya(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
     # kohya names: lora_unet_<module path with _>, lora_te_ (SD1/2) or lora_te1_/lora_te2_ (SDXL).
     sdxl = any(name.startswith("text_encoder_2.") for name in factors)
+    rank = next(iter(factors.values()))[0].shape[0]
     prefixes = dict(KOHYA_PREFIXES, text_encoder="lora_te1" if sdxl else "lora_te")
     state: dict[str, torch.Tensor] = {}
     for name, (down, up) in factors.items():

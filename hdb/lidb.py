@@ -16,6 +16,9 @@ of tensors held by `LiDB`:
   * shared weights `A: [L, r, a]`, `B: [L, b, r]`: one person (inference, personal files, finetuning);
   * per-sample weights `A: [S, L, r, a]`, `B: [S, L, b, r]`: a different person per batch element
     (pre-optimising many identities at once, training the hypernetwork), applied with batched matmuls.
+
+On top of the LiDB, each layer can also hold an ordinary LoRA (`add_lora`): the paper's rank relaxation
+keeps the predicted rank-1 LiDB and finetunes a plain rank-r LoRA beside it, free of the aux bases.
 """
 
 from __future__ import annotations
@@ -103,14 +106,20 @@ def start_A(num_layers: int, config: LiDBConfig) -> torch.Tensor:
 
 
 class WeightSource:
-    """What every LiDB layer of one pipeline reads at forward time (shared, not a module)."""
+    """What every LiDB layer of one pipeline reads at forward time (shared, not a module).
+
+    `lora_down[i]: [r, in]`, `lora_up[i]: [out, r]`: layer i's plain LoRA, or None when there is none.
+    """
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
         self.A, self.B, self.scale = A, B, 1.0
+        self.lora_down: list[torch.Tensor] | None = None
+        self.lora_up: list[torch.Tensor] | None = None
 
 
 class LiDBLinear(nn.Module):
-    """Wraps an nn.Linear: y = W x + scale * lora_B (lora_A x), factors built from the aux bases."""
+    """Wraps an nn.Linear: y = W x + scale * (lora_B (lora_A x) + up (down x)), LiDB factors built from the aux
+    bases, (down, up) the optional plain LoRA."""
 
     def __init__(self, base: nn.Linear, name: str, index: int, config: LiDBConfig, source: WeightSource) -> None:
         super().__init__()
@@ -142,12 +151,18 @@ class LiDBLinear(nn.Module):
                 raise HdbError(f"LiDB got per-sample weights for {samples} samples but a batch of {x.shape[0]}")
             flat = x.reshape(samples, -1, x.shape[-1])
             delta = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2)).reshape(*x.shape[:-1], -1)
+        if self.source.lora_down is not None:
+            plain_down, plain_up = self.source.lora_down[self.index], self.source.lora_up[self.index]
+            delta = delta + (x @ plain_down.to(x.dtype).T) @ plain_up.to(x.dtype).T
         return y + self.source.scale * delta
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense dW (out x in) of the shared weights, for merging."""
+        """The dense dW (out x in) of the shared weights and the plain LoRA, for merging."""
         down, up = lora_factors(self.source.A[self.index], self.source.B[self.index], self.A_aux, self.B_aux)
-        return self.source.scale * (up @ down)
+        delta = up @ down
+        if self.source.lora_down is not None:
+            delta = delta + self.source.lora_up[self.index].float() @ self.source.lora_down[self.index].float()
+        return self.source.scale * delta
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -223,6 +238,7 @@ class LiDB:
         self.source = WeightSource(self.A_train, self.B_train)
         self.layers: dict[str, LiDBLinear] = {}
         self._aux_fingerprint: str | None = None
+        self._lora: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None  # kept for reuse (see add_lora)
         for index, (name, linear) in enumerate(targets.items()):
             layer = LiDBLinear(linear, name, index, config, self.source)
             self._replace(name, layer)
@@ -274,7 +290,15 @@ class LiDB:
     # -- weights
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        """What training moves: the plain LoRA when there is one (the LiDB then stays as predicted), else A and B."""
+        if self.source.lora_down is not None:
+            return [*self.source.lora_down, *self.source.lora_up]
         return [self.A_train, self.B_train]
+
+    @property
+    def lora_rank(self) -> int:
+        """The rank of the plain LoRA on top of the LiDB; 0 when there is none."""
+        return 0 if self.source.lora_down is None else self.source.lora_down[0].shape[0]
 
     @torch.no_grad()
     def load_weights(self, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -331,10 +355,11 @@ class LiDB:
     ) -> None:
         """Load rank-k weights (A: [L, k, a], B: [L, b, k]) as the start of training at `rank` >= k.
 
-        Rank relaxation: the extra rows of A are random and the extra columns of B zero, so the model
-        computes exactly what (A, B) compute, while the extra rank is free to train: the paper's
-        rank-relaxed fast finetuning, inside the LiDB space. The parameter tensors are reused when the
-        rank does not change (a server personalising one person after another, CUDA graphs).
+        Relaxation inside the LiDB space (hdb's compact variant; `add_lora` is the paper's): the extra
+        rows of A are random and the extra columns of B zero, so the model computes exactly what (A, B)
+        compute, while the extra rank is free to train within the aux bases. Any plain LoRA is removed:
+        the LiDB then computes exactly these weights. The parameter tensors are reused when the rank
+        does not change (a server personalising one person after another, CUDA graphs).
         """
         rank = rank or A.shape[1]
         if A.shape[1] > rank:
@@ -350,6 +375,56 @@ class LiDB:
         self.B_train.zero_()
         self.B_train[:, :, :start] = B
         self.use_shared()
+        self.remove_lora()
+
+    @torch.no_grad()
+    def add_lora(self, rank: int, generator: torch.Generator | None = None) -> None:
+        """Put a plain rank-`rank` LoRA on every layer, on top of the LiDB weights: the paper's rank relaxation.
+
+        As LoRA starts: down random, up zero, so the model still computes exactly what the LiDB computes.
+        From then on training moves the LoRA only (`trainable_parameters`), free of the aux bases; the
+        LiDB weights stay as loaded (the hypernetwork's prediction). Tensors are reused at the same rank.
+        """
+        downs, ups = self._lora_tensors(rank)
+        for down, up in zip(downs, ups, strict=True):
+            down.copy_(random_A(*down.shape, generator=generator))
+            up.zero_()
+        self._use_lora(downs, ups)
+
+    @torch.no_grad()
+    def load_lora(self, downs: list[torch.Tensor], ups: list[torch.Tensor]) -> None:
+        """Load a plain LoRA (down [r, in], up [out, r] per layer, in layer order), e.g. from a personal file."""
+        expected = [(i, o) for i, o in self.layer_shapes.values()]
+        got = [(down.shape[1], up.shape[0]) for down, up in zip(downs, ups, strict=False)]
+        if len(downs) != len(expected) or len(ups) != len(expected) or got != expected:
+            raise HdbError("The plain LoRA does not fit this model's layers")
+        targets = self._lora_tensors(downs[0].shape[0])
+        for target, value in zip(targets[0] + targets[1], list(downs) + list(ups), strict=True):
+            target.copy_(value)
+        self._use_lora(*targets)
+
+    def _lora_tensors(self, rank: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The plain LoRA's tensors at `rank`, made once and reused while the rank stays."""
+        if rank < 1:
+            raise HdbError(f"A plain LoRA needs rank >= 1, not {rank}")
+        if self._lora is None or self._lora[0][0].shape[0] != rank:
+            device, shapes = self.A_train.device, list(self.layer_shapes.values())
+            self._lora = (
+                [nn.Parameter(torch.zeros(rank, i, device=device)) for i, _ in shapes],
+                [nn.Parameter(torch.zeros(o, rank, device=device)) for _, o in shapes],
+            )
+        return self._lora
+
+    def remove_lora(self) -> None:
+        """Take the plain LoRA off (its tensors are kept for reuse); the LiDB weights train again."""
+        self.source.lora_down = self.source.lora_up = None
+        for parameter in (self.A_train, self.B_train):
+            parameter.requires_grad_(True)
+
+    def _use_lora(self, downs: list[nn.Parameter], ups: list[nn.Parameter]) -> None:
+        self.source.lora_down, self.source.lora_up = downs, ups
+        for parameter in (self.A_train, self.B_train):  # kept as predicted: no gradient work for them
+            parameter.requires_grad_(False)
 
     def relax_rank(self, rank: int) -> None:
         """Grow the shared weights to a higher rank without changing the function they compute."""

@@ -4,6 +4,10 @@ Two packed tensors, `A_train: [L, r, a]` and `B_train: [L, b, r]` (a tensor per 
 the safetensors header alone would outweigh the numbers), and string metadata that says what the
 weights belong to: format version, base architecture fingerprint, aux seed and fingerprint, r, a, b,
 the layer names (zlib-compressed), and the instance prompt that names the person.
+
+A person finetuned with the paper's rank relaxation also holds a plain LoRA beside the LiDB: every
+layer's down [r', in] and up [out, r'] factors, flattened and concatenated into the two tensors
+`lora_down` and `lora_up` (their shapes follow from the layer shapes and `lora_rank`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ if TYPE_CHECKING:
     from hdb.models import Pipeline
 
 FORMAT = "hdb-lidb"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2 added the optional plain LoRA
+READABLE_VERSIONS = ("1", "2")
 
 
 @dataclass
@@ -41,6 +46,8 @@ class PersonalWeights:
     instance_prompt: str
     base_model: str
     instance_token: str = DEFAULT_INSTANCE_TOKEN
+    lora_down: list[torch.Tensor] | None = None  # the plain LoRA on top, per layer: [r', in] ...
+    lora_up: list[torch.Tensor] | None = None  # ... and [out, r']; None for a LiDB-only person
 
     @classmethod
     def from_lidb(
@@ -56,7 +63,13 @@ class PersonalWeights:
             instance_prompt=instance_prompt,
             base_model=str(getattr(lidb.pipe, "name_or_path", "") or ""),
             instance_token=instance_token,
+            lora_down=_copies(lidb.source.lora_down),
+            lora_up=_copies(lidb.source.lora_up),
         )
+
+    @property
+    def lora_rank(self) -> int:
+        return 0 if self.lora_down is None else self.lora_down[0].shape[0]
 
     @property
     def layer_names(self) -> list[str]:
@@ -64,7 +77,12 @@ class PersonalWeights:
 
     @property
     def num_numbers(self) -> int:
-        return self.A.numel() + self.B.numel()
+        plain = sum(t.numel() for t in (self.lora_down or []) + (self.lora_up or []))
+        return self.A.numel() + self.B.numel() + plain
+
+
+def _copies(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    return None if tensors is None else [t.detach().float().cpu().clone() for t in tensors]
 
 
 def _pack_layers(layer_shapes: dict[str, tuple[int, int]]) -> str:
@@ -93,10 +111,14 @@ def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype
         "instance_prompt": weights.instance_prompt,
         "instance_token": weights.instance_token,
         "base_model": weights.base_model,
+        "lora_rank": str(weights.lora_rank),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"A_train": weights.A.to(dtype).contiguous(), "B_train": weights.B.to(dtype).contiguous()}
+    if weights.lora_down is not None:
+        tensors["lora_down"] = torch.cat([t.flatten() for t in weights.lora_down]).to(dtype)
+        tensors["lora_up"] = torch.cat([t.flatten() for t in weights.lora_up]).to(dtype)
     save_file(tensors, str(path), metadata=metadata)
     return path
 
@@ -117,10 +139,10 @@ def load_personal(path: str | Path) -> PersonalWeights:
             f"{path} is a safetensors file but not an hdb personal file (no '{FORMAT}' format tag); "
             "LoRA files from other tools cannot be loaded as personal weights"
         )
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise HdbError(
             f"{path} has personal-file format version {metadata.get('format_version')}; "
-            f"this hdb reads version {FORMAT_VERSION}"
+            f"this hdb reads versions {', '.join(READABLE_VERSIONS)}"
         )
     try:
         config = LiDBConfig(
@@ -139,6 +161,9 @@ def load_personal(path: str | Path) -> PersonalWeights:
             base_model=metadata.get("base_model", ""),
             instance_token=metadata.get("instance_token", DEFAULT_INSTANCE_TOKEN),
         )
+        lora_rank = int(metadata.get("lora_rank", "0"))
+        if lora_rank:
+            weights.lora_down, weights.lora_up = _unpack_lora(tensors, layer_shapes, lora_rank, path)
     except (KeyError, ValueError, zlib.error) as error:
         raise HdbError(f"{path} has damaged metadata ({type(error).__name__}: {error})") from None
     expected_A = (len(names), config.rank, config.a)
@@ -148,9 +173,23 @@ def load_personal(path: str | Path) -> PersonalWeights:
             f"{path}: tensor shapes {tuple(weights.A.shape)}/{tuple(weights.B.shape)} "
             f"do not match its metadata {expected_A}/{expected_B}"
         )
-    if not (torch.isfinite(weights.A).all() and torch.isfinite(weights.B).all()):
+    everything = [weights.A, weights.B, *(weights.lora_down or []), *(weights.lora_up or [])]
+    if not all(torch.isfinite(t).all() for t in everything):
         raise HdbError(f"{path} contains NaN or infinite weights")
     return weights
+
+
+def _unpack_lora(
+    tensors: dict[str, torch.Tensor], layer_shapes: dict[str, tuple[int, int]], rank: int, path: Path
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Split the flat `lora_down`/`lora_up` tensors back into each layer's [r, in] and [out, r] factors."""
+    down, up = tensors["lora_down"].float(), tensors["lora_up"].float()
+    ins, outs = [i for i, _ in layer_shapes.values()], [o for _, o in layer_shapes.values()]
+    if down.numel() != rank * sum(ins) or up.numel() != rank * sum(outs):
+        raise HdbError(f"{path}: the plain LoRA's sizes do not match its metadata (rank {rank})")
+    downs = [t.reshape(rank, i) for t, i in zip(down.split([rank * i for i in ins]), ins, strict=True)]
+    ups = [t.reshape(o, rank) for t, o in zip(up.split([rank * o for o in outs]), outs, strict=True)]
+    return downs, ups
 
 
 def check_compatible(weights: PersonalWeights, lidb: LiDB, source: str = "personal file") -> None:
@@ -187,7 +226,9 @@ def apply_personal(pipe: Pipeline, weights: PersonalWeights | str | Path, lidb: 
             lidb.detach()
         raise
     device = lidb.A_train.device
-    lidb.start_from(weights.A.to(device), weights.B.to(device), weights.config.rank)  # any rank
+    lidb.start_from(weights.A.to(device), weights.B.to(device), weights.config.rank)  # any rank; no plain LoRA
+    if weights.lora_down is not None:
+        lidb.load_lora([t.to(device) for t in weights.lora_down], [t.to(device) for t in weights.lora_up])
     return lidb
 
 
@@ -206,6 +247,7 @@ def describe(path: str | Path) -> str:
         f"LiDB:             r={config.rank} a={config.a} b={config.b} aux seed {config.seed} "
         f"(fingerprint {weights.aux_fingerprint})",
         f"layers:           {len(weights.layer_names)} ({', '.join(f'{k}: {v}' for k, v in components.items())})",
+        f"plain LoRA:       {f'rank {weights.lora_rank}, on top of the LiDB' if weights.lora_rank else 'none'}",
         f"numbers:          {weights.num_numbers:,}",
         f"instance prompt:  {weights.instance_prompt}   "
         f"(prompts name the person with [V] = '{weights.instance_token}')",

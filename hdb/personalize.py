@@ -4,7 +4,9 @@
           -> relax the rank (same function, more freedom) -> ~40 steps of the diffusion loss on the
              photo with the instance prompt -> personal file
 
-The result lives in the LiDB space, so the personal file holds exactly the weights that were trained.
+Two ways to relax (`PersonalizeConfig.relax`): "lora", the paper's, keeps the prediction and trains a
+plain rank-r LoRA on top of it; "lidb" raises the LiDB's own rank, so every update stays inside the
+aux bases (a smaller file). Either way the personal file holds exactly the weights that were trained.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from hdb.config import (
     DEFAULT_INSTANCE_TOKEN,
     MAX_PHOTOS,
+    RELAX_MODES,
     SAME_PERSON,
     STEPS_FROM_ZERO,
     STEPS_WITH_HYPERNET,
@@ -82,6 +85,8 @@ def personalize(
     one, and takes it off again if personalisation fails, so the pipeline is left as it was found.
     """
     config = config or PersonalizeConfig()
+    if config.relax not in RELAX_MODES:
+        raise HdbError(f"Unknown relaxation {config.relax!r}; choose one of {', '.join(RELAX_MODES)}")
     resolution = config.resolution or native_resolution(pipe)
     photos = photo if isinstance(photo, list) else [photo]
     if not 1 <= len(photos) <= MAX_PHOTOS:
@@ -128,7 +133,11 @@ def _finetune(
             A, B = lidb.initial_weights()
         relaxed_rows = torch.Generator().manual_seed(config.seed)  # the same person from the same seed
         device = lidb.A_train.device
-        lidb.start_from(A.to(device), B.to(device), max(config.relaxed_rank, A.shape[1]), relaxed_rows)
+        if config.relax == "lora":  # the paper: the prediction stays, a plain LoRA on top trains
+            lidb.start_from(A.to(device), B.to(device))
+            lidb.add_lora(config.relaxed_rank, relaxed_rows)
+        else:
+            lidb.start_from(A.to(device), B.to(device), max(config.relaxed_rank, A.shape[1]), relaxed_rows)
         lidb.set_scale(1.0)  # train the person at full strength, whatever the last generation used
         prompt_tokens = tokenize_prompts(pipe, [prompt])
         # one view at a time: the VAE encoder's activations at 512 px would otherwise set the peak memory

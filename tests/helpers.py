@@ -11,7 +11,7 @@ from hdb.diffusion import encode_prompts, predict_noise
 from hdb.lidb import LiDB, LiDBConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"  # real photos (see assets/SOURCES.md)
-PROMPTS = ["a photo of sks person", "a painting of a dog"]
+PROMPTS = ["a sks face", "a painting of a dog"]
 
 
 def forward(pipe, prompts=PROMPTS, seed=0):
@@ -23,13 +23,18 @@ def forward(pipe, prompts=PROMPTS, seed=0):
     return cond, predict_noise(pipe, latents, timesteps, cond)
 
 
-def trained_person(pipe, seed: int = 0, config: LiDBConfig | None = None) -> LiDB:
-    """Attach LiDB with random non-zero weights, standing in for a trained person."""
+def trained_person(pipe, seed: int = 0, config: LiDBConfig | None = None, lora_rank: int = 0) -> LiDB:
+    """Attach LiDB with random non-zero weights, standing in for a trained person (with a plain LoRA on top
+    when `lora_rank` > 0, as the paper's rank relaxation leaves one)."""
     lidb = LiDB(pipe, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         lidb.A_train.copy_(torch.randn(lidb.A_train.shape, generator=generator) * 0.1)
         lidb.B_train.copy_(torch.randn(lidb.B_train.shape, generator=generator) * 0.3)
+        if lora_rank:
+            lidb.add_lora(lora_rank, generator)
+            for up in lidb.source.lora_up:
+                up.copy_(torch.randn(up.shape, generator=generator) * 0.05)
     return lidb
 
 

@@ -12,9 +12,10 @@ from hdb.personal_file import PersonalWeights, load_personal, save_personal
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 @pytest.mark.parametrize("lora_format", ["diffusers", "kohya"])
-def test_exported_lora_matches_lidb_forward(arch, lora_format, tmp_path):
+@pytest.mark.parametrize("relax", ["lidb", "lora"])  # rank 2 inside the LiDB; rank 1 + a plain rank-3 LoRA
+def test_exported_lora_matches_lidb_forward(arch, lora_format, relax, tmp_path):
     pipe = build_tiny_pipeline(arch)
-    lidb = trained_person(pipe, config=LiDBConfig(rank=2))
+    lidb = trained_person(pipe, config=LiDBConfig(rank=2 if relax == "lidb" else 1), lora_rank=3 * (relax == "lora"))
     with torch.no_grad():
         cond_lidb, noise_lidb = forward(pipe)
     path = save_personal(PersonalWeights.from_lidb(lidb), tmp_path / "person.safetensors")

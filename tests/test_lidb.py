@@ -215,6 +215,31 @@ def test_relax_rank_keeps_the_function(tiny_sd15):
     torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
 
 
+def test_a_plain_lora_on_top_starts_as_a_no_op_then_merges_and_goes_away(tiny_sd15):
+    lidb = LiDB(tiny_sd15)
+    randomize(lidb)
+    with torch.no_grad():
+        _, lidb_only = forward(tiny_sd15)
+        lidb.add_lora(3, torch.Generator().manual_seed(0))
+        _, fresh_lora = forward(tiny_sd15)  # up = 0: the function is unchanged, as when LoRA training starts
+        assert lidb.trainable_parameters() == [*lidb.source.lora_down, *lidb.source.lora_up]
+        assert not lidb.A_train.requires_grad  # the prediction stays as it is
+        for up in lidb.source.lora_up:
+            up.normal_(0, 0.05)
+        _, with_lora = forward(tiny_sd15)
+        lidb.merge()
+        _, merged = forward(tiny_sd15)
+        lidb.unmerge()
+        lidb.start_from(lidb.A_train.clone(), lidb.B_train.clone())  # loading weights takes the LoRA off
+        _, again = forward(tiny_sd15)
+    torch.testing.assert_close(fresh_lora, lidb_only, atol=0, rtol=0)
+    assert (with_lora - lidb_only).abs().max() > 1e-3
+    torch.testing.assert_close(merged, with_lora, atol=1e-5, rtol=1e-5)  # merging includes the LoRA
+    torch.testing.assert_close(again, lidb_only, atol=0, rtol=0)
+    assert lidb.lora_rank == 0 and lidb.trainable_parameters() == [lidb.A_train, lidb.B_train]
+    assert lidb.A_train.requires_grad
+
+
 def lidb_gradients(pipe, checkpointing: bool, per_sample: bool):
     lidb = LiDB(pipe)
     randomize(lidb)

@@ -28,6 +28,20 @@ def test_save_load_is_bit_exact_and_reproduces_the_model(tiny_sd15, tmp_path):
         assert torch.equal(fresh.text_encoder(ids)[0], tiny_sd15.text_encoder(ids)[0])
 
 
+def test_a_plain_lora_on_top_round_trips_exactly(tiny_sd15, tmp_path):
+    lidb = trained_person(tiny_sd15, lora_rank=2)
+    path = save_personal(PersonalWeights.from_lidb(lidb), tmp_path / "person.safetensors")
+    loaded = load_personal(path)
+    assert loaded.lora_rank == 2 and loaded.config.rank == 1
+    assert all(torch.equal(a, b) for a, b in zip(loaded.lora_up, lidb.source.lora_up, strict=True))
+    assert "plain LoRA:       rank 2" in describe(path)
+    fresh = build_tiny_pipeline("sd15")
+    fresh_lidb = apply_personal(fresh, path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh_lidb.source.lora_down, lidb.source.lora_down, strict=True))
+    apply_personal(fresh, PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("sd15"))), fresh_lidb)
+    assert fresh_lidb.lora_rank == 0  # the next person, a LiDB-only one, does not inherit the LoRA
+
+
 def test_fp16_file_is_half_the_size(tiny_sd15, tmp_path):
     weights = PersonalWeights.from_lidb(trained_person(tiny_sd15))
     fp32 = save_personal(weights, tmp_path / "fp32.safetensors")

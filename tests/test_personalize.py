@@ -138,7 +138,8 @@ def tiny_hypernet(pipe, lidb):
     return HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4)
 
 
-def test_finetuning_from_a_hypernetwork_prediction_lowers_the_loss(obama_face):
+@pytest.mark.parametrize("relax", ["lora", "lidb"])
+def test_finetuning_from_a_hypernetwork_prediction_lowers_the_loss(obama_face, relax):
     pipe = build_tiny_pipeline("sd15")
     lidb = LiDB(pipe)
     hypernet = tiny_hypernet(pipe, lidb)
@@ -147,10 +148,15 @@ def test_finetuning_from_a_hypernetwork_prediction_lowers_the_loss(obama_face):
     A, B = hypernet.predict(obama_face.image)
     lidb.start_from(A, B)
     before = photo_loss(pipe, lidb, obama_face)
-    result = personalize(pipe, obama_face, hypernet, PersonalizeConfig(learning_rate=5e-3, progress=False), lidb=lidb)
+    config = PersonalizeConfig(learning_rate=5e-3, relax=relax, progress=False)
+    result = personalize(pipe, obama_face, hypernet, config, lidb=lidb)
     after = photo_loss(pipe, lidb, obama_face)
     assert result.used_hypernet and result.steps == 40  # the paper's default with a hypernetwork
-    assert result.weights.config.rank == 4
+    if relax == "lora":  # the prediction is kept as it is; a plain rank-4 LoRA on top did the learning
+        assert result.weights.config.rank == 1 and result.weights.lora_rank == 4
+        assert torch.equal(result.weights.A, A) and torch.equal(result.weights.B, B)
+    else:  # the LiDB itself grew to rank 4 and trained
+        assert result.weights.config.rank == 4 and result.weights.lora_rank == 0
     assert after < before - 0.02, (before, after)
 
 
