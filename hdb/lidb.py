@@ -68,6 +68,21 @@ def lora_factors(
     return A.float() @ A_aux, B_aux @ B.float()
 
 
+def weight_distance(A: torch.Tensor, B: torch.Tensor, target_A: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
+    """How far LiDB weights are from target weights, per sample: sum_l ||B A - B' A'||^2 / sum_l ||B' A'||^2.
+
+    Compared on each layer's core B @ A (b x a), not on A and B: a product is unchanged by A -> cA,
+    B -> B/c (and any r x r mixing), so factors of the same function can differ entry by entry. As the
+    aux bases are orthonormal, ||B_aux (core) A_aux|| = ||core|| (when a <= in and b <= out, as in every
+    SD layer): this is the distance between the dense dW matrices. Divided by the target's energy, 1 means
+    "as far off as predicting zero", whatever the weights' scale.
+    Shapes: A [S, L, r, a], B [S, L, b, r]; targets [S, L, r', a], [S, L, b, r'] (r' may differ from r).
+    """
+    error = (B.float() @ A.float() - target_B.float() @ target_A.float()).square().sum(dim=(1, 2, 3))
+    energy = (target_B.float() @ target_A.float()).square().sum(dim=(1, 2, 3))
+    return error / energy.clamp_min(1e-12)
+
+
 def _fingerprint(parts: Iterable[bytes]) -> str:
     digest = hashlib.sha256()
     for part in parts:

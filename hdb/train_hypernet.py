@@ -1,7 +1,10 @@
 """Stage 2: train the hypernetwork to predict a LiDB from a face photo.
 
     loss = alpha * diffusion loss of the predicted weights on the identity's photos
-         + beta  * ||predicted - pre-optimised weights||^2        (beta = 0 needs no stage 1)
+         + beta  * ||predicted dW - pre-optimised dW||^2 / ||pre-optimised dW||^2   (beta = 0 needs no stage 1)
+
+The weight term compares each layer's dense update, not the raw factors (`hdb.lidb.weight_distance`):
+factors of the same update can differ, and the normalisation makes beta free of the weights' scale.
 
 The predicted weights of each batch element go through LiDB's per-sample path, so the diffusion
 loss reaches every hypernetwork parameter. Runs unchanged on one process or under
@@ -19,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hdb.config import MIXED_PRECISIONS, HypernetTrainConfig, LiDBConfig, instance_prompt_for
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
@@ -27,7 +29,7 @@ from hdb.errors import HdbError
 from hdb.faces import crop_size
 from hdb.hypernet import TRAINING_FILE, HyperNetwork, build_tiny_image_encoder, load_image_encoder
 from hdb.identities import Identity, encode_identities, load_weights_dataset, resolve_identities
-from hdb.lidb import LiDB
+from hdb.lidb import LiDB, weight_distance
 from hdb.models import Pipeline, load_pipeline, native_resolution, training_scheduler
 from hdb.stage import training_stage
 from hdb.training import TrainConfig, load_optimizer, make_optimizer, save_optimizer, train
@@ -153,8 +155,11 @@ def train_hypernetwork(
         pixels = {i.name: hypernet.preprocess(i.faces) for i in identities}  # [photos, 3, S, S] per identity
         rank, count = accelerator.process_index, config.batch_size // accelerator.num_processes
 
-        def batch_loss(names: list[str], views: list[torch.Tensor], draw: int | str) -> torch.Tensor:
-            """The loss of this process's slice of one global batch; `draw` (a micro-batch) fixes its randomness."""
+        def batch_loss(
+            names: list[str], views: list[torch.Tensor], draw: int | str
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            """The loss of this process's slice of one global batch, and its terms apart (detached);
+            `draw` (a micro-batch) fixes its randomness."""
             mine = range(rank * count, (rank + 1) * count) if len(names) == config.batch_size else range(len(names))
             # one seed per slot of the global batch, the same in every process: it picks the slot's input photo
             # and target view, and draws its noise
@@ -164,22 +169,33 @@ def train_hypernetwork(
             A, B = model(photos)
             lidb.use_per_sample(A, B)
             with accelerator.autocast():
-                loss = config.alpha * step_loss(pipe, scheduler, batch, prompt_tokens, pick).mean()
+                diffusion = step_loss(pipe, scheduler, batch, prompt_tokens, pick).mean()
+            terms = {"diffusion_loss": diffusion.detach()}
+            loss = config.alpha * diffusion
             if config.beta > 0 and all(n in targets for n in names):
                 target_A = torch.stack([targets[names[k]][0] for k in mine]).to(A.device)
                 target_B = torch.stack([targets[names[k]][1] for k in mine]).to(A.device)
-                loss = loss + config.beta * (F.mse_loss(A.float(), target_A) + F.mse_loss(B.float(), target_B))
-            return loss
+                weight = weight_distance(A, B, target_A, target_B).mean()
+                terms["weight_loss"] = weight.detach()
+                loss = loss + config.beta * weight
+            return loss, terms
+
+        # each step's loss terms (this process's micro-batches), kept until the step is logged: the loop
+        # reads a step's loss one step late, after the next step's micro-batches already ran
+        step_terms: dict[int, dict[str, list[torch.Tensor]]] = {}
 
         def loss_fn(micro: int) -> torch.Tensor:
             generator = torch.Generator().manual_seed(sample_seed(config.seed, "batch", micro))
             order = torch.randint(0, len(train_ids), (config.batch_size,), generator=generator).tolist()
-            return batch_loss([train_ids[k].name for k in order], [train_latents[k] for k in order], micro)
+            loss, terms = batch_loss([train_ids[k].name for k in order], [train_latents[k] for k in order], micro)
+            for name, value in terms.items():
+                step_terms.setdefault(micro // config.accumulation_steps, {}).setdefault(name, []).append(value)
+            return loss
 
         @torch.no_grad()
         def validate(step: int) -> float:
             model.eval()
-            loss = batch_loss([i.name for i in held_ids], held_latents, "validation").item()  # comparable over time
+            loss = batch_loss([i.name for i in held_ids], held_latents, "validation")[0].item()  # comparable over time
             model.train()
             return loss
 
@@ -215,7 +231,8 @@ def train_hypernetwork(
         history: dict = {"validation": []}
 
         def on_step(step: int, loss: float) -> None:
-            record = {"step": step, "loss": loss}
+            terms = step_terms.pop(step, {})  # the two terms apart, to see which one moves
+            record = {"step": step, "loss": loss, **{k: torch.stack(v).mean().item() for k, v in terms.items()}}
             if (step + 1) % config.validate_every == 0 or step + 1 == config.steps:
                 record["validation_loss"] = validate(step)
                 history["validation"].append((step, record["validation_loss"]))

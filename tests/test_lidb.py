@@ -10,7 +10,7 @@ from helpers import PROMPTS, forward
 
 from hdb.diffusion import encode_prompts, predict_noise
 from hdb.errors import HdbError
-from hdb.lidb import LiDB, LiDBConfig, aux_bases, aux_fingerprint
+from hdb.lidb import LiDB, LiDBConfig, aux_bases, aux_fingerprint, weight_distance
 from hdb.stage import training_stage
 
 
@@ -238,6 +238,26 @@ def test_a_plain_lora_on_top_starts_as_a_no_op_then_merges_and_goes_away(tiny_sd
     torch.testing.assert_close(again, lidb_only, atol=0, rtol=0)
     assert lidb.lora_rank == 0 and lidb.trainable_parameters() == [lidb.A_train, lidb.B_train]
     assert lidb.A_train.requires_grad
+
+
+def test_the_weight_distance_compares_updates_not_factors(tiny_sd15):
+    lidb = LiDB(tiny_sd15, LiDBConfig(rank=2, a=8, b=4))  # a <= in and b <= out, as in every SD layer
+    generator = torch.Generator().manual_seed(0)
+    A, B = (
+        torch.randn(3, *lidb.A_train.shape, generator=generator),
+        torch.randn(3, *lidb.B_train.shape, generator=generator),
+    )
+    mix = torch.tensor([[2.0, 1.0], [0.5, 3.0]])  # any invertible r x r change of factors: the same update
+    assert weight_distance(mix @ A, B @ torch.linalg.inv(mix), A, B).max() < 1e-9
+    torch.testing.assert_close(weight_distance(0 * A, B, A, B), torch.ones(3))  # "predict nothing" scores 1
+    # equal to the distance between the dense dW matrices, as the aux bases are orthonormal
+    layer = lidb.layers[lidb.layer_names[5]]
+    other = torch.randn(A.shape, generator=generator)
+    dense = [layer.B_aux @ (b[5] @ a[5]) @ layer.A_aux for a, b in ((A[0], B[0]), (other[0], B[0]))]
+    one_layer = weight_distance(A[:1, 5:6], B[:1, 5:6], other[:1, 5:6], B[:1, 5:6])
+    torch.testing.assert_close(
+        one_layer[0], (dense[0] - dense[1]).square().sum() / dense[1].square().sum(), rtol=1e-4, atol=0
+    )
 
 
 def lidb_gradients(pipe, checkpointing: bool, per_sample: bool):

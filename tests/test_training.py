@@ -136,6 +136,8 @@ def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_fold
     assert result.stdout.count("on 2 process(es)") == 1  # summary from the main process only
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
     assert [r["step"] for r in two] == [0, 1, 2, 3]  # written once, not once per process
+    for record in one:  # the two terms are logged apart, and they make up the loss (alpha = beta = 1)
+        assert abs(record["loss"] - record["diffusion_loss"] - record["weight_loss"]) < 1e-5
     for a, b in zip(one, two, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4
     checkpoints = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
