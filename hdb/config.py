@@ -111,6 +111,9 @@ class HypernetTrainConfig:
 # torch.compile of the base model: not at all; "full": the UNet and text encoder whole, with CUDA graphs (fastest
 # steps, minutes to compile); "regional": each of the UNet's repeated transformer blocks (compiles much sooner)
 COMPILE_MODES = ("none", "full", "regional")
+# `app.py --compile`: regional compiles in a fraction of full's minutes, and needs no CUDA graphs, which would
+# be re-recorded each time a visitor's person is merged into the weights
+APP_COMPILE_MODE = "regional"
 
 
 @dataclass
