@@ -118,7 +118,7 @@ def test_adamw_is_fused_on_cuda_and_agrees_with_the_unfused_one():
             optimizer.step()
             optimizer.zero_grad()
     assert not torch.equal(fused_parameters[0], quadratic_problem()[0][0])  # it moved
-    torch.testing.assert_close(fused_parameters[0], plain_parameters[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_parameters[0], plain_parameters[0], rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- compiled and channels-last UNets
