@@ -3,8 +3,10 @@
     python app.py                       # SD1.5 from the hub (or HDB_BASE), GPU if there is one
     python app.py --tiny                # tiny random pipeline: the whole flow offline, in seconds, on a CPU
 
+    python app.py --compile             # a dedicated GPU: compile the model in the background at start
+
 Every option is also an environment variable (HDB_BASE, HDB_HYPERNET, HDB_DEVICE, HDB_DTYPE,
-HDB_OPTIMIZER, HDB_TINY), which is how a Hugging Face Space sets them.
+HDB_OPTIMIZER, HDB_TINY, HDB_COMPILE), which is how a Hugging Face Space sets them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
+import logging
 import os
 import random
 import shutil
@@ -28,13 +31,15 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from hdb import DEFAULT_BASE, HdbError
-from hdb.config import DEFAULT_INSTANCE_TOKEN, DTYPE_CHOICES, MAX_PHOTOS, OPTIMIZERS
+from hdb.config import APP_COMPILE_MODE, DEFAULT_INSTANCE_TOKEN, DTYPE_CHOICES, MAX_PHOTOS, OPTIMIZERS
 from hdb.styles import EXAMPLE_PROMPTS, SIZE_PRESETS, STYLE_PRESETS, expand_prompt, negative_for, picture_size
 
 if TYPE_CHECKING:
     import numpy as np
     from gradio.data_classes import ImageData
     from PIL import Image
+
+    from hdb.faces import AlignedFace
 
 # ZeroGPU lends a GPU only inside functions marked with spaces.GPU, charges a visitor's daily quota by the
 # duration a call *asks* for, and stops a call that runs past it. So each GPU function asks for what its
@@ -45,6 +50,27 @@ MAX_GPU_SECONDS = 180  # what one call may ask for at most; the sliders' limits 
 MAX_FINETUNE_STEPS, MAX_SAMPLING_STEPS, MAX_IMAGES = 400, 100, 4
 # the largest size preset's pixels over the native square's (SD1.x's portrait: 1.5)
 MAX_AREA = max(w * h / native**2 for native, sizes in SIZE_PRESETS.items() for w, h in sizes.values())
+
+
+log = logging.getLogger("hdb.app")
+
+
+def on_spaces() -> bool:
+    """Whether `spaces` is installed, as on Hugging Face Spaces (where the GPU may be ZeroGPU's)."""
+    try:
+        import spaces  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def compile_refusal(device_type: str, zero_gpu: bool) -> str | None:
+    """Why `--compile` does not apply here, or None where it does: a dedicated GPU."""
+    if zero_gpu:
+        return "--compile is ignored on Spaces: ZeroGPU runs each call in a fresh worker, which would compile again"
+    if device_type != "cuda":
+        return f"--compile is ignored on {device_type}: compiling pays off on a dedicated GPU only"
+    return None
 
 
 def gpu_task(duration: Callable[[dict], float]) -> Callable[[Callable], Callable]:
@@ -150,22 +176,62 @@ class Engine:
         self.seconds_per_step: float | None = None  # measured: at start on a CPU, else on the first personalisation
         if self.pipe.unet.device.type == "cpu":
             self.seconds_per_step = self._time_two_steps()
+        self.warm_up: threading.Thread | None = None  # compiling in the background (--compile on a dedicated GPU)
+        self.warm_up_note = ""  # what the page says about it while it runs, or if it failed
+        if options.compile:
+            self._start_compiling()
+
+    def _gray_face(self) -> AlignedFace:
+        """A plain gray aligned crop: for timing and warming up, where no visitor's face is needed."""
+        from PIL import Image
+
+        from hdb.faces import AlignedFace
+        from hdb.models import native_resolution
+
+        size = native_resolution(self.pipe)
+        return AlignedFace.from_crop(Image.new("RGB", (size, size), (128, 128, 128)))
 
     def _time_two_steps(self) -> float:
         """On a CPU, users deserve an honest estimate before they wait: time two real steps once at start."""
-        from PIL import Image
-
         from hdb.config import PersonalizeConfig
-        from hdb.faces import AlignedFace
-        from hdb.models import native_resolution
         from hdb.personalize import personalize
 
-        size = native_resolution(self.pipe)
-        crop = AlignedFace.from_crop(Image.new("RGB", (size, size), (128, 128, 128)))
         started = time.perf_counter()
         with self.lock:
-            personalize(self.pipe, crop, None, PersonalizeConfig(steps=2, progress=False), lidb=self.lidb)
+            personalize(self.pipe, self._gray_face(), None, PersonalizeConfig(steps=2, progress=False), lidb=self.lidb)
         return (time.perf_counter() - started) / 2
+
+    def _start_compiling(self) -> None:
+        """Compile on a dedicated GPU, warming up in a background thread so the page is served at once."""
+        from hdb.models import compile_pipeline
+
+        refusal = compile_refusal(self.pipe.unet.device.type, zero_gpu=on_spaces())
+        if refusal:
+            log.warning(refusal)
+            return
+        compile_pipeline(self.pipe, APP_COMPILE_MODE)  # only marks the models: compiling happens as they run
+        self.warm_up_note = "⏳ Warming up: the model is being compiled, so the first run may be slower."
+        self.warm_up = threading.Thread(target=self._compile_by_running, name="hdb-compile", daemon=True)
+        self.warm_up.start()
+
+    def _compile_by_running(self) -> None:
+        """A short personalisation and a short generation: the training and the sampling graphs get compiled."""
+        from hdb.config import PersonalizeConfig
+        from hdb.generate import generate
+        from hdb.personalize import personalize
+
+        started = time.perf_counter()
+        try:
+            config = PersonalizeConfig(steps=2, progress=False)
+            with self.lock:  # visitors who come meanwhile wait for it (their run would compile anyway)
+                personalize(self.pipe, self._gray_face(), self.hypernet, config, lidb=self.lidb)
+                generate(self.pipe, self.lidb, "a photo", steps=2)
+        except Exception as error:  # the page keeps serving: say what happened instead of dying in a thread
+            log.exception("compiling the model failed")
+            self.warm_up_note = f"⚠️ Compiling the model failed ({error}). Restart the app without --compile."
+            return
+        log.info("compiled the model in %.0f s", time.perf_counter() - started)
+        self.warm_up_note = ""
 
     @property
     def default_steps(self) -> int:
@@ -502,6 +568,8 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
                 f"Running on a CPU: personalising takes {engine.estimate(engine.default_steps)}.",
                 elem_id="cpu-estimate",
             )
+        if engine.warm_up is not None:  # a function: read again at each page load, empty once compiled
+            gr.Markdown(lambda: engine.warm_up_note, elem_id="warm-up")
         # a visitor's files go when they leave (unload), or when an idle session expires (a closed tab's
         # state is otherwise kept for an hour, in case the visitor comes back)
         session = gr.State(None, delete_callback=lambda s: s is not None and files.forget(s.key), time_to_live=3600)
@@ -594,6 +662,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=env("HDB_DTYPE", "auto"), choices=DTYPE_CHOICES)
     parser.add_argument("--optimizer", default=env("HDB_OPTIMIZER", OPTIMIZERS[0]), choices=OPTIMIZERS)
     parser.add_argument("--tiny", action="store_true", default=env("HDB_TINY", "") not in ("", "0", "false"))
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=env("HDB_COMPILE", "") not in ("", "0", "false"),
+        help=f"dedicated GPU: torch.compile ({APP_COMPILE_MODE}) while the page is already served; not on ZeroGPU",
+    )
     parser.add_argument(
         "--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="0.0.0.0 to serve the network (Spaces set it)"
     )

@@ -1,20 +1,29 @@
 """`python -m hdb bench`: what personalisation costs, beside what a user would pick instead.
 
 Measured in one run on one machine: hypernetwork forward, seconds per fast-finetune step, a whole
-personalisation (prediction + 40 steps), peak memory and the personal file's size; then the
-baselines, DreamBooth (full UNet finetune) and DreamBooth-LoRA (peft, r=4), per step, extrapolated
-to their usual step counts. Full-size runs use SD1.5-shaped models with random weights: the
-arithmetic, and so the time and memory, are the real model's.
+personalisation (prediction + 40 steps), peak memory and the personal file's size; what a user waits
+for, end to end (photo -> aligned face -> personalised -> the first 4 pictures), and generation with
+and without a person; then the baselines, DreamBooth (full UNet finetune) and DreamBooth-LoRA (peft,
+r=4), per step, extrapolated to their usual step counts. Optionally, eager steps with a channels-last
+UNet, and the cold start: the first personalisation of a fresh process, with an empty and with a warm
+compile cache (two child processes: `python -m hdb.bench OPTIONS_JSON`). Full-size runs use
+SD1.5-shaped models with random weights: the arithmetic, and so the time and memory, are the real model's.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import json
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,9 +33,17 @@ from PIL import Image
 from hdb.config import DEFAULT_INSTANCE_PROMPT, BenchOptions
 from hdb.devices import resolve_device, resolve_dtype
 from hdb.diffusion import augmented_views, encode_images, encode_prompts, sample_seed, step_loss
-from hdb.faces import AlignedFace
+from hdb.errors import HdbError
+from hdb.faces import AlignedFace, align_face, crop_size
 from hdb.lidb import LiDB
-from hdb.models import Pipeline, build_full_size_sd15, build_tiny_pipeline, native_resolution, training_scheduler
+from hdb.models import (
+    Pipeline,
+    build_full_size_sd15,
+    build_tiny_pipeline,
+    compile_pipeline,
+    native_resolution,
+    training_scheduler,
+)
 from hdb.personal_file import PersonalWeights, save_personal
 from hdb.personalize import PersonalizeConfig, personalize
 from hdb.stage import training_stage
@@ -91,6 +108,7 @@ def _build(options: BenchOptions, device: torch.device):
             )
             encoder, encoder_name, sizes = CLIPVisionModel(vit_h), "ViT-H/14-shaped CLIP vision (random)", {}
     pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
     lidb = LiDB(pipe)
     hypernet = HyperNetwork.for_lidb(lidb, encoder, encoder_name, **sizes).to(device)
     hypernet.image_encoder.to(dtype)
@@ -104,33 +122,27 @@ def _photo(size: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def _stand_in_face(pipe: Pipeline) -> AlignedFace:
+    return AlignedFace.from_crop(_photo(crop_size(native_resolution(pipe))))
+
+
 def bench_hdb(options: BenchOptions, pipe: Pipeline, lidb: LiDB, hypernet: HyperNetwork, device: torch.device) -> dict:
     record: dict = {}
-    face = AlignedFace.from_crop(_photo(native_resolution(pipe)))
+    face = _stand_in_face(pipe)
     for _ in range(3):  # warm up the encoder kernels
         hypernet.predict(face.image)
     record["hypernet_forward_s"] = min(_timed(lambda: hypernet.predict(face.image), device) for _ in range(5))
     record.update(bench_generation(options, pipe, lidb, device))  # eager, before anything is compiled
-    if options.compile:
-        pipe.unet.compile(mode="reduce-overhead")
-        for encoder in [pipe.text_encoder]:
-            encoder.compile(mode="reduce-overhead")
+    if options.channels_last:  # eager too, before anything is compiled
+        record.update(bench_channels_last(options, pipe, face, hypernet, lidb, device))
     config = PersonalizeConfig(steps=options.steps, progress=False)
-    step_times: list[float] = []
-
-    def on_step(step: int, loss: float) -> None:
-        step_times.append(time.perf_counter())
-
+    compile_pipeline(pipe, options.compile)
     # first run compiles (when asked) and warms up; then the best of `repeats` warm runs
     record["first_personalization_s"] = _timed(lambda: personalize(pipe, face, hypernet, config, lidb=lidb), device)
-    totals = []
     with _peak_memory(device, record, "peak_memory_gib"):
-        for _ in range(options.repeats):
-            step_times.clear()
-            totals.append(_timed(lambda: personalize(pipe, face, hypernet, config, lidb=lidb, on_step=on_step), device))
-    per_step = [b - a for a, b in zip(step_times, step_times[1:], strict=False)]
-    record["finetune_step_s"] = sorted(per_step)[len(per_step) // 2]
-    record["personalization_s"] = min(totals)
+        record["personalization_s"], record["finetune_step_s"] = _warm_personalizations(
+            options, pipe, face, hypernet, lidb, device
+        )
     with tempfile.TemporaryDirectory() as folder:
         result_weights = PersonalWeights.from_lidb(lidb)
         record["file_bytes_relaxed_fp32"] = save_personal(result_weights, Path(folder) / "p.safetensors").stat().st_size
@@ -141,26 +153,105 @@ def bench_hdb(options: BenchOptions, pipe: Pipeline, lidb: LiDB, hypernet: Hyper
         rank1.A, rank1.B = rank1.A[:, :1].contiguous(), rank1.B[:, :, :1].contiguous()
         record["file_bytes_r1_fp32"] = save_personal(rank1, Path(folder) / "r1.safetensors").stat().st_size
     record["personal_numbers_r1"] = len(lidb.layers) * (lidb.config.a + lidb.config.b)
+    record.update(bench_first_images(options, pipe, lidb, hypernet, device))
     return record
 
 
-def bench_generation(options: BenchOptions, pipe: Pipeline, lidb: LiDB, device: torch.device) -> dict:
-    """One image of `generate_steps` sampling steps: the base model, the person merged, the person unmerged."""
+def _warm_personalizations(
+    options: BenchOptions, pipe: Pipeline, face: AlignedFace, hypernet: HyperNetwork, lidb: LiDB, device: torch.device
+) -> tuple[float, float]:
+    """The best of `repeats` personalisations: seconds for the whole, and the median seconds of a step in it."""
+    config = PersonalizeConfig(steps=options.steps, progress=False)
+    totals, step_medians = [], []
+    step_times: list[float] = []  # when each step's loss was read
+
+    def on_step(step: int, loss: float) -> None:
+        step_times.append(time.perf_counter())
+
+    for _ in range(options.repeats):
+        step_times.clear()
+        totals.append(_timed(lambda: personalize(pipe, face, hypernet, config, lidb=lidb, on_step=on_step), device))
+        between = [b - a for a, b in zip(step_times, step_times[1:], strict=False)]
+        step_medians.append(sorted(between)[len(between) // 2])
+    return min(totals), min(step_medians)
+
+
+def bench_channels_last(
+    options: BenchOptions, pipe: Pipeline, face: AlignedFace, hypernet: HyperNetwork, lidb: LiDB, device: torch.device
+) -> dict:
+    """Eager personalisation with the UNet in channels-last layout (cuDNN's preferred one), then back."""
+    pipe.unet.to(memory_format=torch.channels_last)
+    try:
+        config = PersonalizeConfig(steps=options.steps, progress=False)
+        personalize(pipe, face, hypernet, config, lidb=lidb)  # warm-up: cuDNN picks its algorithms
+        total, step = _warm_personalizations(options, pipe, face, hypernet, lidb, device)
+    finally:
+        pipe.unet.to(memory_format=torch.contiguous_format)
+    return {"personalization_channels_last_s": total, "finetune_step_channels_last_s": step}
+
+
+def bench_first_images(
+    options: BenchOptions, pipe: Pipeline, lidb: LiDB, hypernet: HyperNetwork, device: torch.device
+) -> dict:
+    """What a user waits for, warm: photo -> aligned face -> personalised -> the first grid of pictures.
+
+    Face alignment runs on the CPU with dlib; where dlib (or the photo) is missing, the timing starts
+    from an already aligned crop and says so.
+    """
     from hdb.generate import generate
 
-    steps = options.generate_steps
+    photo = Path(options.photo)
+    can_align = photo.is_file() and importlib.util.find_spec("dlib") is not None
+    stand_in = _stand_in_face(pipe)
+    config = PersonalizeConfig(steps=options.steps, progress=False)
 
-    def seconds(strength: float, merge: bool) -> float:
+    def first_images() -> dict:
+        started = time.perf_counter()
+        face = align_face(photo, size=crop_size(native_resolution(pipe))) if can_align else stand_in
+        aligned = time.perf_counter()
+        personalize(pipe, face, hypernet, config, lidb=lidb)
+        _sync(device)
+        personalised = time.perf_counter()
+        generate(pipe, lidb, DEFAULT_INSTANCE_PROMPT, steps=options.generate_steps, num_images=options.first_images)
+        _sync(device)
+        done = time.perf_counter()
+        return {
+            "time_to_first_images_s": done - started,
+            "first_images_align_s": aligned - started,
+            "first_images_personalize_s": personalised - aligned,
+            "first_images_generate_s": done - personalised,
+        }
+
+    first_images()  # warm-up (and, compiled, the generation graphs)
+    best = min((first_images() for _ in range(options.repeats)), key=lambda parts: parts["time_to_first_images_s"])
+    start = f"the photo {photo.name}, aligned with dlib" if can_align else "an aligned crop (no dlib or photo)"
+    return {**best, "first_images": options.first_images, "first_images_from": start}
+
+
+def bench_generation(options: BenchOptions, pipe: Pipeline, lidb: LiDB, device: torch.device) -> dict:
+    """`generate_steps` sampling steps, 1 image and a first grid: the base model, the person merged, unmerged."""
+    from hdb.generate import generate
+
+    def seconds(strength: float, merge: bool, images: int) -> float:
         def run() -> None:
-            generate(pipe, lidb, DEFAULT_INSTANCE_PROMPT, steps=steps, identity_strength=strength, merge=merge)
+            generate(
+                pipe,
+                lidb,
+                DEFAULT_INSTANCE_PROMPT,
+                steps=options.generate_steps,
+                num_images=images,
+                identity_strength=strength,
+                merge=merge,
+            )
 
         run()  # warm-up
         return min(_timed(run, device) for _ in range(options.repeats))
 
     record = {"generate_steps": options.generate_steps}
-    record["generate_base_s"] = seconds(0.0, merge=False)  # scale 0: the LiDB layers pass straight through
-    record["generate_person_merged_s"] = seconds(1.0, merge=True)
-    record["generate_person_unmerged_s"] = seconds(1.0, merge=False)
+    for images, suffix in ((1, ""), (options.first_images, f"_x{options.first_images}")):
+        record[f"generate_base{suffix}_s"] = seconds(0.0, False, images)  # scale 0: LiDB layers pass through
+        record[f"generate_person_merged{suffix}_s"] = seconds(1.0, True, images)
+        record[f"generate_person_unmerged{suffix}_s"] = seconds(1.0, False, images)
     record["merge_memory_gib"] = lidb.merged_bytes() / 2**30
     return record
 
@@ -242,9 +333,66 @@ def run_bench(options: BenchOptions) -> dict:
         record["dreambooth_total_s"] = record["dreambooth_step_s"] * DREAMBOOTH_STEPS
         record["speedup_vs_dreambooth"] = record["dreambooth_total_s"] / record["personalization_s"]
         record["speedup_vs_lora"] = record["lora_total_s"] / record["personalization_s"]
+        record["step_ratio_vs_lora"] = record["finetune_step_s"] / record["lora_step_s"]
         unet_bytes = sum(p.numel() for p in pipe.unet.parameters()) * 2  # a DreamBooth UNet checkpoint in fp16
         record["size_ratio_vs_dreambooth"] = unet_bytes / record["file_bytes_r1_fp32"]
+    if options.cold_start:
+        del pipe, lidb, hypernet  # the fresh processes get the device to themselves
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # give the freed memory back to the driver, where the children can have it
+        record.update(bench_cold_start(options))
     return record
+
+
+def bench_cold_start(options: BenchOptions) -> dict:
+    """The first personalisation of a fresh process, twice: with an empty compile cache, then with the cache
+    the first process left. torch keeps compiled kernels and graphs on disk (inductor's FX graph and autograd
+    caches, Triton's kernels); each child is pointed at one new folder through its own environment only.
+    """
+    child_options = replace(options, cold_start=False, baselines=False)
+    record: dict = {}
+    with tempfile.TemporaryDirectory(prefix="hdb_compile_cache_") as folder:
+        cache = Path(folder)
+        environment = compile_cache_environment(cache)
+        for state in ("empty_cache", "warm_cache"):
+            started = time.perf_counter()
+            child = subprocess.run(
+                [sys.executable, "-m", "hdb.bench", json.dumps(asdict(child_options))],
+                env=environment,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if child.returncode != 0:
+                raise HdbError(f"the cold-start process failed:\n{child.stderr[-3000:]}")
+            record[f"cold_start_{state}_process_s"] = time.perf_counter() - started  # imports and building too
+            record[f"cold_start_{state}_s"] = json.loads(child.stdout.splitlines()[-1])["first_personalization_s"]
+            if state == "empty_cache":
+                record["compile_cache_mib"] = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / 2**20
+    return record
+
+
+def compile_cache_environment(cache: Path) -> dict[str, str]:
+    """This process's environment, for a child whose torch.compile caches are kept in `cache` (and only there)."""
+    return {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+    }
+
+
+def first_personalization(options: BenchOptions) -> dict:
+    """This process's first personalisation, compiling as `options.compile` says: what a fresh server pays."""
+    device = resolve_device(options.device)
+    torch.manual_seed(0)
+    pipe, lidb, hypernet = _build(options, device)
+    compile_pipeline(pipe, options.compile)
+    config = PersonalizeConfig(steps=options.steps, progress=False)
+    face = _stand_in_face(pipe)
+    return {"first_personalization_s": _timed(lambda: personalize(pipe, face, hypernet, config, lidb=lidb), device)}
 
 
 def format_table(record: dict) -> str:
@@ -270,17 +418,44 @@ def format_table(record: dict) -> str:
             f"{record['speedup_vs_lora']:.1f}x faster than DreamBooth-LoRA; "
             f"its r=1 file is {record['size_ratio_vs_dreambooth']:,.0f}x smaller than a fp16 DreamBooth UNet.",
         ]
-    base, merged, unmerged = (record[f"generate_{k}_s"] for k in ("base", "person_merged", "person_unmerged"))
+    if "step_ratio_vs_lora" in record:
+        lines.append(f"an hdb finetune step costs {record['step_ratio_vs_lora']:.2f}x a DreamBooth-LoRA step")
+    if "finetune_step_channels_last_s" in record:
+        lines.append(
+            f"eager, UNet channels-last: {record['finetune_step_channels_last_s'] * 1e3:.1f} ms a step, "
+            f"{record['personalization_channels_last_s']:.2f} s a personalisation"
+        )
+    for images, suffix in ((1, ""), (record["first_images"], f"_x{record['first_images']}")):
+        base, merged, unmerged = (
+            record[f"generate_{kind}{suffix}_s"] for kind in ("base", "person_merged", "person_unmerged")
+        )
+        pictures = f"{images} image{'s' if images > 1 else ''}, {record['generate_steps']} sampling steps"
+        lines.append(
+            f"{pictures}: base model {base:.2f} s; with the person merged {merged:.2f} s ({merged / base - 1:+.0%}), "
+            f"unmerged {unmerged:.2f} s ({unmerged / base - 1:+.0%})"
+        )
+    compiling = "" if record["compiled"] == "none" else f", compiling ({record['compiled']})"
     lines += [
-        f"one image, {record['generate_steps']} sampling steps: base model {base:.2f} s; with the person merged "
-        f"{merged:.2f} s ({merged / base - 1:+.0%}), unmerged {unmerged:.2f} s ({unmerged / base - 1:+.0%}); "
         f"merging holds {record['merge_memory_gib']:.2f} GiB of original weights",
+        f"time to first images, warm: {record['time_to_first_images_s']:.2f} s from {record['first_images_from']} "
+        f"to {record['first_images']} pictures (align {record['first_images_align_s']:.2f} s, personalise "
+        f"{record['first_images_personalize_s']:.2f} s, generate {record['first_images_generate_s']:.2f} s)",
         f"hypernetwork forward: {record['hypernet_forward_s'] * 1e3:.1f} ms; "
-        f"first personalisation (cold{', compiling' if record['compiled'] else ''}): "
-        f"{record['first_personalization_s']:.2f} s",
-        f"personal file: r=1 {record['file_bytes_r1_fp32']:,} B fp32 ({record['personal_numbers_r1']:,} numbers); "
-        f"relaxed r=4 {record['file_bytes_relaxed_fp32']:,} B fp32, {record['file_bytes_relaxed_fp16']:,} B fp16",
+        f"first personalisation (cold{compiling}): {record['first_personalization_s']:.2f} s",
     ]
+    if "cold_start_empty_cache_s" in record:
+        lines.append(
+            f"first personalisation of a fresh process (compile={record['compiled']}): "
+            f"{record['cold_start_empty_cache_s']:.2f} s with an empty compile cache, "
+            f"{record['cold_start_warm_cache_s']:.2f} s with the cache it left "
+            f"({record['compile_cache_mib']:.1f} MiB); "
+            f"whole processes {record['cold_start_empty_cache_process_s']:.1f} s and "
+            f"{record['cold_start_warm_cache_process_s']:.1f} s"
+        )
+    lines.append(
+        f"personal file: r=1 {record['file_bytes_r1_fp32']:,} B fp32 ({record['personal_numbers_r1']:,} numbers); "
+        f"relaxed r=4 {record['file_bytes_relaxed_fp32']:,} B fp32, {record['file_bytes_relaxed_fp16']:,} B fp16"
+    )
     return "\n".join(lines)
 
 
@@ -289,3 +464,7 @@ def main(options: BenchOptions) -> dict:
     print(format_table(record))
     print(json.dumps(record))
     return record
+
+
+if __name__ == "__main__":  # a cold-start child (see bench_cold_start): one first personalisation, as JSON
+    print(json.dumps(first_personalization(BenchOptions(**json.loads(sys.argv[1])))))

@@ -18,6 +18,7 @@ from typing import Any
 
 from hdb import DEFAULT_BASE
 from hdb.config import (
+    COMPILE_MODES,
     DTYPE_CHOICES,
     FILE_DTYPES,
     LORA_FORMATS,
@@ -437,10 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(bench, "--tiny", B, help="tiny random pipeline instead of SD1.5-shaped (for CPUs)")
     config_option(bench, "--steps", B, help="fast-finetune steps")
     config_option(bench, "--baseline-steps", B, help="measured baseline steps (then extrapolated)")
-    config_option(bench, "--compile", B, help="torch.compile with CUDA graphs (GPU)")
+    compile_help = "torch.compile: full (CUDA graphs; --compile alone), regional (the UNet's repeated blocks) or none"
+    config_option(bench, "--compile", B, choices=COMPILE_MODES, nargs="?", const="full", help=compile_help)
     config_option(bench, "--dtype", B, choices=DTYPE_CHOICES, help="auto: bf16 on GPUs that have it, fp32 on CPU")
     config_option(bench, "--repeats", B, help="warm personalisations timed (best reported)")
+    config_option(bench, "--generate-steps", B, help="sampling steps of the timed generations")
+    config_option(bench, "--photo", B, help="face photo the time to first images starts from")
     config_option(bench, "--no-baselines", B, "baselines", help="skip DreamBooth and DreamBooth-LoRA")
+    config_option(bench, "--channels-last", B, help="also time eager steps with a channels-last UNet")
+    config_option(bench, "--cold-start", B, help="also time a fresh process's first personalisation, cache empty/warm")
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.set_defaults(run=cmd_bench)
 

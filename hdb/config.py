@@ -114,6 +114,14 @@ class HypernetTrainConfig:
     progress: bool = True
 
 
+# torch.compile of the base model: not at all; "full": the UNet and text encoder whole, with CUDA graphs (fastest
+# steps, minutes to compile); "regional": each of the UNet's repeated transformer blocks (compiles much sooner)
+COMPILE_MODES = ("none", "full", "regional")
+# `app.py --compile`: regional compiles in a fraction of full's minutes, and needs no CUDA graphs, which would
+# be re-recorded each time a visitor's person is merged into the weights
+APP_COMPILE_MODE = "regional"
+
+
 @dataclass
 class BenchOptions:
     """Options of `python -m hdb bench`."""
@@ -122,8 +130,12 @@ class BenchOptions:
     tiny: bool = False
     steps: int = 40
     baseline_steps: int = 50  # measured steps per baseline, then extrapolated
-    compile: bool = False
+    compile: str = COMPILE_MODES[0]
     repeats: int = 3  # warm personalisations (and generations) timed; the best is reported
     generate_steps: int = 25  # sampling steps of the timed generations
+    first_images: int = 4  # pictures of the first grid, in the time to first images
+    photo: str = "assets/obama.jpg"  # the time to first images starts from it (aligning it needs dlib)
     baselines: bool = True
+    channels_last: bool = False  # also time eager finetune steps with the UNet in channels-last layout
+    cold_start: bool = False  # also time the first personalisation of two fresh processes: compile cache empty, warm
     dtype: str = "auto"  # of the base model; "auto": bf16 on GPUs that have it, fp32 on CPU

@@ -1,5 +1,6 @@
 """The Gradio demo, served for real on the tiny pipeline: driven by gradio_client and by headless Chromium."""
 
+import logging
 import os
 import re
 import shutil
@@ -7,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -249,6 +251,42 @@ def test_zerogpu_asks_for_the_time_each_call_needs(engine, visitor_files, monkey
         )
         assert needed <= app.MAX_GPU_SECONDS
         assert app.Engine.generate_seconds(base, most_sampling, app.MAX_IMAGES, app.MAX_AREA) == pytest.approx(needed)
+
+
+def test_compile_is_ignored_on_a_cpu_and_never_happens_on_zero_gpu(monkeypatch, caplog):
+    import app
+
+    compiled = []
+    monkeypatch.setattr("hdb.models.compile_pipeline", lambda pipe, mode: compiled.append(mode))
+    monkeypatch.setenv("HDB_COMPILE", "1")  # as a Space's settings would ask for it
+    options = app.parse_args(["--tiny", "--device", "cpu"])
+    assert options.compile
+    with caplog.at_level(logging.WARNING, logger="hdb.app"):
+        engine = app.Engine(options)
+    assert compiled == [] and engine.warm_up is None and "--compile is ignored on cpu" in caplog.text
+    # where `spaces` is installed the GPU may be ZeroGPU's: never compile there, even on a GPU
+    monkeypatch.setitem(sys.modules, "spaces", types.ModuleType("spaces"))
+    assert "ZeroGPU" in app.compile_refusal("cuda", zero_gpu=app.on_spaces())
+    assert app.compile_refusal("cuda", zero_gpu=False) is None  # a dedicated GPU
+
+
+def test_compiling_warms_up_in_the_background_and_the_page_says_so(monkeypatch, visitor_files):
+    """The dedicated-GPU path, run on the CPU with compiling itself stubbed out (it takes minutes here)."""
+    import app
+    import hdb.generate
+    from hdb.config import APP_COMPILE_MODE
+
+    compiled, release, real_generate = [], threading.Event(), hdb.generate.generate
+    monkeypatch.setattr("hdb.models.compile_pipeline", lambda pipe, mode: compiled.append(mode))
+    monkeypatch.setattr(app, "compile_refusal", lambda device_type, zero_gpu: None)  # as on a dedicated GPU
+    monkeypatch.setattr("hdb.generate.generate", lambda *a, **k: release.wait(60) and real_generate(*a, **k))
+    engine = app.Engine(app.parse_args(["--tiny", "--device", "cpu", "--compile"]))
+    assert engine.warm_up.is_alive() and engine.warm_up_note.startswith("⏳")  # the page is served meanwhile
+    page = app.build_demo(engine, visitor_files)
+    assert any(getattr(block, "elem_id", None) == "warm-up" for block in page.blocks.values())
+    release.set()
+    engine.warm_up.join(timeout=60)
+    assert compiled == [APP_COMPILE_MODE] and engine.warm_up_note == ""  # compiled: the note goes
 
 
 def test_a_stopped_server_leaves_no_visitor_file_and_the_next_one_sweeps_a_crashed_ones(tmp_path):

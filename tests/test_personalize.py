@@ -197,31 +197,6 @@ def test_cli_personalize_with_a_hypernetwork_checkpoint(tiny_sd15_dir, tmp_path)
     assert_one_line_error(result, "LiDB layers")
 
 
-def test_bench_command_prints_the_table_and_json(tmp_path):
-    import json
-
-    out = hdb(
-        "bench",
-        "--tiny",
-        "--device",
-        "cpu",
-        "--steps",
-        "3",
-        "--baseline-steps",
-        "3",
-        "--repeats",
-        "1",
-        "--dtype",
-        "bf16",
-        "--json",
-        tmp_path / "b.json",
-    ).stdout
-    assert "DreamBooth-LoRA (peft r=4)" in out and "faster than DreamBooth" in out
-    record = json.loads((tmp_path / "b.json").read_text())
-    assert record["steps"] == 3 and record["finetune_step_s"] > 0 and record["dreambooth_step_s"] > 0
-    assert record["dtype"] == "bfloat16"
-
-
 def test_several_photos_of_one_person(obama_face, tiny_sd15):
     second, other = (align_face(ASSETS / name, size=256) for name in ("obama2.jpg", "biden.jpg"))
     lidb = LiDB(tiny_sd15)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Fetch, where pip can download, the wheels a bare GPU machine lacks (it has torch, transformers, peft and
+# accelerate, but not diffusers) into .gpu/wheels (git-ignored), for scripts/gpu_check.sh to install there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+diffusers=$(grep -m1 '^diffusers==' requirements-dev.txt)  # the version the tests pin
+python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels "$diffusers" importlib_metadata
+ls .gpu/wheels

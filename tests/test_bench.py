@@ -1,0 +1,62 @@
+"""`python -m hdb bench` on the tiny pipeline: it runs and its figures hang together (GPU ones: docs/BENCHMARKS.md)."""
+
+import json
+import os
+
+from helpers import hdb_cli as hdb
+
+from hdb.cli import build_parser
+
+
+def test_bench_command_prints_the_table_and_json(tmp_path):
+    out = hdb(
+        "bench",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "3",
+        "--baseline-steps",
+        "3",
+        "--repeats",
+        "1",
+        "--generate-steps",
+        "2",
+        "--channels-last",
+        "--dtype",
+        "bf16",
+        "--json",
+        tmp_path / "b.json",
+    ).stdout
+    assert "DreamBooth-LoRA (peft r=4)" in out and "faster than DreamBooth" in out and "time to first images" in out
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["steps"] == 3 and record["finetune_step_s"] > 0 and record["dreambooth_step_s"] > 0
+    assert record["dtype"] == "bfloat16"
+    assert record["step_ratio_vs_lora"] == record["finetune_step_s"] / record["lora_step_s"]
+    assert record["finetune_step_channels_last_s"] > 0 and record["generate_person_merged_x4_s"] > 0
+    # what a user waits for: the parts add up, from the real photo (the test install has dlib)
+    parts = sum(record[f"first_images_{part}_s"] for part in ("align", "personalize", "generate"))
+    assert record["time_to_first_images_s"] >= parts > record["first_images_align_s"] > 0
+    assert record["first_images_from"] == "the photo obama.jpg, aligned with dlib"
+
+
+def test_cold_start_children_keep_their_compile_cache_in_their_own_environment(tmp_path):
+    from hdb.bench import compile_cache_environment
+
+    before = dict(os.environ)
+    environment = compile_cache_environment(tmp_path)
+    assert dict(os.environ) == before  # this process's environment is untouched
+    assert environment["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    assert environment["TRITON_CACHE_DIR"] == str(tmp_path / "triton")
+    assert environment["HF_HUB_OFFLINE"] == os.environ["HF_HUB_OFFLINE"]  # the rest is inherited
+
+
+def test_compile_alone_means_full_and_regional_can_be_asked_for():
+    def compile_mode(*argv: str) -> str:
+        return build_parser().parse_args(["bench", *argv]).compile
+
+    assert (compile_mode(), compile_mode("--compile"), compile_mode("--compile", "regional")) == (
+        "none",
+        "full",
+        "regional",
+    )
