@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
     PNDMScheduler,
@@ -107,7 +108,7 @@ def _tiny_vae() -> AutoencoderKL:
     )
 
 
-def _tiny_unet(sdxl: bool) -> UNet2DConditionModel:
+def _tiny_unet(arch: str) -> UNet2DConditionModel:
     common = dict(
         sample_size=8,
         in_channels=4,
@@ -119,8 +120,10 @@ def _tiny_unet(sdxl: bool) -> UNet2DConditionModel:
         norm_num_groups=8,
         attention_head_dim=8,
     )
-    if not sdxl:
+    if arch == "sd15":
         return UNet2DConditionModel(cross_attention_dim=32, **common)
+    if arch == "sd2":  # SD2.x projects in and out of its transformers with linear layers
+        return UNet2DConditionModel(cross_attention_dim=32, use_linear_projection=True, **common)
     # SDXL conditions on both encoders' hidden states (32 + 32) and on pooled text + 6 size/crop numbers.
     return UNet2DConditionModel(
         cross_attention_dim=64,
@@ -140,9 +143,14 @@ def build_tiny_pipeline(arch: str = "sd15", seed: int = 0) -> Pipeline:
     tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
     # SD1.5's own scheduler settings: scaled-linear betas, 1000 steps.
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    scheduler = PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, **schedule)
-    parts = dict(unet=_tiny_unet(arch == "sdxl"), vae=_tiny_vae(), scheduler=scheduler, tokenizer=tokenizer)
-    if arch == "sd15":
+    if arch == "sd2":  # SD2.1-768's: the UNet predicts the velocity v, not the noise
+        scheduler = DDIMScheduler(
+            prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1, **schedule
+        )
+    else:
+        scheduler = PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, **schedule)
+    parts = dict(unet=_tiny_unet(arch), vae=_tiny_vae(), scheduler=scheduler, tokenizer=tokenizer)
+    if arch in ("sd15", "sd2"):
         return StableDiffusionPipeline(
             text_encoder=_tiny_text_encoder(False),
             safety_checker=None,

@@ -47,3 +47,34 @@ def test_kohya_keys_follow_the_a1111_convention(tiny_sdxl, tmp_path):
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
     assert len(keys) == 3 * len(weights.layer_names)
+
+
+def test_sd2_v_prediction_trains_on_the_velocity_then_exports_exactly(obama_face, tmp_path):
+    from hdb.diffusion import diffusion_loss, encode_prompts, predict_noise
+    from hdb.models import training_scheduler
+    from hdb.personalize import PersonalizeConfig, personalize
+
+    pipe = build_tiny_pipeline("sd2")
+    scheduler = training_scheduler(pipe)
+    assert scheduler.config.prediction_type == "v_prediction"
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    timesteps, cond = torch.tensor([100, 800]), encode_prompts(pipe, ["a sks face"] * 2)
+    with torch.no_grad():
+        loss = diffusion_loss(pipe, scheduler, latents, cond, noise, timesteps)
+        prediction = predict_noise(pipe, scheduler.add_noise(latents, noise, timesteps), timesteps, cond)
+    velocity = scheduler.get_velocity(latents, noise, timesteps)
+    torch.testing.assert_close(loss, (prediction - velocity).square().mean(dim=(1, 2, 3)))  # the target is v
+    assert not torch.allclose(loss, (prediction - noise).square().mean(dim=(1, 2, 3)))
+
+    result = personalize(pipe, obama_face, config=PersonalizeConfig(steps=3, learning_rate=5e-2, progress=False))
+    assert result.weights.lora_rank == 4 and max(up.abs().max() for up in result.weights.lora_up) > 0
+    with torch.no_grad():
+        cond_hdb, noise_hdb = forward(pipe)
+    lora = export_lora(result.weights, tmp_path / "sd2.safetensors")
+    fresh = build_tiny_pipeline("sd2")
+    fresh.load_lora_weights(str(lora))
+    with torch.no_grad():
+        cond_lora, noise_lora = forward(fresh)
+    torch.testing.assert_close(cond_lora.embeds, cond_hdb.embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(noise_lora, noise_hdb, atol=1e-5, rtol=1e-5)
