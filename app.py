@@ -450,7 +450,8 @@ def make_handlers(engine: Engine, files: VisitorFiles) -> tuple[Callable, ...]:
         session.weights, session.references = weights, []
         return (
             session,
-            f"Loaded a saved person ({weights.num_numbers:,} numbers, rank {weights.config.rank}).",
+            f"Loaded a saved person ({weights.num_numbers:,} numbers: LiDB rank {weights.config.rank}"
+            f"{f', plain LoRA rank {weights.lora_rank}' if weights.lora_rank else ''}).",
             save_files(session),
         )
 

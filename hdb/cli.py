@@ -278,7 +278,7 @@ def cmd_toy(args: argparse.Namespace) -> None:
     results = run_toy(args.out, quick=args.quick, seed=args.seed)
     print((args.out / "results.md").read_text())
     print(
-        f"written: {args.out}/results.json, results.md, losses.png, renders.jpg ({results['timings_s']['total']:.0f} s)"
+        f"written: {args.out}/results.json, results.md, losses.png, renders.jpg, samples.jpg ({results['timings_s']['total']:.0f} s)"
     )
 
 

@@ -42,9 +42,10 @@ def test_every_row_of_the_table_runs_and_files_are_written(tmp_path):
         upper_bound_renders=2,
     )
     results = run_toy(tmp_path, config=config, progress=False)
-    for name in ("results.json", "results.md", "losses.png", "renders.jpg"):
+    for name in ("results.json", "results.md", "losses.png", "renders.jpg", "samples.jpg"):
         assert (tmp_path / name).stat().st_size > 0
-    assert list(results["methods"]) == list(method_labels(config)) and len(results["methods"]) == 8
+    assert list(results["methods"]) == list(method_labels(config)) and len(results["methods"]) == 12
+    assert all(np.array(m["matrix"]).shape == (2, 2) for m in results["methods"].values())  # every model x person
     assert json.loads((tmp_path / "results.json").read_text())["methods"].keys() == results["methods"].keys()
     table = (tmp_path / "results.md").read_text()
     assert all(m["label"] in table for m in results["methods"].values())

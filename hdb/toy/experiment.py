@@ -6,6 +6,9 @@
     -> stage 2: train the hypernetwork on the training identities (hdb.train_hypernet)
     -> held-out identities, personalised from ONE render each    (hdb.personalize)
     -> diffusion loss on OTHER renders of the same person, fixed noise and timesteps for every method
+    -> identification: every person's renders under every personalised model (an N x N matrix); is
+       the person's own model the one that fits their renders best? (the paper's Table 3 asks a
+       face recogniser the same question of generated pictures)
 
 Every training stage goes through `hdb.training.train` and `hdb.stage.training_stage`, as the real
 model does. The numbers are small-scale evidence that the pipeline learns, not a claim about SD1.5.
@@ -26,9 +29,16 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hdb.config import DEFAULT_INSTANCE_PROMPT, HypernetTrainConfig, PersonalizeConfig, PreoptimizeConfig
+from hdb.config import (
+    DEFAULT_INSTANCE_PROMPT,
+    RELAX_MODES,
+    HypernetTrainConfig,
+    PersonalizeConfig,
+    PreoptimizeConfig,
+)
 from hdb.diffusion import diffusion_loss, encode_images, encode_prompts, sample_seed, step_loss, to_pixels
 from hdb.faces import AlignedFace
+from hdb.generate import generate
 from hdb.hypernet import HyperNetwork
 from hdb.identities import Identity, load_weights_dataset
 from hdb.lidb import LiDB
@@ -36,7 +46,7 @@ from hdb.models import Pipeline, build_tiny_pipeline, training_scheduler
 from hdb.personalize import personalize
 from hdb.preoptimize import preoptimize
 from hdb.stage import training_stage
-from hdb.toy.report import plot_losses, renders_sheet, results_table
+from hdb.toy.report import image_sheet, plot_losses, renders_sheet, results_table
 from hdb.toy.world import JITTER, Person, sample_people
 from hdb.train_hypernet import train_hypernetwork
 from hdb.training import TrainConfig, TrainingDiverged, train
@@ -62,13 +72,14 @@ class ToyConfig:
     hyper_steps: int = 2000
     hyper_batch: int = 8
     hyper_lr: float = 3e-4
-    hyper_alpha: float = 1.0  # diffusion loss weight
-    hyper_beta: float = 100.0  # weight-space loss weight (its MSE is ~1e-2, the diffusion loss ~0.2)
+    hyper_alpha: float = HypernetTrainConfig.alpha  # diffusion loss weight
+    hyper_beta: float = HypernetTrainConfig.beta  # weight loss weight (normalised: 1 at a zero prediction)
     hyper_width: int = 128
     hyper_depth: int = 2
     hyper_heads: int = 4
     iterations: int = 4  # the hypernetwork's refinement iterations s
     compare_s1: bool = True  # also train a hypernetwork with s=1 (the paper's ablation)
+    compare_beta0: bool = True  # also train a hypernetwork on the diffusion loss alone (beta = 0)
     # held out from both stages: personalised from one render, scored on others
     test_identities: int = 12
     eval_renders: int = 4
@@ -90,8 +101,11 @@ QUICK = ToyConfig(
     eval_draws=12,
     long_finetune_steps=0,
     compare_s1=False,
+    compare_beta0=False,
     upper_bound_renders=0,
 )
+SAMPLED_PEOPLE = 2  # held-out people drawn by the base and personalised models for the samples sheet
+SAMPLED_METHODS = ("base", "zero_ft", "hyper", "hyper_ft_lora", "hyper_ft_lidb")
 
 
 def _encode(pipe: Pipeline, images: list[Image.Image], chunk: int = 64) -> torch.Tensor:
@@ -199,85 +213,113 @@ def heldout_loss(pipe: Pipeline, lidb: LiDB, draws: EvalDraws, prompt: str) -> f
     )
 
 
-def method_labels(config: ToyConfig) -> dict[str, str]:
-    labels = {
-        "base": "base model (no personalisation)",
-        "zero_ft": f"zero init + {config.finetune_steps} steps",
-        "zero_ft_long": f"zero init + {config.long_finetune_steps} steps",
-        "hyper_s1": "hypernetwork only, trained with s=1",
-        "hyper": f"hypernetwork only, s={config.iterations}",
-        "hyper_ft": f"hypernetwork + {config.finetune_steps} rank-relaxed steps",
-        "hyper_wrong": "control: hypernetwork fed another person's photo",
-        "upper_bound": f"upper bound: LiDB pre-optimised on {config.upper_bound_renders} other renders",
+@dataclass(frozen=True)
+class Method:
+    """How one row of the table personalises a held-out person."""
+
+    label: str
+    hypernet: str | None = None  # which hypernetwork predicts the start ("s", "s1", "beta0"); None: zero
+    steps: int = 0  # rank-relaxed finetune steps after the start (0: the start alone)
+    relax: str = RELAX_MODES[0]
+    wrong_photo: bool = False  # the control: the hypernetwork is shown the next person's photo
+    upper_bound: bool = False  # a LiDB pre-optimised on many other renders of the person
+
+
+def toy_methods(config: ToyConfig) -> dict[str, Method]:
+    steps, s = config.finetune_steps, config.iterations
+    methods = {
+        "base": Method("base model (no personalisation)"),
+        "zero_ft": Method(f"zero init + {steps} steps", steps=steps),
+        "zero_ft_long": Method(f"zero init + {config.long_finetune_steps} steps", steps=config.long_finetune_steps),
+        "hyper_s1": Method("hypernetwork only, trained with s=1", "s1"),
+        "hyper": Method(f"hypernetwork only, s={s}", "s"),
+        "hyper_ft_lora": Method(f"hypernetwork + {steps} steps, plain LoRA on top (paper)", "s", steps, "lora"),
+        "hyper_ft_lidb": Method(f"hypernetwork + {steps} steps, relaxed inside LiDB", "s", steps, "lidb"),
+        "hyper_beta0": Method("hypernetwork only, trained with beta=0", "beta0"),
+        "hyper_beta0_ft_lora": Method(f"beta=0 hypernetwork + {steps} steps, plain LoRA", "beta0", steps, "lora"),
+        "hyper_beta0_ft_lidb": Method(f"beta=0 hypernetwork + {steps} steps, inside LiDB", "beta0", steps, "lidb"),
+        "hyper_wrong": Method("control: hypernetwork fed another person's photo", "s", wrong_photo=True),
+        "upper_bound": Method(
+            f"upper bound: LiDB pre-optimised on {config.upper_bound_renders} other renders", upper_bound=True
+        ),
     }
-    if not config.long_finetune_steps:
-        del labels["zero_ft_long"]
-    if not config.compare_s1:
-        del labels["hyper_s1"]
-    if not config.upper_bound_renders:
-        del labels["upper_bound"]
-    return labels
+    dropped = {
+        "zero_ft_long": not config.long_finetune_steps,
+        "hyper_s1": not config.compare_s1,
+        "hyper_beta0": not config.compare_beta0,
+        "hyper_beta0_ft_lora": not config.compare_beta0,
+        "hyper_beta0_ft_lidb": not config.compare_beta0,
+        "upper_bound": not config.upper_bound_renders,
+    }
+    return {name: method for name, method in methods.items() if not dropped.get(name)}
+
+
+def method_labels(config: ToyConfig) -> dict[str, str]:
+    return {name: method.label for name, method in toy_methods(config).items()}
 
 
 def evaluate_methods(
     pipe: Pipeline,
-    hypernet: HyperNetwork,
-    hypernet_s1: HyperNetwork | None,
+    hypernets: dict[str, HyperNetwork],
     upper_bound_dir: Path | None,
     test: list[Person],
     config: ToyConfig,
     seed: int,
     progress: bool = True,
-) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Each method's held-out loss per test person, personalised from that person's one photo; and guard stops."""
-    lidb = LiDB(pipe, hypernet.lidb_config)
+) -> tuple[dict[str, list[list[float]]], dict[str, int], list[list[Image.Image]]]:
+    """Personalise each held-out person from their one photo by every method, and score the result on the
+    other renders of EVERY held-out person: `losses[method][k][j]` is person j's renders under person k's
+    model (the diagonal is the person's own score). Also the guard's stops, and the samples sheet's rows."""
+    lidb = LiDB(pipe, hypernets["s"].lidb_config)
     upper_bound = (
         load_weights_dataset(upper_bound_dir, lidb, [p.identity.name for p in test]) if upper_bound_dir else {}
     )
-    scores: dict[str, list[float]] = {name: [] for name in method_labels(config)}
+    methods = toy_methods(config)
+    losses: dict[str, list[list[float]]] = {name: [] for name in methods}
     stops: dict[str, int] = {}
-    for net in (hypernet, hypernet_s1):
-        if net is not None:
-            net.eval()
+    samples: list[list[Image.Image]] = []
+    for net in hypernets.values():
+        net.eval()
+    draws = [eval_draws(pipe, person, config.eval_draws, seed * 7919 + k) for k, person in enumerate(test)]
 
-    def finetune(name: str, face: AlignedFace, net: HyperNetwork | None, steps: int) -> None:
-        ft = PersonalizeConfig(steps=steps, learning_rate=config.finetune_lr, seed=seed, progress=False)
-        try:
-            personalize(pipe, face, net, ft, lidb=lidb)
-        except TrainingDiverged:  # the LiDB holds the last good step's weights: score those, and count the stop
-            stops[name] = stops.get(name, 0) + 1
+    def personalise(name: str, method: Method, person: Person, other: Person) -> None:
+        """Put the LiDB in the state `method` leaves for `person`."""
+        net = hypernets[method.hypernet] if method.hypernet else None
+        if method.upper_bound:
+            lidb.start_from(*upper_bound[person.identity.name])
+        elif method.steps:
+            face = AlignedFace.from_crop(person.photos[0])  # a render is already an aligned crop
+            ft = PersonalizeConfig(
+                steps=method.steps, learning_rate=config.finetune_lr, relax=method.relax, seed=seed, progress=False
+            )
+            try:
+                personalize(pipe, face, net, ft, lidb=lidb)
+            except TrainingDiverged:  # the LiDB holds the last good step's weights: score those, and count the stop
+                stops[name] = stops.get(name, 0) + 1
+        elif net is not None:
+            with torch.no_grad():
+                lidb.start_from(*net.predict((other if method.wrong_photo else person).photos[0]))
+        else:
+            lidb.start_from(*lidb.initial_weights())  # B = 0: the base model
 
     for k, person in enumerate(_progress(test, progress, "personalising held-out people")):
-        draws = eval_draws(pipe, person, config.eval_draws, seed * 7919 + k)
-        photo, face = person.photos[0], AlignedFace.from_crop(person.photos[0])  # a render is already an aligned crop
-
-        def score(name: str, draws: EvalDraws = draws) -> None:
-            scores[name].append(heldout_loss(pipe, lidb, draws, DEFAULT_INSTANCE_PROMPT))
-
-        lidb.start_from(*lidb.initial_weights())  # B = 0: the base model
-        score("base")
-        other = test[(k + 1) % len(test)].photos[0]
-        with torch.no_grad():
-            for name, net, image in (
-                ("hyper_s1", hypernet_s1, photo),
-                ("hyper", hypernet, photo),
-                ("hyper_wrong", hypernet, other),
-            ):
-                if net is not None:
-                    lidb.start_from(*net.predict(image))
-                    score(name)
-        finetune("zero_ft", face, None, config.finetune_steps)
-        score("zero_ft")
-        if config.long_finetune_steps:
-            finetune("zero_ft_long", face, None, config.long_finetune_steps)
-            score("zero_ft_long")
-        finetune("hyper_ft", face, hypernet, config.finetune_steps)
-        score("hyper_ft")
-        if upper_bound:
-            lidb.start_from(*upper_bound[person.identity.name])
-            score("upper_bound")
+        other = test[(k + 1) % len(test)]
+        row = [person.photos[0]]
+        for name, method in methods.items():
+            personalise(name, method, person, other)
+            losses[name].append([heldout_loss(pipe, lidb, d, DEFAULT_INSTANCE_PROMPT) for d in draws])
+            if k < SAMPLED_PEOPLE and name in SAMPLED_METHODS:
+                row.append(sample_picture(pipe, lidb, seed))
+        if k < SAMPLED_PEOPLE:
+            samples.append(row)
     lidb.detach()
-    return scores, stops
+    return losses, stops, samples
+
+
+@torch.no_grad()
+def sample_picture(pipe: Pipeline, lidb: LiDB, seed: int) -> Image.Image:
+    """What the model draws for the instance prompt (no guidance: the toy base never saw an empty prompt)."""
+    return generate(pipe, lidb, DEFAULT_INSTANCE_PROMPT, negative_prompt="", guidance=1.0, seed=seed)[0]
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -331,13 +373,13 @@ def run_toy(
 
     # 4. stage 2: the hypernetwork. The held-out people go first with holdout=len(test): train_hypernetwork
     # never trains on them, only reports its validation loss on their one photo.
-    def train_stage2(iterations: int, folder: str) -> tuple[HyperNetwork, dict]:
+    def train_stage2(iterations: int, beta: float, folder: str) -> tuple[HyperNetwork, dict]:
         hyper_config = HypernetTrainConfig(
             steps=config.hyper_steps,
             batch_size=config.hyper_batch,
             learning_rate=config.hyper_lr,
             alpha=config.hyper_alpha,
-            beta=config.hyper_beta,
+            beta=beta,
             holdout=len(test_people),
             seed=seed,
             image_encoder="tiny",
@@ -354,12 +396,17 @@ def run_toy(
         )
         return HyperNetwork.from_pretrained(work / folder / "hypernet"), summary
 
-    hypernet, summary = train_stage2(config.iterations, "hypernet")
-    clock = lap("hypernetwork", clock)
-    hypernet_s1 = None
-    if config.compare_s1:  # the paper's iterative-refinement ablation: the same training with one iteration
-        hypernet_s1, _ = train_stage2(1, "hypernet_s1")
-        clock = lap("hypernetwork_s1", clock)
+    # the hypernetwork, and the ablations asked for: s=1 (the paper's iteration ablation) and beta=0
+    hypernets, summary = {}, {}
+    variants = {
+        "s": (True, config.iterations, config.hyper_beta),
+        "s1": (config.compare_s1, 1, config.hyper_beta),
+        "beta0": (config.compare_beta0, config.iterations, 0.0),
+    }
+    for variant, (wanted, iterations, beta) in variants.items():
+        if wanted:
+            hypernets[variant], summary[variant] = train_stage2(iterations, beta, f"hypernet_{variant}")
+            clock = lap(f"hypernetwork_{variant}", clock)
 
     # 5. held-out people, personalised from one render, scored on their other renders; and what a LiDB
     # learns from many renders of them (stage 1 on their extra renders), the most one LiDB can do
@@ -368,7 +415,7 @@ def run_toy(
         upper_bound_dir = work / "upper_bound"
         upper = [Person(p.identity, p.extra_renders, [], []) for p in test_people]
         preoptimize_people(pipe, upper, upper_bound_dir, config, seed, progress)
-    scores, stops = evaluate_methods(pipe, hypernet, hypernet_s1, upper_bound_dir, test_people, config, seed, progress)
+    losses, stops, samples = evaluate_methods(pipe, hypernets, upper_bound_dir, test_people, config, seed, progress)
     lap("evaluate", clock)
     timings["total"] = round(time.perf_counter() - started, 1)
 
@@ -383,10 +430,11 @@ def run_toy(
         "losses": {
             "pretrain": pretrain_losses,
             "preoptimize": preopt_losses,
-            "hypernet": summary["losses"],
-            "hypernet_validation": summary["validation"],
+            "hypernet": summary["s"]["losses"],
+            "hypernet_validation": summary["s"]["validation"],
+            "hypernet_terms": _logged_terms(work / "hypernet_s" / "losses.jsonl"),
         },
-        "methods": summarise(scores, config),
+        "methods": summarise(losses, config),
         "guard_stops": stops,
         "held_out": [p.identity.name for p in test_people],
     }
@@ -395,16 +443,28 @@ def run_toy(
     (out / "results.md").write_text(results_table(results))
     plot_losses(results, out / "losses.png")
     renders_sheet(train_people[:4], test_people[:6]).save(out / "renders.jpg", quality=92)
+    image_sheet(samples).save(out / "samples.jpg", quality=92)
     return results
 
 
-def summarise(scores: dict[str, list[float]], config: ToyConfig) -> dict:
-    """Per method: mean loss, per-person losses, and on how many people it beats base / zero init / the control."""
-    base, zero, wrong = (np.array(scores[k]) for k in ("base", "zero_ft", "hyper_wrong"))
+def _logged_terms(path: Path) -> dict[str, list[float]]:
+    """The diffusion and weight terms of stage 2's loss, step by step, from its losses.jsonl."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return {key: [r[key] for r in records if key in r] for key in ("diffusion_loss", "weight_loss")}
+
+
+def summarise(losses: dict[str, list[list[float]]], config: ToyConfig) -> dict:
+    """Per method: the own-renders loss (mean, per person, people it beats base / zero init / the control on),
+    and identification from the N x N matrix: for how many people their own model fits their renders best
+    (top-1, chance 1/N), and by how much: the margin to the best other model, in % of the base loss."""
+    own = {name: np.diag(np.array(matrix)) for name, matrix in losses.items()}
+    base, zero, wrong = own["base"], own["zero_ft"], own["hyper_wrong"]
     labels = method_labels(config)
     summary = {}
-    for name, values in scores.items():
-        v = np.array(values)
+    for name, matrix in losses.items():
+        v, grid = own[name], np.array(matrix)  # grid[k, j]: person j's renders under person k's model
+        others = np.where(np.eye(len(v), dtype=bool), np.inf, grid).min(axis=0)  # best other model, per person
+        identifies = name != "base"  # the base is one model for everyone: nothing to identify
         summary[name] = {
             "label": labels[name],
             "mean": float(v.mean()),
@@ -414,5 +474,8 @@ def summarise(scores: dict[str, list[float]], config: ToyConfig) -> dict:
             "beats_zero_ft": int((v < zero).sum()),
             "beats_wrong_photo": int((v < wrong).sum()),
             "people": len(v),
+            "identified": int((v < others).sum()) if identifies else None,
+            "margin_pct": float(100 * ((others - v) / base).mean()) if identifies else None,
+            "matrix": grid.tolist(),
         }
     return summary
