@@ -245,7 +245,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from hdb.train_hypernet import train_hypernetwork
 
     _quiet_model_loading()
-    config = config_from_args(HypernetTrainConfig, args)
+    # --rank is given only to insist on one: by default the LiDB is the pre-optimised weights'
+    config = config_from_args(HypernetTrainConfig, args, lidb=LiDBConfig(rank=args.rank) if args.rank else None)
     summary = train_hypernetwork(args.base, args.images, args.out, args.weights, config, args.device)
     if summary["losses"] and summary["main_process"]:
         last = summary["start_step"] + len(summary["losses"]) - 1
@@ -402,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(tr, "--heads", H)
     config_option(tr, "--iterations", H, help="refinement iterations s")
     config_option(tr, "--resolution", H, type=int)
+    tr.add_argument("--rank", type=int, help="LiDB rank (default: the --weights folder's, else 1)")
     tr.set_defaults(run=cmd_train)
 
     push = sub.add_parser("push", help="upload a trained hypernetwork to the Hugging Face Hub, with a model card")

@@ -104,7 +104,10 @@ class HypernetTrainConfig:
     heads: int = 8
     iterations: int = 4
     resolution: int | None = None
-    instance_token: str = DEFAULT_INSTANCE_TOKEN
+    # None: what the pre-optimised weights (--weights) were made with, else the defaults; a value that
+    # disagrees with the weights' manifest is refused
+    instance_token: str | None = None
+    lidb: LiDBConfig | None = None
     progress: bool = True
 
 

@@ -2,18 +2,22 @@
 
 Both training stages read it the same way, with the face alignment personalisation uses. Photos
 that cannot be used (unreadable, no face) are skipped and counted, never fatal; a folder with
-nothing usable is. Stage 2 also reads what stage 1 wrote for them: `load_weights_dataset`.
+nothing usable is. Stage 2 also reads what stage 1 wrote for them: its manifest (`read_manifest`: the
+LiDB shape, aux seed and instance token the weights were made with) and the weights
+(`load_weights_dataset`).
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from hdb.config import LiDBConfig
 from hdb.diffusion import augmented_views, encode_images
 from hdb.errors import HdbError
 from hdb.lidb import LiDB
@@ -21,6 +25,7 @@ from hdb.models import Pipeline
 from hdb.personal_file import check_compatible, load_personal
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MANIFEST_FILE = "manifest.json"  # stage 1's out folder: what its weights were made with
 
 
 @dataclass
@@ -100,10 +105,69 @@ def encode_identities(pipe: Pipeline, identities: list[Identity], resolution: in
     ]
 
 
+# ----------------------------------------------------------------------------- stage 1's output, read by stage 2
+
+
+@dataclass(frozen=True)
+class WeightsManifest:
+    """What a stage 1 folder's weights were made with; stage 2 trains with the same, or refuses."""
+
+    lidb: LiDBConfig
+    instance_token: str
+    arch_fingerprint: str
+    aux_fingerprint: str
+
+
+def write_manifest(out_dir: str | Path, lidb: LiDB, instance_token: str) -> None:
+    """Write out_dir/manifest.json; a later run on another base model or LiDB shape is refused instead of mixing."""
+    manifest = WeightsManifest(lidb.config, instance_token, lidb.arch_fingerprint(), lidb.aux_fingerprint())
+    path = Path(out_dir) / MANIFEST_FILE
+    if path.is_file():
+        existing = read_manifest(out_dir)
+        if (existing.arch_fingerprint, existing.lidb) != (manifest.arch_fingerprint, manifest.lidb):
+            raise HdbError(
+                f"{out_dir} holds weights for another base model or LiDB shape ({existing.lidb}); "
+                "use a new --out folder"
+            )
+    path.write_text(json.dumps(asdict(manifest), indent=1))
+
+
+def read_manifest(weights_dir: str | Path) -> WeightsManifest:
+    """The manifest of a stage 1 folder (`preoptimize --out`; its weights/ sub-folder is accepted too)."""
+    root = Path(weights_dir)
+    path = next((folder / MANIFEST_FILE for folder in (root, root.parent) if (folder / MANIFEST_FILE).is_file()), None)
+    if path is None:
+        raise HdbError(f"{root} has no {MANIFEST_FILE}: pass the --out folder of `python -m hdb preoptimize`")
+    try:
+        values = json.loads(path.read_text())
+        return WeightsManifest(
+            lidb=LiDBConfig(**values["lidb"]),
+            instance_token=values["instance_token"],
+            arch_fingerprint=values["arch_fingerprint"],
+            aux_fingerprint=values["aux_fingerprint"],
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise HdbError(f"{path} is not a valid pre-optimisation manifest: {error!r}") from None
+
+
+def check_manifest(manifest: WeightsManifest, lidb: LiDB, weights_dir: str | Path) -> None:
+    """Refuse stage 1 weights made for another base architecture or other aux bases, before any training."""
+    if manifest.arch_fingerprint != lidb.arch_fingerprint():
+        raise HdbError(
+            f"The pre-optimised weights in {weights_dir} were made for a different base model architecture "
+            f"(fingerprint {manifest.arch_fingerprint}); the loaded base has fingerprint {lidb.arch_fingerprint()}"
+        )
+    if manifest.aux_fingerprint != lidb.aux_fingerprint():
+        raise HdbError(
+            f"The aux bases regenerated here (fingerprint {lidb.aux_fingerprint()}) differ from the ones the "
+            f"pre-optimised weights in {weights_dir} were made with ({manifest.aux_fingerprint})"
+        )
+
+
 def load_weights_dataset(
     weights_dir: str | Path, lidb: LiDB, names: list[str]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Pre-optimised (A, B) per identity name, checked against the model being trained."""
+    """Pre-optimised (A, B) per identity name, checked against the model being trained (rank included)."""
     root = Path(weights_dir)
     folder = root / "weights" if (root / "weights").is_dir() else root
     found = {}
@@ -112,6 +176,12 @@ def load_weights_dataset(
         if path.is_file():
             weights = load_personal(path)
             check_compatible(weights, lidb, source=f"pre-optimised weights file {path.name}")
+            # personalisation may relax the rank, but the weight loss compares numbers one to one
+            if weights.config.rank != lidb.config.rank:
+                raise HdbError(
+                    f"Pre-optimised weights file {path} has rank {weights.config.rank}; "
+                    f"the hypernetwork predicts rank {lidb.config.rank}"
+                )
             found[name] = (weights.A, weights.B)
     if not found:
         raise HdbError(f"No pre-optimised weights in {folder} match the identities in the image folder")

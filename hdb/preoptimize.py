@@ -10,17 +10,14 @@ or used to generate.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from hdb.config import PreoptimizeConfig, instance_prompt_for
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
-from hdb.errors import HdbError
 from hdb.faces import crop_size
-from hdb.identities import Identity, encode_identities, resolve_identities
+from hdb.identities import Identity, encode_identities, resolve_identities, write_manifest
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, native_resolution, training_scheduler
 from hdb.personal_file import PersonalWeights, save_personal
@@ -50,7 +47,7 @@ def preoptimize(
     lidb = LiDB(pipe, config.lidb)
     losses = {}
     with training_stage(pipe, lidb, "pre-optimising", MEMORY_OPTIONS, config.gradient_checkpointing, detach_after=True):
-        _write_manifest(out, lidb, config)
+        write_manifest(out, lidb, config.instance_token)
         prompt = instance_prompt_for(config.instance_token)
         prompt_tokens = tokenize_prompts(pipe, [prompt])
         scheduler = training_scheduler(pipe)
@@ -90,21 +87,3 @@ def preoptimize(
         "skipped_photos": dict(skipped),
         "losses": losses,
     }
-
-
-def _write_manifest(out: Path, lidb: LiDB, config: PreoptimizeConfig) -> None:
-    """What the weights belong to; a later run on another base model is refused instead of mixing."""
-    manifest = {
-        "arch_fingerprint": lidb.arch_fingerprint(),
-        "aux_fingerprint": lidb.aux_fingerprint(),
-        "lidb": asdict(config.lidb),
-        "instance_token": config.instance_token,
-    }
-    path = out / "manifest.json"
-    if path.is_file():
-        existing = json.loads(path.read_text())
-        if existing["arch_fingerprint"] != manifest["arch_fingerprint"] or existing["lidb"] != manifest["lidb"]:
-            raise HdbError(
-                f"{out} holds weights for another base model or LiDB shape ({existing['lidb']}); use a new --out folder"
-            )
-    path.write_text(json.dumps(manifest, indent=1))

@@ -21,12 +21,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hdb.config import MIXED_PRECISIONS, HypernetTrainConfig, LiDBConfig, instance_prompt_for
+from hdb.config import DEFAULT_INSTANCE_TOKEN, MIXED_PRECISIONS, HypernetTrainConfig, LiDBConfig, instance_prompt_for
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.faces import crop_size
 from hdb.hypernet import TRAINING_FILE, HyperNetwork, build_tiny_image_encoder, load_image_encoder
-from hdb.identities import Identity, encode_identities, load_weights_dataset, resolve_identities
+from hdb.identities import (
+    Identity,
+    WeightsManifest,
+    check_manifest,
+    encode_identities,
+    load_weights_dataset,
+    read_manifest,
+    resolve_identities,
+)
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, load_pipeline, native_resolution, training_scheduler
 from hdb.stage import training_stage
@@ -58,6 +66,23 @@ def _save_checkpoint(out: Path, step: int, hypernet: HyperNetwork, optimizer: to
     for old in folder.glob("checkpoint-*"):  # keep the newest only
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _settings(config: HypernetTrainConfig, manifest: WeightsManifest | None) -> tuple[LiDBConfig, str]:
+    """The LiDB and instance token to train with: the pre-optimised weights', refusing options that disagree."""
+    if manifest is None:
+        return config.lidb or LiDBConfig(), config.instance_token or DEFAULT_INSTANCE_TOKEN
+    if config.lidb is not None and config.lidb != manifest.lidb:
+        raise HdbError(
+            f"The LiDB asked for ({config.lidb}) differs from the one the pre-optimised weights were made with "
+            f"({manifest.lidb}); leave it out to use theirs"
+        )
+    if config.instance_token is not None and config.instance_token != manifest.instance_token:
+        raise HdbError(
+            f"Instance token {config.instance_token!r} differs from the pre-optimised weights' "
+            f"{manifest.instance_token!r}; leave it out to use theirs"
+        )
+    return manifest.lidb, manifest.instance_token
 
 
 def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None) -> HyperNetwork:
@@ -107,6 +132,8 @@ def train_hypernetwork(
         raise HdbError(
             "--beta > 0 needs pre-optimised weights (--weights DIR from `python -m hdb preoptimize`); or pass --beta 0"
         )
+    manifest = read_manifest(weights_dir) if weights_dir is not None else None
+    lidb_config, instance_token = _settings(config, manifest)
     if isinstance(base, (str, Path)):
         pipe = load_pipeline(str(base), MIXED_PRECISIONS[config.mixed_precision], str(accelerator.device))
     else:
@@ -125,10 +152,12 @@ def train_hypernetwork(
         )
     latents = encode_identities(pipe, identities, resolution)
     held_ids, held_latents = identities[: config.holdout], latents[: config.holdout]
-    lidb = LiDB(pipe, LiDBConfig())
+    lidb = LiDB(pipe, lidb_config)
     with training_stage(
         pipe, lidb, "training the hypernetwork", MEMORY_OPTIONS, config.gradient_checkpointing, detach_after=True
     ):
+        if manifest is not None:
+            check_manifest(manifest, lidb, weights_dir)
         targets = (
             load_weights_dataset(weights_dir, lidb, [i.name for i in identities]) if weights_dir is not None else {}
         )
@@ -149,7 +178,7 @@ def train_hypernetwork(
             load_optimizer(optimizer, resume / "optimizer.safetensors")
         model, optimizer = accelerator.prepare(hypernet, optimizer)
         scheduler = training_scheduler(pipe)
-        prompt_tokens = tokenize_prompts(pipe, [instance_prompt_for(config.instance_token)])
+        prompt_tokens = tokenize_prompts(pipe, [instance_prompt_for(instance_token)])
         pixels = {i.name: hypernet.preprocess(i.faces) for i in identities}  # [photos, 3, S, S] per identity
         rank, count = accelerator.process_index, config.batch_size // accelerator.num_processes
 
@@ -191,7 +220,7 @@ def train_hypernetwork(
             A, B = accelerator.unwrap_model(model).predict(held_ids[0].faces[0])
             lidb.start_from(A, B)
             pipe.unet.eval()
-            image = generate(pipe, lidb, f"a portrait of {config.instance_token}", steps=config.sample_steps, seed=0)[0]
+            image = generate(pipe, lidb, f"a portrait of {instance_token}", steps=config.sample_steps, seed=0)[0]
             pipe.unet.train()
             (out / "samples").mkdir(exist_ok=True)
             image.save(out / "samples" / f"step-{step:06d}.png")
@@ -251,7 +280,11 @@ def train_hypernetwork(
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(out / "hypernet")
             training = {  # what the model card (hdb.hub) says about how it was trained
-                "config": {k: v for k, v in asdict(config).items() if k != "progress"},
+                "config": {
+                    **{k: v for k, v in asdict(config).items() if k != "progress"},
+                    "lidb": asdict(lidb_config),  # what was trained with, read from the manifest or defaulted
+                    "instance_token": instance_token,
+                },
                 "steps_run": config.steps,
                 "identities": len(train_ids),
                 "held_out": [i.name for i in held_ids],

@@ -12,21 +12,24 @@ import pytest
 import torch
 from helpers import ASSETS, FailingUNet, assert_one_line_error
 from helpers import hdb_cli as hdb
-from PIL import ImageOps
+from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from hdb.config import LiDBConfig, PersonalizeConfig, PreoptimizeConfig
+from hdb.config import HypernetTrainConfig, LiDBConfig, PersonalizeConfig, PreoptimizeConfig
 from hdb.diffusion import draw_noise, sample_seed
 from hdb.errors import HdbError
 from hdb.hub import model_card
+from hdb.hypernet import HyperNetwork
+from hdb.identities import Identity
 from hdb.lidb import LiDB, find_target_linears
 from hdb.models import build_tiny_pipeline
-from hdb.personal_file import load_personal
+from hdb.personal_file import PersonalWeights, load_personal, save_personal
 from hdb.personalize import personalize
 from hdb.preoptimize import preoptimize
+from hdb.train_hypernet import train_hypernetwork
 from hdb.training import TrainConfig, TrainingDiverged, train
 
-TINY_HYPERNET = ["--width", "32", "--depth", "2", "--heads", "4", "--device", "cpu"]
+TINY_HYPERNET = ["--image-encoder", "tiny", "--width", "32", "--depth", "2", "--heads", "4", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +250,55 @@ def test_bad_training_data_gives_clear_errors(preoptimized, tiny_sd15_dir, tmp_p
         check=False,
     )
     assert_one_line_error(result, "--beta 0")
+
+
+def random_people(count: int, size: int = 64) -> list[Identity]:
+    """Prepared identities of random pixels: no face detection, for tests of the training plumbing."""
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8) for _ in range(count)]
+    return [Identity(f"person{k}", [Image.fromarray(image.numpy())]) for k, image in enumerate(images)]
+
+
+def tiny_stage2(**overrides) -> HypernetTrainConfig:
+    values = dict(steps=2, batch_size=2, image_encoder="tiny", width=32, depth=2, heads=4, sample_steps=0)
+    return HypernetTrainConfig(**{**values, "progress": False, **overrides})
+
+
+def test_stage_2_trains_with_stage_1s_lidb_and_refuses_a_mismatch(tmp_path):
+    pipe, people = build_tiny_pipeline("sd15"), random_people(3)
+    rank2 = LiDBConfig(rank=2, a=8, b=4, seed=5)
+    stage1 = PreoptimizeConfig(steps=2, group_size=3, lidb=rank2, instance_token="zwx person", progress=False)
+    preoptimize(pipe, people, tmp_path / "stage1", stage1)
+    train_hypernetwork(pipe, people, tmp_path / "stage2", tmp_path / "stage1", tiny_stage2(), device="cpu")
+    hypernet = HyperNetwork.from_pretrained(tmp_path / "stage2" / "hypernet")
+    assert hypernet.lidb_config == rank2  # rank, a, b and aux seed from the manifest
+    A, B = hypernet.predict(people[0].faces[0])
+    assert A.shape[1:] == (2, 8) and B.shape[1:] == (4, 2)
+    training = json.loads((tmp_path / "stage2" / "hypernet" / "training.json").read_text())
+    assert training["config"]["instance_token"] == "zwx person" and training["config"]["lidb"]["rank"] == 2
+
+    def refused(match: str, base=pipe, **overrides) -> None:
+        out = tmp_path / "refused"
+        with pytest.raises(HdbError, match=match):
+            train_hypernetwork(base, people, out, tmp_path / "stage1", tiny_stage2(**overrides), device="cpu")
+        assert not (out / "checkpoints").exists()  # refused before training
+
+    refused("LiDB asked for .* differs", lidb=LiDBConfig(rank=1, a=8, b=4, seed=5))
+    refused("Instance token 'sks person' differs", instance_token="sks person")
+    refused("different base model architecture", base=build_tiny_pipeline("sdxl"))
+    manifest = json.loads((tmp_path / "stage1" / "manifest.json").read_text())
+    (tmp_path / "stage1" / "manifest.json").write_text(json.dumps({**manifest, "aux_fingerprint": "0" * 16}))
+    refused("aux bases regenerated here")
+    (tmp_path / "stage1" / "manifest.json").write_text(json.dumps(manifest))
+    rank1 = LiDB(pipe, LiDBConfig(rank=1, a=8, b=4, seed=5))  # a stray rank-1 file among the rank-2 ones
+    save_personal(
+        PersonalWeights.from_lidb(rank1, "a photo of zwx person", "zwx person"),
+        tmp_path / "stage1" / "weights" / "person1.safetensors",
+    )
+    rank1.detach()
+    refused("person1.safetensors has rank 1; the hypernetwork predicts rank 2")
+    (tmp_path / "stage1" / "manifest.json").unlink()
+    refused("has no manifest.json")
 
 
 # ----------------------------------------------------------------------------- the divergence guard
