@@ -21,6 +21,7 @@ from hdb.config import (
     DTYPE_CHOICES,
     FILE_DTYPES,
     LORA_FORMATS,
+    LR_SCHEDULES,
     MAX_PHOTOS,
     MIXED_PRECISIONS,
     OPTIMIZERS,
@@ -397,7 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(tr, "--validate-every", H)
     config_option(tr, "--holdout", H, help="identities held out for validation")
     config_option(tr, "--seed", H)
-    config_option(tr, "--image-encoder", H, help="vision model hub id or directory (e.g. a CLIP ViT-H/14), or tiny")
+    config_option(tr, "--image-encoder", H, help="vision model hub id or directory, or tiny (random, for tests)")
+    config_option(tr, "--train-encoder", H, "freeze_encoder", help="train the image encoder too (default: frozen)")
+    config_option(tr, "--warmup-steps", H, help="linear learning-rate warm-up")
+    config_option(tr, "--lr-schedule", H, choices=LR_SCHEDULES, help="after the warm-up")
     config_option(tr, "--width", H)
     config_option(tr, "--depth", H)
     config_option(tr, "--heads", H)

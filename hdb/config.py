@@ -15,6 +15,7 @@ DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")  # the precision the base model
 FILE_DTYPES = ("fp32", "fp16")  # what personal files and LoRA exports are written in
 LORA_FORMATS = ("diffusers", "kohya")  # diffusers/peft keys; kohya keys (AUTOMATIC1111, ComfyUI)
 TINY_ARCHS = ("sd15", "sdxl")  # the tiny random pipelines hdb builds for offline tries and tests
+LR_SCHEDULES = ("constant", "cosine")  # after the warm-up: keep the learning rate, or let it fall to 0 by the last step
 MIXED_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # accelerate's choice -> the frozen base's dtype
 
 DEFAULT_INSTANCE_TOKEN = "sks person"  # a rare token + class noun; prompts name the person with "[V]"
@@ -98,7 +99,11 @@ class HypernetTrainConfig:
     holdout: int = 1  # identities kept out of training for validation
     sample_steps: int = 20  # sampling steps of the validation image (0: no image)
     seed: int = 0
-    image_encoder: str = "tiny"  # hub id / local path of a vision model, or "tiny" (random, for tests)
+    # hub id / local path of a vision model (the paper's ViT-H), or "tiny" (random, for tests and the toy)
+    image_encoder: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    freeze_encoder: bool = True  # keep the pretrained encoder's features (the toy trains its random one)
+    warmup_steps: int = 50  # 5% of the default steps: the freshly initialised decoder starts gently
+    lr_schedule: str = "cosine"  # one of LR_SCHEDULES
     width: int = 512
     depth: int = 4
     heads: int = 8

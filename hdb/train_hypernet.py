@@ -38,7 +38,7 @@ from hdb.identities import (
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, load_pipeline, native_resolution, training_scheduler
 from hdb.stage import training_stage
-from hdb.training import TrainConfig, load_optimizer, make_optimizer, save_optimizer, train
+from hdb.training import TrainConfig, learning_rate_factor, load_optimizer, make_optimizer, save_optimizer, train
 
 MEMORY_OPTIONS = (
     "a smaller --batch-size with --accumulation-steps, --gradient-checkpointing, --mixed-precision fp16 or bf16, "
@@ -170,6 +170,8 @@ def train_hypernetwork(
         train_ids, train_latents = [i for i, _ in train_pairs], [views for _, views in train_pairs]
         resume = _latest_checkpoint(out)
         hypernet = _build_hypernet(config, lidb, resume).to(accelerator.device)
+        if config.freeze_encoder:  # saved and loaded with the rest all the same; only the optimizer skips it
+            hypernet.image_encoder.requires_grad_(False)
         start_step = json.loads((resume / "state.json").read_text())["step"] + 1 if resume is not None else 0
 
         parameters = [p for p in hypernet.parameters() if p.requires_grad]
@@ -243,7 +245,11 @@ def train_hypernetwork(
         history: dict = {"validation": []}
 
         def on_step(step: int, loss: float) -> None:
-            record = {"step": step, "loss": loss}
+            record = {
+                "step": step,
+                "loss": loss,
+                "learning_rate": config.learning_rate * learning_rate_factor(step, train_config),
+            }
             if (step + 1) % config.validate_every == 0 or step + 1 == config.steps:
                 record["validation_loss"] = validate(step)
                 history["validation"].append((step, record["validation_loss"]))
@@ -264,6 +270,8 @@ def train_hypernetwork(
             learning_rate=config.learning_rate,
             optimizer=config.optimizer,
             accumulation_steps=config.accumulation_steps,
+            warmup_steps=config.warmup_steps,
+            lr_schedule=config.lr_schedule,
             progress=config.progress,
             description="training the hypernetwork",
         )

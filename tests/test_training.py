@@ -19,7 +19,7 @@ from hdb.config import HypernetTrainConfig, LiDBConfig, PersonalizeConfig, Preop
 from hdb.diffusion import draw_noise, sample_seed
 from hdb.errors import HdbError
 from hdb.hub import model_card
-from hdb.hypernet import HyperNetwork
+from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
 from hdb.identities import Identity
 from hdb.lidb import LiDB, find_target_linears
 from hdb.models import build_tiny_pipeline
@@ -27,7 +27,15 @@ from hdb.personal_file import PersonalWeights, load_personal, save_personal
 from hdb.personalize import personalize
 from hdb.preoptimize import preoptimize
 from hdb.train_hypernet import train_hypernetwork
-from hdb.training import TrainConfig, TrainingDiverged, train
+from hdb.training import (
+    TrainConfig,
+    TrainingDiverged,
+    learning_rate_factor,
+    load_optimizer,
+    make_optimizer,
+    save_optimizer,
+    train,
+)
 
 TINY_HYPERNET = ["--image-encoder", "tiny", "--width", "32", "--depth", "2", "--heads", "4", "--device", "cpu"]
 
@@ -274,6 +282,8 @@ def test_stage_2_trains_with_stage_1s_lidb_and_refuses_a_mismatch(tmp_path):
     assert hypernet.lidb_config == rank2  # rank, a, b and aux seed from the manifest
     A, B = hypernet.predict(people[0].faces[0])
     assert A.shape[1:] == (2, 8) and B.shape[1:] == (4, 2)
+    fresh_encoder = build_tiny_image_encoder(0).state_dict()  # frozen by default: saved as it started
+    assert all(torch.equal(v, fresh_encoder[k]) for k, v in hypernet.image_encoder.state_dict().items())
     training = json.loads((tmp_path / "stage2" / "hypernet" / "training.json").read_text())
     assert training["config"]["instance_token"] == "zwx person" and training["config"]["lidb"]["rank"] == 2
 
@@ -299,6 +309,53 @@ def test_stage_2_trains_with_stage_1s_lidb_and_refuses_a_mismatch(tmp_path):
     refused("person1.safetensors has rank 1; the hypernetwork predicts rank 2")
     (tmp_path / "stage1" / "manifest.json").unlink()
     refused("has no manifest.json")
+
+
+# ----------------------------------------------------------------------------- the learning-rate schedule
+
+
+def test_warmup_then_cosine_or_constant():
+    cosine = TrainConfig(steps=12, learning_rate=1.0, warmup_steps=4, lr_schedule="cosine")
+    assert [learning_rate_factor(step, cosine) for step in (0, 1, 3, 4, 8)] == [0.25, 0.5, 1.0, 1.0, 0.5]
+    assert 0 < learning_rate_factor(11, cosine) < 0.05  # near 0 by the last step
+    constant = TrainConfig(steps=12, learning_rate=1.0, warmup_steps=2)
+    assert [learning_rate_factor(step, constant) for step in (0, 1, 2, 11)] == [0.5, 1.0, 1.0, 1.0]
+    with pytest.raises(HdbError, match="Unknown learning-rate schedule 'linear'"):
+        train(
+            [torch.nn.Parameter(torch.ones(1))], lambda step: torch.ones(()), TrainConfig(1, 0.1, lr_schedule="linear")
+        )
+
+
+def test_a_resumed_run_applies_exactly_the_learning_rates_of_an_uninterrupted_one(tmp_path):
+    config = TrainConfig(steps=10, learning_rate=0.1, warmup_steps=3, lr_schedule="cosine", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def run(weight, optimizer, rates, start_step=0, kill_at=None):
+        def loss_fn(step):
+            if step == kill_at:
+                raise Killed
+            rates.append(optimizer.param_groups[0]["lr"])  # the rate this step is applied with
+            return ((weight - torch.arange(3.0)) ** 2).sum()
+
+        train([weight], loss_fn, config, optimizer=optimizer, start_step=start_step)
+
+    straight, straight_rates = torch.nn.Parameter(torch.zeros(3)), []
+    run(straight, make_optimizer([straight], "adamw", 0.1), straight_rates)
+    assert straight_rates == [0.1 * learning_rate_factor(step, config) for step in range(10)]
+
+    killed, rates = torch.nn.Parameter(torch.zeros(3)), []
+    optimizer = make_optimizer([killed], "adamw", 0.1)
+    with pytest.raises(Killed):
+        run(killed, optimizer, rates, kill_at=6)  # steps 0..5 done, as in a checkpoint of step 5
+    save_optimizer(optimizer, tmp_path / "optimizer.safetensors")
+    resumed = torch.nn.Parameter(killed.detach().clone())
+    optimizer = make_optimizer([resumed], "adamw", 0.1)  # a fresh process: a fresh optimizer, then its checkpoint
+    load_optimizer(optimizer, tmp_path / "optimizer.safetensors")
+    run(resumed, optimizer, rates, start_step=6)
+    assert rates == straight_rates
+    assert torch.equal(resumed.detach(), straight.detach())
 
 
 # ----------------------------------------------------------------------------- the divergence guard
