@@ -230,13 +230,18 @@ def cmd_preoptimize(args: argparse.Namespace) -> None:
     from hdb.preoptimize import preoptimize
 
     _quiet_model_loading()
+    from accelerate import PartialState
+
     from hdb.models import load_pipeline
 
-    pipe = load_pipeline(args.base, args.dtype, args.device)
+    # under `accelerate launch`, one process per device: each loads the base onto its own
+    state = PartialState(cpu=args.device == "cpu")
+    pipe = load_pipeline(args.base, args.dtype, str(state.device) if args.device == "auto" else args.device)
     config = config_from_args(PreoptimizeConfig, args, lidb=LiDBConfig(rank=args.rank))
     summary = preoptimize(pipe, args.images, args.out, config)
+    share = f"process {summary['process']} of {summary['processes']}: " if summary["processes"] > 1 else ""
     print(
-        f"{summary['identities']} identities: {summary['trained']} pre-optimised now, "
+        f"{share}{summary['identities']} identities: {summary['trained']} pre-optimised now, "
         f"{summary['already_done']} already done; "
         f"photos skipped: {summary['skipped_photos'] or 'none'} -> {args.out}/weights"
     )
@@ -359,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int)
     gen.set_defaults(run=cmd_generate)
 
-    pre = sub.add_parser("preoptimize", help="stage 1: pre-optimise a LiDB per identity (resumable)")
+    pre = sub.add_parser(
+        "preoptimize", help="stage 1: pre-optimise a LiDB per identity (resumable; works under `accelerate launch`)"
+    )
     pre.add_argument(
         "--images", type=Path, required=True, help="one photo per identity, or one sub-folder per identity"
     )

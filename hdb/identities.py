@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,18 +41,8 @@ def _photos(entry: Path) -> list[Path]:
     return [entry] if entry.suffix.lower() in IMAGE_SUFFIXES else []
 
 
-def load_identities(
-    images_dir: str | Path, size: int, cache_dir: str | Path | None = None, progress: bool = True
-) -> tuple[list[Identity], Counter]:
-    """Aligned faces per identity, and a count of skipped photos by reason.
-
-    With `cache_dir`, aligned crops are stored as PNGs and reused (face detection is the slow part).
-    """
-    from tqdm.auto import tqdm
-
-    from hdb.faces import align_face
-
-    root = Path(images_dir)
+def _entries(root: Path) -> list[Path]:
+    """The folder's identities, in name order: photos, and sub-folders holding photos."""
     if not root.is_dir():
         raise HdbError(f"Image folder not found: {root}")
     entries = sorted(e for e in root.iterdir() if _photos(e))
@@ -59,6 +50,34 @@ def load_identities(
         raise HdbError(
             f"{root} holds no photos ({', '.join(sorted(IMAGE_SUFFIXES))}), neither directly nor in sub-folders"
         )
+    return entries
+
+
+def identity_names(images: str | Path | list[Identity]) -> list[str]:
+    """The names of the identities a folder (in name order) or a list holds, before any face is aligned."""
+    if isinstance(images, (str, Path)):
+        return [entry.stem for entry in _entries(Path(images))]
+    return [identity.name for identity in images]
+
+
+def load_identities(
+    images_dir: str | Path,
+    size: int,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    names: Collection[str] | None = None,
+) -> tuple[list[Identity], Counter]:
+    """Aligned faces per identity, and a count of skipped photos by reason.
+
+    With `cache_dir`, aligned crops are stored as PNGs and reused (face detection is the slow part).
+    With `names`, only those identities are read (one process's share), and finding none usable is no error.
+    """
+    from tqdm.auto import tqdm
+
+    from hdb.faces import align_face
+
+    root = Path(images_dir)
+    entries = [entry for entry in _entries(root) if names is None or entry.stem in names]
     cache = Path(cache_dir) if cache_dir else None
     identities, skipped = [], Counter()
     for entry in tqdm(entries, desc="aligning faces", disable=not progress, leave=False):
@@ -79,20 +98,25 @@ def load_identities(
             faces.append(face)
         if faces:
             identities.append(Identity(entry.stem, faces))
-    if not identities:
+    if not identities and names is None:
         raise HdbError(f"No usable face in {root} ({dict(skipped)} photos skipped)")
     return identities, skipped
 
 
 def resolve_identities(
-    images: str | Path | list[Identity], size: int, cache_dir: str | Path | None = None, progress: bool = True
+    images: str | Path | list[Identity],
+    size: int,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    names: Collection[str] | None = None,
 ) -> tuple[list[Identity], Counter]:
-    """A folder of photos (aligned here) or identities already prepared (e.g. synthetic renders)."""
+    """A folder of photos (aligned here) or identities already prepared (e.g. synthetic renders); `names`:
+    only those."""
     if isinstance(images, (str, Path)):
-        return load_identities(images, size, cache_dir, progress)
+        return load_identities(images, size, cache_dir, progress, names)
     if not images:
         raise HdbError("No identities given")
-    return list(images), Counter()
+    return [identity for identity in images if names is None or identity.name in names], Counter()
 
 
 def encode_identities(pipe: Pipeline, identities: list[Identity], resolution: int) -> list[torch.Tensor]:

@@ -114,18 +114,14 @@ def test_preoptimize_writes_a_resumable_dataset(preoptimized, identity_folder, t
     assert "0 pre-optimised now, 4 already done" in again
 
 
-def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_folder, tiny_sd15_dir, tmp_path):
-    weights, _ = preoptimized
-    single = hdb(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "one")).stdout
-    assert "on 1 process(es)" in single
-    # torchrun-style launch of 2 processes; `--device cpu` makes them a gloo (CPU) DDP group
-    accelerate = Path(sys.executable).parent / "accelerate"
+def accelerate_launch(*args, processes: int = 2) -> subprocess.CompletedProcess:
+    """`accelerate launch -m hdb ARGS` on `processes` CPU processes (a gloo DDP group with --device cpu)."""
     launch = [
-        str(accelerate),
+        str(Path(sys.executable).parent / "accelerate"),
         "launch",
         "--multi_gpu",
         "--num_processes",
-        "2",
+        str(processes),
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -136,13 +132,41 @@ def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_fold
         "hdb",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [*launch, *map(str, train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "two"))],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+    return subprocess.run([*launch, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_preoptimisation_shared_out_over_processes_writes_what_one_process_does(
+    preoptimized, identity_folder, tiny_sd15_dir, tmp_path
+):
+    one, _ = preoptimized  # groups (astronaut, biden), (grace_hopper, obama)
+    out = tmp_path / "two"
+    args = ["preoptimize", "--images", identity_folder, "--out", out, "--base", tiny_sd15_dir, "--device", "cpu"]
+    result = accelerate_launch(*args, "--steps", "6", "--group-size", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # groups of two folder entries alternate (broken.jpg and landscape.jpg hold no face): process 0 trains
+    # astronaut with biden, then obama; process 1 grace_hopper. The groups of one process: the same weights
+    assert "process 0 of 2: 3 identities: 3 pre-optimised now" in result.stdout
+    assert "process 1 of 2: 1 identities: 1 pre-optimised now" in result.stdout
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((one / "manifest.json").read_text())
+    names = sorted(path.name for path in (one / "weights").iterdir())
+    assert sorted(path.name for path in (out / "weights").iterdir()) == names
+    for name in names:
+        mine, theirs = load_personal(out / "weights" / name), load_personal(one / "weights" / name)
+        assert torch.equal(mine.A, theirs.A) and torch.equal(mine.B, theirs.B), name
+    # resumed by one process: only the missing identity is trained
+    (out / "weights" / "obama.safetensors").unlink()
+    again = hdb(*args, "--steps", "6", "--group-size", "2").stdout
+    assert "4 identities: 1 pre-optimised now, 3 already done" in again
+    assert torch.equal(
+        load_personal(out / "weights" / "obama.safetensors").B, load_personal(one / "weights" / "obama.safetensors").B
     )
+
+
+def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_folder, tiny_sd15_dir, tmp_path):
+    weights, _ = preoptimized
+    single = hdb(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "one")).stdout
+    assert "on 1 process(es)" in single
+    result = accelerate_launch(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("on 2 process(es)") == 1  # summary from the main process only
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
