@@ -27,6 +27,7 @@ from hdb.config import (
     OPTIMIZERS,
     TINY_ARCHS,
     BenchOptions,
+    DatasetSource,
     HypernetTrainConfig,
     LiDBConfig,
     PersonalizeConfig,
@@ -226,6 +227,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"written: {', '.join(str(p) for p in paths)}")
 
 
+def _training_photos(args: argparse.Namespace) -> Path | DatasetSource:
+    """--images FOLDER, or --dataset with its column options."""
+    if args.images is not None:
+        return args.images
+    return DatasetSource(args.dataset, args.split, args.image_column, args.identity_column)
+
+
 def cmd_preoptimize(args: argparse.Namespace) -> None:
     from hdb.preoptimize import preoptimize
 
@@ -238,7 +246,7 @@ def cmd_preoptimize(args: argparse.Namespace) -> None:
     state = PartialState(cpu=args.device == "cpu")
     pipe = load_pipeline(args.base, args.dtype, str(state.device) if args.device == "auto" else args.device)
     config = config_from_args(PreoptimizeConfig, args, lidb=LiDBConfig(rank=args.rank))
-    summary = preoptimize(pipe, args.images, args.out, config)
+    summary = preoptimize(pipe, _training_photos(args), args.out, config)
     share = f"process {summary['process']} of {summary['processes']}: " if summary["processes"] > 1 else ""
     print(
         f"{share}{summary['identities']} identities: {summary['trained']} pre-optimised now, "
@@ -253,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     _quiet_model_loading()
     # --rank is given only to insist on one: by default the LiDB is the pre-optimised weights'
     config = config_from_args(HypernetTrainConfig, args, lidb=LiDBConfig(rank=args.rank) if args.rank else None)
-    summary = train_hypernetwork(args.base, args.images, args.out, args.weights, config, args.device)
+    summary = train_hypernetwork(args.base, _training_photos(args), args.out, args.weights, config, args.device)
     if summary["losses"] and summary["main_process"]:
         last = summary["start_step"] + len(summary["losses"]) - 1
         print(
@@ -293,6 +301,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     _add_dtype_option(parser)
+
+
+def _add_photo_options(parser: argparse.ArgumentParser) -> None:
+    """Where training photos come from: a folder, or a Hugging Face dataset."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="folder: one photo per identity, or one sub-folder per identity")
+    source.add_argument("--dataset", help="Hugging Face dataset: hub id, or a folder from Dataset.save_to_disk")
+    D = DatasetSource
+    config_option(parser, "--split", D, help="dataset split")
+    config_option(parser, "--image-column", D)
+    config_option(parser, "--identity-column", D, help="rows with the same value are one person (default: one per row)")
 
 
 def _add_dtype_option(parser: argparse.ArgumentParser) -> None:
@@ -367,9 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser(
         "preoptimize", help="stage 1: pre-optimise a LiDB per identity (resumable; works under `accelerate launch`)"
     )
-    pre.add_argument(
-        "--images", type=Path, required=True, help="one photo per identity, or one sub-folder per identity"
-    )
+    _add_photo_options(pre)
     pre.add_argument("--out", type=Path, required=True)
     _add_model_options(pre)
     R = PreoptimizeConfig
@@ -384,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(run=cmd_preoptimize)
 
     tr = sub.add_parser("train", help="stage 2: train the hypernetwork (works under `accelerate launch`)")
-    tr.add_argument("--images", type=Path, required=True)
+    _add_photo_options(tr)
     tr.add_argument("--weights", type=Path, help="pre-optimised weights from `preoptimize` (needed when --beta > 0)")
     tr.add_argument("--out", type=Path, required=True, help="checkpoints, TensorBoard logs and the final hypernet/")
     tr.add_argument(

@@ -65,6 +65,16 @@ class PersonalizeConfig:
     progress: bool = True
 
 
+@dataclass(frozen=True)
+class DatasetSource:
+    """Training photos from a Hugging Face dataset (`--dataset`) instead of a folder."""
+
+    path: str  # hub id, or a folder written by `datasets.Dataset.save_to_disk`
+    split: str = "train"
+    image_column: str = "image"
+    identity_column: str | None = None  # rows with the same value are one person; None: one person per row
+
+
 @dataclass
 class PreoptimizeConfig:
     """Options of `hdb.preoptimize.preoptimize` (stage 1)."""

@@ -1,4 +1,5 @@
-"""Training data: a folder of face photos, one identity per photo or per sub-folder, aligned once.
+"""Training data: a folder of face photos (one identity per photo or per sub-folder) or a Hugging Face
+dataset (rows grouped into identities by a column, or one identity per row), aligned once.
 
 Both training stages read it the same way, with the face alignment personalisation uses. Photos
 that cannot be used (unreadable, no face) are skipped and counted, never fatal; a folder with
@@ -10,20 +11,25 @@ LiDB shape, aux seed and instance token the weights were made with) and the weig
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
-from hdb.config import LiDBConfig
+from hdb.config import DatasetSource, LiDBConfig
 from hdb.diffusion import augmented_views, encode_images
 from hdb.errors import HdbError
 from hdb.lidb import LiDB
 from hdb.models import Pipeline
 from hdb.personal_file import check_compatible, load_personal
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MANIFEST_FILE = "manifest.json"  # stage 1's out folder: what its weights were made with
@@ -53,11 +59,79 @@ def _entries(root: Path) -> list[Path]:
     return entries
 
 
-def identity_names(images: str | Path | list[Identity]) -> list[str]:
-    """The names of the identities a folder (in name order) or a list holds, before any face is aligned."""
+def _open_dataset(source: DatasetSource) -> Dataset:
+    """The dataset's split, checked to have the columns asked for."""
+    import datasets
+
+    local = Path(source.path)
+    try:
+        if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():  # from save_to_disk
+            dataset = datasets.load_from_disk(str(local))
+            dataset = dataset[source.split] if isinstance(dataset, datasets.DatasetDict) else dataset
+        else:
+            dataset = datasets.load_dataset(source.path, split=source.split)
+    except (OSError, KeyError, ValueError) as error:  # missing, offline, no such split
+        raise HdbError(f"Could not load dataset {source.path!r} (split {source.split!r}): {error}") from None
+    for column in (source.image_column, source.identity_column):
+        if column is not None and column not in dataset.column_names:
+            raise HdbError(
+                f"Dataset {source.path} has no column {column!r}; its columns: {', '.join(dataset.column_names)}"
+            )
+    return dataset
+
+
+def _dataset_identities(source: DatasetSource, dataset: Dataset) -> dict[str, list[int]]:
+    """Row indices per identity name (a safe file name), in name order."""
+    if source.identity_column is None:
+        return {f"row{index:06d}": [index] for index in range(len(dataset))}
+    rows, raw_names = {}, {}
+    for index, value in enumerate(dataset[source.identity_column]):
+        name = re.sub(r"[^\w.-]+", "_", str(value))  # weights and cached faces are files named after it
+        if raw_names.setdefault(name, value) != value:
+            raise HdbError(f"Identities {raw_names[name]!r} and {value!r} would share the file name {name!r}")
+        rows.setdefault(name, []).append(index)
+    return dict(sorted(rows.items()))
+
+
+def identity_names(images: str | Path | list[Identity] | DatasetSource) -> list[str]:
+    """The names of the identities a folder or dataset (in name order) or a list holds, before any alignment."""
+    if isinstance(images, DatasetSource):
+        return list(_dataset_identities(images, _open_dataset(images)))
     if isinstance(images, (str, Path)):
         return [entry.stem for entry in _entries(Path(images))]
     return [identity.name for identity in images]
+
+
+Photos = dict[str, list[tuple[str, Callable[[], object]]]]  # identity -> (photo key, how to open it) per photo
+
+
+def _align(photos: Photos, size: int, cache_dir: str | Path | None, progress: bool) -> tuple[list[Identity], Counter]:
+    """Aligned faces per identity, skipping (and counting) unusable photos; crops cached under cache_dir."""
+    from tqdm.auto import tqdm
+
+    from hdb.faces import align_face
+
+    cache = Path(cache_dir) if cache_dir else None
+    identities, skipped = [], Counter()
+    for name, sources in tqdm(photos.items(), desc="aligning faces", disable=not progress, leave=False):
+        faces = []
+        for key, open_photo in sources:
+            cached = cache / name / f"{key}_{size}.png" if cache else None
+            if cached is not None and cached.is_file():
+                faces.append(Image.open(cached).convert("RGB"))
+                continue
+            try:
+                face = align_face(open_photo(), size=size).image
+            except HdbError as error:
+                skipped["no face" if "No face" in str(error) else "unreadable"] += 1
+                continue
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                face.save(cached)
+            faces.append(face)
+        if faces:
+            identities.append(Identity(name, faces))
+    return identities, skipped
 
 
 def load_identities(
@@ -72,46 +146,46 @@ def load_identities(
     With `cache_dir`, aligned crops are stored as PNGs and reused (face detection is the slow part).
     With `names`, only those identities are read (one process's share), and finding none usable is no error.
     """
-    from tqdm.auto import tqdm
-
-    from hdb.faces import align_face
-
     root = Path(images_dir)
     entries = [entry for entry in _entries(root) if names is None or entry.stem in names]
-    cache = Path(cache_dir) if cache_dir else None
-    identities, skipped = [], Counter()
-    for entry in tqdm(entries, desc="aligning faces", disable=not progress, leave=False):
-        faces = []
-        for photo in _photos(entry):
-            cached = cache / entry.stem / f"{photo.stem}_{size}.png" if cache else None
-            if cached is not None and cached.is_file():
-                faces.append(Image.open(cached).convert("RGB"))
-                continue
-            try:
-                face = align_face(photo, size=size).image
-            except HdbError as error:
-                skipped["no face" if "No face" in str(error) else "unreadable"] += 1
-                continue
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                face.save(cached)
-            faces.append(face)
-        if faces:
-            identities.append(Identity(entry.stem, faces))
+    photos = {entry.stem: [(photo.stem, lambda photo=photo: photo) for photo in _photos(entry)] for entry in entries}
+    identities, skipped = _align(photos, size, cache_dir, progress)
     if not identities and names is None:
         raise HdbError(f"No usable face in {root} ({dict(skipped)} photos skipped)")
     return identities, skipped
 
 
-def resolve_identities(
-    images: str | Path | list[Identity],
+def load_dataset_identities(
+    source: DatasetSource,
     size: int,
     cache_dir: str | Path | None = None,
     progress: bool = True,
     names: Collection[str] | None = None,
 ) -> tuple[list[Identity], Counter]:
-    """A folder of photos (aligned here) or identities already prepared (e.g. synthetic renders); `names`:
-    only those."""
+    """As `load_identities`, for a Hugging Face dataset; a photo's cache key is its row."""
+    dataset = _open_dataset(source)
+    rows = {name: r for name, r in _dataset_identities(source, dataset).items() if names is None or name in names}
+    photos = {
+        name: [(f"row{row:06d}", lambda row=row: dataset[row][source.image_column]) for row in indices]
+        for name, indices in rows.items()
+    }
+    identities, skipped = _align(photos, size, cache_dir, progress)
+    if not identities and names is None:
+        raise HdbError(f"No usable face in dataset {source.path} ({dict(skipped)} photos skipped)")
+    return identities, skipped
+
+
+def resolve_identities(
+    images: str | Path | list[Identity] | DatasetSource,
+    size: int,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    names: Collection[str] | None = None,
+) -> tuple[list[Identity], Counter]:
+    """A folder or dataset of photos (aligned here) or identities already prepared (e.g. synthetic renders);
+    `names`: only those."""
+    if isinstance(images, DatasetSource):
+        return load_dataset_identities(images, size, cache_dir, progress, names)
     if isinstance(images, (str, Path)):
         return load_identities(images, size, cache_dir, progress, names)
     if not images:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hdb.config import PreoptimizeConfig, instance_prompt_for
+from hdb.config import DatasetSource, PreoptimizeConfig, instance_prompt_for
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.faces import crop_size
@@ -36,13 +36,13 @@ MEMORY_OPTIONS = "a smaller --group-size, --gradient-checkpointing, --optimizer 
 
 def preoptimize(
     pipe: Pipeline,
-    images: str | Path | list[Identity],
+    images: str | Path | list[Identity] | DatasetSource,
     out_dir: str | Path,
     config: PreoptimizeConfig | None = None,
 ) -> dict:
     """Write out_dir/weights/<identity>.safetensors for every identity not done yet; returns a summary.
 
-    `images`: a folder (one photo or sub-folder per identity) or a list of prepared `Identity`s.
+    `images`: a folder (one photo or sub-folder per identity), a Hugging Face dataset, or prepared `Identity`s.
     """
     from accelerate import PartialState
 

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hdb.config import DEFAULT_INSTANCE_TOKEN, MIXED_PRECISIONS, HypernetTrainConfig, LiDBConfig, instance_prompt_for
+from hdb.config import (
+    DEFAULT_INSTANCE_TOKEN,
+    MIXED_PRECISIONS,
+    DatasetSource,
+    HypernetTrainConfig,
+    LiDBConfig,
+    instance_prompt_for,
+)
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.faces import crop_size
@@ -107,7 +114,7 @@ def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None
 
 def train_hypernetwork(
     base: str | Path | Pipeline,
-    images: str | Path | list[Identity],
+    images: str | Path | list[Identity] | DatasetSource,
     out_dir: str | Path,
     weights_dir: str | Path | None = None,
     config: HypernetTrainConfig | None = None,
@@ -115,7 +122,8 @@ def train_hypernetwork(
 ) -> dict:
     """Train (or resume training) a hypernetwork; writes out_dir/hypernet, checkpoints and TensorBoard logs.
 
-    `base`: hub id or directory, or a pipeline already loaded; `images`: a folder or prepared `Identity`s.
+    `base`: hub id or directory, or a pipeline already loaded; `images`: a folder, a dataset or prepared
+    `Identity`s.
     """
     from accelerate import Accelerator
 
@@ -296,7 +304,9 @@ def train_hypernetwork(
                 "steps_run": config.steps,
                 "identities": len(train_ids),
                 "held_out": [i.name for i in held_ids],
-                "images": str(images) if isinstance(images, (str, Path)) else "identities given in Python",
+                "images": str(images)
+                if isinstance(images, (str, Path, DatasetSource))
+                else "identities given in Python",
                 "processes": accelerator.num_processes,
                 "final_validation_loss": history["validation"][-1][1] if history["validation"] else None,
             }

@@ -15,7 +15,7 @@ from helpers import hdb_cli as hdb
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from hdb.config import HypernetTrainConfig, LiDBConfig, PersonalizeConfig, PreoptimizeConfig
+from hdb.config import DatasetSource, HypernetTrainConfig, LiDBConfig, PersonalizeConfig, PreoptimizeConfig
 from hdb.diffusion import draw_noise, sample_seed
 from hdb.errors import HdbError
 from hdb.hub import model_card
@@ -160,6 +160,41 @@ def test_preoptimisation_shared_out_over_processes_writes_what_one_process_does(
     assert torch.equal(
         load_personal(out / "weights" / "obama.safetensors").B, load_personal(one / "weights" / "obama.safetensors").B
     )
+
+
+def test_a_hugging_face_dataset_gives_identities_by_column_aligned_once(tiny_sd15_dir, tmp_path, monkeypatch):
+    import datasets
+
+    from hdb import faces
+    from hdb.identities import identity_names, resolve_identities
+
+    photos = [Image.open(ASSETS / name) for name in ("obama.jpg", "obama2.jpg", "biden.jpg", "landscape.jpg")]
+    rows = {"image": photos, "person": ["Barack Obama", "Barack Obama", "Joe Biden", "nobody"]}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "data")
+    by_person = DatasetSource(str(tmp_path / "data"), identity_column="person")
+    assert identity_names(by_person) == ["Barack_Obama", "Joe_Biden", "nobody"]
+    people, skipped = resolve_identities(by_person, 64, tmp_path / "faces", progress=False)
+    assert [(p.name, len(p.faces)) for p in people] == [("Barack_Obama", 2), ("Joe_Biden", 1)]
+    assert skipped == {"no face": 1}
+    monkeypatch.setattr(faces, "align_face", None)  # aligned once: the second time reads the cached crops
+    again, _ = resolve_identities(by_person, 64, tmp_path / "faces", progress=False, names={"Barack_Obama"})
+    assert [p.name for p in again] == ["Barack_Obama"] and again[0].faces[1].size == (64, 64)
+    monkeypatch.undo()
+    assert identity_names(DatasetSource(str(tmp_path / "data"))) == ["row000000", "row000001", "row000002", "row000003"]
+    with pytest.raises(HdbError, match="has no column 'who'; its columns: image, person"):
+        identity_names(DatasetSource(str(tmp_path / "data"), identity_column="who"))
+    with pytest.raises(HdbError, match="Could not load dataset"):
+        identity_names(DatasetSource(str(tmp_path / "missing")))
+    # the CLI's --dataset reaches stage 1 (faces from the cache above)
+    out = hdb(
+        "preoptimize", "--dataset", tmp_path / "data", "--identity-column", "person", "--out", tmp_path,
+        "--base", tiny_sd15_dir, "--steps", "1", "--resolution", "64",
+    ).stdout  # fmt: skip
+    assert "2 identities: 2 pre-optimised now" in out
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [
+        "Barack_Obama.safetensors",
+        "Joe_Biden.safetensors",
+    ]
 
 
 def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_folder, tiny_sd15_dir, tmp_path):
