@@ -22,12 +22,14 @@ from hdb.config import (
     DTYPE_CHOICES,
     FILE_DTYPES,
     LORA_FORMATS,
+    LR_SCHEDULES,
     MAX_PHOTOS,
     MIXED_PRECISIONS,
     OPTIMIZERS,
     RELAX_MODES,
     TINY_ARCHS,
     BenchOptions,
+    DatasetSource,
     HypernetTrainConfig,
     LiDBConfig,
     PersonalizeConfig,
@@ -227,17 +229,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"written: {', '.join(str(p) for p in paths)}")
 
 
+def _training_photos(args: argparse.Namespace) -> Path | DatasetSource:
+    """--images FOLDER, or --dataset with its column options."""
+    if args.images is not None:
+        return args.images
+    return DatasetSource(args.dataset, args.split, args.image_column, args.identity_column)
+
+
 def cmd_preoptimize(args: argparse.Namespace) -> None:
     from hdb.preoptimize import preoptimize
 
     _quiet_model_loading()
+    from accelerate import PartialState
+
     from hdb.models import load_pipeline
 
-    pipe = load_pipeline(args.base, args.dtype, args.device)
+    # under `accelerate launch`, one process per device: each loads the base onto its own
+    state = PartialState(cpu=args.device == "cpu")
+    pipe = load_pipeline(args.base, args.dtype, str(state.device) if args.device == "auto" else args.device)
     config = config_from_args(PreoptimizeConfig, args, lidb=LiDBConfig(rank=args.rank))
-    summary = preoptimize(pipe, args.images, args.out, config)
+    summary = preoptimize(pipe, _training_photos(args), args.out, config)
+    share = f"process {summary['process']} of {summary['processes']}: " if summary["processes"] > 1 else ""
     print(
-        f"{summary['identities']} identities: {summary['trained']} pre-optimised now, "
+        f"{share}{summary['identities']} identities: {summary['trained']} pre-optimised now, "
         f"{summary['already_done']} already done; "
         f"photos skipped: {summary['skipped_photos'] or 'none'} -> {args.out}/weights"
     )
@@ -247,8 +261,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from hdb.train_hypernet import train_hypernetwork
 
     _quiet_model_loading()
-    config = config_from_args(HypernetTrainConfig, args)
-    summary = train_hypernetwork(args.base, args.images, args.out, args.weights, config, args.device)
+    # --rank is given only to insist on one: by default the LiDB is the pre-optimised weights'
+    config = config_from_args(HypernetTrainConfig, args, lidb=LiDBConfig(rank=args.rank) if args.rank else None)
+    summary = train_hypernetwork(args.base, _training_photos(args), args.out, args.weights, config, args.device)
     if summary["losses"] and summary["main_process"]:
         last = summary["start_step"] + len(summary["losses"]) - 1
         print(
@@ -278,7 +293,8 @@ def cmd_toy(args: argparse.Namespace) -> None:
     results = run_toy(args.out, quick=args.quick, seed=args.seed)
     print((args.out / "results.md").read_text())
     print(
-        f"written: {args.out}/results.json, results.md, losses.png, renders.jpg, samples.jpg ({results['timings_s']['total']:.0f} s)"
+        f"written: {args.out}/results.json, results.md, losses.png, renders.jpg, samples.jpg "
+        f"({results['timings_s']['total']:.0f} s)"
     )
 
 
@@ -288,6 +304,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     _add_dtype_option(parser)
+
+
+def _add_photo_options(parser: argparse.ArgumentParser) -> None:
+    """Where training photos come from: a folder, or a Hugging Face dataset."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="folder: one photo per identity, or one sub-folder per identity")
+    source.add_argument("--dataset", help="Hugging Face dataset: hub id, or a folder from Dataset.save_to_disk")
+    D = DatasetSource
+    config_option(parser, "--split", D, help="dataset split")
+    config_option(parser, "--image-column", D)
+    config_option(parser, "--identity-column", D, help="rows with the same value are one person (default: one per row)")
 
 
 def _add_dtype_option(parser: argparse.ArgumentParser) -> None:
@@ -366,10 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int)
     gen.set_defaults(run=cmd_generate)
 
-    pre = sub.add_parser("preoptimize", help="stage 1: pre-optimise a LiDB per identity (resumable)")
-    pre.add_argument(
-        "--images", type=Path, required=True, help="one photo per identity, or one sub-folder per identity"
+    pre = sub.add_parser(
+        "preoptimize", help="stage 1: pre-optimise a LiDB per identity (resumable; works under `accelerate launch`)"
     )
+    _add_photo_options(pre)
     pre.add_argument("--out", type=Path, required=True)
     _add_model_options(pre)
     R = PreoptimizeConfig
@@ -384,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(run=cmd_preoptimize)
 
     tr = sub.add_parser("train", help="stage 2: train the hypernetwork (works under `accelerate launch`)")
-    tr.add_argument("--images", type=Path, required=True)
+    _add_photo_options(tr)
     tr.add_argument("--weights", type=Path, help="pre-optimised weights from `preoptimize` (needed when --beta > 0)")
     tr.add_argument("--out", type=Path, required=True, help="checkpoints, TensorBoard logs and the final hypernet/")
     tr.add_argument(
@@ -405,12 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(tr, "--validate-every", H)
     config_option(tr, "--holdout", H, help="identities held out for validation")
     config_option(tr, "--seed", H)
-    config_option(tr, "--image-encoder", H, help="vision model hub id or directory (e.g. a CLIP ViT-H/14), or tiny")
+    config_option(tr, "--image-encoder", H, help="vision model hub id or directory, or tiny (random, for tests)")
+    config_option(tr, "--train-encoder", H, "freeze_encoder", help="train the image encoder too (default: frozen)")
+    config_option(tr, "--warmup-steps", H, help="linear learning-rate warm-up")
+    config_option(tr, "--lr-schedule", H, choices=LR_SCHEDULES, help="after the warm-up")
     config_option(tr, "--width", H)
     config_option(tr, "--depth", H)
     config_option(tr, "--heads", H)
     config_option(tr, "--iterations", H, help="refinement iterations s")
     config_option(tr, "--resolution", H, type=int)
+    tr.add_argument("--rank", type=int, help="LiDB rank (default: the --weights folder's, else 1)")
     tr.set_defaults(run=cmd_train)
 
     push = sub.add_parser("push", help="upload a trained hypernetwork to the Hugging Face Hub, with a model card")

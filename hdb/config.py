@@ -19,6 +19,7 @@ TINY_ARCHS = ("sd15", "sdxl", "sd2")  # the tiny random pipelines hdb builds for
 # the prediction, free of the aux bases), or "lidb", hdb's compact variant (rank r inside the aux bases, ~4x
 # the r=1 file instead of a few MB)
 RELAX_MODES = ("lora", "lidb")
+LR_SCHEDULES = ("constant", "cosine")  # after the warm-up: keep the learning rate, or let it fall to 0 by the last step
 MIXED_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # accelerate's choice -> the frozen base's dtype
 
 # A rare token + the class noun; prompts name the person with "[V]", which stands for all of it ("sks face").
@@ -70,6 +71,16 @@ class PersonalizeConfig:
     progress: bool = True
 
 
+@dataclass(frozen=True)
+class DatasetSource:
+    """Training photos from a Hugging Face dataset (`--dataset`) instead of a folder."""
+
+    path: str  # hub id, or a folder written by `datasets.Dataset.save_to_disk`
+    split: str = "train"
+    image_column: str = "image"
+    identity_column: str | None = None  # rows with the same value are one person; None: one person per row
+
+
 @dataclass
 class PreoptimizeConfig:
     """Options of `hdb.preoptimize.preoptimize` (stage 1)."""
@@ -104,13 +115,20 @@ class HypernetTrainConfig:
     holdout: int = 1  # identities kept out of training for validation
     sample_steps: int = 20  # sampling steps of the validation image (0: no image)
     seed: int = 0
-    image_encoder: str = "tiny"  # hub id / local path of a vision model, or "tiny" (random, for tests)
+    # hub id / local path of a vision model (the paper's ViT-H), or "tiny" (random, for tests and the toy)
+    image_encoder: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    freeze_encoder: bool = True  # keep the pretrained encoder's features (the toy trains its random one)
+    warmup_steps: int = 50  # 5% of the default steps: the freshly initialised decoder starts gently
+    lr_schedule: str = "cosine"  # one of LR_SCHEDULES
     width: int = 512
     depth: int = 4
     heads: int = 8
     iterations: int = 4
     resolution: int | None = None
-    instance_token: str = DEFAULT_INSTANCE_TOKEN
+    # None: what the pre-optimised weights (--weights) were made with, else the defaults; a value that
+    # disagrees with the weights' manifest is refused
+    instance_token: str | None = None
+    lidb: LiDBConfig | None = None
     progress: bool = True
 
 

@@ -1,26 +1,38 @@
-"""Training data: a folder of face photos, one identity per photo or per sub-folder, aligned once.
+"""Training data: a folder of face photos (one identity per photo or per sub-folder) or a Hugging Face
+dataset (rows grouped into identities by a column, or one identity per row), aligned once.
 
 Both training stages read it the same way, with the face alignment personalisation uses. Photos
 that cannot be used (unreadable, no face) are skipped and counted, never fatal; a folder with
-nothing usable is. Stage 2 also reads what stage 1 wrote for them: `load_weights_dataset`.
+nothing usable is. Stage 2 also reads what stage 1 wrote for them: its manifest (`read_manifest`: the
+LiDB shape, aux seed and instance token the weights were made with) and the weights
+(`load_weights_dataset`).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
+from hdb.config import DatasetSource, LiDBConfig
 from hdb.diffusion import augmented_views, encode_images
 from hdb.errors import HdbError
 from hdb.lidb import LiDB
 from hdb.models import Pipeline
 from hdb.personal_file import check_compatible, load_personal
 
+if TYPE_CHECKING:
+    from datasets import Dataset
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MANIFEST_FILE = "manifest.json"  # stage 1's out folder: what its weights were made with
 
 
 @dataclass
@@ -35,18 +47,8 @@ def _photos(entry: Path) -> list[Path]:
     return [entry] if entry.suffix.lower() in IMAGE_SUFFIXES else []
 
 
-def load_identities(
-    images_dir: str | Path, size: int, cache_dir: str | Path | None = None, progress: bool = True
-) -> tuple[list[Identity], Counter]:
-    """Aligned faces per identity, and a count of skipped photos by reason.
-
-    With `cache_dir`, aligned crops are stored as PNGs and reused (face detection is the slow part).
-    """
-    from tqdm.auto import tqdm
-
-    from hdb.faces import align_face
-
-    root = Path(images_dir)
+def _entries(root: Path) -> list[Path]:
+    """The folder's identities, in name order: photos, and sub-folders holding photos."""
     if not root.is_dir():
         raise HdbError(f"Image folder not found: {root}")
     entries = sorted(e for e in root.iterdir() if _photos(e))
@@ -54,17 +56,72 @@ def load_identities(
         raise HdbError(
             f"{root} holds no photos ({', '.join(sorted(IMAGE_SUFFIXES))}), neither directly nor in sub-folders"
         )
+    return entries
+
+
+def _open_dataset(source: DatasetSource) -> Dataset:
+    """The dataset's split, checked to have the columns asked for."""
+    import datasets
+
+    local = Path(source.path)
+    try:
+        if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():  # from save_to_disk
+            dataset = datasets.load_from_disk(str(local))
+            dataset = dataset[source.split] if isinstance(dataset, datasets.DatasetDict) else dataset
+        else:
+            dataset = datasets.load_dataset(source.path, split=source.split)
+    except (OSError, KeyError, ValueError) as error:  # missing, offline, no such split
+        raise HdbError(f"Could not load dataset {source.path!r} (split {source.split!r}): {error}") from None
+    for column in (source.image_column, source.identity_column):
+        if column is not None and column not in dataset.column_names:
+            raise HdbError(
+                f"Dataset {source.path} has no column {column!r}; its columns: {', '.join(dataset.column_names)}"
+            )
+    return dataset
+
+
+def _dataset_identities(source: DatasetSource, dataset: Dataset) -> dict[str, list[int]]:
+    """Row indices per identity name (a safe file name), in name order."""
+    if source.identity_column is None:
+        return {f"row{index:06d}": [index] for index in range(len(dataset))}
+    rows, raw_names = {}, {}
+    for index, value in enumerate(dataset[source.identity_column]):
+        name = re.sub(r"[^\w.-]+", "_", str(value))  # weights and cached faces are files named after it
+        if raw_names.setdefault(name, value) != value:
+            raise HdbError(f"Identities {raw_names[name]!r} and {value!r} would share the file name {name!r}")
+        rows.setdefault(name, []).append(index)
+    return dict(sorted(rows.items()))
+
+
+def identity_names(images: str | Path | list[Identity] | DatasetSource) -> list[str]:
+    """The names of the identities a folder or dataset (in name order) or a list holds, before any alignment."""
+    if isinstance(images, DatasetSource):
+        return list(_dataset_identities(images, _open_dataset(images)))
+    if isinstance(images, (str, Path)):
+        return [entry.stem for entry in _entries(Path(images))]
+    return [identity.name for identity in images]
+
+
+Photos = dict[str, list[tuple[str, Callable[[], object]]]]  # identity -> (photo key, how to open it) per photo
+
+
+def _align(photos: Photos, size: int, cache_dir: str | Path | None, progress: bool) -> tuple[list[Identity], Counter]:
+    """Aligned faces per identity, skipping (and counting) unusable photos; crops cached under cache_dir."""
+    from tqdm.auto import tqdm
+
+    from hdb.faces import align_face
+
     cache = Path(cache_dir) if cache_dir else None
     identities, skipped = [], Counter()
-    for entry in tqdm(entries, desc="aligning faces", disable=not progress, leave=False):
+    for name, sources in tqdm(photos.items(), desc="aligning faces", disable=not progress, leave=False):
         faces = []
-        for photo in _photos(entry):
-            cached = cache / entry.stem / f"{photo.stem}_{size}.png" if cache else None
+        for key, open_photo in sources:
+            cached = cache / name / f"{key}_{size}.png" if cache else None
             if cached is not None and cached.is_file():
                 faces.append(Image.open(cached).convert("RGB"))
                 continue
             try:
-                face = align_face(photo, size=size).image
+                face = align_face(open_photo(), size=size).image
             except HdbError as error:
                 skipped["no face" if "No face" in str(error) else "unreadable"] += 1
                 continue
@@ -73,21 +130,67 @@ def load_identities(
                 face.save(cached)
             faces.append(face)
         if faces:
-            identities.append(Identity(entry.stem, faces))
-    if not identities:
+            identities.append(Identity(name, faces))
+    return identities, skipped
+
+
+def load_identities(
+    images_dir: str | Path,
+    size: int,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    names: Collection[str] | None = None,
+) -> tuple[list[Identity], Counter]:
+    """Aligned faces per identity, and a count of skipped photos by reason.
+
+    With `cache_dir`, aligned crops are stored as PNGs and reused (face detection is the slow part).
+    With `names`, only those identities are read (one process's share), and finding none usable is no error.
+    """
+    root = Path(images_dir)
+    entries = [entry for entry in _entries(root) if names is None or entry.stem in names]
+    photos = {entry.stem: [(photo.stem, lambda photo=photo: photo) for photo in _photos(entry)] for entry in entries}
+    identities, skipped = _align(photos, size, cache_dir, progress)
+    if not identities and names is None:
         raise HdbError(f"No usable face in {root} ({dict(skipped)} photos skipped)")
     return identities, skipped
 
 
-def resolve_identities(
-    images: str | Path | list[Identity], size: int, cache_dir: str | Path | None = None, progress: bool = True
+def load_dataset_identities(
+    source: DatasetSource,
+    size: int,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    names: Collection[str] | None = None,
 ) -> tuple[list[Identity], Counter]:
-    """A folder of photos (aligned here) or identities already prepared (e.g. synthetic renders)."""
+    """As `load_identities`, for a Hugging Face dataset; a photo's cache key is its row."""
+    dataset = _open_dataset(source)
+    rows = {name: r for name, r in _dataset_identities(source, dataset).items() if names is None or name in names}
+    photos = {
+        name: [(f"row{row:06d}", lambda row=row: dataset[row][source.image_column]) for row in indices]
+        for name, indices in rows.items()
+    }
+    identities, skipped = _align(photos, size, cache_dir, progress)
+    if not identities and names is None:
+        raise HdbError(f"No usable face in dataset {source.path} ({dict(skipped)} photos skipped)")
+    return identities, skipped
+
+
+def resolve_identities(
+    images: str | Path | list[Identity] | DatasetSource,
+    size: int,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    names: Collection[str] | None = None,
+) -> tuple[list[Identity], Counter]:
+    """A folder or dataset of photos (aligned here) or identities already prepared (e.g. synthetic renders);
+    `names`: only those."""
+    if isinstance(images, DatasetSource):
+        return load_dataset_identities(images, size, cache_dir, progress, names)
     if isinstance(images, (str, Path)):
-        return load_identities(images, size, cache_dir, progress)
+        return load_identities(images, size, cache_dir, progress, names)
     if not images:
         raise HdbError("No identities given")
-    return list(images), Counter()
+    return [identity for identity in images if names is None or identity.name in names], Counter()
 
 
 def encode_identities(pipe: Pipeline, identities: list[Identity], resolution: int) -> list[torch.Tensor]:
@@ -100,10 +203,69 @@ def encode_identities(pipe: Pipeline, identities: list[Identity], resolution: in
     ]
 
 
+# ----------------------------------------------------------------------------- stage 1's output, read by stage 2
+
+
+@dataclass(frozen=True)
+class WeightsManifest:
+    """What a stage 1 folder's weights were made with; stage 2 trains with the same, or refuses."""
+
+    lidb: LiDBConfig
+    instance_token: str
+    arch_fingerprint: str
+    aux_fingerprint: str
+
+
+def write_manifest(out_dir: str | Path, lidb: LiDB, instance_token: str) -> None:
+    """Write out_dir/manifest.json; a later run on another base model or LiDB shape is refused instead of mixing."""
+    manifest = WeightsManifest(lidb.config, instance_token, lidb.arch_fingerprint(), lidb.aux_fingerprint())
+    path = Path(out_dir) / MANIFEST_FILE
+    if path.is_file():
+        existing = read_manifest(out_dir)
+        if (existing.arch_fingerprint, existing.lidb) != (manifest.arch_fingerprint, manifest.lidb):
+            raise HdbError(
+                f"{out_dir} holds weights for another base model or LiDB shape ({existing.lidb}); "
+                "use a new --out folder"
+            )
+    path.write_text(json.dumps(asdict(manifest), indent=1))
+
+
+def read_manifest(weights_dir: str | Path) -> WeightsManifest:
+    """The manifest of a stage 1 folder (`preoptimize --out`; its weights/ sub-folder is accepted too)."""
+    root = Path(weights_dir)
+    path = next((folder / MANIFEST_FILE for folder in (root, root.parent) if (folder / MANIFEST_FILE).is_file()), None)
+    if path is None:
+        raise HdbError(f"{root} has no {MANIFEST_FILE}: pass the --out folder of `python -m hdb preoptimize`")
+    try:
+        values = json.loads(path.read_text())
+        return WeightsManifest(
+            lidb=LiDBConfig(**values["lidb"]),
+            instance_token=values["instance_token"],
+            arch_fingerprint=values["arch_fingerprint"],
+            aux_fingerprint=values["aux_fingerprint"],
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise HdbError(f"{path} is not a valid pre-optimisation manifest: {error!r}") from None
+
+
+def check_manifest(manifest: WeightsManifest, lidb: LiDB, weights_dir: str | Path) -> None:
+    """Refuse stage 1 weights made for another base architecture or other aux bases, before any training."""
+    if manifest.arch_fingerprint != lidb.arch_fingerprint():
+        raise HdbError(
+            f"The pre-optimised weights in {weights_dir} were made for a different base model architecture "
+            f"(fingerprint {manifest.arch_fingerprint}); the loaded base has fingerprint {lidb.arch_fingerprint()}"
+        )
+    if manifest.aux_fingerprint != lidb.aux_fingerprint():
+        raise HdbError(
+            f"The aux bases regenerated here (fingerprint {lidb.aux_fingerprint()}) differ from the ones the "
+            f"pre-optimised weights in {weights_dir} were made with ({manifest.aux_fingerprint})"
+        )
+
+
 def load_weights_dataset(
     weights_dir: str | Path, lidb: LiDB, names: list[str]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Pre-optimised (A, B) per identity name, checked against the model being trained."""
+    """Pre-optimised (A, B) per identity name, checked against the model being trained (rank included)."""
     root = Path(weights_dir)
     folder = root / "weights" if (root / "weights").is_dir() else root
     found = {}
@@ -112,6 +274,12 @@ def load_weights_dataset(
         if path.is_file():
             weights = load_personal(path)
             check_compatible(weights, lidb, source=f"pre-optimised weights file {path.name}")
+            # personalisation may relax the rank, but the weight loss compares numbers one to one
+            if weights.config.rank != lidb.config.rank:
+                raise HdbError(
+                    f"Pre-optimised weights file {path} has rank {weights.config.rank}; "
+                    f"the hypernetwork predicts rank {lidb.config.rank}"
+                )
             found[name] = (weights.A, weights.B)
     if not found:
         raise HdbError(f"No pre-optimised weights in {folder} match the identities in the image folder")

@@ -23,16 +23,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hdb.config import MIXED_PRECISIONS, HypernetTrainConfig, LiDBConfig, instance_prompt_for
+from hdb.config import (
+    DEFAULT_INSTANCE_TOKEN,
+    MIXED_PRECISIONS,
+    DatasetSource,
+    HypernetTrainConfig,
+    LiDBConfig,
+    instance_prompt_for,
+)
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.faces import crop_size
 from hdb.hypernet import TRAINING_FILE, HyperNetwork, build_tiny_image_encoder, load_image_encoder
-from hdb.identities import Identity, encode_identities, load_weights_dataset, resolve_identities
+from hdb.identities import (
+    Identity,
+    WeightsManifest,
+    check_manifest,
+    encode_identities,
+    load_weights_dataset,
+    read_manifest,
+    resolve_identities,
+)
 from hdb.lidb import LiDB, weight_distance
 from hdb.models import Pipeline, load_pipeline, native_resolution, training_scheduler
 from hdb.stage import training_stage
-from hdb.training import TrainConfig, load_optimizer, make_optimizer, save_optimizer, train
+from hdb.training import TrainConfig, learning_rate_factor, load_optimizer, make_optimizer, save_optimizer, train
 
 MEMORY_OPTIONS = (
     "a smaller --batch-size with --accumulation-steps, --gradient-checkpointing, --mixed-precision fp16 or bf16, "
@@ -62,6 +77,23 @@ def _save_checkpoint(out: Path, step: int, hypernet: HyperNetwork, optimizer: to
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _settings(config: HypernetTrainConfig, manifest: WeightsManifest | None) -> tuple[LiDBConfig, str]:
+    """The LiDB and instance token to train with: the pre-optimised weights', refusing options that disagree."""
+    if manifest is None:
+        return config.lidb or LiDBConfig(), config.instance_token or DEFAULT_INSTANCE_TOKEN
+    if config.lidb is not None and config.lidb != manifest.lidb:
+        raise HdbError(
+            f"The LiDB asked for ({config.lidb}) differs from the one the pre-optimised weights were made with "
+            f"({manifest.lidb}); leave it out to use theirs"
+        )
+    if config.instance_token is not None and config.instance_token != manifest.instance_token:
+        raise HdbError(
+            f"Instance token {config.instance_token!r} differs from the pre-optimised weights' "
+            f"{manifest.instance_token!r}; leave it out to use theirs"
+        )
+    return manifest.lidb, manifest.instance_token
+
+
 def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None) -> HyperNetwork:
     if resume is not None:
         return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb)
@@ -84,7 +116,7 @@ def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None
 
 def train_hypernetwork(
     base: str | Path | Pipeline,
-    images: str | Path | list[Identity],
+    images: str | Path | list[Identity] | DatasetSource,
     out_dir: str | Path,
     weights_dir: str | Path | None = None,
     config: HypernetTrainConfig | None = None,
@@ -92,7 +124,8 @@ def train_hypernetwork(
 ) -> dict:
     """Train (or resume training) a hypernetwork; writes out_dir/hypernet, checkpoints and TensorBoard logs.
 
-    `base`: hub id or directory, or a pipeline already loaded; `images`: a folder or prepared `Identity`s.
+    `base`: hub id or directory, or a pipeline already loaded; `images`: a folder, a dataset or prepared
+    `Identity`s.
     """
     from accelerate import Accelerator
 
@@ -109,6 +142,8 @@ def train_hypernetwork(
         raise HdbError(
             "--beta > 0 needs pre-optimised weights (--weights DIR from `python -m hdb preoptimize`); or pass --beta 0"
         )
+    manifest = read_manifest(weights_dir) if weights_dir is not None else None
+    lidb_config, instance_token = _settings(config, manifest)
     if isinstance(base, (str, Path)):
         pipe = load_pipeline(str(base), MIXED_PRECISIONS[config.mixed_precision], str(accelerator.device))
     else:
@@ -127,10 +162,12 @@ def train_hypernetwork(
         )
     latents = encode_identities(pipe, identities, resolution)
     held_ids, held_latents = identities[: config.holdout], latents[: config.holdout]
-    lidb = LiDB(pipe, LiDBConfig())
+    lidb = LiDB(pipe, lidb_config)
     with training_stage(
         pipe, lidb, "training the hypernetwork", MEMORY_OPTIONS, config.gradient_checkpointing, detach_after=True
     ):
+        if manifest is not None:
+            check_manifest(manifest, lidb, weights_dir)
         targets = (
             load_weights_dataset(weights_dir, lidb, [i.name for i in identities]) if weights_dir is not None else {}
         )
@@ -143,6 +180,8 @@ def train_hypernetwork(
         train_ids, train_latents = [i for i, _ in train_pairs], [views for _, views in train_pairs]
         resume = _latest_checkpoint(out)
         hypernet = _build_hypernet(config, lidb, resume).to(accelerator.device)
+        if config.freeze_encoder:  # saved and loaded with the rest all the same; only the optimizer skips it
+            hypernet.image_encoder.requires_grad_(False)
         start_step = json.loads((resume / "state.json").read_text())["step"] + 1 if resume is not None else 0
 
         parameters = [p for p in hypernet.parameters() if p.requires_grad]
@@ -151,7 +190,7 @@ def train_hypernetwork(
             load_optimizer(optimizer, resume / "optimizer.safetensors")
         model, optimizer = accelerator.prepare(hypernet, optimizer)
         scheduler = training_scheduler(pipe)
-        prompt_tokens = tokenize_prompts(pipe, [instance_prompt_for(config.instance_token)])
+        prompt_tokens = tokenize_prompts(pipe, [instance_prompt_for(instance_token)])
         pixels = {i.name: hypernet.preprocess(i.faces) for i in identities}  # [photos, 3, S, S] per identity
         rank, count = accelerator.process_index, config.batch_size // accelerator.num_processes
 
@@ -207,8 +246,7 @@ def train_hypernetwork(
             A, B = accelerator.unwrap_model(model).predict(held_ids[0].faces[0])
             lidb.start_from(A, B)
             pipe.unet.eval()
-            prompt = f"a portrait of a {config.instance_token}"
-            image = generate(pipe, lidb, prompt, steps=config.sample_steps, seed=0)[0]
+            image = generate(pipe, lidb, f"a portrait of a {instance_token}", steps=config.sample_steps, seed=0)[0]
             pipe.unet.train()
             (out / "samples").mkdir(exist_ok=True)
             image.save(out / "samples" / f"step-{step:06d}.png")
@@ -232,7 +270,12 @@ def train_hypernetwork(
 
         def on_step(step: int, loss: float) -> None:
             terms = step_terms.pop(step, {})  # the two terms apart, to see which one moves
-            record = {"step": step, "loss": loss, **{k: torch.stack(v).mean().item() for k, v in terms.items()}}
+            record = {
+                "step": step,
+                "loss": loss,
+                **{k: torch.stack(v).mean().item() for k, v in terms.items()},
+                "learning_rate": config.learning_rate * learning_rate_factor(step, train_config),
+            }
             if (step + 1) % config.validate_every == 0 or step + 1 == config.steps:
                 record["validation_loss"] = validate(step)
                 history["validation"].append((step, record["validation_loss"]))
@@ -253,6 +296,8 @@ def train_hypernetwork(
             learning_rate=config.learning_rate,
             optimizer=config.optimizer,
             accumulation_steps=config.accumulation_steps,
+            warmup_steps=config.warmup_steps,
+            lr_schedule=config.lr_schedule,
             progress=config.progress,
             description="training the hypernetwork",
         )
@@ -269,11 +314,17 @@ def train_hypernetwork(
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(out / "hypernet")
             training = {  # what the model card (hdb.hub) says about how it was trained
-                "config": {k: v for k, v in asdict(config).items() if k != "progress"},
+                "config": {
+                    **{k: v for k, v in asdict(config).items() if k != "progress"},
+                    "lidb": asdict(lidb_config),  # what was trained with, read from the manifest or defaulted
+                    "instance_token": instance_token,
+                },
                 "steps_run": config.steps,
                 "identities": len(train_ids),
                 "held_out": [i.name for i in held_ids],
-                "images": str(images) if isinstance(images, (str, Path)) else "identities given in Python",
+                "images": str(images)
+                if isinstance(images, (str, Path, DatasetSource))
+                else "identities given in Python",
                 "processes": accelerator.num_processes,
                 "final_validation_loss": history["validation"][-1][1] if history["validation"] else None,
             }

@@ -1,7 +1,8 @@
 """The one training loop: pre-optimisation, hypernetwork training and fast finetuning all use it.
 
 A stage hands over its trainable parameters and a `loss_fn(i) -> loss`; the loop owns the rest:
-optimizer (AdamW, or bitsandbytes' 8-bit AdamW), gradient accumulation, fp16 loss scaling,
+optimizer (AdamW, or bitsandbytes' 8-bit AdamW), the learning-rate schedule (optional warm-up, then
+constant or cosine), gradient accumulation, fp16 loss scaling,
 gradient clipping, several processes through `accelerate`, a progress bar, and a guard that stops
 on a NaN or exploding loss with the last good weights restored. Optimizer state is checkpointed
 as safetensors, like everything else hdb writes.
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from hdb.config import OPTIMIZERS
+from hdb.config import LR_SCHEDULES, OPTIMIZERS
 from hdb.errors import HdbError
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     accumulation_steps: int = 1  # micro-batches per optimizer step
+    warmup_steps: int = 0  # the learning rate rises linearly over these first steps
+    lr_schedule: str = LR_SCHEDULES[0]  # then stays ("constant") or falls to 0 at `steps` ("cosine")
     fp16_loss_scaling: bool = False  # set when activations are fp16 (bf16/fp32 need none)
     # A loss above explode_factor x (the median of recent good losses, at least 1) means training blew
     # up. Not "x the first loss": with one sample a step the diffusion loss spans ~100x across
@@ -83,6 +86,34 @@ def make_optimizer(
     raise HdbError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+def learning_rate_factor(step: int, config: TrainConfig) -> float:
+    """The learning rate of `step` as a fraction of `config.learning_rate`: warm-up, then constant or cosine."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def learning_rate_schedule(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule positioned at `start_step`. Its rate is a pure function of the step, so a resumed run
+    recreates it here and applies exactly the rates an uninterrupted run would have."""
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise HdbError(
+            f"Unknown learning-rate schedule {config.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
+        )
+    if config.warmup_steps < 0:
+        raise HdbError(f"Warm-up steps must be 0 or more, got {config.warmup_steps}")
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])  # the base rate (a checkpointed optimizer carries its own)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, config), last_epoch=start_step - 1
+    )
+
+
 def train(
     parameters: list[torch.nn.Parameter],
     loss_fn: Callable[[int], torch.Tensor],
@@ -112,6 +143,7 @@ def train(
     an exploding loss or `max_skips_in_a_row` overflows in a row still stop training.
     """
     optimizer = optimizer or make_optimizer(parameters, config.optimizer, config.learning_rate, config.weight_decay)
+    schedule = learning_rate_schedule(optimizer, config, start_step)
     device_type = parameters[0].device.type
     scaler = torch.amp.GradScaler(device_type, enabled=config.fp16_loss_scaling)
     loss_scaling = scaler.is_enabled() or (accelerator is not None and accelerator.scaler is not None)
@@ -173,6 +205,7 @@ def train(
                 snapshot.take(parameters, step)  # not yet updated: the weights whose loss just passed
             scaler.step(optimizer)
             scaler.update()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
         if waiting is not None:
             check(waiting)

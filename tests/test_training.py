@@ -12,21 +12,32 @@ import pytest
 import torch
 from helpers import ASSETS, FailingUNet, assert_one_line_error
 from helpers import hdb_cli as hdb
-from PIL import ImageOps
+from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from hdb.config import LiDBConfig, PersonalizeConfig, PreoptimizeConfig
+from hdb.config import DatasetSource, HypernetTrainConfig, LiDBConfig, PersonalizeConfig, PreoptimizeConfig
 from hdb.diffusion import draw_noise, sample_seed
 from hdb.errors import HdbError
 from hdb.hub import model_card
+from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
+from hdb.identities import Identity
 from hdb.lidb import LiDB, find_target_linears
 from hdb.models import build_tiny_pipeline
-from hdb.personal_file import load_personal
+from hdb.personal_file import PersonalWeights, load_personal, save_personal
 from hdb.personalize import personalize
 from hdb.preoptimize import preoptimize
-from hdb.training import TrainConfig, TrainingDiverged, train
+from hdb.train_hypernet import train_hypernetwork
+from hdb.training import (
+    TrainConfig,
+    TrainingDiverged,
+    learning_rate_factor,
+    load_optimizer,
+    make_optimizer,
+    save_optimizer,
+    train,
+)
 
-TINY_HYPERNET = ["--width", "32", "--depth", "2", "--heads", "4", "--device", "cpu"]
+TINY_HYPERNET = ["--image-encoder", "tiny", "--width", "32", "--depth", "2", "--heads", "4", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -103,18 +114,14 @@ def test_preoptimize_writes_a_resumable_dataset(preoptimized, identity_folder, t
     assert "0 pre-optimised now, 4 already done" in again
 
 
-def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_folder, tiny_sd15_dir, tmp_path):
-    weights, _ = preoptimized
-    single = hdb(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "one")).stdout
-    assert "on 1 process(es)" in single
-    # torchrun-style launch of 2 processes; `--device cpu` makes them a gloo (CPU) DDP group
-    accelerate = Path(sys.executable).parent / "accelerate"
+def accelerate_launch(*args, processes: int = 2) -> subprocess.CompletedProcess:
+    """`accelerate launch -m hdb ARGS` on `processes` CPU processes (a gloo DDP group with --device cpu)."""
     launch = [
-        str(accelerate),
+        str(Path(sys.executable).parent / "accelerate"),
         "launch",
         "--multi_gpu",
         "--num_processes",
-        "2",
+        str(processes),
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -125,13 +132,76 @@ def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_fold
         "hdb",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [*launch, *map(str, train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "two"))],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+    return subprocess.run([*launch, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_preoptimisation_shared_out_over_processes_writes_what_one_process_does(
+    preoptimized, identity_folder, tiny_sd15_dir, tmp_path
+):
+    one, _ = preoptimized  # groups (astronaut, biden), (grace_hopper, obama)
+    out = tmp_path / "two"
+    args = ["preoptimize", "--images", identity_folder, "--out", out, "--base", tiny_sd15_dir, "--device", "cpu"]
+    result = accelerate_launch(*args, "--steps", "6", "--group-size", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # groups of two folder entries alternate (broken.jpg and landscape.jpg hold no face): process 0 trains
+    # astronaut with biden, then obama; process 1 grace_hopper. The groups of one process: the same weights
+    assert "process 0 of 2: 3 identities: 3 pre-optimised now" in result.stdout
+    assert "process 1 of 2: 1 identities: 1 pre-optimised now" in result.stdout
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((one / "manifest.json").read_text())
+    names = sorted(path.name for path in (one / "weights").iterdir())
+    assert sorted(path.name for path in (out / "weights").iterdir()) == names
+    for name in names:
+        mine, theirs = load_personal(out / "weights" / name), load_personal(one / "weights" / name)
+        assert torch.equal(mine.A, theirs.A) and torch.equal(mine.B, theirs.B), name
+    # resumed by one process: only the missing identity is trained
+    (out / "weights" / "obama.safetensors").unlink()
+    again = hdb(*args, "--steps", "6", "--group-size", "2").stdout
+    assert "4 identities: 1 pre-optimised now, 3 already done" in again
+    assert torch.equal(
+        load_personal(out / "weights" / "obama.safetensors").B, load_personal(one / "weights" / "obama.safetensors").B
     )
+
+
+def test_a_hugging_face_dataset_gives_identities_by_column_aligned_once(tiny_sd15_dir, tmp_path, monkeypatch):
+    import datasets
+
+    from hdb import faces
+    from hdb.identities import identity_names, resolve_identities
+
+    photos = [Image.open(ASSETS / name) for name in ("obama.jpg", "obama2.jpg", "biden.jpg", "landscape.jpg")]
+    rows = {"image": photos, "person": ["Barack Obama", "Barack Obama", "Joe Biden", "nobody"]}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "data")
+    by_person = DatasetSource(str(tmp_path / "data"), identity_column="person")
+    assert identity_names(by_person) == ["Barack_Obama", "Joe_Biden", "nobody"]
+    people, skipped = resolve_identities(by_person, 64, tmp_path / "faces", progress=False)
+    assert [(p.name, len(p.faces)) for p in people] == [("Barack_Obama", 2), ("Joe_Biden", 1)]
+    assert skipped == {"no face": 1}
+    monkeypatch.setattr(faces, "align_face", None)  # aligned once: the second time reads the cached crops
+    again, _ = resolve_identities(by_person, 64, tmp_path / "faces", progress=False, names={"Barack_Obama"})
+    assert [p.name for p in again] == ["Barack_Obama"] and again[0].faces[1].size == (64, 64)
+    monkeypatch.undo()
+    assert identity_names(DatasetSource(str(tmp_path / "data"))) == ["row000000", "row000001", "row000002", "row000003"]
+    with pytest.raises(HdbError, match="has no column 'who'; its columns: image, person"):
+        identity_names(DatasetSource(str(tmp_path / "data"), identity_column="who"))
+    with pytest.raises(HdbError, match="Could not load dataset"):
+        identity_names(DatasetSource(str(tmp_path / "missing")))
+    # the CLI's --dataset reaches stage 1 (faces from the cache above)
+    out = hdb(
+        "preoptimize", "--dataset", tmp_path / "data", "--identity-column", "person", "--out", tmp_path,
+        "--base", tiny_sd15_dir, "--steps", "1", "--resolution", "64",
+    ).stdout  # fmt: skip
+    assert "2 identities: 2 pre-optimised now" in out
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [
+        "Barack_Obama.safetensors",
+        "Joe_Biden.safetensors",
+    ]
+
+
+def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_folder, tiny_sd15_dir, tmp_path):
+    weights, _ = preoptimized
+    single = hdb(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "one")).stdout
+    assert "on 1 process(es)" in single
+    result = accelerate_launch(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("on 2 process(es)") == 1  # summary from the main process only
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
@@ -249,6 +319,104 @@ def test_bad_training_data_gives_clear_errors(preoptimized, tiny_sd15_dir, tmp_p
         check=False,
     )
     assert_one_line_error(result, "--beta 0")
+
+
+def random_people(count: int, size: int = 64) -> list[Identity]:
+    """Prepared identities of random pixels: no face detection, for tests of the training plumbing."""
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8) for _ in range(count)]
+    return [Identity(f"person{k}", [Image.fromarray(image.numpy())]) for k, image in enumerate(images)]
+
+
+def tiny_stage2(**overrides) -> HypernetTrainConfig:
+    values = dict(steps=2, batch_size=2, image_encoder="tiny", width=32, depth=2, heads=4, sample_steps=0)
+    return HypernetTrainConfig(**{**values, "progress": False, **overrides})
+
+
+def test_stage_2_trains_with_stage_1s_lidb_and_refuses_a_mismatch(tmp_path):
+    pipe, people = build_tiny_pipeline("sd15"), random_people(3)
+    rank2 = LiDBConfig(rank=2, a=8, b=4, seed=5)
+    stage1 = PreoptimizeConfig(steps=2, group_size=3, lidb=rank2, instance_token="zwx person", progress=False)
+    preoptimize(pipe, people, tmp_path / "stage1", stage1)
+    train_hypernetwork(pipe, people, tmp_path / "stage2", tmp_path / "stage1", tiny_stage2(), device="cpu")
+    hypernet = HyperNetwork.from_pretrained(tmp_path / "stage2" / "hypernet")
+    assert hypernet.lidb_config == rank2  # rank, a, b and aux seed from the manifest
+    A, B = hypernet.predict(people[0].faces[0])
+    assert A.shape[1:] == (2, 8) and B.shape[1:] == (4, 2)
+    fresh_encoder = build_tiny_image_encoder(0).state_dict()  # frozen by default: saved as it started
+    assert all(torch.equal(v, fresh_encoder[k]) for k, v in hypernet.image_encoder.state_dict().items())
+    training = json.loads((tmp_path / "stage2" / "hypernet" / "training.json").read_text())
+    assert training["config"]["instance_token"] == "zwx person" and training["config"]["lidb"]["rank"] == 2
+
+    def refused(match: str, base=pipe, **overrides) -> None:
+        out = tmp_path / "refused"
+        with pytest.raises(HdbError, match=match):
+            train_hypernetwork(base, people, out, tmp_path / "stage1", tiny_stage2(**overrides), device="cpu")
+        assert not (out / "checkpoints").exists()  # refused before training
+
+    refused("LiDB asked for .* differs", lidb=LiDBConfig(rank=1, a=8, b=4, seed=5))
+    refused("Instance token 'sks person' differs", instance_token="sks person")
+    refused("different base model architecture", base=build_tiny_pipeline("sdxl"))
+    manifest = json.loads((tmp_path / "stage1" / "manifest.json").read_text())
+    (tmp_path / "stage1" / "manifest.json").write_text(json.dumps({**manifest, "aux_fingerprint": "0" * 16}))
+    refused("aux bases regenerated here")
+    (tmp_path / "stage1" / "manifest.json").write_text(json.dumps(manifest))
+    rank1 = LiDB(pipe, LiDBConfig(rank=1, a=8, b=4, seed=5))  # a stray rank-1 file among the rank-2 ones
+    save_personal(
+        PersonalWeights.from_lidb(rank1, "a photo of zwx person", "zwx person"),
+        tmp_path / "stage1" / "weights" / "person1.safetensors",
+    )
+    rank1.detach()
+    refused("person1.safetensors has rank 1; the hypernetwork predicts rank 2")
+    (tmp_path / "stage1" / "manifest.json").unlink()
+    refused("has no manifest.json")
+
+
+# ----------------------------------------------------------------------------- the learning-rate schedule
+
+
+def test_warmup_then_cosine_or_constant():
+    cosine = TrainConfig(steps=12, learning_rate=1.0, warmup_steps=4, lr_schedule="cosine")
+    assert [learning_rate_factor(step, cosine) for step in (0, 1, 3, 4, 8)] == [0.25, 0.5, 1.0, 1.0, 0.5]
+    assert 0 < learning_rate_factor(11, cosine) < 0.05  # near 0 by the last step
+    constant = TrainConfig(steps=12, learning_rate=1.0, warmup_steps=2)
+    assert [learning_rate_factor(step, constant) for step in (0, 1, 2, 11)] == [0.5, 1.0, 1.0, 1.0]
+    with pytest.raises(HdbError, match="Unknown learning-rate schedule 'linear'"):
+        train(
+            [torch.nn.Parameter(torch.ones(1))], lambda step: torch.ones(()), TrainConfig(1, 0.1, lr_schedule="linear")
+        )
+
+
+def test_a_resumed_run_applies_exactly_the_learning_rates_of_an_uninterrupted_one(tmp_path):
+    config = TrainConfig(steps=10, learning_rate=0.1, warmup_steps=3, lr_schedule="cosine", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def run(weight, optimizer, rates, start_step=0, kill_at=None):
+        def loss_fn(step):
+            if step == kill_at:
+                raise Killed
+            rates.append(optimizer.param_groups[0]["lr"])  # the rate this step is applied with
+            return ((weight - torch.arange(3.0)) ** 2).sum()
+
+        train([weight], loss_fn, config, optimizer=optimizer, start_step=start_step)
+
+    straight, straight_rates = torch.nn.Parameter(torch.zeros(3)), []
+    run(straight, make_optimizer([straight], "adamw", 0.1), straight_rates)
+    assert straight_rates == [0.1 * learning_rate_factor(step, config) for step in range(10)]
+
+    killed, rates = torch.nn.Parameter(torch.zeros(3)), []
+    optimizer = make_optimizer([killed], "adamw", 0.1)
+    with pytest.raises(Killed):
+        run(killed, optimizer, rates, kill_at=6)  # steps 0..5 done, as in a checkpoint of step 5
+    save_optimizer(optimizer, tmp_path / "optimizer.safetensors")
+    resumed = torch.nn.Parameter(killed.detach().clone())
+    optimizer = make_optimizer([resumed], "adamw", 0.1)  # a fresh process: a fresh optimizer, then its checkpoint
+    load_optimizer(optimizer, tmp_path / "optimizer.safetensors")
+    run(resumed, optimizer, rates, start_step=6)
+    assert rates == straight_rates
+    assert torch.equal(resumed.detach(), straight.detach())
 
 
 # ----------------------------------------------------------------------------- the divergence guard

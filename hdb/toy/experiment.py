@@ -383,6 +383,9 @@ def run_toy(
             holdout=len(test_people),
             seed=seed,
             image_encoder="tiny",
+            freeze_encoder=False,  # a random encoder has nothing to keep; the toy's results were made training it
+            warmup_steps=0,  # and with a constant learning rate
+            lr_schedule="constant",
             width=config.hyper_width,
             depth=config.hyper_depth,
             heads=config.hyper_heads,
