@@ -26,6 +26,7 @@ from hdb.config import (
     MAX_PHOTOS,
     MIXED_PRECISIONS,
     OPTIMIZERS,
+    PAIRINGS,
     RELAX_MODES,
     TINY_ARCHS,
     BenchOptions,
@@ -440,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(tr, "--depth", H)
     config_option(tr, "--heads", H)
     config_option(tr, "--iterations", H, help="refinement iterations s")
+    config_option(tr, "--pairing", H, choices=PAIRINGS, help="target view from any photo, or the input photo's own")
     config_option(tr, "--resolution", H, type=int)
     tr.add_argument("--rank", type=int, help="LiDB rank (default: the --weights folder's, else 1)")
     tr.set_defaults(run=cmd_train)

@@ -19,6 +19,10 @@ TINY_ARCHS = ("sd15", "sdxl", "sd2")  # the tiny random pipelines hdb builds for
 # the prediction, free of the aux bases), or "lidb", hdb's compact variant (rank r inside the aux bases, ~4x
 # the r=1 file instead of a few MB)
 RELAX_MODES = ("lora", "lidb")
+# Which augmented view of an identity stage 2 denoises, given the photo the hypernetwork sees: one of any of
+# the identity's photos ("independent": it must predict the person, not the photo), or one of that very photo
+# ("same": the paper's setting, one photo per CelebA-HQ identity). With one photo per identity they agree.
+PAIRINGS = ("independent", "same")
 LR_SCHEDULES = ("constant", "cosine")  # after the warm-up: keep the learning rate, or let it fall to 0 by the last step
 MIXED_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # accelerate's choice -> the frozen base's dtype
 
@@ -124,6 +128,7 @@ class HypernetTrainConfig:
     depth: int = 4
     heads: int = 8
     iterations: int = 4
+    pairing: str = PAIRINGS[0]  # see PAIRINGS
     resolution: int | None = None
     # None: what the pre-optimised weights (--weights) were made with, else the defaults; a value that
     # disagrees with the weights' manifest is refused

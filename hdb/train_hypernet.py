@@ -26,6 +26,7 @@ import torch
 from hdb.config import (
     DEFAULT_INSTANCE_TOKEN,
     MIXED_PRECISIONS,
+    PAIRINGS,
     DatasetSource,
     HypernetTrainConfig,
     LiDBConfig,
@@ -53,6 +54,20 @@ MEMORY_OPTIONS = (
     "a smaller --batch-size with --accumulation-steps, --gradient-checkpointing, --mixed-precision fp16 or bf16, "
     "--optimizer adamw8bit"
 )
+
+
+def pair_photo_and_view(seed: int, photos: int, views: int, pairing: str) -> tuple[int, int]:
+    """(input photo, target view) of one batch slot, drawn from `seed`: see `PAIRINGS` in hdb.config.
+
+    An identity's views are its photos' augmented views, photo by photo (`encode_identities`).
+    """
+    photo = seed % photos
+    if pairing == "independent":
+        return photo, (seed >> 8) % views
+    if pairing == "same":
+        per_photo = views // photos
+        return photo, photo * per_photo + (seed >> 8) % per_photo
+    raise HdbError(f"Unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -130,6 +145,8 @@ def train_hypernetwork(
     from accelerate import Accelerator
 
     config = config or HypernetTrainConfig()
+    if config.pairing not in PAIRINGS:
+        raise HdbError(f"Unknown pairing {config.pairing!r}; choose one of {', '.join(PAIRINGS)}")
     out = Path(out_dir)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, log_with="tensorboard", project_dir=str(out), cpu=device == "cpu"
@@ -203,8 +220,12 @@ def train_hypernetwork(
             # one seed per slot of the global batch, the same in every process: it picks the slot's input photo
             # and target view, and draws its noise
             pick = [sample_seed(config.seed, draw, k) for k in mine]
-            photos = torch.stack([pixels[names[k]][p % len(pixels[names[k]])] for k, p in zip(mine, pick, strict=True)])
-            batch = torch.stack([views[k][(p >> 8) % len(views[k])] for k, p in zip(mine, pick, strict=True)])
+            pairs = [
+                pair_photo_and_view(p, len(pixels[names[k]]), len(views[k]), config.pairing)
+                for k, p in zip(mine, pick, strict=True)
+            ]
+            photos = torch.stack([pixels[names[k]][photo] for k, (photo, _) in zip(mine, pairs, strict=True)])
+            batch = torch.stack([views[k][view] for k, (_, view) in zip(mine, pairs, strict=True)])
             A, B = model(photos)
             lidb.use_per_sample(A, B)
             with accelerator.autocast():

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
+from hdb.config import PAIRINGS
 from hdb.diffusion import diffusion_loss, encode_images, encode_prompts
 from hdb.errors import HdbError
 from hdb.hypernet import HyperNetwork, build_tiny_image_encoder, load_image_encoder
@@ -153,3 +154,19 @@ def test_load_image_encoder(tmp_path):
     assert isinstance(tower, CLIPVisionModel) and tower(pixel_values=pixels(1)).last_hidden_state.shape == (1, 17, 32)
     with pytest.raises(HdbError, match="local directory"):  # tests run with HF_HUB_OFFLINE=1
         load_image_encoder("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+
+
+def test_the_input_photo_and_the_target_view_pair_as_chosen():
+    from hdb.train_hypernet import pair_photo_and_view
+
+    photos, views = 3, 12  # 4 augmented views per photo, photo by photo
+    pairs = {
+        name: [pair_photo_and_view(seed, photos, views, name) for seed in range(0, 40_000, 97)] for name in PAIRINGS
+    }
+    assert all(view // 4 == photo for photo, view in pairs["same"])  # a view of the very photo the network sees
+    assert any(view // 4 != photo for photo, view in pairs["independent"])  # any photo's view: predict the person
+    for chosen in pairs.values():  # every photo and every view gets drawn
+        assert {p for p, _ in chosen} == set(range(photos)) and {v for _, v in chosen} == set(range(views))
+    assert pair_photo_and_view(5, 1, 4, "same") == pair_photo_and_view(5, 1, 4, "independent")  # one photo: agree
+    with pytest.raises(HdbError, match="Unknown pairing"):
+        pair_photo_and_view(0, 1, 4, "nearest")
