@@ -145,6 +145,7 @@ class LiDBLinear(nn.Module):
         self.register_buffer("A_aux", A_aux.to(device), persistent=False)
         self.register_buffer("B_aux", B_aux.to(device), persistent=False)
         self.original: torch.Tensor | None = None  # the base weight while merged (see `merge`)
+        self.merged_lora = False  # whether the merged weight holds the plain LoRA too, or only the LiDB
 
     @property
     def merged(self) -> bool:
@@ -152,8 +153,11 @@ class LiDBLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged or self.source.scale == 0:
+        plain_lora = self.source.lora_down is not None and not self.merged_lora
+        if self.source.scale == 0 or (self.merged and not plain_lora):
             return y
+        if self.merged:  # the LiDB is in the weight; the plain LoRA on top is live (and training)
+            return y + self.source.scale * self._plain_lora_delta(x)
         A = self.source.A.select(-3, self.index)  # [r, a] shared, or [S, r, a] per sample
         B = self.source.B.select(-3, self.index)
         down, up = lora_factors(A, B, self.A_aux, self.B_aux)
@@ -166,36 +170,41 @@ class LiDBLinear(nn.Module):
                 raise HdbError(f"LiDB got per-sample weights for {samples} samples but a batch of {x.shape[0]}")
             flat = x.reshape(samples, -1, x.shape[-1])
             delta = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2)).reshape(*x.shape[:-1], -1)
-        if self.source.lora_down is not None:
-            plain_down, plain_up = self.source.lora_down[self.index], self.source.lora_up[self.index]
-            delta = delta + (x @ plain_down.to(x.dtype).T) @ plain_up.to(x.dtype).T
+        if plain_lora:
+            delta = delta + self._plain_lora_delta(x)
         return y + self.source.scale * delta
 
-    def delta_weight(self) -> torch.Tensor:
-        """The dense dW (out x in) of the shared weights and the plain LoRA, for merging."""
+    def _plain_lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = self.source.lora_down[self.index], self.source.lora_up[self.index]
+        return (x @ down.to(x.dtype).T) @ up.to(x.dtype).T
+
+    def delta_weight(self, lora: bool = True) -> torch.Tensor:
+        """The dense dW (out x in) of the shared weights, and of the plain LoRA when `lora`, for merging."""
         down, up = lora_factors(self.source.A[self.index], self.source.B[self.index], self.A_aux, self.B_aux)
         delta = up @ down
-        if self.source.lora_down is not None:
+        if lora and self.source.lora_down is not None:
             delta = delta + self.source.lora_up[self.index].float() @ self.source.lora_down[self.index].float()
         return self.source.scale * delta
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, lora: bool = True) -> None:
         """Swap in W + dW (added in fp32), keeping the original W aside: unmerging puts it back untouched.
 
         Subtracting dW again would not be exact in half precision, and drift would build up over the
         thousands of generations a server makes; the kept tensor costs one copy of W while merged.
+        `lora=False` folds in the LiDB only and leaves the plain LoRA live, so that it can train.
         """
         if not self.merged:
             weight = self.base.weight
             self.original = weight.data
-            weight.data = (weight.data.float() + self.delta_weight()).to(weight.dtype)
+            self.merged_lora = lora
+            weight.data = (weight.data.float() + self.delta_weight(lora)).to(weight.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             self.base.weight.data = self.original
-            self.original = None
+            self.original, self.merged_lora = None, False
 
 
 # ----------------------------------------------------------------------------- all layers of a pipeline
@@ -445,16 +454,18 @@ class LiDB:
         """Grow the shared weights to a higher rank without changing the function they compute."""
         self.start_from(self.A_train.detach().clone(), self.B_train.detach().clone(), rank)
 
-    def merge(self) -> None:
+    def merge(self, lora: bool = True) -> None:
         """Fold the shared weights into the base weights: sampling then costs what the base model costs.
 
         Exact to undo (`unmerge` restores the original tensors), at the cost of one copy of the targeted
         weights while merged (SD1.5: the attention projections, `merged_bytes`). Unmerge to change them.
+        `lora=False` folds in the LiDB weights only: the plain LoRA on top stays live and trainable, and a
+        step then costs what a plain LoRA step costs (the paper's finetune on the merged prediction).
         """
         if self.source.A is not self.A_train:
             raise HdbError("Only shared LiDB weights can be merged; call use_shared() first")
         for layer in self.layers.values():
-            layer.merge()
+            layer.merge(lora)
 
     def unmerge(self) -> None:
         for layer in self.layers.values():

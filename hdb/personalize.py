@@ -149,7 +149,12 @@ def _finetune(
             view = latents[step % len(latents)].unsqueeze(0)
             return step_loss(pipe, scheduler, view, prompt_tokens, [sample_seed(config.seed, step)]).mean()
 
-        losses = train(lidb.trainable_parameters(), loss_fn, train_config, on_step).losses
+        try:
+            if config.relax == "lora":  # the prediction stays fixed: fold it into the weights while the LoRA
+                lidb.merge(lora=False)  # trains, so a step costs what a plain LoRA step costs
+            losses = train(lidb.trainable_parameters(), loss_fn, train_config, on_step).losses
+        finally:
+            lidb.unmerge()  # the exact base weights back; the person stays attached, unmerged
     weights = PersonalWeights.from_lidb(lidb, prompt, config.instance_token)
     return Personalization(weights, lidb, faces, losses, steps, hypernet is not None, _same_person_notes(faces))
 

@@ -240,6 +240,28 @@ def test_a_plain_lora_on_top_starts_as_a_no_op_then_merges_and_goes_away(tiny_sd
     assert lidb.A_train.requires_grad
 
 
+def test_a_merged_prediction_trains_its_plain_lora_as_the_unmerged_one_does(tiny_sd15):
+    lidb = LiDB(tiny_sd15)
+    randomize(lidb)
+    lidb.add_lora(2, torch.Generator().manual_seed(0))
+    for up in lidb.source.lora_up:
+        up.data.normal_(0, 0.05)
+
+    def lora_gradients():
+        _, prediction = forward(tiny_sd15)
+        grads = torch.autograd.grad(prediction.square().mean(), lidb.trainable_parameters())
+        return prediction.detach(), torch.cat([g.flatten() for g in grads])
+
+    unmerged, grads = lora_gradients()
+    lidb.merge(lora=False)  # the LiDB in the weights, the LoRA live: how the paper-style finetune runs
+    merged, merged_grads = lora_gradients()
+    lidb.merge()  # already merged: nothing changes
+    lidb.unmerge()
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged_grads, grads, atol=1e-5, rtol=1e-4)
+    assert not lidb.merged and lidb.lora_rank == 2
+
+
 def test_the_weight_distance_compares_updates_not_factors(tiny_sd15):
     lidb = LiDB(tiny_sd15, LiDBConfig(rank=2, a=8, b=4))  # a <= in and b <= out, as in every SD layer
     generator = torch.Generator().manual_seed(0)
