@@ -42,6 +42,20 @@ def test_a_plain_lora_on_top_round_trips_exactly(tiny_sd15, tmp_path):
     assert fresh_lidb.lora_rank == 0  # the next person, a LiDB-only one, does not inherit the LoRA
 
 
+def test_a_version_1_file_still_loads_with_its_own_token(tiny_sd15, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = save_personal(PersonalWeights.from_lidb(trained_person(tiny_sd15)), tmp_path / "new.safetensors")
+    with safe_open(str(path), "pt") as file:  # rewrite it as hdb wrote files before the plain LoRA existed
+        metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+    del metadata["lora_rank"]
+    metadata.update(format_version="1", instance_token="sks person", instance_prompt="a photo of sks person")
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=metadata)
+    old = load_personal(tmp_path / "v1.safetensors")
+    assert old.lora_rank == 0 and old.instance_token == "sks person" and torch.equal(old.B, tensors["B_train"])
+
+
 def test_fp16_file_is_half_the_size(tiny_sd15, tmp_path):
     weights = PersonalWeights.from_lidb(trained_person(tiny_sd15))
     fp32 = save_personal(weights, tmp_path / "fp32.safetensors")
