@@ -15,10 +15,11 @@ DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")  # the precision the base model
 FILE_DTYPES = ("fp32", "fp16")  # what personal files and LoRA exports are written in
 LORA_FORMATS = ("diffusers", "kohya")  # diffusers/peft keys; kohya keys (AUTOMATIC1111, ComfyUI)
 TINY_ARCHS = ("sd15", "sdxl", "sd2")  # the tiny random pipelines hdb builds for offline tries and tests
-# How the fast finetune relaxes the predicted rank-1 LiDB: "lora", the paper's (a plain rank-r LoRA on top of
-# the prediction, free of the aux bases), or "lidb", hdb's compact variant (rank r inside the aux bases, ~4x
-# the r=1 file instead of a few MB)
-RELAX_MODES = ("lora", "lidb")
+# How the fast finetune relaxes the predicted rank-1 LiDB, the default first: "lidb", hdb's compact variant
+# (the rank grows inside the aux bases: ~420 KB at SD1.5 size), or "lora", the paper's (a plain rank-r LoRA
+# on top of the prediction, free of the aux bases: ~4.4 MB). The toy identifies people at least as well
+# with "lidb" (docs/TOY.md); at SD scale, where the bases confine updates, it is unmeasured.
+RELAX_MODES = ("lidb", "lora")
 # Which augmented view of an identity stage 2 denoises, given the photo the hypernetwork sees: one of any of
 # the identity's photos ("independent": it must predict the person, not the photo), or one of that very photo
 # ("same": the paper's setting, one photo per CelebA-HQ identity). With one photo per identity they agree.

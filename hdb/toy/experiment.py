@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from hdb.config import (
     DEFAULT_INSTANCE_PROMPT,
-    RELAX_MODES,
     HypernetTrainConfig,
     PersonalizeConfig,
     PreoptimizeConfig,
@@ -220,7 +219,7 @@ class Method:
     label: str
     hypernet: str | None = None  # which hypernetwork predicts the start ("s", "s1", "beta0"); None: zero
     steps: int = 0  # rank-relaxed finetune steps after the start (0: the start alone)
-    relax: str = RELAX_MODES[0]
+    relax: str = "lora"  # the zero-init rows: a plain LoRA from zero is ordinary (DreamBooth-)LoRA finetuning
     wrong_photo: bool = False  # the control: the hypernetwork is shown the next person's photo
     upper_bound: bool = False  # a LiDB pre-optimised on many other renders of the person
 
