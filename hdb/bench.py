@@ -56,6 +56,10 @@ DREAMBOOTH_STEPS = 1200  # the paper's DreamBooth: 1,000-1,200 steps (~5 min)
 LORA_STEPS = 1000
 
 
+def _finetune_config(options: BenchOptions) -> PersonalizeConfig:
+    return PersonalizeConfig(steps=options.steps, relax=options.relax, progress=False)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -135,7 +139,7 @@ def bench_hdb(options: BenchOptions, pipe: Pipeline, lidb: LiDB, hypernet: Hyper
     record.update(bench_generation(options, pipe, lidb, device))  # eager, before anything is compiled
     if options.channels_last:  # eager too, before anything is compiled
         record.update(bench_channels_last(options, pipe, face, hypernet, lidb, device))
-    config = PersonalizeConfig(steps=options.steps, progress=False)
+    config = _finetune_config(options)
     compile_pipeline(pipe, options.compile)
     # first run compiles (when asked) and warms up; then the best of `repeats` warm runs
     record["first_personalization_s"] = _timed(lambda: personalize(pipe, face, hypernet, config, lidb=lidb), device)
@@ -161,7 +165,7 @@ def _warm_personalizations(
     options: BenchOptions, pipe: Pipeline, face: AlignedFace, hypernet: HyperNetwork, lidb: LiDB, device: torch.device
 ) -> tuple[float, float]:
     """The best of `repeats` personalisations: seconds for the whole, and the median seconds of a step in it."""
-    config = PersonalizeConfig(steps=options.steps, progress=False)
+    config = _finetune_config(options)
     totals, step_medians = [], []
     step_times: list[float] = []  # when each step's loss was read
 
@@ -182,7 +186,7 @@ def bench_channels_last(
     """Eager personalisation with the UNet in channels-last layout (cuDNN's preferred one), then back."""
     pipe.unet.to(memory_format=torch.channels_last)
     try:
-        config = PersonalizeConfig(steps=options.steps, progress=False)
+        config = _finetune_config(options)
         personalize(pipe, face, hypernet, config, lidb=lidb)  # warm-up: cuDNN picks its algorithms
         total, step = _warm_personalizations(options, pipe, face, hypernet, lidb, device)
     finally:
@@ -203,7 +207,7 @@ def bench_first_images(
     photo = Path(options.photo)
     can_align = photo.is_file() and importlib.util.find_spec("dlib") is not None
     stand_in = _stand_in_face(pipe)
-    config = PersonalizeConfig(steps=options.steps, progress=False)
+    config = _finetune_config(options)
 
     def first_images() -> dict:
         started = time.perf_counter()
@@ -321,6 +325,7 @@ def run_bench(options: BenchOptions) -> dict:
         "dtype": str(pipe.unet.dtype).replace("torch.", ""),
         "resolution": native_resolution(pipe),
         "steps": options.steps,
+        "relax": options.relax,
         "compiled": options.compile,
         "build_s": time.perf_counter() - built,
         "lidb_layers": len(lidb.layers),
@@ -390,7 +395,7 @@ def first_personalization(options: BenchOptions) -> dict:
     torch.manual_seed(0)
     pipe, lidb, hypernet = _build(options, device)
     compile_pipeline(pipe, options.compile)
-    config = PersonalizeConfig(steps=options.steps, progress=False)
+    config = _finetune_config(options)
     face = _stand_in_face(pipe)
     return {"first_personalization_s": _timed(lambda: personalize(pipe, face, hypernet, config, lidb=lidb), device)}
 
@@ -398,7 +403,7 @@ def first_personalization(options: BenchOptions) -> dict:
 def format_table(record: dict) -> str:
     lines = [
         f"hdb bench on {record['machine']}: {record['model']}, {record['dtype']}, {record['resolution']} px, "
-        f"{record['lidb_layers']} LiDB layers, compiled={record['compiled']}",
+        f"{record['lidb_layers']} LiDB layers, relax={record['relax']}, compiled={record['compiled']}",
         "",
         "| method | per step | steps | total | peak memory |",
         "| --- | --- | --- | --- | --- |",

@@ -470,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--arch", default="sd15", choices=["sd15"])
     config_option(bench, "--tiny", B, help="tiny random pipeline instead of SD1.5-shaped (for CPUs)")
     config_option(bench, "--steps", B, help="fast-finetune steps")
+    config_option(bench, "--relax", B, choices=RELAX_MODES, help="the timed finetune's relaxation")
     config_option(bench, "--baseline-steps", B, help="measured baseline steps (then extrapolated)")
     compile_help = "torch.compile: full (CUDA graphs; --compile alone), regional (the UNet's repeated blocks) or none"
     config_option(bench, "--compile", B, choices=COMPILE_MODES, nargs="?", const="full", help=compile_help)

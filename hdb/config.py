@@ -153,6 +153,7 @@ class BenchOptions:
     device: str = "auto"
     tiny: bool = False
     steps: int = 40
+    relax: str = RELAX_MODES[0]  # how the timed finetune relaxes the prediction (see RELAX_MODES)
     baseline_steps: int = 50  # measured steps per baseline, then extrapolated
     compile: str = COMPILE_MODES[0]
     repeats: int = 3  # warm personalisations (and generations) timed; the best is reported

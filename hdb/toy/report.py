@@ -61,7 +61,7 @@ def plot_losses(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.5]})
+    fig, axes = plt.subplots(1, 3, figsize=(17, 6), gridspec_kw={"width_ratios": [1, 1, 1.5]})
     pretrain = results["losses"]["pretrain"]
     axes[0].plot(_smooth(pretrain, 25))
     axes[0].set(title="base UNet pre-training (diffusion loss, 25-step mean)", xlabel="step", ylabel="loss")
@@ -85,7 +85,8 @@ def plot_losses(results: dict, path: Path) -> None:
         )
         axes[2].scatter(np.full(len(delta), i), delta, s=10, color="k", zorder=3)
     axes[2].axhline(0, color="grey", linewidth=0.8)
-    axes[2].set_xticks(range(len(names)), [textwrap.fill(methods[n]["label"], 16) for n in names], fontsize=6)
+    labels = [textwrap.shorten(methods[n]["label"], 48, placeholder="...") for n in names]
+    axes[2].set_xticks(range(len(names)), labels, fontsize=7, rotation=35, ha="right")
     axes[2].set(title="held-out loss vs base model, per person (%)", ylabel="% change (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
