@@ -67,7 +67,8 @@ def test_sd2_v_prediction_trains_on_the_velocity_then_exports_exactly(obama_face
     torch.testing.assert_close(loss, (prediction - velocity).square().mean(dim=(1, 2, 3)))  # the target is v
     assert not torch.allclose(loss, (prediction - noise).square().mean(dim=(1, 2, 3)))
 
-    result = personalize(pipe, obama_face, config=PersonalizeConfig(steps=3, learning_rate=5e-2, progress=False))
+    config = PersonalizeConfig(steps=3, learning_rate=5e-2, relax="lora", progress=False)  # both parts exported
+    result = personalize(pipe, obama_face, config=config)
     assert result.weights.lora_rank == 4 and max(up.abs().max() for up in result.weights.lora_up) > 0
     with torch.no_grad():
         cond_hdb, noise_hdb = forward(pipe)
