@@ -41,6 +41,7 @@ def test_every_row_of_the_table_runs_and_files_are_written(tmp_path):
         finetune_steps=3,
         long_finetune_steps=5,
         upper_bound_renders=2,
+        sample_steps=2,
     )
     results = run_toy(tmp_path, config=config, progress=False)
     for name in ("results.json", "results.md", "losses.png", "renders.jpg", "samples.jpg"):

@@ -22,7 +22,7 @@ from hdb.hub import model_card
 from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
 from hdb.identities import Identity
 from hdb.lidb import LiDB, find_target_linears
-from hdb.models import build_tiny_pipeline
+from hdb.models import build_tiny_pipeline, save_tiny_pipeline
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
 from hdb.personalize import personalize
 from hdb.preoptimize import preoptimize
@@ -288,7 +288,7 @@ def test_bad_training_data_gives_clear_errors(preoptimized, tiny_sd15_dir, tmp_p
     assert_one_line_error(result, "No usable face")
     assert not (tmp_path / "t" / "checkpoints").exists()
     # a weights dataset made on another base architecture is refused, naming the problem
-    hdb("tiny-model", tmp_path / "sdxl", "--arch", "sdxl")
+    save_tiny_pipeline(tmp_path / "sdxl", "sdxl")
     (tmp_path / "ids").mkdir()
     for name in ("biden.jpg", "astronaut.png"):
         shutil.copy(ASSETS / name, tmp_path / "ids" / name)

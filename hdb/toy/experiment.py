@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from hdb.config import (
     DEFAULT_INSTANCE_PROMPT,
+    RELAX_MODES,
     HypernetTrainConfig,
     PersonalizeConfig,
     PreoptimizeConfig,
@@ -79,6 +80,7 @@ class ToyConfig:
     iterations: int = 4  # the hypernetwork's refinement iterations s
     compare_s1: bool = True  # also train a hypernetwork with s=1 (the paper's ablation)
     compare_beta0: bool = True  # also train a hypernetwork on the diffusion loss alone (beta = 0)
+    compare_relax: bool = True  # also finetune with the relaxation that is not personalize's default
     # held out from both stages: personalised from one render, scored on others
     test_identities: int = 12
     eval_renders: int = 4
@@ -86,6 +88,7 @@ class ToyConfig:
     finetune_steps: int = 40
     finetune_lr: float = 1e-3  # personalize's default
     long_finetune_steps: int = 200  # zero init with the steps personalize gives it by default (0: skip)
+    sample_steps: int = 25  # sampling steps of the samples sheet
     upper_bound_renders: int = 8  # a LiDB pre-optimised on this many OTHER renders of the person (0: skip)
 
 
@@ -101,6 +104,8 @@ QUICK = ToyConfig(
     long_finetune_steps=0,
     compare_s1=False,
     compare_beta0=False,
+    compare_relax=False,
+    preopt_group=16,  # an identity's weights do not depend on its group (hdb.preoptimize): only faster
     upper_bound_renders=0,
 )
 SAMPLED_PEOPLE = 2  # held-out people drawn by the base and personalised models for the samples sheet
@@ -249,6 +254,7 @@ def toy_methods(config: ToyConfig) -> dict[str, Method]:
         "hyper_beta0_ft_lora": not config.compare_beta0,
         "hyper_beta0_ft_lidb": not config.compare_beta0,
         "upper_bound": not config.upper_bound_renders,
+        **{f"hyper_ft_{mode}": not config.compare_relax for mode in RELAX_MODES if mode != PersonalizeConfig.relax},
     }
     return {name: method for name, method in methods.items() if not dropped.get(name)}
 
@@ -308,7 +314,7 @@ def evaluate_methods(
             personalise(name, method, person, other)
             losses[name].append([heldout_loss(pipe, lidb, d, DEFAULT_INSTANCE_PROMPT) for d in draws])
             if k < SAMPLED_PEOPLE and name in SAMPLED_METHODS:
-                row.append(sample_picture(pipe, lidb, seed))
+                row.append(sample_picture(pipe, lidb, seed, config.sample_steps))
         if k < SAMPLED_PEOPLE:
             samples.append(row)
     lidb.detach()
@@ -316,9 +322,9 @@ def evaluate_methods(
 
 
 @torch.no_grad()
-def sample_picture(pipe: Pipeline, lidb: LiDB, seed: int) -> Image.Image:
+def sample_picture(pipe: Pipeline, lidb: LiDB, seed: int, steps: int) -> Image.Image:
     """What the model draws for the instance prompt (no guidance: the toy base never saw an empty prompt)."""
-    return generate(pipe, lidb, DEFAULT_INSTANCE_PROMPT, negative_prompt="", guidance=1.0, seed=seed)[0]
+    return generate(pipe, lidb, DEFAULT_INSTANCE_PROMPT, negative_prompt="", guidance=1.0, steps=steps, seed=seed)[0]
 
 
 # ----------------------------------------------------------------------------- the whole run
