@@ -33,6 +33,7 @@ from torch import nn
 
 from hdb.config import LiDBConfig
 from hdb.errors import HdbError
+from hdb.models import text_encoders
 
 if TYPE_CHECKING:
     from hdb.models import Pipeline
@@ -208,12 +209,6 @@ class LiDBLinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------- all layers of a pipeline
-
-
-def text_encoders(pipe: Pipeline) -> dict[str, nn.Module]:
-    """The pipeline's text encoders by component name (SDXL has two)."""
-    names = ("text_encoder", "text_encoder_2")
-    return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
 
 
 def find_target_linears(components: dict[str, nn.Module]) -> dict[str, nn.Linear]:
@@ -418,7 +413,7 @@ class LiDB:
     @torch.no_grad()
     def load_lora(self, downs: list[torch.Tensor], ups: list[torch.Tensor]) -> None:
         """Load a plain LoRA (down [r, in], up [out, r] per layer, in layer order), e.g. from a personal file."""
-        expected = [(i, o) for i, o in self.layer_shapes.values()]
+        expected = list(self.layer_shapes.values())
         got = [(down.shape[1], up.shape[0]) for down, up in zip(downs, ups, strict=False)]
         if len(downs) != len(expected) or len(ups) != len(expected) or got != expected:
             raise HdbError("The plain LoRA does not fit this model's layers")

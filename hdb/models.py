@@ -220,6 +220,12 @@ def build_full_size_sd15(
     )
 
 
+def text_encoders(pipe: Pipeline) -> dict[str, torch.nn.Module]:
+    """The pipeline's text encoders by component name (SDXL has two)."""
+    names = ("text_encoder", "text_encoder_2")
+    return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
+
+
 def compile_pipeline(pipe: Pipeline, mode: str) -> None:
     """Mark the base model for `torch.compile` (one of COMPILE_MODES); the compiling happens on first use.
 
@@ -231,9 +237,8 @@ def compile_pipeline(pipe: Pipeline, mode: str) -> None:
         raise HdbError(f"Unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     if mode == "full":
         pipe.unet.compile(mode="reduce-overhead")
-        for name in ("text_encoder", "text_encoder_2"):  # SDXL has two; they carry LiDB layers and train too
-            if getattr(pipe, name, None) is not None:
-                getattr(pipe, name).compile(mode="reduce-overhead")
+        for encoder in text_encoders(pipe).values():  # they carry LiDB layers and train too
+            encoder.compile(mode="reduce-overhead")
     elif mode == "regional":
         pipe.unet.compile_repeated_blocks()
 

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import torch
 
 from hdb.errors import HdbError
-from hdb.lidb import LiDB, text_encoders
-from hdb.models import Pipeline
+from hdb.lidb import LiDB
+from hdb.models import Pipeline, text_encoders
 
 
 @contextmanager
