@@ -6,8 +6,10 @@ for, end to end (photo -> aligned face -> personalised -> the first 4 pictures),
 and without a person; then the baselines, DreamBooth (full UNet finetune) and DreamBooth-LoRA (peft,
 r=4), per step, extrapolated to their usual step counts. Optionally, eager steps with a channels-last
 UNet, and the cold start: the first personalisation of a fresh process, with an empty and with a warm
-compile cache (two child processes: `python -m hdb.bench OPTIONS_JSON`). Full-size runs use
-SD1.5-shaped models with random weights: the arithmetic, and so the time and memory, are the real model's.
+compile cache (two child processes: `python -m hdb.bench OPTIONS_JSON`). `--count-operations` instead
+counts the operations (about the GPU kernel launches) of a training step of each method: quick at any
+size, on any device. Full-size runs use SD1.5-shaped models with random weights: the arithmetic, and
+so the time and memory, are the real model's.
 """
 
 from __future__ import annotations
@@ -29,10 +31,19 @@ from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hdb.config import DEFAULT_INSTANCE_PROMPT, BenchOptions
 from hdb.devices import resolve_device, resolve_dtype
-from hdb.diffusion import augmented_views, encode_images, encode_prompts, sample_seed, step_loss
+from hdb.diffusion import (
+    Conditioning,
+    augmented_views,
+    encode_images,
+    encode_prompts,
+    sample_seed,
+    step_loss,
+    tokenize_prompts,
+)
 from hdb.errors import HdbError
 from hdb.faces import AlignedFace, align_face, crop_size
 from hdb.lidb import LiDB
@@ -47,7 +58,7 @@ from hdb.models import (
 from hdb.personal_file import PersonalWeights, save_personal
 from hdb.personalize import PersonalizeConfig, personalize
 from hdb.stage import training_stage
-from hdb.training import TrainConfig, train
+from hdb.training import TrainConfig, make_optimizer, train
 
 if TYPE_CHECKING:
     from hdb.hypernet import HyperNetwork
@@ -83,6 +94,35 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - start
+
+
+class OperationCounter(TorchDispatchMode):
+    """Counts the ATen operations that do work (views, which launch nothing, excluded): on a GPU, about one
+    kernel launch each. Backward counts too: autograd runs it under the same mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def optimizer_operations(parameters: list[torch.nn.Parameter], name: str) -> int:
+    """Operations one optimizer step over `parameters` dispatches (stepped on copies; the parameters stay put).
+
+    Part of a step's count, set apart because it depends on the device more than the rest: on a GPU AdamW is
+    fused (a few kernels for all tensors), on a CPU it runs ~10 operations per tensor.
+    """
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in parameters]
+    for copy in copies:
+        copy.grad = torch.zeros_like(copy)
+    optimizer = make_optimizer(copies, name, learning_rate=1e-6)
+    optimizer.step()  # the first step also creates the state
+    with OperationCounter() as counter:
+        optimizer.step()
+    return counter.count
 
 
 def _build(options: BenchOptions, device: torch.device):
@@ -288,18 +328,23 @@ def _baseline_steps(
     return sorted(per_step)[len(per_step) // 2]
 
 
-def bench_baselines(options: BenchOptions, pipe: Pipeline, lidb: LiDB, device: torch.device) -> dict:
+def _add_peft_lora(pipe: Pipeline) -> list[torch.nn.Parameter]:
+    """DreamBooth-LoRA: peft's rank-4 LoRA on the UNet's attention projections (LiDB's UNet layers), fp32."""
     from peft import LoraConfig
 
-    record: dict = {}
-    lidb.detach()
-    # DreamBooth-LoRA: peft rank-4 LoRA on the same attention projections
     pipe.unet.add_adapter(
         LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     )
     lora_parameters = [p for name, p in pipe.unet.named_parameters() if "lora_" in name]
     for p in lora_parameters:
         p.data = p.data.float()
+    return lora_parameters
+
+
+def bench_baselines(options: BenchOptions, pipe: Pipeline, lidb: LiDB, device: torch.device) -> dict:
+    record: dict = {}
+    lidb.detach()
+    lora_parameters = _add_peft_lora(pipe)
     with _peak_memory(device, record, "lora_peak_memory_gib"):
         record["lora_step_s"] = _baseline_steps(pipe, lora_parameters, options.baseline_steps, device, autocast=False)
     pipe.unet.delete_adapters("default")
@@ -312,16 +357,110 @@ def bench_baselines(options: BenchOptions, pipe: Pipeline, lidb: LiDB, device: t
     return record
 
 
+def bench_operations(options: BenchOptions) -> dict:
+    """ATen operations (about the kernel launches on a GPU) of one training forward+backward, for each way of
+    training a person, and of one optimizer step apart. Counted, not timed: seconds at full size, on any device.
+
+    hdb's LiDB with its factors built per component (now) and per layer (before); hdb with the paper's
+    relaxation (prediction merged, a plain rank-4 LoRA training on the UNet and text encoder); and peft's
+    DreamBooth-LoRA on the UNet alone, the text encoder frozen. The count does not depend on the resolution,
+    so the latents are small.
+    """
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    with torch.device(device):
+        pipe = build_tiny_pipeline("sd15") if options.tiny else build_full_size_sd15(device=device)
+    pipe.to(device, dtype)
+    scheduler = training_scheduler(pipe)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
+    tokens = tokenize_prompts(pipe, [DEFAULT_INSTANCE_PROMPT])
+
+    def operations(
+        lidb: LiDB | None, prompt: list[torch.Tensor] | Conditioning, trained: list, merge: bool = False
+    ) -> int:
+        with training_stage(pipe, lidb, "counting operations", "--tiny"):
+            for parameter in trained:
+                parameter.requires_grad_(True)
+            if merge:  # as personalisation does for `--relax lora`: the prediction folded in, the LoRA live
+                lidb.merge(lora=False)
+            try:
+                counts = []
+                for _ in range(2):  # the first pass warms up; the second is counted
+                    with OperationCounter() as counter:
+                        step_loss(pipe, scheduler, latents, prompt, [0]).mean().backward()
+                    counts.append(counter.count)
+            finally:
+                if merge:
+                    lidb.unmerge()
+                for parameter in trained:
+                    parameter.grad = None
+        return counts[-1]
+
+    rank = PersonalizeConfig().relaxed_rank
+    lidb = LiDB(pipe)
+    lidb.relax_rank(rank)  # what `--relax lidb` trains
+    record = {"operations_lidb": operations(lidb, tokens, lidb.trainable_parameters())}
+    record["optimizer_operations_lidb"] = optimizer_operations(lidb.trainable_parameters(), TrainConfig.optimizer)
+    lidb.source.batch_factors = False
+    record["operations_lidb_per_layer"] = operations(lidb, tokens, lidb.trainable_parameters())
+    lidb.source.batch_factors = True
+    lidb.add_lora(rank)  # what `--relax lora` trains: a plain LoRA on top of the prediction
+    record["operations_relax_lora"] = operations(lidb, tokens, lidb.trainable_parameters(), merge=True)
+    record["optimizer_operations_relax_lora"] = optimizer_operations(lidb.trainable_parameters(), TrainConfig.optimizer)
+    layers = len(lidb.layers)
+    lidb.detach()
+    lora_parameters = _add_peft_lora(pipe)
+    with torch.no_grad():  # DreamBooth-LoRA's text encoder is frozen: its embeddings are computed once
+        cond = encode_prompts(pipe, [DEFAULT_INSTANCE_PROMPT])
+    record["operations_peft_lora"] = operations(None, cond, lora_parameters)
+    record["optimizer_operations_peft_lora"] = optimizer_operations(lora_parameters, TrainConfig.optimizer)
+    return {
+        "machine": _machine(device),
+        "model": _model_name(options),
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "lidb_layers": layers,
+        **record,
+    }
+
+
+def format_operations(record: dict) -> str:
+    lora = record["operations_peft_lora"]
+    rows = [
+        ("hdb `--relax lidb`, factors built per component", "lidb", "optimizer_operations_lidb"),
+        ("hdb `--relax lidb`, factors built in each layer", "lidb_per_layer", "optimizer_operations_lidb"),
+        ("hdb `--relax lora` (prediction merged, plain LoRA)", "relax_lora", "optimizer_operations_relax_lora"),
+        ("DreamBooth-LoRA (peft r=4, UNet only)", "peft_lora", "optimizer_operations_peft_lora"),
+    ]
+    lines = [
+        f"operations per training step on {record['machine']}: {record['model']}, {record['dtype']}, "
+        f"{record['lidb_layers']} LiDB layers (views excluded; about one GPU kernel each)",
+        "",
+        "| method | forward + backward | vs DreamBooth-LoRA | optimizer step |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, key, optimizer in rows:
+        count = record[f"operations_{key}"]
+        lines.append(f"| {label} | {count:,} | {count / lora:.2f}x | {record[optimizer]:,} |")
+    lines.append("hdb's steps train the text encoder too; DreamBooth-LoRA's use its frozen embeddings.")
+    return "\n".join(lines)
+
+
+def _machine(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _model_name(options: BenchOptions) -> str:
+    return "tiny SD1.5 (random)" if options.tiny else "SD1.5-shaped (random weights)"
+
+
 def run_bench(options: BenchOptions) -> dict:
     device = resolve_device(options.device)
     torch.manual_seed(0)
     built = time.perf_counter()
     pipe, lidb, hypernet = _build(options, device)
     record = {
-        "machine": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({torch.get_num_threads()} threads)",
-        "model": "tiny SD1.5 (random)" if options.tiny else "SD1.5-shaped (random weights)",
+        "machine": _machine(device),
+        "model": _model_name(options),
         "dtype": str(pipe.unet.dtype).replace("torch.", ""),
         "resolution": native_resolution(pipe),
         "steps": options.steps,
@@ -465,8 +604,12 @@ def format_table(record: dict) -> str:
 
 
 def main(options: BenchOptions) -> dict:
-    record = run_bench(options)
-    print(format_table(record))
+    if options.count_operations:
+        record = bench_operations(options)
+        print(format_operations(record))
+    else:
+        record = run_bench(options)
+        print(format_table(record))
     print(json.dumps(record))
     return record
 

@@ -481,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(bench, "--no-baselines", B, "baselines", help="skip DreamBooth and DreamBooth-LoRA")
     config_option(bench, "--channels-last", B, help="also time eager steps with a channels-last UNet")
     config_option(bench, "--cold-start", B, help="also time a fresh process's first personalisation, cache empty/warm")
+    config_option(bench, "--count-operations", B, help="only count the operations of a training step, per method")
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.set_defaults(run=cmd_bench)
 

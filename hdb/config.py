@@ -163,4 +163,5 @@ class BenchOptions:
     baselines: bool = True
     channels_last: bool = False  # also time eager finetune steps with the UNet in channels-last layout
     cold_start: bool = False  # also time the first personalisation of two fresh processes: compile cache empty, warm
+    count_operations: bool = False  # only count each way's operations per training step (no timing; quick anywhere)
     dtype: str = "auto"  # of the base model; "auto": bf16 on GPUs that have it, fp32 on CPU

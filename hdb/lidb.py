@@ -9,7 +9,10 @@ A_aux and B_aux are random semi-orthogonal matrices regenerated from (seed, laye
 stored. Only A_train and B_train are personal: r*(a+b) numbers a layer, 26,400 for SD1.5 at the
 paper's r=1, a=100, b=50. Since `lora_A = A_train @ A_aux` and `lora_B = B_aux @ B_train`, LiDB is
 an exact rank-r LoRA, which is how the forward pass computes it (cheaper than four matmuls) and how
-`hdb.export` writes it.
+`hdb.export` writes it. The factors of all layers of a component (UNet, text encoder) are built together
+at the start of its forward pass, a few batched matmuls for layers of the same shape, rather than a
+handful of small kernels in each of the 176 layers: an eager step then launches fewer kernels than a
+plain LoRA step (see `WeightSource.build_factors`).
 
 One primitive serves every stage. All layers of a pipeline read their weights from one packed pair
 of tensors held by `LiDB`:
@@ -26,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -121,30 +125,111 @@ def start_A(num_layers: int, config: LiDBConfig) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the layer
 
 
+def add_low_rank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """y + scale * (x down^T) up^T, the second product fused with the sum (addmm): two kernels for a low-rank update.
+
+    Shared factors: down [r, in], up [out, r]. Per-sample factors: down [S, r, in], up [S, out, r], and batch
+    element s of x uses (down[s], up[s]).
+    """
+    down, up = down.to(x.dtype), up.to(x.dtype)
+    if down.dim() == 2:
+        hidden = x.reshape(-1, x.shape[-1]) @ down.T
+        return torch.addmm(y.reshape(-1, y.shape[-1]), hidden, up.T, alpha=scale).view(y.shape)
+    samples = down.shape[0]
+    if x.shape[0] != samples:
+        raise HdbError(f"LiDB got per-sample weights for {samples} samples but a batch of {x.shape[0]}")
+    hidden = torch.bmm(x.reshape(samples, -1, x.shape[-1]), down.mT)
+    return torch.baddbmm(y.reshape(samples, -1, y.shape[-1]), hidden, up.mT, alpha=scale).view(y.shape)
+
+
+@dataclass
+class LayerGroup:
+    """LiDB layers of one component with the same shape and dtype: their factors are built by one bmm each."""
+
+    layers: list[int]  # layer indices
+    A_aux: torch.Tensor  # [G, a, in], the only copy: each layer holds a view of its slice
+    B_aux: torch.Tensor  # [G, out, b]
+    dtype: torch.dtype  # the base weights' dtype, which the factors are cast to once
+
+    def factors(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """lora_A [.., G, r, in] and lora_B [.., G, out, r] of the group's weights A [.., G, r, a], B [.., G, b, r]."""
+        A, B = A.float(), B.float()
+        if A.dim() == 3:  # shared weights
+            down, up = torch.bmm(A, self.A_aux), torch.bmm(self.B_aux, B)
+        else:  # per sample: the samples ride along in the matmul's rows, so the bases are never copied per sample
+            samples, size, rank, a = A.shape
+            down = torch.bmm(A.transpose(0, 1).reshape(size, samples * rank, a), self.A_aux)
+            down = down.view(size, samples, rank, -1).transpose(0, 1)
+            up = torch.bmm(self.B_aux, B.permute(1, 2, 0, 3).reshape(size, B.shape[2], samples * rank))
+            up = up.view(size, -1, samples, rank).permute(2, 0, 1, 3)
+        return down.to(self.dtype), up.to(self.dtype)
+
+
+@dataclass
+class ComponentLayers:
+    """The LiDB layers of one pipeline component, grouped by shape."""
+
+    order: torch.Tensor  # the component's layer indices, group after group: one gather puts A and B in this order
+    groups: list[LayerGroup]
+
+
 class WeightSource:
     """What every LiDB layer of one pipeline reads at forward time (shared, not a module).
 
-    `lora_down[i]: [r, in]`, `lora_up[i]: [out, r]`: layer i's plain LoRA, or None when there is none.
+    `A`, `B`: the packed weights, shared or per sample; `scale`: the identity strength; `merged`: whether
+    the LiDB is folded into the base weights. `lora_down[i]: [r, in]`, `lora_up[i]: [out, r]`: layer i's
+    plain LoRA, or None when there is none.
+
+    `factors[i]`: layer i's (lora_A, lora_B), built for all layers of its component at the start of the
+    component's forward pass (`build_factors`, a forward pre-hook) and kept until the next one, so that
+    gradient checkpointing's recompute during backward reads the very factors the forward used. Every
+    hdb loop runs a component's backward before its next forward; a loop that ran two forwards of a
+    checkpointed component before one backward would need to detach and reattach. Anything that changes
+    the weights from outside a step (loading, switching, scaling, merging) clears them (`clear_factors`),
+    and a layer without built factors builds its own (a layer called on its own, or while compiling).
     """
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
-        self.A, self.B, self.scale = A, B, 1.0
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, components: dict[str, ComponentLayers]) -> None:
+        self.A, self.B, self.scale, self.merged = A, B, 1.0, False
         self.lora_down: list[torch.Tensor] | None = None
         self.lora_up: list[torch.Tensor] | None = None
+        self.components = components
+        self.factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * A.shape[-3]
+        self.batch_factors = True  # False: each layer builds its own, as before (the bench counts both ways)
+
+    def build_factors(self, component: str) -> None:
+        """Build the LiDB factors of every layer of `component`: two gathers, and two bmm's per group of shapes.
+
+        Skipped while torch.compile traces (the compiler fuses each layer's own small matmuls), and when
+        the layers would not use them (identity strength 0, or merged).
+        """
+        if not self.batch_factors or self.scale == 0 or self.merged or torch.compiler.is_compiling():
+            return
+        layers = self.components[component]
+        sizes = [len(group.layers) for group in layers.groups]
+        A_parts = self.A.index_select(-3, layers.order).split(sizes, dim=-3)
+        B_parts = self.B.index_select(-3, layers.order).split(sizes, dim=-3)
+        for group, A, B in zip(layers.groups, A_parts, B_parts, strict=True):
+            down, up = group.factors(A, B)
+            for index, layer_down, layer_up in zip(group.layers, down.unbind(-3), up.unbind(-3), strict=True):
+                self.factors[index] = (layer_down, layer_up)
+
+    def clear_factors(self) -> None:
+        self.factors = [None] * len(self.factors)
 
 
 class LiDBLinear(nn.Module):
     """Wraps an nn.Linear: y = W x + scale * (lora_B (lora_A x) + up (down x)), LiDB factors built from the aux
     bases, (down, up) the optional plain LoRA."""
 
-    def __init__(self, base: nn.Linear, name: str, index: int, config: LiDBConfig, source: WeightSource) -> None:
+    def __init__(
+        self, base: nn.Linear, name: str, index: int, source: WeightSource, A_aux: torch.Tensor, B_aux: torch.Tensor
+    ) -> None:
         super().__init__()
         self.base, self.name, self.index, self.source = base, name, index, source
-        A_aux, B_aux = aux_bases(config.seed, name, base.in_features, base.out_features, config.a, config.b)
-        device = base.weight.device
-        # Kept in fp32 whatever the base dtype, so exported LoRA factors are exact; not in state_dict.
-        self.register_buffer("A_aux", A_aux.to(device), persistent=False)
-        self.register_buffer("B_aux", B_aux.to(device), persistent=False)
+        # Views into the layer group's stacked bases (fp32 whatever the base dtype, so exported LoRA factors are
+        # exact); plain attributes, not buffers: not in state_dict, and a dtype change of the model leaves them be.
+        self.A_aux, self.B_aux = A_aux, B_aux
         self.original: torch.Tensor | None = None  # the base weight while merged (see `merge`)
         self.merged_lora = False  # whether the merged weight holds the plain LoRA too, or only the LiDB
 
@@ -154,30 +239,25 @@ class LiDBLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        plain_lora = self.source.lora_down is not None and not self.merged_lora
-        if self.source.scale == 0 or (self.merged and not plain_lora):
+        source = self.source
+        plain_lora = source.lora_down is not None and not self.merged_lora
+        if source.scale == 0 or (self.merged and not plain_lora):
             return y
-        if self.merged:  # the LiDB is in the weight; the plain LoRA on top is live (and training)
-            return y + self.source.scale * self._plain_lora_delta(x)
+        if not self.merged:  # merged: the LiDB is in the weight, and only the plain LoRA on top is live (training)
+            y = add_low_rank(y, x, *self.lidb_factors(), source.scale)
+        if plain_lora:
+            y = add_low_rank(y, x, source.lora_down[self.index], source.lora_up[self.index], source.scale)
+        return y
+
+    def lidb_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lora_A, lora_B) of this layer's LiDB weights: the ones built for its component, else built here."""
+        built = None if torch.compiler.is_compiling() else self.source.factors[self.index]
+        if built is not None:
+            return built
         A = self.source.A.select(-3, self.index)  # [r, a] shared, or [S, r, a] per sample
         B = self.source.B.select(-3, self.index)
         down, up = lora_factors(A, B, self.A_aux, self.B_aux)
-        down, up = down.to(x.dtype), up.to(x.dtype)
-        if A.dim() == 2:
-            delta = (x @ down.T) @ up.T
-        else:  # per-sample weights: batch element s uses (A[s], B[s])
-            samples = A.shape[0]
-            if x.shape[0] != samples:
-                raise HdbError(f"LiDB got per-sample weights for {samples} samples but a batch of {x.shape[0]}")
-            flat = x.reshape(samples, -1, x.shape[-1])
-            delta = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2)).reshape(*x.shape[:-1], -1)
-        if plain_lora:
-            delta = delta + self._plain_lora_delta(x)
-        return y + self.source.scale * delta
-
-    def _plain_lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        down, up = self.source.lora_down[self.index], self.source.lora_up[self.index]
-        return (x @ down.to(x.dtype).T) @ up.to(x.dtype).T
+        return down.to(self.base.weight.dtype), up.to(self.base.weight.dtype)
 
     def delta_weight(self, lora: bool = True) -> torch.Tensor:
         """The dense dW (out x in) of the shared weights, and of the plain LoRA when `lora`, for merging."""
@@ -233,6 +313,32 @@ def find_target_linears(components: dict[str, nn.Module]) -> dict[str, nn.Linear
     return targets
 
 
+def _group_layers(
+    targets: dict[str, nn.Linear], config: LiDBConfig, device: torch.device
+) -> tuple[dict[str, ComponentLayers], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each component's layers grouped by shape and dtype, with their aux bases stacked per group (one copy,
+    on `device`), and each layer's (A_aux, B_aux) as views of its group's stacks, in layer order."""
+    by_component: dict[str, dict[tuple, list[int]]] = {}
+    for index, (name, linear) in enumerate(targets.items()):
+        key = (linear.in_features, linear.out_features, linear.weight.dtype)
+        by_component.setdefault(name.split(".", 1)[0], {}).setdefault(key, []).append(index)
+    names = list(targets)
+    components: dict[str, ComponentLayers] = {}
+    bases: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(names)  # type: ignore[list-item]
+    for component, shapes in by_component.items():
+        groups = []
+        for (in_features, out_features, dtype), layers in shapes.items():
+            pairs = [aux_bases(config.seed, names[i], in_features, out_features, config.a, config.b) for i in layers]
+            A_aux = torch.stack([A for A, _ in pairs]).to(device)
+            B_aux = torch.stack([B for _, B in pairs]).to(device)
+            groups.append(LayerGroup(layers, A_aux, B_aux, dtype))
+            for position, index in enumerate(layers):
+                bases[index] = (A_aux[position], B_aux[position])
+        order = torch.tensor([index for group in groups for index in group.layers], device=device)
+        components[component] = ComponentLayers(order, groups)
+    return components, bases
+
+
 class LiDB:
     """All LiDB layers of one pipeline, with their packed trainable weights.
 
@@ -254,14 +360,21 @@ class LiDB:
         device = pipe.unet.device
         self.A_train = nn.Parameter(start_A(len(targets), config).to(device))  # = initial_weights(): B = 0
         self.B_train = nn.Parameter(torch.zeros(len(targets), config.b, config.rank, device=device))
-        self.source = WeightSource(self.A_train, self.B_train)
+        components, bases = _group_layers(targets, config, device)
+        self.source = WeightSource(self.A_train, self.B_train, components)
         self.layers: dict[str, LiDBLinear] = {}
         self._aux_fingerprint: str | None = None
         self._lora: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None  # kept for reuse (see add_lora)
         for index, (name, linear) in enumerate(targets.items()):
-            layer = LiDBLinear(linear, name, index, config, self.source)
+            layer = LiDBLinear(linear, name, index, self.source, *bases[index])
             self._replace(name, layer)
             self.layers[name] = layer
+        self._hooks = [  # each component builds its layers' factors as its forward pass starts
+            getattr(pipe, component).register_forward_pre_hook(
+                lambda module, args, component=component: self.source.build_factors(component)
+            )
+            for component in components
+        ]
 
     def require(self, wanted: LiDBConfig) -> None:
         """Refuse to serve as a LiDB of other aux bases than `wanted` (the rank may differ: training relaxes it)."""
@@ -295,6 +408,10 @@ class LiDB:
         for name, layer in self.layers.items():
             self._replace(name, layer.base)
         self.layers = {}
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.source.clear_factors()
 
     def arch_fingerprint(self) -> str:
         return arch_fingerprint(self.layer_shapes)
@@ -330,6 +447,7 @@ class LiDB:
             )
         self.A_train.copy_(A)
         self.B_train.copy_(B)
+        self.source.clear_factors()
 
     def use_per_sample(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Route layers to per-sample weights (A: [S, L, r, a], B: [S, L, b, r]) until `use_shared()`.
@@ -342,19 +460,22 @@ class LiDB:
                 f"per-sample LiDB weights must be [S, {', '.join(map(str, self.A_train.shape))}], got {tuple(A.shape)}"
             )
         self.source.A, self.source.B = A, B
+        self.source.clear_factors()
 
     def use_shared(self) -> None:
         self.source.A, self.source.B = self.A_train, self.B_train
+        self.source.clear_factors()
 
     @property
     def merged(self) -> bool:
-        return any(layer.merged for layer in self.layers.values())
+        return self.source.merged
 
     def set_scale(self, scale: float) -> None:
         """Identity strength: 0 is the base model, 1 the trained person."""
         if self.merged:
             raise HdbError("Unmerge LiDB before changing its scale")
         self.source.scale = float(scale)
+        self.source.clear_factors()
 
     def initial_weights(self, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Where training from zero starts, as in LoRA: A random, B zero (no change, yet gradients flow).
@@ -439,11 +560,13 @@ class LiDB:
         self.source.lora_down = self.source.lora_up = None
         for parameter in (self.A_train, self.B_train):
             parameter.requires_grad_(True)
+        self.source.clear_factors()  # built without gradients for A and B
 
     def _use_lora(self, downs: list[nn.Parameter], ups: list[nn.Parameter]) -> None:
         self.source.lora_down, self.source.lora_up = downs, ups
         for parameter in (self.A_train, self.B_train):  # kept as predicted: no gradient work for them
             parameter.requires_grad_(False)
+        self.source.clear_factors()
 
     def relax_rank(self, rank: int) -> None:
         """Grow the shared weights to a higher rank without changing the function they compute."""
@@ -461,10 +584,13 @@ class LiDB:
             raise HdbError("Only shared LiDB weights can be merged; call use_shared() first")
         for layer in self.layers.values():
             layer.merge(lora)
+        self.source.merged = True
+        self.source.clear_factors()
 
     def unmerge(self) -> None:
         for layer in self.layers.values():
             layer.unmerge()
+        self.source.merged = False
 
     def merged_bytes(self) -> int:
         """What merging costs in memory: one copy of every targeted base weight."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one command: the gpu tests (tests/test_gpu.py), then the bench.
 # Each step's output goes to OUTPUT_FOLDER/<step>.log, the bench's figures to OUTPUT_FOLDER/<step>.json
-# (7 files at most).
+# (9 files at most).
 #
 #   scripts/gpu_wheels.sh                       # once, on a machine where pip can download
 #   scripts/gpu_check.sh OUTPUT_FOLDER [--tiny] [--full-compile]
@@ -9,7 +9,8 @@
 #   --tiny          tiny random models: a smoke run of a few minutes instead of SD1.5-shaped ones
 #   --full-compile  also bench the whole-model compile with CUDA graphs (about 3 more minutes of compiling)
 #
-# Steps: gpu_tests; bench_eager (eager steps, channels-last A/B, generation with and without a person, time
+# Steps: gpu_tests; bench_operations (operations, about kernel launches, of a training step per method: seconds);
+# bench_eager (eager steps, channels-last A/B, generation with and without a person, time
 # to first images, DreamBooth and DreamBooth-LoRA baselines); bench_regional (regional compilation, and the
 # cold start: a fresh process's first personalisation with an empty and a warm compile cache).
 # A bare GPU machine has torch but not diffusers: the wheels in .gpu/wheels are then installed into a
@@ -58,6 +59,7 @@ bench() {  # bench NAME OPTIONS...: `python -m hdb bench` on the GPU, its figure
 }
 
 step gpu_tests "$python" -m pytest -m gpu -n 0 -rA tests/test_gpu.py
+bench bench_operations --count-operations
 bench bench_eager --channels-last
 bench bench_regional --compile regional --no-baselines --cold-start
 if [ $full_compile = 1 ]; then

@@ -60,3 +60,25 @@ def test_compile_alone_means_full_and_regional_can_be_asked_for():
         "full",
         "regional",
     )
+
+
+def test_operation_counts_per_method(tmp_path):
+    """`bench --count-operations`: a training step's operations per method, counted (not timed), in a table."""
+    out = hdb("bench", "--tiny", "--device", "cpu", "--count-operations", "--json", tmp_path / "ops.json").stdout
+    assert "factors built per component" in out and "DreamBooth-LoRA (peft r=4, UNet only)" in out
+    record = json.loads((tmp_path / "ops.json").read_text())
+    assert record["lidb_layers"] == 40
+    # building the LiDB factors per component saves operations in every layer
+    assert record["operations_lidb"] + 5 * 40 <= record["operations_lidb_per_layer"]
+    assert 0 < record["optimizer_operations_lidb"] < record["optimizer_operations_peft_lora"]  # 2 tensors vs 64
+
+
+def test_counting_an_optimizer_step_leaves_the_parameters_alone():
+    import torch
+
+    from hdb.bench import optimizer_operations
+
+    parameter = torch.nn.Parameter(torch.ones(3))
+    parameter.grad = torch.full((3,), 5.0)
+    assert optimizer_operations([parameter], "adamw") > 0
+    assert torch.equal(parameter.detach(), torch.ones(3)) and torch.equal(parameter.grad, torch.full((3,), 5.0))

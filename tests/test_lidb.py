@@ -313,6 +313,95 @@ def test_gradient_checkpointing_gives_the_same_gradients(per_sample):
         torch.testing.assert_close(g_checkpointed, g_plain, atol=1e-6, rtol=1e-5)
 
 
+def outputs_and_gradients(pipe, lidb, per_sample: bool, passes: int = 1):
+    """Text embeddings, noise prediction and the LiDB weights' gradients after `passes` forward+backward passes."""
+    weights = [lidb.A_train, lidb.B_train]
+    if per_sample:
+        weights = [w.detach().repeat(2, 1, 1, 1).requires_grad_() for w in weights]
+        lidb.use_per_sample(*weights)
+    for _ in range(passes):  # as gradient accumulation runs them: each backward before the next forward
+        cond, noise = forward(pipe)
+        noise.square().mean().backward()
+    return [cond.embeds.detach(), noise.detach(), *(w.grad.clone() for w in weights)]
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_factors_built_per_component_equal_each_layer_building_its_own(arch, per_sample, request):
+    pipe = request.getfixturevalue(f"tiny_{arch}")
+    lidb = LiDB(pipe, LiDBConfig(rank=2))
+    randomize(lidb)
+    with training_stage(pipe, lidb, "testing", "nothing"):
+        batched = outputs_and_gradients(pipe, lidb, per_sample)
+        assert all(factors is not None for factors in lidb.source.factors)
+    lidb.source.batch_factors = False  # every layer builds its own
+    with training_stage(pipe, lidb, "testing", "nothing"):
+        each_layer = outputs_and_gradients(pipe, lidb, per_sample)
+        assert all(factors is None for factors in lidb.source.factors)
+    assert batched[3].abs().sum() > 0  # B gets gradients
+    for ours, reference in zip(batched, each_layer, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_accumulated_passes_with_checkpointing_rebuild_their_factors(tiny_sd15, per_sample):
+    lidb = LiDB(tiny_sd15)
+    randomize(lidb)
+    with training_stage(tiny_sd15, lidb, "testing", "nothing", gradient_checkpointing=True):
+        once = outputs_and_gradients(tiny_sd15, lidb, per_sample)
+    with training_stage(tiny_sd15, lidb, "testing", "nothing", gradient_checkpointing=True):
+        twice = outputs_and_gradients(tiny_sd15, lidb, per_sample, passes=2)
+    for ours, reference in zip(twice[2:], once[2:], strict=True):
+        torch.testing.assert_close(ours, 2 * reference, atol=1e-6, rtol=1e-5)
+
+
+def test_building_factors_per_component_saves_operations(tiny_sd15):
+    """Fewer ATen operations (about kernel launches on a GPU) for a training forward+backward, per layer."""
+    from hdb.bench import OperationCounter
+
+    lidb = LiDB(tiny_sd15, LiDBConfig(rank=4))
+    randomize(lidb)
+
+    def operations() -> int:
+        with training_stage(tiny_sd15, lidb, "testing", "nothing"), OperationCounter() as counter:
+            outputs_and_gradients(tiny_sd15, lidb, per_sample=False)
+        return counter.count
+
+    batched = operations()
+    lidb.source.batch_factors = False
+    each_layer = operations()
+    groups = sum(len(layers.groups) for layers in lidb.source.components.values())
+    assert groups < len(lidb.layers) / 4  # 40 layers of 4 shapes
+    # each layer's own build: 2 matmuls forward, 4 in backward, and their gradients' gathering
+    assert each_layer - batched >= 5 * len(lidb.layers), (each_layer, batched)
+
+
+def test_factors_follow_every_change_of_the_weights(tiny_sd15):
+    """Built factors are dropped whenever the weights change outside a step: a layer never computes stale ones."""
+    lidb = LiDB(tiny_sd15)
+    randomize(lidb)
+    layer = lidb.layers[lidb.layer_names[-1]]  # a text encoder layer, called on its own
+    x = torch.randn(3, layer.base.in_features)
+    with torch.no_grad():
+        forward(tiny_sd15)
+        assert lidb.source.factors[layer.index] is not None
+        before = layer(x)
+        other = lidb.A_train * 2, lidb.B_train * 3
+        lidb.load_weights(*other)
+        assert lidb.source.factors[layer.index] is None
+        fresh = layer.base(x) + x @ (layer.delta_weight().T)
+        torch.testing.assert_close(layer(x), fresh, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(layer(x), before)
+        for change in (lambda: lidb.set_scale(0.5), lidb.merge, lidb.unmerge, lidb.use_shared):
+            forward(tiny_sd15)
+            change()
+            assert all(factors is None for factors in lidb.source.factors)
+    lidb.detach()  # the pre-hooks go with the layers
+    lidb.source.build_factors = lambda component: pytest.fail("a detached LiDB built factors")
+    with torch.no_grad():
+        forward(tiny_sd15)
+
+
 def test_per_sample_weights_must_match_the_batch(tiny_sd15):
     lidb = LiDB(tiny_sd15)
     lidb.use_per_sample(torch.zeros(3, *lidb.A_train.shape), torch.zeros(3, *lidb.B_train.shape))
