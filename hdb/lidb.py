@@ -11,8 +11,8 @@ paper's r=1, a=100, b=50. Since `lora_A = A_train @ A_aux` and `lora_B = B_aux @
 an exact rank-r LoRA, which is how the forward pass computes it (cheaper than four matmuls) and how
 `hdb.export` writes it. The factors of all layers of a component (UNet, text encoder) are built together
 at the start of its forward pass, a few batched matmuls for layers of the same shape, rather than a
-handful of small kernels in each of the 176 layers: an eager step then launches fewer kernels than a
-plain LoRA step (see `WeightSource.build_factors`).
+handful of small kernels in each of the 176 layers: an eager step, text encoder included, then
+dispatches as many operations as a plain LoRA step on the UNet alone (see `WeightSource.build_factors`).
 
 One primitive serves every stage. All layers of a pipeline read their weights from one packed pair
 of tensors held by `LiDB`:

@@ -142,6 +142,34 @@ def test_a_compiled_unet_personalises_like_the_eager_one():
     assert learnt > 0 and difference <= 0.05 * learnt
 
 
+@pytest.mark.parametrize("mode", ["full", "regional"])
+def test_compiled_models_give_the_eager_gradients(mode):
+    """One training pass, eager then compiled: the same LiDB gradients. Guards against silently wrong compiled
+    backward passes: on a CPU, torch 2.13's inductor gets the whole tiny UNet's backward wrong (docs/BENCHMARKS.md)."""
+    from hdb.diffusion import encode_prompts, predict_noise
+    from hdb.models import compile_pipeline
+    from hdb.stage import training_stage
+
+    pipe = tiny_pipe_on_cuda()
+    lidb = attach_random_person(pipe)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator).to(CUDA)
+    timesteps = torch.tensor([10, 700], device=CUDA)
+
+    def gradients() -> list[torch.Tensor]:
+        with training_stage(pipe, lidb, "testing", "nothing"):
+            cond = encode_prompts(pipe, ["a sks face", "a painting"])
+            predict_noise(pipe, latents, timesteps, cond).square().mean().backward()
+            return [lidb.A_train.grad.clone(), lidb.B_train.grad.clone()]
+
+    eager = gradients()
+    compile_pipeline(pipe, mode)
+    compiled = gradients()
+    for got, expected in zip(compiled, eager, strict=True):
+        assert expected.abs().max() > 0
+        assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
+
+
 def test_a_channels_last_unet_gives_the_same_output():
     pipe = tiny_pipe_on_cuda()
     attach_random_person(pipe)
