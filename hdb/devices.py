@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hdb.config import DTYPE_CHOICES
-from hdb.errors import HdbError
+from hdb.errors import HdbError, check_choice
 
 NATIVE_BF16 = (8, 0)  # compute capability from which GPUs compute bf16 natively (A100, RTX 30xx, L4, ...)
 DTYPES = dict(zip(DTYPE_CHOICES[1:], (torch.float32, torch.float16, torch.bfloat16), strict=True))  # all but auto
@@ -33,6 +33,5 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.get_device_capability(device) >= NATIVE_BF16 else torch.float16
-    if dtype not in DTYPES:
-        raise HdbError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    check_choice("dtype", dtype, ["auto", *DTYPES])
     return DTYPES[dtype]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -11,6 +11,13 @@ T = TypeVar("T")
 
 class HdbError(Exception):
     """A problem the user can act on (bad input, missing model, mismatched file, ...)."""
+
+
+def check_choice(what: str, value: object, choices: Iterable[str]) -> None:
+    """Refuse `value` unless it is one of `choices`, naming them: "Unknown optimizer 'sgd'; choose one of ..."."""
+    choices = list(choices)
+    if value not in choices:
+        raise HdbError(f"Unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
 def from_hub_or_directory(kind: str, name: str, loader: Callable[[str], T], pass_as: str = "DIR") -> T:

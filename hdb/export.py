@@ -16,7 +16,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from hdb.config import LORA_FORMATS
-from hdb.errors import HdbError
+from hdb.errors import HdbError, check_choice
 from hdb.lidb import aux_bases, aux_fingerprint, lora_factors
 from hdb.personal_file import PersonalWeights
 
@@ -67,8 +67,7 @@ def export_lora(
     weights: PersonalWeights, path: str | Path, format: str = "diffusers", dtype: torch.dtype = torch.float32
 ) -> Path:
     """Write the person's LoRA to `path` (a .safetensors file) in the chosen key format."""
-    if format not in LORA_FORMATS:
-        raise HdbError(f"Unknown LoRA format {format!r}; choose one of {', '.join(LORA_FORMATS)}")
+    check_choice("LoRA format", format, LORA_FORMATS)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     factors = {

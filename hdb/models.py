@@ -26,7 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from hdb import DEFAULT_BASE
 from hdb.config import COMPILE_MODES, TINY_ARCHS
 from hdb.devices import resolve_device, resolve_dtype
-from hdb.errors import HdbError, from_hub_or_directory
+from hdb.errors import HdbError, check_choice, from_hub_or_directory
 
 TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 SUPPORTED = (StableDiffusionPipeline, StableDiffusionXLPipeline)
@@ -137,8 +137,7 @@ def _tiny_unet(arch: str) -> UNet2DConditionModel:
 
 def build_tiny_pipeline(arch: str = "sd15", seed: int = 0) -> Pipeline:
     """A randomly initialised pipeline of the given family, built offline in under a second."""
-    if arch not in TINY_ARCHS:
-        raise HdbError(f"Unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
+    check_choice("tiny architecture", arch, TINY_ARCHS)
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
     # SD1.5's own scheduler settings: scaled-linear betas, 1000 steps.
@@ -233,8 +232,7 @@ def compile_pipeline(pipe: Pipeline, mode: str) -> None:
     compiling. "regional" compiles each of the UNet's repeated transformer blocks (diffusers'
     `compile_repeated_blocks`): one block's code serves them all, so compiling takes a fraction of the time.
     """
-    if mode not in COMPILE_MODES:
-        raise HdbError(f"Unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    check_choice("compile mode", mode, COMPILE_MODES)
     if mode == "full":
         pipe.unet.compile(mode="reduce-overhead")
         for encoder in text_encoders(pipe).values():  # they carry LiDB layers and train too

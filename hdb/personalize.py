@@ -37,7 +37,7 @@ from hdb.diffusion import (
     step_loss,
     tokenize_prompts,
 )
-from hdb.errors import HdbError
+from hdb.errors import HdbError, check_choice
 from hdb.evaluate import cosine
 from hdb.faces import AlignedFace, ImageSource, align_face, crop_size, face_embedding
 from hdb.lidb import LiDB
@@ -85,8 +85,7 @@ def personalize(
     one, and takes it off again if personalisation fails, so the pipeline is left as it was found.
     """
     config = config or PersonalizeConfig()
-    if config.relax not in RELAX_MODES:
-        raise HdbError(f"Unknown relaxation {config.relax!r}; choose one of {', '.join(RELAX_MODES)}")
+    check_choice("relaxation", config.relax, RELAX_MODES)
     resolution = config.resolution or native_resolution(pipe)
     photos = photo if isinstance(photo, list) else [photo]
     if not 1 <= len(photos) <= MAX_PHOTOS:

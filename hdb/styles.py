@@ -3,7 +3,7 @@ picture sizes that suit the base model. The CLI, the app and the notebooks share
 
 from __future__ import annotations
 
-from hdb.errors import HdbError
+from hdb.errors import HdbError, check_choice
 
 PERSON = "[V]"  # how prompts name the person; replaced by the file's instance token
 # One place for styles: the CLI, the app and the notebooks all read this table.
@@ -45,8 +45,7 @@ EXAMPLE_PROMPTS = [
 
 def expand_prompt(prompt: str, instance_token: str, style: str = "None") -> str:
     """Put the person and the style into the prompt: "a [V] as a chef" -> "a sks face as a chef, <style>"."""
-    if style not in STYLE_PRESETS:
-        raise HdbError(f"Unknown style {style!r}; choose one of: {', '.join(STYLE_PRESETS)}")
+    check_choice("style", style, STYLE_PRESETS)
     if not prompt.strip():
         raise HdbError(
             f"The prompt is empty; describe a scene with {PERSON} for the person, e.g. '{EXAMPLE_PROMPTS[1]}'"
@@ -67,8 +66,7 @@ def negative_for(style: str) -> str:
 def picture_size(preset: str, native: int) -> tuple[int, int]:
     """(width, height) of a size preset for a base model of `native` resolution (others scale SD1.x's)."""
     table = SIZE_PRESETS.get(native) or SIZE_PRESETS[512]
-    if preset not in table:
-        raise HdbError(f"Unknown size {preset!r}; choose one of: {', '.join(table)}")
+    check_choice("size", preset, table)
     width, height = table[preset]
     scale = 1 if native in SIZE_PRESETS else native / 512
     return round(width * scale / 8) * 8, round(height * scale / 8) * 8

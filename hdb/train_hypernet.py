@@ -33,7 +33,7 @@ from hdb.config import (
     instance_prompt_for,
 )
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
-from hdb.errors import HdbError
+from hdb.errors import HdbError, check_choice
 from hdb.faces import crop_size
 from hdb.hypernet import TRAINING_FILE, HyperNetwork, build_tiny_image_encoder, load_image_encoder
 from hdb.identities import (
@@ -61,13 +61,12 @@ def pair_photo_and_view(seed: int, photos: int, views: int, pairing: str) -> tup
 
     An identity's views are its photos' augmented views, photo by photo (`encode_identities`).
     """
+    check_choice("pairing", pairing, PAIRINGS)
     photo = seed % photos
     if pairing == "independent":
         return photo, (seed >> 8) % views
-    if pairing == "same":
-        per_photo = views // photos
-        return photo, photo * per_photo + (seed >> 8) % per_photo
-    raise HdbError(f"Unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
+    per_photo = views // photos  # "same": one of this photo's own views
+    return photo, photo * per_photo + (seed >> 8) % per_photo
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -145,8 +144,7 @@ def train_hypernetwork(
     from accelerate import Accelerator
 
     config = config or HypernetTrainConfig()
-    if config.pairing not in PAIRINGS:
-        raise HdbError(f"Unknown pairing {config.pairing!r}; choose one of {', '.join(PAIRINGS)}")
+    check_choice("pairing", config.pairing, PAIRINGS)  # before any work, not at the first step
     out = Path(out_dir)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, log_with="tensorboard", project_dir=str(out), cpu=device == "cpu"

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hdb.config import LR_SCHEDULES, OPTIMIZERS
-from hdb.errors import HdbError
+from hdb.errors import HdbError, check_choice
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -73,17 +73,16 @@ class TrainResult:
 def make_optimizer(
     parameters: list[torch.nn.Parameter], name: str, learning_rate: float, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
+    check_choice("optimizer", name, OPTIMIZERS)
     if name == "adamw":
         fused = all(p.device.type == "cuda" for p in parameters)  # one kernel for the whole update on GPUs
         return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused or None)
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise HdbError(f"--optimizer adamw8bit needs bitsandbytes ({error}); pip install bitsandbytes") from None
-        # Tensors under 4,096 elements keep 32-bit state in bitsandbytes; large ones get 8-bit state.
-        return bnb.optim.AdamW8bit(parameters, lr=learning_rate, weight_decay=weight_decay)
-    raise HdbError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    try:  # adamw8bit
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise HdbError(f"--optimizer adamw8bit needs bitsandbytes ({error}); pip install bitsandbytes") from None
+    # Tensors under 4,096 elements keep 32-bit state in bitsandbytes; large ones get 8-bit state.
+    return bnb.optim.AdamW8bit(parameters, lr=learning_rate, weight_decay=weight_decay)
 
 
 def learning_rate_factor(step: int, config: TrainConfig) -> float:
@@ -101,10 +100,7 @@ def learning_rate_schedule(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule positioned at `start_step`. Its rate is a pure function of the step, so a resumed run
     recreates it here and applies exactly the rates an uninterrupted run would have."""
-    if config.lr_schedule not in LR_SCHEDULES:
-        raise HdbError(
-            f"Unknown learning-rate schedule {config.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
-        )
+    check_choice("learning-rate schedule", config.lr_schedule, LR_SCHEDULES)
     if config.warmup_steps < 0:
         raise HdbError(f"Warm-up steps must be 0 or more, got {config.warmup_steps}")
     for group in optimizer.param_groups:
@@ -221,8 +217,7 @@ class _Snapshot:
     """The guard's one copy of the trainables, on the device or in host memory (see `TrainConfig.snapshot_on`)."""
 
     def __init__(self, parameters: list[torch.nn.Parameter], where: str, step: int) -> None:
-        if where not in SNAPSHOT_PLACES:
-            raise HdbError(f"Unknown snapshot place {where!r}; choose one of {', '.join(SNAPSHOT_PLACES)}")
+        check_choice("snapshot place", where, SNAPSHOT_PLACES)
         if where == "auto":
             size = sum(p.numel() * p.element_size() for p in parameters)
             where = "device" if size <= SNAPSHOT_ON_DEVICE_BYTES else "host"
