@@ -184,7 +184,7 @@ class WeightSource:
     component's forward pass (`build_factors`, a forward pre-hook) and kept until the next one, so that
     gradient checkpointing's recompute during backward reads the very factors the forward used. Every
     hdb loop runs a component's backward before its next forward; a loop that ran two forwards of a
-    checkpointed component before one backward would need to detach and reattach. Anything that changes
+    checkpointed component before one backward would set `batch_factors = False`. Anything that changes
     the weights from outside a step (loading, switching, scaling, merging) clears them (`clear_factors`),
     and a layer without built factors builds its own (a layer called on its own, or while compiling).
     """
