@@ -125,23 +125,27 @@ def optimizer_operations(parameters: list[torch.nn.Parameter], name: str) -> int
     return counter.count
 
 
+def _build_pipeline(options: BenchOptions, device: torch.device) -> Pipeline:
+    """The benchmarked pipeline (tiny, or SD1.5-shaped), random weights, built on the device in its dtype."""
+    with torch.device(device):
+        pipe = build_tiny_pipeline("sd15") if options.tiny else build_full_size_sd15(device=device)
+    pipe.to(device, resolve_dtype(options.dtype, device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _build(options: BenchOptions, device: torch.device):
     """Pipeline and hypernetwork of the benchmarked size, random weights, built on the device."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
 
-    dtype = resolve_dtype(options.dtype, device)
+    pipe = _build_pipeline(options, device)
     with torch.device(device):
         if options.tiny:
-            pipe = build_tiny_pipeline("sd15")
-            encoder, encoder_name, sizes = (
-                build_tiny_image_encoder(),
-                "tiny CLIP vision",
-                dict(width=64, depth=2, heads=4),
-            )
+            encoder, encoder_name = build_tiny_image_encoder(), "tiny CLIP vision"
+            sizes = dict(width=64, depth=2, heads=4)
         else:
-            pipe = build_full_size_sd15(device=device)
             vit_h = CLIPVisionConfig(
                 hidden_size=1280,
                 intermediate_size=5120,
@@ -151,11 +155,9 @@ def _build(options: BenchOptions, device: torch.device):
                 patch_size=14,
             )
             encoder, encoder_name, sizes = CLIPVisionModel(vit_h), "ViT-H/14-shaped CLIP vision (random)", {}
-    pipe.to(device, dtype)
-    pipe.set_progress_bar_config(disable=True)
     lidb = LiDB(pipe)
     hypernet = HyperNetwork.for_lidb(lidb, encoder, encoder_name, **sizes).to(device)
-    hypernet.image_encoder.to(dtype)
+    hypernet.image_encoder.to(pipe.unet.dtype)
     return pipe, lidb, hypernet
 
 
@@ -367,16 +369,16 @@ def bench_operations(options: BenchOptions) -> dict:
     so the latents are small.
     """
     device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, device)
-    with torch.device(device):
-        pipe = build_tiny_pipeline("sd15") if options.tiny else build_full_size_sd15(device=device)
-    pipe.to(device, dtype)
+    pipe = _build_pipeline(options, device)
     scheduler = training_scheduler(pipe)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
     tokens = tokenize_prompts(pipe, [DEFAULT_INSTANCE_PROMPT])
 
     def operations(
-        lidb: LiDB | None, prompt: list[torch.Tensor] | Conditioning, trained: list, merge: bool = False
+        lidb: LiDB | None,
+        prompt: list[torch.Tensor] | Conditioning,
+        trained: list[torch.nn.Parameter],
+        merge: bool = False,
     ) -> int:
         with training_stage(pipe, lidb, "counting operations", "--tiny"):
             for parameter in trained:
