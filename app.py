@@ -656,17 +656,21 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
+
+    def env_flag(name: str) -> bool:  # a switch set by an environment variable: anything but "", "0", "false"
+        return env(name, "") not in ("", "0", "false")
+
     parser = argparse.ArgumentParser(description="hdb demo (Gradio)")
     parser.add_argument("--base", default=env("HDB_BASE", DEFAULT_BASE), help="base model: hub id or local directory")
     parser.add_argument("--hypernet", default=env("HDB_HYPERNET"), help="trained hypernetwork: hub id or directory")
     parser.add_argument("--device", default=env("HDB_DEVICE", "auto"))
     parser.add_argument("--dtype", default=env("HDB_DTYPE", "auto"), choices=DTYPE_CHOICES)
     parser.add_argument("--optimizer", default=env("HDB_OPTIMIZER", OPTIMIZERS[0]), choices=OPTIMIZERS)
-    parser.add_argument("--tiny", action="store_true", default=env("HDB_TINY", "") not in ("", "0", "false"))
+    parser.add_argument("--tiny", action="store_true", default=env_flag("HDB_TINY"))
     parser.add_argument(
         "--compile",
         action="store_true",
-        default=env("HDB_COMPILE", "") not in ("", "0", "false"),
+        default=env_flag("HDB_COMPILE"),
         help=f"dedicated GPU: torch.compile ({APP_COMPILE_MODE}) while the page is already served; not on ZeroGPU",
     )
     parser.add_argument(

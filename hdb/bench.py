@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -218,7 +219,7 @@ def _warm_personalizations(
         step_times.clear()
         totals.append(_timed(lambda: personalize(pipe, face, hypernet, config, lidb=lidb, on_step=on_step), device))
         between = [b - a for a, b in zip(step_times, step_times[1:], strict=False)]
-        step_medians.append(sorted(between)[len(between) // 2])
+        step_medians.append(statistics.median_high(between))
     return min(totals), min(step_medians)
 
 
@@ -327,7 +328,7 @@ def _baseline_steps(
     _sync(device)
     times.append(time.perf_counter())
     per_step = [b - a for a, b in zip(times[3:], times[4:], strict=False)]  # skip 3 warm-up steps
-    return sorted(per_step)[len(per_step) // 2]
+    return statistics.median_high(per_step)
 
 
 def _add_peft_lora(pipe: Pipeline) -> list[torch.nn.Parameter]:
