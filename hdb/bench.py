@@ -14,6 +14,7 @@ so the time and memory, are the real model's.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import json
@@ -34,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hdb.config import DEFAULT_INSTANCE_PROMPT, BenchOptions
+from hdb.config import DEFAULT_INSTANCE_PROMPT, BenchOptions, PersonalizeConfig
 from hdb.devices import resolve_device, resolve_dtype
 from hdb.diffusion import (
     Conditioning,
@@ -46,7 +47,7 @@ from hdb.diffusion import (
     tokenize_prompts,
 )
 from hdb.errors import HdbError
-from hdb.faces import AlignedFace, align_face, crop_size
+from hdb.faces import AlignedFace, crop_size
 from hdb.lidb import LiDB
 from hdb.models import (
     Pipeline,
@@ -56,13 +57,14 @@ from hdb.models import (
     native_resolution,
     training_scheduler,
 )
-from hdb.personal_file import PersonalWeights, save_personal
-from hdb.personalize import PersonalizeConfig, personalize
+from hdb.personal_file import save_personal
+from hdb.pipeline import PersonalPipeline
 from hdb.stage import training_stage
+from hdb.styles import PERSON
 from hdb.training import TrainConfig, make_optimizer, train
 
 if TYPE_CHECKING:
-    from hdb.hypernet import HyperNetwork
+    pass
 
 DREAMBOOTH_STEPS = 1200  # the paper's DreamBooth: 1,000-1,200 steps (~5 min)
 LORA_STEPS = 1000
@@ -135,7 +137,7 @@ def _build_pipeline(options: BenchOptions, device: torch.device) -> Pipeline:
     return pipe
 
 
-def _build(options: BenchOptions, device: torch.device):
+def _build(options: BenchOptions, device: torch.device) -> PersonalPipeline:
     """Pipeline and hypernetwork of the benchmarked size, random weights, built on the device."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -156,10 +158,10 @@ def _build(options: BenchOptions, device: torch.device):
                 patch_size=14,
             )
             encoder, encoder_name, sizes = CLIPVisionModel(vit_h), "ViT-H/14-shaped CLIP vision (random)", {}
-    lidb = LiDB(pipe)
-    hypernet = HyperNetwork.for_lidb(lidb, encoder, encoder_name, **sizes).to(device)
+    with LiDB.attached(pipe) as lidb:  # the hypernetwork's shapes and aux bases: those of the pipeline's LiDB
+        hypernet = HyperNetwork.for_lidb(lidb, encoder, encoder_name, **sizes).to(device)
     hypernet.image_encoder.to(pipe.unet.dtype)
-    return pipe, lidb, hypernet
+    return PersonalPipeline(pipe, hypernet)
 
 
 def _photo(size: int) -> Image.Image:
@@ -173,39 +175,39 @@ def _stand_in_face(pipe: Pipeline) -> AlignedFace:
     return AlignedFace.from_crop(_photo(crop_size(native_resolution(pipe))))
 
 
-def bench_hdb(options: BenchOptions, pipe: Pipeline, lidb: LiDB, hypernet: HyperNetwork, device: torch.device) -> dict:
+def bench_hdb(options: BenchOptions, personal: PersonalPipeline, device: torch.device) -> dict:
     record: dict = {}
+    pipe, lidb, hypernet = personal.pipe, personal.lidb, personal.hypernet
     face = _stand_in_face(pipe)
     for _ in range(3):  # warm up the encoder kernels
         hypernet.predict(face.image)
     record["hypernet_forward_s"] = min(_timed(lambda: hypernet.predict(face.image), device) for _ in range(5))
     record.update(bench_generation(options, pipe, lidb, device))  # eager, before anything is compiled
     if options.channels_last:  # eager too, before anything is compiled
-        record.update(bench_channels_last(options, pipe, face, hypernet, lidb, device))
+        record.update(bench_channels_last(options, personal, face, device))
     config = _finetune_config(options)
     compile_pipeline(pipe, options.compile)
     # first run compiles (when asked) and warms up; then the best of `repeats` warm runs
-    record["first_personalization_s"] = _timed(lambda: personalize(pipe, face, hypernet, config, lidb=lidb), device)
+    record["first_personalization_s"] = _timed(lambda: personal.personalize(face, config), device)
     with _peak_memory(device, record, "peak_memory_gib"):
-        record["personalization_s"], record["finetune_step_s"] = _warm_personalizations(
-            options, pipe, face, hypernet, lidb, device
-        )
+        record["personalization_s"], record["finetune_step_s"] = _warm_personalizations(options, personal, face, device)
     with tempfile.TemporaryDirectory() as folder:
-        result_weights = PersonalWeights.from_lidb(lidb)
+        result_weights = personal.person
         record["file_bytes_relaxed_fp32"] = save_personal(result_weights, Path(folder) / "p.safetensors").stat().st_size
         record["file_bytes_relaxed_fp16"] = (
             save_personal(result_weights, Path(folder) / "p16.safetensors", torch.float16).stat().st_size
         )
-        rank1 = PersonalWeights.from_lidb(lidb)
-        rank1.A, rank1.B = rank1.A[:, :1].contiguous(), rank1.B[:, :, :1].contiguous()
+        rank1 = replace(
+            result_weights, A=result_weights.A[:, :1].contiguous(), B=result_weights.B[:, :, :1].contiguous()
+        )
         record["file_bytes_r1_fp32"] = save_personal(rank1, Path(folder) / "r1.safetensors").stat().st_size
     record["personal_numbers_r1"] = len(lidb.layers) * (lidb.config.a + lidb.config.b)
-    record.update(bench_first_images(options, pipe, lidb, hypernet, device))
+    record.update(bench_first_images(options, personal, device))
     return record
 
 
 def _warm_personalizations(
-    options: BenchOptions, pipe: Pipeline, face: AlignedFace, hypernet: HyperNetwork, lidb: LiDB, device: torch.device
+    options: BenchOptions, personal: PersonalPipeline, face: AlignedFace, device: torch.device
 ) -> tuple[float, float]:
     """The best of `repeats` personalisations: seconds for the whole, and the median seconds of a step in it."""
     config = _finetune_config(options)
@@ -217,49 +219,44 @@ def _warm_personalizations(
 
     for _ in range(options.repeats):
         step_times.clear()
-        totals.append(_timed(lambda: personalize(pipe, face, hypernet, config, lidb=lidb, on_step=on_step), device))
+        totals.append(_timed(lambda: personal.personalize(face, config, on_step), device))
         between = [b - a for a, b in zip(step_times, step_times[1:], strict=False)]
         step_medians.append(statistics.median_high(between))
     return min(totals), min(step_medians)
 
 
 def bench_channels_last(
-    options: BenchOptions, pipe: Pipeline, face: AlignedFace, hypernet: HyperNetwork, lidb: LiDB, device: torch.device
+    options: BenchOptions, personal: PersonalPipeline, face: AlignedFace, device: torch.device
 ) -> dict:
     """Eager personalisation with the UNet in channels-last layout (cuDNN's preferred one), then back."""
-    pipe.unet.to(memory_format=torch.channels_last)
+    personal.pipe.unet.to(memory_format=torch.channels_last)
     try:
-        config = _finetune_config(options)
-        personalize(pipe, face, hypernet, config, lidb=lidb)  # warm-up: cuDNN picks its algorithms
-        total, step = _warm_personalizations(options, pipe, face, hypernet, lidb, device)
+        personal.personalize(face, _finetune_config(options))  # warm-up: cuDNN picks its algorithms
+        total, step = _warm_personalizations(options, personal, face, device)
     finally:
-        pipe.unet.to(memory_format=torch.contiguous_format)
+        personal.pipe.unet.to(memory_format=torch.contiguous_format)
     return {"personalization_channels_last_s": total, "finetune_step_channels_last_s": step}
 
 
-def bench_first_images(
-    options: BenchOptions, pipe: Pipeline, lidb: LiDB, hypernet: HyperNetwork, device: torch.device
-) -> dict:
+def bench_first_images(options: BenchOptions, personal: PersonalPipeline, device: torch.device) -> dict:
     """What a user waits for, warm: photo -> aligned face -> personalised -> the first grid of pictures.
 
     Face alignment runs on the CPU with dlib; where dlib (or the photo) is missing, the timing starts
     from an already aligned crop and says so.
     """
-    from hdb.generate import generate
-
     photo = Path(options.photo)
     can_align = photo.is_file() and importlib.util.find_spec("dlib") is not None
-    stand_in = _stand_in_face(pipe)
+    stand_in = _stand_in_face(personal.pipe)
     config = _finetune_config(options)
 
     def first_images() -> dict:
         started = time.perf_counter()
-        face = align_face(photo, size=crop_size(native_resolution(pipe))) if can_align else stand_in
+        face = personal.faces(photo)[0] if can_align else stand_in
         aligned = time.perf_counter()
-        personalize(pipe, face, hypernet, config, lidb=lidb)
+        personal.personalize(face, config)
         _sync(device)
         personalised = time.perf_counter()
-        generate(pipe, lidb, DEFAULT_INSTANCE_PROMPT, steps=options.generate_steps, num_images=options.first_images)
+        personal.generate(f"a {PERSON}", steps=options.generate_steps, num_images=options.first_images)
         _sync(device)
         done = time.perf_counter()
         return {
@@ -344,9 +341,10 @@ def _add_peft_lora(pipe: Pipeline) -> list[torch.nn.Parameter]:
     return lora_parameters
 
 
-def bench_baselines(options: BenchOptions, pipe: Pipeline, lidb: LiDB, device: torch.device) -> dict:
+def bench_baselines(options: BenchOptions, personal: PersonalPipeline, device: torch.device) -> dict:
     record: dict = {}
-    lidb.detach()
+    personal.unload()
+    pipe = personal.pipe
     lora_parameters = _add_peft_lora(pipe)
     with _peak_memory(device, record, "lora_peak_memory_gib"):
         record["lora_step_s"] = _baseline_steps(pipe, lora_parameters, options.baseline_steps, device, autocast=False)
@@ -384,34 +382,31 @@ def bench_operations(options: BenchOptions) -> dict:
         with training_stage(pipe, lidb, "counting operations", "--tiny"):
             for parameter in trained:
                 parameter.requires_grad_(True)
-            if merge:  # as personalisation does for `--relax lora`: the prediction folded in, the LoRA live
-                lidb.merge(lora=False)
-            try:
+            try:  # merged as personalisation merges (`--relax lora`: the prediction folded in, the LoRA live)
                 counts = []
-                for _ in range(2):  # the first pass warms up; the second is counted
-                    with OperationCounter() as counter:
-                        step_loss(pipe, scheduler, latents, prompt, [0]).mean().backward()
-                    counts.append(counter.count)
+                with lidb.merged_while_training() if lidb is not None else contextlib.nullcontext():
+                    for _ in range(2):  # the first pass warms up; the second is counted
+                        with OperationCounter() as counter:
+                            step_loss(pipe, scheduler, latents, prompt, [0]).mean().backward()
+                        counts.append(counter.count)
             finally:
-                if merge:
-                    lidb.unmerge()
                 for parameter in trained:
                     parameter.grad = None
         return counts[-1]
 
     rank = PersonalizeConfig().relaxed_rank
-    lidb = LiDB(pipe)
-    lidb.relax_rank(rank)  # what `--relax lidb` trains
-    record = {"operations_lidb": operations(lidb, tokens, lidb.trainable_parameters())}
-    record["optimizer_operations_lidb"] = optimizer_operations(lidb.trainable_parameters(), TrainConfig.optimizer)
-    lidb.source.batch_factors = False
-    record["operations_lidb_per_layer"] = operations(lidb, tokens, lidb.trainable_parameters())
-    lidb.source.batch_factors = True
-    lidb.add_lora(rank)  # what `--relax lora` trains: a plain LoRA on top of the prediction
-    record["operations_relax_lora"] = operations(lidb, tokens, lidb.trainable_parameters(), merge=True)
-    record["optimizer_operations_relax_lora"] = optimizer_operations(lidb.trainable_parameters(), TrainConfig.optimizer)
-    layers = len(lidb.layers)
-    lidb.detach()
+    with LiDB.attached(pipe) as lidb:
+        lidb.relax("lidb", *lidb.initial_weights(), rank)  # what `--relax lidb` trains
+        record = {"operations_lidb": operations(lidb, tokens, lidb.trainable_parameters())}
+        record["optimizer_operations_lidb"] = optimizer_operations(lidb.trainable_parameters(), TrainConfig.optimizer)
+        lidb.batch_factors = False
+        record["operations_lidb_per_layer"] = operations(lidb, tokens, lidb.trainable_parameters())
+        lidb.batch_factors = True
+        lidb.relax("lora", *lidb.initial_weights(), rank)  # what `--relax lora` trains: a plain LoRA on top
+        record["operations_relax_lora"] = operations(lidb, tokens, lidb.trainable_parameters())
+        trained = lidb.trainable_parameters()
+        record["optimizer_operations_relax_lora"] = optimizer_operations(trained, TrainConfig.optimizer)
+        layers = len(lidb.layers)
     lora_parameters = _add_peft_lora(pipe)
     with torch.no_grad():  # DreamBooth-LoRA's text encoder is frozen: its embeddings are computed once
         cond = encode_prompts(pipe, [DEFAULT_INSTANCE_PROMPT])
@@ -460,7 +455,8 @@ def run_bench(options: BenchOptions) -> dict:
     device = resolve_device(options.device)
     torch.manual_seed(0)
     built = time.perf_counter()
-    pipe, lidb, hypernet = _build(options, device)
+    personal = _build(options, device)
+    pipe = personal.pipe
     record = {
         "machine": _machine(device),
         "model": _model_name(options),
@@ -470,11 +466,11 @@ def run_bench(options: BenchOptions) -> dict:
         "relax": options.relax,
         "compiled": options.compile,
         "build_s": time.perf_counter() - built,
-        "lidb_layers": len(lidb.layers),
+        "lidb_layers": len(personal.lidb.layers),
     }
-    record.update(bench_hdb(options, pipe, lidb, hypernet, device))
+    record.update(bench_hdb(options, personal, device))
     if options.baselines:
-        record.update(bench_baselines(options, pipe, lidb, device))
+        record.update(bench_baselines(options, personal, device))
         record["baseline_steps_measured"] = options.baseline_steps
         record["lora_total_s"] = record["lora_step_s"] * LORA_STEPS
         record["dreambooth_total_s"] = record["dreambooth_step_s"] * DREAMBOOTH_STEPS
@@ -484,7 +480,7 @@ def run_bench(options: BenchOptions) -> dict:
         unet_bytes = sum(p.numel() for p in pipe.unet.parameters()) * 2  # a DreamBooth UNet checkpoint in fp16
         record["size_ratio_vs_dreambooth"] = unet_bytes / record["file_bytes_r1_fp32"]
     if options.cold_start:
-        del pipe, lidb, hypernet  # the fresh processes get the device to themselves
+        del pipe, personal  # the fresh processes get the device to themselves
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()  # give the freed memory back to the driver, where the children can have it
@@ -535,11 +531,11 @@ def first_personalization(options: BenchOptions) -> dict:
     """This process's first personalisation, compiling as `options.compile` says: what a fresh server pays."""
     device = resolve_device(options.device)
     torch.manual_seed(0)
-    pipe, lidb, hypernet = _build(options, device)
-    compile_pipeline(pipe, options.compile)
+    personal = _build(options, device)
+    compile_pipeline(personal.pipe, options.compile)
     config = _finetune_config(options)
-    face = _stand_in_face(pipe)
-    return {"first_personalization_s": _timed(lambda: personalize(pipe, face, hypernet, config, lidb=lidb), device)}
+    face = _stand_in_face(personal.pipe)
+    return {"first_personalization_s": _timed(lambda: personal.personalize(face, config), device)}
 
 
 def format_table(record: dict) -> str:

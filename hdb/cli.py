@@ -107,32 +107,28 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_personalize(args: argparse.Namespace) -> None:
-    from hdb.faces import align_face, crop_size
+    from hdb.faces import load_image
 
     if len(args.photo) > MAX_PHOTOS:
         raise HdbError(f"Personalise from 1 to {MAX_PHOTOS} photos of one person, not {len(args.photo)}")
-    faces = [align_face(photo, size=crop_size(args.resolution or 512)) for photo in args.photo]  # before the model
+    for photo in args.photo:  # a missing or unreadable photo fails before the model loads
+        load_image(photo)
+    from hdb.devices import DTYPES
+    from hdb.pipeline import PersonalPipeline
+
+    _quiet_model_loading()
+    personal = PersonalPipeline.load(args.base, args.hypernet, args.device, args.dtype)
+    if personal.hypernet is None:
+        print("No --hypernet given: finetuning from zero (no prediction to start from), so more steps by default.")
+    config = config_from_args(PersonalizeConfig, args)
+    faces = personal.faces(args.photo, config.resolution)  # the library's crop for this base
     for photo, face in zip(args.photo, faces, strict=True):
         if face.note:
             print(f"{photo.name}: {face.note}")
-    from hdb.devices import DTYPES
-    from hdb.models import load_pipeline
-    from hdb.personal_file import save_personal
-    from hdb.personalize import personalize
-
-    _quiet_model_loading()
-    pipe = load_pipeline(args.base, args.dtype, args.device)
-    hypernet = None
-    if args.hypernet:
-        from hdb.hypernet import HyperNetwork
-
-        hypernet = HyperNetwork.from_pretrained(args.hypernet, device=pipe.unet.device)
-    else:
-        print("No --hypernet given: finetuning from zero (no prediction to start from), so more steps by default.")
-    result = personalize(pipe, faces, hypernet, config_from_args(PersonalizeConfig, args))
+    result = personal.personalize(faces, config)
     for note in result.notes:
         print(f"warning: {note}")
-    path = save_personal(result.weights, args.output, DTYPES[args.save_dtype])
+    path = personal.save(args.output, DTYPES[args.save_dtype])
     losses = result.losses
     print(
         f"{result.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f} "
@@ -147,8 +143,8 @@ def cmd_personalize(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from hdb.personal_file import apply_personal, load_personal
-    from hdb.styles import expand_prompt, mentions_person, negative_for
+    from hdb.personal_file import load_personal
+    from hdb.styles import mentions_person
 
     weights = load_personal(args.person)  # check the file before loading a large model
     references = None
@@ -156,26 +152,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from hdb.faces import align_face, face_embedding
 
         references = [face_embedding(align_face(args.score))]  # no face in the photo fails before the model loads
-    from hdb.generate import generate
-    from hdb.models import load_pipeline
+    from hdb.pipeline import PersonalPipeline
 
     _quiet_model_loading()
-    pipe = load_pipeline(args.base, args.dtype, args.device)
-    lidb = apply_personal(pipe, weights)
+    personal = PersonalPipeline.load(args.base, None, args.device, args.dtype)
+    personal.use(weights)
     if not mentions_person(args.prompt, weights.instance_token):
         print(f"note: the prompt does not mention [V] (or '{weights.instance_token}'); the person may not appear")
-    prompt = expand_prompt(args.prompt, weights.instance_token, args.style)
-    negative = negative_for(args.style) if args.negative_prompt is None else args.negative_prompt
-    images = generate(
-        pipe,
-        lidb,
-        prompt,
-        negative,
+    images = personal.generate(
+        args.prompt,
+        args.style,
+        args.strength,
+        args.negative_prompt,
         steps=args.steps,
         guidance=args.guidance,
         seed=args.seed,
         num_images=args.num_images,
-        identity_strength=args.strength,
         height=args.height,
         width=args.width,
     )
@@ -211,11 +203,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     people = find_people(args.people)  # pair files and photos before loading a large model
     prompts = read_prompts(args.prompts) if args.prompts else EXAMPLE_PROMPTS
-    from hdb.models import load_pipeline
+    from hdb.pipeline import PersonalPipeline
 
     _quiet_model_loading()
-    pipe = load_pipeline(args.base, args.dtype, args.device)
-    evaluator = Evaluator(args.clip, args.dino, device=pipe.unet.device).load()
+    personal = PersonalPipeline.load(args.base, None, args.device, args.dtype)
+    evaluator = Evaluator(args.clip, args.dino, device=personal.pipe.unet.device).load()
     print(f"evaluating {len(people)} people x {len(prompts)} prompts, {args.steps} steps, seed {args.seed}")
 
     def show(sample: dict) -> None:
@@ -224,7 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
         print(f"  {sample['person']}: {sample['prompt']!r}  {scores}")
 
-    result = evaluate(pipe, people, prompts, evaluator, seed=args.seed, steps=args.steps, on_sample=show)
+    result = evaluate(personal, people, prompts, evaluator, seed=args.seed, steps=args.steps, on_sample=show)
     paths = result.save(args.out)
     print(result.table_markdown())
     print(f"written: {', '.join(str(p) for p in paths)}")

@@ -40,6 +40,7 @@ DEFAULT_INSTANCE_PROMPT = instance_prompt_for(DEFAULT_INSTANCE_TOKEN)
 
 
 MAX_PHOTOS = 5  # photos of one person a personalisation takes
+MAX_SEED = 2**63 - 1  # seeds go from 0 to this: what every torch generator accepts
 SAME_PERSON = 0.9  # face similarity below which two photos probably show different people (see faces.py)
 STEPS_WITH_HYPERNET = 40  # the paper's fast finetuning
 STEPS_FROM_ZERO = 200  # no prediction to start from: more steps
@@ -61,7 +62,7 @@ class LiDBConfig:
 
 @dataclass
 class PersonalizeConfig:
-    """Options of `hdb.personalize.personalize` (fast finetuning from one photo)."""
+    """Options of `hdb.pipeline.PersonalPipeline.personalize` (fast finetuning from one photo)."""
 
     steps: int | None = None  # None: 40 from a hypernetwork prediction, 200 from zero
     relax: str = RELAX_MODES[0]  # see RELAX_MODES

@@ -24,25 +24,17 @@ import torch
 from PIL import Image
 
 from hdb.errors import HdbError, from_hub_or_directory
-from hdb.faces import AlignedFace, ImageSource, align_face, face_embedding, load_image
-from hdb.personal_file import PersonalWeights, apply_personal, load_personal
+from hdb.faces import AlignedFace, ImageSource, align_face, cosine, face_embedding, load_image
+from hdb.personal_file import PersonalWeights, load_personal
 from hdb.styles import PERSON, expand_prompt
 
 if TYPE_CHECKING:
     from transformers.utils import ModelOutput
 
-    from hdb.lidb import LiDB
-    from hdb.models import Pipeline
+    from hdb.pipeline import PersonalPipeline
 
 COLUMNS = {"face_rec": "Face Rec.", "dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-
-def cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
-    """Cosine similarity of two descriptors or embeddings. Faces (dlib): one person's shipped photos give
-    0.95-0.97, different people 0.80-0.88."""
-    a, b = (torch.as_tensor(np.asarray(x, dtype=np.float32)).flatten() for x in (a, b))
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0).clamp(-1, 1))  # clamp: rounding can pass 1
 
 
 def _generated_descriptor(generated: ImageSource) -> np.ndarray | None:
@@ -228,7 +220,7 @@ class EvalResult:
 
 
 def evaluate(
-    pipe: Pipeline,
+    personal: PersonalPipeline,
     people: dict[str, tuple[ImageSource, str | Path | PersonalWeights]],
     prompts: list[str],
     evaluator: Evaluator,
@@ -237,46 +229,30 @@ def evaluate(
     style: str = "None",
     guidance: float = 7.5,
     on_sample: Callable[[dict], None] | None = None,
-    lidb: LiDB | None = None,
 ) -> EvalResult:
     """Generate one image per person x prompt (same seed for all), score each, and average per person and overall.
 
-    `lidb`: the pipeline's LiDB to load each person into; None attaches one for the evaluation and takes it
-    off again afterwards.
+    Each person is loaded into `personal` in turn; afterwards it holds the last one.
     """
     if not people or not prompts:
         raise HdbError("Evaluation needs at least one person and one prompt")
     # Check every file and photo before the slow part: a bad one fails in seconds, not after the images.
     weights = {name: w if isinstance(w, PersonalWeights) else load_personal(w) for name, (_, w) in people.items()}
     references = {name: evaluator.reference(photo) for name, (photo, _) in people.items()}
-    from hdb.generate import generate  # diffusers: imported only when images are made
-
-    attached_here = lidb is None
     samples, images = [], {}
-    try:
-        for name, person in weights.items():
-            lidb = apply_personal(pipe, person, lidb)
-            images[name] = []
-            for prompt in prompts:
-                image = generate(
-                    pipe,
-                    lidb,
-                    expand_prompt(prompt, person.instance_token, style),
-                    steps=steps,
-                    guidance=guidance,
-                    seed=seed,
-                )[0]
-                text = expand_prompt(prompt, "person", style).replace(
-                    person.instance_token, "person"
-                )  # the prompt without the identifier
-                sample = {"person": name, "prompt": prompt, **evaluator.score(references[name], image, text)}
-                samples.append(sample)
-                images[name].append(image)
-                if on_sample:
-                    on_sample(sample)
-    finally:
-        if attached_here and lidb is not None:  # leave the pipeline as it was found
-            lidb.detach()
+    for name, person in weights.items():
+        personal.use(person)
+        images[name] = []
+        for prompt in prompts:
+            image = personal.generate(prompt, style, steps=steps, guidance=guidance, seed=seed)[0]
+            text = expand_prompt(prompt, "person", style).replace(
+                person.instance_token, "person"
+            )  # the prompt without the identifier
+            sample = {"person": name, "prompt": prompt, **evaluator.score(references[name], image, text)}
+            samples.append(sample)
+            images[name].append(image)
+            if on_sample:
+                on_sample(sample)
     rows = [_mean_row(name, [s for s in samples if s["person"] == name]) for name in weights] + [
         _mean_row("all", samples)
     ]

@@ -9,6 +9,7 @@ factor pairs stacked, which computes exactly their sum.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,8 +17,8 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from hdb.config import LORA_FORMATS
-from hdb.errors import HdbError, check_choice
-from hdb.lidb import aux_bases, aux_fingerprint, lora_factors
+from hdb.errors import check_choice
+from hdb.lidb import aux_bases, aux_fingerprint, check_signature, lora_factors
 from hdb.personal_file import PersonalWeights
 
 KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
@@ -33,10 +34,8 @@ def personal_lora_factors(weights: PersonalWeights) -> dict[str, tuple[torch.Ten
         name: aux_bases(config.seed, name, i, o, config.a, config.b) for name, (i, o) in weights.layer_shapes.items()
     }
     rebuilt = aux_fingerprint(basis for pair in bases.values() for basis in pair)
-    if rebuilt != weights.aux_fingerprint:
-        raise HdbError(
-            f"The aux bases rebuilt here (fingerprint {rebuilt}) differ from the file's ({weights.aux_fingerprint})"
-        )
+    signature = weights.signature()
+    check_signature(signature, replace(signature, aux_fingerprint=rebuilt), "This personal file")
     factors = {
         name: lora_factors(weights.A[index], weights.B[index], *bases[name])
         for index, name in enumerate(weights.layer_shapes)

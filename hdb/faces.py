@@ -290,6 +290,14 @@ def face_embedding(source: AlignedFace | ImageSource) -> np.ndarray:
     return np.array(encoder.compute_face_descriptor(np.asarray(image), shape))
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two descriptors or embeddings (arrays or CPU tensors). Faces (dlib): one person's
+    shipped photos give 0.95-0.97, different people 0.80-0.88."""
+    a, b = (np.asarray(x, dtype=np.float64).ravel() for x in (a, b))
+    similarity = a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12)
+    return float(np.clip(similarity, -1, 1))  # clip: rounding can pass 1
+
+
 def identity_distance(a: AlignedFace | ImageSource, b: AlignedFace | ImageSource) -> float:
     """L2 distance between descriptors; dlib's rule of thumb: < 0.6 means same person."""
     return float(np.linalg.norm(face_embedding(a) - face_embedding(b)))

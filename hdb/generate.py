@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
+from hdb.config import MAX_SEED
 from hdb.errors import HdbError
 from hdb.lidb import LiDB
 from hdb.models import Pipeline
@@ -37,15 +41,20 @@ def generate(
     """
     if steps < 1 or num_images < 1:
         raise HdbError("steps and the number of images must be at least 1")
-    if lidb is not None:
-        lidb.use_shared()
-        lidb.set_scale(identity_strength)
-        if merge:
-            lidb.merge()
-    generator = torch.Generator("cpu").manual_seed(seed)  # CPU generator: same seed, same picture on any device
-    scheduler = pipe.scheduler
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)  # good pictures in ~25 steps
-    try:
+    if not (math.isfinite(identity_strength) and math.isfinite(guidance)):  # NaN passes every range check
+        raise HdbError(f"identity strength and guidance must be finite numbers, not {identity_strength}, {guidance}")
+    # CPU generator: same seed, same picture on any device. Made first: a seed out of range fails before any change
+    generator = seeded_generator(seed)
+    with ExitStack() as restore:  # every change below is undone on the way out, also when sampling fails
+        if lidb is not None:
+            if not lidb.uses_shared:
+                raise HdbError("Generation needs the LiDB's shared (one-person) weights, not per-sample ones")
+            restore.enter_context(lidb.scaled(identity_strength))
+            if merge:
+                restore.enter_context(lidb.merged_into_weights())
+        scheduler = pipe.scheduler
+        restore.callback(setattr, pipe, "scheduler", scheduler)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)  # good pictures in ~25 steps
         with torch.inference_mode():
             return pipe(
                 prompt,
@@ -58,10 +67,13 @@ def generate(
                 width=width,
                 callback_on_step_end=None if on_step is None else _report(on_step),
             ).images
-    finally:
-        pipe.scheduler = scheduler
-        if lidb is not None:
-            lidb.unmerge()
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with `seed`, which must be a whole number in 0..MAX_SEED (one rule for every caller)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise HdbError(f"The seed must be a whole number from 0 to {MAX_SEED} (2**63 - 1), not {seed!r}")
+    return torch.Generator("cpu").manual_seed(int(seed))
 
 
 def _report(on_step: Callable[[int], None]) -> Callable:

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 
 from hdb.errors import HdbError, from_hub_or_directory
-from hdb.lidb import LiDB, LiDBConfig, start_A
+from hdb.lidb import LiDB, LiDBConfig, Signature, check_signature, start_A
 
 CLIP_MEAN = (0.4815, 0.4578, 0.4082)
 CLIP_STD = (0.2686, 0.2613, 0.2758)
@@ -185,7 +185,7 @@ class HyperNetwork(nn.Module):
             arch_fingerprint=lidb.arch_fingerprint(),
             aux_fingerprint=lidb.aux_fingerprint(),
             layer_names=list(lidb.layer_names),
-            base_model=str(getattr(lidb.pipe, "name_or_path", "") or ""),
+            base_model=lidb.base_model,
         )
         image_size = _encoder_setting(image_encoder, "image_size")
         if image_size is not None:
@@ -193,9 +193,13 @@ class HyperNetwork(nn.Module):
         values.update(config_overrides)
         return cls(HyperNetworkConfig(**values), image_encoder)
 
+    def signature(self) -> Signature:
+        """The LiDB this hypernetwork predicts for: its weights mean nothing for another."""
+        return _signature(self.config)
+
     def check_compatible(self, lidb: LiDB) -> None:
         """Raise HdbError if this hypernetwork's weights would mean nothing for `lidb`."""
-        _check_compatible(self.config, lidb)
+        check_signature(self.signature(), lidb.signature(), "This hypernetwork")
 
     # -- files
 
@@ -230,7 +234,7 @@ class HyperNetwork(nn.Module):
         except (ValueError, TypeError) as error:
             raise HdbError(f"{directory / CONFIG_FILE} is not a valid hypernetwork config: {error}") from None
         if lidb is not None:  # before loading a possibly large image encoder
-            _check_compatible(config, lidb)
+            check_signature(_signature(config), lidb.signature(), "This hypernetwork")
         if not (directory / ENCODER_DIR / "config.json").is_file():
             raise HdbError(f"{directory} has no saved image encoder ({ENCODER_DIR}/config.json is missing)")
         model = cls(config, load_image_encoder(str(directory / ENCODER_DIR)))
@@ -257,24 +261,5 @@ def hypernet_directory(name_or_path: str | Path) -> Path:
     return Path(from_hub_or_directory("hypernetwork", str(name_or_path), snapshot_download, "--hypernet DIR"))
 
 
-def _check_compatible(c: HyperNetworkConfig, lidb: LiDB) -> None:
-    lc = lidb.config  # most telling mismatch first: architecture, then shape, seed, bases
-    layers, arch = len(lidb.layer_names), lidb.arch_fingerprint()
-    if c.num_layers != layers or c.arch_fingerprint != arch:
-        raise HdbError(
-            f"This hypernetwork was trained for a base with {c.num_layers} LiDB layers "
-            f"(fingerprint {c.arch_fingerprint}); "
-            f"the loaded base has {layers} (fingerprint {arch})"
-        )
-    if (c.a, c.b) != (lc.a, lc.b):  # the rank may differ: personalisation relaxes it anyway
-        raise HdbError(
-            f"This hypernetwork predicts LiDB weights with a={c.a}, b={c.b}; the LiDB has a={lc.a}, b={lc.b}"
-        )
-    if c.lidb_seed != lc.seed:
-        raise HdbError(f"This hypernetwork was trained with LiDB aux seed {c.lidb_seed}; the LiDB uses seed {lc.seed}")
-    aux = lidb.aux_fingerprint()
-    if c.aux_fingerprint != aux:  # same seed, other bases: the aux-basis recipe changed
-        raise HdbError(
-            f"LiDB aux bases differ from the ones this hypernetwork was trained with "
-            f"(fingerprint {aux}, expected {c.aux_fingerprint}), although the seed is the same"
-        )
+def _signature(c: HyperNetworkConfig) -> Signature:
+    return Signature(c.arch_fingerprint, c.num_layers, c.a, c.b, c.lidb_seed, c.aux_fingerprint, c.rank)

@@ -24,9 +24,9 @@ from PIL import Image
 from hdb.config import DatasetSource, LiDBConfig
 from hdb.diffusion import augmented_views, encode_images
 from hdb.errors import HdbError
-from hdb.lidb import LiDB
+from hdb.lidb import LiDB, Signature, check_signature
 from hdb.models import Pipeline
-from hdb.personal_file import check_compatible, load_personal
+from hdb.personal_file import load_personal
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -215,6 +215,11 @@ class WeightsManifest:
     arch_fingerprint: str
     aux_fingerprint: str
 
+    def signature(self, num_layers: int) -> Signature:
+        """As a LiDB signature; the manifest does not count the layers (the architecture fingerprint covers them)."""
+        c = self.lidb
+        return Signature(self.arch_fingerprint, num_layers, c.a, c.b, c.seed, self.aux_fingerprint, c.rank)
+
 
 def write_manifest(out_dir: str | Path, lidb: LiDB, instance_token: str) -> None:
     """Write out_dir/manifest.json; a later run on another base model or LiDB shape is refused instead of mixing."""
@@ -250,16 +255,9 @@ def read_manifest(weights_dir: str | Path) -> WeightsManifest:
 
 def check_manifest(manifest: WeightsManifest, lidb: LiDB, weights_dir: str | Path) -> None:
     """Refuse stage 1 weights made for another base architecture or other aux bases, before any training."""
-    if manifest.arch_fingerprint != lidb.arch_fingerprint():
-        raise HdbError(
-            f"The pre-optimised weights in {weights_dir} were made for a different base model architecture "
-            f"(fingerprint {manifest.arch_fingerprint}); the loaded base has fingerprint {lidb.arch_fingerprint()}"
-        )
-    if manifest.aux_fingerprint != lidb.aux_fingerprint():
-        raise HdbError(
-            f"The aux bases regenerated here (fingerprint {lidb.aux_fingerprint()}) differ from the ones the "
-            f"pre-optimised weights in {weights_dir} were made with ({manifest.aux_fingerprint})"
-        )
+    check_signature(
+        manifest.signature(len(lidb.layer_names)), lidb.signature(), f"The pre-optimised weights in {weights_dir}"
+    )
 
 
 def load_weights_dataset(
@@ -273,13 +271,8 @@ def load_weights_dataset(
         path = folder / f"{name}.safetensors"
         if path.is_file():
             weights = load_personal(path)
-            check_compatible(weights, lidb, source=f"pre-optimised weights file {path.name}")
             # personalisation may relax the rank, but the weight loss compares numbers one to one
-            if weights.config.rank != lidb.config.rank:
-                raise HdbError(
-                    f"Pre-optimised weights file {path} has rank {weights.config.rank}; "
-                    f"the hypernetwork predicts rank {lidb.config.rank}"
-                )
+            check_signature(weights.signature(), lidb.signature(), f"Pre-optimised weights file {path}", same_rank=True)
             found[name] = (weights.A, weights.B)
     if not found:
         raise HdbError(f"No pre-optimised weights in {folder} match the identities in the image folder")

@@ -12,7 +12,7 @@ an exact rank-r LoRA, which is how the forward pass computes it (cheaper than fo
 `hdb.export` writes it. The factors of all layers of a component (UNet, text encoder) are built together
 at the start of its forward pass, a few batched matmuls for layers of the same shape, rather than a
 handful of small kernels in each of the 176 layers: an eager step, text encoder included, then
-dispatches as many operations as a plain LoRA step on the UNet alone (see `WeightSource.build_factors`).
+dispatches as many operations as a plain LoRA step on the UNet alone (see `_WeightSource.build_factors`).
 
 One primitive serves every stage. All layers of a pipeline read their weights from one packed pair
 of tensors held by `LiDB`:
@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from hdb.config import LiDBConfig
-from hdb.errors import HdbError
+from hdb.config import RELAX_MODES, LiDBConfig
+from hdb.errors import HdbError, check_choice
 from hdb.models import text_encoders
 
 if TYPE_CHECKING:
@@ -107,6 +108,48 @@ def aux_fingerprint(bases: Iterable[torch.Tensor]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Signature:
+    """What LiDB weights belong to, and mean nothing without: the base's layers and the aux bases.
+
+    Personal files, hypernetworks, stage 1's manifest and an attached LiDB each carry one;
+    `check_signature` compares two. The rank is carried too, but only compared where numbers are matched
+    one to one (stage 1's weights as stage 2's targets): personalisation relaxes it anyway.
+    """
+
+    arch_fingerprint: str  # the base's LiDB layer names and shapes (`arch_fingerprint`)
+    num_layers: int
+    a: int
+    b: int
+    seed: int
+    aux_fingerprint: str  # the aux bases themselves: same seed, other bases means the recipe changed
+    rank: int
+
+
+def check_signature(theirs: Signature, ours: Signature, what: str, same_rank: bool = False) -> None:
+    """Refuse `what` (made with `theirs`) for a LiDB with signature `ours`, naming every difference."""
+    differences = []
+    if (theirs.arch_fingerprint, theirs.num_layers) != (ours.arch_fingerprint, ours.num_layers):
+        differences.append(
+            f"it was made for another base model architecture ({theirs.num_layers} LiDB layers, fingerprint "
+            f"{theirs.arch_fingerprint}; this base has {ours.num_layers}, fingerprint {ours.arch_fingerprint})"
+        )
+    if (theirs.a, theirs.b, theirs.seed) != (ours.a, ours.b, ours.seed):
+        differences.append(
+            f"it uses aux bases a={theirs.a}, b={theirs.b}, aux seed {theirs.seed}; this LiDB uses "
+            f"a={ours.a}, b={ours.b}, aux seed {ours.seed} (weights only work with their own aux bases)"
+        )
+    elif theirs.aux_fingerprint != ours.aux_fingerprint:
+        differences.append(
+            f"the aux bases regenerated here (fingerprint {ours.aux_fingerprint}) differ from the ones it was made "
+            f"with ({theirs.aux_fingerprint}), although a, b and the seed agree"
+        )
+    if same_rank and theirs.rank != ours.rank:
+        differences.append(f"it has rank {theirs.rank}; rank {ours.rank} is needed here")
+    if differences:
+        raise HdbError(f"{what} does not fit this model: {'; '.join(differences)}")
+
+
 def random_A(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """LoRA's init for the down factor, uniform in +-1/sqrt(a): with B = 0 the model is unchanged, gradients flow."""
     return (torch.rand(*shape, generator=generator) * 2 - 1) / math.sqrt(shape[-1])
@@ -173,7 +216,7 @@ class ComponentLayers:
     groups: list[LayerGroup]
 
 
-class WeightSource:
+class _WeightSource:
     """What every LiDB layer of one pipeline reads at forward time (shared, not a module).
 
     `A`, `B`: the packed weights, shared or per sample; `scale`: the identity strength; `merged`: whether
@@ -223,7 +266,7 @@ class LiDBLinear(nn.Module):
     bases, (down, up) the optional plain LoRA."""
 
     def __init__(
-        self, base: nn.Linear, name: str, index: int, source: WeightSource, A_aux: torch.Tensor, B_aux: torch.Tensor
+        self, base: nn.Linear, name: str, index: int, source: _WeightSource, A_aux: torch.Tensor, B_aux: torch.Tensor
     ) -> None:
         super().__init__()
         self.base, self.name, self.index, self.source = base, name, index, source
@@ -307,7 +350,8 @@ def find_target_linears(components: dict[str, nn.Module]) -> dict[str, nn.Linear
                     linear = module.get_submodule(projection)
                     if isinstance(linear, LiDBLinear):
                         raise HdbError(
-                            "LiDB is already attached to this pipeline; pass that LiDB (lidb=...) or detach it first"
+                            "LiDB is already attached to this pipeline; use that one (its PersonalPipeline) "
+                            "or unload it first"
                         )
                     targets[f"{component}.{path}.{projection}"] = linear
     return targets
@@ -346,6 +390,11 @@ class LiDB:
     so a freshly attached LiDB leaves the model unchanged, and A starts random, so that training from
     zero gets gradients (as in LoRA). `config` stays what the LiDB was attached with; `rank` is the rank
     of the weights it holds now (relaxation raises it).
+
+    Who changes it: `hdb.pipeline.PersonalPipeline` owns the LiDB of a pipeline that serves people
+    (attach, load a person, relax, unload); a training stage holds its own for the stage's length
+    (`LiDB.attached`). Everyone else changes its state only inside the scopes below (`scaled`, `merged_into_weights`,
+    `per_sample`, `holding`, `merged_while_training`), which put it back on the way out, also on error.
     """
 
     def __init__(self, pipe: Pipeline, config: LiDBConfig | None = None) -> None:
@@ -361,7 +410,7 @@ class LiDB:
         self.A_train = nn.Parameter(start_A(len(targets), config).to(device))  # = initial_weights(): B = 0
         self.B_train = nn.Parameter(torch.zeros(len(targets), config.b, config.rank, device=device))
         components, bases = _group_layers(targets, config, device)
-        self.source = WeightSource(self.A_train, self.B_train, components)
+        self.source = _WeightSource(self.A_train, self.B_train, components)
         self.layers: dict[str, LiDBLinear] = {}
         self._aux_fingerprint: str | None = None
         self._lora: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None  # kept for reuse (see add_lora)
@@ -376,21 +425,22 @@ class LiDB:
             for component in components
         ]
 
-    def require(self, wanted: LiDBConfig) -> None:
-        """Refuse to serve as a LiDB of other aux bases than `wanted` (the rank may differ: training relaxes it)."""
-        have = self.config
-        if (have.a, have.b, have.seed) != (wanted.a, wanted.b, wanted.seed):
-            raise HdbError(
-                f"The pipeline's LiDB has a={have.a}, b={have.b}, aux seed {have.seed}, but "
-                f"a={wanted.a}, b={wanted.b}, aux seed {wanted.seed} was asked for; "
-                "detach it and attach a LiDB of that shape"
-            )
+    @classmethod
+    @contextmanager
+    def attached(cls, pipe: Pipeline, config: LiDBConfig | None = None) -> Iterator[LiDB]:
+        """A LiDB on `pipe` for the length of the block (a training stage's), taken off again on the way out."""
+        lidb = cls(pipe, config)
+        try:
+            yield lidb
+        finally:
+            lidb.unmerge()
+            lidb.unload()
 
     # -- structure
 
     @property
     def rank(self) -> int:
-        """The rank of the shared weights now: the config's at first, higher once relaxed (`start_from`)."""
+        """The rank of the shared weights now: the config's at first, higher once relaxed."""
         return self.A_train.shape[1]
 
     @property
@@ -403,7 +453,7 @@ class LiDB:
         root = getattr(self.pipe, component)
         setattr(root.get_submodule(parent_path) if parent_path else root, child, module)
 
-    def detach(self) -> None:
+    def unload(self) -> None:
         """Put the original linears back (merged weights stay merged; unmerge first to undo them)."""
         for name, layer in self.layers.items():
             self._replace(name, layer.base)
@@ -423,6 +473,19 @@ class LiDB:
             )
         return self._aux_fingerprint
 
+    def signature(self) -> Signature:
+        """What weights must have been made for to work here (the rank: the one it was attached with)."""
+        config = self.config
+        return Signature(
+            self.arch_fingerprint(), len(self.layer_shapes), config.a, config.b, config.seed,
+            self.aux_fingerprint(), config.rank,
+        )  # fmt: skip
+
+    @property
+    def base_model(self) -> str:
+        """The base's hub id or folder, as diffusers recorded it (informational: the signature decides)."""
+        return str(getattr(self.pipe, "name_or_path", "") or "")
+
     # -- weights
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -435,6 +498,25 @@ class LiDB:
     def lora_rank(self) -> int:
         """The rank of the plain LoRA on top of the LiDB; 0 when there is none."""
         return 0 if self.source.lora_down is None else self.source.lora_down[0].shape[0]
+
+    def plain_lora(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """The plain LoRA on top (each layer's down [r, in] and up [out, r]), or None when there is none."""
+        return None if self.source.lora_down is None else (self.source.lora_down, self.source.lora_up)
+
+    @property
+    def uses_shared(self) -> bool:
+        """Whether the layers read the shared (one-person) weights, not per-sample ones."""
+        return self.source.A is self.A_train
+
+    @property
+    def batch_factors(self) -> bool:
+        """Whether each component builds its layers' factors at once (True), or each layer its own."""
+        return self.source.batch_factors
+
+    @batch_factors.setter
+    def batch_factors(self, value: bool) -> None:
+        self.source.batch_factors = value
+        self.source.clear_factors()
 
     @torch.no_grad()
     def load_weights(self, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -452,8 +534,10 @@ class LiDB:
     def use_per_sample(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Route layers to per-sample weights (A: [S, L, r, a], B: [S, L, b, r]) until `use_shared()`.
 
-        Not a context manager on purpose: with gradient checkpointing the forward pass is re-run during
-        backward, and it must still see the same weights then.
+        For a training loop whose per-sample weights change every step (the hypernetwork's predictions),
+        inside `hdb.stage.training_stage`, which routes back to the shared weights on the way out. A loop
+        over fixed per-sample weights uses the `per_sample` scope instead. Not a scope around the loss alone:
+        with gradient checkpointing the forward pass is re-run during backward, and must see the same weights.
         """
         if A.dim() != 4 or A.shape[1:] != self.A_train.shape or B.shape[1:] != self.B_train.shape:
             raise HdbError(
@@ -469,6 +553,10 @@ class LiDB:
     @property
     def merged(self) -> bool:
         return self.source.merged
+
+    @property
+    def scale(self) -> float:
+        return self.source.scale
 
     def set_scale(self, scale: float) -> None:
         """Identity strength: 0 is the base model, 1 the trained person."""
@@ -508,14 +596,94 @@ class LiDB:
             self.A_train = nn.Parameter(self.A_train.new_empty(len(self.layers), rank, self.config.a))
             self.B_train = nn.Parameter(self.B_train.new_empty(len(self.layers), self.config.b, rank))
         start = A.shape[1]
+        device = self.A_train.device
         self.A_train[:, start:] = random_A(len(self.layers), rank - start, self.config.a, generator=generator).to(
-            self.A_train.device
+            device
         )
-        self.A_train[:, :start] = A
+        self.A_train[:, :start] = A.to(device)
         self.B_train.zero_()
-        self.B_train[:, :, :start] = B
+        self.B_train[:, :, :start] = B.to(device)
         self.use_shared()
         self.remove_lora()
+
+    def relax(
+        self, mode: str, A: torch.Tensor, B: torch.Tensor, rank: int, generator: torch.Generator | None = None
+    ) -> None:
+        """Start a fast finetune from the prediction (A, B), its rank relaxed to `rank` the `mode` way (RELAX_MODES).
+
+        "lora" (the paper's): the prediction stays as predicted and a plain rank-`rank` LoRA on top trains.
+        "lidb" (hdb's compact variant): the LiDB's own rank grows to `rank`, every update inside the aux bases.
+        Either way the model computes exactly the prediction at the start. Train `trainable_parameters()`,
+        inside `merged_while_training()`.
+        """
+        check_choice("relaxation", mode, RELAX_MODES)
+        if mode == "lora":
+            self.start_from(A, B)
+            self.add_lora(rank, generator)
+        else:
+            self.start_from(A, B, max(rank, A.shape[1]), generator)
+
+    @contextmanager
+    def merged_while_training(self) -> Iterator[None]:
+        """With a plain LoRA on top, the fixed LiDB folded into the weights while the LoRA trains, so a step costs
+        what a plain LoRA step costs; the exact base weights back on the way out. Without one, nothing to fold."""
+        if self.source.lora_down is None:
+            yield
+            return
+        with self.merged_into_weights(lora=False):
+            yield
+
+    @contextmanager
+    def scaled(self, scale: float) -> Iterator[None]:
+        """The person at identity strength `scale` for the block; the strength before it back on the way out."""
+        before = self.scale
+        self.set_scale(scale)
+        try:
+            yield
+        finally:
+            self.set_scale(before)
+
+    @contextmanager
+    def merged_into_weights(self, lora: bool = True) -> Iterator[None]:
+        """The shared weights folded into the base weights for the block (`merge`); exactly unmerged on the way out."""
+        self.merge(lora)
+        try:
+            yield
+        finally:
+            self.unmerge()
+
+    @contextmanager
+    def per_sample(self, A: torch.Tensor, B: torch.Tensor) -> Iterator[None]:
+        """Layers read the per-sample weights (A: [S, L, r, a], B: [S, L, b, r]) for the block (forward and
+        backward), the shared weights again on the way out."""
+        self.use_per_sample(A, B)
+        try:
+            yield
+        finally:
+            self.use_shared()
+
+    @contextmanager
+    def holding(self, A: torch.Tensor, B: torch.Tensor) -> Iterator[None]:
+        """The shared weights replaced by (A, B) for the block (e.g. a prediction to look at during training),
+        everything before it (shared weights, rank, plain LoRA, routing) back on the way out."""
+        per_sample = None if self.uses_shared else (self.source.A, self.source.B)
+        saved_A, saved_B = self.A_train.detach().clone(), self.B_train.detach().clone()
+        lora = self.plain_lora()
+        saved_lora = (
+            None if lora is None else ([t.detach().clone() for t in lora[0]], [t.detach().clone() for t in lora[1]])
+        )
+        requires_grad = self.A_train.requires_grad
+        try:
+            self.start_from(A, B)
+            yield
+        finally:
+            self.start_from(saved_A, saved_B)
+            if saved_lora is not None:
+                self.load_lora(*saved_lora)
+            for parameter in (self.A_train, self.B_train):
+                parameter.requires_grad_(requires_grad)
+            if per_sample is not None:
+                self.use_per_sample(*per_sample)
 
     @torch.no_grad()
     def add_lora(self, rank: int, generator: torch.Generator | None = None) -> None:
@@ -580,7 +748,7 @@ class LiDB:
         `lora=False` folds in the LiDB weights only: the plain LoRA on top stays live and trainable, and a
         step then costs what a plain LoRA step costs (the paper's finetune on the merged prediction).
         """
-        if self.source.A is not self.A_train:
+        if not self.uses_shared:
             raise HdbError("Only shared LiDB weights can be merged; call use_shared() first")
         for layer in self.layers.values():
             layer.merge(lora)

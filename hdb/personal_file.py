@@ -13,11 +13,11 @@ layer's down [r', in] and up [out, r'] factors, flattened and concatenated into 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -25,10 +25,14 @@ from safetensors.torch import save_file
 
 from hdb.config import DEFAULT_INSTANCE_PROMPT, DEFAULT_INSTANCE_TOKEN
 from hdb.errors import HdbError
-from hdb.lidb import LiDB, LiDBConfig
+from hdb.lidb import LiDB, LiDBConfig, Signature, arch_fingerprint
 
-if TYPE_CHECKING:
-    from hdb.models import Pipeline
+# Bounds on what a file may claim, far above any real base (SDXL: 736 layers at most 2,048 wide, ~60 KB of
+# layer table) and below what would cost a server real memory to build aux bases or unpack metadata for.
+MAX_FILE_BYTES = 64 * 2**20
+MAX_LAYERS, MAX_LAYER_WIDTH, MAX_LAYERS_JSON = 2048, 8192, 2**20
+MAX_RANK = 64  # LiDB and plain LoRA ranks
+MAX_WEIGHT = 1e4  # |weight|: trained LiDB and LoRA factors stay within a few units
 
 FORMAT = "hdb-lidb"
 FORMAT_VERSION = "2"  # 2 added the optional plain LoRA
@@ -51,21 +55,37 @@ class PersonalWeights:
 
     @classmethod
     def from_lidb(
-        cls, lidb: LiDB, instance_prompt: str = DEFAULT_INSTANCE_PROMPT, instance_token: str = DEFAULT_INSTANCE_TOKEN
+        cls,
+        lidb: LiDB,
+        instance_prompt: str = DEFAULT_INSTANCE_PROMPT,
+        instance_token: str = DEFAULT_INSTANCE_TOKEN,
+        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> PersonalWeights:
+        """A copy of the person `lidb` holds (with its plain LoRA, if any); or of `weights` = (A, B), one
+        person's LiDB weights made for `lidb` (e.g. one identity of a per-sample batch)."""
+        A, B = weights if weights is not None else (lidb.A_train, lidb.B_train)
+        lora = lidb.plain_lora() if weights is None else None
         return cls(
-            A=lidb.A_train.detach().float().cpu().clone(),
-            B=lidb.B_train.detach().float().cpu().clone(),
-            config=replace(lidb.config, rank=lidb.rank),
+            A=A.detach().float().cpu().clone(),
+            B=B.detach().float().cpu().clone(),
+            config=replace(lidb.config, rank=A.shape[-2]),
             layer_shapes=dict(lidb.layer_shapes),
             arch_fingerprint=lidb.arch_fingerprint(),
             aux_fingerprint=lidb.aux_fingerprint(),
             instance_prompt=instance_prompt,
-            base_model=str(getattr(lidb.pipe, "name_or_path", "") or ""),
+            base_model=lidb.base_model,
             instance_token=instance_token,
-            lora_down=_copies(lidb.source.lora_down),
-            lora_up=_copies(lidb.source.lora_up),
+            lora_down=None if lora is None else _copies(lora[0]),
+            lora_up=None if lora is None else _copies(lora[1]),
         )
+
+    def signature(self) -> Signature:
+        """What the weights were made for (the architecture fingerprint recomputed from the layer shapes)."""
+        config = self.config
+        return Signature(
+            arch_fingerprint(self.layer_shapes), len(self.layer_shapes), config.a, config.b, config.seed,
+            self.aux_fingerprint, config.rank,
+        )  # fmt: skip
 
     @property
     def lora_rank(self) -> int:
@@ -81,8 +101,8 @@ class PersonalWeights:
         return self.A.numel() + self.B.numel() + plain
 
 
-def _copies(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
-    return None if tensors is None else [t.detach().float().cpu().clone() for t in tensors]
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().float().cpu().clone() for t in tensors]
 
 
 def _pack_layers(layer_shapes: dict[str, tuple[int, int]]) -> str:
@@ -91,7 +111,23 @@ def _pack_layers(layer_shapes: dict[str, tuple[int, int]]) -> str:
 
 
 def _unpack_layers(packed: str) -> dict[str, tuple[int, int]]:
-    return {name: tuple(shape) for name, shape in json.loads(zlib.decompress(base64.b64decode(packed)))}
+    """The layer table, refusing anything but a bounded list of [name, [in, out]] pairs (a file may be forged)."""
+    unpacker = zlib.decompressobj()
+    text = unpacker.decompress(base64.b64decode(packed), MAX_LAYERS_JSON)
+    if unpacker.unconsumed_tail:
+        raise ValueError(f"the layer table unpacks to more than {MAX_LAYERS_JSON:,} bytes")
+    table = json.loads(text)
+    if not isinstance(table, list) or not 1 <= len(table) <= MAX_LAYERS:
+        raise ValueError(f"the layer table must list 1 to {MAX_LAYERS} layers")
+    shapes = {}
+    for entry in table:
+        name, shape = entry if isinstance(entry, list) and len(entry) == 2 else (None, None)
+        if not isinstance(name, str) or not isinstance(shape, list) or len(shape) != 2:
+            raise ValueError("a layer entry is not [name, [in, out]]")
+        if not all(type(size) is int and 1 <= size <= MAX_LAYER_WIDTH for size in shape):
+            raise ValueError(f"layer {name[:80]!r} has a shape outside 1..{MAX_LAYER_WIDTH}: {str(shape)[:80]}")
+        shapes[name] = (shape[0], shape[1])
+    return shapes
 
 
 def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -124,30 +160,42 @@ def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype
 
 
 def load_personal(path: str | Path) -> PersonalWeights:
-    """Read and validate a personal file; any problem is an HdbError that names it."""
+    """Read and validate a personal file; any problem is an HdbError that names it.
+
+    Files come from anyone (a public demo takes uploads), so everything is bounded before it is used: the
+    file's size, the layer table, ranks and widths, the tensors' dtypes and values. Whether the weights fit a
+    base model is then a comparison of signatures, the architecture fingerprint recomputed from the shapes.
+    """
     path = Path(path)
     if not path.is_file():
-        raise HdbError(f"Personal weights file not found: {path}")
+        raise HdbError(f"Personal weights file not found: {path.name}")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise HdbError(f"{path.name} is {path.stat().st_size:,} bytes; personal files are at most {MAX_FILE_BYTES:,}")
     try:
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
             tensors = {key: file.get_tensor(key) for key in file.keys()}
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
-        raise HdbError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+        raise HdbError(f"{path.name} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    if not all(tensor.is_floating_point() for tensor in tensors.values()):
+        raise HdbError(f"{path.name} holds non-floating-point tensors; personal weights are floating-point numbers")
     if metadata.get("format") != FORMAT:
         raise HdbError(
-            f"{path} is a safetensors file but not an hdb personal file (no '{FORMAT}' format tag); "
+            f"{path.name} is a safetensors file but not an hdb personal file (no '{FORMAT}' format tag); "
             "LoRA files from other tools cannot be loaded as personal weights"
         )
     if metadata.get("format_version") not in READABLE_VERSIONS:
         raise HdbError(
-            f"{path} has personal-file format version {metadata.get('format_version')}; "
+            f"{path.name} has personal-file format version {metadata.get('format_version')}; "
             f"this hdb reads versions {', '.join(READABLE_VERSIONS)}"
         )
     try:
         config = LiDBConfig(
             rank=int(metadata["r"]), a=int(metadata["a"]), b=int(metadata["b"]), seed=int(metadata["seed"])
         )
+        lora_rank = int(metadata.get("lora_rank", "0"))
+        if max(config.rank, lora_rank) > MAX_RANK or max(config.a, config.b) > MAX_LAYER_WIDTH or lora_rank < 0:
+            raise ValueError(f"ranks {config.rank}/{lora_rank} (at most {MAX_RANK}), a={config.a}, b={config.b}")
         layer_shapes = _unpack_layers(metadata["layers"])
         names = list(layer_shapes)
         weights = PersonalWeights(
@@ -161,21 +209,23 @@ def load_personal(path: str | Path) -> PersonalWeights:
             base_model=metadata.get("base_model", ""),
             instance_token=metadata.get("instance_token", DEFAULT_INSTANCE_TOKEN),
         )
-        lora_rank = int(metadata.get("lora_rank", "0"))
         if lora_rank:
             weights.lora_down, weights.lora_up = _unpack_lora(tensors, layer_shapes, lora_rank, path)
-    except (KeyError, ValueError, zlib.error) as error:
-        raise HdbError(f"{path} has damaged metadata ({type(error).__name__}: {error})") from None
+    except (KeyError, ValueError, TypeError, RecursionError, zlib.error, binascii.Error) as error:
+        raise HdbError(f"{path.name} has damaged metadata ({type(error).__name__}: {str(error)[:200]})") from None
     expected_A = (len(names), config.rank, config.a)
     expected_B = (len(names), config.b, config.rank)
     if tuple(weights.A.shape) != expected_A or tuple(weights.B.shape) != expected_B:
         raise HdbError(
-            f"{path}: tensor shapes {tuple(weights.A.shape)}/{tuple(weights.B.shape)} "
+            f"{path.name}: tensor shapes {tuple(weights.A.shape)}/{tuple(weights.B.shape)} "
             f"do not match its metadata {expected_A}/{expected_B}"
         )
     everything = [weights.A, weights.B, *(weights.lora_down or []), *(weights.lora_up or [])]
     if not all(torch.isfinite(t).all() for t in everything):
-        raise HdbError(f"{path} contains NaN or infinite weights")
+        raise HdbError(f"{path.name} contains NaN or infinite weights")
+    largest = max(float(t.abs().max()) for t in everything)
+    if largest > MAX_WEIGHT:
+        raise HdbError(f"{path.name} holds a weight of {largest:.3g}; trained weights stay far below {MAX_WEIGHT:g}")
     return weights
 
 
@@ -186,50 +236,10 @@ def _unpack_lora(
     down, up = tensors["lora_down"].float(), tensors["lora_up"].float()
     ins, outs = [i for i, _ in layer_shapes.values()], [o for _, o in layer_shapes.values()]
     if down.numel() != rank * sum(ins) or up.numel() != rank * sum(outs):
-        raise HdbError(f"{path}: the plain LoRA's sizes do not match its metadata (rank {rank})")
+        raise HdbError(f"{path.name}: the plain LoRA's sizes do not match its metadata (rank {rank})")
     downs = [t.reshape(rank, i) for t, i in zip(down.split([rank * i for i in ins]), ins, strict=True)]
     ups = [t.reshape(o, rank) for t, o in zip(up.split([rank * o for o in outs]), outs, strict=True)]
     return downs, ups
-
-
-def check_compatible(weights: PersonalWeights, lidb: LiDB, source: str = "personal file") -> None:
-    """Refuse weights made for another base architecture or other aux bases, naming which."""
-    if weights.arch_fingerprint != lidb.arch_fingerprint():
-        raise HdbError(
-            f"This {source} was made for a different base model architecture ({len(weights.layer_names)} LiDB layers, "
-            f"fingerprint {weights.arch_fingerprint}, base '{weights.base_model}'); the loaded base has "
-            f"{len(lidb.layers)} layers, fingerprint {lidb.arch_fingerprint()}"
-        )
-    if (weights.config.seed, weights.config.a, weights.config.b) != (lidb.config.seed, lidb.config.a, lidb.config.b):
-        raise HdbError(
-            f"This {source} uses aux seed {weights.config.seed} (a={weights.config.a}, b={weights.config.b}); "
-            f"the model's LiDB uses seed {lidb.config.seed} (a={lidb.config.a}, b={lidb.config.b}): "
-            "weights only work with their own aux bases"
-        )
-    if weights.aux_fingerprint != lidb.aux_fingerprint():
-        raise HdbError(
-            f"The aux bases regenerated here (fingerprint {lidb.aux_fingerprint()}) differ from the ones this "
-            f"{source} was trained with ({weights.aux_fingerprint})"
-        )
-
-
-def apply_personal(pipe: Pipeline, weights: PersonalWeights | str | Path, lidb: LiDB | None = None) -> LiDB:
-    """Load a person's weights into `lidb` (the pipeline's LiDB), or into a LiDB attached here when None."""
-    if not isinstance(weights, PersonalWeights):
-        weights = load_personal(weights)
-    attached_here = lidb is None
-    lidb = LiDB(pipe, weights.config) if attached_here else lidb
-    try:
-        check_compatible(weights, lidb)
-    except HdbError:
-        if attached_here:  # leave the pipeline as it was found
-            lidb.detach()
-        raise
-    device = lidb.A_train.device
-    lidb.start_from(weights.A.to(device), weights.B.to(device), weights.config.rank)  # any rank; no plain LoRA
-    if weights.lora_down is not None:
-        lidb.load_lora([t.to(device) for t in weights.lora_down], [t.to(device) for t in weights.lora_up])
-    return lidb
 
 
 def describe(path: str | Path) -> str:

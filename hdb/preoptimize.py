@@ -64,9 +64,11 @@ def preoptimize(
     if not identities and len(todo) == len(names) and state.num_processes == 1:  # nothing usable, nothing done
         raise HdbError(f"No usable face among the {len(names)} identities ({dict(skipped)} photos skipped)")
     usable = {identity.name: identity for identity in identities}  # a photo without a face leaves a group smaller
-    lidb = LiDB(pipe, config.lidb)
     losses = {}
-    with training_stage(pipe, lidb, "pre-optimising", MEMORY_OPTIONS, config.gradient_checkpointing, detach_after=True):
+    with (
+        LiDB.attached(pipe, config.lidb) as lidb,
+        training_stage(pipe, lidb, "pre-optimising", MEMORY_OPTIONS, config.gradient_checkpointing),
+    ):
         if state.is_main_process:
             write_manifest(out, lidb, config.instance_token)  # refuses a folder made for another base
         state.wait_for_everyone()  # so no process trains into a refused folder
@@ -80,7 +82,6 @@ def preoptimize(
             latents = encode_identities(pipe, group, resolution)
             A, B = lidb.initial_weights(len(group))  # one shared start: comparable targets
             A, B = torch.nn.Parameter(A), torch.nn.Parameter(B)
-            lidb.use_per_sample(A, B)
 
             def loss_fn(
                 step: int, group: list[Identity] = group, latents: list[torch.Tensor] = latents
@@ -97,13 +98,13 @@ def preoptimize(
                 progress=config.progress,
                 description=f"pre-optimising {', '.join(identity.name for identity in group)}"[:60],
             )
-            history = train([A, B], loss_fn, train_config).losses
-            lidb.use_shared()
+            with lidb.per_sample(A, B):
+                history = train([A, B], loss_fn, train_config).losses
             for index, identity in enumerate(group):
-                lidb.load_weights(A[index].detach(), B[index].detach())
                 path = weights_dir / f"{identity.name}.safetensors"
                 partial = path.with_suffix(".partial")  # a killed run leaves no half file that looks done
-                save_personal(PersonalWeights.from_lidb(lidb, prompt, config.instance_token), partial)
+                person = PersonalWeights.from_lidb(lidb, prompt, config.instance_token, (A[index], B[index]))
+                save_personal(person, partial)
                 partial.replace(path)
                 first, last = history[0], sum(history[-10:]) / len(history[-10:])
                 losses[identity.name] = (first / len(group), last / len(group))  # the group's summed loss, per identity

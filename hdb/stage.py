@@ -27,13 +27,12 @@ def training_stage(
     activity: str,
     memory_options: str,
     gradient_checkpointing: bool = False,
-    detach_after: bool = False,
 ) -> Iterator[None]:
     """Set `pipe` up to train through `lidb`; restore it on exit, and turn a GPU out-of-memory into one clear line.
 
     `activity` names the stage in messages ("finetuning"); `memory_options` lists the options that lower
-    its memory. With `detach_after`, the stage's own LiDB is taken off the pipeline at the end. Without
-    a LiDB (the bench's baselines, the toy's base model) the stage unfreezes what it trains itself.
+    its memory. A stage with a LiDB of its own holds it in `LiDB.attached` around this. Without a LiDB
+    (the bench's baselines, the toy's base model) the stage unfreezes what it trains itself.
     """
     if lidb is not None and lidb.merged:  # merged weights take no gradient: training would silently do nothing
         raise HdbError("The LiDB is merged into the base weights; unmerge it before training")
@@ -66,8 +65,6 @@ def training_stage(
             module.train(was_training)
         for parameter, flag in requires_grad:
             parameter.requires_grad_(flag)
-        if detach_after and lidb is not None:
-            lidb.detach()
 
 
 def _clear_gradients(lidb: LiDB | None) -> None:

@@ -177,9 +177,9 @@ def train_hypernetwork(
         )
     latents = encode_identities(pipe, identities, resolution)
     held_ids, held_latents = identities[: config.holdout], latents[: config.holdout]
-    lidb = LiDB(pipe, lidb_config)
-    with training_stage(
-        pipe, lidb, "training the hypernetwork", MEMORY_OPTIONS, config.gradient_checkpointing, detach_after=True
+    with (
+        LiDB.attached(pipe, lidb_config) as lidb,
+        training_stage(pipe, lidb, "training the hypernetwork", MEMORY_OPTIONS, config.gradient_checkpointing),
     ):
         if manifest is not None:
             check_manifest(manifest, lidb, weights_dir)
@@ -263,9 +263,9 @@ def train_hypernetwork(
             from hdb.generate import generate
 
             A, B = accelerator.unwrap_model(model).predict(held_ids[0].faces[0])
-            lidb.start_from(A, B)
             pipe.unet.eval()
-            image = generate(pipe, lidb, f"a portrait of a {instance_token}", steps=config.sample_steps, seed=0)[0]
+            with lidb.holding(A, B):
+                image = generate(pipe, lidb, f"a portrait of a {instance_token}", steps=config.sample_steps, seed=0)[0]
             pipe.unet.train()
             (out / "samples").mkdir(exist_ok=True)
             image.save(out / "samples" / f"step-{step:06d}.png")

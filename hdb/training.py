@@ -61,7 +61,13 @@ class TrainConfig:
 
 
 class TrainingDiverged(HdbError):
-    """The loss became NaN/inf or exploded; parameters were restored to the guard's snapshot."""
+    """The loss became NaN/inf or exploded; parameters were restored to the guard's snapshot.
+
+    `last_good`: what the caller's model held after that restore, where the caller records it (a personalisation
+    records the person, `PersonalWeights`, before it lets the person go), for callers that score it anyway.
+    """
+
+    last_good: object | None = None
 
 
 @dataclass

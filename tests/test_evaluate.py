@@ -125,7 +125,7 @@ def test_cli_eval_end_to_end(tiny_sd15_dir, tiny_metric_models, tmp_path):
     for seed, (name, rank) in enumerate((("biden", 4), ("obama", 1))):
         lidb = trained_person(pipe, seed, LiDBConfig(rank=rank))
         save_personal(PersonalWeights.from_lidb(lidb), people / f"{name}.safetensors")
-        lidb.detach()
+        lidb.unload()
         shutil.copy(ASSETS / f"{name}.jpg", people / f"{name}.jpg")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\n[V] as an astronaut\n\na portrait of [V]\n")
@@ -173,7 +173,8 @@ def test_one_lidb_serves_people_of_any_rank():
     from hdb.generate import generate
     from hdb.lidb import LiDBConfig
     from hdb.models import build_tiny_pipeline
-    from hdb.personal_file import PersonalWeights, apply_personal
+    from hdb.personal_file import PersonalWeights
+    from hdb.pipeline import PersonalPipeline
 
     pipe = build_tiny_pipeline("sd15")
     lidb = trained_person(pipe, 0, LiDBConfig(rank=1))
@@ -183,7 +184,12 @@ def test_one_lidb_serves_people_of_any_rank():
     with torch.no_grad():
         lidb.B_train.normal_(0, 0.3)
     rank4 = PersonalWeights.from_lidb(lidb)
-    other = np.asarray(generate(pipe, apply_personal(pipe, rank4, lidb), "a photo of sks person", steps=2)[0])
-    again = np.asarray(generate(pipe, apply_personal(pipe, rank1, lidb), "a photo of sks person", steps=2)[0])
+    lidb.unload()
+    personal = PersonalPipeline(pipe, lidb_config=LiDBConfig(rank=1))
+    lidb = personal.lidb
+    personal.use(rank4)
+    other = np.asarray(generate(pipe, lidb, "a photo of sks person", steps=2)[0])
+    personal.use(rank1)
+    again = np.asarray(generate(pipe, lidb, "a photo of sks person", steps=2)[0])
     assert lidb.config.rank == 1
     assert np.array_equal(reference, again) and not np.array_equal(reference, other)

@@ -52,7 +52,8 @@ def test_kohya_keys_follow_the_a1111_convention(tiny_sdxl, tmp_path):
 def test_sd2_v_prediction_trains_on_the_velocity_then_exports_exactly(obama_face, tmp_path):
     from hdb.diffusion import diffusion_loss, encode_prompts, predict_noise
     from hdb.models import training_scheduler
-    from hdb.personalize import PersonalizeConfig, personalize
+    from hdb.personalize import PersonalizeConfig
+    from hdb.pipeline import PersonalPipeline
 
     pipe = build_tiny_pipeline("sd2")
     scheduler = training_scheduler(pipe)
@@ -68,7 +69,7 @@ def test_sd2_v_prediction_trains_on_the_velocity_then_exports_exactly(obama_face
     assert not torch.allclose(loss, (prediction - noise).square().mean(dim=(1, 2, 3)))
 
     config = PersonalizeConfig(steps=3, learning_rate=5e-2, relax="lora", progress=False)  # both parts exported
-    result = personalize(pipe, obama_face, config=config)
+    result = PersonalPipeline(pipe).personalize(obama_face, config)
     assert result.weights.lora_rank == 4 and max(up.abs().max() for up in result.weights.lora_up) > 0
     with torch.no_grad():
         cond_hdb, noise_hdb = forward(pipe)

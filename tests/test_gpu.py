@@ -17,7 +17,7 @@ from hdb.faces import AlignedFace, crop_size
 from hdb.generate import generate
 from hdb.lidb import LiDB
 from hdb.models import build_tiny_pipeline, native_resolution
-from hdb.personalize import personalize
+from hdb.pipeline import PersonalPipeline
 from hdb.training import TrainConfig, _StepOnItsWay, make_optimizer, train
 
 pytestmark = pytest.mark.gpu
@@ -129,11 +129,11 @@ def test_a_compiled_unet_personalises_like_the_eager_one():
 
     config = PersonalizeConfig(steps=4, progress=False)
     eager_pipe = tiny_pipe_on_cuda()
-    eager = personalize(eager_pipe, random_face(eager_pipe), None, config)
+    eager = PersonalPipeline(eager_pipe).personalize(random_face(eager_pipe), config)
     compiled_pipe = tiny_pipe_on_cuda()
     compiled_pipe.unet.compile()
     graphs_before = counters["stats"]["unique_graphs"]
-    compiled = personalize(compiled_pipe, random_face(compiled_pipe), None, config)
+    compiled = PersonalPipeline(compiled_pipe).personalize(random_face(compiled_pipe), config)
     assert counters["stats"]["unique_graphs"] > graphs_before  # the compiled forward really ran
     torch.testing.assert_close(compiled.losses, eager.losses, rtol=1e-2, atol=1e-4)
     # B starts at zero: what it holds now is what the 4 steps learnt. Adam turns near-zero gradients into

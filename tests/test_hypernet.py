@@ -113,12 +113,12 @@ def test_save_load_roundtrip_and_compatibility(tiny_sd15, tiny_sdxl, tmp_path):
 
     with pytest.raises(HdbError, match="LiDB layers.*fingerprint"):
         HyperNetwork.from_pretrained(tmp_path / "hn", lidb=LiDB(tiny_sdxl))
-    lidb.detach()
+    lidb.unload()
     other = LiDB(tiny_sd15, LiDBConfig(seed=1))
-    with pytest.raises(HdbError, match="seed 0; the LiDB uses seed 1"):
+    with pytest.raises(HdbError, match="aux seed 0; this LiDB uses a=100, b=50, aux seed 1"):
         HyperNetwork.from_pretrained(tmp_path / "hn", lidb=other)
-    other.detach()
-    with pytest.raises(HdbError, match="a=100, b=50; the LiDB has a=64, b=50"):
+    other.unload()
+    with pytest.raises(HdbError, match="a=100, b=50, aux seed 0; this LiDB uses a=64, b=50"):
         loaded.check_compatible(LiDB(tiny_sd15, LiDBConfig(a=64)))
 
 

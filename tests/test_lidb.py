@@ -144,7 +144,7 @@ def test_merge_unmerge_and_scale(tiny_sd15):
         _, again = forward(tiny_sd15)
         lidb.set_scale(0.0)
         _, scale_zero = forward(tiny_sd15)
-        lidb.detach()
+        lidb.unload()
         _, base = forward(tiny_sd15)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=1e-5)
@@ -191,7 +191,7 @@ def test_generation_merges_the_person_and_leaves_the_base_exactly_as_it_was(tiny
         randomize(lidb)
         picture(lidb)
     assert not lidb.merged
-    lidb.detach()
+    lidb.unload()
     assert np.array_equal(picture(None), base)
     current = dict(tiny_sd15.unet.named_parameters())
     assert all(torch.equal(current[name], value) for name, value in weights.items())
@@ -399,7 +399,7 @@ def test_factors_follow_every_change_of_the_weights(tiny_sd15):
             assert lidb.source.factors[layer.index] is not None
             change()
             assert all(factors is None for factors in lidb.source.factors)
-    lidb.detach()  # the pre-hooks go with the layers
+    lidb.unload()  # the pre-hooks go with the layers
     lidb.source.build_factors = lambda component: pytest.fail("a detached LiDB built factors")
     with torch.no_grad():
         forward(tiny_sd15)

@@ -7,9 +7,17 @@ import torch
 from helpers import trained_person
 
 from hdb.errors import HdbError
-from hdb.lidb import LiDB, LiDBConfig, arch_fingerprint, aux_bases, aux_fingerprint, find_target_linears
+from hdb.lidb import LiDBConfig, arch_fingerprint, aux_bases, aux_fingerprint, find_target_linears
 from hdb.models import build_full_size_sd15, build_tiny_pipeline
-from hdb.personal_file import PersonalWeights, apply_personal, describe, load_personal, save_personal
+from hdb.personal_file import PersonalWeights, describe, load_personal, save_personal
+from hdb.pipeline import PersonalPipeline
+
+
+def holding(pipe, person, lidb_config=None):
+    """A PersonalPipeline on `pipe` holding `person` (a file or weights)."""
+    personal = PersonalPipeline(pipe, lidb_config=lidb_config)
+    personal.use(person)
+    return personal
 
 
 def test_save_load_is_bit_exact_and_reproduces_the_model(tiny_sd15, tmp_path):
@@ -21,7 +29,7 @@ def test_save_load_is_bit_exact_and_reproduces_the_model(tiny_sd15, tmp_path):
     assert loaded.layer_names == lidb.layer_names and loaded.config == lidb.config
 
     fresh = build_tiny_pipeline("sd15")
-    fresh_lidb = apply_personal(fresh, path)
+    fresh_lidb = holding(fresh, path).lidb
     assert torch.equal(fresh_lidb.A_train, lidb.A_train) and torch.equal(fresh_lidb.B_train, lidb.B_train)
     ids = tiny_sd15.tokenizer(["a photo of zxq person"], return_tensors="pt").input_ids
     with torch.no_grad():
@@ -36,9 +44,10 @@ def test_a_plain_lora_on_top_round_trips_exactly(tiny_sd15, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.lora_up, lidb.source.lora_up, strict=True))
     assert "plain LoRA:       rank 2" in describe(path)
     fresh = build_tiny_pipeline("sd15")
-    fresh_lidb = apply_personal(fresh, path)
+    personal = holding(fresh, path)
+    fresh_lidb = personal.lidb
     assert all(torch.equal(a, b) for a, b in zip(fresh_lidb.source.lora_down, lidb.source.lora_down, strict=True))
-    apply_personal(fresh, PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("sd15"))), fresh_lidb)
+    personal.use(PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("sd15"))))
     assert fresh_lidb.lora_rank == 0  # the next person, a LiDB-only one, does not inherit the LoRA
 
 
@@ -120,15 +129,15 @@ def test_other_safetensors_file_is_refused(tmp_path):
 
 def test_file_for_another_architecture_is_refused(tiny_sd15, tiny_sdxl, tmp_path):
     path = save_personal(PersonalWeights.from_lidb(trained_person(tiny_sd15)), tmp_path / "sd15.safetensors")
-    with pytest.raises(HdbError, match="different base model architecture"):
-        apply_personal(tiny_sdxl, path)
+    with pytest.raises(HdbError, match="another base model architecture"):
+        holding(tiny_sdxl, path)
 
 
 def test_file_from_another_seed_is_refused(tiny_sd15, tmp_path):
     path = save_personal(PersonalWeights.from_lidb(trained_person(tiny_sd15)), tmp_path / "seed0.safetensors")
     other = build_tiny_pipeline("sd15")
     with pytest.raises(HdbError, match="aux seed 0"):
-        apply_personal(other, path, LiDB(other, LiDBConfig(seed=5)))
+        holding(other, path, LiDBConfig(seed=5))
 
 
 def test_tampered_aux_fingerprint_is_refused(tiny_sd15, tmp_path):
@@ -136,7 +145,7 @@ def test_tampered_aux_fingerprint_is_refused(tiny_sd15, tmp_path):
     weights.aux_fingerprint = "0" * 16
     path = save_personal(weights, tmp_path / "bad.safetensors")
     with pytest.raises(HdbError, match="aux bases regenerated here"):
-        apply_personal(build_tiny_pipeline("sd15"), path)
+        holding(build_tiny_pipeline("sd15"), path)
 
 
 def test_nan_weights_are_refused(tiny_sd15, tmp_path):

@@ -11,7 +11,8 @@ from hdb.errors import HdbError
 from hdb.faces import align_face
 from hdb.lidb import LiDB
 from hdb.models import build_tiny_pipeline
-from hdb.personalize import PersonalizeConfig, personalize, photo_loss
+from hdb.personalize import PersonalizeConfig, photo_loss
+from hdb.pipeline import PersonalPipeline
 from hdb.styles import DEFAULT_NEGATIVE, STYLE_NEGATIVES, STYLE_PRESETS, expand_prompt, negative_for, picture_size
 
 
@@ -46,32 +47,25 @@ def test_cli_personalize_then_generate_is_reproducible(tiny_sd15_dir, tmp_path):
 
 
 def test_file_reproduces_the_in_memory_person(tiny_sd15_dir, obama_face, tmp_path):
-    from hdb.generate import generate
-    from hdb.models import load_pipeline
-    from hdb.personal_file import apply_personal, save_personal
-
-    pipe = load_pipeline(str(tiny_sd15_dir), "fp32", "cpu")
-    result = personalize(pipe, obama_face, config=PersonalizeConfig(steps=5, progress=False))
-    prompt = expand_prompt("[V] in a garden", result.weights.instance_token)
-    trained = generate(pipe, result.lidb, prompt, steps=3, seed=3)[0]
-    path = save_personal(result.weights, tmp_path / "p.safetensors")
-    fresh = load_pipeline(str(tiny_sd15_dir), "fp32", "cpu")
-    loaded = generate(fresh, apply_personal(fresh, path), prompt, steps=3, seed=3)[0]
+    personal = PersonalPipeline.load(str(tiny_sd15_dir), device="cpu", dtype="fp32")
+    personal.personalize(obama_face, PersonalizeConfig(steps=5, progress=False))
+    trained = personal.generate("[V] in a garden", steps=3, seed=3)[0]
+    path = personal.save(tmp_path / "p.safetensors")
+    fresh = PersonalPipeline.load(str(tiny_sd15_dir), device="cpu", dtype="fp32")
+    fresh.use(path)
+    loaded = fresh.generate("[V] in a garden", steps=3, seed=3)[0]
     assert np.array_equal(np.asarray(trained), np.asarray(loaded))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
 def test_finetuning_from_zero_lowers_the_loss_on_the_photo(obama_face, optimizer):
     pipe = build_tiny_pipeline("sd15")
-    lidb = LiDB(pipe)
-    before = photo_loss(pipe, lidb, obama_face)
-    result = personalize(
-        pipe,
-        obama_face,
-        config=PersonalizeConfig(steps=30, learning_rate=5e-3, optimizer=optimizer, progress=False),
-        lidb=lidb,
+    personal = PersonalPipeline(pipe)
+    before = photo_loss(pipe, personal.lidb, obama_face)
+    result = personal.personalize(
+        obama_face, PersonalizeConfig(steps=30, learning_rate=5e-3, optimizer=optimizer, progress=False)
     )
-    after = photo_loss(pipe, lidb, obama_face)
+    after = photo_loss(pipe, personal.lidb, obama_face)
     assert result.steps == 30 and len(result.losses) == 30 and not result.used_hypernet
     assert after < before - 0.02, (before, after)
 
@@ -129,25 +123,26 @@ def test_cli_bad_inputs_end_with_one_line_errors(tiny_sd15_dir, tmp_path):
     assert_one_line_error(hdb(*gen, "--person", tmp_path / "missing.safetensors", check=False), "not found")
 
 
-def tiny_hypernet(pipe, lidb):
+def tiny_hypernet(pipe):
     from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
 
-    return HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4)
+    with LiDB.attached(pipe) as lidb:
+        return HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4)
 
 
 @pytest.mark.parametrize("relax", ["lora", "lidb"])
 def test_finetuning_from_a_hypernetwork_prediction_lowers_the_loss(obama_face, relax):
     pipe = build_tiny_pipeline("sd15")
-    lidb = LiDB(pipe)
-    hypernet = tiny_hypernet(pipe, lidb)
+    hypernet = tiny_hypernet(pipe)
     with torch.no_grad():  # a prediction that is clearly not zero, as a trained hypernetwork gives
         hypernet.head_bias.normal_(0, 0.05)
+    personal = PersonalPipeline(pipe, hypernet)
     A, B = hypernet.predict(obama_face.image)
-    lidb.start_from(A, B)
-    before = photo_loss(pipe, lidb, obama_face)
+    personal.use_weights(A, B)
+    before = photo_loss(pipe, personal.lidb, obama_face)
     config = PersonalizeConfig(learning_rate=5e-3, relax=relax, progress=False)
-    result = personalize(pipe, obama_face, hypernet, config, lidb=lidb)
-    after = photo_loss(pipe, lidb, obama_face)
+    result = personal.personalize(obama_face, config)
+    after = photo_loss(pipe, personal.lidb, obama_face)
     assert result.used_hypernet and result.steps == 40  # the paper's default with a hypernetwork
     if relax == "lora":  # the prediction is kept as it is; a plain rank-4 LoRA on top did the learning
         assert result.weights.config.rank == 1 and result.weights.lora_rank == 4
@@ -161,7 +156,7 @@ def test_cli_personalize_with_a_hypernetwork_checkpoint(tiny_sd15_dir, tmp_path)
     from hdb.models import load_pipeline
 
     pipe = load_pipeline(str(tiny_sd15_dir), "fp32", "cpu")
-    tiny_hypernet(pipe, LiDB(pipe)).save_pretrained(tmp_path / "hypernet")
+    tiny_hypernet(pipe).save_pretrained(tmp_path / "hypernet")
     out = hdb(
         "personalize",
         ASSETS / "grace_hopper.jpg",
@@ -179,7 +174,7 @@ def test_cli_personalize_with_a_hypernetwork_checkpoint(tiny_sd15_dir, tmp_path)
     assert "No --hypernet" not in out and "3 steps" in out
     # a hypernetwork for another architecture is refused with a one-line error
     sdxl = build_tiny_pipeline("sdxl")
-    tiny_hypernet(sdxl, LiDB(sdxl)).save_pretrained(tmp_path / "sdxl_hypernet")
+    tiny_hypernet(sdxl).save_pretrained(tmp_path / "sdxl_hypernet")
     result = hdb(
         "personalize",
         ASSETS / "grace_hopper.jpg",
@@ -196,20 +191,20 @@ def test_cli_personalize_with_a_hypernetwork_checkpoint(tiny_sd15_dir, tmp_path)
 
 def test_several_photos_of_one_person(obama_face, tiny_sd15):
     second, other = (align_face(ASSETS / name, size=256) for name in ("obama2.jpg", "biden.jpg"))
-    lidb = LiDB(tiny_sd15)
-    hypernet = tiny_hypernet(tiny_sd15, lidb)
+    hypernet = tiny_hypernet(tiny_sd15)
     with torch.no_grad():
         hypernet.head_bias.normal_(0, 0.05)  # predictions that differ from photo to photo
+    personal = PersonalPipeline(tiny_sd15, hypernet)
     predictions = [hypernet.predict(face.image) for face in (obama_face, second)]
     config = PersonalizeConfig(steps=0, progress=False)  # no finetuning: the start is what is left
-    both = personalize(tiny_sd15, [obama_face, second], hypernet, config, lidb=lidb)
+    both = personal.personalize([obama_face, second], config)
     mean_B = (predictions[0][1] + predictions[1][1]) / 2  # the prediction combines the photos: their mean
     torch.testing.assert_close(both.weights.B[:, :, :1], mean_B, atol=1e-6, rtol=1e-5)
     assert both.notes == [] and len(both.faces) == 2 and both.face is both.faces[0]
-    mixed = personalize(tiny_sd15, [obama_face, other], config=PersonalizeConfig(steps=2, progress=False), lidb=lidb)
+    mixed = personal.personalize([obama_face, other], PersonalizeConfig(steps=2, progress=False))
     assert len(mixed.notes) == 1 and "Photo 2 may show someone other than photo 1" in mixed.notes[0]
     with pytest.raises(HdbError, match="from 1 to 5 photos"):
-        personalize(tiny_sd15, [obama_face] * 6, lidb=lidb)
+        personal.personalize([obama_face] * 6)
 
 
 def test_cli_personalize_from_two_photos_warns_about_different_people(tiny_sd15_dir, tmp_path):

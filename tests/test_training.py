@@ -24,7 +24,7 @@ from hdb.identities import Identity
 from hdb.lidb import LiDB, find_target_linears
 from hdb.models import build_tiny_pipeline, save_tiny_pipeline
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
-from hdb.personalize import personalize
+from hdb.pipeline import PersonalPipeline
 from hdb.preoptimize import preoptimize
 from hdb.train_hypernet import train_hypernetwork
 from hdb.training import (
@@ -356,7 +356,7 @@ def test_stage_2_trains_with_stage_1s_lidb_and_refuses_a_mismatch(tmp_path):
 
     refused("LiDB asked for .* differs", lidb=LiDBConfig(rank=1, a=8, b=4, seed=5))
     refused("Instance token 'sks person' differs", instance_token="sks person")
-    refused("different base model architecture", base=build_tiny_pipeline("sdxl"))
+    refused("another base model architecture", base=build_tiny_pipeline("sdxl"))
     manifest = json.loads((tmp_path / "stage1" / "manifest.json").read_text())
     (tmp_path / "stage1" / "manifest.json").write_text(json.dumps({**manifest, "aux_fingerprint": "0" * 16}))
     refused("aux bases regenerated here")
@@ -366,8 +366,8 @@ def test_stage_2_trains_with_stage_1s_lidb_and_refuses_a_mismatch(tmp_path):
         PersonalWeights.from_lidb(rank1, "a photo of zwx person", "zwx person"),
         tmp_path / "stage1" / "weights" / "person1.safetensors",
     )
-    rank1.detach()
-    refused("person1.safetensors has rank 1; the hypernetwork predicts rank 2")
+    rank1.unload()
+    refused("person1.safetensors does not fit this model: it has rank 1; rank 2 is needed here")
     (tmp_path / "stage1" / "manifest.json").unlink()
     refused("has no manifest.json")
 
@@ -545,21 +545,24 @@ def test_a_failed_personalisation_leaves_the_pipeline_as_it_was(obama_face, fail
     expected = {"nan": "loss became nan", "oom": "ran out of memory while finetuning.*--gradient-checkpointing"}[
         failure
     ]
+    personal = PersonalPipeline(pipe)
     with pytest.raises(HdbError, match=expected):
-        personalize(pipe, obama_face, config=config)
+        personal.personalize(obama_face, config)
+    assert personal.person is None and not personal.lidb.B_train.any()  # nobody held: not a half-trained person
+    personal.unload()
     assert pipeline_state(pipe) == before  # modes, checkpointing and frozen flags restored, its LiDB taken off
 
 
 def test_after_a_failed_visitor_the_next_personalisation_is_exactly_a_fresh_one(obama_face):
     config = PersonalizeConfig(steps=4, progress=False)
-    fresh = personalize(build_tiny_pipeline("sd15"), obama_face, config=config).weights
+    fresh = PersonalPipeline(build_tiny_pipeline("sd15")).personalize(obama_face, config).weights
     pipe = build_tiny_pipeline("sd15")
-    lidb = LiDB(pipe)  # one LiDB serving every visitor, as in the app
+    personal = PersonalPipeline(pipe)  # one LiDB serving every visitor, as in the app
     FailingUNet(pipe, "nan")
     with pytest.raises(TrainingDiverged):
-        personalize(pipe, obama_face, config=config, lidb=lidb)
-    assert all(p.grad is None for p in lidb.trainable_parameters())
-    again = personalize(pipe, obama_face, config=config, lidb=lidb).weights
+        personal.personalize(obama_face, config)
+    assert all(p.grad is None for p in personal.lidb.trainable_parameters())
+    again = personal.personalize(obama_face, config).weights
     torch.testing.assert_close(again.A, fresh.A, rtol=0, atol=0)
     torch.testing.assert_close(again.B, fresh.B, rtol=0, atol=0)
 
@@ -575,7 +578,7 @@ def test_a_failed_preoptimisation_then_a_personalisation_works(obama_face, tmp_p
     with pytest.raises(TrainingDiverged, match="pre-optimising"):
         preoptimize(pipe, people, tmp_path, PreoptimizeConfig(steps=3, gradient_checkpointing=True, progress=False))
     assert pipeline_state(pipe) == before
-    result = personalize(pipe, obama_face, config=PersonalizeConfig(steps=2, progress=False))
+    result = PersonalPipeline(pipe).personalize(obama_face, PersonalizeConfig(steps=2, progress=False))
     assert len(result.losses) == 2
 
 
@@ -600,14 +603,14 @@ def test_library_calls_change_no_process_setting_and_no_hidden_state(obama_face)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        lidb = LiDB(pipe)
+        personal = PersonalPipeline(pipe)
         assert torch.get_num_threads() == 2  # attaching LiDB leaves the thread count alone
     finally:
         torch.set_num_threads(threads)
     scheduler = pipe.scheduler
-    generate(pipe, lidb, "a photo of sks person", steps=2)
+    generate(pipe, personal.lidb, "a photo of sks person", steps=2)
     assert pipe.scheduler is scheduler  # sampling borrows DPM-Solver and gives the scheduler back
-    with pytest.raises(HdbError, match="aux seed 3 was asked for"):
-        personalize(pipe, obama_face, config=PersonalizeConfig(steps=1, lidb=LiDBConfig(seed=3)), lidb=lidb)
-    with pytest.raises(HdbError, match="pass that LiDB"):
-        personalize(pipe, obama_face, config=PersonalizeConfig(steps=1))  # a second LiDB on the same pipeline
+    with pytest.raises(HdbError, match="PersonalizeConfig.lidb does not fit.*aux seed 3"):
+        personal.personalize(obama_face, PersonalizeConfig(steps=1, lidb=LiDBConfig(seed=3)))
+    with pytest.raises(HdbError, match="already attached"):
+        PersonalPipeline(pipe)  # a second LiDB on the same pipeline

@@ -43,7 +43,7 @@ from hdb.hypernet import HyperNetwork
 from hdb.identities import Identity, load_weights_dataset
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, build_tiny_pipeline, training_scheduler
-from hdb.personalize import personalize
+from hdb.pipeline import PersonalPipeline
 from hdb.preoptimize import preoptimize
 from hdb.stage import training_stage
 from hdb.toy.report import image_sheet, plot_losses, renders_sheet, results_table
@@ -275,7 +275,8 @@ def evaluate_methods(
     """Personalise each held-out person from their one photo by every method, and score the result on the
     other renders of EVERY held-out person: `losses[method][k][j]` is person j's renders under person k's
     model (the diagonal is the person's own score). Also the guard's stops, and the samples sheet's rows."""
-    lidb = LiDB(pipe, hypernets["s"].lidb_config)
+    personal = PersonalPipeline(pipe, lidb_config=hypernets["s"].lidb_config)  # each method brings its own start
+    lidb = personal.lidb
     upper_bound = (
         load_weights_dataset(upper_bound_dir, lidb, [p.identity.name for p in test]) if upper_bound_dir else {}
     )
@@ -288,24 +289,27 @@ def evaluate_methods(
     draws = [eval_draws(pipe, person, config.eval_draws, seed * 7919 + k) for k, person in enumerate(test)]
 
     def personalise(name: str, method: Method, person: Person, other: Person) -> None:
-        """Put the LiDB in the state `method` leaves for `person`."""
+        """Put the pipeline in the state `method` leaves for `person`."""
         net = hypernets[method.hypernet] if method.hypernet else None
+        photo = (other if method.wrong_photo else person).photos[0]
+        with torch.no_grad():
+            prediction = net.predict(photo) if net is not None else None
         if method.upper_bound:
-            lidb.start_from(*upper_bound[person.identity.name])
+            personal.use_weights(*upper_bound[person.identity.name])
         elif method.steps:
             face = AlignedFace.from_crop(person.photos[0])  # a render is already an aligned crop
             ft = PersonalizeConfig(
                 steps=method.steps, learning_rate=config.finetune_lr, relax=method.relax, seed=seed, progress=False
             )
             try:
-                personalize(pipe, face, net, ft, lidb=lidb)
-            except TrainingDiverged:  # the LiDB holds the last good step's weights: score those, and count the stop
+                personal.personalize(face, ft, start=prediction)
+            except TrainingDiverged as stop:  # score the last good step's weights, and count the stop
+                personal.use(stop.last_good)
                 stops[name] = stops.get(name, 0) + 1
-        elif net is not None:
-            with torch.no_grad():
-                lidb.start_from(*net.predict((other if method.wrong_photo else person).photos[0]))
+        elif prediction is not None:
+            personal.use_weights(*prediction)
         else:
-            lidb.start_from(*lidb.initial_weights())  # B = 0: the base model
+            personal.forget()  # B = 0: the base model
 
     for k, person in enumerate(_progress(test, progress, "personalising held-out people")):
         other = test[(k + 1) % len(test)]
@@ -317,7 +321,7 @@ def evaluate_methods(
                 row.append(sample_picture(pipe, lidb, seed, config.sample_steps))
         if k < SAMPLED_PEOPLE:
             samples.append(row)
-    lidb.detach()
+    personal.unload()
     return losses, stops, samples
 
 
