@@ -154,7 +154,7 @@ class PersonalPipeline:
     def use(self, person: PersonalWeights | str | Path) -> PersonalWeights:
         """Hold `person` (a personal file or its weights) from now on, after checking it fits this base."""
         weights = person if isinstance(person, PersonalWeights) else load_personal(person)
-        check_signature(weights.signature(), self.lidb.signature(), "This personal file")
+        self.check(weights)
         try:
             self.lidb.start_from(weights.A, weights.B, weights.config.rank)  # any rank; no plain LoRA
             if weights.lora_down is not None:
@@ -164,6 +164,10 @@ class PersonalPipeline:
             raise
         self.person = weights
         return weights
+
+    def check(self, person: PersonalWeights) -> None:
+        """Refuse a person made for another base architecture or other aux bases, naming what differs."""
+        check_signature(person.signature(), self.lidb.signature(), "This personal file")
 
     def use_weights(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Hold raw LiDB weights (A: [L, r, a], B: [L, b, r]), e.g. a prediction to score; `person` is then None."""

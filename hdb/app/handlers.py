@@ -1,0 +1,206 @@
+"""What the page's events do: each handler a method that a test can call directly, without a server.
+
+Every handler turns an HdbError into a `gr.Error` with the same message in the visitor's terms
+(`hdb.terms.for_visitors`), and keeps each visitor's person in their own `Session`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import gradio as gr
+
+from hdb import HdbError
+from hdb.app.engine import Engine, gpu_task
+from hdb.app.visitors import Session, VisitorFiles
+from hdb.config import MAX_PHOTOS, PersonalizeConfig
+from hdb.evaluate import identity_score
+from hdb.export import export_lora
+from hdb.faces import face_embedding
+from hdb.personal_file import PersonalWeights, load_personal, save_personal
+from hdb.styles import picture_size
+from hdb.terms import for_visitors
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+PERSON_FILE, KOHYA_FILE, DIFFUSERS_FILE = (
+    "person.safetensors",
+    "person_lora_kohya.safetensors",
+    "person_lora_diffusers.safetensors",
+)
+
+
+def visitor_error(error: HdbError) -> gr.Error:
+    """The message a visitor sees for a library error: no advice about settings they cannot change."""
+    return gr.Error(for_visitors(str(error)))
+
+
+class Handlers:
+    """The page's event handlers, over the shared engine and the visitors' files."""
+
+    def __init__(self, engine: Engine, files: VisitorFiles) -> None:
+        self.engine, self.files = engine, files
+        # ZeroGPU: the GPU functions ask for the time their inputs need (decorated here, once, before launch)
+        self.personalize = gpu_task(
+            lambda inputs: engine.personalize_seconds(int(inputs["steps"]) or engine.default_steps)
+        )(self.personalize)
+        self.generate = gpu_task(
+            lambda inputs: engine.generate_seconds(int(inputs["steps"]), int(inputs["count"]), self.area(inputs["size"]))
+        )(self.generate)
+
+    def session(self, session: Session | None, request: gr.Request) -> Session:
+        """The visitor's Session, made on their first event, with their own folder."""
+        if session is None:
+            session = Session(request.session_hash, self.files.folder(request.session_hash))
+        return session
+
+    def show_crop(self, photo: str | None) -> tuple:
+        if not photo:
+            return None, ""
+        try:
+            face = self.engine.personal.faces(photo)[0]
+        except HdbError as error:
+            raise visitor_error(error) from None
+        return face.image, face.note or "Face found and aligned."
+
+    def personalize(
+        self,
+        photo: str | None,
+        consent: bool,
+        steps: float,
+        session: Session | None,
+        more_photos: list[str] | None,
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),
+    ) -> Iterator[tuple]:
+        engine = self.engine
+        session = self.session(session, request)
+        if not photo:
+            raise gr.Error("Upload a photo of a face first (or pick an example).")
+        photos = [photo, *(more_photos or [])]
+        for upload in photos:
+            self.files.note_upload(session.key, upload)
+        if len(photos) > MAX_PHOTOS:
+            raise gr.Error(f"Up to {MAX_PHOTOS} photos of one person, please ({len(photos)} given).")
+        if not consent:
+            raise gr.Error("Please confirm that you have the right to use this photo.")
+        steps = int(steps) or engine.default_steps
+        yield None, f"Preparing the face... ({engine.estimate(steps)})", session, None
+        try:
+            progress(0, desc="Finding and aligning the face" + ("s" if len(photos) > 1 else ""))
+            faces = engine.personal.faces(photos)
+            progress(0.05, desc="Predicting weights" if engine.hypernet else "Starting from zero (no hypernetwork)")
+            started = time.perf_counter()
+
+            def on_step(step: int, loss: float) -> None:
+                progress((step + 1) / steps, desc=f"Finetuning step {step + 1}/{steps} (loss {loss:.3f})")
+
+            config = PersonalizeConfig(steps=steps, optimizer=engine.options.optimizer, progress=False)
+            with engine.lock:
+                result = engine.personal.personalize(faces, config, on_step)
+        except HdbError as error:
+            raise visitor_error(error) from None
+        engine.seconds_per_step = (time.perf_counter() - started) / steps
+        downloads = self.save_files(session, result.weights)
+        session.weights, session.references = result.weights, [face_embedding(face) for face in faces]
+        how = "from the hypernetwork's prediction" if result.used_hypernet else "from zero (no hypernetwork loaded)"
+        notes = " ".join([face.note for face in faces if face.note] + result.notes)
+        photos_used = f" from {len(faces)} photos" if len(faces) > 1 else ""
+        message = f"Personalised{photos_used} in {time.perf_counter() - started:.1f} s: {steps} steps {how}. {notes}"
+        yield faces[0].image, message, session, downloads
+
+    def save_files(self, session: Session, weights: PersonalWeights) -> list[str]:
+        """The visitor's personal file and both LoRA exports, in their own folder."""
+        person = save_personal(weights, session.folder / PERSON_FILE)
+        kohya = export_lora(weights, session.folder / KOHYA_FILE, "kohya")
+        diffusers = export_lora(weights, session.folder / DIFFUSERS_FILE, "diffusers")
+        return [str(person), str(kohya), str(diffusers)]
+
+    def upload_person(self, file: str | None, session: Session | None, request: gr.Request) -> tuple:
+        session = self.session(session, request)
+        if not file:
+            return session, "", None
+        try:
+            weights = load_personal(file)
+            self.engine.personal.check(weights)
+            downloads = self.save_files(session, weights)
+        except HdbError as error:
+            raise visitor_error(error) from None
+        session.weights, session.references = weights, []  # only once everything about it worked
+        return (
+            session,
+            f"Loaded a saved person ({weights.num_numbers:,} numbers: LiDB rank {weights.config.rank}"
+            f"{f', plain LoRA rank {weights.lora_rank}' if weights.lora_rank else ''}).",
+            downloads,
+        )
+
+    def generate(
+        self,
+        session: Session | None,
+        prompt: str,
+        style: str,
+        negative: str,
+        strength: float,
+        steps: float,
+        guidance: float,
+        seed: float,
+        randomize: bool,
+        size: str,
+        count: float,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple[list[tuple], int]:
+        engine = self.engine
+        if session is None or session.weights is None:
+            raise gr.Error("Personalise a photo first (or upload a saved personal file).")
+        seed = random.randrange(2**31) if randomize else int(seed)
+        steps, count = int(steps), int(count)
+        try:
+            width, height = picture_size(size, engine.personal.resolution)
+
+            def on_step(step: int) -> None:
+                progress((step + 1) / steps, desc=f"Sampling step {step + 1}/{steps}")
+
+            progress(0, desc=f"Generating {count} image(s)")
+            with engine.lock:  # this session's person, loaded and used with nobody else's in between
+                engine.personal.use(session.weights)
+                images = engine.personal.generate(
+                    prompt,
+                    style,
+                    strength,
+                    negative,
+                    steps=steps,
+                    guidance=guidance,
+                    seed=seed,
+                    num_images=count,
+                    height=height,
+                    width=width,
+                    on_step=on_step,
+                )
+        except HdbError as error:
+            raise visitor_error(error) from None
+        return [(image, self.caption(session, image, seed, k)) for k, image in enumerate(images)], seed
+
+    def area(self, size: str) -> float:
+        native = self.engine.personal.resolution
+        width, height = picture_size(size, native)
+        return width * height / native**2
+
+    def caption(self, session: Session, image: Image.Image, seed: int, index: int) -> str:
+        """Seed and identity score: how close the face in the picture is to the uploaded faces (the mean)."""
+        where = f"seed {seed}" + (f" #{index + 1}" if index else "")
+        if not session.references:  # a person loaded from a file: no photo to compare with
+            return where
+        score = identity_score(session.references, image)
+        return f"{where} · {'no face found' if score is None else f'identity {score:.2f}'}"
+
+    def leave(self, request: gr.Request) -> None:
+        self.files.forget(request.session_hash)
+
+    def draw_example(self, session: Session | None, *inputs: object) -> tuple:
+        if session is None or session.weights is None:
+            return gr.skip(), gr.skip()  # nobody personalised yet: the example only fills the prompt
+        return self.generate(session, *inputs)
