@@ -2,7 +2,8 @@
 
 Options that configure a stage are made from its config dataclass (`hdb.config`): their defaults, types,
 help and choices are the dataclass fields' own, their flags `hdb.terms`', and `config_from_args` builds
-the config back from the parsed options.
+the config back from the parsed options. Library errors name settings as Python does; `main` prints them
+with the command line's flags instead (`hdb.terms.cli_terms`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from hdb.config import (
     PreoptimizeConfig,
 )
 from hdb.errors import HdbError
-from hdb.terms import NOT_ON_THE_COMMAND_LINE, flag_for
+from hdb.terms import NOT_ON_THE_COMMAND_LINE, cli_terms, flag_for
 
 
 def _quiet_libraries() -> None:
@@ -475,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except HdbError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {cli_terms(str(error))}", file=sys.stderr)  # settings named as its flags
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -50,7 +50,8 @@ if TYPE_CHECKING:
     from hdb.hypernet import HyperNetwork
 
 MEMORY_OPTIONS = (
-    "--gradient-checkpointing, --optimizer adamw8bit, --dtype fp16, a lower --resolution, or a smaller base model"
+    "`gradient_checkpointing=True`, `optimizer='adamw8bit'`, `dtype='fp16'`, a lower `resolution`, "
+    "or a smaller base model"
 )
 
 

@@ -3,6 +3,7 @@
 import argparse
 import ast
 import inspect
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -76,6 +77,32 @@ def test_plotting_and_heavy_libraries_stay_out_of_the_light_modules():
         top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
         names = [n.module if isinstance(n, ast.ImportFrom) else n.names[0].name for n in top_level]
         assert not [n for n in names if n and n.split(".")[0] in ("torch", "diffusers", "transformers")], light
+
+
+# Flags library strings may name: another tool's (the Hugging Face CLI's), and the model card's usage example
+FLAGS_IN_THE_LIBRARY = {("errors.py", "--local-dir"), ("hub.py", "--base"), ("hub.py", "--hypernet")}
+# The commands, and the command line's own vocabulary: these speak in flags
+COMMAND_MODULES = {"cli.py", "__main__.py", "bench.py", "terms.py"}
+
+
+def test_library_messages_name_settings_not_flags():
+    """A Python user reads `gradient_checkpointing=True`; the CLI shows it as --gradient-checkpointing (hdb.terms)."""
+    named = set()
+    for path in PACKAGE.rglob("*.py"):
+        module = path.relative_to(PACKAGE).as_posix()
+        if module in COMMAND_MODULES or module.startswith("toy/"):
+            continue
+        tree = ast.parse(path.read_text())
+        documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, documented) and node.body and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                named |= {(module, flag) for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", node.value)}
+    assert named <= FLAGS_IN_THE_LIBRARY, sorted(named - FLAGS_IN_THE_LIBRARY)
 
 
 def parse(*argv: str):
