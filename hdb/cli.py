@@ -1,7 +1,9 @@
 """`python -m hdb ...`: the command line. Each subcommand is a thin wrapper over a library function.
 
-Options that configure a stage are made from its config dataclass (`hdb.config`): their defaults and
-types are the dataclass's own, and `config_from_args` builds the config back from the parsed options.
+Options that configure a stage are made from its config dataclass (`hdb.config`): their defaults, types,
+help and choices are the dataclass fields' own, their flags `hdb.terms`', and `config_from_args` builds
+the config back from the parsed options. Library errors name settings as Python does; `main` prints them
+with the command line's flags instead (`hdb.terms.cli_terms`).
 """
 
 from __future__ import annotations
@@ -14,20 +16,15 @@ import sys
 import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, get_args, get_type_hints
 
 from hdb import DEFAULT_BASE
 from hdb.config import (
-    COMPILE_MODES,
     DTYPE_CHOICES,
     FILE_DTYPES,
     LORA_FORMATS,
-    LR_SCHEDULES,
     MAX_PHOTOS,
-    MIXED_PRECISIONS,
-    OPTIMIZERS,
-    PAIRINGS,
-    RELAX_MODES,
     TINY_ARCHS,
     BenchOptions,
     DatasetSource,
@@ -37,6 +34,7 @@ from hdb.config import (
     PreoptimizeConfig,
 )
 from hdb.errors import HdbError
+from hdb.terms import NOT_ON_THE_COMMAND_LINE, cli_terms, flag_for
 
 
 def _quiet_libraries() -> None:
@@ -60,19 +58,45 @@ def _quiet_model_loading() -> None:
 # ----------------------------------------------------------------------------- options from config dataclasses
 
 
-def config_option(
-    parser: argparse.ArgumentParser, flag: str, config: type, name: str | None = None, help: str = "", **kwargs: Any
-) -> None:
-    """Add `flag` for field `name` of the `config` dataclass (default: the flag's name), with its default."""
-    name = name or flag.lstrip("-").replace("-", "_")
+def config_option(parser: argparse._ActionsContainer, config: type, name: str, **kwargs: Any) -> None:
+    """Add the option for field `name` of the `config` dataclass: its flag (`hdb.terms.flag_for`), and the field's
+    default, type, help and choices. `kwargs` go to argparse as they are (e.g. nargs)."""
     field = {f.name: f for f in fields(config)}[name]
-    default = field.default if field.default is not MISSING else field.default_factory()
-    if isinstance(default, bool):
+    flag = flag_for(name)
+    if field.default_factory is not MISSING:
+        default = field.default_factory()
+    else:  # a field the library requires has None: whether a command requires its option is the command's business
+        default = None if field.default is MISSING else field.default
+    help = field.metadata["help"]
+    if "choices" in field.metadata:
+        kwargs.setdefault("choices", field.metadata["choices"])
+    if isinstance(default, bool):  # a flag sets the value away from the default
         kwargs["action"] = "store_false" if default else "store_true"
-    elif default is not None:
-        kwargs.setdefault("type", type(default))
-        help = f"{help} (default {default})" if help else f"default {default}"
+        help = f"do not {help}" if default else help
+    else:
+        kwargs.setdefault("type", _value_type(config, name))
+        notes = [f"default {default}"] if default is not None else []
+        if "const" in kwargs:  # nargs="?": the flag alone means `const`
+            notes.append(f"{flag} alone: {kwargs['const']}")
+        help = f"{help} ({'; '.join(notes)})" if notes else help
     parser.add_argument(flag, dest=name, default=default, help=help, **kwargs)
+
+
+def config_options(parser: argparse.ArgumentParser, config: type, **kwargs_of: dict[str, Any]) -> None:
+    """Add an option for each field of `config` that has a default, but those no command offers
+    (`hdb.terms.NOT_ON_THE_COMMAND_LINE`). `kwargs_of[name]`: more argparse arguments for field `name`'s option."""
+    for field in fields(config):
+        has_default = field.default is not MISSING or field.default_factory is not MISSING
+        if has_default and field.name not in NOT_ON_THE_COMMAND_LINE:
+            config_option(parser, config, field.name, **kwargs_of.get(field.name, {}))
+
+
+def _value_type(config: type, name: str) -> type:
+    """The type an option's value is parsed as: the field's, `int` for `int | None`."""
+    hint = get_type_hints(config)[name]
+    if isinstance(hint, UnionType):
+        return next(t for t in get_args(hint) if t is not NoneType)
+    return hint
 
 
 def config_from_args(config: type, args: argparse.Namespace, **overrides: Any) -> Any:
@@ -226,7 +250,7 @@ def _training_photos(args: argparse.Namespace) -> Path | DatasetSource:
     """--images FOLDER, or --dataset with its column options."""
     if args.images is not None:
         return args.images
-    return DatasetSource(args.dataset, args.split, args.image_column, args.identity_column)
+    return config_from_args(DatasetSource, args)
 
 
 def cmd_preoptimize(args: argparse.Namespace) -> None:
@@ -303,11 +327,8 @@ def _add_photo_options(parser: argparse.ArgumentParser) -> None:
     """Where training photos come from: a folder, or a Hugging Face dataset."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="folder: one photo per identity, or one sub-folder per identity")
-    source.add_argument("--dataset", help="Hugging Face dataset: hub id, or a folder from Dataset.save_to_disk")
-    D = DatasetSource
-    config_option(parser, "--split", D, help="dataset split")
-    config_option(parser, "--image-column", D)
-    config_option(parser, "--identity-column", D, help="rows with the same value are one person (default: one per row)")
+    config_option(source, DatasetSource, "path")  # --dataset: the one of the two a command requires
+    config_options(parser, DatasetSource)  # its split and columns
 
 
 def _add_dtype_option(parser: argparse.ArgumentParser) -> None:
@@ -350,21 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(person)
     person.add_argument("--hypernet", help="trained hypernetwork: hub id or directory (optional)")
     person.add_argument("-o", "--output", type=Path, required=True, help="personal .safetensors file to write")
-    P = PersonalizeConfig
-    config_option(person, "--steps", P, type=int, help="finetune steps (default 40 with --hypernet, 200 without)")
-    config_option(
-        person,
-        "--relax",
-        P,
-        choices=RELAX_MODES,
-        help="lora: a plain LoRA on top (the paper); lidb: compact",
-    )
-    config_option(person, "--rank", P, "relaxed_rank", help="rank of the relaxed finetune (the plain LoRA's or LiDB's)")
-    config_option(person, "--lr", P, "learning_rate")
-    config_option(person, "--optimizer", P, choices=OPTIMIZERS)
-    config_option(person, "--gradient-checkpointing", P, help="less memory, slower steps")
-    config_option(person, "--seed", P)
-    config_option(person, "--resolution", P, type=int, help="training resolution (default: the base model's)")
+    config_options(person, PersonalizeConfig)
     person.add_argument("--save-dtype", choices=FILE_DTYPES, default=FILE_DTYPES[0])
     person.add_argument("--save-face", type=Path, help="also save the aligned face crop here")
     person.set_defaults(run=cmd_personalize)
@@ -392,15 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_photo_options(pre)
     pre.add_argument("--out", type=Path, required=True)
     _add_model_options(pre)
-    R = PreoptimizeConfig
-    config_option(pre, "--steps", R, help="steps per group of identities")
-    config_option(pre, "--group-size", R, help="identities trained together (one batch element each)")
-    config_option(pre, "--lr", R, "learning_rate")
-    config_option(pre, "--rank", LiDBConfig, help="LiDB rank")
-    config_option(pre, "--optimizer", R, choices=OPTIMIZERS)
-    config_option(pre, "--gradient-checkpointing", R)
-    config_option(pre, "--seed", R)
-    config_option(pre, "--resolution", R, type=int)
+    config_options(pre, PreoptimizeConfig)
+    config_option(pre, LiDBConfig, "rank")
     pre.set_defaults(run=cmd_preoptimize)
 
     tr = sub.add_parser("train", help="stage 2: train the hypernetwork (works under `accelerate launch`)")
@@ -411,30 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", default=DEFAULT_BASE, help=f"base model: hub id or local directory (default {DEFAULT_BASE})"
     )
     tr.add_argument("--device", default="auto", help="auto or cpu (several GPUs: accelerate launch)")
-    H = HypernetTrainConfig
-    config_option(tr, "--steps", H)
-    config_option(tr, "--batch-size", H, help="global batch, split across processes")
-    config_option(tr, "--lr", H, "learning_rate")
-    config_option(tr, "--alpha", H, help="diffusion loss weight")
-    config_option(tr, "--beta", H, help="weight-L2 loss weight (0: diffusion loss alone)")
-    config_option(tr, "--accumulation-steps", H)
-    config_option(tr, "--optimizer", H, choices=OPTIMIZERS)
-    config_option(tr, "--mixed-precision", H, choices=list(MIXED_PRECISIONS))
-    config_option(tr, "--gradient-checkpointing", H)
-    config_option(tr, "--checkpoint-every", H)
-    config_option(tr, "--validate-every", H)
-    config_option(tr, "--holdout", H, help="identities held out for validation")
-    config_option(tr, "--seed", H)
-    config_option(tr, "--image-encoder", H, help="vision model hub id or directory, or tiny (random, for tests)")
-    config_option(tr, "--train-encoder", H, "freeze_encoder", help="train the image encoder too (default: frozen)")
-    config_option(tr, "--warmup-steps", H, help="linear learning-rate warm-up")
-    config_option(tr, "--lr-schedule", H, choices=LR_SCHEDULES, help="after the warm-up")
-    config_option(tr, "--width", H)
-    config_option(tr, "--depth", H)
-    config_option(tr, "--heads", H)
-    config_option(tr, "--iterations", H, help="refinement iterations s")
-    config_option(tr, "--pairing", H, choices=PAIRINGS, help="target view from any photo, or the input photo's own")
-    config_option(tr, "--resolution", H, type=int)
+    config_options(tr, HypernetTrainConfig)
     tr.add_argument("--rank", type=int, help="LiDB rank (default: the --weights folder's, else 1)")
     tr.set_defaults(run=cmd_train)
 
@@ -457,23 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     toy.set_defaults(run=cmd_toy)
 
     bench = sub.add_parser("bench", help="time personalisation against DreamBooth and DreamBooth-LoRA, same run")
-    B = BenchOptions
-    config_option(bench, "--device", B, help="auto, cpu or cuda")
+    config_options(bench, BenchOptions, compile={"nargs": "?", "const": "full"})
     bench.add_argument("--arch", default="sd15", choices=["sd15"])
-    config_option(bench, "--tiny", B, help="tiny random pipeline instead of SD1.5-shaped (for CPUs)")
-    config_option(bench, "--steps", B, help="fast-finetune steps")
-    config_option(bench, "--relax", B, choices=RELAX_MODES, help="the timed finetune's relaxation")
-    config_option(bench, "--baseline-steps", B, help="measured baseline steps (then extrapolated)")
-    compile_help = "torch.compile: full (CUDA graphs; --compile alone), regional (the UNet's repeated blocks) or none"
-    config_option(bench, "--compile", B, choices=COMPILE_MODES, nargs="?", const="full", help=compile_help)
-    config_option(bench, "--dtype", B, choices=DTYPE_CHOICES, help="auto: bf16 on GPUs that have it, fp32 on CPU")
-    config_option(bench, "--repeats", B, help="warm personalisations timed (best reported)")
-    config_option(bench, "--generate-steps", B, help="sampling steps of the timed generations")
-    config_option(bench, "--photo", B, help="face photo the time to first images starts from")
-    config_option(bench, "--no-baselines", B, "baselines", help="skip DreamBooth and DreamBooth-LoRA")
-    config_option(bench, "--channels-last", B, help="also time eager steps with a channels-last UNet")
-    config_option(bench, "--cold-start", B, help="also time a fresh process's first personalisation, cache empty/warm")
-    config_option(bench, "--count-operations", B, help="only count the operations of a training step, per method")
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.set_defaults(run=cmd_bench)
 
@@ -506,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except HdbError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {cli_terms(str(error))}", file=sys.stderr)  # settings named as its flags
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,12 +1,16 @@
-"""Every option a user can set, with its default, written once: the library, the CLI and the app read it here.
+"""Every option a user can set, with its default and help, written once: the library, the CLI and the app read it here.
 
 Plain dataclasses and choice lists, importable in a blink (no torch, no diffusers), so `python -m hdb
---help` is instant and every CLI default is the dataclass's own.
+--help` is instant. Each field carries its help (and allowed values) in its metadata, as peft's
+`LoraConfig` does; the CLI builds its options from them (`hdb.cli.config_option`), so an option's
+default and help stand together, here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, field
+from typing import Any
 
 from hdb.errors import HdbError
 
@@ -26,6 +30,12 @@ RELAX_MODES = ("lidb", "lora")
 PAIRINGS = ("independent", "same")
 LR_SCHEDULES = ("constant", "cosine")  # after the warm-up: keep the learning rate, or let it fall to 0 by the last step
 MIXED_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # accelerate's choice -> the frozen base's dtype
+# torch.compile of the base model: not at all; "full": the UNet and text encoder whole, with CUDA graphs (fastest
+# steps, minutes to compile); "regional": each of the UNet's repeated transformer blocks (compiles much sooner)
+COMPILE_MODES = ("none", "full", "regional")
+# `app.py --compile`: regional compiles in a fraction of full's minutes, and needs no CUDA graphs, which would
+# be re-recorded each time a visitor's person is merged into the weights
+APP_COMPILE_MODE = "regional"
 
 # A rare token + the class noun; prompts name the person with "[V]", which stands for all of it ("sks face").
 DEFAULT_INSTANCE_TOKEN = "sks face"
@@ -46,14 +56,47 @@ STEPS_WITH_HYPERNET = 40  # the paper's fast finetuning
 STEPS_FROM_ZERO = 200  # no prediction to start from: more steps
 
 
+def setting(default: Any = MISSING, help: str = "", choices: Sequence[str] | None = None) -> Any:
+    """A dataclass field holding its help, and the values it allows where they are few, in its metadata."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return field(default=default, metadata=metadata)
+
+
+# Settings of the same meaning in several stages, described once
+def _optimizer() -> Any:
+    return setting(OPTIMIZERS[0], "adamw (torch's) or adamw8bit (bitsandbytes': less memory)", OPTIMIZERS)
+
+
+def _gradient_checkpointing() -> Any:
+    return setting(False, "less memory, slower steps")
+
+
+def _seed() -> Any:
+    return setting(0, "random seed: the same seed repeats a run")
+
+
+def _resolution() -> Any:
+    return setting(None, "training resolution (default: the base model's, 512 for SD1.5)")
+
+
+def _instance_token() -> Any:
+    return setting(DEFAULT_INSTANCE_TOKEN, "the rare token and class noun that [V] stands for in prompts")
+
+
+def _progress() -> Any:
+    return setting(True, "show a progress bar")
+
+
 @dataclass(frozen=True)
 class LiDBConfig:
     """Shape of the personal weights. `a`, `b`: widths of the frozen aux bases; `rank`: the LoRA rank."""
 
-    rank: int = 1
-    a: int = 100
-    b: int = 50
-    seed: int = 0  # seeds the aux bases; weights only make sense with the seed they were made with
+    rank: int = setting(1, "LiDB rank: the personal weights' rank as a LoRA (the paper's: 1)")
+    a: int = setting(100, "width of the frozen aux basis on the input side")
+    b: int = setting(50, "width of the frozen aux basis on the output side")
+    seed: int = setting(0, "seeds the aux bases; weights only make sense with the seed they were made with")
 
     def __post_init__(self) -> None:
         if min(self.rank, self.a, self.b) < 1:
@@ -64,105 +107,116 @@ class LiDBConfig:
 class PersonalizeConfig:
     """Options of `hdb.pipeline.PersonalPipeline.personalize` (fast finetuning from one photo)."""
 
-    steps: int | None = None  # None: 40 from a hypernetwork prediction, 200 from zero
-    relax: str = RELAX_MODES[0]  # see RELAX_MODES
-    relaxed_rank: int = 4  # rank of what the fast finetune trains: the plain LoRA's, or the LiDB's
-    learning_rate: float = 1e-3
-    optimizer: str = OPTIMIZERS[0]  # or "adamw8bit" (bitsandbytes)
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    resolution: int | None = None  # None: the base model's native size (512 for SD1.5)
-    instance_token: str = DEFAULT_INSTANCE_TOKEN
-    lidb: LiDBConfig | None = None  # None: the hypernetwork's LiDB, else the default; a LiDB passed in must match
-    progress: bool = True
+    steps: int | None = setting(
+        None, f"finetune steps (default {STEPS_WITH_HYPERNET} with a hypernetwork, {STEPS_FROM_ZERO} without)"
+    )
+    relax: str = setting(RELAX_MODES[0], "lora: a plain LoRA on top (the paper); lidb: compact", RELAX_MODES)
+    relaxed_rank: int = setting(4, "rank of the relaxed finetune (the plain LoRA's or LiDB's)")
+    learning_rate: float = setting(1e-3, "learning rate")
+    optimizer: str = _optimizer()
+    gradient_checkpointing: bool = _gradient_checkpointing()
+    seed: int = _seed()
+    resolution: int | None = _resolution()
+    instance_token: str = _instance_token()
+    lidb: LiDBConfig | None = setting(
+        None, "shape of the personal weights (default: the hypernetwork's, else LiDBConfig()); one passed in must match"
+    )
+    progress: bool = _progress()
 
 
 @dataclass(frozen=True)
 class DatasetSource:
-    """Training photos from a Hugging Face dataset (`--dataset`) instead of a folder."""
+    """Training photos from a Hugging Face dataset instead of a folder."""
 
-    path: str  # hub id, or a folder written by `datasets.Dataset.save_to_disk`
-    split: str = "train"
-    image_column: str = "image"
-    identity_column: str | None = None  # rows with the same value are one person; None: one person per row
+    path: str = setting(help="Hugging Face dataset: hub id, or a folder from Dataset.save_to_disk")
+    split: str = setting("train", "dataset split")
+    image_column: str = setting("image", "column holding the photos")
+    identity_column: str | None = setting(None, "rows with the same value are one person (default: one per row)")
 
 
 @dataclass
 class PreoptimizeConfig:
     """Options of `hdb.preoptimize.preoptimize` (stage 1)."""
 
-    steps: int = 300  # per group of identities
-    group_size: int = 4  # identities trained together, one batch element each
-    learning_rate: float = 5e-3
-    optimizer: str = OPTIMIZERS[0]
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    resolution: int | None = None
-    instance_token: str = DEFAULT_INSTANCE_TOKEN
-    lidb: LiDBConfig = field(default_factory=LiDBConfig)
-    progress: bool = True
+    steps: int = setting(300, "steps per group of identities")
+    group_size: int = setting(4, "identities trained together (one batch element each)")
+    learning_rate: float = setting(5e-3, "learning rate")
+    optimizer: str = _optimizer()
+    gradient_checkpointing: bool = _gradient_checkpointing()
+    seed: int = _seed()
+    resolution: int | None = _resolution()
+    instance_token: str = _instance_token()
+    lidb: LiDBConfig = field(default_factory=LiDBConfig, metadata={"help": "shape of the pre-optimised weights"})
+    progress: bool = _progress()
 
 
 @dataclass
 class HypernetTrainConfig:
     """Options of `hdb.train_hypernet.train_hypernetwork` (stage 2)."""
 
-    steps: int = 1000
-    batch_size: int = 4  # global: split across processes
-    learning_rate: float = 1e-4
-    alpha: float = 1.0  # diffusion loss weight
-    beta: float = 1.0  # weight-space L2 to the pre-optimised weights (0: diffusion loss alone)
-    accumulation_steps: int = 1
-    optimizer: str = OPTIMIZERS[0]
-    mixed_precision: str = "no"  # one of MIXED_PRECISIONS (accelerate autocast)
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 100
-    validate_every: int = 100
-    holdout: int = 1  # identities kept out of training for validation
-    sample_steps: int = 20  # sampling steps of the validation image (0: no image)
-    seed: int = 0
-    # hub id / local path of a vision model (the paper's ViT-H), or "tiny" (random, for tests and the toy)
-    image_encoder: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    freeze_encoder: bool = True  # keep the pretrained encoder's features (the toy trains its random one)
-    warmup_steps: int = 50  # 5% of the default steps: the freshly initialised decoder starts gently
-    lr_schedule: str = "cosine"  # one of LR_SCHEDULES
-    width: int = 512
-    depth: int = 4
-    heads: int = 8
-    iterations: int = 4
-    pairing: str = PAIRINGS[0]  # see PAIRINGS
-    resolution: int | None = None
-    # None: what the pre-optimised weights (--weights) were made with, else the defaults; a value that
-    # disagrees with the weights' manifest is refused
-    instance_token: str | None = None
-    lidb: LiDBConfig | None = None
-    progress: bool = True
-
-
-# torch.compile of the base model: not at all; "full": the UNet and text encoder whole, with CUDA graphs (fastest
-# steps, minutes to compile); "regional": each of the UNet's repeated transformer blocks (compiles much sooner)
-COMPILE_MODES = ("none", "full", "regional")
-# `app.py --compile`: regional compiles in a fraction of full's minutes, and needs no CUDA graphs, which would
-# be re-recorded each time a visitor's person is merged into the weights
-APP_COMPILE_MODE = "regional"
+    steps: int = setting(1000, "training steps")
+    batch_size: int = setting(4, "global batch, split across processes")
+    learning_rate: float = setting(1e-4, "learning rate")
+    alpha: float = setting(1.0, "diffusion loss weight")
+    beta: float = setting(1.0, "weight-L2 loss weight, to the pre-optimised weights (0: diffusion loss alone)")
+    accumulation_steps: int = setting(1, "batches whose gradients add up to one step")
+    optimizer: str = _optimizer()
+    mixed_precision: str = setting("no", "accelerate's autocast (the frozen base runs in it too)", MIXED_PRECISIONS)
+    gradient_checkpointing: bool = _gradient_checkpointing()
+    checkpoint_every: int = setting(100, "steps between checkpoints (training resumes from the last)")
+    validate_every: int = setting(100, "steps between validations on the held-out identities")
+    holdout: int = setting(1, "identities held out for validation")
+    sample_steps: int = setting(20, "sampling steps of the validation image (0: no image)")
+    seed: int = _seed()
+    image_encoder: str = setting(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        "vision model (the paper's ViT-H): hub id or directory, or tiny (random, for tests and the toy)",
+    )
+    freeze_encoder: bool = setting(True, "freeze the pretrained image encoder (the toy trains its random one)")
+    # 5% of the default steps: the freshly initialised decoder starts gently
+    warmup_steps: int = setting(50, "linear learning-rate warm-up")
+    lr_schedule: str = setting("cosine", "after the warm-up", LR_SCHEDULES)
+    width: int = setting(512, "width of the hypernetwork's transformer decoder")
+    depth: int = setting(4, "layers of the decoder")
+    heads: int = setting(8, "attention heads of the decoder")
+    iterations: int = setting(4, "refinement iterations s")
+    pairing: str = setting(PAIRINGS[0], "target view from any photo, or the input photo's own", PAIRINGS)
+    resolution: int | None = _resolution()
+    instance_token: str | None = setting(
+        None,
+        f"default: what the pre-optimised weights were made with, else {DEFAULT_INSTANCE_TOKEN!r}; "
+        "one that disagrees is refused",
+    )
+    lidb: LiDBConfig | None = setting(
+        None, "default: what the pre-optimised weights were made with, else LiDBConfig(); one that disagrees is refused"
+    )
+    progress: bool = _progress()
 
 
 @dataclass
 class BenchOptions:
     """Options of `python -m hdb bench`."""
 
-    device: str = "auto"
-    tiny: bool = False
-    steps: int = 40
-    relax: str = RELAX_MODES[0]  # how the timed finetune relaxes the prediction (see RELAX_MODES)
-    baseline_steps: int = 50  # measured steps per baseline, then extrapolated
-    compile: str = COMPILE_MODES[0]
-    repeats: int = 3  # warm personalisations (and generations) timed; the best is reported
-    generate_steps: int = 25  # sampling steps of the timed generations
-    first_images: int = 4  # pictures of the first grid, in the time to first images
-    photo: str = "assets/obama.jpg"  # the time to first images starts from it (aligning it needs dlib)
-    baselines: bool = True
-    channels_last: bool = False  # also time eager finetune steps with the UNet in channels-last layout
-    cold_start: bool = False  # also time the first personalisation of two fresh processes: compile cache empty, warm
-    count_operations: bool = False  # only count each way's operations per training step (no timing; quick anywhere)
-    dtype: str = "auto"  # of the base model; "auto": bf16 on GPUs that have it, fp32 on CPU
+    device: str = setting("auto", "auto, cpu or cuda")
+    tiny: bool = setting(False, "tiny random pipeline instead of SD1.5-shaped (for CPUs)")
+    steps: int = setting(40, "fast-finetune steps")
+    relax: str = setting(RELAX_MODES[0], "the timed finetune's relaxation", RELAX_MODES)
+    baseline_steps: int = setting(50, "measured baseline steps (then extrapolated)")
+    compile: str = setting(
+        COMPILE_MODES[0],
+        "torch.compile: full (CUDA graphs), regional (the UNet's repeated blocks) or none",
+        COMPILE_MODES,
+    )
+    repeats: int = setting(3, "warm personalisations (and generations) timed (best reported)")
+    generate_steps: int = setting(25, "sampling steps of the timed generations")
+    first_images: int = setting(4, "pictures of the first grid, in the time to first images")
+    photo: str = setting("assets/obama.jpg", "face photo the time to first images starts from; aligning it needs dlib")
+    baselines: bool = setting(True, "time DreamBooth and DreamBooth-LoRA")
+    channels_last: bool = setting(False, "also time eager steps with a channels-last UNet")
+    cold_start: bool = setting(
+        False, "also time a fresh process's first personalisation, compile cache empty, then warm"
+    )
+    count_operations: bool = setting(
+        False, "only count the operations of a training step, per method (no timing; quick anywhere)"
+    )
+    dtype: str = setting("auto", "of the base model; auto: bf16 on GPUs that have it, fp32 on CPU", DTYPE_CHOICES)

@@ -16,7 +16,7 @@ def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HdbError(f"--device {device} was asked for, but no CUDA GPU is available here; use --device cpu")
+        raise HdbError(f"`device='{device}'` was asked for, but no CUDA GPU is available here; use `device='cpu'`")
     return torch.device(device)
 
 

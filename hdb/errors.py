@@ -20,10 +20,10 @@ def check_choice(what: str, value: object, choices: Iterable[str]) -> None:
         raise HdbError(f"Unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
-def from_hub_or_directory(kind: str, name: str, loader: Callable[[str], T], pass_as: str = "DIR") -> T:
+def from_hub_or_directory(kind: str, name: str, loader: Callable[[str], T]) -> T:
     """`loader(local directory or hub id)`, with the ways that fails offline turned into one clear HdbError.
 
-    `kind` names the model in messages ("base model", "CLIP model"); `pass_as` is how to hand over a download.
+    `kind` names the model in messages ("base model", "CLIP model").
     """
     local = Path(name).expanduser()
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -41,6 +41,6 @@ def from_hub_or_directory(kind: str, name: str, loader: Callable[[str], T], pass
         raise HdbError(
             f"Could not load {kind} {name!r}: it is not a complete local directory and could not be fetched from the "
             f"Hugging Face Hub ({type(error).__name__}). On a connected machine run "
-            f"`hf download {name} --local-dir DIR`, then pass {pass_as}. To try hdb offline: "
-            "`python -m hdb tiny-model tiny` and --base tiny (the demo: python app.py --tiny)."
+            f"`hf download {name} --local-dir DIR`, then pass DIR instead. To try hdb offline, use a tiny "
+            "random pipeline as the base model: `hdb.models.save_tiny_pipeline(DIR)` writes one."
         ) from None

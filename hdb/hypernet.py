@@ -258,7 +258,7 @@ def hypernet_directory(name_or_path: str | Path) -> Path:
         return local
     from huggingface_hub import snapshot_download
 
-    return Path(from_hub_or_directory("hypernetwork", str(name_or_path), snapshot_download, "--hypernet DIR"))
+    return Path(from_hub_or_directory("hypernetwork", str(name_or_path), snapshot_download))
 
 
 def _signature(c: HyperNetworkConfig) -> Signature:

@@ -229,18 +229,17 @@ def write_manifest(out_dir: str | Path, lidb: LiDB, instance_token: str) -> None
         existing = read_manifest(out_dir)
         if (existing.arch_fingerprint, existing.lidb) != (manifest.arch_fingerprint, manifest.lidb):
             raise HdbError(
-                f"{out_dir} holds weights for another base model or LiDB shape ({existing.lidb}); "
-                "use a new --out folder"
+                f"{out_dir} holds weights for another base model or LiDB shape ({existing.lidb}); use a new `out_dir`"
             )
     path.write_text(json.dumps(asdict(manifest), indent=1))
 
 
 def read_manifest(weights_dir: str | Path) -> WeightsManifest:
-    """The manifest of a stage 1 folder (`preoptimize --out`; its weights/ sub-folder is accepted too)."""
+    """The manifest of a stage 1 folder (`preoptimize`'s `out_dir`; its weights/ sub-folder is accepted too)."""
     root = Path(weights_dir)
     path = next((folder / MANIFEST_FILE for folder in (root, root.parent) if (folder / MANIFEST_FILE).is_file()), None)
     if path is None:
-        raise HdbError(f"{root} has no {MANIFEST_FILE}: pass the --out folder of `python -m hdb preoptimize`")
+        raise HdbError(f"{root} has no {MANIFEST_FILE}: pass the folder stage 1 (preoptimize) wrote")
     try:
         values = json.loads(path.read_text())
         return WeightsManifest(

@@ -36,7 +36,8 @@ from hdb.stage import training_stage
 from hdb.training import TrainConfig, train
 
 MEMORY_OPTIONS = (
-    "--gradient-checkpointing, --optimizer adamw8bit, --dtype fp16, a lower --resolution, or a smaller base model"
+    "`gradient_checkpointing=True`, `optimizer='adamw8bit'`, `dtype='fp16'`, a lower `resolution`, "
+    "or a smaller base model"
 )
 
 

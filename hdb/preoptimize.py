@@ -31,7 +31,7 @@ from hdb.personal_file import PersonalWeights, save_personal
 from hdb.stage import training_stage
 from hdb.training import TrainConfig, train
 
-MEMORY_OPTIONS = "a smaller --group-size, --gradient-checkpointing, --optimizer adamw8bit, --dtype fp16"
+MEMORY_OPTIONS = "a smaller `group_size`, `gradient_checkpointing=True`, `optimizer='adamw8bit'`, `dtype='fp16'`"
 
 
 def preoptimize(

@@ -30,9 +30,10 @@ def training_stage(
 ) -> Iterator[None]:
     """Set `pipe` up to train through `lidb`; restore it on exit, and turn a GPU out-of-memory into one clear line.
 
-    `activity` names the stage in messages ("finetuning"); `memory_options` lists the options that lower
-    its memory. A stage with a LiDB of its own holds it in `LiDB.attached` around this. Without a LiDB
-    (the bench's baselines, the toy's base model) the stage unfreezes what it trains itself.
+    `activity` names the stage in messages ("finetuning"); `memory_options` lists the settings that lower
+    its memory, as Python names them (`gradient_checkpointing=True`: see hdb.terms). A stage with a LiDB of
+    its own holds it in `LiDB.attached` around this. Without a LiDB (the bench's baselines, the toy's base
+    model) the stage unfreezes what it trains itself.
     """
     if lidb is not None and lidb.merged:  # merged weights take no gradient: training would silently do nothing
         raise HdbError("The LiDB is merged into the base weights; unmerge it before training")

@@ -51,8 +51,8 @@ from hdb.stage import training_stage
 from hdb.training import TrainConfig, learning_rate_factor, load_optimizer, make_optimizer, save_optimizer, train
 
 MEMORY_OPTIONS = (
-    "a smaller --batch-size with --accumulation-steps, --gradient-checkpointing, --mixed-precision fp16 or bf16, "
-    "--optimizer adamw8bit"
+    "a smaller `batch_size` with `accumulation_steps`, `gradient_checkpointing=True`, `mixed_precision` fp16 or bf16, "
+    "`optimizer='adamw8bit'`"
 )
 
 
@@ -151,11 +151,12 @@ def train_hypernetwork(
     )
     if config.batch_size % accelerator.num_processes:
         raise HdbError(
-            f"--batch-size {config.batch_size} must be a multiple of the {accelerator.num_processes} processes"
+            f"`batch_size={config.batch_size}` must be a multiple of the {accelerator.num_processes} processes"
         )
     if config.beta > 0 and weights_dir is None:
         raise HdbError(
-            "--beta > 0 needs pre-optimised weights (--weights DIR from `python -m hdb preoptimize`); or pass --beta 0"
+            "`beta` > 0 needs pre-optimised weights: `weights_dir`, the folder stage 1 (preoptimize) wrote; "
+            "or set `beta=0`"
         )
     manifest = read_manifest(weights_dir) if weights_dir is not None else None
     lidb_config, instance_token = _settings(config, manifest)

@@ -86,7 +86,7 @@ def make_optimizer(
     try:  # adamw8bit
         import bitsandbytes as bnb
     except ImportError as error:
-        raise HdbError(f"--optimizer adamw8bit needs bitsandbytes ({error}); pip install bitsandbytes") from None
+        raise HdbError(f"`optimizer='adamw8bit'` needs bitsandbytes ({error}); pip install bitsandbytes") from None
     # Tensors under 4,096 elements keep 32-bit state in bitsandbytes; large ones get 8-bit state.
     return bnb.optim.AdamW8bit(parameters, lr=learning_rate, weight_decay=weight_decay)
 

@@ -1,4 +1,4 @@
-"""`python -m hdb` for the foundation: help, tiny-model, base loading, info, export, clear errors."""
+"""`python -m hdb` for the foundation: help, tiny-model, base loading, info, export, clear errors in its terms."""
 
 import os
 
@@ -10,6 +10,7 @@ from helpers import hdb_cli as hdb
 from hdb.errors import HdbError
 from hdb.models import load_pipeline
 from hdb.personal_file import PersonalWeights, save_personal
+from hdb.terms import cli_terms, for_visitors
 
 
 def test_help_lists_the_subcommands():
@@ -27,7 +28,7 @@ def test_tiny_model_is_loaded_by_the_real_loader(tmp_path):
 
 
 def test_offline_hub_id_gives_a_clear_error():
-    with pytest.raises(HdbError, match="`hf download stable-diffusion-v1-5/.*--base DIR.*tiny-model"):
+    with pytest.raises(HdbError, match="`hf download stable-diffusion-v1-5/.*pass DIR instead.*save_tiny_pipeline"):
         load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cpu")
     with pytest.raises(HdbError, match="model_index.json"):
         load_pipeline(os.path.dirname(__file__), device="cpu")
@@ -63,6 +64,52 @@ def test_cli_errors_are_one_line(tmp_path):
         hdb("export", tmp_path / "junk.safetensors", "-o", tmp_path / "x.safetensors", check=False),
         "truncated or corrupt",
     )
+
+
+def test_the_cli_shows_a_setting_the_library_names_as_its_flag(monkeypatch, capsys):
+    from hdb import cli
+    from hdb.personalize import MEMORY_OPTIONS
+
+    def out_of_memory(args):
+        raise HdbError(f"The GPU ran out of memory while finetuning. Lower memory with {MEMORY_OPTIONS}.")
+
+    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)  # it sets this process's environment
+    monkeypatch.setattr(cli, "cmd_info", out_of_memory)
+    assert cli.main(["info", "any.safetensors"]) == 1
+    assert capsys.readouterr().err == (
+        "error: The GPU ran out of memory while finetuning. Lower memory with --gradient-checkpointing, "
+        "--optimizer adamw8bit, --dtype fp16, a lower --resolution, or a smaller base model.\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("library", "command_line"),
+    [
+        ("`device='cuda'` was asked for; use `device='cpu'`", "--device cuda was asked for; use --device cpu"),
+        ("a smaller `batch_size` with `accumulation_steps`", "a smaller --batch-size with --accumulation-steps"),
+        ("`beta` > 0 needs `weights_dir`; or set `beta=0`", "--beta > 0 needs --weights; or set --beta 0"),
+        ("`relaxed_rank`, `learning_rate`, `freeze_encoder=False`", "--rank, --lr, --train-encoder"),
+        ("`hdb.models.save_tiny_pipeline(DIR)` writes one", "`python -m hdb tiny-model DIR` writes one"),
+        ("`hf download a/b --local-dir DIR`, `preoptimize`", "`hf download a/b --local-dir DIR`, `preoptimize`"),
+    ],
+)
+def test_cli_terms_turn_settings_into_flags_and_leave_the_rest(library, command_line):
+    assert cli_terms(library) == command_line
+
+
+def test_every_memory_advice_names_settings_the_cli_has():
+    from hdb import personalize, preoptimize, train_hypernet
+
+    for module in (personalize, preoptimize, train_hypernet):
+        assert "`" in module.MEMORY_OPTIONS and "`" not in cli_terms(module.MEMORY_OPTIONS), module.__name__
+
+
+def test_visitors_are_spared_advice_about_settings_they_cannot_change():
+    from hdb.personalize import MEMORY_OPTIONS
+
+    message = f"The GPU ran out of memory while finetuning. Lower memory with {MEMORY_OPTIONS}."
+    assert for_visitors(message) == "The GPU ran out of memory while finetuning."
+    assert for_visitors("Unknown style 'x'. Choose one of A, B.") == "Unknown style 'x'. Choose one of A, B."
 
 
 def test_resolve_dtype_refuses_unknown_names():

@@ -1,14 +1,24 @@
-"""The architecture as tests: a layered, acyclic import graph; every CLI default is its config's default."""
+"""The architecture as tests: a layered, acyclic import graph; every CLI default and help is its config's."""
 
+import argparse
 import ast
 import inspect
+import re
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from hdb.cli import build_parser, config_from_args
-from hdb.config import BenchOptions, HypernetTrainConfig, LiDBConfig, PersonalizeConfig, PreoptimizeConfig
+from hdb.config import (
+    BenchOptions,
+    DatasetSource,
+    HypernetTrainConfig,
+    LiDBConfig,
+    PersonalizeConfig,
+    PreoptimizeConfig,
+)
+from hdb.terms import flag_for
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hdb"
 
@@ -62,11 +72,37 @@ def test_the_library_does_not_reach_up_into_the_commands_or_the_toy():
 def test_plotting_and_heavy_libraries_stay_out_of_the_light_modules():
     sources = {path.relative_to(PACKAGE).as_posix(): path.read_text() for path in PACKAGE.rglob("*.py")}
     assert [name for name, text in sources.items() if "matplotlib" in text] == ["toy/report.py"]
-    for light in ("config.py", "errors.py", "cli.py"):  # `python -m hdb --help` must not wait for torch
+    for light in ("config.py", "errors.py", "terms.py", "cli.py"):  # `python -m hdb --help` must not wait for torch
         tree = ast.parse(sources[light])
         top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
         names = [n.module if isinstance(n, ast.ImportFrom) else n.names[0].name for n in top_level]
         assert not [n for n in names if n and n.split(".")[0] in ("torch", "diffusers", "transformers")], light
+
+
+# Flags library strings may name: another tool's (the Hugging Face CLI's), and the model card's usage example
+FLAGS_IN_THE_LIBRARY = {("errors.py", "--local-dir"), ("hub.py", "--base"), ("hub.py", "--hypernet")}
+# The commands, and the command line's own vocabulary: these speak in flags
+COMMAND_MODULES = {"cli.py", "__main__.py", "bench.py", "terms.py"}
+
+
+def test_library_messages_name_settings_not_flags():
+    """A Python user reads `gradient_checkpointing=True`; the CLI shows it as --gradient-checkpointing (hdb.terms)."""
+    named = set()
+    for path in PACKAGE.rglob("*.py"):
+        module = path.relative_to(PACKAGE).as_posix()
+        if module in COMMAND_MODULES or module.startswith("toy/"):
+            continue
+        tree = ast.parse(path.read_text())
+        documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, documented) and node.body and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                named |= {(module, flag) for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", node.value)}
+    assert named <= FLAGS_IN_THE_LIBRARY, sorted(named - FLAGS_IN_THE_LIBRARY)
 
 
 def parse(*argv: str):
@@ -97,6 +133,40 @@ def test_cli_options_reach_the_config():
     assert parse("preoptimize", "--images", "i", "--out", "o").rank == LiDBConfig().rank
     assert parse("bench", "--no-baselines").baselines is False
     assert parse("train", "--images", "i", "--out", "o").base == parse("personalize", "p", "-o", "x").base
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_config_field_documents_itself():
+    for config in (PersonalizeConfig, PreoptimizeConfig, HypernetTrainConfig, BenchOptions, LiDBConfig, DatasetSource):
+        for field in fields(config):
+            assert field.metadata.get("help"), f"{config.__name__}.{field.name} has no help"
+
+
+@pytest.mark.parametrize(
+    ("command", "configs"),
+    [
+        ("personalize", [PersonalizeConfig]),
+        ("preoptimize", [PreoptimizeConfig, DatasetSource]),
+        ("train", [HypernetTrainConfig, DatasetSource]),
+        ("bench", [BenchOptions]),
+    ],
+)
+def test_an_option_made_from_a_config_field_has_its_help_written_once_there(command, configs):
+    field_of = {field.name: field for config in configs for field in fields(config)}
+    options = [a for a in subcommands()[command]._actions if a.option_strings and a.dest in field_of]
+    assert len(options) >= 5, options
+    for option in options:
+        help = field_of[option.dest].metadata["help"]
+        assert help and help in option.help, (command, option.dest, option.help)  # plus the default, or "do not"
+        assert option.option_strings == [flag_for(option.dest)], (command, option.dest)
+        if "choices" in field_of[option.dest].metadata:
+            assert tuple(option.choices) == field_of[option.dest].metadata["choices"]
+    if command == "preoptimize":  # its --rank is LiDBConfig's
+        rank = next(a for a in subcommands()[command]._actions if a.dest == "rank")
+        assert next(f for f in fields(LiDBConfig) if f.name == "rank").metadata["help"] in rank.help
 
 
 def test_generate_defaults_match_the_function():
