@@ -35,21 +35,22 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def engine():
-    from app import Engine, parse_args
+    from hdb.app.engine import Engine
+    from hdb.app.main import parse_args
 
     return Engine(parse_args(["--tiny", "--device", "cpu"]))
 
 
 @pytest.fixture(scope="module")
 def visitor_files(tmp_path_factory):
-    from app import VisitorFiles
+    from hdb.app.visitors import VisitorFiles
 
     return VisitorFiles(tmp_path_factory.mktemp("visitors"))
 
 
 @pytest.fixture(scope="module")
 def app_url(engine, visitor_files):
-    from app import build_demo
+    from hdb.app.page import build_demo
 
     with pytest.MonkeyPatch.context() as patch:  # as `app.main` does: Gradio's cache inside the app's folder
         patch.setenv("GRADIO_TEMP_DIR", str(visitor_files.gradio_cache))  # read on every upload: keep it set
@@ -216,13 +217,14 @@ def test_a_failed_visitor_does_not_break_the_next_one(app_url, engine, lone_pict
 
 
 def test_zerogpu_asks_for_the_time_each_call_needs(engine, visitor_files, monkeypatch):
-    import app
+    from hdb.app import engine as app
+    from hdb.app.handlers import Handlers
 
     asked = []
     stand_in = types.ModuleType("spaces")  # what the Space's `spaces` package offers: GPU(duration=callable)
     stand_in.GPU = lambda duration: asked.append(duration) or (lambda fn: fn)  # called with the inputs, as ZeroGPU
     monkeypatch.setitem(sys.modules, "spaces", stand_in)
-    app.make_handlers(engine, visitor_files)
+    Handlers(engine, visitor_files)
     personalize_duration, generate_duration = asked
     monkeypatch.setattr(engine, "seconds_per_step", None)  # on ZeroGPU the forked worker's timing never comes back
     per_step = app.GPU_SECONDS["finetune_step"] * engine.pixel_scale
@@ -254,12 +256,13 @@ def test_zerogpu_asks_for_the_time_each_call_needs(engine, visitor_files, monkey
 
 
 def test_compile_is_ignored_on_a_cpu_and_never_happens_on_zero_gpu(monkeypatch, caplog):
-    import app
+    from hdb.app import engine as app
+    from hdb.app.main import parse_args
 
     compiled = []
     monkeypatch.setattr("hdb.models.compile_pipeline", lambda pipe, mode: compiled.append(mode))
     monkeypatch.setenv("HDB_COMPILE", "1")  # as a Space's settings would ask for it
-    options = app.parse_args(["--tiny", "--device", "cpu"])
+    options = parse_args(["--tiny", "--device", "cpu"])
     assert options.compile
     with caplog.at_level(logging.WARNING, logger="hdb.app"):
         engine = app.Engine(options)
@@ -272,17 +275,19 @@ def test_compile_is_ignored_on_a_cpu_and_never_happens_on_zero_gpu(monkeypatch, 
 
 def test_compiling_warms_up_in_the_background_and_the_page_says_so(monkeypatch, visitor_files):
     """The dedicated-GPU path, run on the CPU with compiling itself stubbed out (it takes minutes here)."""
-    import app
-    import hdb.generate
+    import hdb.pipeline
+    from hdb.app import engine as app
+    from hdb.app.main import parse_args
+    from hdb.app.page import build_demo
     from hdb.config import APP_COMPILE_MODE
 
-    compiled, release, real_generate = [], threading.Event(), hdb.generate.generate
+    compiled, release, real_generate = [], threading.Event(), hdb.pipeline.generate
     monkeypatch.setattr("hdb.models.compile_pipeline", lambda pipe, mode: compiled.append(mode))
     monkeypatch.setattr(app, "compile_refusal", lambda device_type, zero_gpu: None)  # as on a dedicated GPU
-    monkeypatch.setattr("hdb.generate.generate", lambda *a, **k: release.wait(60) and real_generate(*a, **k))
-    engine = app.Engine(app.parse_args(["--tiny", "--device", "cpu", "--compile"]))
+    monkeypatch.setattr("hdb.pipeline.generate", lambda *a, **k: release.wait(60) and real_generate(*a, **k))
+    engine = app.Engine(parse_args(["--tiny", "--device", "cpu", "--compile"]))
     assert engine.warm_up.is_alive() and engine.warm_up_note.startswith("⏳")  # the page is served meanwhile
-    page = app.build_demo(engine, visitor_files)
+    page = build_demo(engine, visitor_files)
     assert any(getattr(block, "elem_id", None) == "warm-up" for block in page.blocks.values())
     release.set()
     engine.warm_up.join(timeout=60)
@@ -319,7 +324,7 @@ def test_a_stopped_server_leaves_no_visitor_file_and_the_next_one_sweeps_a_crash
 
 
 def test_a_session_hash_from_the_browser_can_only_name_a_folder_of_its_own(tmp_path):
-    from app import VisitorFiles
+    from hdb.app.visitors import VisitorFiles
 
     files = VisitorFiles(tmp_path / "hdb_app")
     outside = tmp_path / "keep.txt"

@@ -59,7 +59,7 @@ def test_the_import_graph_is_acyclic():
 
 def test_the_library_does_not_reach_up_into_the_commands_or_the_toy():
     graph = hdb_imports()
-    top = {"hdb.cli", "hdb.__main__", "hdb.bench"} | {m for m in graph if m.startswith("hdb.toy")}
+    top = {"hdb.cli", "hdb.__main__", "hdb.bench"} | {m for m in graph if m.startswith(("hdb.toy", "hdb.app"))}
     for module, imported in graph.items():
         if module not in top:
             assert not imported & top, f"{module} imports {imported & top}"
@@ -90,7 +90,7 @@ def test_library_messages_name_settings_not_flags():
     named = set()
     for path in PACKAGE.rglob("*.py"):
         module = path.relative_to(PACKAGE).as_posix()
-        if module in COMMAND_MODULES or module.startswith("toy/"):
+        if module in COMMAND_MODULES or module.startswith(("toy/", "app/")):  # the app's flags are its own
             continue
         tree = ast.parse(path.read_text())
         documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
@@ -103,6 +103,49 @@ def test_library_messages_name_settings_not_flags():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
                 named |= {(module, flag) for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", node.value)}
     assert named <= FLAGS_IN_THE_LIBRARY, sorted(named - FLAGS_IN_THE_LIBRARY)
+
+
+# What changes a pipeline's LiDB for good: attaching one (`LiDB(...)`), taking it off, loading or relaxing weights,
+# merging, scaling. Everyone else changes it only inside the scopes lidb.py offers, which restore on the way out.
+LASTING_CHANGES = {"unload", "start_from", "load_weights", "merge", "unmerge", "set_scale", "add_lora", "load_lora",
+                   "remove_lora", "relax_rank"}  # fmt: skip
+LIDB_OWNERS = {"pipeline.py", "lidb.py"}
+
+
+def test_one_module_changes_the_lidb_for_good():
+    """ "Who changes the LiDB?" has one answer: hdb.pipeline (PersonalPipeline), and lidb.py itself."""
+    changes = []
+    for path in PACKAGE.rglob("*.py"):
+        module = path.relative_to(PACKAGE).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            function = node.func
+            if isinstance(function, ast.Name) and function.id == "LiDB":
+                changes.append((module, "LiDB(...)"))
+            elif isinstance(function, ast.Attribute) and function.attr in LASTING_CHANGES:
+                receiver = ast.unparse(function.value).split(".")[-1]  # how hdb names a LiDB: `lidb`, `self.lidb`
+                if "lidb" in receiver:
+                    changes.append((module, function.attr))
+    assert {module for module, _ in changes} <= LIDB_OWNERS, sorted(c for c in changes if c[0] not in LIDB_OWNERS)
+    assert {module for module, _ in changes} == LIDB_OWNERS  # the test sees the calls it is about
+
+
+def test_the_app_starts_from_a_few_lines():
+    app = PACKAGE.parent / "app.py"
+    assert len(app.read_text().splitlines()) <= 20  # Spaces runs app.py; the app itself lives in hdb/app/
+
+
+def test_library_code_never_seeds_the_process_wide_generator():
+    seeding = {"manual_seed", "seed", "manual_seed_all"}
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in seeding:
+                owner = ast.unparse(node.func.value)
+                if owner in ("torch", "torch.random", "torch.cuda", "random", "np.random", "numpy.random"):
+                    found.append((path.name, ast.unparse(node.func)))
+    assert not found, found
 
 
 def parse(*argv: str):

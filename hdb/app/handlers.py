@@ -49,7 +49,9 @@ class Handlers:
             lambda inputs: engine.personalize_seconds(int(inputs["steps"]) or engine.default_steps)
         )(self.personalize)
         self.generate = gpu_task(
-            lambda inputs: engine.generate_seconds(int(inputs["steps"]), int(inputs["count"]), self.area(inputs["size"]))
+            lambda inputs: engine.generate_seconds(
+                int(inputs["steps"]), int(inputs["count"]), self.area(inputs["size"])
+            )
         )(self.generate)
 
     def session(self, session: Session | None, request: gr.Request) -> Session:

@@ -1,0 +1,3 @@
+from hdb.app.main import main
+
+main()

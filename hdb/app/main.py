@@ -1,0 +1,65 @@
+"""Start the demo: `python app.py` (Spaces runs it), `python -m hdb.app`, or `hdb.app.main()`.
+
+    python app.py                       # SD1.5 from the hub (or HDB_BASE), GPU if there is one
+    python app.py --tiny                # tiny random pipeline: the whole flow offline, in seconds, on a CPU
+    python app.py --compile             # a dedicated GPU: compile the model in the background at start
+
+Every option is also an environment variable (HDB_BASE, HDB_HYPERNET, HDB_DEVICE, HDB_DTYPE,
+HDB_OPTIMIZER, HDB_TINY, HDB_COMPILE), which is how a Hugging Face Space sets them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from hdb import DEFAULT_BASE, HdbError
+from hdb.config import APP_COMPILE_MODE, DTYPE_CHOICES, OPTIMIZERS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+
+    def env_flag(name: str) -> bool:  # a switch set by an environment variable: anything but "", "0", "false"
+        return env(name, "") not in ("", "0", "false")
+
+    parser = argparse.ArgumentParser(description="hdb demo (Gradio)")
+    parser.add_argument("--base", default=env("HDB_BASE", DEFAULT_BASE), help="base model: hub id or local directory")
+    parser.add_argument("--hypernet", default=env("HDB_HYPERNET"), help="trained hypernetwork: hub id or directory")
+    parser.add_argument("--device", default=env("HDB_DEVICE", "auto"))
+    parser.add_argument("--dtype", default=env("HDB_DTYPE", "auto"), choices=DTYPE_CHOICES)
+    parser.add_argument("--optimizer", default=env("HDB_OPTIMIZER", OPTIMIZERS[0]), choices=OPTIMIZERS)
+    parser.add_argument("--tiny", action="store_true", default=env_flag("HDB_TINY"))
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=env_flag("HDB_COMPILE"),
+        help=f"dedicated GPU: torch.compile ({APP_COMPILE_MODE}) while the page is already served; not on ZeroGPU",
+    )
+    parser.add_argument(
+        "--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="0.0.0.0 to serve the network (Spaces set it)"
+    )
+    parser.add_argument("--port", type=int, default=int(env("HDB_PORT", env("GRADIO_SERVER_PORT", "7860"))))
+    parser.add_argument("--share", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hdb.app.engine import Engine
+    from hdb.app.page import build_demo
+    from hdb.app.visitors import VisitorFiles
+
+    options = parse_args(argv)
+    try:
+        engine = Engine(options)
+    except HdbError as error:
+        raise SystemExit(f"error: {error}") from None
+    files = VisitorFiles()
+    os.environ["GRADIO_TEMP_DIR"] = str(files.gradio_cache)  # this process is the app's: its cache goes with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped container or Space: clean up as on Ctrl-C
+    try:
+        build_demo(engine, files).launch(server_name=options.host, server_port=options.port, share=options.share)
+    finally:
+        files.remove()
