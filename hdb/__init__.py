@@ -1,7 +1,16 @@
 """hdb: HyperDreamBooth (Ruiz et al., arXiv 2307.06949) on diffusers."""
 
+from hdb.config import DEFAULT_BASE
 from hdb.errors import HdbError
 
 __version__ = "0.1.0"
-DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the base model users get by default
-__all__ = ["DEFAULT_BASE", "HdbError", "__version__"]
+__all__ = ["DEFAULT_BASE", "HdbError", "PersonalPipeline", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    """`hdb.PersonalPipeline`, imported on first use: `import hdb` (and `python -m hdb --help`) stay instant."""
+    if name == "PersonalPipeline":
+        from hdb.pipeline import PersonalPipeline
+
+        return PersonalPipeline
+    raise AttributeError(f"module 'hdb' has no attribute {name!r}")

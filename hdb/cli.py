@@ -19,8 +19,8 @@ from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, get_args, get_type_hints
 
-from hdb import DEFAULT_BASE
 from hdb.config import (
+    DEFAULT_BASE,
     DTYPE_CHOICES,
     FILE_DTYPES,
     LORA_FORMATS,

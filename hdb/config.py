@@ -14,6 +14,7 @@ from typing import Any
 
 from hdb.errors import HdbError
 
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the base model users get by default
 OPTIMIZERS = ("adamw", "adamw8bit")  # torch's AdamW, bitsandbytes' 8-bit AdamW
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")  # the precision the base model runs in
 FILE_DTYPES = ("fp32", "fp16")  # what personal files and LoRA exports are written in

@@ -23,8 +23,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from hdb import DEFAULT_BASE
-from hdb.config import COMPILE_MODES, TINY_ARCHS
+from hdb.config import COMPILE_MODES, DEFAULT_BASE, TINY_ARCHS
 from hdb.devices import resolve_device, resolve_dtype
 from hdb.errors import HdbError, check_choice, from_hub_or_directory
 

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from hdb import DEFAULT_BASE
 from hdb.config import (
+    DEFAULT_BASE,
     MAX_PHOTOS,
     STEPS_FROM_ZERO,
     STEPS_WITH_HYPERNET,

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from hdb import HdbError
 from hdb.app.engine import Engine, gpu_task
 from hdb.app.visitors import Session, VisitorFiles
 from hdb.config import MAX_PHOTOS, PersonalizeConfig
+from hdb.errors import HdbError
 from hdb.evaluate import identity_score
 from hdb.export import export_lora
 from hdb.faces import face_embedding

@@ -15,8 +15,8 @@ import os
 import signal
 import sys
 
-from hdb import DEFAULT_BASE, HdbError
-from hdb.config import APP_COMPILE_MODE, DTYPE_CHOICES, OPTIMIZERS
+from hdb.config import APP_COMPILE_MODE, DEFAULT_BASE, DTYPE_CHOICES, OPTIMIZERS
+from hdb.errors import HdbError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
