@@ -131,14 +131,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_personalize(args: argparse.Namespace) -> None:
+    from hdb.devices import DTYPES
     from hdb.faces import load_image
+    from hdb.pipeline import PersonalPipeline, check_photo_count
 
-    if len(args.photo) > MAX_PHOTOS:
-        raise HdbError(f"Personalise from 1 to {MAX_PHOTOS} photos of one person, not {len(args.photo)}")
+    check_photo_count(len(args.photo))
     for photo in args.photo:  # a missing or unreadable photo fails before the model loads
         load_image(photo)
-    from hdb.devices import DTYPES
-    from hdb.pipeline import PersonalPipeline
 
     _quiet_model_loading()
     personal = PersonalPipeline.load(args.base, args.hypernet, args.device, args.dtype)

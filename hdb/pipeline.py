@@ -48,6 +48,12 @@ if TYPE_CHECKING:
 Photos = ImageSource | AlignedFace | list[ImageSource | AlignedFace]
 
 
+def check_photo_count(count: int) -> None:
+    """The one rule for how many photos one personalisation takes (callers check early, before slow work)."""
+    if not 1 <= count <= MAX_PHOTOS:
+        raise HdbError(f"Personalise from 1 to {MAX_PHOTOS} photos of one person, not {count}")
+
+
 class PersonalPipeline:
     """A diffusers Stable Diffusion pipeline that holds one person at a time, in a LiDB it owns.
 
@@ -102,8 +108,7 @@ class PersonalPipeline:
         `resolution`: what the finetune trains at (None: the native size); aligned faces pass through as they are.
         """
         photos = photos if isinstance(photos, list) else [photos]
-        if not 1 <= len(photos) <= MAX_PHOTOS:
-            raise HdbError(f"Personalise from 1 to {MAX_PHOTOS} photos of one person, not {len(photos)}")
+        check_photo_count(len(photos))
         size = crop_size(resolution or self.resolution)
         return [photo if isinstance(photo, AlignedFace) else align_face(photo, size=size) for photo in photos]
 

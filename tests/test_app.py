@@ -362,3 +362,22 @@ def test_several_photos_in_the_app(app_url):
     assert "Personalised from 2 photos" in status and "may show someone" not in status
     _, status, _ = personalize(client, ASSETS / "obama.jpg", more=[ASSETS / "biden.jpg"])
     assert "Photo 2 may show someone other than photo 1" in status
+
+
+def test_handlers_are_plain_methods_a_test_can_call(engine, visitor_files):
+    """No server: the app's crop is the library's, and handler errors are clear Gradio errors."""
+    import gradio as gr
+
+    from hdb.app.handlers import Handlers
+
+    handlers = Handlers(engine, visitor_files)
+    crop, note = handlers.show_crop(str(ASSETS / "obama.jpg"))
+    assert np.array_equal(np.asarray(crop), np.asarray(engine.personal.faces(ASSETS / "obama.jpg")[0].image))
+    assert note == "Face found and aligned."
+    with pytest.raises(gr.Error, match="Personalise a photo first"):
+        handlers.generate(None, "[V]", "None", "", 1.0, 2, 7.5, 0, False, "Square", 1)
+    request = SimpleNamespace(session_hash="direct-call")
+    photos = [str(ASSETS / "obama.jpg")] * 6
+    with pytest.raises(gr.Error, match="from 1 to 5 photos"):
+        next(handlers.personalize(photos[0], True, 2, None, photos[1:], request))
+    visitor_files.forget("direct-call")

@@ -15,12 +15,13 @@ import gradio as gr
 
 from hdb.app.engine import Engine, gpu_task
 from hdb.app.visitors import Session, VisitorFiles
-from hdb.config import MAX_PHOTOS, PersonalizeConfig
+from hdb.config import PersonalizeConfig
 from hdb.errors import HdbError
 from hdb.evaluate import identity_score
 from hdb.export import export_lora
 from hdb.faces import face_embedding
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
+from hdb.pipeline import check_photo_count
 from hdb.styles import picture_size
 from hdb.terms import for_visitors
 
@@ -86,8 +87,10 @@ class Handlers:
         photos = [photo, *(more_photos or [])]
         for upload in photos:
             self.files.note_upload(session.key, upload)
-        if len(photos) > MAX_PHOTOS:
-            raise gr.Error(f"Up to {MAX_PHOTOS} photos of one person, please ({len(photos)} given).")
+        try:
+            check_photo_count(len(photos))
+        except HdbError as error:
+            raise visitor_error(error) from None
         if not consent:
             raise gr.Error("Please confirm that you have the right to use this photo.")
         steps = int(steps) or engine.default_steps
