@@ -39,7 +39,7 @@ from hdb.lidb import LiDB, check_signature
 from hdb.models import Pipeline, load_pipeline, native_resolution
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
 from hdb.personalize import Personalization, finetune, same_person_notes
-from hdb.styles import negative_for
+from hdb.styles import check_prompt, expand_prompt, negative_for
 from hdb.training import TrainingDiverged
 
 if TYPE_CHECKING:
@@ -212,12 +212,10 @@ class PersonalPipeline:
         `negative_prompt`: None follows the style. Identity strength, merged weights and scheduler are as
         before afterwards, also when sampling fails.
         """
-        from hdb.styles import expand_prompt
-
         if self.person is None:
             raise HdbError("No person is loaded: personalise a photo or load a personal file first")
         full_prompt = expand_prompt(prompt, self.person.instance_token, style)
-        negative = negative_for(style) if negative_prompt is None else negative_prompt
+        negative = negative_for(style) if negative_prompt is None else check_prompt(negative_prompt, "negative prompt")
         return generate(
             self.pipe, self.lidb, full_prompt, negative, steps=steps, guidance=guidance, seed=seed,
             num_images=num_images, identity_strength=strength, height=height, width=width, on_step=on_step,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from hdb.errors import HdbError, check_choice
 
 PERSON = "[V]"  # how prompts name the person; replaced by the file's instance token
+MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens (a few hundred characters); a longer prompt only costs time
 # One place for styles: the CLI, the app and the notebooks all read this table.
 STYLE_PRESETS: dict[str, str] = {
     "None": "{prompt}",
@@ -43,9 +44,19 @@ EXAMPLE_PROMPTS = [
 ]
 
 
+def check_prompt(prompt: object, what: str = "prompt") -> str:
+    """A prompt is text of at most MAX_PROMPT_CHARS characters (the text encoder reads 77 tokens of it anyway)."""
+    if not isinstance(prompt, str):
+        raise HdbError(f"The {what} must be text, not {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise HdbError(f"The {what} is {len(prompt):,} characters long; at most {MAX_PROMPT_CHARS:,} are read")
+    return prompt
+
+
 def expand_prompt(prompt: str, instance_token: str, style: str = "None") -> str:
     """Put the person and the style into the prompt: "a [V] as a chef" -> "a sks face as a chef, <style>"."""
     check_choice("style", style, STYLE_PRESETS)
+    check_prompt(prompt)
     if not prompt.strip():
         raise HdbError(
             f"The prompt is empty; describe a scene with {PERSON} for the person, e.g. '{EXAMPLE_PROMPTS[1]}'"

@@ -22,6 +22,7 @@ log = logging.getLogger("hdb.app")
 GPU_SECONDS = {"setup": 10.0, "finetune_step": 0.35, "image_step": 0.08}
 MAX_GPU_SECONDS = 180  # what one call may ask for at most; the sliders' limits are set so their work fits
 MAX_FINETUNE_STEPS, MAX_SAMPLING_STEPS, MAX_IMAGES = 400, 100, 4
+MAX_STRENGTH, MAX_GUIDANCE = 1.5, 15.0  # the page's slider limits, checked again on the server (API callers)
 # the largest size preset's pixels over the native square's (SD1.x's portrait: 1.5)
 MAX_AREA = max(w * h / native**2 for native, sizes in SIZE_PRESETS.items() for w, h in sizes.values())
 

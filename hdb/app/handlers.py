@@ -6,16 +6,20 @@ Every handler turns an HdbError into a `gr.Error` with the same message in the v
 
 from __future__ import annotations
 
+import math
 import random
+import re
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from hdb.app.engine import Engine, gpu_task
+from hdb.app.engine import MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, Engine, gpu_task
 from hdb.app.visitors import Session, VisitorFiles
-from hdb.config import PersonalizeConfig
+from hdb.config import MAX_SEED, PersonalizeConfig
 from hdb.errors import HdbError
 from hdb.evaluate import identity_score
 from hdb.export import export_lora
@@ -28,6 +32,8 @@ from hdb.terms import for_visitors
 if TYPE_CHECKING:
     from PIL import Image
 
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s'\"]+")  # in a message: from a leading / to the next space or quote
+MAX_JOBS_PER_VISITOR = 1  # requests one session may have waiting or running at once
 PERSON_FILE, KOHYA_FILE, DIFFUSERS_FILE = (
     "person.safetensors",
     "person_lora_kohya.safetensors",
@@ -35,9 +41,26 @@ PERSON_FILE, KOHYA_FILE, DIFFUSERS_FILE = (
 )
 
 
+def whole_number(value: object, what: str, low: int, high: int) -> int:
+    """`value` from the page or the API as a whole number in low..high, or a clear error (NaN, 2**64, "x")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise gr.Error(f"{what} must be a whole number from {low} to {high}, not {value!r}")
+    if value != int(value) or not low <= value <= high:
+        raise gr.Error(f"{what} must be a whole number from {low} to {high}, not {value!r}")
+    return int(value)
+
+
+def number(value: object, what: str, low: float, high: float) -> float:
+    """`value` as a finite number in low..high, or a clear error (NaN passes every slider limit)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise gr.Error(f"{what} must be a number from {low} to {high}, not {value!r}")
+    return float(value)
+
+
 def visitor_error(error: HdbError) -> gr.Error:
-    """The message a visitor sees for a library error: no advice about settings they cannot change."""
-    return gr.Error(for_visitors(str(error)))
+    """The message a visitor sees for a library error: no advice about settings they cannot change, and no
+    server path (a file is named by its own name: the folders say where the server keeps things, and its PID)."""
+    return gr.Error(ABSOLUTE_PATH.sub(lambda match: Path(match.group()).name, for_visitors(str(error))))
 
 
 class Handlers:
@@ -45,6 +68,7 @@ class Handlers:
 
     def __init__(self, engine: Engine, files: VisitorFiles) -> None:
         self.engine, self.files = engine, files
+        self.blocks: gr.Blocks | None = None  # the page, once built: its queue says who is waiting
         # ZeroGPU: the GPU functions ask for the time their inputs need (decorated here, once, before launch)
         self.personalize = gpu_task(
             lambda inputs: engine.personalize_seconds(int(inputs["steps"]) or engine.default_steps)
@@ -61,14 +85,60 @@ class Handlers:
             session = Session(request.session_hash, self.files.folder(request.session_hash))
         return session
 
-    def show_crop(self, photo: str | None) -> tuple:
+    # -- before a job joins the line
+
+    def one_job_per_visitor(self, request: gr.Request) -> None:
+        """Refuse a request while this visitor already has one waiting or running: one visitor cannot fill the line
+        that every visitor shares (Gradio runs this before the request is queued: `validator=`)."""
+        queue = getattr(self.blocks, "_queue", None)  # Gradio's queue: which requests of each session are pending
+        pending = queue.pending_event_ids_session.get(request.session_hash, ()) if queue is not None else ()
+        if len(pending) >= MAX_JOBS_PER_VISITOR:
+            raise gr.Error("You already have a request waiting or running; it has to finish first.")
+
+    def may_personalize(
+        self, photo: object, consent: object, steps: object, session: object, more: object, request: gr.Request
+    ) -> None:
+        self.one_job_per_visitor(request)  # a validator takes the event's inputs; only the request matters here
+
+    def may_generate(
+        self,
+        session: object,
+        prompt: object,
+        style: object,
+        negative: object,
+        strength: object,
+        steps: object,
+        guidance: object,
+        seed: object,
+        randomize: object,
+        size: object,
+        count: object,
+        request: gr.Request,
+    ) -> None:
+        self.one_job_per_visitor(request)
+
+    def may_upload_person(self, file: object, session: object, request: gr.Request) -> None:
+        self.one_job_per_visitor(request)
+
+    # -- the events
+
+    def show_crop(self, photo: str | None, session: Session | None, request: gr.Request) -> tuple:
         if not photo:
-            return None, ""
+            return None, "", session
+        session = self.session(session, request)
+        self.files.note_upload(session.key, photo)  # a photo only looked at goes when the visitor leaves too
         try:
             face = self.engine.personal.faces(photo)[0]
         except HdbError as error:
             raise visitor_error(error) from None
-        return face.image, face.note or "Face found and aligned."
+        return self.keep(session, face.image, "face"), face.note or "Face found and aligned.", session
+
+    def note_uploads(self, uploads: list[str] | None, session: Session | None, request: gr.Request) -> Session:
+        """Remember files the visitor sent (more photos), so that they go when the visitor leaves."""
+        session = self.session(session, request)
+        for upload in uploads or []:
+            self.files.note_upload(session.key, upload)
+        return session
 
     def personalize(
         self,
@@ -91,9 +161,9 @@ class Handlers:
             check_photo_count(len(photos))
         except HdbError as error:
             raise visitor_error(error) from None
-        if not consent:
+        if consent is not True:  # the API takes any value: "no" is not consent
             raise gr.Error("Please confirm that you have the right to use this photo.")
-        steps = int(steps) or engine.default_steps
+        steps = whole_number(steps, "Finetune steps", 0, engine.max_finetune_steps) or engine.default_steps
         yield None, f"Preparing the face... ({engine.estimate(steps)})", session, None
         try:
             progress(0, desc="Finding and aligning the face" + ("s" if len(photos) > 1 else ""))
@@ -116,7 +186,14 @@ class Handlers:
         notes = " ".join([face.note for face in faces if face.note] + result.notes)
         photos_used = f" from {len(faces)} photos" if len(faces) > 1 else ""
         message = f"Personalised{photos_used} in {time.perf_counter() - started:.1f} s: {steps} steps {how}. {notes}"
-        yield faces[0].image, message, session, downloads
+        yield self.keep(session, faces[0].image, "face"), message, session, downloads
+
+    def keep(self, session: Session, image: Image.Image, kind: str) -> str:
+        """`image` saved in the visitor's folder, which Gradio serves in place: it goes when the visitor leaves
+        (a picture returned as an image would be copied into Gradio's cache, kept for an hour)."""
+        path = session.folder / f"{kind}-{uuid.uuid4().hex[:12]}.png"
+        image.save(path)
+        return str(path)
 
     def save_files(self, session: Session, weights: PersonalWeights) -> list[str]:
         """The visitor's personal file and both LoRA exports, in their own folder."""
@@ -129,6 +206,7 @@ class Handlers:
         session = self.session(session, request)
         if not file:
             return session, "", None
+        self.files.note_upload(session.key, file)
         try:
             weights = load_personal(file)
             self.engine.personal.check(weights)
@@ -161,8 +239,11 @@ class Handlers:
         engine = self.engine
         if session is None or session.weights is None:
             raise gr.Error("Personalise a photo first (or upload a saved personal file).")
-        seed = random.randrange(2**31) if randomize else int(seed)
-        steps, count = int(steps), int(count)
+        seed = random.randrange(2**31) if randomize is True else whole_number(seed, "The seed", 0, MAX_SEED)
+        steps = whole_number(steps, "Sampling steps", 1, engine.max_sampling_steps)
+        count = whole_number(count, "The number of images", 1, MAX_IMAGES)
+        strength = number(strength, "Identity strength", 0.0, MAX_STRENGTH)
+        guidance = number(guidance, "Guidance", 1.0, MAX_GUIDANCE)
         try:
             width, height = picture_size(size, engine.personal.resolution)
 
@@ -187,7 +268,9 @@ class Handlers:
                 )
         except HdbError as error:
             raise visitor_error(error) from None
-        return [(image, self.caption(session, image, seed, k)) for k, image in enumerate(images)], seed
+        captions = [self.caption(session, image, seed, k) for k, image in enumerate(images)]
+        pictures = [self.keep(session, image, f"seed{seed}") for image in images]
+        return list(zip(pictures, captions, strict=True)), seed
 
     def area(self, size: str) -> float:
         native = self.engine.personal.resolution

@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
+from pathlib import Path
 
 from hdb.config import APP_COMPILE_MODE, DEFAULT_BASE, DTYPE_CHOICES, OPTIMIZERS
 from hdb.errors import HdbError
+
+MAX_UPLOAD = "20mb"  # per file: a phone photo or a personal file fits; the server keeps uploads until a visitor leaves
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     from hdb.app.engine import Engine
-    from hdb.app.page import build_demo
+    from hdb.app.page import EXAMPLE_PHOTOS, build_demo
     from hdb.app.visitors import VisitorFiles
 
     options = parse_args(argv)
@@ -56,10 +58,19 @@ def main(argv: list[str] | None = None) -> None:
         engine = Engine(options)
     except HdbError as error:
         raise SystemExit(f"error: {error}") from None
-    files = VisitorFiles()
+    files = VisitorFiles(examples=[Path(photo) for photo in EXAMPLE_PHOTOS])
     os.environ["GRADIO_TEMP_DIR"] = str(files.gradio_cache)  # this process is the app's: its cache goes with it
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped container or Space: clean up as on Ctrl-C
+
+    def stop(*_: object) -> None:
+        """A stopped container or Space: every visitor file goes, then the process ends at once with success.
+        (sys.exit here would unwind the main thread while a job's threads run, and the C++ runtime aborts.)"""
+        files.remove()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        build_demo(engine, files).launch(server_name=options.host, server_port=options.port, share=options.share)
+        build_demo(engine, files).launch(
+            server_name=options.host, server_port=options.port, share=options.share, max_file_size=MAX_UPLOAD
+        )
     finally:
         files.remove()

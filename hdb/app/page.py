@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from hdb.app.engine import MAX_IMAGES, Engine
+from hdb.app.engine import MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, Engine
 from hdb.app.handlers import DIFFUSERS_FILE, KOHYA_FILE, PERSON_FILE, Handlers
 from hdb.app.visitors import EXAMPLE_NAMES, VisitorFiles
 from hdb.config import DEFAULT_INSTANCE_TOKEN, MAX_PHOTOS
@@ -20,11 +20,13 @@ if TYPE_CHECKING:
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"  # the repository's photos (see assets/SOURCES.md)
 EXAMPLE_PHOTOS = [str(ASSETS / name) for name in EXAMPLE_NAMES]
+QUEUE_SIZE = 32  # requests waiting in the line every visitor shares (one per visitor: MAX_JOBS_PER_VISITOR)
 NOTICE = (
     "**Responsible use.** Only personalise photos of yourself or of people who agreed to it. Do not make "
-    "images that deceive, harass or sexualise anyone. Your photos and personal weights stay in your "
-    "session and are deleted when you leave; the server's cached copies of uploads and pictures within "
-    "an hour, and everything when the app stops."
+    "images that deceive, harass or sexualise anyone. Everything you send or make here (photos, face crops, "
+    "personal weights, LoRA files, pictures) stays in your session and is deleted when you leave, or after "
+    "an hour without a visit; everything when the app stops. "
+    f"Up to {QUEUE_SIZE} requests wait in line, one per visitor at a time."
 )
 
 
@@ -147,9 +149,9 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
                 with gr.Accordion("Generation options", open=False):
                     negative = gr.Textbox(label="Negative prompt (follows the style)", value=negative_for("None"))
                     size = gr.Radio(list(sizes), value=next(iter(sizes)), label="Size", elem_id="size")
-                    strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Identity strength")
+                    strength = gr.Slider(0, MAX_STRENGTH, value=1.0, step=0.05, label="Identity strength")
                     gen_steps = gr.Slider(1, engine.max_sampling_steps, value=25, step=1, label="Sampling steps")
-                    guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
+                    guidance = gr.Slider(1, MAX_GUIDANCE, value=7.5, step=0.5, label="Guidance")
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, label="Seed (the last one used)", elem_id="seed")
                         randomize = gr.Checkbox(value=True, label="Random seed", elem_id="randomize")
@@ -162,24 +164,39 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
         # Every event that uses the pipeline shares one concurrency group: one job at a time, the rest wait in
         # line (engine.lock holds the same line should the queue settings change).
         pipeline = dict(concurrency_id="pipeline", concurrency_limit=1)
-        photo.change(handlers.show_crop, photo, [crop, status], api_name="align")
+        photo.change(handlers.show_crop, [photo, session], [crop, status, session], api_name="align")
+        more_photos.upload(handlers.note_uploads, [more_photos, session], session, api_name=False)
         pictures = [session, prompt, style, negative, strength, gen_steps, guidance, seed, randomize, size, count]
         personalize_button.click(
             handlers.personalize,
             [photo, consent, steps, session, more_photos],
             [crop, status, session, downloads],
             api_name="personalize",
+            validator=handlers.may_personalize,
             **pipeline,
         ).success(handlers.generate, pictures, [gallery, seed], api_name=False, **pipeline)  # one click to pictures
         style.change(negative_for, style, negative, api_name=False)
         saved.upload(
-            handlers.upload_person, [saved, session], [session, status, downloads], api_name="upload_person", **pipeline
+            handlers.upload_person,
+            [saved, session],
+            [session, status, downloads],
+            api_name="upload_person",
+            validator=handlers.may_upload_person,
+            **pipeline,
         )
-        generate_button.click(handlers.generate, pictures, [gallery, seed], api_name="generate", **pipeline)
+        generate_button.click(
+            handlers.generate,
+            pictures,
+            [gallery, seed],
+            api_name="generate",
+            validator=handlers.may_generate,
+            **pipeline,
+        )
         # a prompt example draws at once once there is a person; a photo example only shows its aligned crop:
         # personalising still waits for the visitor's consent and click
         prompt_examples.load_input_event.then(
             handlers.draw_example, pictures, [gallery, seed], api_name=False, **pipeline
         )
-    demo.queue(max_size=32)
+    demo.queue(max_size=QUEUE_SIZE)
+    handlers.blocks = demo
     return demo
