@@ -25,6 +25,9 @@ from hdb.config import (
     FILE_DTYPES,
     LORA_FORMATS,
     MAX_PHOTOS,
+    MAX_RANK,
+    MAX_SEED,
+    MAX_SIDE,
     TINY_ARCHS,
     BenchOptions,
     DatasetSource,
@@ -32,9 +35,12 @@ from hdb.config import (
     LiDBConfig,
     PersonalizeConfig,
     PreoptimizeConfig,
+    value_problem,
 )
 from hdb.errors import HdbError
 from hdb.terms import NOT_ON_THE_COMMAND_LINE, cli_terms, flag_for
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # pictures the CLI writes (Pillow picks the format)
 
 
 def _quiet_libraries() -> None:
@@ -75,6 +81,8 @@ def config_option(parser: argparse._ActionsContainer, config: type, name: str, *
         help = f"do not {help}" if default else help
     else:
         kwargs.setdefault("type", _value_type(config, name))
+        if "between" in field.metadata:  # checked as it is parsed: a bad value stops before any model loads
+            kwargs["type"] = in_range(kwargs["type"], field.metadata["between"], field.metadata.get("multiple_of"))
         notes = [f"default {default}"] if default is not None else []
         if "const" in kwargs:  # nargs="?": the flag alone means `const`
             notes.append(f"{flag} alone: {kwargs['const']}")
@@ -97,6 +105,43 @@ def _value_type(config: type, name: str) -> type:
     if isinstance(hint, UnionType):
         return next(t for t in get_args(hint) if t is not NoneType)
     return hint
+
+
+def in_range(kind: type, between: tuple[float, float], multiple_of: int | None = None) -> Any:
+    """An argparse type: `kind` (int or float) parsed and checked against `between` (hdb.config.value_problem)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}"
+            ) from None
+        problem = value_problem(value, between, kind is int, multiple_of)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def check_output(path: Path, suffixes: tuple[str, ...], inputs: list[Path | None] = ()) -> Path:
+    """Refuse, before any model loads, an output that could not be written or would destroy an input: a folder,
+    an unknown extension, a folder that cannot be made or written to, or a path that is one of the inputs."""
+    if path.suffix.lower() not in suffixes:
+        raise HdbError(f"{path} should end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise HdbError(f"{path} is a folder; give a file name")
+    for source in inputs:
+        if source is not None and (path.resolve() == source.resolve() or (path.exists() and path.samefile(source))):
+            raise HdbError(f"{path} is also an input: writing it would destroy the input; choose another name")
+    folder = next(parent for parent in path.resolve().parents if parent.exists())  # the part that exists already
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise HdbError(f"Cannot write {path}: {folder} is not a folder this user can write to")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise HdbError(f"Cannot write {path}: the file is read-only")
+    return path
 
 
 def config_from_args(config: type, args: argparse.Namespace, **overrides: Any) -> Any:
@@ -126,6 +171,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from hdb.export import export_lora
     from hdb.personal_file import load_personal
 
+    check_output(args.output, (".safetensors",), [args.file])
     path = export_lora(load_personal(args.file), args.output, args.format, DTYPES[args.dtype])
     print(f"{args.format} LoRA written to {path} ({path.stat().st_size:,} bytes)")
 
@@ -136,6 +182,9 @@ def cmd_personalize(args: argparse.Namespace) -> None:
     from hdb.pipeline import PersonalPipeline, check_photo_count
 
     check_photo_count(len(args.photo))
+    check_output(args.output, (".safetensors",), args.photo)
+    if args.save_face:
+        check_output(args.save_face, IMAGE_SUFFIXES, [*args.photo, args.output])
     for photo in args.photo:  # a missing or unreadable photo fails before the model loads
         load_image(photo)
 
@@ -169,6 +218,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from hdb.personal_file import load_personal
     from hdb.styles import mentions_person
 
+    output = Path(args.output)
+    outputs = [output] if args.num_images == 1 else [_numbered(output, k) for k in range(args.num_images)]
+    for path in outputs:
+        check_output(path, IMAGE_SUFFIXES, [args.person, args.score])
     weights = load_personal(args.person)  # check the file before loading a large model
     references = None
     if args.score:
@@ -194,10 +247,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         height=args.height,
         width=args.width,
     )
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(images):
-        path = output if len(images) == 1 else output.with_name(f"{output.stem}_{index}{output.suffix}")
+    for path, image in zip(outputs, images, strict=True):
         image.save(path)
         if references is None:
             print(f"saved {path}")
@@ -207,6 +258,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         similarity = identity_score(references, image)
         score = "no face found" if similarity is None else f"identity {similarity:.2f} to {args.score.name}"
         print(f"saved {path} ({score})")
+
+
+def _numbered(output: Path, index: int) -> Path:
+    return output.with_name(f"{output.stem}_{index}{output.suffix}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -351,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight pipeline (offline tests and demos)")
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--arch", choices=TINY_ARCHS, default=TINY_ARCHS[0])
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
     tiny.set_defaults(run=cmd_tiny_model)
 
     info = sub.add_parser("info", help="print what a personal weights file holds")
@@ -383,13 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None, help="default: the style's (hdb.styles.negative_for)")
     gen.add_argument("--score", type=Path, help="a photo of the person: print each image's identity similarity to it")
     gen.add_argument("-o", "--output", type=Path, required=True, help="output .png (several images: _0, _1, ...)")
-    gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--guidance", type=float, default=7.5)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--strength", type=float, default=1.0, help="identity strength (LiDB scale), 0..1+")
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--width", type=int)
+    gen.add_argument("--steps", type=in_range(int, (1, 1000)), default=25)
+    gen.add_argument("--guidance", type=in_range(float, (0.0, 100.0)), default=7.5)
+    gen.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
+    gen.add_argument("--num-images", type=in_range(int, (1, 64)), default=1)
+    gen.add_argument("--strength", type=in_range(float, (0.0, 10.0)), default=1.0, help="identity strength, 0..1+")
+    gen.add_argument("--height", type=in_range(int, (64, MAX_SIDE), 8), help="default: the base model's")
+    gen.add_argument("--width", type=in_range(int, (64, MAX_SIDE), 8), help="default: the base model's")
     gen.set_defaults(run=cmd_generate)
 
     pre = sub.add_parser(
@@ -411,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--device", default="auto", help="auto or cpu (several GPUs: accelerate launch)")
     config_options(tr, HypernetTrainConfig)
-    tr.add_argument("--rank", type=int, help="LiDB rank (default: the --weights folder's, else 1)")
+    tr.add_argument(
+        "--rank", type=in_range(int, (1, MAX_RANK)), help="LiDB rank (default: the --weights folder's, else 1)"
+    )
     tr.set_defaults(run=cmd_train)
 
     push = sub.add_parser("push", help="upload a trained hypernetwork to the Hugging Face Hub, with a model card")
@@ -428,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("docs/toy"), help="results.json, results.md, losses.png, renders.jpg"
     )
     toy.add_argument("--quick", action="store_true", help="the shortened run the tests use (~3 min on one core)")
-    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
     toy.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other work shares the cores)")
     toy.set_defaults(run=cmd_toy)
 
@@ -449,8 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip", help="CLIP model (hub id or directory) for CLIP-I / CLIP-T")
     ev.add_argument("--dino", help="DINO model (hub id or directory, e.g. facebook/dino-vits16)")
     ev.add_argument("--out", type=Path, default=Path("eval"), help="writes table.md, results.json, grid.jpg here")
-    ev.add_argument("--steps", type=int, default=25)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--steps", type=in_range(int, (1, 1000)), default=25)
+    ev.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
     ev.set_defaults(run=cmd_eval)
     return parser
 
@@ -468,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except HdbError as error:
         print(f"error: {cli_terms(str(error))}", file=sys.stderr)  # settings named as its flags
+        return 1
+    except OSError as error:  # what no check foresaw (a full disk, a file removed meanwhile): one line too
+        print(f"error: {error.strerror or error}{f': {error.filename}' if error.filename else ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,7 +9,7 @@ default and help stand together, here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from hdb.errors import HdbError
@@ -57,12 +57,61 @@ STEPS_WITH_HYPERNET = 40  # the paper's fast finetuning
 STEPS_FROM_ZERO = 200  # no prediction to start from: more steps
 
 
-def setting(default: Any = MISSING, help: str = "", choices: Sequence[str] | None = None) -> Any:
-    """A dataclass field holding its help, and the values it allows where they are few, in its metadata."""
+MAX_RANK = 64  # LiDB and plain LoRA ranks, in training and in files
+MAX_AUX = 1024  # aux basis widths a, b (the paper's: 100, 50)
+MAX_STEPS = 1_000_000
+MAX_SIDE = 2048  # pixels of a training resolution or a picture side (SDXL's native 1024, twice)
+
+
+def setting(
+    default: Any = MISSING,
+    help: str = "",
+    choices: Sequence[str] | None = None,
+    between: tuple[float, float] | None = None,
+    multiple_of: int | None = None,
+) -> Any:
+    """A dataclass field holding in its metadata its help, the values it allows where they are few (`choices`),
+    and the range of a number (`between`, both ends included; `multiple_of`), which `check_settings` enforces."""
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = tuple(choices)
+    if between is not None:
+        metadata["between"] = between
+    if multiple_of is not None:
+        metadata["multiple_of"] = multiple_of
     return field(default=default, metadata=metadata)
+
+
+def value_problem(value: object, between: tuple[float, float], whole: bool, multiple_of: int | None = None) -> str:
+    """What is wrong with `value` as a number in `between` (whole, a multiple of `multiple_of`), or ''."""
+    low, high = (f"{end:,}" if isinstance(end, int) else f"{end:g}" for end in between)
+    kind = f"a whole number{f' and a multiple of {multiple_of}' if multiple_of else ''}" if whole else "a number"
+    wrong = f"must be {kind} from {low} to {high}, not {value!r}"
+    low, high = between
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails too
+        return wrong
+    if whole and (value != int(value) or (multiple_of and int(value) % multiple_of)):
+        return wrong
+    return ""
+
+
+def check_settings(config: object) -> None:
+    """Refuse a config whose numbers are out of their fields' ranges, naming the setting as Python does."""
+    hints = {f.name: f.type for f in fields(config)}
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if "between" in item.metadata and value is not None:
+            whole = "int" in str(hints[item.name])
+            problem = value_problem(value, item.metadata["between"], whole, item.metadata.get("multiple_of"))
+            if problem:
+                raise HdbError(f"`{item.name}` {problem}")
+
+
+class Checked:
+    """Mixin: a config checks its numbers when it is made (`check_settings`)."""
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 # Settings of the same meaning in several stages, described once
@@ -75,11 +124,25 @@ def _gradient_checkpointing() -> Any:
 
 
 def _seed() -> Any:
-    return setting(0, "random seed: the same seed repeats a run")
+    return setting(0, "random seed: the same seed repeats a run", between=(0, MAX_SEED))
 
 
 def _resolution() -> Any:
-    return setting(None, "training resolution (default: the base model's, 512 for SD1.5)")
+    return setting(
+        None, "training resolution (default: the base model's, 512 for SD1.5)", between=(64, MAX_SIDE), multiple_of=64
+    )
+
+
+def _learning_rate(default: float) -> Any:
+    return setting(default, "learning rate", between=(1e-12, 1.0))
+
+
+def _steps(default: int | None, help: str, low: int = 1) -> Any:
+    return setting(default, help, between=(low, MAX_STEPS))
+
+
+def _count(default: int, help: str, low: int = 1, high: int = 65536) -> Any:
+    return setting(default, help, between=(low, high))
 
 
 def _instance_token() -> Any:
@@ -91,29 +154,27 @@ def _progress() -> Any:
 
 
 @dataclass(frozen=True)
-class LiDBConfig:
+class LiDBConfig(Checked):
     """Shape of the personal weights. `a`, `b`: widths of the frozen aux bases; `rank`: the LoRA rank."""
 
-    rank: int = setting(1, "LiDB rank: the personal weights' rank as a LoRA (the paper's: 1)")
-    a: int = setting(100, "width of the frozen aux basis on the input side")
-    b: int = setting(50, "width of the frozen aux basis on the output side")
-    seed: int = setting(0, "seeds the aux bases; weights only make sense with the seed they were made with")
-
-    def __post_init__(self) -> None:
-        if min(self.rank, self.a, self.b) < 1:
-            raise HdbError(f"LiDB rank, a and b must be positive, got r={self.rank}, a={self.a}, b={self.b}")
+    rank: int = setting(1, "LiDB rank: the personal weights' rank as a LoRA (the paper's: 1)", between=(1, MAX_RANK))
+    a: int = setting(100, "width of the frozen aux basis on the input side", between=(1, MAX_AUX))
+    b: int = setting(50, "width of the frozen aux basis on the output side", between=(1, MAX_AUX))
+    seed: int = setting(
+        0, "seeds the aux bases; weights only make sense with the seed they were made with", between=(0, MAX_SEED)
+    )
 
 
 @dataclass
-class PersonalizeConfig:
+class PersonalizeConfig(Checked):
     """Options of `hdb.pipeline.PersonalPipeline.personalize` (fast finetuning from one photo)."""
 
-    steps: int | None = setting(
-        None, f"finetune steps (default {STEPS_WITH_HYPERNET} with a hypernetwork, {STEPS_FROM_ZERO} without)"
+    steps: int | None = _steps(
+        None, f"finetune steps (default {STEPS_WITH_HYPERNET} with a hypernetwork, {STEPS_FROM_ZERO} without)", low=0
     )
     relax: str = setting(RELAX_MODES[0], "lora: a plain LoRA on top (the paper); lidb: compact", RELAX_MODES)
-    relaxed_rank: int = setting(4, "rank of the relaxed finetune (the plain LoRA's or LiDB's)")
-    learning_rate: float = setting(1e-3, "learning rate")
+    relaxed_rank: int = setting(4, "rank of the relaxed finetune (the plain LoRA's or LiDB's)", between=(1, MAX_RANK))
+    learning_rate: float = _learning_rate(1e-3)
     optimizer: str = _optimizer()
     gradient_checkpointing: bool = _gradient_checkpointing()
     seed: int = _seed()
@@ -136,12 +197,12 @@ class DatasetSource:
 
 
 @dataclass
-class PreoptimizeConfig:
+class PreoptimizeConfig(Checked):
     """Options of `hdb.preoptimize.preoptimize` (stage 1)."""
 
-    steps: int = setting(300, "steps per group of identities")
-    group_size: int = setting(4, "identities trained together (one batch element each)")
-    learning_rate: float = setting(5e-3, "learning rate")
+    steps: int = _steps(300, "steps per group of identities")
+    group_size: int = _count(4, "identities trained together (one batch element each)")
+    learning_rate: float = _learning_rate(5e-3)
     optimizer: str = _optimizer()
     gradient_checkpointing: bool = _gradient_checkpointing()
     seed: int = _seed()
@@ -152,22 +213,24 @@ class PreoptimizeConfig:
 
 
 @dataclass
-class HypernetTrainConfig:
+class HypernetTrainConfig(Checked):
     """Options of `hdb.train_hypernet.train_hypernetwork` (stage 2)."""
 
-    steps: int = setting(1000, "training steps")
-    batch_size: int = setting(4, "global batch, split across processes")
-    learning_rate: float = setting(1e-4, "learning rate")
-    alpha: float = setting(1.0, "diffusion loss weight")
-    beta: float = setting(1.0, "weight-L2 loss weight, to the pre-optimised weights (0: diffusion loss alone)")
-    accumulation_steps: int = setting(1, "batches whose gradients add up to one step")
+    steps: int = _steps(1000, "training steps")
+    batch_size: int = _count(4, "global batch, split across processes")
+    learning_rate: float = _learning_rate(1e-4)
+    alpha: float = setting(1.0, "diffusion loss weight", between=(0.0, 1e6))
+    beta: float = setting(
+        1.0, "weight-L2 loss weight, to the pre-optimised weights (0: diffusion loss alone)", between=(0.0, 1e6)
+    )
+    accumulation_steps: int = _count(1, "batches whose gradients add up to one step")
     optimizer: str = _optimizer()
     mixed_precision: str = setting("no", "accelerate's autocast (the frozen base runs in it too)", MIXED_PRECISIONS)
     gradient_checkpointing: bool = _gradient_checkpointing()
-    checkpoint_every: int = setting(100, "steps between checkpoints (training resumes from the last)")
-    validate_every: int = setting(100, "steps between validations on the held-out identities")
-    holdout: int = setting(1, "identities held out for validation")
-    sample_steps: int = setting(20, "sampling steps of the validation image (0: no image)")
+    checkpoint_every: int = _steps(100, "steps between checkpoints (training resumes from the last)")
+    validate_every: int = _steps(100, "steps between validations on the held-out identities")
+    holdout: int = _count(1, "identities held out for validation", low=0, high=MAX_STEPS)
+    sample_steps: int = _count(20, "sampling steps of the validation image (0: no image)", low=0, high=1000)
     seed: int = _seed()
     image_encoder: str = setting(
         "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
@@ -175,12 +238,12 @@ class HypernetTrainConfig:
     )
     freeze_encoder: bool = setting(True, "freeze the pretrained image encoder (the toy trains its random one)")
     # 5% of the default steps: the freshly initialised decoder starts gently
-    warmup_steps: int = setting(50, "linear learning-rate warm-up")
+    warmup_steps: int = _steps(50, "linear learning-rate warm-up", low=0)
     lr_schedule: str = setting("cosine", "after the warm-up", LR_SCHEDULES)
-    width: int = setting(512, "width of the hypernetwork's transformer decoder")
-    depth: int = setting(4, "layers of the decoder")
-    heads: int = setting(8, "attention heads of the decoder")
-    iterations: int = setting(4, "refinement iterations s")
+    width: int = _count(512, "width of the hypernetwork's transformer decoder")
+    depth: int = _count(4, "layers of the decoder", high=256)
+    heads: int = _count(8, "attention heads of the decoder", high=256)
+    iterations: int = _count(4, "refinement iterations s", high=256)
     pairing: str = setting(PAIRINGS[0], "target view from any photo, or the input photo's own", PAIRINGS)
     resolution: int | None = _resolution()
     instance_token: str | None = setting(
@@ -195,22 +258,22 @@ class HypernetTrainConfig:
 
 
 @dataclass
-class BenchOptions:
+class BenchOptions(Checked):
     """Options of `python -m hdb bench`."""
 
     device: str = setting("auto", "auto, cpu or cuda")
     tiny: bool = setting(False, "tiny random pipeline instead of SD1.5-shaped (for CPUs)")
-    steps: int = setting(40, "fast-finetune steps")
+    steps: int = _steps(40, "fast-finetune steps")
     relax: str = setting(RELAX_MODES[0], "the timed finetune's relaxation", RELAX_MODES)
-    baseline_steps: int = setting(50, "measured baseline steps (then extrapolated)")
+    baseline_steps: int = _steps(50, "measured baseline steps (then extrapolated)")
     compile: str = setting(
         COMPILE_MODES[0],
         "torch.compile: full (CUDA graphs), regional (the UNet's repeated blocks) or none",
         COMPILE_MODES,
     )
-    repeats: int = setting(3, "warm personalisations (and generations) timed (best reported)")
-    generate_steps: int = setting(25, "sampling steps of the timed generations")
-    first_images: int = setting(4, "pictures of the first grid, in the time to first images")
+    repeats: int = _count(3, "warm personalisations (and generations) timed (best reported)", high=1000)
+    generate_steps: int = _count(25, "sampling steps of the timed generations", high=1000)
+    first_images: int = _count(4, "pictures of the first grid, in the time to first images", high=64)
     photo: str = setting("assets/obama.jpg", "face photo the time to first images starts from; aligning it needs dlib")
     baselines: bool = setting(True, "time DreamBooth and DreamBooth-LoRA")
     channels_last: bool = setting(False, "also time eager steps with a channels-last UNet")

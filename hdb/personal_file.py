@@ -23,15 +23,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hdb.config import DEFAULT_INSTANCE_PROMPT, DEFAULT_INSTANCE_TOKEN
+from hdb.config import DEFAULT_INSTANCE_PROMPT, DEFAULT_INSTANCE_TOKEN, MAX_RANK
 from hdb.errors import HdbError
 from hdb.lidb import LiDB, LiDBConfig, Signature, arch_fingerprint
 
 # Bounds on what a file may claim, far above any real base (SDXL: 736 layers at most 2,048 wide, ~60 KB of
 # layer table) and below what would cost a server real memory to build aux bases or unpack metadata for.
 MAX_FILE_BYTES = 64 * 2**20
-MAX_LAYERS, MAX_LAYER_WIDTH, MAX_LAYERS_JSON = 2048, 8192, 2**20
-MAX_RANK = 64  # LiDB and plain LoRA ranks
+MAX_LAYERS, MAX_LAYER_WIDTH, MAX_LAYERS_JSON = 1024, 8192, 2**20
+MAX_AUX_NUMBERS = 2**28  # what rebuilding its aux bases may cost (SDXL at a=100, b=50: ~1.5e8 numbers)
 MAX_WEIGHT = 1e4  # |weight|: trained LiDB and LoRA factors stay within a few units
 
 FORMAT = "hdb-lidb"
@@ -194,8 +194,8 @@ def load_personal(path: str | Path) -> PersonalWeights:
             rank=int(metadata["r"]), a=int(metadata["a"]), b=int(metadata["b"]), seed=int(metadata["seed"])
         )
         lora_rank = int(metadata.get("lora_rank", "0"))
-        if max(config.rank, lora_rank) > MAX_RANK or max(config.a, config.b) > MAX_LAYER_WIDTH or lora_rank < 0:
-            raise ValueError(f"ranks {config.rank}/{lora_rank} (at most {MAX_RANK}), a={config.a}, b={config.b}")
+        if not 0 <= lora_rank <= MAX_RANK:
+            raise ValueError(f"the plain LoRA's rank must be 0 to {MAX_RANK}, not {lora_rank}")
         layer_shapes = _unpack_layers(metadata["layers"])
         names = list(layer_shapes)
         weights = PersonalWeights(
@@ -209,9 +209,12 @@ def load_personal(path: str | Path) -> PersonalWeights:
             base_model=metadata.get("base_model", ""),
             instance_token=metadata.get("instance_token", DEFAULT_INSTANCE_TOKEN),
         )
+        aux_numbers = sum(config.a * i + o * config.b for i, o in layer_shapes.values())
+        if aux_numbers > MAX_AUX_NUMBERS:
+            raise ValueError(f"its aux bases would hold {aux_numbers:,} numbers (at most {MAX_AUX_NUMBERS:,})")
         if lora_rank:
             weights.lora_down, weights.lora_up = _unpack_lora(tensors, layer_shapes, lora_rank, path)
-    except (KeyError, ValueError, TypeError, RecursionError, zlib.error, binascii.Error) as error:
+    except (KeyError, ValueError, TypeError, RecursionError, zlib.error, binascii.Error, HdbError) as error:
         raise HdbError(f"{path.name} has damaged metadata ({type(error).__name__}: {str(error)[:200]})") from None
     expected_A = (len(names), config.rank, config.a)
     expected_B = (len(names), config.b, config.rank)

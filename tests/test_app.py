@@ -148,7 +148,7 @@ def test_real_browser_flow(app_url, visitor_files, tmp_path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page(viewport={"width": 1280, "height": 1400})
-        sessions_before = set(visitor_files.root.glob("sessions/*"))
+        sessions_before = set(visitor_files.sessions.glob("*"))
         photo = tmp_path / "my_own_photo.jpg"  # a visitor's photo (examples are shared, and stay)
         shutil.copy(ASSETS / "obama.jpg", photo)
         page.goto(app_url)
@@ -169,7 +169,7 @@ def test_real_browser_flow(app_url, visitor_files, tmp_path):
         expect(page.locator("#gallery img")).to_have_count(2, timeout=120_000)
         screenshot = Path(os.environ.get("HDB_SCREENSHOT", tmp_path / "app.jpg"))
         page.screenshot(path=str(screenshot), full_page=True, quality=80)
-        mine = set(visitor_files.root.glob("sessions/*")) - sessions_before
+        mine = set(visitor_files.sessions.glob("*")) - sessions_before
         assert len(mine) == 1 and (next(iter(mine)) / "person.safetensors").is_file()
         assert list(visitor_files.gradio_cache.rglob(photo.name))  # Gradio's copy of the upload
         page.close()  # the visitor leaves: Gradio ends the session and calls VisitorFiles.forget
@@ -302,7 +302,6 @@ def test_a_stopped_server_leaves_no_visitor_file_and_the_next_one_sweeps_a_crash
     env = dict(os.environ, TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     command = [sys.executable, "app.py", "--tiny", "--device", "cpu", "--port", str(port)]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    root = tmp_path / "hdb_app" / str(server.pid)
     try:
         deadline = time.time() + 180
         while True:
@@ -313,10 +312,12 @@ def test_a_stopped_server_leaves_no_visitor_file_and_the_next_one_sweeps_a_crash
                 assert server.poll() is None and time.time() < deadline, server.stderr.read().decode()[-2000:]
                 time.sleep(1)
         assert not stale.exists()  # swept at start
+        (root,) = (tmp_path / "hdb_app").glob(f"{server.pid}-*")  # the server's own folder: its pid and start time
         photo = tmp_path / "my_own_photo.jpg"
         shutil.copy(ASSETS / "obama.jpg", photo)
         personalize(client, photo, steps=2)
-        assert list(root.glob("sessions/*/person.safetensors")) and list(root.glob(f"gradio/**/{photo.name}"))
+        assert list(root.glob("gradio/hdb_sessions/*/person.safetensors"))
+        assert list(root.glob(f"gradio/**/{photo.name}"))
     finally:
         server.send_signal(signal.SIGTERM)  # how a container or a Space is stopped
         server.wait(timeout=60)
@@ -331,7 +332,7 @@ def test_a_session_hash_from_the_browser_can_only_name_a_folder_of_its_own(tmp_p
     outside.write_text("not the app's")
     hostile = "../../../" + outside.stem
     folder = files.folder(hostile)
-    assert folder.parent == files.root / "sessions"
+    assert folder.parent == files.sessions
     files.note_upload(hostile, str(outside))  # a path outside the app's folder is never deleted
     files.forget(hostile)
     assert outside.exists() and not folder.exists()

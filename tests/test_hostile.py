@@ -1,0 +1,367 @@
+"""A public Space survives its visitors, and the CLI never destroys its inputs (issue #25).
+
+A real Gradio server (the tiny pipeline) is driven through its API as a hostile or careless visitor would,
+past the page's sliders; after each attack the next ordinary visitor must get exactly what a lone visitor
+gets. The CLI is pointed at its own inputs and given values no one should type.
+"""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from helpers import ASSETS, trained_person
+from helpers import hdb_cli as hdb
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hdb.errors import HdbError
+from hdb.models import build_tiny_pipeline
+from hdb.personal_file import PersonalWeights, load_personal, save_personal
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDINARY = ("[V] as an astronaut", "None", "", 1.0, 2, 7.5, 4, False, "Square", 1)  # the generate API's inputs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from hdb.app.engine import Engine
+    from hdb.app.main import MAX_UPLOAD, parse_args
+    from hdb.app.page import EXAMPLE_PHOTOS, build_demo
+    from hdb.app.visitors import VisitorFiles
+
+    engine = Engine(parse_args(["--tiny", "--device", "cpu"]))
+    files = VisitorFiles(tmp_path_factory.mktemp("visitors"), [Path(p) for p in EXAMPLE_PHOTOS])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(files.gradio_cache))
+        demo = build_demo(engine, files)
+        _, url, _ = demo.launch(
+            server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+            max_file_size=MAX_UPLOAD,
+        )  # fmt: skip
+        yield url, engine, files
+        demo.close()
+
+
+def personalise(client: Client, photo: Path = ASSETS / "obama.jpg", steps: int = 2) -> list[str]:
+    _, status, downloads = client.predict(handle_file(str(photo)), True, steps, None, api_name="/personalize")
+    assert "Personalised" in status
+    return downloads
+
+
+def pictures(client: Client, *inputs: object) -> np.ndarray:
+    gallery, _ = client.predict(*(inputs or ORDINARY), api_name="/generate")
+    return np.asarray(Image.open(gallery[0]["image"]))
+
+
+@pytest.fixture(scope="module")
+def ordinary(server):
+    """What an ordinary visitor gets when they have the server to themselves."""
+    client = Client(server[0], verbose=False)
+    personalise(client)
+    return pictures(client)
+
+
+def the_next_visitor_is_unaffected(url: str, expected: np.ndarray) -> None:
+    client = Client(url, verbose=False)
+    personalise(client)
+    assert np.array_equal(pictures(client), expected)
+
+
+# ----------------------------------------------------------------------------- 1. one request breaks everything
+
+
+def test_a_seed_past_2_to_the_64_is_refused_and_breaks_nothing(server, ordinary):
+    client = Client(server[0], verbose=False)
+    personalise(client)
+    for seed in (2**64, -1, 1.5, float("nan")):
+        inputs = list(ORDINARY)
+        inputs[6] = seed
+        with pytest.raises(Exception, match="seed must be a whole number from 0"):
+            pictures(client, *inputs)
+    assert not server[1].personal.lidb.merged and server[1].personal.lidb.scale == 1.0
+    assert np.array_equal(pictures(client), ordinary)  # the same visitor, the same server: as before
+    the_next_visitor_is_unaffected(server[0], ordinary)
+
+
+# ----------------------------------------------------------------------------- 2. crafted personal files
+
+
+def rewrite(path: Path, out: Path, tensors: dict | None = None, **metadata: str) -> Path:
+    with safe_open(str(path), "pt") as file:
+        original, values = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+    save_file({**values, **(tensors or {})}, str(out), metadata={**original, **metadata})
+    return out
+
+
+def pack(table: object) -> str:
+    text = table if isinstance(table, str) else json.dumps(table)  # a string: JSON text as it is
+    return base64.b64encode(zlib.compress(text.encode(), 9)).decode()
+
+
+@pytest.fixture(scope="module")
+def real_file(tmp_path_factory):
+    return save_personal(
+        PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("sd15"))),
+        tmp_path_factory.mktemp("person") / "real.safetensors",
+    )
+
+
+def crafted_files(real: Path, folder: Path) -> dict[str, Path]:
+    """Files a hostile visitor could make from a real one, each with the fragment its refusal names."""
+    with safe_open(str(real), "pt") as file:
+        layers = json.loads(zlib.decompress(base64.b64decode(file.metadata()["layers"])))
+        A = file.get_tensor("A_train")
+    wide = [[layers[0][0], [2_000_000, layers[0][1][1]]], *layers[1:]]  # the fingerprints copied, one layer widened
+    nested = "[" * 100_000 + "]" * 100_000  # lists in lists, deeper than Python recurses
+    return {
+        "shape outside": rewrite(real, folder / "wide.safetensors", layers=pack(wide)),
+        "unpacks to more than": rewrite(real, folder / "bomb.safetensors", layers=pack(["x" * 30_000_000])),
+        "non-floating-point": rewrite(real, folder / "ints.safetensors", {"A_train": A.to(torch.int32)}),
+        "holds a weight of": rewrite(real, folder / "huge.safetensors", {"A_train": A * 0 + 1e30}),
+        "must be a whole number from 1 to 64": rewrite(real, folder / "rank.safetensors", r="2000"),
+        "must list 1 to": rewrite(real, folder / "number.safetensors", layers=pack(7)),
+        "damaged metadata": rewrite(real, folder / "nested.safetensors", layers=pack(nested)),
+    }
+
+
+def test_crafted_personal_files_are_refused_before_any_allocation(real_file, tmp_path):
+    for fragment, path in crafted_files(real_file, tmp_path).items():
+        with pytest.raises(HdbError, match=fragment):
+            load_personal(path)
+
+
+def test_a_file_whose_shapes_do_not_match_its_fingerprint_is_refused_by_the_base(real_file, tmp_path):
+    from hdb.pipeline import PersonalPipeline
+
+    with safe_open(str(real_file), "pt") as file:
+        layers = json.loads(zlib.decompress(base64.b64decode(file.metadata()["layers"])))
+    layers[0][1] = [layers[0][1][0] + 1, layers[0][1][1]]  # one layer one wider; the stored fingerprint kept
+    weights = load_personal(rewrite(real_file, tmp_path / "forged.safetensors", layers=pack(layers)))
+    with pytest.raises(HdbError, match="another base model architecture"):
+        PersonalPipeline(build_tiny_pipeline("sd15")).check(weights)
+
+
+def test_crafted_uploads_get_one_clear_line_and_the_server_carries_on(server, ordinary, real_file, tmp_path):
+    client = Client(server[0], verbose=False)
+    for fragment, path in crafted_files(real_file, tmp_path).items():
+        with pytest.raises(Exception, match=fragment.split(" ")[0]):
+            client.predict(handle_file(str(path)), api_name="/upload_person")
+    the_next_visitor_is_unaffected(server[0], ordinary)
+
+
+# ----------------------------------------------------------------------------- 3, 4. files outlive their visitor
+
+
+def served(url: str, path: str) -> int:
+    return httpx.get(f"{url}gradio_api/file={path}").status_code
+
+
+def test_everything_a_visitor_sent_or_made_goes_when_they_leave(server, tmp_path):
+    url, _, files = server
+    client = Client(url, verbose=False)
+    aligned_only = tmp_path / "only_aligned.jpg"
+    shutil.copy(ASSETS / "obama2.jpg", aligned_only)
+    (
+        crop,
+        _,
+    ) = client.predict(handle_file(str(aligned_only)), api_name="/align")  # sent, never personalised
+    own_obama = tmp_path / "obama.jpg"  # named like an example, but the visitor's own photo
+    Image.open(ASSETS / "obama3.jpg").save(own_obama)
+    odd_name = tmp_path / "me\u2028you\u0085.jpg"  # line separators in a file name
+    shutil.copy(ASSETS / "grace_hopper.jpg", odd_name)
+    personalise(client, own_obama)
+    downloads = personalise(client, odd_name)
+    status, _ = client.predict(handle_file(downloads[0]), api_name="/upload_person")
+    made = [*downloads, crop, *(item["image"] for item in client.predict(*ORDINARY, api_name="/generate")[0])]
+    assert all(Path(path).is_relative_to(files.sessions) for path in made)  # served in place, never copied
+    assert all(served(url, path) == 200 for path in made)
+    sent = [p for p in files.gradio_cache.rglob("*") if p.is_file() and p.name in (aligned_only.name, "obama.jpg")]
+    sent += [p for p in files.gradio_cache.rglob("*.jpg") if "\u2028" in p.name]
+    assert len(sent) >= 3
+    files.forget(client.session_hash)  # what the page's unload (or the session's expiry) calls
+    assert not any(Path(path).exists() for path in [*made, *sent])
+    assert all(served(url, path) != 200 for path in made)
+
+
+def test_one_visitor_leaving_keeps_what_another_sent_and_the_examples(tmp_path):
+    from hdb.app.visitors import VisitorFiles
+
+    example = tmp_path / "assets" / "obama.jpg"
+    example.parent.mkdir()
+    shutil.copy(ASSETS / "obama.jpg", example)
+    files = VisitorFiles(tmp_path / "app", [example])
+    shared = files.gradio_cache / "abc" / "me.jpg"  # Gradio keeps one copy of identical uploads
+    cached_example = files.gradio_cache / "def" / "obama.jpg"  # Gradio's copy of the example, shared by everyone
+    for path, source in ((shared, ASSETS / "biden.jpg"), (cached_example, example)):
+        path.parent.mkdir(parents=True)
+        shutil.copy(source, path)
+    for visitor in ("alice", "bob"):
+        files.note_upload(visitor, shared)
+        files.note_upload(visitor, cached_example)
+    files.forget("alice")
+    assert shared.is_file()  # Bob still uses it
+    files.forget("bob")
+    assert not shared.exists() and cached_example.is_file()
+
+
+def test_a_stale_folder_is_swept_even_when_its_process_id_is_taken(tmp_path):
+    from hdb.app.visitors import VisitorFiles
+
+    taken = tmp_path / "hdb_app" / f"{os.getpid()}-1"  # this pid, but a process that started at another time
+    taken.mkdir(parents=True)
+    files = VisitorFiles(tmp_path / "hdb_app")
+    assert taken in files.swept and not taken.exists() and files.root.is_dir()
+    assert VisitorFiles(tmp_path / "hdb_app").swept == []  # a running app's folder stays
+
+
+# ----------------------------------------------------------------------------- 5, 6. limits, and commits
+
+
+def test_limits_per_visitor(server, ordinary, tmp_path):
+    url = server[0]
+    client = Client(url, verbose=False)
+    personalise(client)
+    with pytest.raises(Exception, match="at most 1,000 are read"):
+        pictures(client, "[V] " * 2_500_000, *ORDINARY[1:])  # 10 MB of prompt
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + os.urandom(25 * 2**20))
+    with pytest.raises(Exception):  # noqa: B017 -- Gradio refuses the upload itself (413) before any handler
+        client.predict(handle_file(str(big)), api_name="/align")
+    jobs = [client.submit(handle_file(str(ASSETS / "obama.jpg")), True, 30, None, api_name="/personalize")]
+    time.sleep(0.5)
+    with pytest.raises(Exception):  # noqa: B017 -- the line is refused (400: one request per visitor at a time)
+        client.submit(*ORDINARY, api_name="/generate").result()
+    jobs[0].result()
+    assert pictures(client).shape == ordinary.shape  # once it finished, the visitor is served again
+
+
+def test_a_failed_upload_does_not_replace_the_visitors_person(server, tmp_path):
+    client = Client(server[0], verbose=False)
+    personalise(client)
+    before = pictures(client)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(Exception, match="truncated or corrupt"):
+        client.predict(handle_file(str(tmp_path / "bad.safetensors")), api_name="/upload_person")
+    assert np.array_equal(pictures(client), before)
+
+
+# ----------------------------------------------------------------------------- 9, 10. bad values, messages, stopping
+
+
+def test_bad_values_past_the_sliders_get_clear_messages(server, ordinary):
+    client = Client(server[0], verbose=False)
+    with pytest.raises(Exception, match="right to use this photo"):
+        client.predict(handle_file(str(ASSETS / "obama.jpg")), "no", 2, None, api_name="/personalize")
+    with pytest.raises(Exception, match="Finetune steps must be a whole number"):
+        client.predict(handle_file(str(ASSETS / "obama.jpg")), True, float("nan"), None, api_name="/personalize")
+    personalise(client)
+    for position, value, message in (
+        (3, float("nan"), "Identity strength must be a number"),
+        (5, float("nan"), "Guidance must be a number"),
+        (0, None, "prompt must be text"),
+        (4, float("inf"), "Sampling steps must be a whole number"),
+    ):
+        inputs = list(ORDINARY)
+        inputs[position] = value
+        with pytest.raises(Exception, match=message):
+            pictures(client, *inputs)
+    the_next_visitor_is_unaffected(server[0], ordinary)
+
+
+def test_messages_name_no_server_path(server, tmp_path):
+    client = Client(server[0], verbose=False)
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("not weights")
+    with pytest.raises(Exception) as refused:
+        client.predict(handle_file(str(notes)), api_name="/upload_person")
+    message = str(refused.value)
+    assert "notes.safetensors" in message and str(server[2].root) not in message and "/tmp" not in message
+
+
+def test_sigterm_during_a_job_exits_cleanly(tmp_path):
+    port = free_port()
+    env = dict(os.environ, TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    command = [sys.executable, "app.py", "--tiny", "--device", "cpu", "--port", str(port)]
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                assert server.poll() is None and time.time() < deadline, server.stderr.read().decode()[-2000:]
+                time.sleep(1)
+        client.submit(handle_file(str(ASSETS / "obama.jpg")), True, 300, None, api_name="/personalize")
+        time.sleep(5)  # the job is running
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+    finally:
+        server.kill()
+    assert not list((tmp_path / "hdb_app").iterdir())
+
+
+# ----------------------------------------------------------------------------- 7, 8. the CLI
+
+
+@pytest.fixture
+def person(tmp_path, real_file):
+    return Path(shutil.copy(real_file, tmp_path / "p.safetensors"))
+
+
+def refused(*args, fragment: str, code: int = 1):
+    result = hdb(*args, "--base", "/no/such/base", check=False)  # a refusal that loaded the model would name it
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+    assert fragment in result.stderr and "no/such/base" not in result.stderr, result.stderr
+    return result
+
+
+def test_the_cli_never_writes_over_its_inputs(tmp_path, person):
+    photo = Path(shutil.copy(ASSETS / "obama.jpg", tmp_path / "p.jpg"))
+    before = {path: path.read_bytes() for path in (photo, person)}
+    result = hdb("export", person, "-o", person, check=False)
+    assert result.returncode == 1 and "also an input" in result.stderr
+    refused("personalize", photo, "-o", photo, fragment="should end in .safetensors")
+    refused("personalize", photo, "-o", tmp_path / "q.safetensors", "--save-face", photo, fragment="also an input")
+    refused("personalize", photo, "-o", person, "--save-face", person, fragment="should end in")
+    refused("generate", "--person", person, "--prompt", "[V]", "--score", photo, "-o", photo, fragment="also an input")
+    refused("generate", "--person", person, "--prompt", "[V]", "-o", person, fragment="should end in")
+    assert all(path.read_bytes() == data for path, data in before.items())
+
+
+def test_the_cli_refuses_unwritable_outputs_and_bad_numbers_in_one_line(tmp_path, person):
+    photo = ASSETS / "obama.jpg"
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder.safetensors").mkdir()
+    gen = ["generate", "--person", person, "--prompt", "[V]"]
+    refused("personalize", photo, "-o", tmp_path / "a_file" / "p.safetensors", fragment="not a folder")
+    refused("personalize", photo, "-o", tmp_path / "folder.safetensors", fragment="is a folder")
+    refused(*gen, "-o", tmp_path / "out.xyz", fragment="should end in .png")
+    for option, value in (("--steps", "-5"), ("--lr", "nan"), ("--seed", str(2**70)), ("--resolution", "8"),
+                          ("--rank", "0")):  # fmt: skip
+        refused("personalize", photo, "-o", tmp_path / "p2.safetensors", option, value, fragment=option, code=2)
+    for option, value in (("--height", "100000"), ("--height", "7"), ("--seed", str(2**70)), ("--steps", "x")):
+        refused(*gen, "-o", tmp_path / "o.png", option, value, fragment=option, code=2)
+    for fragment, path in crafted_files(person, tmp_path).items():
+        result = hdb("export", path, "-o", tmp_path / "lora.safetensors", check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr and fragment in result.stderr
