@@ -87,18 +87,19 @@ class Handlers:
 
     # -- before a job joins the line
 
-    def one_job_per_visitor(self, request: gr.Request) -> None:
+    def one_job_per_visitor(self, request: gr.Request, inputs: int) -> list:
         """Refuse a request while this visitor already has one waiting or running: one visitor cannot fill the line
         that every visitor shares (Gradio runs this before the request is queued: `validator=`)."""
         queue = getattr(self.blocks, "_queue", None)  # Gradio's queue: which requests of each session are pending
         pending = queue.pending_event_ids_session.get(request.session_hash, ()) if queue is not None else ()
         if len(pending) >= MAX_JOBS_PER_VISITOR:
             raise gr.Error("You already have a request waiting or running; it has to finish first.")
+        return [gr.validate(True, "")] * inputs  # a validator answers for each input; the inputs are checked later
 
     def may_personalize(
         self, photo: object, consent: object, steps: object, session: object, more: object, request: gr.Request
-    ) -> None:
-        self.one_job_per_visitor(request)  # a validator takes the event's inputs; only the request matters here
+    ) -> list:
+        return self.one_job_per_visitor(request, 5)  # a validator takes the event's inputs; only the request matters
 
     def may_generate(
         self,
@@ -114,11 +115,11 @@ class Handlers:
         size: object,
         count: object,
         request: gr.Request,
-    ) -> None:
-        self.one_job_per_visitor(request)
+    ) -> list:
+        return self.one_job_per_visitor(request, 11)
 
-    def may_upload_person(self, file: object, session: object, request: gr.Request) -> None:
-        self.one_job_per_visitor(request)
+    def may_upload_person(self, file: object, session: object, request: gr.Request) -> list:
+        return self.one_job_per_visitor(request, 2)
 
     # -- the events
 

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from hdb.app.engine import MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, Engine
-from hdb.app.handlers import DIFFUSERS_FILE, KOHYA_FILE, PERSON_FILE, Handlers
+from hdb.app.handlers import DIFFUSERS_FILE, KOHYA_FILE, PERSON_FILE, Handlers, visitor_error
 from hdb.app.visitors import EXAMPLE_NAMES, VisitorFiles
 from hdb.config import DEFAULT_INSTANCE_TOKEN, MAX_PHOTOS
+from hdb.errors import HdbError
+from hdb.faces import load_image
 from hdb.styles import EXAMPLE_PROMPTS, SIZE_PRESETS, STYLE_PRESETS, negative_for
 
 if TYPE_CHECKING:
-    import numpy as np
     from gradio.data_classes import ImageData
-    from PIL import Image
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"  # the repository's photos (see assets/SOURCES.md)
 EXAMPLE_PHOTOS = [str(ASSETS / name) for name in EXAMPLE_NAMES]
@@ -31,15 +31,20 @@ NOTICE = (
 
 
 class PhotoInput(gr.Image):
-    """gr.Image whose bad uploads (not an image, damaged, too large) end in a clear message, not a stack trace."""
+    """gr.Image (as a file path) that hands over the upload itself, checked by hdb: a bad upload (not an image,
+    damaged, too large) ends in a clear message, and no re-encoded copy is left in Gradio's cache, where the
+    visitor's files would not know of it (gr.Image saves one), so that the upload goes when the visitor leaves."""
 
     is_template = True  # the page renders it as a plain gr.Image
 
-    def preprocess(self, payload: ImageData | None) -> np.ndarray | Image.Image | str | None:
+    def preprocess(self, payload: ImageData | None) -> str | None:
+        if payload is None:
+            return None
         try:
-            return super().preprocess(payload)
-        except Exception as error:  # Pillow's many error types: unidentified, truncated, decompression bomb
-            raise gr.Error(f"The uploaded file is not an image Pillow can read ({type(error).__name__}).") from None
+            load_image(payload.path)  # decodes it, within hdb's size limits
+        except HdbError as error:
+            raise visitor_error(error) from None
+        return payload.path
 
 
 TIPS = """\
