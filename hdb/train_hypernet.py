@@ -35,6 +35,7 @@ from hdb.config import (
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError, check_choice
 from hdb.faces import crop_size
+from hdb.files import write_atomically
 from hdb.hypernet import TRAINING_FILE, HyperNetwork, build_tiny_image_encoder, load_image_encoder
 from hdb.identities import (
     Identity,
@@ -75,17 +76,17 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 
 def _save_checkpoint(out: Path, step: int, hypernet: HyperNetwork, optimizer: torch.optim.Optimizer) -> None:
-    """Write checkpoint-<step> fully, then point `latest` at it: a kill never leaves a half checkpoint in use."""
+    """Write checkpoint-<step> whole, then point `latest` at it: a kill never leaves a half checkpoint in use."""
     folder = out / "checkpoints"
-    target, partial = folder / f"checkpoint-{step}", folder / f"checkpoint-{step}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    hypernet.save_pretrained(partial / "hypernet")
-    save_optimizer(optimizer, partial / "optimizer.safetensors")
-    (partial / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    (folder / "latest.tmp").write_text(target.name)
-    (folder / "latest.tmp").replace(folder / "latest")
+    target = folder / f"checkpoint-{step}"
+
+    def write_checkpoint(partial: Path) -> None:
+        hypernet.save_pretrained(partial / "hypernet")
+        save_optimizer(optimizer, partial / "optimizer.safetensors")
+        (partial / "state.json").write_text(json.dumps({"step": step}))
+
+    write_atomically(target, write_checkpoint)
+    write_atomically(folder / "latest", lambda partial: partial.write_text(target.name))
     for old in folder.glob("checkpoint-*"):  # keep the newest only
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
