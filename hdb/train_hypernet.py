@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,8 +104,8 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 
 def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None) -> HyperNetwork:
-    if resume is not None:
-        return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb)
+    if resume is not None:  # loaded in eval mode, for inference; it trains in train mode, as a fresh one does
+        return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb).train()
     torch.manual_seed(config.seed)
     encoder = (
         build_tiny_image_encoder(config.seed)
@@ -223,13 +225,39 @@ def micro_batch_loss(run: Run, micro: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- after a step: validate, sample, log
 
 
+@contextmanager
+def _in_eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@contextmanager
+def _lidb_given_back(lidb: LiDB) -> Iterator[None]:
+    """Within it, validation or sampling may load and route `lidb` as they need; on the way out, however they end,
+    it holds the shared weights and routes to the per-sample ones it did before. (`LiDB.holding` is to replace it.)
+    """
+    per_sample = lidb.source.A is not lidb.A_train
+    routed = lidb.source.A, lidb.source.B
+    shared = lidb.A_train.detach().clone(), lidb.B_train.detach().clone()
+    try:
+        yield
+    finally:
+        lidb.load_weights(*shared)
+        if per_sample:
+            lidb.use_per_sample(*routed)
+        else:
+            lidb.use_shared()
+
+
 @torch.no_grad()
 def validation_loss(run: Run) -> float:
     """The loss on the held-out identities, drawn the same way every time: comparable over the run."""
-    run.model.eval()
-    loss = batch_loss(run, [i.name for i in run.held_out], run.held_out_views, "validation")[0].item()
-    run.model.train()
-    return loss
+    with _in_eval_mode(run.model), _lidb_given_back(run.lidb):
+        return batch_loss(run, [i.name for i in run.held_out], run.held_out_views, "validation")[0].item()
 
 
 @torch.no_grad()
@@ -238,11 +266,10 @@ def save_sample(run: Run, step: int) -> None:
     from hdb.generate import generate
 
     A, B = run.accelerator.unwrap_model(run.model).predict(run.held_out[0].faces[0])
-    run.lidb.start_from(A, B)
-    run.pipe.unet.eval()
-    prompt = f"a portrait of a {run.instance_token}"
-    image = generate(run.pipe, run.lidb, prompt, steps=run.config.sample_steps, seed=0)[0]
-    run.pipe.unet.train()
+    with _lidb_given_back(run.lidb), _in_eval_mode(run.pipe.unet):
+        run.lidb.start_from(A, B)
+        prompt = f"a portrait of a {run.instance_token}"
+        image = generate(run.pipe, run.lidb, prompt, steps=run.config.sample_steps, seed=0)[0]
     (run.out / "samples").mkdir(exist_ok=True)
     image.save(run.out / "samples" / f"step-{step:06d}.png")
     writer = run.accelerator.get_tracker("tensorboard", unwrap=True)
