@@ -11,6 +11,10 @@ loss reaches every hypernetwork parameter. Runs unchanged on one process or unde
 `accelerate launch` (DDP): each process takes its slice of the same global batch, drawn from
 (seed, step), and each sample's noise from its own seed, so several processes compute what one would,
 and a resumed run continues exactly.
+
+The file reads in the order a run goes: setting up (`Run` holds what every phase uses), one step's loss,
+what follows a step (validation, a sample, the log, a checkpoint), the end; `train_hypernetwork`, last,
+runs the phases.
 """
 
 from __future__ import annotations
