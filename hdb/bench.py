@@ -58,6 +58,7 @@ from hdb.models import (
 )
 from hdb.personal_file import PersonalWeights, save_personal
 from hdb.personalize import PersonalizeConfig, personalize
+from hdb.seeding import initialised_from
 from hdb.stage import training_stage
 from hdb.training import TrainConfig, make_optimizer, train
 
@@ -155,7 +156,9 @@ def _build(options: BenchOptions, device: torch.device):
                 image_size=224,
                 patch_size=14,
             )
-            encoder, encoder_name, sizes = CLIPVisionModel(vit_h), "ViT-H/14-shaped CLIP vision (random)", {}
+            with initialised_from(0):
+                encoder = CLIPVisionModel(vit_h)
+            encoder_name, sizes = "ViT-H/14-shaped CLIP vision (random)", {}
     lidb = LiDB(pipe)
     hypernet = HyperNetwork.for_lidb(lidb, encoder, encoder_name, **sizes).to(device)
     hypernet.image_encoder.to(pipe.unet.dtype)
@@ -458,7 +461,6 @@ def _model_name(options: BenchOptions) -> str:
 
 def run_bench(options: BenchOptions) -> dict:
     device = resolve_device(options.device)
-    torch.manual_seed(0)
     built = time.perf_counter()
     pipe, lidb, hypernet = _build(options, device)
     record = {
@@ -534,7 +536,6 @@ def compile_cache_environment(cache: Path) -> dict[str, str]:
 def first_personalization(options: BenchOptions) -> dict:
     """This process's first personalisation, compiling as `options.compile` says: what a fresh server pays."""
     device = resolve_device(options.device)
-    torch.manual_seed(0)
     pipe, lidb, hypernet = _build(options, device)
     compile_pipeline(pipe, options.compile)
     config = _finetune_config(options)

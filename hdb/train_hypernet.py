@@ -55,6 +55,7 @@ from hdb.identities import (
 )
 from hdb.lidb import LiDB, weight_distance
 from hdb.models import Pipeline, load_pipeline, native_resolution, training_scheduler
+from hdb.seeding import initialised_from
 from hdb.stage import training_stage
 from hdb.training import TrainConfig, learning_rate_factor, load_optimizer, make_optimizer, save_optimizer, train
 
@@ -108,18 +109,19 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 
 def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None) -> HyperNetwork:
+    """The latest checkpoint's hypernetwork, or a fresh one drawn from the run's seed."""
     if resume is not None:  # loaded in eval mode, for inference; it trains in train mode, as a fresh one does
         return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb).train()
-    torch.manual_seed(config.seed)
-    encoder = (
-        build_tiny_image_encoder(config.seed)
-        if config.image_encoder == "tiny"
-        else load_image_encoder(config.image_encoder)
-    )
+    if config.image_encoder == "tiny":
+        encoder = build_tiny_image_encoder(config.seed)
+    else:
+        with initialised_from(config.seed):  # any weight the encoder's files lack is drawn from the run's seed too
+            encoder = load_image_encoder(config.image_encoder)
     return HyperNetwork.for_lidb(
         lidb,
         encoder,
         config.image_encoder,
+        seed=config.seed,
         width=config.width,
         depth=config.depth,
         heads=config.heads,
