@@ -59,6 +59,7 @@ from hdb.models import (
 )
 from hdb.personal_file import save_personal
 from hdb.pipeline import PersonalPipeline
+from hdb.seeding import initialised_from
 from hdb.stage import training_stage
 from hdb.styles import PERSON
 from hdb.training import TrainConfig, make_optimizer, train
@@ -157,7 +158,9 @@ def _build(options: BenchOptions, device: torch.device) -> PersonalPipeline:
                 image_size=224,
                 patch_size=14,
             )
-            encoder, encoder_name, sizes = CLIPVisionModel(vit_h), "ViT-H/14-shaped CLIP vision (random)", {}
+            with initialised_from(0):
+                encoder = CLIPVisionModel(vit_h)
+            encoder_name, sizes = "ViT-H/14-shaped CLIP vision (random)", {}
     with LiDB.attached(pipe) as lidb:  # the hypernetwork's shapes and aux bases: those of the pipeline's LiDB
         hypernet = HyperNetwork.for_lidb(lidb, encoder, encoder_name, **sizes).to(device)
     hypernet.image_encoder.to(pipe.unet.dtype)
@@ -453,7 +456,6 @@ def _model_name(options: BenchOptions) -> str:
 
 def run_bench(options: BenchOptions) -> dict:
     device = resolve_device(options.device)
-    torch.manual_seed(0)
     built = time.perf_counter()
     personal = _build(options, device)
     pipe = personal.pipe
@@ -530,7 +532,6 @@ def compile_cache_environment(cache: Path) -> dict[str, str]:
 def first_personalization(options: BenchOptions) -> dict:
     """This process's first personalisation, compiling as `options.compile` says: what a fresh server pays."""
     device = resolve_device(options.device)
-    torch.manual_seed(0)
     personal = _build(options, device)
     compile_pipeline(personal.pipe, options.compile)
     config = _finetune_config(options)

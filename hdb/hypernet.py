@@ -28,6 +28,7 @@ from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 
 from hdb.errors import HdbError, from_hub_or_directory
 from hdb.lidb import LiDB, LiDBConfig, Signature, check_signature, start_A
+from hdb.seeding import initialised_from
 
 CLIP_MEAN = (0.4815, 0.4578, 0.4082)
 CLIP_STD = (0.2686, 0.2613, 0.2758)
@@ -66,11 +67,11 @@ def load_image_encoder(name_or_path: str) -> nn.Module:
 
 def build_tiny_image_encoder(seed: int = 0) -> CLIPVisionModel:
     """A randomly initialised miniature CLIP vision tower (64 px, 16 px patches) for tests and demos."""
-    torch.manual_seed(seed)
     config = CLIPVisionConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=64, patch_size=16
     )
-    return CLIPVisionModel(config)
+    with initialised_from(seed):
+        return CLIPVisionModel(config)
 
 
 def _encoder_setting(encoder: nn.Module, key: str) -> int | None:
@@ -80,7 +81,8 @@ def _encoder_setting(encoder: nn.Module, key: str) -> int | None:
 
 
 class HyperNetwork(nn.Module):
-    def __init__(self, config: HyperNetworkConfig, image_encoder: nn.Module) -> None:
+    def __init__(self, config: HyperNetworkConfig, image_encoder: nn.Module, seed: int = 0) -> None:
+        """`seed` draws the initial weights of the layers around `image_encoder` (loaded weights replace them)."""
         super().__init__()
         self.config = config
         hidden = _encoder_setting(image_encoder, "hidden_size")
@@ -95,20 +97,21 @@ class HyperNetwork(nn.Module):
         for name, parameter in image_encoder.named_parameters():
             if name.endswith(NO_GRADIENT):
                 parameter.requires_grad_(False)
-        self.image_proj = nn.Linear(hidden, width)
-        self.image_norm = nn.LayerNorm(width)  # the pre-norm decoder layers do not normalise the memory
-        # One projection per LiDB layer (layers differ in meaning), batched into one tensor.
-        self.weight_in = nn.Parameter(torch.randn(L, size, width) / size**0.5)
-        self.position = nn.Parameter(torch.randn(L, width) * 0.02)
-        layer = nn.TransformerDecoderLayer(
-            width, config.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.decoder = nn.TransformerDecoder(layer, config.depth, norm=nn.LayerNorm(width))
-        # Near zero, so the first prediction is ~ "no change" (the authors' N(0, 1e-3)). The decoder's output
-        # is layer-normed (entries ~1), so the weights are scaled by 1/sqrt(width) to make each predicted
-        # number ~1e-3 whatever the width; plain N(0, 1e-3) would give ~0.1 at width 512 after 4 iterations.
-        self.head = nn.Parameter(torch.randn(L, width, size) * 1e-3 / width**0.5)
-        self.head_bias = nn.Parameter(torch.randn(L, size) * 1e-3)
+        with initialised_from(seed):
+            self.image_proj = nn.Linear(hidden, width)
+            self.image_norm = nn.LayerNorm(width)  # the pre-norm decoder layers do not normalise the memory
+            # One projection per LiDB layer (layers differ in meaning), batched into one tensor.
+            self.weight_in = nn.Parameter(torch.randn(L, size, width) / size**0.5)
+            self.position = nn.Parameter(torch.randn(L, width) * 0.02)
+            layer = nn.TransformerDecoderLayer(
+                width, config.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+            )
+            self.decoder = nn.TransformerDecoder(layer, config.depth, norm=nn.LayerNorm(width))
+            # Near zero, so the first prediction is ~ "no change" (the authors' N(0, 1e-3)). The decoder's output
+            # is layer-normed (entries ~1), so the weights are scaled by 1/sqrt(width) to make each predicted
+            # number ~1e-3 whatever the width; plain N(0, 1e-3) would give ~0.1 at width 512 after 4 iterations.
+            self.head = nn.Parameter(torch.randn(L, width, size) * 1e-3 / width**0.5)
+            self.head_bias = nn.Parameter(torch.randn(L, size) * 1e-3)
         # The iterations start where LiDB training from zero starts (A random, B zero, as LoRA): the model
         # is unchanged, yet the diffusion loss has a gradient at once (at A = B = 0 it has none). Saved with
         # the weights, so a checkpoint predicts the same everywhere.
@@ -172,9 +175,9 @@ class HyperNetwork(nn.Module):
 
     @classmethod
     def for_lidb(
-        cls, lidb: LiDB, image_encoder: nn.Module, image_encoder_name: str, **config_overrides
+        cls, lidb: LiDB, image_encoder: nn.Module, image_encoder_name: str, seed: int = 0, **config_overrides
     ) -> HyperNetwork:
-        """A fresh hypernetwork predicting weights for `lidb` (its layers, shapes and aux bases)."""
+        """A fresh hypernetwork predicting weights for `lidb` (its layers, shapes and aux bases), drawn from `seed`."""
         values = dict(
             image_encoder=image_encoder_name,
             num_layers=len(lidb.layer_names),
@@ -191,7 +194,7 @@ class HyperNetwork(nn.Module):
         if image_size is not None:
             values["image_size"] = image_size
         values.update(config_overrides)
-        return cls(HyperNetworkConfig(**values), image_encoder)
+        return cls(HyperNetworkConfig(**values), image_encoder, seed)
 
     def signature(self) -> Signature:
         """The LiDB this hypernetwork predicts for: its weights mean nothing for another."""

@@ -394,7 +394,7 @@ class LiDB:
     Who changes it: `hdb.pipeline.PersonalPipeline` owns the LiDB of a pipeline that serves people
     (attach, load a person, relax, unload); a training stage holds its own for the stage's length
     (`LiDB.attached`). Everyone else changes its state only inside the scopes below (`scaled`, `merged_into_weights`,
-    `per_sample`, `holding`, `merged_while_training`), which put it back on the way out, also on error.
+    `per_sample`, `holding`, `restored`, `merged_while_training`), which put it back on the way out, also on error.
     """
 
     def __init__(self, pipe: Pipeline, config: LiDBConfig | None = None) -> None:
@@ -663,18 +663,15 @@ class LiDB:
             self.use_shared()
 
     @contextmanager
-    def holding(self, A: torch.Tensor, B: torch.Tensor) -> Iterator[None]:
-        """The shared weights replaced by (A, B) for the block (e.g. a prediction to look at during training),
-        everything before it (shared weights, rank, plain LoRA, routing) back on the way out."""
+    def restored(self) -> Iterator[None]:
+        """Whatever the block loads or routes (e.g. a validation pass mid-training), everything before it (shared
+        weights, rank, plain LoRA, routing to shared or per-sample weights) is back on the way out."""
         per_sample = None if self.uses_shared else (self.source.A, self.source.B)
         saved_A, saved_B = self.A_train.detach().clone(), self.B_train.detach().clone()
         lora = self.plain_lora()
-        saved_lora = (
-            None if lora is None else ([t.detach().clone() for t in lora[0]], [t.detach().clone() for t in lora[1]])
-        )
+        saved_lora = None if lora is None else tuple([t.detach().clone() for t in part] for part in lora)
         requires_grad = self.A_train.requires_grad
         try:
-            self.start_from(A, B)
             yield
         finally:
             self.start_from(saved_A, saved_B)
@@ -684,6 +681,14 @@ class LiDB:
                 parameter.requires_grad_(requires_grad)
             if per_sample is not None:
                 self.use_per_sample(*per_sample)
+
+    @contextmanager
+    def holding(self, A: torch.Tensor, B: torch.Tensor) -> Iterator[None]:
+        """The shared weights replaced by (A, B) for the block (e.g. a prediction to look at during training),
+        everything before it back on the way out (`restored`)."""
+        with self.restored():
+            self.start_from(A, B)
+            yield
 
     @torch.no_grad()
     def add_lora(self, rank: int, generator: torch.Generator | None = None) -> None:

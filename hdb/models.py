@@ -26,6 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from hdb.config import COMPILE_MODES, DEFAULT_BASE, TINY_ARCHS
 from hdb.devices import resolve_device, resolve_dtype
 from hdb.errors import HdbError, check_choice, from_hub_or_directory
+from hdb.seeding import initialised_from
 
 TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 SUPPORTED = (StableDiffusionPipeline, StableDiffusionXLPipeline)
@@ -137,7 +138,6 @@ def _tiny_unet(arch: str) -> UNet2DConditionModel:
 def build_tiny_pipeline(arch: str = "sd15", seed: int = 0) -> Pipeline:
     """A randomly initialised pipeline of the given family, built offline in under a second."""
     check_choice("tiny architecture", arch, TINY_ARCHS)
-    torch.manual_seed(seed)
     tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
     # SD1.5's own scheduler settings: scaled-linear betas, 1000 steps.
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -147,18 +147,15 @@ def build_tiny_pipeline(arch: str = "sd15", seed: int = 0) -> Pipeline:
         )
     else:
         scheduler = PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, **schedule)
-    parts = dict(unet=_tiny_unet(arch), vae=_tiny_vae(), scheduler=scheduler, tokenizer=tokenizer)
+    with initialised_from(seed):  # built in this order, so a seed keeps its weights
+        unet, vae, text_encoder = _tiny_unet(arch), _tiny_vae(), _tiny_text_encoder(False)
+        text_encoder_2 = _tiny_text_encoder(True) if arch == "sdxl" else None
+    parts = dict(unet=unet, vae=vae, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder)
     if arch in ("sd15", "sd2"):
         return StableDiffusionPipeline(
-            text_encoder=_tiny_text_encoder(False),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **parts,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts
         )
-    return StableDiffusionXLPipeline(
-        text_encoder=_tiny_text_encoder(False), text_encoder_2=_tiny_text_encoder(True), tokenizer_2=tokenizer, **parts
-    )
+    return StableDiffusionXLPipeline(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, **parts)
 
 
 def save_tiny_pipeline(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
@@ -180,7 +177,6 @@ def build_full_size_sd15(
     """
     from accelerate import init_empty_weights
 
-    torch.manual_seed(seed)
     tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
     text_config = CLIPTextConfig(
         vocab_size=49408,
@@ -195,7 +191,8 @@ def build_full_size_sd15(
         pad_token_id=49407,
     )
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    with init_empty_weights(include_buffers=False) if empty else torch.device(device):
+    # on the device first: `initialised_from` then forks and seeds the generator the constructors draw from there
+    with init_empty_weights(include_buffers=False) if empty else torch.device(device), initialised_from(seed):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD1.x's UNet
         vae = AutoencoderKL(
             block_out_channels=(128, 256, 512, 512),

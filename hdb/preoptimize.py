@@ -16,6 +16,7 @@ with `python -m hdb info` or used to generate.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from hdb.config import DatasetSource, PreoptimizeConfig, instance_prompt_for
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.faces import crop_size
+from hdb.files import write_atomically
 from hdb.identities import Identity, encode_identities, identity_names, resolve_identities, write_manifest
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, native_resolution, training_scheduler
@@ -101,11 +103,9 @@ def preoptimize(
             with lidb.per_sample(A, B):
                 history = train([A, B], loss_fn, train_config).losses
             for index, identity in enumerate(group):
-                path = weights_dir / f"{identity.name}.safetensors"
-                partial = path.with_suffix(".partial")  # a killed run leaves no half file that looks done
                 person = PersonalWeights.from_lidb(lidb, prompt, config.instance_token, (A[index], B[index]))
-                save_personal(person, partial)
-                partial.replace(path)
+                # whole or not at all: a killed run leaves no half file that looks done
+                write_atomically(weights_dir / f"{identity.name}.safetensors", partial(save_personal, person))
                 first, last = history[0], sum(history[-10:]) / len(history[-10:])
                 losses[identity.name] = (first / len(group), last / len(group))  # the group's summed loss, per identity
     return {

@@ -11,14 +11,21 @@ loss reaches every hypernetwork parameter. Runs unchanged on one process or unde
 `accelerate launch` (DDP): each process takes its slice of the same global batch, drawn from
 (seed, step), and each sample's noise from its own seed, so several processes compute what one would,
 and a resumed run continues exactly.
+
+The file reads in the order a run goes: setting up (`Run` holds what every phase uses), one step's loss,
+what follows a step (validation, a sample, the log, a checkpoint), the end; `train_hypernetwork`, last,
+runs the phases.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +42,7 @@ from hdb.config import (
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError, check_choice
 from hdb.faces import crop_size
+from hdb.files import write_atomically
 from hdb.hypernet import TRAINING_FILE, HyperNetwork, build_tiny_image_encoder, load_image_encoder
 from hdb.identities import (
     Identity,
@@ -47,13 +55,19 @@ from hdb.identities import (
 )
 from hdb.lidb import LiDB, weight_distance
 from hdb.models import Pipeline, load_pipeline, native_resolution, training_scheduler
+from hdb.seeding import initialised_from
 from hdb.stage import training_stage
 from hdb.training import TrainConfig, learning_rate_factor, load_optimizer, make_optimizer, save_optimizer, train
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
 
 MEMORY_OPTIONS = (
     "a smaller `batch_size` with `accumulation_steps`, `gradient_checkpointing=True`, `mixed_precision` fp16 or bf16, "
     "`optimizer='adamw8bit'`"
 )
+LOSSES_FILE = "losses.jsonl"  # one JSON record per step
 
 
 def pair_photo_and_view(seed: int, photos: int, views: int, pairing: str) -> tuple[int, int]:
@@ -69,26 +83,7 @@ def pair_photo_and_view(seed: int, photos: int, views: int, pairing: str) -> tup
     return photo, photo * per_photo + (seed >> 8) % per_photo
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / "latest"
-    return out / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
-
-
-def _save_checkpoint(out: Path, step: int, hypernet: HyperNetwork, optimizer: torch.optim.Optimizer) -> None:
-    """Write checkpoint-<step> fully, then point `latest` at it: a kill never leaves a half checkpoint in use."""
-    folder = out / "checkpoints"
-    target, partial = folder / f"checkpoint-{step}", folder / f"checkpoint-{step}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    hypernet.save_pretrained(partial / "hypernet")
-    save_optimizer(optimizer, partial / "optimizer.safetensors")
-    (partial / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    (folder / "latest.tmp").write_text(target.name)
-    (folder / "latest.tmp").replace(folder / "latest")
-    for old in folder.glob("checkpoint-*"):  # keep the newest only
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
+# ----------------------------------------------------------------------------- setting a run up
 
 
 def _settings(config: HypernetTrainConfig, manifest: WeightsManifest | None) -> tuple[LiDBConfig, str]:
@@ -108,24 +103,240 @@ def _settings(config: HypernetTrainConfig, manifest: WeightsManifest | None) -> 
     return manifest.lidb, manifest.instance_token
 
 
+def _latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / "checkpoints" / "latest"
+    return out / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
+
+
 def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None) -> HyperNetwork:
-    if resume is not None:
-        return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb)
-    torch.manual_seed(config.seed)
-    encoder = (
-        build_tiny_image_encoder(config.seed)
-        if config.image_encoder == "tiny"
-        else load_image_encoder(config.image_encoder)
-    )
+    """The latest checkpoint's hypernetwork, or a fresh one drawn from the run's seed."""
+    if resume is not None:  # loaded in eval mode, for inference; it trains in train mode, as a fresh one does
+        return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb).train()
+    if config.image_encoder == "tiny":
+        encoder = build_tiny_image_encoder(config.seed)
+    else:
+        with initialised_from(config.seed):  # any weight the encoder's files lack is drawn from the run's seed too
+            encoder = load_image_encoder(config.image_encoder)
     return HyperNetwork.for_lidb(
         lidb,
         encoder,
         config.image_encoder,
+        seed=config.seed,
         width=config.width,
         depth=config.depth,
         heads=config.heads,
         iterations=config.iterations,
     )
+
+
+@dataclass
+class Run:
+    """What the phases of one stage-2 run work with, handed to each of them explicitly."""
+
+    config: HypernetTrainConfig
+    train_config: TrainConfig  # the training loop's settings (and the learning rate each step logs)
+    out: Path
+    accelerator: Accelerator
+    pipe: Pipeline
+    lidb: LiDB
+    instance_token: str
+    model: torch.nn.Module  # the hypernetwork as `accelerator.prepare` wrapped it (DDP over several processes)
+    optimizer: torch.optim.Optimizer
+    noise_schedule: DDPMScheduler
+    prompt_tokens: list[torch.Tensor]  # the instance prompt's tokens, for each text encoder
+    pixels: dict[str, torch.Tensor]  # each identity's photos as the image encoder takes them, [photos, 3, S, S]
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]]  # pre-optimised (A, B) by identity; {} without them
+    train_ids: list[Identity]
+    train_views: list[torch.Tensor]  # each training identity's views as latents
+    held_out: list[Identity]  # for validation and the samples
+    held_out_views: list[torch.Tensor]
+    # filled in as training goes
+    step_terms: dict[int, dict[str, list[torch.Tensor]]] = field(default_factory=dict)  # see `micro_batch_loss`
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+
+
+def start_log(run: Run, start_step: int) -> None:
+    """Start TensorBoard, and cut losses.jsonl back to the steps before `start_step` (the later ones are redone)."""
+    if not run.accelerator.is_main_process:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    run.accelerator.init_trackers(
+        "hdb", config={k: v for k, v in asdict(run.config).items() if isinstance(v, (int, float, str, bool))}
+    )
+    log_path = run.out / LOSSES_FILE
+    kept = (
+        [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start_step]
+        if log_path.is_file()
+        else []
+    )
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def batch_loss(
+    run: Run, names: list[str], views: list[torch.Tensor], draw: int | str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of this process's slice of one batch of identities, and its terms apart (detached).
+
+    `draw` (a micro-batch's number, or "validation") fixes the batch's randomness. A batch of `batch_size`
+    identities is shared out over the processes; any other (the held-out ones) is taken whole by each.
+    """
+    config, accelerator = run.config, run.accelerator
+    if len(names) == config.batch_size:
+        per_process = config.batch_size // accelerator.num_processes
+        mine = range(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
+    else:
+        mine = range(len(names))
+    # one seed per slot of the global batch, the same in every process: it picks the slot's input photo
+    # and target view, and draws its noise
+    seeds = [sample_seed(config.seed, draw, k) for k in mine]
+    pairs = [
+        pair_photo_and_view(seed, len(run.pixels[names[k]]), len(views[k]), config.pairing)
+        for k, seed in zip(mine, seeds, strict=True)
+    ]
+    photos = torch.stack([run.pixels[names[k]][photo] for k, (photo, _) in zip(mine, pairs, strict=True)])
+    batch = torch.stack([views[k][view] for k, (_, view) in zip(mine, pairs, strict=True)])
+    A, B = run.model(photos)
+    run.lidb.use_per_sample(A, B)  # until the next batch: gradient checkpointing re-runs the forward in backward
+    with accelerator.autocast():
+        diffusion = step_loss(run.pipe, run.noise_schedule, batch, run.prompt_tokens, seeds).mean()
+    terms = {"diffusion_loss": diffusion.detach()}
+    loss = config.alpha * diffusion
+    if config.beta > 0 and all(name in run.targets for name in names):
+        target_A = torch.stack([run.targets[names[k]][0] for k in mine]).to(A.device)
+        target_B = torch.stack([run.targets[names[k]][1] for k in mine]).to(A.device)
+        weight = weight_distance(A, B, target_A, target_B).mean()
+        terms["weight_loss"] = weight.detach()
+        loss = loss + config.beta * weight
+    return loss, terms
+
+
+def micro_batch_loss(run: Run, micro: int) -> torch.Tensor:
+    """The training loss of micro-batch `micro`, its identities drawn from (seed, micro): a resumed run draws the same.
+
+    Its terms are kept in `run.step_terms` until `after_step` logs the step: the loop reads a step's loss
+    one step late, after the next step's micro-batches already ran.
+    """
+    config = run.config
+    generator = torch.Generator().manual_seed(sample_seed(config.seed, "batch", micro))
+    order = torch.randint(0, len(run.train_ids), (config.batch_size,), generator=generator).tolist()
+    loss, terms = batch_loss(run, [run.train_ids[k].name for k in order], [run.train_views[k] for k in order], micro)
+    for name, value in terms.items():
+        run.step_terms.setdefault(micro // config.accumulation_steps, {}).setdefault(name, []).append(value)
+    return loss
+
+
+# ----------------------------------------------------------------------------- after a step: validate, sample, log
+
+
+@contextmanager
+def _in_eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@torch.no_grad()
+def validation_loss(run: Run) -> float:
+    """The loss on the held-out identities, drawn the same way every time: comparable over the run."""
+    with _in_eval_mode(run.model), run.lidb.restored():  # validation routes the LiDB to its own predictions
+        return batch_loss(run, [i.name for i in run.held_out], run.held_out_views, "validation")[0].item()
+
+
+@torch.no_grad()
+def save_sample(run: Run, step: int) -> None:
+    """What the predicted weights draw for the first held-out face: saved to samples/ and logged to TensorBoard."""
+    from hdb.generate import generate
+
+    A, B = run.accelerator.unwrap_model(run.model).predict(run.held_out[0].faces[0])
+    with run.lidb.holding(A, B), _in_eval_mode(run.pipe.unet):
+        prompt = f"a portrait of a {run.instance_token}"
+        image = generate(run.pipe, run.lidb, prompt, steps=run.config.sample_steps, seed=0)[0]
+    (run.out / "samples").mkdir(exist_ok=True)
+    image.save(run.out / "samples" / f"step-{step:06d}.png")
+    writer = run.accelerator.get_tracker("tensorboard", unwrap=True)
+    writer.add_image("validation/sample", np.asarray(image), step, dataformats="HWC")
+
+
+def log_step(run: Run, record: dict) -> None:
+    """One step's record, to TensorBoard and as a line of losses.jsonl."""
+    run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    with (run.out / LOSSES_FILE).open("a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def _save_checkpoint(out: Path, step: int, hypernet: HyperNetwork, optimizer: torch.optim.Optimizer) -> None:
+    """Write checkpoint-<step> whole, then point `latest` at it: a kill never leaves a half checkpoint in use."""
+    folder = out / "checkpoints"
+    target = folder / f"checkpoint-{step}"
+
+    def write_checkpoint(partial: Path) -> None:
+        hypernet.save_pretrained(partial / "hypernet")
+        save_optimizer(optimizer, partial / "optimizer.safetensors")
+        (partial / "state.json").write_text(json.dumps({"step": step}))
+
+    write_atomically(target, write_checkpoint)
+    write_atomically(folder / "latest", lambda partial: partial.write_text(target.name))
+    for old in folder.glob("checkpoint-*"):  # keep the newest only
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _due(step: int, every: int, steps: int) -> bool:
+    """Whether a task done every `every` steps falls on `step`; the last step does them all."""
+    return (step + 1) % every == 0 or step + 1 == steps
+
+
+def after_step(run: Run, step: int, loss: float) -> None:
+    """Log step `step`; validate, sample and checkpoint when due. The loop calls it as it reads the step's loss."""
+    config, accelerator = run.config, run.accelerator
+    terms = run.step_terms.pop(step, {})  # the two terms apart, to see which one moves
+    record = {
+        "step": step,
+        "loss": loss,
+        **{name: torch.stack(values).mean().item() for name, values in terms.items()},
+        "learning_rate": config.learning_rate * learning_rate_factor(step, run.train_config),
+    }
+    if _due(step, config.validate_every, config.steps):
+        record["validation_loss"] = validation_loss(run)
+        run.validation.append((step, record["validation_loss"]))
+    if accelerator.is_main_process:
+        if "validation_loss" in record and config.sample_steps:
+            save_sample(run, step)
+        log_step(run, record)
+    if _due(step, config.checkpoint_every, config.steps):
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:  # written once, whatever the number of processes
+            _save_checkpoint(run.out, step, accelerator.unwrap_model(run.model), run.optimizer)
+        accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- the end
+
+
+def save_hypernetwork(run: Run, images: str | Path | list[Identity] | DatasetSource) -> None:
+    """out/hypernet, with how it was trained beside it (training.json: what the model card, hdb.hub, says)."""
+    config = run.config
+    run.accelerator.unwrap_model(run.model).save_pretrained(run.out / "hypernet")
+    training = {
+        "config": {
+            **{k: v for k, v in asdict(config).items() if k != "progress"},
+            "lidb": asdict(run.lidb.config),  # what was trained with, read from the manifest or defaulted
+            "instance_token": run.instance_token,
+        },
+        "steps_run": config.steps,
+        "identities": len(run.train_ids),
+        "held_out": [i.name for i in run.held_out],
+        "images": str(images) if isinstance(images, (str, Path, DatasetSource)) else "identities given in Python",
+        "processes": run.accelerator.num_processes,
+        "final_validation_loss": run.validation[-1][1] if run.validation else None,
+    }
+    (run.out / "hypernet" / TRAINING_FILE).write_text(json.dumps(training, indent=1))
 
 
 def train_hypernetwork(
@@ -143,8 +354,9 @@ def train_hypernetwork(
     """
     from accelerate import Accelerator
 
+    # the options, checked before any work
     config = config or HypernetTrainConfig()
-    check_choice("pairing", config.pairing, PAIRINGS)  # before any work, not at the first step
+    check_choice("pairing", config.pairing, PAIRINGS)  # not at the first step
     out = Path(out_dir)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, log_with="tensorboard", project_dir=str(out), cpu=device == "cpu"
@@ -160,6 +372,8 @@ def train_hypernetwork(
         )
     manifest = read_manifest(weights_dir) if weights_dir is not None else None
     lidb_config, instance_token = _settings(config, manifest)
+
+    # the base model, and the identities' faces and latents; the first `holdout` identities are held out
     if isinstance(base, (str, Path)):
         pipe = load_pipeline(str(base), MIXED_PRECISIONS[config.mixed_precision], str(accelerator.device))
     else:
@@ -177,187 +391,89 @@ def train_hypernetwork(
             f"(found {len(identities)}; {dict(skipped)} photos skipped)"
         )
     latents = encode_identities(pipe, identities, resolution)
-    held_ids, held_latents = identities[: config.holdout], latents[: config.holdout]
     with (
         LiDB.attached(pipe, lidb_config) as lidb,
         training_stage(pipe, lidb, "training the hypernetwork", MEMORY_OPTIONS, config.gradient_checkpointing),
     ):
+        # the pre-optimised weights: identities without them cannot take the weight loss, and are left out
         if manifest is not None:
             check_manifest(manifest, lidb, weights_dir)
         targets = (
             load_weights_dataset(weights_dir, lidb, [i.name for i in identities]) if weights_dir is not None else {}
         )
-        # identities without pre-optimised weights cannot take the weight loss: leave them out of training
         train_pairs = [
             (identity, views)
             for identity, views in zip(identities[config.holdout :], latents[config.holdout :], strict=True)
             if not targets or identity.name in targets
         ]
-        train_ids, train_latents = [i for i, _ in train_pairs], [views for _, views in train_pairs]
+
+        # the hypernetwork and its optimizer, fresh or from the latest checkpoint
         resume = _latest_checkpoint(out)
         hypernet = _build_hypernet(config, lidb, resume).to(accelerator.device)
         if config.freeze_encoder:  # saved and loaded with the rest all the same; only the optimizer skips it
             hypernet.image_encoder.requires_grad_(False)
         start_step = json.loads((resume / "state.json").read_text())["step"] + 1 if resume is not None else 0
-
         parameters = [p for p in hypernet.parameters() if p.requires_grad]
         optimizer = make_optimizer(parameters, config.optimizer, config.learning_rate)
         if resume is not None:
             load_optimizer(optimizer, resume / "optimizer.safetensors")
         model, optimizer = accelerator.prepare(hypernet, optimizer)
-        scheduler = training_scheduler(pipe)
-        prompt_tokens = tokenize_prompts(pipe, [instance_prompt_for(instance_token)])
-        pixels = {i.name: hypernet.preprocess(i.faces) for i in identities}  # [photos, 3, S, S] per identity
-        rank, count = accelerator.process_index, config.batch_size // accelerator.num_processes
 
-        def batch_loss(
-            names: list[str], views: list[torch.Tensor], draw: int | str
-        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            """The loss of this process's slice of one global batch, and its terms apart (detached);
-            `draw` (a micro-batch) fixes its randomness."""
-            mine = range(rank * count, (rank + 1) * count) if len(names) == config.batch_size else range(len(names))
-            # one seed per slot of the global batch, the same in every process: it picks the slot's input photo
-            # and target view, and draws its noise
-            pick = [sample_seed(config.seed, draw, k) for k in mine]
-            pairs = [
-                pair_photo_and_view(p, len(pixels[names[k]]), len(views[k]), config.pairing)
-                for k, p in zip(mine, pick, strict=True)
-            ]
-            photos = torch.stack([pixels[names[k]][photo] for k, (photo, _) in zip(mine, pairs, strict=True)])
-            batch = torch.stack([views[k][view] for k, (_, view) in zip(mine, pairs, strict=True)])
-            A, B = model(photos)
-            lidb.use_per_sample(A, B)
-            with accelerator.autocast():
-                diffusion = step_loss(pipe, scheduler, batch, prompt_tokens, pick).mean()
-            terms = {"diffusion_loss": diffusion.detach()}
-            loss = config.alpha * diffusion
-            if config.beta > 0 and all(n in targets for n in names):
-                target_A = torch.stack([targets[names[k]][0] for k in mine]).to(A.device)
-                target_B = torch.stack([targets[names[k]][1] for k in mine]).to(A.device)
-                weight = weight_distance(A, B, target_A, target_B).mean()
-                terms["weight_loss"] = weight.detach()
-                loss = loss + config.beta * weight
-            return loss, terms
-
-        # each step's loss terms (this process's micro-batches), kept until the step is logged: the loop
-        # reads a step's loss one step late, after the next step's micro-batches already ran
-        step_terms: dict[int, dict[str, list[torch.Tensor]]] = {}
-
-        def loss_fn(micro: int) -> torch.Tensor:
-            generator = torch.Generator().manual_seed(sample_seed(config.seed, "batch", micro))
-            order = torch.randint(0, len(train_ids), (config.batch_size,), generator=generator).tolist()
-            loss, terms = batch_loss([train_ids[k].name for k in order], [train_latents[k] for k in order], micro)
-            for name, value in terms.items():
-                step_terms.setdefault(micro // config.accumulation_steps, {}).setdefault(name, []).append(value)
-            return loss
-
-        @torch.no_grad()
-        def validate(step: int) -> float:
-            model.eval()
-            loss = batch_loss([i.name for i in held_ids], held_latents, "validation")[0].item()  # comparable over time
-            model.train()
-            return loss
-
-        @torch.no_grad()
-        def sample(step: int) -> None:
-            """What the predicted weights draw for the first held-out face: saved and logged to TensorBoard."""
-            from hdb.generate import generate
-
-            A, B = accelerator.unwrap_model(model).predict(held_ids[0].faces[0])
-            pipe.unet.eval()
-            with lidb.holding(A, B):
-                image = generate(pipe, lidb, f"a portrait of a {instance_token}", steps=config.sample_steps, seed=0)[0]
-            pipe.unet.train()
-            (out / "samples").mkdir(exist_ok=True)
-            image.save(out / "samples" / f"step-{step:06d}.png")
-            writer = accelerator.get_tracker("tensorboard", unwrap=True)
-            writer.add_image("validation/sample", np.asarray(image), step, dataformats="HWC")
-
-        log_path = out / "losses.jsonl"
-        if accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            accelerator.init_trackers(
-                "hdb", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
-            )
-            kept = (
-                [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start_step]
-                if log_path.is_file()
-                else []
-            )
-            log_path.write_text("".join(line + "\n" for line in kept))  # steps after the checkpoint will be redone
-
-        history: dict = {"validation": []}
-
-        def on_step(step: int, loss: float) -> None:
-            terms = step_terms.pop(step, {})  # the two terms apart, to see which one moves
-            record = {
-                "step": step,
-                "loss": loss,
-                **{k: torch.stack(v).mean().item() for k, v in terms.items()},
-                "learning_rate": config.learning_rate * learning_rate_factor(step, train_config),
-            }
-            if (step + 1) % config.validate_every == 0 or step + 1 == config.steps:
-                record["validation_loss"] = validate(step)
-                history["validation"].append((step, record["validation_loss"]))
-            if accelerator.is_main_process:
-                if "validation_loss" in record and config.sample_steps:
-                    sample(step)
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                with log_path.open("a") as file:
-                    file.write(json.dumps(record) + "\n")
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:  # written once, whatever the number of processes
-                    _save_checkpoint(out, step, accelerator.unwrap_model(model), optimizer)
-                accelerator.wait_for_everyone()
-
-        train_config = TrainConfig(
-            steps=config.steps,
-            learning_rate=config.learning_rate,
-            optimizer=config.optimizer,
-            accumulation_steps=config.accumulation_steps,
-            warmup_steps=config.warmup_steps,
-            lr_schedule=config.lr_schedule,
-            progress=config.progress,
-            description="training the hypernetwork",
+        # everything the steps use, in one place
+        run = Run(
+            config=config,
+            train_config=TrainConfig(
+                steps=config.steps,
+                learning_rate=config.learning_rate,
+                optimizer=config.optimizer,
+                accumulation_steps=config.accumulation_steps,
+                warmup_steps=config.warmup_steps,
+                lr_schedule=config.lr_schedule,
+                progress=config.progress,
+                description="training the hypernetwork",
+            ),
+            out=out,
+            accelerator=accelerator,
+            pipe=pipe,
+            lidb=lidb,
+            instance_token=instance_token,
+            model=model,
+            optimizer=optimizer,
+            noise_schedule=training_scheduler(pipe),
+            prompt_tokens=tokenize_prompts(pipe, [instance_prompt_for(instance_token)]),
+            pixels={i.name: hypernet.preprocess(i.faces) for i in identities},
+            targets=targets,
+            train_ids=[identity for identity, _ in train_pairs],
+            train_views=[views for _, views in train_pairs],
+            held_out=identities[: config.holdout],
+            held_out_views=latents[: config.holdout],
         )
+        start_log(run, start_step)
+
+        # train: the loop calls back after each step to log, validate, sample and checkpoint
         result = train(
             parameters,
-            loss_fn,
-            train_config,
-            on_step,
+            lambda micro: micro_batch_loss(run, micro),
+            run.train_config,
+            lambda step, loss: after_step(run, step, loss),
             optimizer=optimizer,
             accelerator=accelerator,
             start_step=start_step,
         )
+
+        # the trained hypernetwork, written once
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(out / "hypernet")
-            training = {  # what the model card (hdb.hub) says about how it was trained
-                "config": {
-                    **{k: v for k, v in asdict(config).items() if k != "progress"},
-                    "lidb": asdict(lidb_config),  # what was trained with, read from the manifest or defaulted
-                    "instance_token": instance_token,
-                },
-                "steps_run": config.steps,
-                "identities": len(train_ids),
-                "held_out": [i.name for i in held_ids],
-                "images": str(images)
-                if isinstance(images, (str, Path, DatasetSource))
-                else "identities given in Python",
-                "processes": accelerator.num_processes,
-                "final_validation_loss": history["validation"][-1][1] if history["validation"] else None,
-            }
-            (out / "hypernet" / TRAINING_FILE).write_text(json.dumps(training, indent=1))
+            save_hypernetwork(run, images)
         accelerator.end_training()
     return {
         "main_process": accelerator.is_main_process,
         "start_step": start_step,
         "losses": result.losses,
         "skipped_steps": result.skipped_steps,  # fp16 overflows the loss scaler skipped
-        "validation": history["validation"],
-        "identities": len(train_ids),
-        "held_out": [i.name for i in held_ids],
+        "validation": run.validation,
+        "identities": len(run.train_ids),
+        "held_out": [i.name for i in run.held_out],
         "skipped_photos": dict(skipped),
         "processes": accelerator.num_processes,
     }

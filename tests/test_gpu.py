@@ -217,3 +217,13 @@ def test_a_thousand_merges_leave_the_base_weights_bit_identical(dtype):
         lidb.unmerge()
     for name, layer in lidb.layers.items():
         assert torch.equal(layer.base.weight, originals[name]), name
+
+
+def test_building_on_the_gpu_follows_the_seed_and_leaves_the_random_state_alone():
+    cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state()
+    with torch.device(CUDA):  # the constructors draw on the GPU: hdb.seeding forks and seeds its generator
+        one, again, other = (build_tiny_pipeline("sd15", seed=seed) for seed in (1, 1, 2))
+    assert torch.equal(torch.get_rng_state(), cpu) and torch.equal(torch.cuda.get_rng_state(), cuda)
+    weight = one.unet.conv_in.weight
+    assert weight.is_cuda and torch.equal(weight, again.unet.conv_in.weight)
+    assert not torch.equal(weight, other.unet.conv_in.weight)
