@@ -373,19 +373,19 @@ def test_stage_2_trains_with_stage_1s_lidb_and_refuses_a_mismatch(tmp_path):
 
 
 def test_validation_and_sampling_give_the_lidb_and_the_modes_back_however_they_end(tiny_sd15):
-    from hdb.train_hypernet import _in_eval_mode, _lidb_given_back
+    from hdb.train_hypernet import _in_eval_mode
 
     lidb, unet = LiDB(tiny_sd15, LiDBConfig(a=8, b=4)), tiny_sd15.unet.train()
     A, B = lidb.initial_weights(2)
     lidb.use_per_sample(A, B)  # as training leaves it between steps
     shared = lidb.A_train.detach().clone(), lidb.B_train.detach().clone()
-    with pytest.raises(RuntimeError, match="sampling failed"), _lidb_given_back(lidb), _in_eval_mode(unet):
-        lidb.start_from(torch.ones_like(lidb.A_train), torch.ones_like(lidb.B_train))  # a prediction, to sample
-        assert not unet.training
+    prediction = torch.ones_like(lidb.A_train), torch.ones_like(lidb.B_train)  # to sample
+    with pytest.raises(RuntimeError, match="sampling failed"), lidb.holding(*prediction), _in_eval_mode(unet):
+        assert not unet.training and torch.equal(lidb.A_train, prediction[0]) and lidb.uses_shared
         raise RuntimeError("sampling failed")
     assert unet.training and lidb.source.A is A and lidb.source.B is B
     assert torch.equal(lidb.A_train, shared[0]) and torch.equal(lidb.B_train, shared[1])
-    lidb.detach()
+    lidb.unload()
 
 
 # ----------------------------------------------------------------------------- the learning-rate schedule
