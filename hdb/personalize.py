@@ -12,6 +12,7 @@ file); `finetune` here trains it. Either way the personal file holds exactly the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,11 +51,16 @@ class Personalization:
     losses: list[float]
     steps: int
     used_hypernet: bool
-    notes: list[str]  # warnings worth showing, e.g. photos that may show different people
 
     @property
     def face(self) -> AlignedFace:
         return self.faces[0]
+
+    @functools.cached_property
+    def notes(self) -> list[str]:
+        """Warnings worth showing, e.g. photos that may show different people: computed when first asked for (face
+        descriptors, CPU work that a GPU server keeps out of the time it rents a GPU for)."""
+        return same_person_notes(self.faces)
 
 
 def finetune(

@@ -38,7 +38,7 @@ from hdb.generate import generate
 from hdb.lidb import LiDB, check_signature
 from hdb.models import Pipeline, load_pipeline, native_resolution
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
-from hdb.personalize import Personalization, finetune, same_person_notes
+from hdb.personalize import Personalization, finetune
 from hdb.styles import check_prompt, expand_prompt, negative_for
 from hdb.training import TrainingDiverged
 
@@ -145,7 +145,7 @@ class PersonalPipeline:
             self.forget()
             raise
         self.person = PersonalWeights.from_lidb(self.lidb, prompt, config.instance_token)
-        return Personalization(self.person, faces, losses, steps, self.hypernet is not None, same_person_notes(faces))
+        return Personalization(self.person, faces, losses, steps, self.hypernet is not None)
 
     @torch.no_grad()
     def _start(self, faces: list[AlignedFace]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,9 +14,11 @@ from hdb.lidb import LiDB, LiDBConfig, aux_bases, aux_fingerprint, weight_distan
 from hdb.stage import training_stage
 
 
-def randomize(lidb: LiDB, scale: float = 0.3) -> None:
+def randomize(lidb: LiDB, scale: float = 0.3, seed: int = 0) -> None:
+    """Random non-zero B, the same for the same seed (hdb seeds no process-wide generator, so neither do tests)."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        lidb.B_train.normal_(0, scale)
+        lidb.B_train.copy_(torch.randn(lidb.B_train.shape, generator=generator) * scale)
 
 
 @pytest.mark.parametrize("rank", [1, 3])

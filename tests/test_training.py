@@ -305,7 +305,7 @@ def test_bad_training_data_gives_clear_errors(preoptimized, tiny_sd15_dir, tmp_p
         *TINY_HYPERNET,
         check=False,
     )
-    assert_one_line_error(result, "different base model architecture")
+    assert_one_line_error(result, "another base model architecture")
     assert not (tmp_path / "x" / "checkpoints").exists()
     result = hdb(
         "train",

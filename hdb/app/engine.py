@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 from hdb.config import APP_COMPILE_MODE, STEPS_FROM_ZERO, STEPS_WITH_HYPERNET, PersonalizeConfig
 from hdb.pipeline import PersonalPipeline
@@ -17,50 +18,52 @@ log = logging.getLogger("hdb.app")
 
 # ZeroGPU lends a GPU only inside functions marked with spaces.GPU, charges a visitor's daily quota by the
 # duration a call *asks* for, and stops a call that runs past it. So each GPU function asks for what its
-# work needs: seconds per unit of work at 512 px, estimated from hdb's H200 measurements (docs/BENCHMARKS.md:
-# 0.24 s an eager fp16 finetune step, 1.13 s a 25-step image) with a margin for a shared GPU slice.
-GPU_SECONDS = {"setup": 10.0, "finetune_step": 0.35, "image_step": 0.08}
+# work needs. Where the numbers come from (see README "On Hugging Face Spaces"):
+# - the hardware: an H200 "slice", 60 of the H200's 132 SMs (the `spaces` package's spaces/zero/configs.json,
+#   0.51.3), or an RTX PRO 6000 Blackwell whose requests are charged 1.5x (its `duration_factor`);
+# - hdb's own H200 figures (docs/BENCHMARKS.md): 0.24 s an eager fp16 finetune step, 1.13 s a 25-step image,
+#   scaled by 132/60 for the slice and rounded up: estimates, not measured on ZeroGPU;
+# - the daily quotas (huggingface.co/docs/hub/spaces-zerogpu): 2 minutes without an account, 3.5 with a free
+#   one, 25 with PRO.
+GPU_SECONDS = {"setup": 10.0, "finetune_step": 0.6, "image_step": 0.1}
 MAX_GPU_SECONDS = 180  # what one call may ask for at most; the sliders' limits are set so their work fits
+ZERO_GPU_FACTOR = 1.5  # the largest duration factor a ZeroGPU card charges (RTX PRO 6000: 1.5, H200: 1.0)
+QUOTA_SECONDS = {"anonymous": 120, "free account": 210, "PRO": 1500}  # daily ZeroGPU quota per visitor
+FIRST_PICTURES = (2, 25)  # what one click on Personalise draws: images x sampling steps (the page's defaults)
 MAX_FINETUNE_STEPS, MAX_SAMPLING_STEPS, MAX_IMAGES = 400, 100, 4
 MAX_STRENGTH, MAX_GUIDANCE = 1.5, 15.0  # the page's slider limits, checked again on the server (API callers)
 # the largest size preset's pixels over the native square's (SD1.x's portrait: 1.5)
 MAX_AREA = max(w * h / native**2 for native, sizes in SIZE_PRESETS.items() for w, h in sizes.values())
 
 
-def on_spaces() -> bool:
-    """Whether `spaces` is installed, as on Hugging Face Spaces (where the GPU may be ZeroGPU's)."""
+def import_spaces() -> ModuleType | None:
+    """The `spaces` package of Hugging Face Spaces, imported now; None elsewhere.
+
+    On ZeroGPU it patches torch as it is imported, and refuses to be imported once CUDA is initialised: so the
+    app imports it first thing, before any model is built or placed. Not earlier than gradio either: `spaces`
+    refuses to be imported while gradio itself is still importing (gradio then quietly goes without it).
+    """
     try:
-        import spaces  # noqa: F401
+        import spaces
     except ImportError:
-        return False
-    return True
+        return None
+    return spaces
+
+
+def on_zero_gpu(spaces: ModuleType | None) -> bool:
+    """Whether this is a ZeroGPU Space, as the `spaces` package says (SPACES_ZERO_GPU), not whether it is installed:
+    every Gradio Space has it, dedicated GPU Spaces too."""
+    config = getattr(getattr(spaces, "config", None), "Config", None)
+    return bool(getattr(config, "zero_gpu", False))
 
 
 def compile_refusal(device_type: str, zero_gpu: bool) -> str | None:
     """Why `--compile` does not apply here, or None where it does: a dedicated GPU."""
     if zero_gpu:
-        return "--compile is ignored on Spaces: ZeroGPU runs each call in a fresh worker, which would compile again"
+        return "--compile is ignored on ZeroGPU: each call runs in a fresh worker, which would compile again"
     if device_type != "cuda":
         return f"--compile is ignored on {device_type}: compiling pays off on a dedicated GPU only"
     return None
-
-
-def gpu_task(duration: Callable[[dict], float]) -> Callable[[Callable], Callable]:
-    """spaces.GPU asking for `duration(the call's inputs by name)` seconds on ZeroGPU; elsewhere a no-op."""
-    try:
-        import spaces  # on Spaces only; effect-free outside ZeroGPU
-    except ImportError:
-        return lambda fn: fn
-
-    def decorate(fn: Callable) -> Callable:
-        signature = inspect.signature(fn)
-
-        def seconds(*args: object, **kwargs: object) -> float:  # ZeroGPU calls it with the function's inputs
-            return duration(signature.bind_partial(*args, **kwargs).arguments)
-
-        return spaces.GPU(duration=seconds)(fn)
-
-    return decorate
 
 
 class Engine:
@@ -70,19 +73,25 @@ class Engine:
     `lock`, and loads the visitor's own person inside it, whatever Gradio's queue settings are.
     """
 
-    def __init__(self, options: argparse.Namespace) -> None:
+    def __init__(self, options: argparse.Namespace, spaces: ModuleType | None = None) -> None:
+        """`spaces`: the Spaces package where it was imported (`import_spaces`), which decides where models go."""
         from hdb.devices import resolve_device, resolve_dtype
         from hdb.models import build_tiny_pipeline, load_pipeline
 
         self.options = options
         self.tiny = options.tiny
         self.lock = threading.Lock()
+        self.spaces, self.zero_gpu = spaces, on_zero_gpu(spaces)
+        # ZeroGPU: models go to "cuda" at start (the patched torch moves them when a call gets its GPU), in bf16,
+        # which both of its cards compute natively; asking torch which GPU this is would initialise CUDA
+        device_name = "cuda" if self.zero_gpu else options.device
+        dtype = "bf16" if self.zero_gpu and options.dtype == "auto" else options.dtype
         if self.tiny:
-            device = resolve_device(options.device)
-            pipe = build_tiny_pipeline("sd15").to(device, resolve_dtype(options.dtype, device))
+            device = resolve_device(device_name)
+            pipe = build_tiny_pipeline("sd15").to(device, resolve_dtype(dtype, device))
             pipe.set_progress_bar_config(disable=True)
         else:
-            pipe = load_pipeline(options.base, options.dtype, options.device)
+            pipe = load_pipeline(options.base, dtype, device_name)
         hypernet = None
         if options.hypernet:
             from hdb.hypernet import HyperNetwork
@@ -131,7 +140,7 @@ class Engine:
         """Compile on a dedicated GPU, warming up in a background thread so the page is served at once."""
         from hdb.models import compile_pipeline
 
-        refusal = compile_refusal(self.pipe.unet.device.type, zero_gpu=on_spaces())
+        refusal = compile_refusal(self.pipe.unet.device.type, zero_gpu=self.zero_gpu)
         if refusal:
             log.warning(refusal)
             return
@@ -152,9 +161,36 @@ class Engine:
         log.info("compiled the model in %.0f s", time.perf_counter() - started)
         self.warm_up_note = ""
 
+    def gpu_task(self, duration: Callable[[dict], float]) -> Callable[[Callable], Callable]:
+        """spaces.GPU asking for `duration(the call's inputs by name)` seconds where there is `spaces` (effect-free
+        outside ZeroGPU); a no-op elsewhere. Only GPU work goes inside: the time asked for is the visitor's quota."""
+        if self.spaces is None:
+            return lambda fn: fn
+
+        def decorate(fn: Callable) -> Callable:
+            signature = inspect.signature(fn)
+
+            def seconds(*args: object, **kwargs: object) -> float:  # ZeroGPU calls it with the function's inputs
+                return duration(signature.bind_partial(*args, **kwargs).arguments)
+
+            return self.spaces.GPU(duration=seconds)(fn)
+
+        return decorate
+
     @property
     def default_steps(self) -> int:
-        return STEPS_WITH_HYPERNET if self.hypernet else STEPS_FROM_ZERO
+        """40 from a hypernetwork's prediction; from zero 200, or on ZeroGPU as many as let an anonymous visitor's
+        first personalisation and first pictures fit their daily quota (`zero_gpu_steps`)."""
+        if self.hypernet is not None:
+            return STEPS_WITH_HYPERNET
+        return (
+            min(STEPS_FROM_ZERO, self.zero_gpu_steps(QUOTA_SECONDS["anonymous"])) if self.zero_gpu else STEPS_FROM_ZERO
+        )
+
+    def zero_gpu_steps(self, quota: float) -> int:
+        """The most finetune steps whose request, with the first pictures', is charged at most `quota` seconds."""
+        budget = quota / ZERO_GPU_FACTOR - self.generate_seconds(FIRST_PICTURES[1], FIRST_PICTURES[0])
+        return max(1, int((budget - GPU_SECONDS["setup"]) / (GPU_SECONDS["finetune_step"] * self.pixel_scale)))
 
     @property
     def device_name(self) -> str:
@@ -183,9 +219,11 @@ class Engine:
 
     @property
     def max_finetune_steps(self) -> int:
-        """The slider's limit: as many steps as fit in one call's GPU time (400 at 512 px)."""
+        """The slider's limit: as many steps as fit in one call's GPU time; on ZeroGPU also within what a free
+        account's daily quota pays for (a longer request would be refused outright)."""
         per_step = GPU_SECONDS["finetune_step"] * self.pixel_scale
-        return min(MAX_FINETUNE_STEPS, int((MAX_GPU_SECONDS - GPU_SECONDS["setup"]) / per_step))
+        most = min(MAX_FINETUNE_STEPS, int((MAX_GPU_SECONDS - GPU_SECONDS["setup"]) / per_step))
+        return min(most, self.zero_gpu_steps(QUOTA_SECONDS["free account"])) if self.zero_gpu else most
 
     def estimate(self, steps: int) -> str:
         if self.seconds_per_step is None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from hdb.app.engine import MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, Engine, gpu_task
+from hdb.app.engine import MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, Engine
 from hdb.app.visitors import Session, VisitorFiles
 from hdb.config import MAX_SEED, PersonalizeConfig
 from hdb.errors import HdbError
@@ -31,6 +31,9 @@ from hdb.terms import for_visitors
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from hdb.faces import AlignedFace
+    from hdb.personalize import Personalization
 
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s'\"]+")  # in a message: from a leading / to the next space or quote
 MAX_JOBS_PER_VISITOR = 1  # requests one session may have waiting or running at once
@@ -69,15 +72,12 @@ class Handlers:
     def __init__(self, engine: Engine, files: VisitorFiles) -> None:
         self.engine, self.files = engine, files
         self.blocks: gr.Blocks | None = None  # the page, once built: its queue says who is waiting
-        # ZeroGPU: the GPU functions ask for the time their inputs need (decorated here, once, before launch)
-        self.personalize = gpu_task(
-            lambda inputs: engine.personalize_seconds(int(inputs["steps"]) or engine.default_steps)
-        )(self.personalize)
-        self.generate = gpu_task(
-            lambda inputs: engine.generate_seconds(
-                int(inputs["steps"]), int(inputs["count"]), self.area(inputs["size"])
-            )
-        )(self.generate)
+        # ZeroGPU: only the GPU work runs in a GPU function (the time asked for is the visitor's quota); each asks
+        # for what its inputs need. Decorated here, once, before launch.
+        self.finetune = engine.gpu_task(lambda inputs: engine.personalize_seconds(inputs["steps"]))(self.finetune)
+        self.sample = engine.gpu_task(
+            lambda inputs: engine.generate_seconds(inputs["steps"], inputs["count"], self.area(inputs["size"]))
+        )(self.sample)
 
     def session(self, session: Session | None, request: gr.Request) -> Session:
         """The visitor's Session, made on their first event, with their own folder."""
@@ -168,19 +168,13 @@ class Handlers:
         yield None, f"Preparing the face... ({engine.estimate(steps)})", session, None
         try:
             progress(0, desc="Finding and aligning the face" + ("s" if len(photos) > 1 else ""))
-            faces = engine.personal.faces(photos)
-            progress(0.05, desc="Predicting weights" if engine.hypernet else "Starting from zero (no hypernetwork)")
+            faces = engine.personal.faces(photos)  # CPU work, before the GPU is asked for
             started = time.perf_counter()
-
-            def on_step(step: int, loss: float) -> None:
-                progress((step + 1) / steps, desc=f"Finetuning step {step + 1}/{steps} (loss {loss:.3f})")
-
-            config = PersonalizeConfig(steps=steps, optimizer=engine.options.optimizer, progress=False)
-            with engine.lock:
-                result = engine.personal.personalize(faces, config, on_step)
+            result = self.finetune(faces, steps, progress)
         except HdbError as error:
             raise visitor_error(error) from None
-        engine.seconds_per_step = (time.perf_counter() - started) / steps
+        if not engine.zero_gpu:  # a forked ZeroGPU worker's speed says nothing of the next one's
+            engine.seconds_per_step = (time.perf_counter() - started) / steps
         downloads = self.save_files(session, result.weights)
         session.weights, session.references = result.weights, [face_embedding(face) for face in faces]
         how = "from the hypernetwork's prediction" if result.used_hypernet else "from zero (no hypernetwork loaded)"
@@ -188,6 +182,18 @@ class Handlers:
         photos_used = f" from {len(faces)} photos" if len(faces) > 1 else ""
         message = f"Personalised{photos_used} in {time.perf_counter() - started:.1f} s: {steps} steps {how}. {notes}"
         yield self.keep(session, faces[0].image, "face"), message, session, downloads
+
+    def finetune(self, faces: list[AlignedFace], steps: int, progress: gr.Progress) -> Personalization:
+        """The GPU part of personalising (a GPU function on ZeroGPU): prediction, relaxation, fast finetune."""
+        engine = self.engine
+        progress(0.05, desc="Predicting weights" if engine.hypernet else "Starting from zero (no hypernetwork)")
+
+        def on_step(step: int, loss: float) -> None:
+            progress((step + 1) / steps, desc=f"Finetuning step {step + 1}/{steps} (loss {loss:.3f})")
+
+        config = PersonalizeConfig(steps=steps, optimizer=engine.options.optimizer, progress=False)
+        with engine.lock:
+            return engine.personal.personalize(faces, config, on_step)
 
     def keep(self, session: Session, image: Image.Image, kind: str) -> str:
         """`image` saved in the visitor's folder, which Gradio serves in place: it goes when the visitor leaves
@@ -246,32 +252,43 @@ class Handlers:
         strength = number(strength, "Identity strength", 0.0, MAX_STRENGTH)
         guidance = number(guidance, "Guidance", 1.0, MAX_GUIDANCE)
         try:
-            width, height = picture_size(size, engine.personal.resolution)
-
-            def on_step(step: int) -> None:
-                progress((step + 1) / steps, desc=f"Sampling step {step + 1}/{steps}")
-
             progress(0, desc=f"Generating {count} image(s)")
-            with engine.lock:  # this session's person, loaded and used with nobody else's in between
-                engine.personal.use(session.weights)
-                images = engine.personal.generate(
-                    prompt,
-                    style,
-                    strength,
-                    negative,
-                    steps=steps,
-                    guidance=guidance,
-                    seed=seed,
-                    num_images=count,
-                    height=height,
-                    width=width,
-                    on_step=on_step,
-                )
+            images = self.sample(session.weights, prompt, style, negative, strength, steps, guidance, seed, count, size,
+                                 progress)  # fmt: skip
         except HdbError as error:
             raise visitor_error(error) from None
-        captions = [self.caption(session, image, seed, k) for k, image in enumerate(images)]
+        captions = [self.caption(session, image, seed, k) for k, image in enumerate(images)]  # CPU: after the GPU
         pictures = [self.keep(session, image, f"seed{seed}") for image in images]
         return list(zip(pictures, captions, strict=True)), seed
+
+    def sample(
+        self,
+        weights: PersonalWeights,
+        prompt: str,
+        style: str,
+        negative: str,
+        strength: float,
+        steps: int,
+        guidance: float,
+        seed: int,
+        count: int,
+        size: str,
+        progress: gr.Progress,
+    ) -> list[Image.Image]:
+        """The GPU part of generating (a GPU function on ZeroGPU): this visitor's person, loaded and sampled with
+        nobody else's in between."""
+        engine = self.engine
+        width, height = picture_size(size, engine.personal.resolution)
+
+        def on_step(step: int) -> None:
+            progress((step + 1) / steps, desc=f"Sampling step {step + 1}/{steps}")
+
+        with engine.lock:
+            engine.personal.use(weights)
+            return engine.personal.generate(
+                prompt, style, strength, negative, steps=steps, guidance=guidance, seed=seed, num_images=count,
+                height=height, width=width, on_step=on_step,
+            )  # fmt: skip
 
     def area(self, size: str) -> float:
         native = self.engine.personal.resolution

@@ -49,13 +49,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hdb.app.engine import Engine
+    options = parse_args(argv)
+    # The import order is ZeroGPU's: gradio first (`spaces` refuses to be imported while gradio is importing),
+    # then `spaces`, which patches torch, before anything touches CUDA or builds a model.
+    import gradio  # noqa: F401
+
+    from hdb.app.engine import Engine, import_spaces
+
+    spaces = import_spaces()
     from hdb.app.page import EXAMPLE_PHOTOS, build_demo
     from hdb.app.visitors import VisitorFiles
 
-    options = parse_args(argv)
     try:
-        engine = Engine(options)
+        engine = Engine(options, spaces)
     except HdbError as error:
         raise SystemExit(f"error: {error}") from None
     files = VisitorFiles(examples=[Path(photo) for photo in EXAMPLE_PHOTOS])

@@ -8,11 +8,9 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from hdb.app.engine import MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, Engine
-from hdb.app.handlers import DIFFUSERS_FILE, KOHYA_FILE, PERSON_FILE, Handlers, visitor_error
+from hdb.app.handlers import DIFFUSERS_FILE, KOHYA_FILE, PERSON_FILE, Handlers
 from hdb.app.visitors import EXAMPLE_NAMES, VisitorFiles
 from hdb.config import DEFAULT_INSTANCE_TOKEN, MAX_PHOTOS
-from hdb.errors import HdbError
-from hdb.faces import load_image
 from hdb.styles import EXAMPLE_PROMPTS, SIZE_PRESETS, STYLE_PRESETS, negative_for
 
 if TYPE_CHECKING:
@@ -31,20 +29,14 @@ NOTICE = (
 
 
 class PhotoInput(gr.Image):
-    """gr.Image (as a file path) that hands over the upload itself, checked by hdb: a bad upload (not an image,
-    damaged, too large) ends in a clear message, and no re-encoded copy is left in Gradio's cache, where the
-    visitor's files would not know of it (gr.Image saves one), so that the upload goes when the visitor leaves."""
+    """gr.Image that hands over the uploaded file itself (gr.Image would decode it and save a re-encoded copy in
+    Gradio's cache, which the visitor's files would not know of: it would outlive the visitor). The handlers read
+    it with hdb's own checks (`hdb.faces.load_image`: not an image, damaged, too large), each a clear message."""
 
     is_template = True  # the page renders it as a plain gr.Image
 
     def preprocess(self, payload: ImageData | None) -> str | None:
-        if payload is None:
-            return None
-        try:
-            load_image(payload.path)  # decodes it, within hdb's size limits
-        except HdbError as error:
-            raise visitor_error(error) from None
-        return payload.path
+        return None if payload is None else payload.path
 
 
 TIPS = """\
@@ -68,6 +60,39 @@ Both LoRAs are exact; prompts name the person with the file's token (`{DEFAULT_I
 """
 
 
+LINKS = (
+    "· [paper](https://arxiv.org/abs/2307.06949) · [code](https://github.com/hdb-project/hdb) · "
+    "[how to cite](#citation)"
+)
+CITATION = """<a id="citation"></a>Ruiz et al., *HyperDreamBooth: HyperNetworks for Fast Personalization of
+Text-to-Image Models*, CVPR 2024 ([arXiv 2307.06949](https://arxiv.org/abs/2307.06949)). This demo: hdb, Apache-2.0."""
+
+
+def page_notes(engine: Engine) -> list[tuple[str, str]]:
+    """One line each on what this server is: tiny, without a hypernetwork, on a CPU, on ZeroGPU."""
+    notes = []
+    if engine.tiny:
+        notes.append((
+            "⚠️ **Tiny demo mode:** a tiny pipeline with random, untrained weights. The whole flow works, "
+            "but the pictures are noise. Start without `--tiny` for Stable Diffusion.",
+            "tiny-notice",
+        ))  # fmt: skip
+    if engine.hypernet is None:
+        notes.append(("No hypernetwork loaded: personalisation finetunes from zero (more steps, slower).", "no-hyper"))
+    if engine.pipe.unet.device.type == "cpu":
+        notes.append(
+            (f"Running on a CPU: personalising takes {engine.estimate(engine.default_steps)}.", "cpu-estimate")
+        )
+    if engine.zero_gpu:
+        notes.append((
+            f"On ZeroGPU, time on the GPU comes from your daily quota: {engine.default_steps} finetune steps by "
+            "default, so that a first personalisation and its pictures fit the quota of a visitor without an "
+            "account (2 minutes a day). Log in to use your own account's quota (3.5 minutes, PRO 25).",
+            "zero-gpu",
+        ))  # fmt: skip
+    return notes
+
+
 def identity_legend() -> str:
     """What identity scores mean, measured now on the shipped photos: one person's three, and other people."""
     from hdb.evaluate import identity_matrix
@@ -88,69 +113,63 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
     handlers = Handlers(engine, files)
     sizes = SIZE_PRESETS.get(engine.personal.resolution) or SIZE_PRESETS[512]
     with gr.Blocks(title="hdb: HyperDreamBooth", delete_cache=(600, 3600)) as demo:
-        gr.Markdown(
-            "# hdb: HyperDreamBooth\nOne photo of a face in; that person in any scene or style out. "
-            "A ~100 KB personal file, made in seconds on a GPU."
-        )
-        if engine.tiny:
-            gr.Markdown(
-                "⚠️ **Tiny demo mode:** a tiny pipeline with random, untrained weights. The whole flow works, "
-                "but the pictures are noise. Start without `--tiny` for Stable Diffusion.",
-                elem_id="tiny-notice",
-            )
-        if engine.hypernet is None:
-            gr.Markdown("No hypernetwork loaded: personalisation finetunes from zero (more steps, slower).")
-        if engine.pipe.unet.device.type == "cpu":
-            gr.Markdown(
-                f"Running on a CPU: personalising takes {engine.estimate(engine.default_steps)}.",
-                elem_id="cpu-estimate",
-            )
+        # One short header line: on a laptop screen (1280x800) the photo, the button and the pictures all fit
+        # without scrolling; everything else (options, downloads, tips) waits below, in accordions.
+        gr.Markdown(f"## hdb: HyperDreamBooth · one face photo in, that person in any scene or style out {LINKS}")
+        for note, elem_id in page_notes(engine):
+            gr.Markdown(note, elem_id=elem_id)
         if engine.warm_up is not None:  # a function: read again at each page load, empty once compiled
             gr.Markdown(lambda: engine.warm_up_note, elem_id="warm-up")
         # a visitor's files go when they leave (unload), or when an idle session expires (a closed tab's
         # state is otherwise kept for an hour, in case the visitor comes back)
         session = gr.State(None, delete_callback=lambda s: s is not None and files.forget(s.key), time_to_live=3600)
         demo.unload(handlers.leave)
-        with gr.Row():
-            with gr.Column():
-                photo = PhotoInput(label="Face photo", type="filepath", sources=["upload", "webcam"], elem_id="photo")
-                gr.Examples(EXAMPLE_PHOTOS, inputs=photo)
-                more_photos = gr.File(
-                    label=f"More photos of the same person (optional, up to {MAX_PHOTOS - 1})",
-                    file_count="multiple",
-                    file_types=["image"],
-                    elem_id="more-photos",
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=320):
+                photo = PhotoInput(
+                    label="Face photo", type="filepath", sources=["upload", "webcam"], height=260, elem_id="photo"
                 )
-                gr.Markdown(NOTICE)
-                with gr.Accordion("Tips", open=False):
-                    gr.Markdown(TIPS, elem_id="tips")
+                gr.Examples(EXAMPLE_PHOTOS, inputs=photo, examples_per_page=len(EXAMPLE_PHOTOS))
                 consent = gr.Checkbox(label="I have the right to use this photo", elem_id="consent")
+                personalize_button = gr.Button("Personalise", variant="primary", elem_id="personalize")
+                status = gr.Markdown(elem_id="status")
+            with gr.Column(scale=3, min_width=400):
+                gallery = gr.Gallery(label="Pictures", columns=2, height=380, elem_id="gallery")
+                with gr.Row():
+                    prompt = gr.Textbox(
+                        label="Prompt ([V] is the person)", value=EXAMPLE_PROMPTS[1], scale=4, elem_id="prompt"
+                    )
+                    style = gr.Dropdown(list(STYLE_PRESETS), value="None", label="Style", scale=2)
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                prompt_examples = gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                with gr.Accordion("Your aligned face, personal file and LoRA exports", open=False):
+                    crop = gr.Image(label="Aligned face", interactive=False, height=256, elem_id="crop")
+                    downloads = gr.File(
+                        label="Your personal file and LoRA exports (kohya, diffusers)",
+                        file_count="multiple",
+                        interactive=False,
+                    )
+                    gr.Markdown(DOWNLOADS_HELP, elem_id="downloads-help")
                 with gr.Accordion("Personalisation options", open=False):
+                    more_photos = gr.File(
+                        label=f"More photos of the same person (optional, up to {MAX_PHOTOS - 1})",
+                        file_count="multiple",
+                        file_types=["image"],
+                        elem_id="more-photos",
+                    )
                     steps = gr.Slider(
                         0,
                         engine.max_finetune_steps,
                         value=0,
                         step=1,
-                        label="Finetune steps (0: 40 with a hypernetwork, 200 without)",
+                        label=f"Finetune steps (0: {engine.default_steps}, the default here)",
                     )
-                personalize_button = gr.Button("Personalise", variant="primary", elem_id="personalize")
-                saved = gr.File(
-                    label="Or upload a saved personal file", file_types=[".safetensors"], elem_id="upload-person"
-                )
+                    saved = gr.File(
+                        label="Or upload a saved personal file", file_types=[".safetensors"], elem_id="upload-person"
+                    )
             with gr.Column():
-                crop = gr.Image(label="Aligned face", interactive=False, elem_id="crop")
-                status = gr.Markdown(elem_id="status")
-                downloads = gr.File(
-                    label="Your personal file and LoRA exports (kohya, diffusers)",
-                    file_count="multiple",
-                    interactive=False,
-                )
-                gr.Markdown(DOWNLOADS_HELP, elem_id="downloads-help")
-        with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(label="Prompt ([V] is the person)", value=EXAMPLE_PROMPTS[1], elem_id="prompt")
-                prompt_examples = gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
-                style = gr.Dropdown(list(STYLE_PRESETS), value="None", label="Style")
                 with gr.Accordion("Generation options", open=False):
                     negative = gr.Textbox(label="Negative prompt (follows the style)", value=negative_for("None"))
                     size = gr.Radio(list(sizes), value=next(iter(sizes)), label="Size", elem_id="size")
@@ -161,10 +180,15 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
                         seed = gr.Number(value=0, precision=0, label="Seed (the last one used)", elem_id="seed")
                         randomize = gr.Checkbox(value=True, label="Random seed", elem_id="randomize")
                     count = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="Images")
-                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Column():
-                gallery = gr.Gallery(label="Gallery", columns=2, elem_id="gallery")
-                gr.Markdown(identity_legend(), elem_id="identity-legend")
+                with gr.Accordion("Tips, identity scores, responsible use", open=False):
+                    gr.Markdown(TIPS, elem_id="tips")
+                    gr.Markdown(identity_legend(), elem_id="identity-legend")
+                    gr.Markdown(NOTICE)
+        with gr.Row():
+            if engine.zero_gpu:  # logged in, a visitor spends their own account's ZeroGPU quota (hf_oauth: true)
+                gr.LoginButton()
+            gr.DuplicateButton("Duplicate this Space for your own GPU", size="sm")
+            gr.Markdown(CITATION)
 
         # Every event that uses the pipeline shares one concurrency group: one job at a time, the rest wait in
         # line (engine.lock holds the same line should the queue settings change).
