@@ -145,13 +145,17 @@ class HyperNetwork(nn.Module):
         image_tokens = self.encode_image(pixel_values)
         weights = self.start.to(image_tokens.dtype).expand(image_tokens.shape[0], -1, -1)
         for _ in range(c.iterations if iterations is None else iterations):
-            tokens = torch.einsum("bli,liw->blw", weights, self.weight_in) + self.position
-            tokens = self.decoder(tokens, image_tokens)
-            weights = weights + torch.einsum("blw,lwo->blo", tokens, self.head) + self.head_bias
+            weights = self.refine(weights, image_tokens)
         split = c.rank * c.a  # A's numbers first, then B's, as the tokens were built
         A = weights[..., :split].unflatten(-1, (c.rank, c.a))
         B = weights[..., split:].unflatten(-1, (c.b, c.rank))
         return A, B
+
+    def refine(self, weights: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """One refinement iteration: the flat weights [B, L, (a+b)r] plus the decoder's correction, given the face."""
+        tokens = torch.einsum("bli,liw->blw", weights, self.weight_in) + self.position
+        tokens = self.decoder(tokens, image_tokens)
+        return weights + torch.einsum("blw,lwo->blo", tokens, self.head) + self.head_bias
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> normalised pixels [B, 3, S, S]: centre square crop, bicubic resize (CLIP's recipe)."""
@@ -167,8 +171,10 @@ class HyperNetwork(nn.Module):
         """One person's weights, A [L, r, a], B [L, b, r] in fp32, ready for `LiDB.load_weights`."""
         was_training = self.training
         self.eval()
-        A, B = self(self.preprocess([image]))
-        self.train(was_training)
+        try:
+            A, B = self(self.preprocess([image]))
+        finally:
+            self.train(was_training)
         return A[0].float(), B[0].float()
 
     # -- the LiDB it belongs to

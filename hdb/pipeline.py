@@ -149,11 +149,15 @@ class PersonalPipeline:
 
     @torch.no_grad()
     def _start(self, faces: list[AlignedFace]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where the finetune starts: the hypernetwork's prediction (the mean over the photos), else zero."""
+        """Where the finetune starts: the hypernetwork's prediction, else zero. Several photos' predictions are
+        averaged as updates, exactly: the mean of k rank-r updates B_i A_i is the rank-kr update [B_1 .. B_k] / k
+        times [A_1; ..; A_k]. (Averaging A and B apart would depend on each prediction's gauge: A -> -A, B -> -B
+        is the same update, yet averages to zero with its copy.)"""
         if self.hypernet is None:
             return self.lidb.initial_weights()
         predictions = [self.hypernet.predict(face.image) for face in faces]
-        A, B = (torch.stack(parts).mean(dim=0) for parts in zip(*predictions, strict=True))
+        A = torch.cat([A for A, _ in predictions], dim=1)  # [L, k r, a]
+        B = torch.cat([B for _, B in predictions], dim=2) / len(predictions)  # [L, b, k r]
         return A, B
 
     def use(self, person: PersonalWeights | str | Path) -> PersonalWeights:

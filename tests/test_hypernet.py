@@ -100,6 +100,29 @@ def test_learns_target_weights(tiny_sd15):
             assert A.shape == (2, *lidb.A_train.shape) and torch.isfinite(A).all() and torch.isfinite(B).all()
 
 
+def test_s_iterations_are_s_residual_refinements_of_the_start(tiny_sd15):
+    """The paper's iterative refinement: s = k runs the same decoder k times, each adding its correction to
+    the weights so far, from the start (A random, B zero); a hypernetwork that ignored s would fail here."""
+    hypernet = tiny_hypernet(LiDB(tiny_sd15), iterations=3)
+    with torch.no_grad():
+        hypernet.head.normal_(0, 0.05)  # corrections large enough to tell iterations apart
+        images = pixels(2)
+        tokens = hypernet.encode_image(images)
+        weights = hypernet.start.expand(2, -1, -1)
+        by_hand = []
+        for _ in range(3):
+            correction = hypernet.refine(weights, tokens) - weights
+            assert correction.abs().max() > 1e-3  # each iteration changes the weights
+            weights = weights + correction
+            by_hand.append(weights)
+        for k in (1, 2, 3):
+            A, B = hypernet(images, iterations=k)
+            torch.testing.assert_close(torch.cat([A.flatten(2), B.flatten(2)], dim=2), by_hand[k - 1])
+        default = torch.cat([t.flatten(2) for t in hypernet(images)], dim=2)
+        torch.testing.assert_close(default, by_hand[-1])  # the config's s = 3
+        assert not torch.allclose(by_hand[0], by_hand[-1])
+
+
 def test_save_load_roundtrip_and_compatibility(tiny_sd15, tiny_sdxl, tmp_path):
     lidb = LiDB(tiny_sd15)
     hypernet = tiny_hypernet(lidb)

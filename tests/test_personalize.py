@@ -198,8 +198,18 @@ def test_several_photos_of_one_person(obama_face, tiny_sd15):
     predictions = [hypernet.predict(face.image) for face in (obama_face, second)]
     config = PersonalizeConfig(steps=0, progress=False)  # no finetuning: the start is what is left
     both = personal.personalize([obama_face, second], config)
-    mean_B = (predictions[0][1] + predictions[1][1]) / 2  # the prediction combines the photos: their mean
-    torch.testing.assert_close(both.weights.B[:, :, :1], mean_B, atol=1e-6, rtol=1e-5)
+    # the prediction combines the photos: the mean of their updates B @ A, layer by layer
+    mean_update = sum(B @ A for A, B in predictions) / 2
+    torch.testing.assert_close(both.weights.B @ both.weights.A, mean_update, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(predictions[0][1] @ predictions[0][0], mean_update, atol=1e-6)  # not just one photo's
+    # an update does not change when both its factors change sign; neither does the mean (a mean of the factors
+    # would be zero here)
+    A, B = predictions[0]
+    flipped = iter([(A, B), (-A, -B)])
+    personal.hypernet.predict = lambda image: next(flipped)
+    same = personal.personalize([obama_face, second], config)
+    torch.testing.assert_close(same.weights.B @ same.weights.A, B @ A, atol=1e-6, rtol=1e-5)
+    del personal.hypernet.predict
     assert both.notes == [] and len(both.faces) == 2 and both.face is both.faces[0]
     mixed = personal.personalize([obama_face, other], PersonalizeConfig(steps=2, progress=False))
     assert len(mixed.notes) == 1 and "Photo 2 may show someone other than photo 1" in mixed.notes[0]

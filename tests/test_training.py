@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from hdb.config import DatasetSource, HypernetTrainConfig, LiDBConfig, PersonalizeConfig, PreoptimizeConfig
-from hdb.diffusion import draw_noise, sample_seed
+from hdb.diffusion import draw_noise, sample_seed, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.hub import model_card
 from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
@@ -630,3 +630,42 @@ def test_library_calls_change_no_process_setting_and_no_hidden_state(obama_face)
         personal.personalize(obama_face, PersonalizeConfig(steps=1, lidb=LiDBConfig(seed=3)))
     with pytest.raises(HdbError, match="already attached"):
         PersonalPipeline(pipe)  # a second LiDB on the same pipeline
+
+
+def test_stage_2_compares_each_prediction_with_its_own_identitys_target(tiny_sd15):
+    """The weight term pairs each sample's prediction with that sample's identity's pre-optimised weights:
+    a 'hypernetwork' that predicts each identity's target exactly scores 0, and swapped targets do not."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from hdb.models import training_scheduler
+    from hdb.train_hypernet import batch_loss
+
+    names = ["ann", "bob", "cy"]
+    with LiDB.attached(tiny_sd15, LiDBConfig(a=8, b=4)) as lidb:
+        generator = torch.Generator().manual_seed(0)
+        targets = {
+            name: (
+                torch.randn(lidb.A_train.shape, generator=generator),
+                torch.randn(lidb.B_train.shape, generator=generator),
+            )
+            for name in names
+        }
+        pixels = {name: torch.full((1, 3, 8, 8), float(k)) for k, name in enumerate(names)}  # one photo each
+
+        def exact(photos):  # knows each identity by its photo's value, and predicts its target
+            chosen = [names[int(photo[0, 0, 0])] for photo in photos]
+            return torch.stack([targets[n][0] for n in chosen]), torch.stack([targets[n][1] for n in chosen])
+
+        run = SimpleNamespace(
+            config=HypernetTrainConfig(batch_size=3, beta=1.0, lidb=LiDBConfig(a=8, b=4)),
+            accelerator=SimpleNamespace(num_processes=1, process_index=0, autocast=nullcontext),
+            pixels=pixels, model=exact, lidb=lidb, pipe=tiny_sd15, noise_schedule=training_scheduler(tiny_sd15),
+            prompt_tokens=tokenize_prompts(tiny_sd15, ["a sks face"]), targets=targets,
+        )  # fmt: skip
+        views = [torch.zeros(1, 4, 8, 8)] * 3
+        with torch.no_grad():
+            _, own = batch_loss(run, names, views, 0)
+            run.targets = {"ann": targets["bob"], "bob": targets["ann"], "cy": targets["cy"]}
+            _, swapped = batch_loss(run, names, views, 0)
+    assert own["weight_loss"].item() == 0 and swapped["weight_loss"].item() > 0.5
