@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -334,6 +335,22 @@ def sample_picture(pipe: Pipeline, lidb: LiDB, seed: int, steps: int) -> Image.I
 # ----------------------------------------------------------------------------- the whole run
 
 
+def code_version() -> str:
+    """The git commit this code is at (with "+changes" when the checkout differs from it), or hdb's version."""
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=folder.parent.parent,
+                                 capture_output=True, text=True)  # fmt: skip
+    except OSError:  # no git
+        commit = None
+    if commit is None or commit.returncode != 0:
+        from hdb import __version__
+
+        return f"hdb {__version__}"
+    return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
 def run_toy(
     out_dir: str | Path = "docs/toy",
     quick: bool = False,
@@ -434,6 +451,7 @@ def run_toy(
     results = {
         "seed": seed,
         "quick": quick,
+        "code": code_version(),  # the figures come from this code, as committed
         "config": asdict(config),
         "timings_s": timings,
         "torch_threads": torch.get_num_threads(),

@@ -45,7 +45,7 @@ def results_table(results: dict) -> str:
         "",
         "Time (s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in t.items())
-        + f"; {results['torch_threads']} torch thread(s).",
+        + f"; {results['torch_threads']} torch thread(s); code {results.get('code', 'not recorded')}.",
     ]
     return "\n".join(lines) + "\n"
 
