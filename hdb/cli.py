@@ -9,6 +9,7 @@ with the command line's flags instead (`hdb.terms.cli_terms`).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -353,6 +354,16 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(f"uploaded {args.hypernet} with its model card to {url}")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from hdb.app.main import main as serve
+    from hdb.app.main import parse_args
+
+    parse_args(args.app_arguments)  # --help and bad options are answered before gradio and the models load
+    if importlib.util.find_spec("gradio") is None:
+        raise HdbError('The demo needs gradio, which hdb installs as an extra: pip install "hdb[app]"')
+    serve(args.app_arguments)
+
+
 def cmd_toy(args: argparse.Namespace) -> None:
     if args.threads:
         import torch
@@ -478,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     push.set_defaults(run=cmd_push)
 
+    demo = sub.add_parser(
+        "demo",
+        add_help=False,  # its options are the app's own: `hdb demo --help` lists them (hdb.app.main.parse_args)
+        help='start the Gradio demo (needs the app extra: pip install "hdb[app]"); hdb demo --help: its options',
+    )
+    demo.set_defaults(run=cmd_demo)
+
     toy = sub.add_parser(
         "toy", help="small-scale proof that it learns: synthetic faces, all stages, held-out loss table (CPU)"
     )
@@ -520,7 +538,11 @@ def _style_names() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, app_arguments = parser.parse_known_args(argv)  # what follows `demo` is the app's to parse
+    if args.command != "demo" and app_arguments:
+        parser.error(f"unrecognized arguments: {' '.join(app_arguments)}")
+    args.app_arguments = app_arguments
     try:
         args.run(args)
     except HdbError as error:
