@@ -9,6 +9,7 @@ with the command line's flags instead (`hdb.terms.cli_terms`).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 from types import NoneType, UnionType
-from typing import Any, get_args, get_type_hints
+from typing import TYPE_CHECKING, Any, get_args, get_type_hints
 
 from hdb.config import (
     DEFAULT_BASE,
@@ -39,6 +40,9 @@ from hdb.config import (
 )
 from hdb.errors import HdbError
 from hdb.terms import NOT_ON_THE_COMMAND_LINE, cli_terms, flag_for
+
+if TYPE_CHECKING:
+    from hdb.hub import Upload
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # pictures the CLI writes (Pillow picks the format)
 
@@ -169,11 +173,18 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from hdb.devices import DTYPES
     from hdb.export import export_lora
+    from hdb.hub import check_repo_id, push_lora
     from hdb.personal_file import load_personal
 
     check_output(args.output, (".safetensors",), [args.file])
-    path = export_lora(load_personal(args.file), args.output, args.format, DTYPES[args.dtype])
+    if args.push:
+        check_repo_id(args.push)
+    weights = load_personal(args.file)
+    path = export_lora(weights, args.output, args.format, DTYPES[args.dtype])
     print(f"{args.format} LoRA written to {path} ({path.stat().st_size:,} bytes)")
+    if args.push:
+        upload = push_lora(path, weights, args.push, private=args.private)
+        _report(upload, f"{path} with its model card")
 
 
 def cmd_personalize(args: argparse.Namespace) -> None:
@@ -349,8 +360,25 @@ def cmd_push(args: argparse.Namespace) -> None:
     from hdb.hub import push_to_hub
 
     evaluation = args.eval.read_text() if args.eval else None
-    url = push_to_hub(args.hypernet, args.repo_id, evaluation, private=args.private)
-    print(f"uploaded {args.hypernet} with its model card to {url}")
+    upload = push_to_hub(args.hypernet, args.repo_id, evaluation, private=args.private)
+    _report(upload, f"{args.hypernet} with its model card")
+
+
+def _report(upload: Upload, what: str) -> None:
+    """An upload's warnings, then where it went."""
+    for note in upload.notes:
+        print(f"warning: {note}")
+    print(f"uploaded {what} to {upload.url}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from hdb.app.main import main as serve
+    from hdb.app.main import parse_args
+
+    parse_args(args.app_arguments)  # --help and bad options are answered before gradio and the models load
+    if importlib.util.find_spec("gradio") is None:
+        raise HdbError('The demo needs gradio, which hdb installs as an extra: pip install "hdb[app]"')
+    serve(args.app_arguments)
 
 
 def cmd_toy(args: argparse.Namespace) -> None:
@@ -418,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=LORA_FORMATS, default=LORA_FORMATS[0])
     export.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors file")
     export.add_argument("--dtype", choices=FILE_DTYPES, default=FILE_DTYPES[0])
+    export.add_argument("--push", metavar="REPO_ID", help="also upload it to the Hugging Face Hub, with a model card")
+    export.add_argument("--private", action="store_true", help="with --push: a private repository")
     export.set_defaults(run=cmd_export)
 
     person = sub.add_parser("personalize", help="personalise from one face photo -> personal weights file")
@@ -478,6 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     push.set_defaults(run=cmd_push)
 
+    demo = sub.add_parser(
+        "demo",
+        add_help=False,  # its options are the app's own: `hdb demo --help` lists them (hdb.app.main.parse_args)
+        help='start the Gradio demo (needs the app extra: pip install "hdb[app]"); hdb demo --help: its options',
+    )
+    demo.set_defaults(run=cmd_demo)
+
     toy = sub.add_parser(
         "toy", help="small-scale proof that it learns: synthetic faces, all stages, held-out loss table (CPU)"
     )
@@ -520,7 +557,11 @@ def _style_names() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, app_arguments = parser.parse_known_args(argv)  # what follows `demo` is the app's to parse
+    if args.command != "demo" and app_arguments:
+        parser.error(f"unrecognized arguments: {' '.join(app_arguments)}")
+    args.app_arguments = app_arguments
     try:
         args.run(args)
     except HdbError as error:

@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from hdb.errors import HdbError
+from hdb.example_photos import ASSETS
 
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the base model users get by default
 OPTIMIZERS = ("adamw", "adamw8bit")  # torch's AdamW, bitsandbytes' 8-bit AdamW
@@ -274,7 +275,9 @@ class BenchOptions(Checked):
     repeats: int = _count(3, "warm personalisations (and generations) timed (best reported)", high=1000)
     generate_steps: int = _count(25, "sampling steps of the timed generations", high=1000)
     first_images: int = _count(4, "pictures of the first grid, in the time to first images", high=64)
-    photo: str = setting("assets/obama.jpg", "face photo the time to first images starts from; aligning it needs dlib")
+    photo: str = setting(
+        str(ASSETS / "obama.jpg"), "face photo the time to first images starts from; aligning it needs dlib"
+    )
     baselines: bool = setting(True, "time DreamBooth and DreamBooth-LoRA")
     channels_last: bool = setting(False, "also time eager steps with a channels-last UNet")
     cold_start: bool = setting(

@@ -5,6 +5,9 @@ same `lora_factors` the forward pass uses, from aux bases rebuilt from the file 
 shapes and seed), so export needs no base model and cannot drift from what was trained. A person
 with a plain LoRA on top (the paper's rank relaxation) exports as one LoRA of rank r + r': the two
 factor pairs stacked, which computes exactly their sum.
+
+Kohya files also say which base model they are for, as kohya's sd-scripts write it (`kohya_metadata`):
+AUTOMATIC1111 lists a LoRA only beside the base family its metadata names, and other tools read the same keys.
 """
 
 from __future__ import annotations
@@ -22,6 +25,17 @@ from hdb.lidb import aux_bases, aux_fingerprint, check_signature, lora_factors
 from hdb.personal_file import PersonalWeights
 
 KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+# kohya's model version strings (library/model_util.py `get_model_version_str_for_sd1_sd2`, which adds "_v" for
+# v-prediction; SDXL's from library/sdxl_model_util.py)
+KOHYA_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+# Stability AI's ModelSpec 1.0.0, as kohya's sd-scripts (library/sai_model_spec.py) fill it in for a LoRA:
+# family -> (modelspec.architecture without "/lora", modelspec.resolution, modelspec.implementation).
+MODELSPEC = {
+    "sd1": ("stable-diffusion-v1", "512x512", "diffusers"),
+    "sd2": ("stable-diffusion-v2-512", "512x512", "diffusers"),
+    "sd2-v": ("stable-diffusion-v2-768-v", "768x768", "diffusers"),
+    "sdxl": ("stable-diffusion-xl-v1-base", "1024x1024", "https://github.com/Stability-AI/generative-models"),
+}
 
 
 def personal_lora_factors(weights: PersonalWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -76,8 +90,34 @@ def export_lora(
     if format == "diffusers":
         _save_diffusers(factors, path)
     else:
-        _save_kohya(factors, path)
+        _save_kohya(factors, path, kohya_metadata(weights, title=path.stem))
     return path
+
+
+def kohya_metadata(weights: PersonalWeights, title: str) -> dict[str, str]:
+    """What kohya's sd-scripts write about the base model and the trigger phrase, for `weights`' base.
+
+    `ss_base_model_version` is kohya's model version string and `ss_v2` "True" or "False": AUTOMATIC1111
+    (extensions-builtin/Lora/network.py) tells SDXL by the first starting with "sdxl_", SD2 by the second, and
+    takes any other file with metadata for SD1. The `modelspec.*` keys are ModelSpec's.
+    A base of unknown family (a file from before hdb recorded it, whose layers do not tell) gets neither.
+    """
+    metadata = {"modelspec.title": title, "modelspec.trigger_phrase": weights.instance_prompt}
+    family, v = weights.base_family, weights.prediction_type == "v_prediction"
+    if not family:
+        return metadata
+    version = KOHYA_VERSIONS[family] + ("_v" if v and family != "sdxl" else "")
+    architecture, resolution, implementation = MODELSPEC["sd2-v" if family == "sd2" and v else family]
+    return {
+        "ss_base_model_version": version,
+        "ss_v2": str(family == "sd2"),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": implementation,
+        "modelspec.resolution": resolution,
+        "modelspec.prediction_type": "v" if v else "epsilon",
+        **metadata,
+    }
 
 
 def _save_diffusers(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
@@ -92,7 +132,7 @@ def _save_diffusers(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path:
     pipeline_class.save_lora_weights(str(path.parent), weight_name=path.name, **arguments)
 
 
-def _save_kohya(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+def _save_kohya(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, about: dict[str, str]) -> None:
     # kohya names: lora_unet_<module path with _>, lora_te_ (SD1/2) or lora_te1_/lora_te2_ (SDXL).
     sdxl = any(name.startswith("text_encoder_2.") for name in factors)
     rank = next(iter(factors.values()))[0].shape[0]
@@ -104,5 +144,5 @@ def _save_kohya(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Pat
         state[f"{key}.lora_down.weight"] = down
         state[f"{key}.lora_up.weight"] = up
         state[f"{key}.alpha"] = torch.tensor(float(rank), dtype=down.dtype)  # alpha = rank: scale 1, as trained
-    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
-    save_file(state, str(path), metadata=metadata)
+    network = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
+    save_file(state, str(path), metadata={**network, **about})

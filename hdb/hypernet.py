@@ -225,13 +225,19 @@ class HyperNetwork(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path, lidb: LiDB | None = None, device: str | torch.device | None = None
+        cls,
+        name_or_path: str | Path,
+        lidb: LiDB | None = None,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        token: str | None = None,
     ) -> HyperNetwork:
         """Load what `save_pretrained` wrote, from a directory or a hub id ("owner/name", see `hdb.hub`).
 
-        With `lidb`, first check that the weights are meant for it.
+        With `lidb`, first check that the weights are meant for it. For a hub id, `revision` (a branch, tag or
+        commit) and `token` (a private repository) go to huggingface_hub's `snapshot_download`.
         """
-        directory = hypernet_directory(name_or_path)
+        directory = hypernet_directory(name_or_path, revision, token)
         if not (directory / CONFIG_FILE).is_file():
             raise HdbError(f"{directory} is not a saved hypernetwork (no {CONFIG_FILE})")
         try:
@@ -260,14 +266,18 @@ class HyperNetwork(nn.Module):
         return model.to(device).eval() if device is not None else model.eval()
 
 
-def hypernet_directory(name_or_path: str | Path) -> Path:
-    """A local directory as it is; a hub id downloaded (or found in the hub cache), with one clear error offline."""
+def hypernet_directory(name_or_path: str | Path, revision: str | None = None, token: str | None = None) -> Path:
+    """A local directory as it is; a hub id downloaded at `revision` (or found in the hub cache), with one clear
+    error offline."""
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         return local
     from huggingface_hub import snapshot_download
 
-    return Path(from_hub_or_directory("hypernetwork", str(name_or_path), snapshot_download))
+    def download(repo_id: str) -> str:
+        return snapshot_download(repo_id, revision=revision, token=token)
+
+    return Path(from_hub_or_directory("hypernetwork", str(name_or_path), download))
 
 
 def _signature(c: HyperNetworkConfig) -> Signature:

@@ -69,6 +69,23 @@ def is_sdxl(pipe: DiffusionPipeline) -> bool:
     return isinstance(pipe, StableDiffusionXLPipeline)
 
 
+BASE_FAMILIES = ("sd1", "sd2", "sdxl")  # what hdb records a personal file's base as (kohya exports say it too)
+
+
+def base_family(pipe: Pipeline) -> str:
+    """The Stable Diffusion family of `pipe`: "sdxl" by its pipeline class; "sd2" when its UNet goes in and out of
+    attention through linear layers (SD2.x's `use_linear_projection`; SD1.x uses 1x1 convolutions there), the
+    one difference the real and the tiny SD2 share (their text encoders' widths are their own); else "sd1"."""
+    if is_sdxl(pipe):
+        return "sdxl"
+    return "sd2" if pipe.unet.config.get("use_linear_projection") else "sd1"
+
+
+def prediction_type(pipe: Pipeline) -> str:
+    """What the UNet predicts: "epsilon" (the noise; SD1.x, SDXL, SD2 base) or "v_prediction" (SD2.x-768)."""
+    return pipe.scheduler.config.get("prediction_type", "epsilon")
+
+
 def native_resolution(pipe: Pipeline) -> int:
     """The image size the base model was trained at (512 for SD1.5, 1024 for SDXL)."""
     return pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -3,7 +3,8 @@
 Two packed tensors, `A_train: [L, r, a]` and `B_train: [L, b, r]` (a tensor per layer would not fit:
 the safetensors header alone would outweigh the numbers), and string metadata that says what the
 weights belong to: format version, base architecture fingerprint, aux seed and fingerprint, r, a, b,
-the layer names (zlib-compressed), and the instance prompt that names the person.
+the layer names (zlib-compressed), the instance prompt that names the person, and the base's family
+(SD1.x, SD2.x, SDXL) and prediction type, which LoRA exports tell other tools.
 
 A person finetuned with the paper's rank relaxation also holds a plain LoRA beside the LiDB: every
 layer's down [r', in] and up [out, r'] factors, flattened and concatenated into the two tensors
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 from hdb.config import DEFAULT_INSTANCE_PROMPT, DEFAULT_INSTANCE_TOKEN, MAX_RANK
 from hdb.errors import HdbError
 from hdb.lidb import LiDB, LiDBConfig, Signature, arch_fingerprint
+from hdb.models import BASE_FAMILIES, base_family, prediction_type
 
 # Bounds on what a file may claim, far above any real base (SDXL: 736 layers at most 2,048 wide, ~60 KB of
 # layer table) and below what would cost a server real memory to build aux bases or unpack metadata for.
@@ -37,6 +39,10 @@ MAX_WEIGHT = 1e4  # |weight|: trained LiDB and LoRA factors stay within a few un
 FORMAT = "hdb-lidb"
 FORMAT_VERSION = "2"  # 2 added the optional plain LoRA
 READABLE_VERSIONS = ("1", "2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' scheduler settings
+# A file without a recorded family (written before hdb recorded it) is told by its layers: SDXL's second text
+# encoder, or the width of the text the UNet's cross-attention reads (SD1.x CLIP-L 768, SD2.x OpenCLIP-H 1024).
+FAMILY_BY_CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2"}
 
 
 @dataclass
@@ -50,6 +56,8 @@ class PersonalWeights:
     instance_prompt: str
     base_model: str
     instance_token: str = DEFAULT_INSTANCE_TOKEN
+    base_family: str = ""  # one of hdb.models.BASE_FAMILIES; "" when unknown
+    prediction_type: str = ""  # one of PREDICTION_TYPES; "" when unknown
     lora_down: list[torch.Tensor] | None = None  # the plain LoRA on top, per layer: [r', in] ...
     lora_up: list[torch.Tensor] | None = None  # ... and [out, r']; None for a LiDB-only person
 
@@ -75,6 +83,8 @@ class PersonalWeights:
             instance_prompt=instance_prompt,
             base_model=lidb.base_model,
             instance_token=instance_token,
+            base_family=base_family(lidb.pipe),
+            prediction_type=prediction_type(lidb.pipe),
             lora_down=None if lora is None else _copies(lora[0]),
             lora_up=None if lora is None else _copies(lora[1]),
         )
@@ -147,6 +157,8 @@ def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype
         "instance_prompt": weights.instance_prompt,
         "instance_token": weights.instance_token,
         "base_model": weights.base_model,
+        "base_family": weights.base_family,
+        "prediction_type": weights.prediction_type,
         "lora_rank": str(weights.lora_rank),
     }
     path = Path(path)
@@ -208,7 +220,13 @@ def load_personal(path: str | Path) -> PersonalWeights:
             instance_prompt=metadata.get("instance_prompt", DEFAULT_INSTANCE_PROMPT),
             base_model=metadata.get("base_model", ""),
             instance_token=metadata.get("instance_token", DEFAULT_INSTANCE_TOKEN),
+            base_family=metadata.get("base_family") or family_from_layers(layer_shapes),
+            prediction_type=metadata.get("prediction_type", ""),
         )
+        if weights.base_family not in ("", *BASE_FAMILIES):
+            raise ValueError(f"unknown base family {weights.base_family[:40]!r}")
+        if weights.prediction_type not in ("", *PREDICTION_TYPES):
+            raise ValueError(f"unknown prediction type {weights.prediction_type[:40]!r}")
         aux_numbers = sum(config.a * i + o * config.b for i, o in layer_shapes.values())
         if aux_numbers > MAX_AUX_NUMBERS:
             raise ValueError(f"its aux bases would hold {aux_numbers:,} numbers (at most {MAX_AUX_NUMBERS:,})")
@@ -230,6 +248,14 @@ def load_personal(path: str | Path) -> PersonalWeights:
     if largest > MAX_WEIGHT:
         raise HdbError(f"{path.name} holds a weight of {largest:.3g}; trained weights stay far below {MAX_WEIGHT:g}")
     return weights
+
+
+def family_from_layers(layer_shapes: dict[str, tuple[int, int]]) -> str:
+    """The base family told by a file's layers alone ("" when they do not tell)."""
+    if any(name.startswith("text_encoder_2.") for name in layer_shapes):
+        return "sdxl"
+    widths = {i for name, (i, _) in layer_shapes.items() if name.startswith("unet.") and name.endswith("attn2.to_k")}
+    return FAMILY_BY_CROSS_ATTENTION_WIDTH.get(widths.pop(), "") if len(widths) == 1 else ""
 
 
 def _unpack_lora(
@@ -257,6 +283,7 @@ def describe(path: str | Path) -> str:
         f"file:             {path} ({size:,} bytes, {_stored_dtype(path)})",
         f"format:           {FORMAT} v{FORMAT_VERSION}",
         f"base model:       {weights.base_model or '(unknown)'}  architecture fingerprint {weights.arch_fingerprint}",
+        f"base family:      {weights.base_family or '(unknown)'}, predicting {weights.prediction_type or '(unknown)'}",
         f"LiDB:             r={config.rank} a={config.a} b={config.b} aux seed {config.seed} "
         f"(fingerprint {weights.aux_fingerprint})",
         f"layers:           {len(weights.layer_names)} ({', '.join(f'{k}: {v}' for k, v in components.items())})",

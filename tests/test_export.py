@@ -1,8 +1,12 @@
-"""Exported LoRAs, loaded by diffusers itself, reproduce the in-house LiDB forward."""
+"""Exported LoRAs, loaded by diffusers itself, reproduce the in-house LiDB forward; kohya files name their base."""
+
+from dataclasses import replace
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from helpers import forward, trained_person
+from safetensors import safe_open
 
 from hdb.export import export_lora
 from hdb.lidb import LiDBConfig
@@ -35,8 +39,6 @@ def test_exported_lora_matches_lidb_forward(arch, lora_format, relax, tmp_path):
 
 
 def test_kohya_keys_follow_the_a1111_convention(tiny_sdxl, tmp_path):
-    from safetensors import safe_open
-
     weights = PersonalWeights.from_lidb(trained_person(tiny_sdxl))
     path = export_lora(weights, tmp_path / "kohya.safetensors", "kohya", torch.float16)
     with safe_open(str(path), "pt") as file:
@@ -80,3 +82,51 @@ def test_sd2_v_prediction_trains_on_the_velocity_then_exports_exactly(obama_face
         cond_lora, noise_lora = forward(fresh)
     torch.testing.assert_close(cond_lora.embeds, cond_hdb.embeds, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(noise_lora, noise_hdb, atol=1e-5, rtol=1e-5)
+
+
+# What kohya's sd-scripts write for each base: ss_base_model_version (train_network.py, from model_util's
+# get_model_version_str_for_sd1_sd2, or sdxl_base_v1-0), ss_v2 (str of a bool), and ModelSpec's architecture
+# and prediction type (library/sai_model_spec.py)
+KOHYA = {
+    "sd15": ("sd_v1", "False", "stable-diffusion-v1/lora", "epsilon"),
+    "sd2": ("sd_v2_v", "True", "stable-diffusion-v2-768-v/lora", "v"),  # SD2.1-768: v-prediction
+    "sd2-base": ("sd_v2", "True", "stable-diffusion-v2-512/lora", "epsilon"),  # SD2.1-base: the noise
+    "sdxl": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora", "epsilon"),
+}
+
+
+def a1111_version(metadata: dict[str, str]) -> str:
+    """AUTOMATIC1111's reading of a LoRA's metadata (extensions-builtin/Lora/network.py, NetworkOnDisk.detect_version):
+    it lists a LoRA only beside models of that version."""
+    if str(metadata.get("ss_base_model_version", "")).startswith("sdxl_"):
+        return "SDXL"
+    if str(metadata.get("ss_v2", "")) == "True":
+        return "SD2"
+    return "SD1" if metadata else "Unknown"
+
+
+@pytest.mark.parametrize("arch", KOHYA)
+def test_kohya_files_name_their_base_as_kohya_writes_it(arch, tmp_path):
+    pipe = build_tiny_pipeline("sd2" if arch == "sd2-base" else arch)
+    if arch == "sd2-base":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+    person = save_personal(PersonalWeights.from_lidb(trained_person(pipe)), tmp_path / "person.safetensors")
+    lora = export_lora(load_personal(person), tmp_path / "me.safetensors", "kohya")
+    with safe_open(str(lora), "pt") as file:
+        metadata = file.metadata()
+    version, v2, architecture, prediction = KOHYA[arch]
+    assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == v2
+    assert metadata["modelspec.architecture"] == architecture and metadata["modelspec.prediction_type"] == prediction
+    assert metadata["modelspec.sai_model_spec"] == "1.0.0" and metadata["modelspec.title"] == "me"
+    assert metadata["modelspec.trigger_phrase"] == "a sks face"
+    assert a1111_version(metadata) == {"sd15": "SD1", "sd2": "SD2", "sd2-base": "SD2", "sdxl": "SDXL"}[arch]
+    assert metadata["ss_network_dim"] == metadata["ss_network_alpha"] == "1"
+
+
+def test_a_file_of_unknown_base_exports_without_claiming_one(tiny_sd15, tmp_path):
+    weights = replace(PersonalWeights.from_lidb(trained_person(tiny_sd15)), base_family="", prediction_type="")
+    lora = export_lora(weights, tmp_path / "me.safetensors", "kohya")
+    with safe_open(str(lora), "pt") as file:
+        metadata = file.metadata()
+    assert "ss_base_model_version" not in metadata and "modelspec.architecture" not in metadata
+    assert metadata["modelspec.trigger_phrase"] == "a sks face"

@@ -1,13 +1,31 @@
-"""Hypernetworks on the hub: loaded by hub id, pushed with a model card (a stand-in HfApi: no network here)."""
+"""hdb on the hub: hypernetworks loaded by hub id; hypernetworks and people's LoRAs pushed with model cards.
 
+No network here: a stand-in HfApi records what would be uploaded, and the Hub's own card check is recorded too.
+"""
+
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import trained_person
+from huggingface_hub import ModelCard
 
 from hdb.errors import HdbError
-from hdb.hub import model_card, push_to_hub
+from hdb.export import export_lora
+from hdb.hub import hub_id, model_card, public_name, push_lora, push_to_hub
 from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
 from hdb.lidb import LiDB
+from hdb.personal_file import PersonalWeights, save_personal
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TRAINING = {
+    "config": {"batch_size": 8, "learning_rate": 1e-4, "alpha": 1.0, "beta": 100.0, "mixed_precision": "bf16",
+               "image_encoder": "/home/someone/encoders/vit-h"},
+    "steps_run": 2000, "identities": 15000, "held_out": ["Alice Example", "Bob Example"],
+    "images": "/home/someone/celeba/", "processes": 8, "final_validation_loss": 0.12,
+}  # fmt: skip
+PRIVATE = ("/home/someone", "Alice Example", "Bob Example")  # local paths and held-out people: never published
 
 
 @pytest.fixture
@@ -17,15 +35,10 @@ def saved_hypernet(tiny_sd15, tmp_path) -> Path:
     return tmp_path / "hypernet"
 
 
-def test_a_hub_id_is_downloaded_and_offline_gives_one_clear_line(saved_hypernet, monkeypatch):
-    import huggingface_hub
-
-    with pytest.raises(HdbError, match="Could not load hypernetwork 'someone/hdb-hypernet'.*`hf download someone/"):
-        HyperNetwork.from_pretrained("someone/hdb-hypernet")  # HF_HUB_OFFLINE=1 in the tests
-    fetched = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id: fetched.append(repo_id) or saved_hypernet)
-    loaded = HyperNetwork.from_pretrained("someone/hdb-hypernet")
-    assert fetched == ["someone/hdb-hypernet"] and loaded.config.num_layers > 0
+def recorded_base(directory: Path, base: str) -> None:
+    """Set the base model the hypernetwork's config.json records (what training wrote from the pipeline)."""
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "base_model": base}))
 
 
 class StandInHfApi:
@@ -39,45 +52,158 @@ class StandInHfApi:
     def create_repo(self, repo_id, private=False, exist_ok=False):
         self.calls.append(("create_repo", repo_id, private))
 
-    def upload_folder(self, repo_id, folder_path, commit_message=""):
-        files = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file())
-        self.calls.append(("upload_folder", repo_id, files, (Path(folder_path) / "README.md").read_text()))
+    def create_commit(self, repo_id, operations, commit_message=""):
+        files = {}
+        for operation in operations:
+            content = operation.path_or_fileobj
+            files[operation.path_in_repo] = content if isinstance(content, bytes) else Path(content).read_bytes()
+        self.calls.append(("create_commit", repo_id, files))
 
 
-def test_push_writes_a_model_card_and_uploads_the_checkpoint(saved_hypernet, monkeypatch):
+@pytest.fixture
+def hub(monkeypatch):
+    """The stand-in HfApi, and the cards the Hub was asked to check."""
     import huggingface_hub
 
     StandInHfApi.calls = []
+    validated = []
     monkeypatch.setattr(huggingface_hub, "HfApi", StandInHfApi)
-    url = push_to_hub(saved_hypernet, "someone/hdb-hypernet", evaluation="| method | Face Rec. |\n| --- | --- |")
-    assert url == "https://huggingface.co/someone/hdb-hypernet"
-    (_, _, private), (_, repo, files, card) = StandInHfApi.calls
-    assert repo == "someone/hdb-hypernet" and not private
+    monkeypatch.setattr(ModelCard, "validate", lambda card, repo_type=None: validated.append(str(card)))
+    return StandInHfApi.calls, validated
+
+
+def uploaded(calls) -> dict[str, bytes]:
+    (_, _, _), (_, _, files) = calls
+    return files
+
+
+def test_a_hub_id_is_downloaded_at_a_revision_and_offline_gives_one_clear_line(saved_hypernet, monkeypatch):
+    import huggingface_hub
+
+    with pytest.raises(HdbError, match="Could not load hypernetwork 'someone/hdb-hypernet'.*`hf download someone/"):
+        HyperNetwork.from_pretrained("someone/hdb-hypernet")  # HF_HUB_OFFLINE=1 in the tests
+    fetched = []
+
+    def snapshot_download(repo_id, **options):
+        fetched.append((repo_id, options))
+        return saved_hypernet
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    loaded = HyperNetwork.from_pretrained("someone/hdb-hypernet", revision="v1", token="hf_secret")
+    assert fetched == [("someone/hdb-hypernet", {"revision": "v1", "token": "hf_secret"})]
+    assert loaded.config.num_layers > 0
+
+
+def test_push_uploads_the_checkpoint_and_its_checked_card_in_one_commit(saved_hypernet, hub):
+    calls, validated = hub
+    recorded_base(saved_hypernet, SD15)
+    before = {path: path.read_bytes() for path in saved_hypernet.rglob("*") if path.is_file()}
+    upload = push_to_hub(saved_hypernet, "someone/hdb-hypernet", evaluation="| method | Face Rec. |\n| --- | --- |")
+    assert upload.url == "https://huggingface.co/someone/hdb-hypernet" and upload.notes == []
+    assert calls[0] == ("create_repo", "someone/hdb-hypernet", False)
+    files = uploaded(calls)
     assert {"README.md", "config.json", "hypernet.safetensors", "image_encoder/config.json"} <= set(files)
+    card = files["README.md"].decode()
+    assert validated == [card]  # the Hub checked the very card that was uploaded, before the upload
+    assert ModelCard(card).data.base_model == SD15 and ModelCard(card).data.license == "creativeml-openrail-m"
+    assert f"--base {SD15} --hypernet someone/hdb-hypernet" in card  # the command line and Python name the repo
+    assert f'PersonalPipeline.load("{SD15}", hypernet="someone/hdb-hypernet")' in card and "REPO_ID" not in card
     config = HyperNetwork.from_pretrained(saved_hypernet).config
     assert config.arch_fingerprint in card and config.aux_fingerprint in card and "Face Rec." in card
     assert "Not recorded" in card and "responsible use" in card.lower()
+    after = {path: path.read_bytes() for path in saved_hypernet.rglob("*") if path.is_file()}
+    assert after == before  # the user's folder is as it was: the card went into the upload only
 
 
-def test_a_broken_checkpoint_is_refused_before_any_upload(saved_hypernet, monkeypatch):
-    import huggingface_hub
+def test_a_local_base_is_named_not_linked_and_nothing_private_is_published(saved_hypernet, hub, tmp_path):
+    calls, _ = hub
+    local_base = str(tmp_path / "home" / "someone" / "sd15")
+    recorded_base(saved_hypernet, local_base)
+    (saved_hypernet / "training.json").write_text(json.dumps(TRAINING))
+    upload = push_to_hub(saved_hypernet, "someone/hdb-hypernet")
+    assert len(upload.notes) == 1 and "local folder, not a hub id" in upload.notes[0]  # the CLI prints it
+    files = uploaded(calls)
+    card = files["README.md"].decode()
+    assert ModelCard(card).data.base_model is None and "a local base named `sd15`" in card
+    assert "--base sd15 --hypernet someone/hdb-hypernet" in card
+    for content in (files["README.md"], files["config.json"], files["training.json"]):
+        assert not [secret for secret in (*PRIVATE, str(tmp_path)) if secret.encode() in content]
+    assert json.loads(files["config.json"])["base_model"] == "sd15"
+    published = json.loads(files["training.json"])
+    assert published["held_out_identities"] == 2 and published["config"]["image_encoder"] == "vit-h"
+    assert HyperNetwork.from_pretrained(saved_hypernet).config.base_model == local_base  # the local copy keeps it
 
-    StandInHfApi.calls = []
-    monkeypatch.setattr(huggingface_hub, "HfApi", StandInHfApi)
+
+def test_a_card_the_hub_refuses_uploads_nothing(saved_hypernet, hub, monkeypatch):
+    calls, _ = hub
+
+    def refuse(card, repo_type=None):
+        raise ValueError('"base_model" with value "x" is not valid')
+
+    monkeypatch.setattr(ModelCard, "validate", refuse)
+    with pytest.raises(HdbError, match="The Hub refused the model card for someone/hdb-hypernet"):
+        push_to_hub(saved_hypernet, "someone/hdb-hypernet")
+    with pytest.raises(HdbError, match="not a Hugging Face repository id"):
+        push_to_hub(saved_hypernet, "not a repo")
+    assert calls == []
+
+
+def test_a_broken_checkpoint_is_refused_before_any_upload(saved_hypernet, hub):
+    calls, validated = hub
     (saved_hypernet / "hypernet.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(HdbError, match="Could not read hypernetwork weights"):
         push_to_hub(saved_hypernet, "someone/hdb-hypernet")
-    assert StandInHfApi.calls == []
+    assert calls == [] and validated == []
 
 
 def test_the_card_reads_how_it_was_trained(saved_hypernet):
-    import json
+    (saved_hypernet / "training.json").write_text(json.dumps(TRAINING))
+    card, _ = model_card(saved_hypernet, "someone/hdb-hypernet")
+    assert "2000 steps on 15000 identities, 8 process(es); 2 more held out" in str(card)
+    assert "beta 100.0" in str(card)
 
-    training = {
-        "config": {"batch_size": 8, "learning_rate": 1e-4, "alpha": 1.0, "beta": 100.0, "mixed_precision": "bf16"},
-        "steps_run": 2000, "identities": 15000, "held_out": ["a"], "images": "celeba/", "processes": 8,
-        "final_validation_loss": 0.12,
-    }  # fmt: skip
-    (saved_hypernet / "training.json").write_text(json.dumps(training))
-    card = model_card(saved_hypernet)
-    assert "2000 steps on 15000 identities from `celeba/`, 8 process(es)" in card and "beta 100.0" in card
+
+def test_hub_ids_and_local_folders_are_told_apart(tmp_path):
+    assert hub_id(SD15) == SD15 and public_name(SD15) == SD15
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    for local in ("/models/sd15", "./sd15", "~/sd15", "sd15", "a/b/sd15", str(tmp_path / "owner" / "name"), ""):
+        assert hub_id(local) is None, local
+    assert public_name("/models/sd15") == "sd15" and public_name("") == "unknown"
+
+
+@pytest.mark.parametrize("base", [SD15, "/home/someone/sd15"])
+def test_a_persons_lora_is_pushed_with_a_diffusers_lora_card(tiny_sd15, tmp_path, hub, base):
+    calls, validated = hub
+    weights = replace(PersonalWeights.from_lidb(trained_person(tiny_sd15)), base_model=base)
+    lora = export_lora(weights, tmp_path / "me_kohya.safetensors", "kohya")
+    upload = push_lora(lora, weights, "someone/me-lora")
+    files = uploaded(calls)
+    assert set(files) == {"me_kohya.safetensors", "README.md"} and files["me_kohya.safetensors"] == lora.read_bytes()
+    card = files["README.md"].decode()
+    data = ModelCard(card).data
+    assert validated == [card] and data.library_name == "diffusers" and data.instance_prompt == "a sks face"
+    assert {"lora", "text-to-image", "diffusers", "stable-diffusion"} <= set(data.tags)
+    assert data.license == "creativeml-openrail-m"  # the tiny SD1.5's family: SD1.5's licence
+    assert 'pipe.load_lora_weights("someone/me-lora", weight_name="me_kohya.safetensors")' in card
+    assert "Trigger phrase: `a sks face`" in card
+    if base == SD15:
+        assert data.base_model == SD15 and f'DiffusionPipeline.from_pretrained("{SD15}"' in card and not upload.notes
+    else:
+        assert data.base_model is None and "/home/someone" not in card and len(upload.notes) == 1
+
+
+def test_export_pushes_through_the_cli_and_prints_the_warnings(tiny_sd15, tmp_path, hub, monkeypatch, capsys):
+    from hdb import cli
+
+    calls, _ = hub
+    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)  # it sets this process's environment
+    weights = replace(PersonalWeights.from_lidb(trained_person(tiny_sd15)), base_model="/home/someone/sd15")
+    person = save_personal(weights, tmp_path / "me.safetensors")
+    lora = tmp_path / "me_lora.safetensors"
+    assert cli.main(["export", str(person), "--format", "kohya", "-o", str(lora), "--push", "someone/me-lora"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: The base model /home/someone/sd15 is a local folder" in out
+    assert f"uploaded {lora} with its model card to https://huggingface.co/someone/me-lora" in out
+    assert set(uploaded(calls)) == {"me_lora.safetensors", "README.md"}
+    assert cli.main(["export", str(person), "-o", str(tmp_path / "x.safetensors"), "--push", "not a repo"]) == 1
+    assert "not a Hugging Face repository id" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()

@@ -38,8 +38,10 @@ def test_the_three_dependency_lists_name_the_same_packages():
     declared = names(project["dependencies"])
     space = names((ROOT / "requirements.txt").read_text().splitlines())
     pinned = names((ROOT / "requirements-dev.txt").read_text().splitlines())
-    extras = names([line for packages in project["optional-dependencies"].values() for line in packages])
-    assert space == declared  # the Space only personalises: no extras
+    optional = project["optional-dependencies"]
+    extras = names([line for packages in optional.values() for line in packages])
+    assert "gradio" not in declared and names(optional["app"]) == {"gradio"}  # `pip install "hdb[app]"`
+    assert space == declared | names(optional["app"])  # the Space runs the app; it trains nothing
     assert pinned - TEST_TOOLS == declared | extras
     assert "torch" in declared and project["requires-python"] == ">=3.11"
     assert project["scripts"]["hdb"] == "hdb.cli:main"
@@ -51,6 +53,11 @@ def test_a_clone_installs_and_runs_outside_the_checkout(tmp_path):
     install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target"]
     subprocess.run([*install, str(target), str(clone)], check=True, capture_output=True)
     assert (target / "hdb" / "clip_tokenizer" / "vocab.json").is_file()  # package data came along
+    shipped = {path.name for path in (target / "hdb" / "assets").iterdir()}  # the photos: one copy, from assets/
+    assert shipped == {path.name for path in ASSETS.iterdir()} and "SOURCES.md" in shipped
+    packages = {path.parent.relative_to(ROOT) for path in (ROOT / "hdb").rglob("__init__.py")}
+    assert all((target / package / "__init__.py").is_file() for package in packages)  # pyproject lists them all
+    assert "Apache License" in next(target.glob("hdb-*.dist-info/licenses/LICENSE")).read_text()
     work.mkdir()
     env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1")  # the installed copy, not the checkout
 
@@ -63,3 +70,10 @@ def test_a_clone_installs_and_runs_outside_the_checkout(tmp_path):
     hdb("tiny-model", "tiny")
     out = hdb("personalize", str(ASSETS / "obama.jpg"), "--base", "tiny", "-o", "me.safetensors", "--steps", "2")
     assert "personal file: me.safetensors" in out and (work / "me.safetensors").is_file()
+    assert "--tiny" in hdb("demo", "--help") and "demo" in hdb("--help")  # the app's own options
+
+    where = "from hdb.app.page import ASSETS, EXAMPLE_PHOTOS; print(ASSETS, *EXAMPLE_PHOTOS)"  # the demo's photos
+    found = subprocess.run([sys.executable, "-c", where], cwd=work, env=env, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr[-2000:]
+    folder, *photos = found.stdout.split()
+    assert Path(folder) == target / "hdb" / "assets" and all(Path(photo).is_file() for photo in photos)

@@ -9,7 +9,7 @@ from helpers import trained_person
 from hdb.errors import HdbError
 from hdb.lidb import LiDBConfig, arch_fingerprint, aux_bases, aux_fingerprint, find_target_linears
 from hdb.models import build_full_size_sd15, build_tiny_pipeline
-from hdb.personal_file import PersonalWeights, describe, load_personal, save_personal
+from hdb.personal_file import PersonalWeights, describe, family_from_layers, load_personal, save_personal
 from hdb.pipeline import PersonalPipeline
 
 
@@ -63,6 +63,39 @@ def test_a_version_1_file_still_loads_with_its_own_token(tiny_sd15, tmp_path):
     save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=metadata)
     old = load_personal(tmp_path / "v1.safetensors")
     assert old.lora_rank == 0 and old.instance_token == "sks person" and torch.equal(old.B, tensors["B_train"])
+
+
+def test_a_file_records_its_base_family_and_an_older_one_is_told_by_its_layers(tmp_path):
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weights = PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("sd2")))
+    path = save_personal(weights, tmp_path / "p.safetensors")
+    person = load_personal(path)
+    assert (person.base_family, person.prediction_type) == ("sd2", "v_prediction")
+    assert "base family:      sd2, predicting v_prediction" in describe(path)
+
+    with safe_open(str(path), "pt") as file:  # as hdb wrote files before it recorded the family
+        metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+    older = {key: value for key, value in metadata.items() if key not in ("base_family", "prediction_type")}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=older)
+    assert load_personal(tmp_path / "old.safetensors").base_family == ""  # tiny widths tell nothing: no guess
+    save_file(tensors, str(tmp_path / "forged.safetensors"), metadata={**metadata, "base_family": "sd9"})
+    with pytest.raises(HdbError, match="damaged metadata.*unknown base family 'sd9'"):
+        load_personal(tmp_path / "forged.safetensors")
+
+    def unet_layers(**config) -> dict[str, tuple[int, int]]:  # the real models' shapes, on the meta device
+        with init_empty_weights():
+            unet = UNet2DConditionModel(sample_size=64, **config)
+        targets = find_target_linears({"unet": unet})
+        return {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}
+
+    assert family_from_layers(unet_layers(cross_attention_dim=768)) == "sd1"  # SD1.x reads CLIP-L's 768
+    sd2 = dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    assert family_from_layers(unet_layers(**sd2)) == "sd2"  # SD2.x reads OpenCLIP-H's 1024
+    assert family_from_layers({"text_encoder_2.encoder.layers.0.self_attn.q_proj": (1280, 1280)}) == "sdxl"
 
 
 def test_fp16_file_is_half_the_size(tiny_sd15, tmp_path):

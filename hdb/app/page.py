@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gradio as gr
@@ -11,12 +10,12 @@ from hdb.app.engine import MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, Engine
 from hdb.app.handlers import DIFFUSERS_FILE, KOHYA_FILE, PERSON_FILE, Handlers
 from hdb.app.visitors import EXAMPLE_NAMES, VisitorFiles
 from hdb.config import DEFAULT_INSTANCE_TOKEN, MAX_PHOTOS
+from hdb.example_photos import ASSETS
 from hdb.styles import EXAMPLE_PROMPTS, SIZE_PRESETS, STYLE_PRESETS, negative_for
 
 if TYPE_CHECKING:
     from gradio.data_classes import ImageData
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"  # the repository's photos (see assets/SOURCES.md)
 EXAMPLE_PHOTOS = [str(ASSETS / name) for name in EXAMPLE_NAMES]
 QUEUE_SIZE = 32  # requests waiting in the line every visitor shares (one per visitor: MAX_JOBS_PER_VISITOR)
 NOTICE = (
