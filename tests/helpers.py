@@ -71,3 +71,26 @@ class FailingUNet:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         output.sample = output.sample * float("nan")
         return output
+
+
+def start_app(tmp_path, port: int, **env: str) -> subprocess.Popen:
+    """`python app.py --tiny` in a fresh process, its temporary files under `tmp_path` (TMPDIR), offline."""
+    environment = dict(os.environ, TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", **env)
+    command = [sys.executable, "app.py", "--tiny", "--device", "cpu", "--port", str(port)]
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.Popen(command, cwd=root, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def client_of(server: subprocess.Popen, port: int, timeout: float = 180):
+    """A gradio_client Client of the app `server` started, once it answers (its stderr if it died instead)."""
+    import time
+
+    from gradio_client import Client
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return Client(f"http://127.0.0.1:{port}/", verbose=False)
+        except Exception:
+            assert server.poll() is None and time.time() < deadline, server.stderr.read().decode()[-2000:]
+            time.sleep(1)

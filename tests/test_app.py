@@ -7,8 +7,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import types
@@ -20,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from helpers import ASSETS, FailingUNet
+from helpers import ASSETS, FailingUNet, client_of, start_app
 from PIL import Image
 
 from hdb.personal_file import load_personal
@@ -348,10 +346,8 @@ def test_spaces_is_imported_before_any_model_exists(tmp_path):
     (tmp_path / "stand_in" / "spaces").mkdir(parents=True)
     (tmp_path / "stand_in" / "spaces" / "__init__.py").write_text(SPACES_STAND_IN)
     record, port = tmp_path / "record.json", free_port()
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'stand_in'}{os.pathsep}{ROOT}", SPACES_RECORD=str(record),
-               TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")  # fmt: skip
-    command = [sys.executable, "app.py", "--tiny", "--device", "cpu", "--port", str(port)]
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stand_in = f"{tmp_path / 'stand_in'}{os.pathsep}{ROOT}"
+    server = start_app(tmp_path, port, PYTHONPATH=stand_in, SPACES_RECORD=str(record))
     try:
         deadline = time.time() + 120
         while not record.is_file():
@@ -390,18 +386,9 @@ def test_a_stopped_server_leaves_no_visitor_file_and_the_next_one_sweeps_a_crash
     (stale / "sessions" / "someone").mkdir(parents=True)
     (stale / "sessions" / "someone" / "person.safetensors").write_bytes(b"weights")
     port = free_port()
-    env = dict(os.environ, TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    command = [sys.executable, "app.py", "--tiny", "--device", "cpu", "--port", str(port)]
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = start_app(tmp_path, port)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:
-                assert server.poll() is None and time.time() < deadline, server.stderr.read().decode()[-2000:]
-                time.sleep(1)
+        client = client_of(server, port)
         assert not stale.exists()  # swept at start
         (root,) = (tmp_path / "hdb_app").glob(f"{server.pid}-*")  # the server's own folder: its pid and start time
         photo = tmp_path / "my_own_photo.jpg"

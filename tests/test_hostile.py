@@ -11,8 +11,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -22,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from helpers import ASSETS, trained_person
+from helpers import ASSETS, client_of, start_app, trained_person
 from helpers import hdb_cli as hdb
 from PIL import Image
 from safetensors import safe_open
@@ -327,18 +325,9 @@ def test_messages_name_no_server_path(server, tmp_path):
 
 def test_sigterm_during_a_job_exits_cleanly(tmp_path):
     port = free_port()
-    env = dict(os.environ, TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    command = [sys.executable, "app.py", "--tiny", "--device", "cpu", "--port", str(port)]
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = start_app(tmp_path, port)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:
-                assert server.poll() is None and time.time() < deadline, server.stderr.read().decode()[-2000:]
-                time.sleep(1)
+        client = client_of(server, port)
         client.submit(handle_file(str(ASSETS / "obama.jpg")), True, 300, None, api_name="/personalize")
         time.sleep(5)  # the job is running
         server.send_signal(signal.SIGTERM)
