@@ -77,3 +77,19 @@ def test_a_clone_installs_and_runs_outside_the_checkout(tmp_path):
     assert found.returncode == 0, found.stderr[-2000:]
     folder, *photos = found.stdout.split()
     assert Path(folder) == target / "hdb" / "assets" and all(Path(photo).is_file() for photo in photos)
+
+
+def test_hdb_demo_hands_its_arguments_to_the_app_and_names_the_extra_it_needs(monkeypatch, capsys):
+    import importlib.util
+
+    import hdb.app.main
+    from hdb import cli
+
+    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)  # it sets this process's environment
+    served = []
+    monkeypatch.setattr(hdb.app.main, "main", served.append)
+    assert cli.main(["demo", "--tiny", "--port", "7861"]) == 0 and served == [["--tiny", "--port", "7861"]]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *more: None if name == "gradio" else find_spec(name))
+    assert cli.main(["demo", "--tiny"]) == 1 and len(served) == 1  # no gradio: a clear line, nothing served
+    assert 'The demo needs gradio, which hdb installs as an extra: pip install "hdb[app]"' in capsys.readouterr().err
