@@ -375,10 +375,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from hdb.app.main import main as serve
     from hdb.app.main import parse_args
 
-    parse_args(args.app_arguments)  # --help and bad options are answered before gradio and the models load
+    parse_args(args.app_arguments, "hdb demo")  # --help and bad options are answered before gradio and models load
     if importlib.util.find_spec("gradio") is None:
         raise HdbError('The demo needs gradio, which hdb installs as an extra: pip install "hdb[app]"')
-    serve(args.app_arguments)
+    serve(args.app_arguments, "hdb demo")
 
 
 def cmd_toy(args: argparse.Namespace) -> None:

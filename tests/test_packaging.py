@@ -87,7 +87,7 @@ def test_hdb_demo_hands_its_arguments_to_the_app_and_names_the_extra_it_needs(mo
 
     monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)  # it sets this process's environment
     served = []
-    monkeypatch.setattr(hdb.app.main, "main", served.append)
+    monkeypatch.setattr(hdb.app.main, "main", lambda argv, prog=None: served.append(argv))
     assert cli.main(["demo", "--tiny", "--port", "7861"]) == 0 and served == [["--tiny", "--port", "7861"]]
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *more: None if name == "gradio" else find_spec(name))

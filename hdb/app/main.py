@@ -21,13 +21,14 @@ from hdb.errors import HdbError
 MAX_UPLOAD = "20mb"  # per file: a phone photo or a personal file fits; the server keeps uploads until a visitor leaves
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """The app's options; `prog`: how its usage line names the command (`hdb demo`; default: the script's name)."""
     env = os.environ.get
 
     def env_flag(name: str) -> bool:  # a switch set by an environment variable: anything but "", "0", "false"
         return env(name, "") not in ("", "0", "false")
 
-    parser = argparse.ArgumentParser(description="hdb demo (Gradio)")
+    parser = argparse.ArgumentParser(prog=prog, description="hdb demo (Gradio)")
     parser.add_argument("--base", default=env("HDB_BASE", DEFAULT_BASE), help="base model: hub id or local directory")
     parser.add_argument("--hypernet", default=env("HDB_HYPERNET"), help="trained hypernetwork: hub id or directory")
     parser.add_argument("--device", default=env("HDB_DEVICE", "auto"))
@@ -48,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    options = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    options = parse_args(argv, prog)
     # The import order is ZeroGPU's: gradio first (`spaces` refuses to be imported while gradio is importing),
     # then `spaces`, which patches torch, before anything touches CUDA or builds a model.
     import gradio  # noqa: F401
