@@ -31,7 +31,7 @@ def test_notebooks_are_committed_clean():
 
 
 GOOGLE_COLAB_STAND_IN = {  # what the notebooks use of Colab's `google.colab`: Drive mounted where asked
-    "google/__init__.py": "",
+    # (no google/__init__.py: `google` stays a namespace package, and protobuf's google.protobuf still imports)
     "google/colab/__init__.py": "",
     "google/colab/drive.py": (
         "from pathlib import Path\n\n\ndef mount(path):\n    (Path(path) / 'MyDrive').mkdir(parents=True)\n"
