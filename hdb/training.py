@@ -163,8 +163,8 @@ def train(
         leave=False,
     )
 
-    def check(done: _StepOnItsWay) -> None:
-        """Stop with the snapshot's weights if `done` went wrong."""
+    def check(done: _StepOnItsWay) -> float:
+        """Stop with the snapshot's weights if `done` went wrong; else record its loss and return it."""
         value, norm = done.read()
         typical = max(statistics.median(losses[-100:]), 1.0) if losses else 1.0
         kept = f"kept the weights of step {snapshot.step}"
@@ -184,8 +184,12 @@ def train(
                 raise TrainingDiverged(f"{config.description}: gradients became NaN/inf at step {done.step}; {kept}")
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
+        return value
+
+    def report(step: int, loss: float) -> None:
+        """Hand a step to `on_step`: only once that step's update is in the parameters."""
         if on_step is not None:
-            on_step(done.step, value)
+            on_step(step, loss)
 
     try:
         for step in bar:
@@ -198,19 +202,22 @@ def train(
             grad_norm = clip(parameters, config.max_grad_norm or float("inf"))
             if accelerator is not None:
                 loss_sum = accelerator.reduce(loss_sum, reduction="mean")
-            if waiting is not None:
-                check(waiting)  # the previous step, read while this one is already queued on the GPU
+            if waiting is not None:  # the previous step, read while this one is already queued on the GPU
+                report(waiting.step, check(waiting))
             waiting = _StepOnItsWay(step, torch.stack([loss_sum, grad_norm.float()]))
+            passed_before_update = None
             if (step - start_step) % config.snapshot_every == 0:
-                check(waiting)  # the host waits for this step only
+                passed_before_update = check(waiting)  # the host waits for this step only
                 waiting = None
                 snapshot.take(parameters, step)  # not yet updated: the weights whose loss just passed
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if passed_before_update is not None:  # reported after its update, as every other step is
+                report(step, passed_before_update)
         if waiting is not None:
-            check(waiting)
+            report(waiting.step, check(waiting))
     finally:
         for parameter in parameters:  # a failed step's NaN gradients must not reach the next user of these weights
             parameter.grad = None

@@ -435,6 +435,58 @@ def test_a_resumed_run_applies_exactly_the_learning_rates_of_an_uninterrupted_on
     assert torch.equal(resumed.detach(), straight.detach())
 
 
+@pytest.mark.parametrize("start_step", [0, 2])
+def test_on_step_sees_the_weights_after_that_steps_update(start_step):
+    """The snapshot steps (every `snapshot_every` from `start_step`) are read at once, the others one step late;
+    either way a checkpoint written in `on_step(step)` must hold step `step`'s update, or resuming skips it."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+    started_from, seen_in_on_step = {}, {}
+
+    def loss_fn(step):
+        started_from[step] = weight.detach().clone()
+        return ((weight - torch.arange(3.0)) ** 2).sum()
+
+    config = TrainConfig(steps=8, learning_rate=0.1, snapshot_every=3, progress=False)
+    train([weight], loss_fn, config, lambda step, loss: seen_in_on_step.update({step: weight.detach().clone()}),
+          start_step=start_step)  # fmt: skip
+    after_update = {step: started_from[step + 1] for step in range(start_step, 7)} | {7: weight.detach()}
+    assert sorted(seen_in_on_step) == list(range(start_step, 8))
+    for step, seen in seen_in_on_step.items():
+        assert torch.equal(seen, after_update[step]), step
+
+
+def test_a_run_killed_after_a_snapshot_steps_checkpoint_resumes_exactly(tmp_path, monkeypatch):
+    """Step 0 is a snapshot step of the first run, step 1 of the resumed one: both checkpoint (every step) and
+    validate there, and the resumed run must log what an uninterrupted one does."""
+    import hdb.train_hypernet as stage
+
+    pipe, people = build_tiny_pipeline("sd15"), random_people(3)
+    config = tiny_stage2(steps=4, beta=0.0, checkpoint_every=1, validate_every=1)
+    train_hypernetwork(pipe, people, tmp_path / "straight", None, config, device="cpu")
+
+    class Killed(Exception):
+        pass
+
+    save = stage._save_checkpoint
+
+    def save_then_die(out, step, *args):
+        save(out, step, *args)
+        if step == 0:
+            raise Killed
+
+    monkeypatch.setattr(stage, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_hypernetwork(pipe, people, tmp_path / "killed", None, config, device="cpu")
+    monkeypatch.undo()
+    resumed = train_hypernetwork(pipe, people, tmp_path / "killed", None, config, device="cpu")
+    assert resumed["start_step"] == 1
+    straight, killed = logged(tmp_path / "straight"), logged(tmp_path / "killed")
+    assert [r["step"] for r in killed] == [0, 1, 2, 3]
+    for a, b in zip(straight, killed, strict=True):
+        for name in ("loss", "validation_loss"):
+            assert abs(a[name] - b[name]) < 1e-6, (name, a, b)
+
+
 # ----------------------------------------------------------------------------- the divergence guard
 
 
