@@ -197,6 +197,44 @@ def test_a_hugging_face_dataset_gives_identities_by_column_aligned_once(tiny_sd1
     ]
 
 
+def test_the_face_cache_recovers_from_broken_files_and_remembers_photos_without_a_face(tmp_path, monkeypatch):
+    from hdb import faces
+    from hdb.identities import load_identities
+
+    folder, cache = tmp_path / "photos", tmp_path / "faces"
+    folder.mkdir()
+    shutil.copy(ASSETS / "obama.jpg", folder / "obama.jpg")
+    shutil.copy(ASSETS / "landscape.jpg", folder / "landscape.jpg")  # no face
+    detected = []
+
+    def counting_align_face(source, size):
+        detected.append(Path(source).name)
+        return align_face(source, size=size)
+
+    align_face = faces.align_face
+    monkeypatch.setattr(faces, "align_face", counting_align_face)
+
+    def load() -> list[Image.Image]:
+        people, skipped = load_identities(folder, 64, cache, progress=False)
+        assert [p.name for p in people] == ["obama"] and skipped == {"no face": 1}
+        return people[0].faces
+
+    first = load()
+    again = load()  # the crop from its PNG, the landscape known to hold no face: nothing detected again
+    assert sorted(detected) == ["landscape.jpg", "obama.jpg"]
+    assert list(again[0].getdata()) == list(first[0].getdata())
+    crop = cache / "obama" / "obama_64.png"
+    crop.write_bytes(crop.read_bytes()[: crop.stat().st_size // 2])  # a copy cut short
+    assert list(load()[0].getdata()) == list(first[0].getdata())  # aligned again, not a crash
+    assert Image.open(crop).convert("RGB").size == (64, 64)  # and written again whole
+    crop.unlink()
+    stale = crop.with_name(crop.name + ".partial")  # what a run killed while writing the crop leaves
+    stale.write_bytes(b"half a png")
+    load()
+    assert crop.is_file() and not stale.exists()
+    assert sorted(detected) == ["landscape.jpg", "obama.jpg", "obama.jpg", "obama.jpg"]
+
+
 def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_folder, tiny_sd15_dir, tmp_path):
     weights, _ = preoptimized
     single = hdb(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "one")).stdout
