@@ -210,6 +210,9 @@ class PreoptimizeConfig(Checked):
     resolution: int | None = _resolution()
     instance_token: str = _instance_token()
     lidb: LiDBConfig = field(default_factory=LiDBConfig, metadata={"help": "shape of the pre-optimised weights"})
+    # A group whose training diverges leaves a `<name>.failed.json` per identity and is not retried with the same
+    # settings, where it would likely diverge again; retry after changing them (a lower learning rate).
+    retry_failed: bool = setting(False, "train again the identities whose training diverged in an earlier run")
     progress: bool = _progress()
 
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MANIFEST_FILE = "manifest.json"  # stage 1's out folder: what its weights were made with
 NO_FACE_SUFFIX = ".noface"  # the face cache's record of a photo in which no face was found
+FAILED_SUFFIX = ".failed.json"  # beside stage 1's weights: why an identity has none (its training diverged)
 
 
 @dataclass
@@ -250,8 +251,18 @@ class WeightsManifest:
         return Signature(self.arch_fingerprint, num_layers, c.a, c.b, c.seed, self.aux_fingerprint, c.rank)
 
 
+def failed_identities(out_dir: str | Path) -> list[str]:
+    """The identities of a stage 1 folder whose training diverged, by their `<name>.failed.json` records."""
+    records = (Path(out_dir) / "weights").glob(f"*{FAILED_SUFFIX}")
+    return sorted(path.name.removesuffix(FAILED_SUFFIX) for path in records)
+
+
 def write_manifest(out_dir: str | Path, lidb: LiDB, instance_token: str) -> None:
-    """Write out_dir/manifest.json; a later run on another base model or LiDB shape is refused instead of mixing."""
+    """Write out_dir/manifest.json; a later run on another base model or LiDB shape is refused instead of mixing.
+
+    It also lists the identities that failed (`failed_identities`, as their records stand now), for whoever
+    reads the folder; stage 2 needs no list: a failed identity has no weights file.
+    """
     manifest = WeightsManifest(lidb.config, instance_token, lidb.arch_fingerprint(), lidb.aux_fingerprint())
     path = Path(out_dir) / MANIFEST_FILE
     if path.is_file():
@@ -260,7 +271,8 @@ def write_manifest(out_dir: str | Path, lidb: LiDB, instance_token: str) -> None
             raise HdbError(
                 f"{out_dir} holds weights for another base model or LiDB shape ({existing.lidb}); use a new `out_dir`"
             )
-    path.write_text(json.dumps(asdict(manifest), indent=1))
+    content = {**asdict(manifest), "failed": failed_identities(out_dir)}
+    write_atomically(path, lambda partial: partial.write_text(json.dumps(content, indent=1)))
 
 
 def read_manifest(weights_dir: str | Path) -> WeightsManifest:

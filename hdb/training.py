@@ -63,9 +63,15 @@ class TrainConfig:
 class TrainingDiverged(HdbError):
     """The loss became NaN/inf or exploded; parameters were restored to the guard's snapshot.
 
-    `last_good`: what the caller's model held after that restore, where the caller records it (a personalisation
-    records the person, `PersonalWeights`, before it lets the person go), for callers that score it anyway.
+    `step` and `loss`: the step that failed and its loss (NaN, inf, or the exploding value), for callers that
+    record failures. `last_good`: what the caller's model held after that restore, where the caller records it
+    (a personalisation records the person, `PersonalWeights`, before it lets the person go), for callers that
+    score it anyway.
     """
+
+    def __init__(self, message: str, step: int | None = None, loss: float | None = None) -> None:
+        super().__init__(message)
+        self.step, self.loss = step, loss
 
     last_good: object | None = None
 
@@ -172,7 +178,9 @@ def train(
             snapshot.restore(parameters)
             raise TrainingDiverged(
                 f"{config.description}: loss became {value:.4g} at step {done.step} (typical so far: {typical:.4g}); "
-                f"stopped and {kept}. Try a lower learning rate."
+                f"stopped and {kept}. Try a lower learning rate.",
+                done.step,
+                value,
             )
         if not math.isfinite(norm):
             skipped.append(done.step)
@@ -181,7 +189,9 @@ def train(
             )
             if not loss_scaling or in_a_row:  # without a scaler the optimizer has already taken the step
                 snapshot.restore(parameters)
-                raise TrainingDiverged(f"{config.description}: gradients became NaN/inf at step {done.step}; {kept}")
+                raise TrainingDiverged(
+                    f"{config.description}: gradients became NaN/inf at step {done.step}; {kept}", done.step, value
+                )
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
         return value
