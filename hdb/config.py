@@ -232,6 +232,7 @@ class HypernetTrainConfig(Checked):
     mixed_precision: str = setting("no", "accelerate's autocast (the frozen base runs in it too)", MIXED_PRECISIONS)
     gradient_checkpointing: bool = _gradient_checkpointing()
     checkpoint_every: int = _steps(100, "steps between checkpoints (training resumes from the last)")
+    checkpoints_total_limit: int = _count(1, "checkpoints kept, the newest (older ones go as new ones come)")
     validate_every: int = _steps(100, "steps between validations on the held-out identities")
     holdout: int = _count(1, "identities held out for validation", low=0, high=MAX_STEPS)
     sample_steps: int = _count(20, "sampling steps of the validation image (0: no image)", low=0, high=1000)

@@ -27,7 +27,7 @@ from hdb.models import build_tiny_pipeline, save_tiny_pipeline
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
 from hdb.pipeline import PersonalPipeline
 from hdb.preoptimize import preoptimize
-from hdb.train_hypernet import train_hypernetwork
+from hdb.train_hypernet import LOSSES_FILE, train_hypernetwork
 from hdb.training import (
     TrainConfig,
     TrainingDiverged,
@@ -496,6 +496,39 @@ def test_stage_2_trains_with_stage_1s_lidb_and_refuses_a_mismatch(tmp_path):
     refused("person1.safetensors does not fit this model: it has rank 1; rank 2 is needed here")
     (tmp_path / "stage1" / "manifest.json").unlink()
     refused("has no manifest.json")
+
+
+def test_a_resume_with_other_settings_is_refused_and_the_newest_checkpoints_are_kept(tmp_path):
+    pipe, people = build_tiny_pipeline("sd15"), random_people(4)
+    out = tmp_path / "run"
+    config = tiny_stage2(steps=3, beta=0.0, checkpoint_every=1, checkpoints_total_limit=2)
+    train_hypernetwork(pipe, people[:3], out, None, config, device="cpu")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2", "latest"]
+    log = (out / LOSSES_FILE).read_text()
+
+    def refused(*fragments: str, people=people[:3], **overrides) -> None:
+        with pytest.raises(HdbError, match="Cannot resume .*checkpoint-2: its run had other settings") as error:
+            train_hypernetwork(pipe, people, out, None, dataclasses.replace(config, **overrides), device="cpu")
+        for fragment in fragments:
+            assert fragment in str(error.value)
+        assert (out / LOSSES_FILE).read_text() == log  # refused before anything was touched
+
+    refused("steps: 3 then, 4 now", steps=4)
+    refused("learning_rate: 0.0001 then, 0.001 now", "seed: 0 then, 1 now", learning_rate=1e-3, seed=1)
+    refused("pairing: 'independent' then, 'same' now", pairing="same")
+    refused("alpha: 1.0 then, 0.5 now", "batch_size: 2 then, 4 now", alpha=0.5, batch_size=4)
+    refused("lr_schedule: 'cosine' then, 'constant' now", lr_schedule="constant")
+    refused("identities: {'trained': 2, ", people=people)  # another identity list
+    refused("identities: ", people=people[1:] + people[:1])  # the same count, others held out
+    # what does not change the steps still to run may change: this resume goes on (with nothing left to do)
+    again = train_hypernetwork(pipe, people[:3], out, None, dataclasses.replace(config, validate_every=5,
+                               checkpoints_total_limit=1), device="cpu")  # fmt: skip
+    assert again["start_step"] == 3 and again["losses"] == []
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "state.json").read_text())
+    assert state["step"] == 2 and state["settings"]["learning_rate"] == 1e-4
+    (out / "checkpoints" / "checkpoint-2" / "state.json").write_text(json.dumps({"step": 2}))  # an older hdb's
+    with pytest.warns(UserWarning, match="does not record its run's settings: resuming it unchecked"):
+        train_hypernetwork(pipe, people[:3], out, None, config, device="cpu")
 
 
 def test_validation_and_sampling_give_the_lidb_and_the_modes_back_however_they_end(tiny_sd15):
