@@ -319,7 +319,8 @@ def _training_photos(args: argparse.Namespace) -> Path | DatasetSource:
 
 
 def cmd_preoptimize(args: argparse.Namespace) -> None:
-    from hdb.preoptimize import preoptimize
+    from hdb.identities import FAILED_SUFFIX
+    from hdb.preoptimize import LOSSES_FILE, preoptimize
 
     _quiet_model_loading()
     from accelerate import PartialState
@@ -337,6 +338,18 @@ def cmd_preoptimize(args: argparse.Namespace) -> None:
         f"{summary['already_done']} already done; "
         f"photos skipped: {summary['skipped_photos'] or 'none'} -> {args.out}/weights"
     )
+    if summary["losses"]:
+        print(f"{share}each identity's first and last losses: {args.out}/{LOSSES_FILE} (they should fall)")
+    if summary["failed"]:
+        print(
+            f"{share}training diverged for {len(summary['failed'])} identities ({', '.join(summary['failed'][:5])}"
+            f"{', ...' if len(summary['failed']) > 5 else ''}): see {args.out}/weights/<name>{FAILED_SUFFIX}"
+        )
+    if summary["failed_before"]:
+        print(
+            f"{share}left out {len(summary['failed_before'])} identities whose training diverged before; "
+            "--retry-failed trains them again (with a lower --lr, say)"
+        )
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -210,6 +210,9 @@ class PreoptimizeConfig(Checked):
     resolution: int | None = _resolution()
     instance_token: str = _instance_token()
     lidb: LiDBConfig = field(default_factory=LiDBConfig, metadata={"help": "shape of the pre-optimised weights"})
+    # A group whose training diverges leaves a `<name>.failed.json` per identity and is not retried with the same
+    # settings, where it would likely diverge again; retry after changing them (a lower learning rate).
+    retry_failed: bool = setting(False, "train again the identities whose training diverged in an earlier run")
     progress: bool = _progress()
 
 
@@ -229,6 +232,7 @@ class HypernetTrainConfig(Checked):
     mixed_precision: str = setting("no", "accelerate's autocast (the frozen base runs in it too)", MIXED_PRECISIONS)
     gradient_checkpointing: bool = _gradient_checkpointing()
     checkpoint_every: int = _steps(100, "steps between checkpoints (training resumes from the last)")
+    checkpoints_total_limit: int = _count(1, "checkpoints kept, the newest (older ones go as new ones come)")
     validate_every: int = _steps(100, "steps between validations on the held-out identities")
     holdout: int = _count(1, "identities held out for validation", low=0, high=MAX_STEPS)
     sample_steps: int = _count(20, "sampling steps of the validation image (0: no image)", low=0, high=1000)

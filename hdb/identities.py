@@ -24,6 +24,7 @@ from PIL import Image
 from hdb.config import DatasetSource, LiDBConfig
 from hdb.diffusion import augmented_views, encode_images
 from hdb.errors import HdbError
+from hdb.files import write_atomically
 from hdb.lidb import LiDB, Signature, check_signature
 from hdb.models import Pipeline
 from hdb.personal_file import load_personal
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MANIFEST_FILE = "manifest.json"  # stage 1's out folder: what its weights were made with
+NO_FACE_SUFFIX = ".noface"  # the face cache's record of a photo in which no face was found
+FAILED_SUFFIX = ".failed.json"  # beside stage 1's weights: why an identity has none (its training diverged)
 
 
 @dataclass
@@ -106,7 +109,14 @@ Photos = dict[str, list[tuple[str, Callable[[], object]]]]  # identity -> (photo
 
 
 def _align(photos: Photos, size: int, cache_dir: str | Path | None, progress: bool) -> tuple[list[Identity], Counter]:
-    """Aligned faces per identity, skipping (and counting) unusable photos; crops cached under cache_dir."""
+    """Aligned faces per identity, skipping (and counting) unusable photos; results cached under cache_dir.
+
+    The cache holds, per identity and photo key, the aligned crop (`<key>_<size>.png`) or, for a photo
+    without a face, a `<key>.noface` marker: face detection is the slow part, and a photo without a face
+    would otherwise be searched again on every run. Both are written whole or not at all, and a cached
+    crop that cannot be read (a disk filled up, a copy cut short) counts as a miss: aligned and written again.
+    The cache goes by photo key, not content: after replacing a photo, delete its entries (or the folder).
+    """
     from tqdm.auto import tqdm
 
     from hdb.faces import align_face
@@ -116,22 +126,42 @@ def _align(photos: Photos, size: int, cache_dir: str | Path | None, progress: bo
     for name, sources in tqdm(photos.items(), desc="aligning faces", disable=not progress, leave=False):
         faces = []
         for key, open_photo in sources:
-            cached = cache / name / f"{key}_{size}.png" if cache else None
-            if cached is not None and cached.is_file():
-                faces.append(Image.open(cached).convert("RGB"))
+            crop_file = cache / name / f"{key}_{size}.png" if cache else None
+            no_face_file = cache / name / f"{key}{NO_FACE_SUFFIX}" if cache else None
+            if no_face_file is not None and no_face_file.is_file():
+                skipped["no face"] += 1
+                continue
+            cached = _read_cached_face(crop_file) if crop_file is not None else None
+            if cached is not None:
+                faces.append(cached)
                 continue
             try:
                 face = align_face(open_photo(), size=size).image
             except HdbError as error:
-                skipped["no face" if "No face" in str(error) else "unreadable"] += 1
+                no_face = "No face" in str(error)
+                skipped["no face" if no_face else "unreadable"] += 1
+                if no_face and no_face_file is not None:
+                    no_face_file.parent.mkdir(parents=True, exist_ok=True)
+                    write_atomically(no_face_file, lambda partial, error=error: partial.write_text(f"{error}\n"))
                 continue
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                face.save(cached)
+            if crop_file is not None:
+                crop_file.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(crop_file, lambda partial, face=face: face.save(partial, format="PNG"))
             faces.append(face)
         if faces:
             identities.append(Identity(name, faces))
     return identities, skipped
+
+
+def _read_cached_face(path: Path) -> Image.Image | None:
+    """The cached crop at `path`, or None when there is none or it cannot be read (it is then made again)."""
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # reads every pixel: a truncated file fails here, not later
+    except (OSError, SyntaxError, ValueError):  # PIL's ways of saying a file is cut short or corrupt
+        return None
 
 
 def load_identities(
@@ -221,8 +251,18 @@ class WeightsManifest:
         return Signature(self.arch_fingerprint, num_layers, c.a, c.b, c.seed, self.aux_fingerprint, c.rank)
 
 
+def failed_identities(out_dir: str | Path) -> list[str]:
+    """The identities of a stage 1 folder whose training diverged, by their `<name>.failed.json` records."""
+    records = (Path(out_dir) / "weights").glob(f"*{FAILED_SUFFIX}")
+    return sorted(path.name.removesuffix(FAILED_SUFFIX) for path in records)
+
+
 def write_manifest(out_dir: str | Path, lidb: LiDB, instance_token: str) -> None:
-    """Write out_dir/manifest.json; a later run on another base model or LiDB shape is refused instead of mixing."""
+    """Write out_dir/manifest.json; a later run on another base model or LiDB shape is refused instead of mixing.
+
+    It also lists the identities that failed (`failed_identities`, as their records stand now), for whoever
+    reads the folder; stage 2 needs no list: a failed identity has no weights file.
+    """
     manifest = WeightsManifest(lidb.config, instance_token, lidb.arch_fingerprint(), lidb.aux_fingerprint())
     path = Path(out_dir) / MANIFEST_FILE
     if path.is_file():
@@ -231,7 +271,8 @@ def write_manifest(out_dir: str | Path, lidb: LiDB, instance_token: str) -> None
             raise HdbError(
                 f"{out_dir} holds weights for another base model or LiDB shape ({existing.lidb}); use a new `out_dir`"
             )
-    path.write_text(json.dumps(asdict(manifest), indent=1))
+    content = {**asdict(manifest), "failed": failed_identities(out_dir)}
+    write_atomically(path, lambda partial: partial.write_text(json.dumps(content, indent=1)))
 
 
 def read_manifest(weights_dir: str | Path) -> WeightsManifest:

@@ -12,10 +12,19 @@ process writes the manifest. Every
 identity's weights are written as an ordinary personal file (whole, or not at all), so the dataset is
 resumable with any number of processes (done identities are skipped) and each entry can be inspected
 with `python -m hdb info` or used to generate.
+
+A group whose training diverges (a NaN or exploding loss) does not stop the stage: each of its identities
+gets a `weights/<name>.failed.json` (what failed, at which step, with which loss) instead of weights, the
+other groups go on, and the summary and the manifest list the failures. A rerun leaves those identities
+out unless `retry_failed=True`: with the same settings they would likely diverge again. Each trained
+identity's first loss and the mean of its last ones go to `losses.jsonl`, one line per identity: a loss
+that does not fall, or rises, calls for another learning rate (docs/TRAINING.md).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from functools import partial
 from pathlib import Path
 
@@ -26,14 +35,24 @@ from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.faces import crop_size
 from hdb.files import write_atomically
-from hdb.identities import Identity, encode_identities, identity_names, resolve_identities, write_manifest
+from hdb.identities import (
+    FAILED_SUFFIX,
+    Identity,
+    encode_identities,
+    identity_names,
+    resolve_identities,
+    write_manifest,
+)
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, native_resolution, training_scheduler
 from hdb.personal_file import PersonalWeights, save_personal
 from hdb.stage import training_stage
-from hdb.training import TrainConfig, train
+from hdb.training import TrainConfig, TrainingDiverged, train
 
 MEMORY_OPTIONS = "a smaller `group_size`, `gradient_checkpointing=True`, `optimizer='adamw8bit'`, `dtype='fp16'`"
+LOSSES_FILE = "losses.jsonl"  # one line per trained identity: its first loss and the mean of its last ones
+# Steps averaged into an identity's last loss: one step's diffusion loss swings with the timestep it drew.
+LAST_STEPS = 10
 
 
 def preoptimize(
@@ -45,6 +64,9 @@ def preoptimize(
     """Write out_dir/weights/<identity>.safetensors for every identity not done yet; returns a summary.
 
     `images`: a folder (one photo or sub-folder per identity), a Hugging Face dataset, or prepared `Identity`s.
+    The summary's `losses` holds each identity trained now: (its first loss, the mean of its last ones);
+    `failed`: the identities whose group diverged now; `failed_before`: those an earlier run gave up on and
+    this one left out (see `retry_failed`).
     """
     from accelerate import PartialState
 
@@ -55,7 +77,10 @@ def preoptimize(
     weights_dir = out / "weights"
     weights_dir.mkdir(parents=True, exist_ok=True)
     names = identity_names(images)
-    todo = [name for name in names if not (weights_dir / f"{name}.safetensors").is_file()]
+    done = {name for name in names if (weights_dir / f"{name}.safetensors").is_file()}
+    failed_before = [name for name in names if name not in done and _failure_file(weights_dir, name).is_file()]
+    left_out = set() if config.retry_failed else set(failed_before)
+    todo = [name for name in names if name not in done and name not in left_out]
     # Group g of the identities to do goes to process g % num_processes. A group is the same whatever the
     # number of processes, so its weights are too, bit for bit on the same hardware.
     groups = [todo[start : start + config.group_size] for start in range(0, len(todo), config.group_size)]
@@ -66,7 +91,8 @@ def preoptimize(
     if not identities and len(todo) == len(names) and state.num_processes == 1:  # nothing usable, nothing done
         raise HdbError(f"No usable face among the {len(names)} identities ({dict(skipped)} photos skipped)")
     usable = {identity.name: identity for identity in identities}  # a photo without a face leaves a group smaller
-    losses = {}
+    losses: dict[str, tuple[float, float]] = {}
+    failed: list[str] = []
     with (
         LiDB.attached(pipe, config.lidb) as lidb,
         training_stage(pipe, lidb, "pre-optimising", MEMORY_OPTIONS, config.gradient_checkpointing),
@@ -77,6 +103,7 @@ def preoptimize(
         prompt = instance_prompt_for(config.instance_token)
         prompt_tokens = tokenize_prompts(pipe, [prompt])
         scheduler = training_scheduler(pipe)
+        last_steps = range(max(config.steps - LAST_STEPS, 0), config.steps)
         for group_names in my_groups:
             group = [usable[name] for name in group_names if name in usable]
             if not group:
@@ -84,13 +111,20 @@ def preoptimize(
             latents = encode_identities(pipe, group, resolution)
             A, B = lidb.initial_weights(len(group))  # one shared start: comparable targets
             A, B = torch.nn.Parameter(A), torch.nn.Parameter(B)
+            kept: dict[int, torch.Tensor] = {}  # each identity's loss at the first and the last steps, by step
 
             def loss_fn(
-                step: int, group: list[Identity] = group, latents: list[torch.Tensor] = latents
+                step: int,
+                group: list[Identity] = group,
+                latents: list[torch.Tensor] = latents,
+                kept: dict[int, torch.Tensor] = kept,
             ) -> torch.Tensor:
                 batch = torch.stack([views[step % len(views)] for views in latents])
                 seeds = [sample_seed(config.seed, identity.name, step) for identity in group]
-                return step_loss(pipe, scheduler, batch, prompt_tokens, seeds).sum()
+                each = step_loss(pipe, scheduler, batch, prompt_tokens, seeds)
+                if step == 0 or step in last_steps:
+                    kept[step] = each.detach()
+                return each.sum()  # each identity's gradient is its own loss's
 
             train_config = TrainConfig(
                 steps=config.steps,
@@ -100,20 +134,66 @@ def preoptimize(
                 progress=config.progress,
                 description=f"pre-optimising {', '.join(identity.name for identity in group)}"[:60],
             )
-            with lidb.per_sample(A, B):
-                history = train([A, B], loss_fn, train_config).losses
+            try:
+                with lidb.per_sample(A, B):
+                    train([A, B], loss_fn, train_config)
+            except TrainingDiverged as error:  # this group's identities are given up on; the other groups go on
+                for identity in group:
+                    _record_failure(weights_dir, identity.name, group, error, config)
+                failed += [identity.name for identity in group]
+                continue
+            first = kept[0].tolist()
+            last = torch.stack([kept[step] for step in last_steps]).mean(dim=0).tolist()
             for index, identity in enumerate(group):
                 person = PersonalWeights.from_lidb(lidb, prompt, config.instance_token, (A[index], B[index]))
                 # whole or not at all: a killed run leaves no half file that looks done
                 write_atomically(weights_dir / f"{identity.name}.safetensors", partial(save_personal, person))
-                first, last = history[0], sum(history[-10:]) / len(history[-10:])
-                losses[identity.name] = (first / len(group), last / len(group))  # the group's summed loss, per identity
+                _failure_file(weights_dir, identity.name).unlink(missing_ok=True)  # an earlier failure, retried
+                losses[identity.name] = (first[index], last[index])
+            _log_losses(out, {identity.name: losses[identity.name] for identity in group}, config.steps)
+        state.wait_for_everyone()  # every process's failures are recorded before the manifest lists them
+        if state.is_main_process:
+            write_manifest(out, lidb, config.instance_token)
     return {
-        "identities": len(identities) + len(names) - len(todo),  # usable here, and done before
-        "trained": len(identities),
-        "already_done": len(names) - len(todo),
+        "identities": len(identities) + len(done) + len(left_out),  # usable here, done before, left out
+        "trained": len(identities) - len(failed),
+        "already_done": len(done),
+        "failed": failed,
+        "failed_before": sorted(left_out),
         "skipped_photos": dict(skipped),
         "losses": losses,
         "process": state.process_index,
         "processes": state.num_processes,
     }
+
+
+def _failure_file(weights_dir: Path, name: str) -> Path:
+    return weights_dir / f"{name}{FAILED_SUFFIX}"
+
+
+def _record_failure(
+    weights_dir: Path, name: str, group: list[Identity], error: TrainingDiverged, config: PreoptimizeConfig
+) -> None:
+    """`<name>.failed.json`: why the identity has no weights, and what it was trained with."""
+    loss = error.loss if error.loss is None or math.isfinite(error.loss) else str(error.loss)  # JSON has no NaN
+    record = {
+        "identity": name,
+        "error": str(error),
+        "step": error.step,
+        "loss": loss,
+        "group": [identity.name for identity in group],  # trained together: one identity's NaN stops them all
+        "learning_rate": config.learning_rate,
+        "steps": config.steps,
+    }
+    write_atomically(_failure_file(weights_dir, name), lambda partial: partial.write_text(json.dumps(record, indent=1)))
+
+
+def _log_losses(out: Path, losses: dict[str, tuple[float, float]], steps: int) -> None:
+    """Append one line per identity to losses.jsonl: one write of whole lines, so that processes sharing the
+    folder (each appending its own identities) do not interleave them."""
+    lines = "".join(
+        json.dumps({"identity": name, "first_loss": first, "last_loss": last, "steps": steps}) + "\n"
+        for name, (first, last) in losses.items()
+    )
+    with (out / LOSSES_FILE).open("a") as file:
+        file.write(lines)

@@ -19,8 +19,10 @@ runs the phases.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -42,7 +44,7 @@ from hdb.config import (
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError, check_choice
 from hdb.faces import crop_size
-from hdb.files import write_atomically
+from hdb.files import PARTIAL_SUFFIX, write_atomically
 from hdb.hypernet import TRAINING_FILE, HyperNetwork, build_tiny_image_encoder, load_image_encoder
 from hdb.identities import (
     Identity,
@@ -68,6 +70,15 @@ MEMORY_OPTIONS = (
     "`optimizer='adamw8bit'`"
 )
 LOSSES_FILE = "losses.jsonl"  # one JSON record per step
+# What a checkpoint records of its run, and a run resuming it must share (else it would not continue that
+# run): the settings that shape the steps still to run (their data, noise, learning rates and loss) and the
+# hypernetwork's. The rest (checkpoint_every, validate_every, sample_steps, checkpoints_total_limit,
+# gradient_checkpointing, mixed_precision, progress) may change between restarts, e.g. on other hardware.
+RESUMED_SETTINGS = (
+    "steps", "batch_size", "accumulation_steps", "learning_rate", "warmup_steps", "lr_schedule", "optimizer",
+    "alpha", "beta", "seed", "pairing", "holdout", "image_encoder", "freeze_encoder", "width", "depth", "heads",
+    "iterations",
+)  # fmt: skip
 
 
 def pair_photo_and_view(seed: int, photos: int, views: int, pairing: str) -> tuple[int, int]:
@@ -108,6 +119,48 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return out / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
 
 
+def run_settings(
+    config: HypernetTrainConfig,
+    lidb_config: LiDBConfig,
+    instance_token: str,
+    resolution: int,
+    train_ids: list[Identity],
+    held_out: list[Identity],
+) -> dict[str, object]:
+    """What a checkpoint records of its run (`RESUMED_SETTINGS`, and what they were resolved to), for
+    `check_resumable`. The identities go in as their count and a hash of their names, in order."""
+    names = json.dumps([[i.name for i in train_ids], [i.name for i in held_out]])
+    return {
+        **{name: getattr(config, name) for name in RESUMED_SETTINGS},
+        "lidb": asdict(lidb_config),
+        "instance_token": instance_token,
+        "resolution": resolution,
+        "identities": {"trained": len(train_ids), "held_out": len(held_out), "names_sha256": _sha256(names)[:16]},
+    }
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_resumable(checkpoint: Path, settings: dict[str, object]) -> None:
+    """Refuse to resume `checkpoint` with other settings than its run's, naming each that differs."""
+    saved = json.loads((checkpoint / "state.json").read_text()).get("settings")
+    if saved is None:  # written before checkpoints recorded their settings
+        warnings.warn(f"{checkpoint} does not record its run's settings: resuming it unchecked", stacklevel=3)
+        return
+    differences = [
+        f"{name}: {saved.get(name)!r} then, {value!r} now"
+        for name, value in settings.items()
+        if saved.get(name) != json.loads(json.dumps(value))  # as JSON gives it back (tuples become lists)
+    ]
+    if differences:
+        raise HdbError(
+            f"Cannot resume {checkpoint}: its run had other settings ({'; '.join(differences)}). "
+            "Resume with the run's settings, or start afresh in another `out_dir`"
+        )
+
+
 def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None) -> HyperNetwork:
     """The latest checkpoint's hypernetwork, or a fresh one drawn from the run's seed."""
     if resume is not None:  # loaded in eval mode, for inference; it trains in train mode, as a fresh one does
@@ -143,6 +196,7 @@ class Run:
     model: torch.nn.Module  # the hypernetwork as `accelerator.prepare` wrapped it (DDP over several processes)
     optimizer: torch.optim.Optimizer
     noise_schedule: DDPMScheduler
+    settings: dict[str, object]  # what each checkpoint records, and a resume must match (`run_settings`)
     prompt_tokens: list[torch.Tensor]  # the instance prompt's tokens, for each text encoder
     pixels: dict[str, torch.Tensor]  # each identity's photos as the image encoder takes them, [photos, 3, S, S]
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]]  # pre-optimised (A, B) by identity; {} without them
@@ -270,21 +324,34 @@ def log_step(run: Run, record: dict) -> None:
         file.write(json.dumps(record) + "\n")
 
 
-def _save_checkpoint(out: Path, step: int, hypernet: HyperNetwork, optimizer: torch.optim.Optimizer) -> None:
-    """Write checkpoint-<step> whole, then point `latest` at it: a kill never leaves a half checkpoint in use."""
+def _save_checkpoint(
+    out: Path,
+    step: int,
+    hypernet: HyperNetwork,
+    optimizer: torch.optim.Optimizer,
+    settings: dict[str, object],
+    keep: int,
+) -> None:
+    """Write checkpoint-<step> whole, then point `latest` at it: a kill never leaves a half checkpoint in use.
+
+    Its state.json holds the step and the run's `settings`; the newest `keep` checkpoints stay.
+    """
     folder = out / "checkpoints"
     target = folder / f"checkpoint-{step}"
 
     def write_checkpoint(partial: Path) -> None:
         hypernet.save_pretrained(partial / "hypernet")
         save_optimizer(optimizer, partial / "optimizer.safetensors")
-        (partial / "state.json").write_text(json.dumps({"step": step}))
+        (partial / "state.json").write_text(json.dumps({"step": step, "settings": settings}))
 
     write_atomically(target, write_checkpoint)
     write_atomically(folder / "latest", lambda partial: partial.write_text(target.name))
-    for old in folder.glob("checkpoint-*"):  # keep the newest only
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
+    checkpoints = [path for path in folder.glob("checkpoint-*") if path.name.removeprefix("checkpoint-").isdigit()]
+    checkpoints.sort(key=lambda path: int(path.name.removeprefix("checkpoint-")))
+    for old in checkpoints[:-keep]:  # this one, the newest, always stays
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in folder.glob(f"checkpoint-*{PARTIAL_SUFFIX}"):  # a killed run's unfinished checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _due(step: int, every: int, steps: int) -> bool:
@@ -312,7 +379,8 @@ def after_step(run: Run, step: int, loss: float) -> None:
     if _due(step, config.checkpoint_every, config.steps):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:  # written once, whatever the number of processes
-            _save_checkpoint(run.out, step, accelerator.unwrap_model(run.model), run.optimizer)
+            hypernet = accelerator.unwrap_model(run.model)
+            _save_checkpoint(run.out, step, hypernet, run.optimizer, run.settings, config.checkpoints_total_limit)
         accelerator.wait_for_everyone()
 
 
@@ -407,8 +475,13 @@ def train_hypernetwork(
             if not targets or identity.name in targets
         ]
 
-        # the hypernetwork and its optimizer, fresh or from the latest checkpoint
+        # the hypernetwork and its optimizer, fresh or from the latest checkpoint, if that was made with these settings
+        held_out = identities[: config.holdout]
+        train_ids = [identity for identity, _ in train_pairs]
+        settings = run_settings(config, lidb_config, instance_token, resolution, train_ids, held_out)
         resume = _latest_checkpoint(out)
+        if resume is not None:
+            check_resumable(resume, settings)
         hypernet = _build_hypernet(config, lidb, resume).to(accelerator.device)
         if config.freeze_encoder:  # saved and loaded with the rest all the same; only the optimizer skips it
             hypernet.image_encoder.requires_grad_(False)
@@ -440,12 +513,13 @@ def train_hypernetwork(
             model=model,
             optimizer=optimizer,
             noise_schedule=training_scheduler(pipe),
+            settings=settings,
             prompt_tokens=tokenize_prompts(pipe, [instance_prompt_for(instance_token)]),
             pixels={i.name: hypernet.preprocess(i.faces) for i in identities},
             targets=targets,
-            train_ids=[identity for identity, _ in train_pairs],
+            train_ids=train_ids,
             train_views=[views for _, views in train_pairs],
-            held_out=identities[: config.holdout],
+            held_out=held_out,
             held_out_views=latents[: config.holdout],
         )
         start_log(run, start_step)

@@ -63,9 +63,15 @@ class TrainConfig:
 class TrainingDiverged(HdbError):
     """The loss became NaN/inf or exploded; parameters were restored to the guard's snapshot.
 
-    `last_good`: what the caller's model held after that restore, where the caller records it (a personalisation
-    records the person, `PersonalWeights`, before it lets the person go), for callers that score it anyway.
+    `step` and `loss`: the step that failed and its loss (NaN, inf, or the exploding value), for callers that
+    record failures. `last_good`: what the caller's model held after that restore, where the caller records it
+    (a personalisation records the person, `PersonalWeights`, before it lets the person go), for callers that
+    score it anyway.
     """
+
+    def __init__(self, message: str, step: int | None = None, loss: float | None = None) -> None:
+        super().__init__(message)
+        self.step, self.loss = step, loss
 
     last_good: object | None = None
 
@@ -163,8 +169,8 @@ def train(
         leave=False,
     )
 
-    def check(done: _StepOnItsWay) -> None:
-        """Stop with the snapshot's weights if `done` went wrong."""
+    def check(done: _StepOnItsWay) -> float:
+        """Stop with the snapshot's weights if `done` went wrong; else record its loss and return it."""
         value, norm = done.read()
         typical = max(statistics.median(losses[-100:]), 1.0) if losses else 1.0
         kept = f"kept the weights of step {snapshot.step}"
@@ -172,7 +178,9 @@ def train(
             snapshot.restore(parameters)
             raise TrainingDiverged(
                 f"{config.description}: loss became {value:.4g} at step {done.step} (typical so far: {typical:.4g}); "
-                f"stopped and {kept}. Try a lower learning rate."
+                f"stopped and {kept}. Try a lower learning rate.",
+                done.step,
+                value,
             )
         if not math.isfinite(norm):
             skipped.append(done.step)
@@ -181,11 +189,17 @@ def train(
             )
             if not loss_scaling or in_a_row:  # without a scaler the optimizer has already taken the step
                 snapshot.restore(parameters)
-                raise TrainingDiverged(f"{config.description}: gradients became NaN/inf at step {done.step}; {kept}")
+                raise TrainingDiverged(
+                    f"{config.description}: gradients became NaN/inf at step {done.step}; {kept}", done.step, value
+                )
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
+        return value
+
+    def report(step: int, loss: float) -> None:
+        """Hand a step to `on_step`: only once that step's update is in the parameters."""
         if on_step is not None:
-            on_step(done.step, value)
+            on_step(step, loss)
 
     try:
         for step in bar:
@@ -198,19 +212,22 @@ def train(
             grad_norm = clip(parameters, config.max_grad_norm or float("inf"))
             if accelerator is not None:
                 loss_sum = accelerator.reduce(loss_sum, reduction="mean")
-            if waiting is not None:
-                check(waiting)  # the previous step, read while this one is already queued on the GPU
+            if waiting is not None:  # the previous step, read while this one is already queued on the GPU
+                report(waiting.step, check(waiting))
             waiting = _StepOnItsWay(step, torch.stack([loss_sum, grad_norm.float()]))
+            passed_before_update = None
             if (step - start_step) % config.snapshot_every == 0:
-                check(waiting)  # the host waits for this step only
+                passed_before_update = check(waiting)  # the host waits for this step only
                 waiting = None
                 snapshot.take(parameters, step)  # not yet updated: the weights whose loss just passed
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if passed_before_update is not None:  # reported after its update, as every other step is
+                report(step, passed_before_update)
         if waiting is not None:
-            check(waiting)
+            report(waiting.step, check(waiting))
     finally:
         for parameter in parameters:  # a failed step's NaN gradients must not reach the next user of these weights
             parameter.grad = None

@@ -1,5 +1,6 @@
 """Training: stages 1 and 2 (DDP, resume, bad data), the loop's divergence guard, and the stage scaffold."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from hdb.models import build_tiny_pipeline, save_tiny_pipeline
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
 from hdb.pipeline import PersonalPipeline
 from hdb.preoptimize import preoptimize
-from hdb.train_hypernet import train_hypernetwork
+from hdb.train_hypernet import LOSSES_FILE, train_hypernetwork
 from hdb.training import (
     TrainConfig,
     TrainingDiverged,
@@ -114,8 +115,9 @@ def test_preoptimize_writes_a_resumable_dataset(preoptimized, identity_folder, t
     assert "0 pre-optimised now, 4 already done" in again
 
 
-def accelerate_launch(*args, processes: int = 2) -> subprocess.CompletedProcess:
-    """`accelerate launch -m hdb ARGS` on `processes` CPU processes (a gloo DDP group with --device cpu)."""
+def accelerate_launch(*args, processes: int = 2, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch -m hdb ARGS` (or `SCRIPT ARGS`) on `processes` CPU processes (a gloo DDP group with
+    --device cpu)."""
     launch = [
         str(Path(sys.executable).parent / "accelerate"),
         "launch",
@@ -128,11 +130,45 @@ def accelerate_launch(*args, processes: int = 2) -> subprocess.CompletedProcess:
         "no",
         "--dynamo_backend",
         "no",
-        "-m",
-        "hdb",
+        *(["-m", "hdb"] if script is None else [str(script)]),
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([*launch, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_diverging_group_is_recorded_and_the_others_are_written(tmp_path):
+    pipe, people = build_tiny_pipeline("sd15"), random_people(5)
+    config = PreoptimizeConfig(steps=3, group_size=2, lidb=LiDBConfig(a=8, b=4), progress=False)
+    FailingUNet(pipe, "nan")  # the first group's first step: person0 and person1
+    summary = preoptimize(pipe, people, tmp_path, config)
+    assert summary["failed"] == ["person0", "person1"] and summary["trained"] == 3
+    weights = sorted(path.name for path in (tmp_path / "weights").iterdir())
+    assert weights == [
+        "person0.failed.json", "person1.failed.json",
+        "person2.safetensors", "person3.safetensors", "person4.safetensors",
+    ]  # fmt: skip
+    record = json.loads((tmp_path / "weights" / "person0.failed.json").read_text())
+    assert record["step"] == 0 and record["loss"] == "nan" and record["group"] == ["person0", "person1"]
+    assert "loss became nan" in record["error"]
+    assert json.loads((tmp_path / "manifest.json").read_text())["failed"] == ["person0", "person1"]
+    logged_losses = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    assert [r["identity"] for r in logged_losses] == ["person2", "person3", "person4"]
+    assert all(r["first_loss"] > 0 and r["last_loss"] > 0 for r in logged_losses)
+    assert logged_losses[0]["first_loss"] != logged_losses[1]["first_loss"]  # each identity's own loss
+    # the rest of the stage is unchanged by the failure: person4, alone in its group either way, as if fresh
+    fresh = tmp_path / "fresh"
+    preoptimize(build_tiny_pipeline("sd15"), people[4:], fresh, config)
+    assert torch.equal(
+        load_personal(fresh / "weights" / "person4.safetensors").B,
+        load_personal(tmp_path / "weights" / "person4.safetensors").B,
+    )
+
+    again = preoptimize(pipe, people, tmp_path, config)  # a rerun leaves them out ...
+    assert again["trained"] == 0 and again["failed_before"] == ["person0", "person1"]
+    retried = preoptimize(pipe, people, tmp_path, dataclasses.replace(config, retry_failed=True))
+    assert retried["trained"] == 2 and retried["failed"] == []  # ... until asked; then the records go
+    assert not list((tmp_path / "weights").glob("*.failed.json"))
+    assert json.loads((tmp_path / "manifest.json").read_text())["failed"] == []
 
 
 def test_preoptimisation_shared_out_over_processes_writes_what_one_process_does(
@@ -160,6 +196,58 @@ def test_preoptimisation_shared_out_over_processes_writes_what_one_process_does(
     assert torch.equal(
         load_personal(out / "weights" / "obama.safetensors").B, load_personal(one / "weights" / "obama.safetensors").B
     )
+
+
+# Stage 1 in each of the processes `accelerate launch` starts, on random people (no face detection), the UNet
+# of process argv[1] made to give NaN once: its first group diverges.
+DIVERGE_IN_ONE_PROCESS = """
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from PIL import Image
+
+tests = Path(sys.argv[3])
+sys.path[:0] = [str(tests), str(tests.parent)]  # the tests' helpers, and hdb from the checkout
+from helpers import FailingUNet
+
+from hdb.config import LiDBConfig, PreoptimizeConfig
+from hdb.identities import Identity
+from hdb.models import build_tiny_pipeline
+from hdb.preoptimize import preoptimize
+
+generator = torch.Generator().manual_seed(0)
+people = [
+    Identity(f"person{k}", [Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=generator,
+             dtype=torch.uint8).numpy())])
+    for k in range(5)
+]
+pipe = build_tiny_pipeline("sd15")
+if PartialState(cpu=True).process_index == int(sys.argv[1]):
+    FailingUNet(pipe, "nan")
+config = PreoptimizeConfig(steps=3, group_size=2, lidb=LiDBConfig(a=8, b=4), progress=False)
+summary = preoptimize(pipe, people, Path(sys.argv[2]), config)
+print(f"process {summary['process']}: failed {summary['failed']}, trained {summary['trained']}")
+"""
+
+
+def test_a_group_diverging_in_one_of_two_processes_stops_neither(tmp_path):
+    script = tmp_path / "diverge.py"
+    script.write_text(DIVERGE_IN_ONE_PROCESS)
+    # groups (person0, person1), (person2, person3), (person4): process 0 takes the first and the last
+    result = accelerate_launch("1", tmp_path / "out", Path(__file__).parent, script=script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 0: failed [], trained 3" in result.stdout
+    assert "process 1: failed ['person2', 'person3'], trained 0" in result.stdout
+    weights = sorted(path.name for path in (tmp_path / "out" / "weights").iterdir())
+    assert weights == [
+        "person0.safetensors", "person1.safetensors", "person2.failed.json",
+        "person3.failed.json", "person4.safetensors",
+    ]  # fmt: skip
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["failed"] == ["person2", "person3"]
+    logged_losses = (tmp_path / "out" / "losses.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["identity"] for line in logged_losses) == ["person0", "person1", "person4"]
 
 
 def test_a_hugging_face_dataset_gives_identities_by_column_aligned_once(tiny_sd15_dir, tmp_path, monkeypatch):
@@ -195,6 +283,44 @@ def test_a_hugging_face_dataset_gives_identities_by_column_aligned_once(tiny_sd1
         "Barack_Obama.safetensors",
         "Joe_Biden.safetensors",
     ]
+
+
+def test_the_face_cache_recovers_from_broken_files_and_remembers_photos_without_a_face(tmp_path, monkeypatch):
+    from hdb import faces
+    from hdb.identities import load_identities
+
+    folder, cache = tmp_path / "photos", tmp_path / "faces"
+    folder.mkdir()
+    shutil.copy(ASSETS / "obama.jpg", folder / "obama.jpg")
+    shutil.copy(ASSETS / "landscape.jpg", folder / "landscape.jpg")  # no face
+    detected = []
+
+    def counting_align_face(source, size):
+        detected.append(Path(source).name)
+        return align_face(source, size=size)
+
+    align_face = faces.align_face
+    monkeypatch.setattr(faces, "align_face", counting_align_face)
+
+    def load() -> list[Image.Image]:
+        people, skipped = load_identities(folder, 64, cache, progress=False)
+        assert [p.name for p in people] == ["obama"] and skipped == {"no face": 1}
+        return people[0].faces
+
+    first = load()
+    again = load()  # the crop from its PNG, the landscape known to hold no face: nothing detected again
+    assert sorted(detected) == ["landscape.jpg", "obama.jpg"]
+    assert list(again[0].getdata()) == list(first[0].getdata())
+    crop = cache / "obama" / "obama_64.png"
+    crop.write_bytes(crop.read_bytes()[: crop.stat().st_size // 2])  # a copy cut short
+    assert list(load()[0].getdata()) == list(first[0].getdata())  # aligned again, not a crash
+    assert Image.open(crop).convert("RGB").size == (64, 64)  # and written again whole
+    crop.unlink()
+    stale = crop.with_name(crop.name + ".partial")  # what a run killed while writing the crop leaves
+    stale.write_bytes(b"half a png")
+    load()
+    assert crop.is_file() and not stale.exists()
+    assert sorted(detected) == ["landscape.jpg", "obama.jpg", "obama.jpg", "obama.jpg"]
 
 
 def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_folder, tiny_sd15_dir, tmp_path):
@@ -373,6 +499,39 @@ def test_stage_2_trains_with_stage_1s_lidb_and_refuses_a_mismatch(tmp_path):
     refused("has no manifest.json")
 
 
+def test_a_resume_with_other_settings_is_refused_and_the_newest_checkpoints_are_kept(tmp_path):
+    pipe, people = build_tiny_pipeline("sd15"), random_people(4)
+    out = tmp_path / "run"
+    config = tiny_stage2(steps=3, beta=0.0, checkpoint_every=1, checkpoints_total_limit=2)
+    train_hypernetwork(pipe, people[:3], out, None, config, device="cpu")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2", "latest"]
+    log = (out / LOSSES_FILE).read_text()
+
+    def refused(*fragments: str, people=people[:3], **overrides) -> None:
+        with pytest.raises(HdbError, match="Cannot resume .*checkpoint-2: its run had other settings") as error:
+            train_hypernetwork(pipe, people, out, None, dataclasses.replace(config, **overrides), device="cpu")
+        for fragment in fragments:
+            assert fragment in str(error.value)
+        assert (out / LOSSES_FILE).read_text() == log  # refused before anything was touched
+
+    refused("steps: 3 then, 4 now", steps=4)
+    refused("learning_rate: 0.0001 then, 0.001 now", "seed: 0 then, 1 now", learning_rate=1e-3, seed=1)
+    refused("pairing: 'independent' then, 'same' now", pairing="same")
+    refused("alpha: 1.0 then, 0.5 now", "batch_size: 2 then, 4 now", alpha=0.5, batch_size=4)
+    refused("lr_schedule: 'cosine' then, 'constant' now", lr_schedule="constant")
+    refused("identities: {'trained': 2, ", people=people)  # another identity list
+    refused("identities: ", people=people[1:] + people[:1])  # the same count, others held out
+    # what does not change the steps still to run may change: this resume goes on (with nothing left to do)
+    again = train_hypernetwork(pipe, people[:3], out, None, dataclasses.replace(config, validate_every=5,
+                               checkpoints_total_limit=1), device="cpu")  # fmt: skip
+    assert again["start_step"] == 3 and again["losses"] == []
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "state.json").read_text())
+    assert state["step"] == 2 and state["settings"]["learning_rate"] == 1e-4
+    (out / "checkpoints" / "checkpoint-2" / "state.json").write_text(json.dumps({"step": 2}))  # an older hdb's
+    with pytest.warns(UserWarning, match="does not record its run's settings: resuming it unchecked"):
+        train_hypernetwork(pipe, people[:3], out, None, config, device="cpu")
+
+
 def test_validation_and_sampling_give_the_lidb_and_the_modes_back_however_they_end(tiny_sd15):
     from hdb.train_hypernet import _in_eval_mode
 
@@ -434,6 +593,58 @@ def test_a_resumed_run_applies_exactly_the_learning_rates_of_an_uninterrupted_on
     run(resumed, optimizer, rates, start_step=6)
     assert rates == straight_rates
     assert torch.equal(resumed.detach(), straight.detach())
+
+
+@pytest.mark.parametrize("start_step", [0, 2])
+def test_on_step_sees_the_weights_after_that_steps_update(start_step):
+    """The snapshot steps (every `snapshot_every` from `start_step`) are read at once, the others one step late;
+    either way a checkpoint written in `on_step(step)` must hold step `step`'s update, or resuming skips it."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+    started_from, seen_in_on_step = {}, {}
+
+    def loss_fn(step):
+        started_from[step] = weight.detach().clone()
+        return ((weight - torch.arange(3.0)) ** 2).sum()
+
+    config = TrainConfig(steps=8, learning_rate=0.1, snapshot_every=3, progress=False)
+    train([weight], loss_fn, config, lambda step, loss: seen_in_on_step.update({step: weight.detach().clone()}),
+          start_step=start_step)  # fmt: skip
+    after_update = {step: started_from[step + 1] for step in range(start_step, 7)} | {7: weight.detach()}
+    assert sorted(seen_in_on_step) == list(range(start_step, 8))
+    for step, seen in seen_in_on_step.items():
+        assert torch.equal(seen, after_update[step]), step
+
+
+def test_a_run_killed_after_a_snapshot_steps_checkpoint_resumes_exactly(tmp_path, monkeypatch):
+    """Step 0 is a snapshot step of the first run, step 1 of the resumed one: both checkpoint (every step) and
+    validate there, and the resumed run must log what an uninterrupted one does."""
+    import hdb.train_hypernet as stage
+
+    pipe, people = build_tiny_pipeline("sd15"), random_people(3)
+    config = tiny_stage2(steps=4, beta=0.0, checkpoint_every=1, validate_every=1)
+    train_hypernetwork(pipe, people, tmp_path / "straight", None, config, device="cpu")
+
+    class Killed(Exception):
+        pass
+
+    save = stage._save_checkpoint
+
+    def save_then_die(out, step, *args):
+        save(out, step, *args)
+        if step == 0:
+            raise Killed
+
+    monkeypatch.setattr(stage, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_hypernetwork(pipe, people, tmp_path / "killed", None, config, device="cpu")
+    monkeypatch.undo()
+    resumed = train_hypernetwork(pipe, people, tmp_path / "killed", None, config, device="cpu")
+    assert resumed["start_step"] == 1
+    straight, killed = logged(tmp_path / "straight"), logged(tmp_path / "killed")
+    assert [r["step"] for r in killed] == [0, 1, 2, 3]
+    for a, b in zip(straight, killed, strict=True):
+        for name in ("loss", "validation_loss"):
+            assert abs(a[name] - b[name]) < 1e-6, (name, a, b)
 
 
 # ----------------------------------------------------------------------------- the divergence guard
@@ -592,8 +803,8 @@ def test_a_failed_preoptimisation_then_a_personalisation_works(obama_face, tmp_p
     before = pipeline_state(pipe)
     people = [Identity("a", [obama_face.image]), Identity("b", [ImageOps.mirror(obama_face.image)])]
     FailingUNet(pipe, "nan")
-    with pytest.raises(TrainingDiverged, match="pre-optimising"):
-        preoptimize(pipe, people, tmp_path, PreoptimizeConfig(steps=3, gradient_checkpointing=True, progress=False))
+    config = PreoptimizeConfig(steps=3, gradient_checkpointing=True, progress=False)
+    assert preoptimize(pipe, people, tmp_path, config)["failed"] == ["a", "b"]  # one group: both given up on
     assert pipeline_state(pipe) == before
     result = PersonalPipeline(pipe).personalize(obama_face, PersonalizeConfig(steps=2, progress=False))
     assert len(result.losses) == 2

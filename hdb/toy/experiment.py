@@ -38,6 +38,7 @@ from hdb.config import (
     PreoptimizeConfig,
 )
 from hdb.diffusion import diffusion_loss, encode_images, encode_prompts, sample_seed, step_loss, to_pixels
+from hdb.errors import HdbError
 from hdb.faces import AlignedFace
 from hdb.generate import generate
 from hdb.hypernet import HyperNetwork
@@ -183,7 +184,10 @@ def preoptimize_people(
         seed=seed,
         progress=progress,
     )
-    return preoptimize(pipe, as_identities(people), out_dir, preopt_config)["losses"]
+    summary = preoptimize(pipe, as_identities(people), out_dir, preopt_config)
+    if summary["failed"]:  # stage 1 carries on past a diverging group; the toy's results need every person
+        raise HdbError(f"Pre-optimisation diverged for {', '.join(summary['failed'])}; see {out_dir}/weights")
+    return summary["losses"]
 
 
 def _progress(items: Iterable[T], enabled: bool, description: str) -> tqdm[T]:
