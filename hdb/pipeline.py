@@ -131,9 +131,9 @@ class PersonalPipeline:
             check_signature(replace(ours, a=wanted.a, b=wanted.b, seed=wanted.seed), ours, "PersonalizeConfig.lidb")
         faces = self.faces(photos, config.resolution)
         steps = config.steps if config.steps is not None else self.default_steps
-        A, B = start if start is not None else self._start(faces)
         prompt = instance_prompt_for(config.instance_token)
         try:
+            A, B = start if start is not None else self._start(faces)
             relaxed_rows = torch.Generator().manual_seed(config.seed)  # the same person from the same seed
             self.lidb.relax(config.relax, A, B, config.relaxed_rank, relaxed_rows)
             losses = finetune(self.pipe, self.lidb, faces, config, steps, on_step)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from types import ModuleType
 
-from hdb.config import APP_COMPILE_MODE, STEPS_FROM_ZERO, STEPS_WITH_HYPERNET, PersonalizeConfig
+from hdb.config import APP_COMPILE_MODE, PersonalizeConfig
 from hdb.pipeline import PersonalPipeline
 from hdb.styles import SIZE_PRESETS
 
@@ -179,13 +179,12 @@ class Engine:
 
     @property
     def default_steps(self) -> int:
-        """40 from a hypernetwork's prediction; from zero 200, or on ZeroGPU as many as let an anonymous visitor's
-        first personalisation and first pictures fit their daily quota (`zero_gpu_steps`)."""
-        if self.hypernet is not None:
-            return STEPS_WITH_HYPERNET
-        return (
-            min(STEPS_FROM_ZERO, self.zero_gpu_steps(QUOTA_SECONDS["anonymous"])) if self.zero_gpu else STEPS_FROM_ZERO
-        )
+        """The library's (40 from a hypernetwork's prediction, 200 from zero); on ZeroGPU, from zero, as many as
+        let an anonymous visitor's first personalisation and first pictures fit their daily quota."""
+        steps = self.personal.default_steps
+        if self.zero_gpu and self.hypernet is None:
+            return min(steps, self.zero_gpu_steps(QUOTA_SECONDS["anonymous"]))
+        return steps
 
     def zero_gpu_steps(self, quota: float) -> int:
         """The most finetune steps whose request, with the first pictures', is charged at most `quota` seconds."""
