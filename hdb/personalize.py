@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +36,9 @@ from hdb.models import Pipeline, native_resolution, training_scheduler
 from hdb.personal_file import PersonalWeights
 from hdb.stage import training_stage
 from hdb.training import TrainConfig, train
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MEMORY_OPTIONS = (
     "`gradient_checkpointing=True`, `optimizer='adamw8bit'`, `dtype='fp16'`, a lower `resolution`, "
@@ -97,12 +101,15 @@ def finetune(
             return train(lidb.trainable_parameters(), loss_fn, train_config, on_step).losses
 
 
-def same_person_notes(faces: list[AlignedFace]) -> list[str]:
-    """A warning for each photo whose face looks like someone else than the first photo's."""
+def same_person_notes(faces: list[AlignedFace], descriptors: list[np.ndarray] | None = None) -> list[str]:
+    """A warning for each photo whose face looks like someone else than the first photo's.
+
+    `descriptors`: the faces' descriptors (`face_embedding`) where the caller has them already.
+    """
     if len(faces) < 2:
         return []  # one photo: nothing to compare, and no descriptor to compute
     notes = []
-    first, *others = [face_embedding(face) for face in faces]  # each photo's descriptor once
+    first, *others = descriptors or [face_embedding(face) for face in faces]  # each photo's descriptor once
     for number, descriptor in enumerate(others, start=2):
         similarity = cosine(first, descriptor)
         if similarity < SAME_PERSON:

@@ -137,11 +137,9 @@ class PersonalPipeline:
             relaxed_rows = torch.Generator().manual_seed(config.seed)  # the same person from the same seed
             self.lidb.relax(config.relax, A, B, config.relaxed_rank, relaxed_rows)
             losses = finetune(self.pipe, self.lidb, faces, config, steps, on_step)
-        except TrainingDiverged as stop:
-            stop.last_good = PersonalWeights.from_lidb(self.lidb, prompt, config.instance_token)
-            self.forget()
-            raise
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, TrainingDiverged):  # the guard's restored weights, for callers that score them
+                error.last_good = PersonalWeights.from_lidb(self.lidb, prompt, config.instance_token)
             self.forget()
             raise
         self.person = PersonalWeights.from_lidb(self.lidb, prompt, config.instance_token)
@@ -216,9 +214,7 @@ class PersonalPipeline:
         `negative_prompt`: None follows the style. Identity strength, merged weights and scheduler are as
         before afterwards, also when sampling fails.
         """
-        if self.person is None:
-            raise HdbError("No person is loaded: personalise a photo or load a personal file first")
-        full_prompt = expand_prompt(prompt, self.person.instance_token, style)
+        full_prompt = expand_prompt(prompt, self._held().instance_token, style)
         negative = negative_for(style) if negative_prompt is None else check_prompt(negative_prompt, "negative prompt")
         return generate(
             self.pipe, self.lidb, full_prompt, negative, steps=steps, guidance=guidance, seed=seed,

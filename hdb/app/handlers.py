@@ -6,7 +6,6 @@ Every handler turns an HdbError into a `gr.Error` with the same message in the v
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import time
@@ -19,12 +18,13 @@ import gradio as gr
 
 from hdb.app.engine import MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, Engine
 from hdb.app.visitors import Session, VisitorFiles
-from hdb.config import MAX_SEED, PersonalizeConfig
+from hdb.config import MAX_SEED, PersonalizeConfig, value_problem
 from hdb.errors import HdbError
 from hdb.evaluate import identity_score
 from hdb.export import export_lora
 from hdb.faces import face_embedding
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
+from hdb.personalize import same_person_notes
 from hdb.pipeline import check_photo_count
 from hdb.styles import picture_size
 from hdb.terms import for_visitors
@@ -46,17 +46,17 @@ PERSON_FILE, KOHYA_FILE, DIFFUSERS_FILE = (
 
 def whole_number(value: object, what: str, low: int, high: int) -> int:
     """`value` from the page or the API as a whole number in low..high, or a clear error (NaN, 2**64, "x")."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise gr.Error(f"{what} must be a whole number from {low} to {high}, not {value!r}")
-    if value != int(value) or not low <= value <= high:
-        raise gr.Error(f"{what} must be a whole number from {low} to {high}, not {value!r}")
+    problem = value_problem(value, (low, high), whole=True)  # the configs' own rule
+    if problem:
+        raise gr.Error(f"{what} {problem}")
     return int(value)
 
 
 def number(value: object, what: str, low: float, high: float) -> float:
     """`value` as a finite number in low..high, or a clear error (NaN passes every slider limit)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise gr.Error(f"{what} must be a number from {low} to {high}, not {value!r}")
+    problem = value_problem(value, (low, high), whole=False)
+    if problem:
+        raise gr.Error(f"{what} {problem}")
     return float(value)
 
 
@@ -176,9 +176,10 @@ class Handlers:
         if not engine.zero_gpu:  # a forked ZeroGPU worker's speed says nothing of the next one's
             engine.seconds_per_step = (time.perf_counter() - started) / steps
         downloads = self.save_files(session, result.weights)
-        session.weights, session.references = result.weights, [face_embedding(face) for face in faces]
+        references = [face_embedding(face) for face in faces]  # each photo's descriptor once: scores and notes
+        session.weights, session.references = result.weights, references
         how = "from the hypernetwork's prediction" if result.used_hypernet else "from zero (no hypernetwork loaded)"
-        notes = " ".join([face.note for face in faces if face.note] + result.notes)
+        notes = " ".join([face.note for face in faces if face.note] + same_person_notes(faces, references))
         photos_used = f" from {len(faces)} photos" if len(faces) > 1 else ""
         message = f"Personalised{photos_used} in {time.perf_counter() - started:.1f} s: {steps} steps {how}. {notes}"
         yield self.keep(session, faces[0].image, "face"), message, session, downloads
