@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import TYPE_CHECKING, Any, get_args, get_type_hints
@@ -399,13 +399,20 @@ def cmd_toy(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)  # the toy command owns its process: this is its own setting
-    from hdb.toy.experiment import run_toy
+    from hdb.toy.experiment import QUICK, ToyConfig, run_toy
 
     _quiet_model_loading()
-    results = run_toy(args.out, quick=args.quick, seed=args.seed)
-    print((args.out / "results.md").read_text())
+    if args.summarise:
+        from hdb.toy.report import summarise_seeds
+
+        print(summarise_seeds(args.summarise))
+        return
+    out = args.out or Path(f"docs/toy/seed{args.seed}")
+    config = replace(QUICK if args.quick else ToyConfig(), paper_variants=args.paper_variants)
+    results = run_toy(out, quick=args.quick, seed=args.seed, config=config)
+    print((out / "results.md").read_text())
     print(
-        f"written: {args.out}/results.json, results.md, losses.png, renders.jpg, samples.jpg "
+        f"written: {out}/results.json, results.md, losses.png, renders.jpg, samples.jpg "
         f"({results['timings_s']['total']:.0f} s)"
     )
 
@@ -532,9 +539,17 @@ def build_parser() -> argparse.ArgumentParser:
         "toy", help="small-scale proof that it learns: synthetic faces, all stages, held-out loss table (CPU)"
     )
     toy.add_argument(
-        "--out", type=Path, default=Path("docs/toy"), help="results.json, results.md, losses.png, renders.jpg"
+        "--out", type=Path, help="results.json, results.md, losses.png, renders.jpg (default docs/toy/seed<SEED>)"
     )
-    toy.add_argument("--quick", action="store_true", help="the shortened run the tests use (~3 min on one core)")
+    toy.add_argument("--quick", action="store_true", help="the shortened run the tests use (~5 min on one core)")
+    toy.add_argument(
+        "--paper-variants",
+        action="store_true",
+        help="also train hypernetworks with the paper's weight loss, zero start and concatenated input (+30 min)",
+    )
+    toy.add_argument(
+        "--summarise", type=Path, metavar="DIR", help="only combine DIR/seed*/results.json into DIR/summary.md"
+    )
     toy.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
     toy.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other work shares the cores)")
     toy.set_defaults(run=cmd_toy)

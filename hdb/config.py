@@ -21,11 +21,20 @@ DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")  # the precision the base model
 FILE_DTYPES = ("fp32", "fp16")  # what personal files and LoRA exports are written in
 LORA_FORMATS = ("diffusers", "kohya")  # diffusers/peft keys; kohya keys (AUTOMATIC1111, ComfyUI)
 TINY_ARCHS = ("sd15", "sdxl", "sd2")  # the tiny random pipelines hdb builds for offline tries and tests
-# How the fast finetune relaxes the predicted rank-1 LiDB, the default first: "lidb", hdb's compact variant
-# (the rank grows inside the aux bases: ~420 KB at SD1.5 size), or "lora", the paper's (a plain rank-r LoRA
-# on top of the prediction, free of the aux bases: ~4.4 MB). The toy identifies people at least as well
-# with "lidb" (docs/TOY.md); at SD scale, where the bases confine updates, it is unmeasured.
-RELAX_MODES = ("lidb", "lora")
+# How the fast finetune relaxes the predicted rank-1 LiDB, the default first: "lora", the paper's (a plain rank-r
+# LoRA on top of the prediction, free of the aux bases: ~4.4 MB at SD1.5 size), or "lidb", hdb's compact variant
+# (the rank grows inside the aux bases: ~420 KB). The paper's is the default until evidence says otherwise: the
+# toy's comparison of the two is in docs/TOY.md; at SD scale, where the bases confine updates, it is unmeasured.
+RELAX_MODES = ("lora", "lidb")
+# Stage 2's weight term: "dense" compares each layer's update B @ A to the target's, normalised by the target's
+# energy (gauge-free, `hdb.lidb.weight_distance`); "paper" is the paper's raw L2 between the factors themselves.
+WEIGHT_LOSSES = ("dense", "paper")
+# Where the hypernetwork's refinement starts: "lora" (A random, B zero, as LoRA starts: the diffusion loss has a
+# gradient at once) or "zero", the paper's (A = B = 0: a saddle, where only the weight term pulls at first).
+HYPERNET_STARTS = ("lora", "zero")
+# How the hypernetwork's decoder reads the face: "cross" (weight tokens cross-attend to the image tokens) or
+# "concatenated", the paper's (image and weight tokens one sequence through self-attention layers).
+DECODER_INPUTS = ("cross", "concatenated")
 # Which augmented view of an identity stage 2 denoises, given the photo the hypernetwork sees: one of any of
 # the identity's photos ("independent": it must predict the person, not the photo), or one of that very photo
 # ("same": the paper's setting, one photo per CelebA-HQ identity). With one photo per identity they agree.
@@ -175,6 +184,9 @@ class PersonalizeConfig(Checked):
     )
     relax: str = setting(RELAX_MODES[0], "lora: a plain LoRA on top (the paper); lidb: compact", RELAX_MODES)
     relaxed_rank: int = setting(4, "rank of the relaxed finetune (the plain LoRA's or LiDB's)", between=(1, MAX_RANK))
+    train_prediction: bool | None = setting(
+        None, "whether the prediction itself trains too (default: lidb yes, lora no; the toy crosses them)"
+    )
     learning_rate: float = _learning_rate(1e-3)
     optimizer: str = _optimizer()
     gradient_checkpointing: bool = _gradient_checkpointing()
@@ -249,6 +261,9 @@ class HypernetTrainConfig(Checked):
     depth: int = _count(4, "layers of the decoder", high=256)
     heads: int = _count(8, "attention heads of the decoder", high=256)
     iterations: int = _count(4, "refinement iterations s", high=256)
+    refine_from: str = setting(HYPERNET_STARTS[0], "refinement starts at lora (A random, B 0) or zero", HYPERNET_STARTS)
+    decoder_input: str = setting(DECODER_INPUTS[0], "the decoder reads the face: cross or concatenated", DECODER_INPUTS)
+    weight_loss: str = setting(WEIGHT_LOSSES[0], "the weight term: dense (gauge-free) or paper (raw L2)", WEIGHT_LOSSES)
     pairing: str = setting(PAIRINGS[0], "target view from any photo, or the input photo's own", PAIRINGS)
     resolution: int | None = _resolution()
     instance_token: str | None = setting(

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 
-from hdb.errors import HdbError, from_hub_or_directory
+from hdb.config import DECODER_INPUTS, HYPERNET_STARTS
+from hdb.errors import HdbError, check_choice, from_hub_or_directory
 from hdb.lidb import LiDB, LiDBConfig, Signature, check_signature, start_A
 from hdb.seeding import initialised_from
 
@@ -48,6 +49,8 @@ class HyperNetworkConfig:
     depth: int = 4
     heads: int = 8
     iterations: int = 4  # the paper's s
+    refine_from: str = HYPERNET_STARTS[0]  # the first iteration's input weights (hdb.config.HYPERNET_STARTS)
+    decoder_input: str = DECODER_INPUTS[0]  # how the decoder reads the image tokens (hdb.config.DECODER_INPUTS)
     image_size: int = 224
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
@@ -103,19 +106,29 @@ class HyperNetwork(nn.Module):
             # One projection per LiDB layer (layers differ in meaning), batched into one tensor.
             self.weight_in = nn.Parameter(torch.randn(L, size, width) / size**0.5)
             self.position = nn.Parameter(torch.randn(L, width) * 0.02)
-            layer = nn.TransformerDecoderLayer(
-                width, config.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
-            )
-            self.decoder = nn.TransformerDecoder(layer, config.depth, norm=nn.LayerNorm(width))
+            check_choice("decoder_input", config.decoder_input, DECODER_INPUTS)
+            if config.decoder_input == "cross":  # weight tokens self-attend, then cross-attend to the face
+                layer = nn.TransformerDecoderLayer(
+                    width, config.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+                )
+                self.decoder = nn.TransformerDecoder(layer, config.depth, norm=nn.LayerNorm(width))
+            else:  # the paper's: image and weight tokens one sequence, self-attention only
+                layer = nn.TransformerEncoderLayer(
+                    width, config.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+                )
+                self.decoder = nn.TransformerEncoder(
+                    layer, config.depth, norm=nn.LayerNorm(width), enable_nested_tensor=False
+                )
             # Near zero, so the first prediction is ~ "no change" (the authors' N(0, 1e-3)). The decoder's output
             # is layer-normed (entries ~1), so the weights are scaled by 1/sqrt(width) to make each predicted
             # number ~1e-3 whatever the width; plain N(0, 1e-3) would give ~0.1 at width 512 after 4 iterations.
             self.head = nn.Parameter(torch.randn(L, width, size) * 1e-3 / width**0.5)
             self.head_bias = nn.Parameter(torch.randn(L, size) * 1e-3)
         # The iterations start where LiDB training from zero starts (A random, B zero, as LoRA): the model
-        # is unchanged, yet the diffusion loss has a gradient at once (at A = B = 0 it has none). Saved with
-        # the weights, so a checkpoint predicts the same everywhere.
-        A = start_A(L, self.lidb_config).flatten(1)
+        # is unchanged, yet the diffusion loss has a gradient at once (at A = B = 0 it has none). Or at zero,
+        # the paper's start. Saved with the weights, so a checkpoint predicts the same everywhere.
+        check_choice("refine_from", config.refine_from, HYPERNET_STARTS)
+        A = start_A(L, self.lidb_config).flatten(1) * (config.refine_from == "lora")
         self.register_buffer("start", torch.cat([A, torch.zeros(L, config.b * config.rank)], dim=1))
 
     @property
@@ -154,7 +167,10 @@ class HyperNetwork(nn.Module):
     def refine(self, weights: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """One refinement iteration: the flat weights [B, L, (a+b)r] plus the decoder's correction, given the face."""
         tokens = torch.einsum("bli,liw->blw", weights, self.weight_in) + self.position
-        tokens = self.decoder(tokens, image_tokens)
+        if self.config.decoder_input == "cross":
+            tokens = self.decoder(tokens, image_tokens)
+        else:  # one sequence, the weight tokens last; only their outputs are read
+            tokens = self.decoder(torch.cat([image_tokens, tokens], dim=1))[:, image_tokens.shape[1] :]
         return weights + torch.einsum("blw,lwo->blo", tokens, self.head) + self.head_bias
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:

@@ -414,6 +414,7 @@ class LiDB:
         self.layers: dict[str, LiDBLinear] = {}
         self._aux_fingerprint: str | None = None
         self._lora: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None  # kept for reuse (see add_lora)
+        self._frozen_prediction: list[torch.utils.hooks.RemovableHandle] = []  # see relax(train_prediction=False)
         for index, (name, linear) in enumerate(targets.items()):
             layer = LiDBLinear(linear, name, index, self.source, *bases[index])
             self._replace(name, layer)
@@ -489,10 +490,12 @@ class LiDB:
     # -- weights
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What training moves: the plain LoRA when there is one (the LiDB then stays as predicted), else A and B."""
-        if self.source.lora_down is not None:
-            return [*self.source.lora_down, *self.source.lora_up]
-        return [self.A_train, self.B_train]
+        """What training moves: the plain LoRA when there is one (the LiDB stays as predicted, unless relaxed with
+        `train_prediction=True`), else A and B."""
+        own = [self.A_train, self.B_train]
+        if self.source.lora_down is None:
+            return own
+        return [*self.source.lora_down, *self.source.lora_up] + (own if self.A_train.requires_grad else [])
 
     @property
     def lora_rank(self) -> int:
@@ -592,6 +595,9 @@ class LiDB:
         rank = rank or A.shape[1]
         if A.shape[1] > rank:
             raise HdbError(f"Cannot relax rank {A.shape[1]} down to {rank}")
+        for hook in self._frozen_prediction:  # whatever is loaded now trains whole again
+            hook.remove()
+        self._frozen_prediction = []
         if rank != self.rank:
             self.A_train = nn.Parameter(self.A_train.new_empty(len(self.layers), rank, self.config.a))
             self.B_train = nn.Parameter(self.B_train.new_empty(len(self.layers), self.config.b, rank))
@@ -607,27 +613,44 @@ class LiDB:
         self.remove_lora()
 
     def relax(
-        self, mode: str, A: torch.Tensor, B: torch.Tensor, rank: int, generator: torch.Generator | None = None
+        self,
+        mode: str,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        rank: int,
+        generator: torch.Generator | None = None,
+        train_prediction: bool | None = None,
     ) -> None:
         """Start a fast finetune from the prediction (A, B), its rank relaxed to `rank` the `mode` way (RELAX_MODES).
 
         "lora" (the paper's): the prediction stays as predicted and a plain rank-`rank` LoRA on top trains.
         "lidb" (hdb's compact variant): the LiDB's own rank grows to `rank`, every update inside the aux bases.
         Either way the model computes exactly the prediction at the start. Train `trainable_parameters()`,
-        inside `merged_while_training()`.
+        inside `merged_while_training()`. `train_prediction` crosses the two (the toy's ablation): whether the
+        prediction's own numbers train too (default: "lidb" yes, "lora" no).
         """
         check_choice("relaxation", mode, RELAX_MODES)
         if mode == "lora":
             self.start_from(A, B)
             self.add_lora(rank, generator)
+            if train_prediction:
+                for parameter in (self.A_train, self.B_train):
+                    parameter.requires_grad_(True)
+                self.source.clear_factors()  # rebuilt with gradients for A and B
         else:
             self.start_from(A, B, max(rank, A.shape[1]), generator)
+            if train_prediction is False:  # the predicted rank-k part gets no gradient; the rest trains as usual
+                k = A.shape[1]
+                self._frozen_prediction = [
+                    self.A_train.register_hook(lambda grad: torch.cat([grad[:, :k] * 0, grad[:, k:]], dim=1)),
+                    self.B_train.register_hook(lambda grad: torch.cat([grad[..., :k] * 0, grad[..., k:]], dim=-1)),
+                ]
 
     @contextmanager
     def merged_while_training(self) -> Iterator[None]:
         """With a plain LoRA on top, the fixed LiDB folded into the weights while the LoRA trains, so a step costs
         what a plain LoRA step costs; the exact base weights back on the way out. Without one, nothing to fold."""
-        if self.source.lora_down is None:
+        if self.source.lora_down is None or self.A_train.requires_grad:  # nothing fixed to fold in
             yield
             return
         with self.merged_into_weights(lora=False):

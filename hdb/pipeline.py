@@ -135,7 +135,7 @@ class PersonalPipeline:
         try:
             A, B = start if start is not None else self._start(faces)
             relaxed_rows = torch.Generator().manual_seed(config.seed)  # the same person from the same seed
-            self.lidb.relax(config.relax, A, B, config.relaxed_rank, relaxed_rows)
+            self.lidb.relax(config.relax, A, B, config.relaxed_rank, relaxed_rows, config.train_prediction)
             losses = finetune(self.pipe, self.lidb, faces, config, steps, on_step)
         except BaseException as error:
             if isinstance(error, TrainingDiverged):  # the guard's restored weights, for callers that score them

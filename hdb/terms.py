@@ -24,8 +24,11 @@ RENAMED_FLAGS = {
     "weights_dir": "--weights",  # train_hypernetwork's
     "out_dir": "--out",  # preoptimize's and train_hypernetwork's
 }
-# Fields of the option dataclasses that no command offers: each command sets them itself
-NOT_ON_THE_COMMAND_LINE = frozenset({"instance_token", "lidb", "progress", "sample_steps", "first_images"})
+# Fields of the option dataclasses that no command offers: each command sets them itself (train_prediction: the
+# toy's ablation, for library callers)
+NOT_ON_THE_COMMAND_LINE = frozenset(
+    {"instance_token", "lidb", "progress", "sample_steps", "first_images", "train_prediction"}
+)
 # Arguments of library functions, not config fields, that the commands offer as flags too
 ARGUMENTS = ("base", "dtype", "device", "rank", "weights_dir", "out_dir")
 # Library functions a message may point to -> the command that runs each

@@ -4,7 +4,8 @@
          + beta  * ||predicted dW - pre-optimised dW||^2 / ||pre-optimised dW||^2   (beta = 0 needs no stage 1)
 
 The weight term compares each layer's dense update, not the raw factors (`hdb.lidb.weight_distance`):
-factors of the same update can differ, and the normalisation makes beta free of the weights' scale.
+factors of the same update can differ, and the normalisation makes beta free of the weights' scale
+(`weight_loss="paper"`: the paper's raw L2 between the factors, for comparison).
 
 The predicted weights of each batch element go through LiDB's per-sample path, so the diffusion
 loss reaches every hypernetwork parameter. Runs unchanged on one process or under
@@ -36,6 +37,7 @@ from hdb.config import (
     DEFAULT_INSTANCE_TOKEN,
     MIXED_PRECISIONS,
     PAIRINGS,
+    WEIGHT_LOSSES,
     DatasetSource,
     HypernetTrainConfig,
     LiDBConfig,
@@ -77,8 +79,23 @@ LOSSES_FILE = "losses.jsonl"  # one JSON record per step
 RESUMED_SETTINGS = (
     "steps", "batch_size", "accumulation_steps", "learning_rate", "warmup_steps", "lr_schedule", "optimizer",
     "alpha", "beta", "seed", "pairing", "holdout", "image_encoder", "freeze_encoder", "width", "depth", "heads",
-    "iterations",
+    "iterations", "refine_from", "decoder_input", "weight_loss",
 )  # fmt: skip
+
+
+def weight_loss(
+    kind: str, A: torch.Tensor, B: torch.Tensor, target_A: torch.Tensor, target_B: torch.Tensor
+) -> torch.Tensor:
+    """Stage 2's weight term per sample, `kind` one of WEIGHT_LOSSES: "dense", hdb's gauge-free distance between
+    the layers' updates (`hdb.lidb.weight_distance`), or "paper", the raw L2 between the factors, summed."""
+    check_choice("weight_loss", kind, WEIGHT_LOSSES)
+    if kind == "dense":
+        return weight_distance(A, B, target_A, target_B)
+    if A.shape != target_A.shape:
+        raise HdbError(f"The paper's weight loss compares factors: rank {A.shape[-2]} against {target_A.shape[-2]}")
+    return (A.float() - target_A.float()).square().sum(dim=(1, 2, 3)) + (B.float() - target_B.float()).square().sum(
+        dim=(1, 2, 3)
+    )
 
 
 def pair_photo_and_view(seed: int, photos: int, views: int, pairing: str) -> tuple[int, int]:
@@ -179,6 +196,8 @@ def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None
         depth=config.depth,
         heads=config.heads,
         iterations=config.iterations,
+        refine_from=config.refine_from,
+        decoder_input=config.decoder_input,
     )
 
 
@@ -261,7 +280,7 @@ def batch_loss(
     if config.beta > 0 and all(name in run.targets for name in names):
         target_A = torch.stack([run.targets[names[k]][0] for k in mine]).to(A.device)
         target_B = torch.stack([run.targets[names[k]][1] for k in mine]).to(A.device)
-        weight = weight_distance(A, B, target_A, target_B).mean()
+        weight = weight_loss(config.weight_loss, A, B, target_A, target_B).mean()
         terms["weight_loss"] = weight.detach()
         loss = loss + config.beta * weight
     return loss, terms

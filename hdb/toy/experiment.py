@@ -1,14 +1,18 @@
 """The toy experiment: the paper's Table 3 in miniature, on a CPU in minutes (`python -m hdb toy`).
 
-    random identities (colours, proportions, hair, glasses, beard), jittered renders at 64 px
-    -> pre-train the tiny base UNet on renders of many people ("a photo of a person")
+    random identities (colours, proportions, hair, glasses, beard), renders at 64 px that vary pose, scale,
+       light and background so much that matching the photo's pixels identifies few people (a baseline row)
+    -> pre-train the tiny base UNet on renders of many people, in two contexts: "a photo of a person" and
+       "a black and white photo of a person"
     -> stage 1: pre-optimise a LiDB per training identity        (hdb.preoptimize)
     -> stage 2: train the hypernetwork on the training identities (hdb.train_hypernet)
     -> held-out identities, personalised from ONE render each    (hdb.personalize)
     -> diffusion loss on OTHER renders of the same person, fixed noise and timesteps for every method
     -> identification: every person's renders under every personalised model (an N x N matrix); is
-       the person's own model the one that fits their renders best? (the paper's Table 3 asks a
-       face recogniser the same question of generated pictures)
+       the person's own model the one that fits their renders best, and what rank / AUC does it get?
+       (the paper's Table 3 asks a face recogniser the same question of generated pictures)
+    -> editability: how much each personalised model worsens on OTHER people in both contexts, and how well
+       it fits its person in the context the photo was not in ("a black and white photo of a sks face")
 
 Every training stage goes through `hdb.training.train` and `hdb.stage.training_stage`, as the real
 model does. The numbers are small-scale evidence that the pipeline learns, not a claim about SD1.5.
@@ -33,11 +37,21 @@ from tqdm.auto import tqdm
 from hdb.config import (
     DEFAULT_INSTANCE_PROMPT,
     RELAX_MODES,
+    STEPS_FROM_ZERO,
+    STEPS_WITH_HYPERNET,
     HypernetTrainConfig,
     PersonalizeConfig,
     PreoptimizeConfig,
 )
-from hdb.diffusion import diffusion_loss, encode_images, encode_prompts, sample_seed, step_loss, to_pixels
+from hdb.diffusion import (
+    Conditioning,
+    diffusion_loss,
+    encode_images,
+    encode_prompts,
+    sample_seed,
+    step_loss,
+    to_pixels,
+)
 from hdb.errors import HdbError
 from hdb.faces import AlignedFace
 from hdb.generate import generate
@@ -49,17 +63,19 @@ from hdb.pipeline import PersonalPipeline
 from hdb.preoptimize import preoptimize
 from hdb.stage import training_stage
 from hdb.toy.report import image_sheet, plot_losses, renders_sheet, results_table
-from hdb.toy.world import JITTER, Person, sample_people
+from hdb.toy.world import JITTER, Person, central_pixels, in_black_and_white, sample_people
 from hdb.train_hypernet import train_hypernetwork
 from hdb.training import TrainConfig, TrainingDiverged, train
 
 GENERIC_PROMPT = "a photo of a person"
+CONTEXT_PROMPT = "a black and white photo of a person"  # the base's second context (black-and-white renders)
+INSTANCE_IN_CONTEXT = f"a black and white photo of {DEFAULT_INSTANCE_PROMPT}"  # the person where the photo was not
 T = TypeVar("T")
 
 
 @dataclass
 class ToyConfig:
-    # base model: pre-trained on renders of people who appear nowhere else
+    # base model: pre-trained on renders of people who appear nowhere else, every other one in black and white
     pretrain_identities: int = 600
     pretrain_renders: int = 4
     pretrain_steps: int = 1000
@@ -80,16 +96,20 @@ class ToyConfig:
     hyper_depth: int = 2
     hyper_heads: int = 4
     iterations: int = 4  # the hypernetwork's refinement iterations s
-    compare_s1: bool = True  # also train a hypernetwork with s=1 (the paper's ablation)
-    compare_beta0: bool = True  # also train a hypernetwork on the diffusion loss alone (beta = 0)
-    compare_relax: bool = True  # also finetune with the relaxation that is not personalize's default
+    compare_s1: bool = False  # also train a hypernetwork with s=1 (the paper's ablation)
+    compare_beta0: bool = False  # also train a hypernetwork on the diffusion loss alone (beta = 0)
+    paper_variants: bool = False  # also train hypernetworks with the paper's weight loss, zero start, concatenation
+    ablation: bool = True  # the finetune's prediction frozen or trained x relaxed inside the aux bases or free
     # held out from both stages: personalised from one render, scored on others
-    test_identities: int = 12
+    test_identities: int = 48
     eval_renders: int = 4
-    eval_draws: int = 16  # noise/timestep draws per eval render
-    finetune_steps: int = 40
-    finetune_lr: float = 1e-3  # personalize's default
-    long_finetune_steps: int = 200  # zero init with the steps personalize gives it by default (0: skip)
+    eval_draws: int = 2  # noise/timestep draws per eval render
+    finetune_steps: int = STEPS_WITH_HYPERNET
+    finetune_lr: float = PersonalizeConfig.learning_rate
+    long_finetune_steps: int = STEPS_FROM_ZERO  # zero init with the steps the app gives it by default (0: skip)
+    dreambooth_steps: int = 400  # DreamBooth-LoRA as usually run: a rank-4 LoRA from zero (0: skip)
+    dreambooth_lr: float = 1e-4
+    other_people: int = 16  # people seen nowhere else, on whom editability is measured
     sample_steps: int = 25  # sampling steps of the samples sheet
     upper_bound_renders: int = 8  # a LiDB pre-optimised on this many OTHER renders of the person (0: skip)
 
@@ -100,18 +120,19 @@ QUICK = ToyConfig(
     train_identities=96,
     preopt_steps=80,
     hyper_steps=300,
+    ablation=False,
     test_identities=8,
     eval_renders=3,
-    eval_draws=12,
+    eval_draws=4,
     long_finetune_steps=0,
-    compare_s1=False,
-    compare_beta0=False,
-    compare_relax=False,
+    dreambooth_steps=0,
+    other_people=4,
     preopt_group=16,  # an identity's weights do not depend on its group (hdb.preoptimize): only faster
     upper_bound_renders=0,
 )
 SAMPLED_PEOPLE = 2  # held-out people drawn by the base and personalised models for the samples sheet
-SAMPLED_METHODS = ("base", "zero_ft", "hyper", "hyper_ft_lora", "hyper_ft_lidb")
+SAMPLED_METHODS = ("base", "zero_ft_long_lora", "dreambooth_lora", "hyper", "hyper_ft_lora", "hyper_ft_lidb")
+EVAL_CHUNK = 256  # samples per UNet forward when scoring
 
 
 def _encode(pipe: Pipeline, images: list[Image.Image], chunk: int = 64) -> torch.Tensor:
@@ -134,18 +155,19 @@ def calibrate_latents(pipe: Pipeline, images: list[Image.Image]) -> tuple[torch.
 
 
 def pretrain_base(
-    pipe: Pipeline, latents: torch.Tensor, config: ToyConfig, seed: int, progress: bool = True
+    pipe: Pipeline, latents: torch.Tensor, contexts: torch.Tensor, config: ToyConfig, seed: int, progress: bool = True
 ) -> list[float]:
-    """Train every UNet weight on renders of many people with one generic prompt (text encoder and VAE stay random)."""
+    """Train every UNet weight on renders of many people, each with its context's prompt (`contexts[i]`: 0 for
+    GENERIC_PROMPT, 1 for CONTEXT_PROMPT); the text encoder and VAE stay random."""
     scheduler = training_scheduler(pipe)
     with torch.no_grad():
-        cond = encode_prompts(pipe, [GENERIC_PROMPT])  # the text encoder is frozen: encode once
+        prompts = encode_prompts(pipe, [GENERIC_PROMPT, CONTEXT_PROMPT]).embeds  # the text encoder is frozen
 
     def loss_fn(step: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(sample_seed(seed, "pretrain batch", step))
-        batch = latents[torch.randint(0, len(latents), (config.pretrain_batch,), generator=generator)]
-        seeds = [sample_seed(seed, "pretrain", step, k) for k in range(len(batch))]
-        return step_loss(pipe, scheduler, batch, cond, seeds).mean()
+        picked = torch.randint(0, len(latents), (config.pretrain_batch,), generator=generator)
+        seeds = [sample_seed(seed, "pretrain", step, k) for k in range(len(picked))]
+        return step_loss(pipe, scheduler, latents[picked], Conditioning(prompts[contexts[picked]]), seeds).mean()
 
     # The learning rate, then a tenth of it for the last quarter: the base should be near converged, or
     # any further training (LiDB included) would lower the loss of every person alike.
@@ -196,30 +218,45 @@ def _progress(items: Iterable[T], enabled: bool, description: str) -> tqdm[T]:
 
 @dataclass
 class EvalDraws:
-    """Fixed noise and timesteps for one held-out person, shared by every method (paired comparisons)."""
+    """Fixed noise and timesteps for the renders of several people, shared by every method (paired comparisons)."""
 
-    latents: torch.Tensor  # [renders * draws, 4, 8, 8]
+    latents: torch.Tensor  # [people * renders * draws, 4, 8, 8], person by person
     noise: torch.Tensor
     timesteps: torch.Tensor
+    people: int
+
+    def of(self, person: int) -> EvalDraws:
+        """Person `person`'s draws alone."""
+        size = len(self.latents) // self.people
+        part = slice(person * size, (person + 1) * size)
+        return EvalDraws(self.latents[part], self.noise[part], self.timesteps[part], 1)
 
 
-def eval_draws(pipe: Pipeline, person: Person, draws: int, seed: int) -> EvalDraws:
+def eval_draws(pipe: Pipeline, renders: list[list[Image.Image]], draws: int, seed: int) -> EvalDraws:
+    """`draws` noise/timestep draws of each render of each person (`renders[j]`: person j's)."""
     generator = torch.Generator().manual_seed(seed)
-    latents = _encode(pipe, person.eval_renders).repeat_interleave(draws, dim=0)
+    flat = [render for person in renders for render in person]
+    latents = _encode(pipe, flat).repeat_interleave(draws, dim=0)
     # evenly spaced timesteps with a random phase per render: every noise level counts, as in training
-    grid = (torch.arange(draws) + torch.rand(len(person.eval_renders), 1, generator=generator)) * (1000 / draws)
+    grid = (torch.arange(draws) + torch.rand(len(flat), 1, generator=generator)) * (1000 / draws)
     timesteps = grid.flatten().long().clamp(0, 999)
-    return EvalDraws(latents, torch.randn(latents.shape, generator=generator), timesteps)
+    return EvalDraws(latents, torch.randn(latents.shape, generator=generator), timesteps, len(renders))
 
 
 @torch.no_grad()
-def heldout_loss(pipe: Pipeline, lidb: LiDB, draws: EvalDraws, prompt: str) -> float:
-    """Diffusion loss of the LiDB's current shared weights on the person's other renders."""
+def heldout_loss(pipe: Pipeline, lidb: LiDB, draws: EvalDraws, prompt: str) -> np.ndarray:
+    """Diffusion loss of the LiDB's current shared weights on each person's renders: [people]."""
     lidb.use_shared()
-    cond = encode_prompts(pipe, [prompt]).expand(len(draws.latents))
-    return (
-        diffusion_loss(pipe, training_scheduler(pipe), draws.latents, cond, draws.noise, draws.timesteps).mean().item()
+    cond, scheduler = encode_prompts(pipe, [prompt]), training_scheduler(pipe)
+    losses = torch.cat(
+        [
+            diffusion_loss(pipe, scheduler, latents, cond.expand(len(latents)), noise, timesteps)
+            for latents, noise, timesteps in zip(
+                *(t.split(EVAL_CHUNK) for t in (draws.latents, draws.noise, draws.timesteps)), strict=True
+            )
+        ]
     )
+    return losses.view(draws.people, -1).mean(dim=1).numpy()
 
 
 @dataclass(frozen=True)
@@ -227,45 +264,101 @@ class Method:
     """How one row of the table personalises a held-out person."""
 
     label: str
-    hypernet: str | None = None  # which hypernetwork predicts the start ("s", "s1", "beta0"); None: zero
+    hypernet: str | None = None  # which hypernetwork predicts the start ("s", "s1", ...); None: zero
     steps: int = 0  # rank-relaxed finetune steps after the start (0: the start alone)
-    relax: str = "lora"  # the zero-init rows: a plain LoRA from zero is ordinary (DreamBooth-)LoRA finetuning
+    relax: str = PersonalizeConfig.relax
+    train_prediction: bool | None = None  # PersonalizeConfig.train_prediction: the ablation crosses it with relax
+    learning_rate: float | None = None  # None: the toy's finetune_lr
     wrong_photo: bool = False  # the control: the hypernetwork is shown the next person's photo
     upper_bound: bool = False  # a LiDB pre-optimised on many other renders of the person
 
 
+# The hypernetworks the toy can train: (iterations s or None for the config's, beta or None, HypernetTrainConfig
+# fields), and the ToyConfig flag that asks for each ("" : always)
+HYPERNETS = {
+    "s": ("", None, None, {}),
+    "s1": ("compare_s1", 1, None, {}),
+    "beta0": ("compare_beta0", None, 0.0, {}),
+    "paper_loss": ("paper_variants", None, None, {"weight_loss": "paper"}),
+    "zero_start": ("paper_variants", None, None, {"refine_from": "zero"}),
+    "concatenated": ("paper_variants", None, None, {"decoder_input": "concatenated"}),
+}
+VARIANT_LABELS = {
+    "paper_loss": "the paper's raw L2 weight loss",
+    "zero_start": "the paper's zero start",
+    "concatenated": "the paper's concatenated decoder input",
+}
+
+
 def toy_methods(config: ToyConfig) -> dict[str, Method]:
-    steps, s = config.finetune_steps, config.iterations
+    steps, long, s = config.finetune_steps, config.long_finetune_steps, config.iterations
+    default = PersonalizeConfig.relax
     methods = {
         "base": Method("base model (no personalisation)"),
-        "zero_ft": Method(f"zero init + {steps} steps", steps=steps),
-        "zero_ft_long": Method(f"zero init + {config.long_finetune_steps} steps", steps=config.long_finetune_steps),
-        "hyper_s1": Method("hypernetwork only, trained with s=1", "s1"),
+        "zero_ft": Method(f"zero init + {steps} steps ({default})", steps=steps),
+        **{
+            f"zero_ft_long_{mode}": Method(f"zero init + {long} steps, {mode}", steps=long, relax=mode)
+            for mode in RELAX_MODES
+            if long
+        },
+        "dreambooth_lora": Method(
+            f"DreamBooth-LoRA: rank-4 LoRA from zero, {config.dreambooth_steps} steps at lr {config.dreambooth_lr:g}",
+            steps=config.dreambooth_steps,
+            relax="lora",
+            learning_rate=config.dreambooth_lr,
+        ),
         "hyper": Method(f"hypernetwork only, s={s}", "s"),
-        "hyper_ft_lora": Method(f"hypernetwork + {steps} steps, plain LoRA on top (paper)", "s", steps, "lora"),
-        "hyper_ft_lidb": Method(f"hypernetwork + {steps} steps, relaxed inside LiDB", "s", steps, "lidb"),
+        "hyper_ft_lora": Method(f"hypernetwork + {steps} steps, lora: frozen prediction, free (paper)", "s", steps),
+        "hyper_ft_lidb": Method(f"hypernetwork + {steps} steps, lidb: trained, confined", "s", steps, "lidb"),
+        "hyper_ft_lora_trained": Method(
+            f"hypernetwork + {steps} steps, trained prediction, free", "s", steps, "lora", train_prediction=True
+        ),
+        "hyper_ft_lidb_frozen": Method(
+            f"hypernetwork + {steps} steps, frozen prediction, confined", "s", steps, "lidb", train_prediction=False
+        ),
+        "hyper_s1": Method("hypernetwork only, trained with s=1", "s1"),
         "hyper_beta0": Method("hypernetwork only, trained with beta=0", "beta0"),
-        "hyper_beta0_ft_lora": Method(f"beta=0 hypernetwork + {steps} steps, plain LoRA", "beta0", steps, "lora"),
-        "hyper_beta0_ft_lidb": Method(f"beta=0 hypernetwork + {steps} steps, inside LiDB", "beta0", steps, "lidb"),
+        "hyper_beta0_ft_lora": Method(f"beta=0 hypernetwork + {steps} steps, lora", "beta0", steps, "lora"),
+        **{
+            name: method
+            for variant, what in VARIANT_LABELS.items()
+            for name, method in (
+                (f"hyper_{variant}", Method(f"hypernetwork only, {what}", variant)),
+                (f"hyper_{variant}_ft_lora", Method(f"{what} + {steps} steps, lora", variant, steps, "lora")),
+            )
+        },
         "hyper_wrong": Method("control: hypernetwork fed another person's photo", "s", wrong_photo=True),
         "upper_bound": Method(
             f"upper bound: LiDB pre-optimised on {config.upper_bound_renders} other renders", upper_bound=True
         ),
     }
     dropped = {
-        "zero_ft_long": not config.long_finetune_steps,
-        "hyper_s1": not config.compare_s1,
-        "hyper_beta0": not config.compare_beta0,
-        "hyper_beta0_ft_lora": not config.compare_beta0,
-        "hyper_beta0_ft_lidb": not config.compare_beta0,
+        "dreambooth_lora": not config.dreambooth_steps,
+        "hyper_ft_lora_trained": not config.ablation,
+        "hyper_ft_lidb_frozen": not config.ablation,
         "upper_bound": not config.upper_bound_renders,
-        **{f"hyper_ft_{mode}": not config.compare_relax for mode in RELAX_MODES if mode != PersonalizeConfig.relax},
     }
-    return {name: method for name, method in methods.items() if not dropped.get(name)}
+    wanted = {name for name, (flag, *_) in HYPERNETS.items() if not flag or getattr(config, flag)}
+    return {
+        name: method
+        for name, method in methods.items()
+        if not dropped.get(name) and (method.hypernet is None or method.hypernet in wanted)
+    }
 
 
 def method_labels(config: ToyConfig) -> dict[str, str]:
     return {name: method.label for name, method in toy_methods(config).items()}
+
+
+@dataclass
+class Scores:
+    """What evaluate_methods measures of each method, person by person (k: whose model)."""
+
+    losses: dict[str, list[list[float]]]  # [method][k][j]: person j's renders under person k's model
+    other_people: dict[str, list[list[float]]]  # [method][k]: % vs base on other people, per context
+    in_context: dict[str, list[float]]  # [method][k]: % vs base on person k's black-and-white renders
+    stops: dict[str, int]  # finetunes that train()'s divergence guard stopped early
+    samples: list[list[Image.Image]]  # the samples sheet's rows
 
 
 def evaluate_methods(
@@ -273,25 +366,31 @@ def evaluate_methods(
     hypernets: dict[str, HyperNetwork],
     upper_bound_dir: Path | None,
     test: list[Person],
+    others: list[Person],
     config: ToyConfig,
     seed: int,
     progress: bool = True,
-) -> tuple[dict[str, list[list[float]]], dict[str, int], list[list[Image.Image]]]:
+) -> Scores:
     """Personalise each held-out person from their one photo by every method, and score the result on the
-    other renders of EVERY held-out person: `losses[method][k][j]` is person j's renders under person k's
-    model (the diagonal is the person's own score). Also the guard's stops, and the samples sheet's rows."""
+    other renders of EVERY held-out person; on other people, in both contexts; and on the person's own renders
+    in black and white, with the prompt of that context."""
     personal = PersonalPipeline(pipe, lidb_config=hypernets["s"].lidb_config)  # each method brings its own start
     lidb = personal.lidb
     upper_bound = (
         load_weights_dataset(upper_bound_dir, lidb, [p.identity.name for p in test]) if upper_bound_dir else {}
     )
     methods = toy_methods(config)
-    losses: dict[str, list[list[float]]] = {name: [] for name in methods}
-    stops: dict[str, int] = {}
-    samples: list[list[Image.Image]] = []
+    scores = Scores({name: [] for name in methods}, {name: [] for name in methods}, {n: [] for n in methods}, {}, [])
     for net in hypernets.values():
         net.eval()
-    draws = [eval_draws(pipe, person, config.eval_draws, seed * 7919 + k) for k, person in enumerate(test)]
+    draws = eval_draws(pipe, [p.eval_renders for p in test], config.eval_draws, seed * 7919)
+    in_context = eval_draws(pipe, [[in_black_and_white(r) for r in p.eval_renders] for p in test], 1, seed * 7919 + 1)
+    other_renders = [p.eval_renders for p in others]
+    in_grey = [[in_black_and_white(r) for r in rs] for rs in other_renders]
+    other_draws = (  # one set per context: the people as they are, and in black and white
+        eval_draws(pipe, other_renders, config.eval_draws, seed * 7919 + 2),
+        eval_draws(pipe, in_grey, config.eval_draws, seed * 7919 + 3),
+    )
 
     def personalise(name: str, method: Method, person: Person, other: Person) -> None:
         """Put the pipeline in the state `method` leaves for `person`."""
@@ -304,30 +403,54 @@ def evaluate_methods(
         elif method.steps:
             face = AlignedFace.from_crop(person.photos[0])  # a render is already an aligned crop
             ft = PersonalizeConfig(
-                steps=method.steps, learning_rate=config.finetune_lr, relax=method.relax, seed=seed, progress=False
+                steps=method.steps,
+                learning_rate=method.learning_rate or config.finetune_lr,
+                relax=method.relax,
+                train_prediction=method.train_prediction,
+                seed=seed,
+                progress=False,
             )
             try:
                 personal.personalize(face, ft, start=prediction)
             except TrainingDiverged as stop:  # score the last good step's weights, and count the stop
                 personal.use(stop.last_good)
-                stops[name] = stops.get(name, 0) + 1
+                scores.stops[name] = scores.stops.get(name, 0) + 1
         elif prediction is not None:
             personal.use_weights(*prediction)
         else:
             personal.forget()  # B = 0: the base model
 
+    def measure(k: int | None) -> tuple[list[float], list[float], np.ndarray]:
+        """The personalised model's scores: on every held-out person, on other people, and in context on person k
+        (None: on everyone)."""
+        row = heldout_loss(pipe, lidb, draws, DEFAULT_INSTANCE_PROMPT).tolist()
+        drift = [heldout_loss(pipe, lidb, d, prompt).mean() for d, prompt in zip(other_draws, PROMPTS, strict=True)]
+        return row, drift, heldout_loss(pipe, lidb, in_context if k is None else in_context.of(k), INSTANCE_IN_CONTEXT)
+
+    personal.forget()
+    _, base_drift, base_context = measure(None)
     for k, person in enumerate(_progress(test, progress, "personalising held-out people")):
         other = test[(k + 1) % len(test)]
-        row = [person.photos[0]]
+        sheet_row = [person.photos[0]]
         for name, method in methods.items():
-            personalise(name, method, person, other)
-            losses[name].append([heldout_loss(pipe, lidb, d, DEFAULT_INSTANCE_PROMPT) for d in draws])
+            if name == "base" and k:  # one model for everyone: measured once
+                row, drift, context = scores.losses["base"][0], base_drift, base_context[k]
+            else:
+                personalise(name, method, person, other)
+                row, drift, context = measure(k)
+                context = context[0]
+            scores.losses[name].append(row)
+            scores.other_people[name].append([100 * (d / b - 1) for d, b in zip(drift, base_drift, strict=True)])
+            scores.in_context[name].append(float(100 * (context / base_context[k] - 1)))
             if k < SAMPLED_PEOPLE and name in SAMPLED_METHODS:
-                row.append(sample_picture(pipe, lidb, seed, config.sample_steps))
+                sheet_row.append(sample_picture(pipe, lidb, seed, config.sample_steps))
         if k < SAMPLED_PEOPLE:
-            samples.append(row)
+            scores.samples.append(sheet_row)
     personal.unload()
-    return losses, stops, samples
+    return scores
+
+
+PROMPTS = (GENERIC_PROMPT, CONTEXT_PROMPT)  # the base's two contexts, in the order of other_draws
 
 
 @torch.no_grad()
@@ -381,35 +504,40 @@ def run_toy(
             print(f"  {name}: {timings[name]:.1f} s", flush=True)
         return now
 
-    # 1. the world: three disjoint populations
+    # 1. the world: four disjoint populations
     clock = time.perf_counter()
     crowd = sample_people(seed, 0, config.pretrain_identities, config.pretrain_renders, 0, "crowd")
     train_people = sample_people(seed, 1, config.train_identities, config.train_renders, 0, "train")
     test_people = sample_people(
         seed, 2, config.test_identities, 1, config.eval_renders, "test", config.upper_bound_renders
     )
+    other_people = sample_people(seed, 3, config.other_people, 0, config.eval_renders, "other")
     clock = lap("render", clock)
 
-    # 2. the base model
+    # 2. the base model, on the crowd's renders: every other one in black and white, with that context's prompt
     pipe = build_tiny_pipeline("sd15", seed)
     pipe.set_progress_bar_config(disable=True)
-    latents, factor = calibrate_latents(pipe, [photo for person in crowd for photo in person.photos])
-    pretrain_losses = pretrain_base(pipe, latents, config, seed, progress)
+    renders = [photo for person in crowd for photo in person.photos]
+    contexts = torch.arange(len(renders)) % 2
+    renders = [in_black_and_white(r) if c else r for r, c in zip(renders, contexts.tolist(), strict=True)]
+    latents, factor = calibrate_latents(pipe, renders)
+    pretrain_losses = pretrain_base(pipe, latents, contexts, config, seed, progress)
     clock = lap("pretrain", clock)
 
     # 3. stage 1: a LiDB per training identity
     preopt_losses = preoptimize_people(pipe, train_people, work / "preopt", config, seed, progress)
     clock = lap("preoptimize", clock)
 
-    # 4. stage 2: the hypernetwork. The held-out people go first with holdout=len(test): train_hypernetwork
+    # 4. stage 2: the hypernetworks. The held-out people go first with holdout=len(test): train_hypernetwork
     # never trains on them, only reports its validation loss on their one photo.
-    def train_stage2(iterations: int, beta: float, folder: str) -> tuple[HyperNetwork, dict]:
+    def train_stage2(variant: str) -> tuple[HyperNetwork, dict]:
+        _, iterations, beta, options = HYPERNETS[variant]
         hyper_config = HypernetTrainConfig(
             steps=config.hyper_steps,
             batch_size=config.hyper_batch,
             learning_rate=config.hyper_lr,
             alpha=config.hyper_alpha,
-            beta=beta,
+            beta=config.hyper_beta if beta is None else beta,
             holdout=len(test_people),
             seed=seed,
             image_encoder="tiny",
@@ -419,26 +547,22 @@ def run_toy(
             width=config.hyper_width,
             depth=config.hyper_depth,
             heads=config.hyper_heads,
-            iterations=iterations,
+            iterations=iterations or config.iterations,
             checkpoint_every=config.hyper_steps,
             validate_every=max(config.hyper_steps // 10, 1),
             progress=progress,
+            **options,
         )
+        folder = work / f"hypernet_{variant}"
         summary = train_hypernetwork(
-            pipe, as_identities(test_people + train_people), work / folder, work / "preopt", hyper_config, device="cpu"
+            pipe, as_identities(test_people + train_people), folder, work / "preopt", hyper_config, device="cpu"
         )
-        return HyperNetwork.from_pretrained(work / folder / "hypernet"), summary
+        return HyperNetwork.from_pretrained(folder / "hypernet"), summary
 
-    # the hypernetwork, and the ablations asked for: s=1 (the paper's iteration ablation) and beta=0
     hypernets, summary = {}, {}
-    variants = {
-        "s": (True, config.iterations, config.hyper_beta),
-        "s1": (config.compare_s1, 1, config.hyper_beta),
-        "beta0": (config.compare_beta0, config.iterations, 0.0),
-    }
-    for variant, (wanted, iterations, beta) in variants.items():
-        if wanted:
-            hypernets[variant], summary[variant] = train_stage2(iterations, beta, f"hypernet_{variant}")
+    for variant, (flag, *_) in HYPERNETS.items():
+        if not flag or getattr(config, flag):
+            hypernets[variant], summary[variant] = train_stage2(variant)
             clock = lap(f"hypernetwork_{variant}", clock)
 
     # 5. held-out people, personalised from one render, scored on their other renders; and what a LiDB
@@ -448,7 +572,7 @@ def run_toy(
         upper_bound_dir = work / "upper_bound"
         upper = [Person(p.identity, p.extra_renders, [], []) for p in test_people]
         preoptimize_people(pipe, upper, upper_bound_dir, config, seed, progress)
-    losses, stops, samples = evaluate_methods(pipe, hypernets, upper_bound_dir, test_people, config, seed, progress)
+    scores = evaluate_methods(pipe, hypernets, upper_bound_dir, test_people, other_people, config, seed, progress)
     lap("evaluate", clock)
     timings["total"] = round(time.perf_counter() - started, 1)
 
@@ -468,8 +592,8 @@ def run_toy(
             "hypernet_validation": summary["s"]["validation"],
             "hypernet_terms": _logged_terms(work / "hypernet_s" / "losses.jsonl"),
         },
-        "methods": summarise(losses, config),
-        "guard_stops": stops,
+        "methods": summarise(scores, pixel_distances(test_people), config, seed),
+        "guard_stops": scores.stops,
         "held_out": [p.identity.name for p in test_people],
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -477,8 +601,16 @@ def run_toy(
     (out / "results.md").write_text(results_table(results))
     plot_losses(results, out / "losses.png")
     renders_sheet(train_people[:4], test_people[:6]).save(out / "renders.jpg", quality=92)
-    image_sheet(samples).save(out / "samples.jpg", quality=92)
+    image_sheet(scores.samples).save(out / "samples.jpg", quality=92)
     return results
+
+
+def pixel_distances(people: list[Person]) -> np.ndarray:
+    """The memorising baseline: [k, j] = mean distance of person j's renders to person k's photo, on the central
+    pixels (`central_pixels`). A toy that this identifies would reward remembering the photo."""
+    photos = np.stack([central_pixels(p.photos[0]) for p in people])
+    renders = [np.stack([central_pixels(r) for r in p.eval_renders]) for p in people]
+    return np.array([[np.linalg.norm(r - photo, axis=1).mean() for r in renders] for photo in photos])
 
 
 def _logged_terms(path: Path) -> dict[str, list[float]]:
@@ -487,29 +619,63 @@ def _logged_terms(path: Path) -> dict[str, list[float]]:
     return {key: [r[key] for r in records if key in r] for key in ("diffusion_loss", "weight_loss")}
 
 
-def summarise(losses: dict[str, list[list[float]]], config: ToyConfig) -> dict:
-    """Per method: the own-renders loss (mean, per person, people it beats base / zero init / the control on),
-    and identification from the N x N matrix: for how many people their own model fits their renders best
-    (top-1, chance 1/N), and by how much: the margin to the best other model, in % of the base loss."""
-    own = {name: np.diag(np.array(matrix)) for name, matrix in losses.items()}
-    base, zero, wrong = own["base"], own["zero_ft"], own["hyper_wrong"]
+def identification(matrix: np.ndarray) -> dict[str, np.ndarray]:
+    """Per person j, from [k, j] = person j's renders under person k's model (lower: fits better): the rank of
+    their own model among all N (1: best), and the AUC (the share of the N-1 other models their own one beats)."""
+    own = np.diag(matrix)
+    better_others = (matrix < own[None, :]).sum(axis=0)  # the diagonal never counts: it is not below itself
+    return {"rank": 1 + better_others, "auc": 1 - better_others / (len(own) - 1)}
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of `values` (paired differences, when given differences), resampling the
+    people with replacement."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summarise(scores: Scores, pixels: np.ndarray, config: ToyConfig, seed: int) -> dict:
+    """Per method: the own-renders loss (mean, per person, vs base), identification from the N x N matrix (how many
+    people their own model fits best, chance 1/N; mean rank; AUC with a bootstrap interval; the margin to the best
+    other model in % of the base loss), editability (% vs base on other people per context, and on the person in
+    the other context). The pixel nearest-neighbour baseline comes first."""
+    base = np.diag(np.array(scores.losses["base"]))
     labels = method_labels(config)
-    summary = {}
-    for name, matrix in losses.items():
-        v, grid = own[name], np.array(matrix)  # grid[k, j]: person j's renders under person k's model
-        others = np.where(np.eye(len(v), dtype=bool), np.inf, grid).min(axis=0)  # best other model, per person
-        identifies = name != "base"  # the base is one model for everyone: nothing to identify
-        summary[name] = {
+    summary = {"pixel_nn": _identified("pixel nearest neighbour on the photo (memorising baseline)", pixels)}
+    for name, matrix in scores.losses.items():
+        grid = np.array(matrix)
+        v = np.diag(grid)
+        row = {
             "label": labels[name],
             "mean": float(v.mean()),
-            "per_person": [float(x) for x in v],
+            "per_person": v.tolist(),
             "vs_base_pct": float(100 * (v.mean() / base.mean() - 1)),
             "beats_base": int((v < base).sum()),
-            "beats_zero_ft": int((v < zero).sum()),
-            "beats_wrong_photo": int((v < wrong).sum()),
             "people": len(v),
-            "identified": int((v < others).sum()) if identifies else None,
-            "margin_pct": float(100 * ((others - v) / base).mean()) if identifies else None,
-            "matrix": grid.tolist(),
+            "other_people_pct": np.mean(scores.other_people[name], axis=0).tolist(),  # per context
+            "in_context_pct": float(np.mean(scores.in_context[name])),
+            "in_context_per_person": scores.in_context[name],
         }
+        if name != "base":  # the base is one model for everyone: nothing to identify
+            others = np.where(np.eye(len(v), dtype=bool), np.inf, grid).min(axis=0)  # best other model, per person
+            row |= _identified(labels[name], grid)
+            row["margin_pct"] = float(100 * ((others - v) / base).mean())
+            row["margin_per_person"] = (100 * (others - v) / base).tolist()
+        summary[name] = row
     return summary
+
+
+def _identified(label: str, matrix: np.ndarray) -> dict:
+    ranks = identification(matrix)
+    return {
+        "label": label,
+        "people": len(matrix),
+        "identified": int((ranks["rank"] == 1).sum()),
+        "mean_rank": float(ranks["rank"].mean()),
+        "auc": float(ranks["auc"].mean()),
+        "auc_interval": bootstrap_interval(ranks["auc"]),
+        "auc_per_person": ranks["auc"].tolist(),
+        "matrix": matrix.tolist(),
+    }

@@ -15,10 +15,18 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 SIZE = 64  # the tiny pipeline's native resolution (8x8 latents)
 DRAW_SCALE = 2  # draw at 2x and downsample: anti-aliased edges
 HAIR_STYLES = ("bald", "short", "long", "bun")
-# How much renders of one person differ: scale, rotation (degrees), shift (fraction of the side), and
-# brightness/contrast. Kept small on purpose: the random VAE is not shift-invariant, so a few pixels of
-# shift already change the 8x8 latents as much as a change of person does.
-JITTER = {"scale": 0.02, "rotation": 2.0, "shift": 0.01, "light": 0.05, "background": 12.0, "blur": 1.0}
+# How much renders of one person differ: scale, rotation (degrees), shift (fraction of the side), brightness and
+# contrast, the light's colour (a gain per channel), background and blur. Large on purpose: matching the photo's
+# pixels must not identify a person (the nearest-neighbour baseline row of the table), only what stays fixed.
+JITTER = {
+    "scale": 0.1,
+    "rotation": 10.0,
+    "shift": 0.08,
+    "light": 0.35,
+    "colour": 0.1,
+    "background": 60.0,
+    "blur": 1.0,
+}
 
 
 # ----------------------------------------------------------------------------- the synthetic world
@@ -133,11 +141,21 @@ def render(identity: ToyIdentity, rng: np.random.Generator) -> Image.Image:
     background = Image.new("RGBA", (side, side), (*(int(grey + t) for t in tint), 255))
     photo = Image.alpha_composite(background, face).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)
     photo = ImageEnhance.Brightness(photo).enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"]))
-    return (
-        ImageEnhance.Contrast(photo)
-        .enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"]))
-        .filter(ImageFilter.GaussianBlur(JITTER["blur"]))
-    )  # camera softness
+    photo = ImageEnhance.Contrast(photo).enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"]))
+    gains = rng.uniform(1 - JITTER["colour"], 1 + JITTER["colour"], 3)  # the light's colour
+    tinted = np.clip(np.asarray(photo, dtype=np.float32) * gains, 0, 255).astype(np.uint8)
+    return Image.fromarray(tinted).filter(ImageFilter.GaussianBlur(JITTER["blur"]))  # camera softness
+
+
+def in_black_and_white(photo: Image.Image) -> Image.Image:
+    """The toy's second context: the same picture in shades of grey (RGB, as every render)."""
+    return photo.convert("L").convert("RGB")
+
+
+def central_pixels(photo: Image.Image) -> np.ndarray:
+    """The central half of a render, flattened: what the pixel nearest-neighbour baseline compares."""
+    quarter = SIZE // 4
+    return np.asarray(photo, dtype=np.float32)[quarter:-quarter, quarter:-quarter].ravel()
 
 
 @dataclass
