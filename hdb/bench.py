@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hdb.config import DEFAULT_INSTANCE_PROMPT, BenchOptions, PersonalizeConfig
+from hdb.config import DEFAULT_INSTANCE_PROMPT, DREAMBOOTH_LORA_STEPS, BenchOptions, PersonalizeConfig
 from hdb.devices import resolve_device, resolve_dtype
 from hdb.diffusion import (
     Conditioning,
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
     pass
 
 DREAMBOOTH_STEPS = 1200  # the paper's DreamBooth: 1,000-1,200 steps (~5 min)
-LORA_STEPS = 1000
 
 
 def _finetune_config(options: BenchOptions) -> PersonalizeConfig:
@@ -474,7 +473,7 @@ def run_bench(options: BenchOptions) -> dict:
     if options.baselines:
         record.update(bench_baselines(options, personal, device))
         record["baseline_steps_measured"] = options.baseline_steps
-        record["lora_total_s"] = record["lora_step_s"] * LORA_STEPS
+        record["lora_total_s"] = record["lora_step_s"] * DREAMBOOTH_LORA_STEPS
         record["dreambooth_total_s"] = record["dreambooth_step_s"] * DREAMBOOTH_STEPS
         record["speedup_vs_dreambooth"] = record["dreambooth_total_s"] / record["personalization_s"]
         record["speedup_vs_lora"] = record["lora_total_s"] / record["personalization_s"]
@@ -551,7 +550,7 @@ def format_table(record: dict) -> str:
     ]
     if "lora_step_s" in record:
         lines += [
-            f"| DreamBooth-LoRA (peft r=4) | {record['lora_step_s'] * 1e3:.1f} ms | {LORA_STEPS} "
+            f"| DreamBooth-LoRA (peft r=4) | {record['lora_step_s'] * 1e3:.1f} ms | {DREAMBOOTH_LORA_STEPS} "
             f"(extrapolated from {record['baseline_steps_measured']}) | "
             f"{record['lora_total_s']:.1f} s | {record['lora_peak_memory_gib']:.2f} GiB |",
             f"| DreamBooth (full UNet) | {record['dreambooth_step_s'] * 1e3:.1f} ms | {DREAMBOOTH_STEPS} "

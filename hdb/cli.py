@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any, get_args, get_type_hints
 
 from hdb.config import (
     DEFAULT_BASE,
+    DEFAULT_CLIP,
+    DEFAULT_DINO,
+    DREAMBOOTH_LORA_STEPS,
     DTYPE_CHOICES,
     FILE_DTYPES,
     LORA_FORMATS,
@@ -29,6 +32,7 @@ from hdb.config import (
     MAX_RANK,
     MAX_SEED,
     MAX_SIDE,
+    MAX_STEPS,
     TINY_ARCHS,
     BenchOptions,
     DatasetSource,
@@ -287,17 +291,32 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from hdb.evaluate import Evaluator, evaluate, find_people, read_prompts
-    from hdb.styles import EXAMPLE_PROMPTS
+    from hdb.evaluate import (
+        EVAL_PROMPTS,
+        Evaluator,
+        evaluate,
+        find_people,
+        find_photos,
+        paper_protocol,
+        protocol_table,
+        read_prompts,
+    )
 
-    people = find_people(args.people)  # pair files and photos before loading a large model
-    prompts = read_prompts(args.prompts) if args.prompts else EXAMPLE_PROMPTS
+    # pair files and photos, read the prompts, before loading a large model
+    people = find_people(args.people) if args.people else None
+    photos = find_photos(args.photos) if args.photos else None
+    prompts = read_prompts(args.prompts or EVAL_PROMPTS)
+    if photos is not None and not args.hypernet:
+        raise HdbError("--photos runs the paper's protocol, which compares a trained hypernetwork: give --hypernet")
     from hdb.pipeline import PersonalPipeline
 
     _quiet_model_loading()
-    personal = PersonalPipeline.load(args.base, None, args.device, args.dtype)
-    evaluator = Evaluator(args.clip, args.dino, device=personal.pipe.unet.device).load()
-    print(f"evaluating {len(people)} people x {len(prompts)} prompts, {args.steps} steps, seed {args.seed}")
+    personal = PersonalPipeline.load(args.base, args.hypernet, args.device, args.dtype)
+    device = personal.pipe.unet.device
+    models = [None if name.lower() == "none" else name for name in (args.clip, args.dino)]
+    evaluator = Evaluator(*models, device=device).load()
+    count = len(people or photos)
+    print(f"evaluating {count} people x {len(prompts)} prompts, {args.steps} steps, seed {args.seed}")
 
     def show(sample: dict) -> None:
         scores = "  ".join(
@@ -305,10 +324,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
         print(f"  {sample['person']}: {sample['prompt']!r}  {scores}")
 
-    result = evaluate(personal, people, prompts, evaluator, seed=args.seed, steps=args.steps, on_sample=show)
-    paths = result.save(args.out)
-    print(result.table_markdown())
-    print(f"written: {', '.join(str(p) for p in paths)}")
+    if people is not None:
+        result = evaluate(personal, people, prompts, evaluator, seed=args.seed, steps=args.steps, on_sample=show)
+        paths = result.save(args.out)
+        print(result.table_markdown())
+        print(f"written: {', '.join(str(p) for p in paths)}")
+        return
+    from hdb.hypernet import HyperNetwork
+
+    k1 = HyperNetwork.from_pretrained(args.hypernet_k1, personal.lidb, device) if args.hypernet_k1 else None
+    config = PersonalizeConfig(relax=args.relax, seed=args.seed, progress=False)
+    results = paper_protocol(
+        personal, photos, prompts, evaluator, k1, config, args.dreambooth_steps, args.seed, args.steps, show
+    )
+    for number, result in enumerate(results.values(), start=1):  # each method's own table, samples and grid
+        result.save(args.out / f"method{number}")
+    table = protocol_table(results)
+    (args.out / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"written: {args.out}/table.md, and each method's files in {args.out}/method1 ... method{len(results)}")
 
 
 def _training_photos(args: argparse.Namespace) -> Path | DatasetSource:
@@ -560,16 +594,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.set_defaults(run=cmd_bench)
 
-    ev = sub.add_parser("eval", help="score personal files as in the paper (face similarity, CLIP, DINO)")
+    ev = sub.add_parser(
+        "eval",
+        help="the paper's evaluation (face similarity, DINO, CLIP-I, CLIP-T): of personal files, or of the paper's "
+        "methods personalised from photos",
+    )
     _add_model_options(ev)
-    ev.add_argument(
-        "--people", type=Path, required=True, help="directory of NAME.safetensors + NAME.jpg/png reference photos"
+    people_or_photos = ev.add_mutually_exclusive_group(required=True)
+    people_or_photos.add_argument(
+        "--people", type=Path, help="directory of NAME.safetensors + NAME.jpg/png reference photos: score these"
     )
-    ev.add_argument(
-        "--prompts", type=Path, help="text file, one prompt per line with [V] (default: the example prompts)"
+    people_or_photos.add_argument(
+        "--photos",
+        type=Path,
+        help="directory of one photo per person (NAME.jpg/png): the paper's protocol, each person personalised by "
+        "No Hyper, Only Hyper, k=1 (with --hypernet-k1), the full method and DreamBooth-LoRA (needs --hypernet)",
     )
-    ev.add_argument("--clip", help="CLIP model (hub id or directory) for CLIP-I / CLIP-T")
-    ev.add_argument("--dino", help="DINO model (hub id or directory, e.g. facebook/dino-vits16)")
+    ev.add_argument("--hypernet", help="trained hypernetwork: hub id or directory (--photos)")
+    ev.add_argument("--hypernet-k1", help="a hypernetwork trained with --iterations 1, for the k=1 row (--photos)")
+    ev.add_argument(
+        "--dreambooth-steps",
+        type=in_range(int, (0, MAX_STEPS)),
+        default=DREAMBOOTH_LORA_STEPS,
+        help=f"the DreamBooth-LoRA row's steps (default {DREAMBOOTH_LORA_STEPS}; 0: no such row)",
+    )
+    config_option(ev, PersonalizeConfig, "relax")
+    ev.add_argument("--prompts", type=Path, help="text file, one prompt per line with [V] (default: hdb's 30)")
+    ev.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP model: hub id or directory (default {DEFAULT_CLIP})")
+    ev.add_argument("--dino", default=DEFAULT_DINO, help=f"DINO model: hub id or directory (default {DEFAULT_DINO})")
     ev.add_argument("--out", type=Path, default=Path("eval"), help="writes table.md, results.json, grid.jpg here")
     ev.add_argument("--steps", type=in_range(int, (1, 1000)), default=25)
     ev.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)

@@ -65,6 +65,11 @@ MAX_SEED = 2**63 - 1  # seeds go from 0 to this: what every torch generator acce
 SAME_PERSON = 0.9  # face similarity below which two photos probably show different people (see faces.py)
 STEPS_WITH_HYPERNET = 40  # the paper's fast finetuning
 STEPS_FROM_ZERO = 200  # no prediction to start from: more steps
+# DreamBooth-LoRA as users usually run it (diffusers' example): a rank-4 LoRA from zero, ~1,000 steps at lr 1e-4
+DREAMBOOTH_LORA_STEPS = 1000
+DREAMBOOTH_LORA_LR = 1e-4
+# `hdb eval`'s models for the paper's metrics: CLIP ViT-L/14 (CLIP-I, CLIP-T) and DreamBooth's DINO ViT-S/16
+DEFAULT_CLIP, DEFAULT_DINO = "openai/clip-vit-large-patch14", "facebook/dino-vits16"
 
 
 MAX_RANK = 64  # LiDB and plain LoRA ranks, in training and in files

@@ -1,4 +1,7 @@
-"""Evaluation as in the paper (HyperDreamBooth, Table 1): generate each person in each prompt and score it.
+"""Evaluation as in the paper (HyperDreamBooth, Tables 1 and 3): generate each person in each prompt and score it.
+
+`evaluate` scores personal files; `paper_protocol` first personalises each person from one photo by each of the
+paper's rows (No Hyper, Only Hyper, k=1, the full method, and DreamBooth-LoRA), then scores each row alike.
 
 Each generated image is compared with the person's reference photo (its aligned face crop):
 - Face Rec.: cosine similarity of dlib's 128-d face descriptors (hdb.faces). An image in which no face
@@ -6,16 +9,16 @@ Each generated image is compared with the person's reference photo (its aligned 
 - DINO: cosine of DINO ViT CLS embeddings, reference vs generated (subject fidelity).
 - CLIP-I: cosine of CLIP image embeddings, reference vs generated (subject fidelity).
 - CLIP-T: cosine of the CLIP embeddings of the prompt ([V] -> "person") and the image (prompt fidelity).
-CLIP and DINO are optional: pass a hub id or a local directory (e.g. openai/clip-vit-large-patch14,
-facebook/dino-vits16). dlib's descriptors sit close together (different people score ~0.8, the same
-person ~0.95), so Face Rec. numbers are not on the scale of the paper's face-recognition network.
+CLIP and DINO are named by hub id or local directory (`hdb eval` defaults: hdb.config.DEFAULT_CLIP and
+DEFAULT_DINO; "none" leaves a column out). dlib's descriptors sit close together (different people score ~0.8,
+the same person ~0.95), so Face Rec. numbers are not on the scale of the paper's face-recognition network.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hdb.config import DREAMBOOTH_LORA_LR, DREAMBOOTH_LORA_STEPS, STEPS_WITH_HYPERNET, PersonalizeConfig
 from hdb.errors import HdbError, from_hub_or_directory
+from hdb.example_photos import ASSETS
 from hdb.faces import AlignedFace, ImageSource, align_face, cosine, face_embedding, load_image
 from hdb.personal_file import PersonalWeights, load_personal
 from hdb.styles import PERSON, expand_prompt
@@ -31,10 +36,12 @@ from hdb.styles import PERSON, expand_prompt
 if TYPE_CHECKING:
     from transformers.utils import ModelOutput
 
+    from hdb.hypernet import HyperNetwork
     from hdb.pipeline import PersonalPipeline
 
 COLUMNS = {"face_rec": "Face Rec.", "dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+EVAL_PROMPTS = ASSETS / "eval_prompts.txt"  # hdb's 30 prompts: contexts, styles, attributes
 
 
 def _generated_descriptor(generated: ImageSource) -> np.ndarray | None:
@@ -287,6 +294,17 @@ def find_people(directory: str | Path) -> dict[str, tuple[Path, Path]]:
     return people
 
 
+def find_photos(directory: str | Path) -> dict[str, Path]:
+    """One photo per person in `directory` (NAME.jpg, .png, ...): name -> photo, for the paper's protocol."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise HdbError(f"Photos directory not found: {directory}")
+    photos = {p.stem: p for p in sorted(directory.iterdir()) if p.suffix.lower() in PHOTO_SUFFIXES}
+    if not photos:
+        raise HdbError(f"No photos ({', '.join(PHOTO_SUFFIXES)}) in {directory}: one per person, named after them")
+    return photos
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line ([V] for the person); blank lines and # comments are skipped."""
     path = Path(path)
@@ -298,3 +316,85 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise HdbError(f"{path} holds no prompts (one per line, [V] for the person)")
     return prompts
+
+
+# ----------------------------------------------------------------------------- the paper's protocol
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the paper's Tables 1 and 3: how each person is personalised from their photo."""
+
+    label: str
+    start: str  # "zero", "hypernet" or "hypernet_k1" (a hypernetwork trained with one refinement iteration)
+    steps: int  # fast-finetune steps after the start
+    lr: float = PersonalizeConfig.learning_rate
+
+
+def protocol_methods(with_k1: bool, dreambooth_steps: int = DREAMBOOTH_LORA_STEPS) -> dict[str, Method]:
+    """The rows `paper_protocol` fills: No Hyper, Only Hyper, k=1 (when given its hypernetwork), the full method,
+    and DreamBooth-LoRA (a rank-4 LoRA from zero at its usual steps; the paper's DreamBooth trains the whole UNet,
+    which a personal file cannot hold). `dreambooth_steps=0` leaves it out."""
+    steps = STEPS_WITH_HYPERNET  # the paper's fast finetune
+    methods = {
+        "no_hyper": Method(f"No Hyper (fast finetune from zero, {steps} steps)", "zero", steps),
+        "only_hyper": Method("Only Hyper (the prediction alone)", "hypernet", 0),
+        "k1": Method(f"k=1 (hypernetwork trained with s=1 + {steps} steps)", "hypernet_k1", steps),
+        "full": Method(f"HyperDreamBooth (prediction + {steps} steps)", "hypernet", steps),
+        "dreambooth": Method(
+            f"DreamBooth-LoRA (rank 4 from zero, {dreambooth_steps} steps)",
+            "zero",
+            dreambooth_steps,
+            DREAMBOOTH_LORA_LR,
+        ),
+    }
+    return {k: m for k, m in methods.items() if (k != "k1" or with_k1) and (k != "dreambooth" or dreambooth_steps)}
+
+
+def paper_protocol(
+    personal: PersonalPipeline,
+    photos: dict[str, ImageSource],
+    prompts: list[str],
+    evaluator: Evaluator,
+    hypernet_k1: HyperNetwork | None = None,
+    config: PersonalizeConfig | None = None,
+    dreambooth_steps: int = DREAMBOOTH_LORA_STEPS,
+    seed: int = 0,
+    steps: int = 25,
+    on_sample: Callable[[dict], None] | None = None,
+) -> dict[str, EvalResult]:
+    """The paper's evaluation: each person personalised from their one photo by each method of
+    `protocol_methods`, then one image per person x prompt, scored (`evaluate`). `personal` must hold the trained
+    hypernetwork; `config` the finetune's other settings (relaxation, seed...). Returns each method's label ->
+    its result."""
+    if personal.hypernet is None:
+        raise HdbError("The paper's protocol compares a trained hypernetwork with its ablations: load one (--hypernet)")
+    if hypernet_k1 is not None:
+        hypernet_k1.check_compatible(personal.lidb)
+    config = config or PersonalizeConfig(progress=False)
+    faces = {name: personal.faces(photo)[0] for name, photo in photos.items()}  # a photo without a face fails here
+    results = {}
+    for method in protocol_methods(hypernet_k1 is not None, dreambooth_steps).values():
+        people = {}
+        for name, face in faces.items():
+            if method.start == "zero":
+                start = personal.lidb.initial_weights()
+            elif method.start == "hypernet_k1":
+                start = hypernet_k1.predict(face.image)
+            else:
+                start = None  # personalize's own: the hypernetwork's prediction
+            run = replace(config, steps=method.steps, learning_rate=method.lr)
+            people[name] = (face.image, personal.personalize(face, run, start=start).weights)
+        results[method.label] = evaluate(personal, people, prompts, evaluator, seed, steps, on_sample=on_sample)
+    return results
+
+
+def protocol_table(results: dict[str, EvalResult]) -> str:
+    """The paper's Table 1/3 layout: one row per method (label -> result), each metric's mean over every person x
+    prompt."""
+    lines = ["| Method | " + " | ".join(COLUMNS.values()) + " | Face detected |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for label, result in results.items():
+        row = result.rows[-1]  # "all"
+        cells = ["-" if row[k] is None else f"{row[k]:.3f}" for k in COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['face_detected']:.0%} |")
+    return "\n".join(lines)

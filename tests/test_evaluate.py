@@ -169,6 +169,49 @@ def test_cli_eval_end_to_end(tiny_sd15_dir, tiny_metric_models, tmp_path):
     )
 
 
+def test_cli_eval_runs_the_papers_protocol(tiny_sd15_dir, tiny_metric_models, tmp_path):
+    """--photos: each person personalised from one photo by each of the paper's rows, each row scored alike."""
+    from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
+    from hdb.lidb import LiDB
+    from hdb.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_sd15_dir), "fp32", "cpu")
+    with LiDB.attached(pipe) as lidb:
+        for folder, iterations in (("hypernet", 4), ("hypernet_k1", 1)):
+            net = HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4,
+                                        iterations=iterations)  # fmt: skip
+            net.save_pretrained(tmp_path / folder)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("biden", "obama"):
+        shutil.copy(ASSETS / f"{name}.jpg", photos / f"{name}.jpg")
+    (tmp_path / "prompts.txt").write_text("a portrait of [V]\n[V] as an astronaut\n")
+    clip, dino = tiny_metric_models
+    args = ["eval", "--base", tiny_sd15_dir, "--photos", photos, "--hypernet", tmp_path / "hypernet", "--clip", clip,
+            "--dino", dino, "--prompts", tmp_path / "prompts.txt", "--steps", "2", "--device", "cpu"]  # fmt: skip
+    out = tmp_path / "out"
+    stdout = hdb(*args, "--hypernet-k1", tmp_path / "hypernet_k1", "--dreambooth-steps", "3", "--out", out).stdout
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0] == "| Method | Face Rec. | DINO | CLIP-I | CLIP-T | Face detected |" and table[0] in stdout
+    assert [row.split(" | ")[0] for row in table[2:]] == [
+        "| No Hyper (fast finetune from zero, 40 steps)",
+        "| Only Hyper (the prediction alone)",
+        "| k=1 (hypernetwork trained with s=1 + 40 steps)",
+        "| HyperDreamBooth (prediction + 40 steps)",
+        "| DreamBooth-LoRA (rank 4 from zero, 3 steps)",
+    ]
+    for number in range(1, 6):  # each row: one image per person x prompt, scored
+        results = json.loads((out / f"method{number}" / "results.json").read_text())
+        assert len(results["samples"]) == 4 and [r["name"] for r in results["rows"]] == ["biden", "obama", "all"]
+        assert all(s["clip_t"] is not None and s["dino"] is not None for s in results["samples"])
+    # without a k=1 hypernetwork and with no DreamBooth row: the three others; without --hypernet: refused
+    hdb(*args, "--dreambooth-steps", "0", "--clip", "none", "--dino", "none", "--out", tmp_path / "out2")
+    assert len((tmp_path / "out2" / "table.md").read_text().splitlines()) == 2 + 3
+    assert "| - | - |" in (tmp_path / "out2" / "table.md").read_text()  # no CLIP, no DINO: their columns empty
+    no_hypernet = [a for a in args if a not in ("--hypernet", tmp_path / "hypernet")]
+    assert_one_line_error(hdb(*no_hypernet, check=False), "compares a trained hypernetwork: give --hypernet")
+
+
 def test_one_lidb_serves_people_of_any_rank():
     """evaluate reuses one LiDB across people: a rank-1 file after a rank-4 one must give its own image."""
     import torch

@@ -53,12 +53,16 @@ def test_shapes_and_near_zero_start(tiny_sd15):
     torch.testing.assert_close(grey[1, :, 5, 7], expected)
 
 
-def test_gradients_reach_every_parameter(tiny_sd15):
+PAPER_OPTIONS = {"decoder_input": "concatenated", "refine_from": "zero"}  # the paper's, where hdb chose otherwise
+
+
+@pytest.mark.parametrize("options", [{}, PAPER_OPTIONS])
+def test_gradients_reach_every_parameter(tiny_sd15, options):
     pipe = tiny_sd15
     for model in (pipe.unet, pipe.text_encoder, pipe.vae):
         model.requires_grad_(False)
     lidb = LiDB(pipe)
-    hypernet = tiny_hypernet(lidb)
+    hypernet = tiny_hypernet(lidb, **options)
     A, B = hypernet(pixels(2))
     lidb.use_per_sample(A, B)
     generator = torch.Generator().manual_seed(0)
@@ -123,14 +127,32 @@ def test_s_iterations_are_s_residual_refinements_of_the_start(tiny_sd15):
         assert not torch.allclose(by_hand[0], by_hand[-1])
 
 
-def test_save_load_roundtrip_and_compatibility(tiny_sd15, tiny_sdxl, tmp_path):
+def test_the_papers_zero_start_and_concatenated_input_are_what_they_say(tiny_sd15, tmp_path):
     lidb = LiDB(tiny_sd15)
-    hypernet = tiny_hypernet(lidb)
+    ours, papers = tiny_hypernet(lidb), tiny_hypernet(lidb, **PAPER_OPTIONS)
+    A, B = papers(pixels(), iterations=0)  # before any refinement: the paper's start is all zero; ours is LoRA's
+    assert not A.any() and not B.any()
+    A, B = ours(pixels(), iterations=0)
+    assert torch.equal(A[0], lidb.initial_weights()[0]) and not B.any()
+    assert isinstance(papers.decoder, torch.nn.TransformerEncoder)  # one sequence, self-attention only
+    assert isinstance(ours.decoder, torch.nn.TransformerDecoder)
+    with torch.no_grad():  # image tokens reach the weight tokens through the shared sequence
+        changed = papers(pixels(seed=1))[0] - papers(pixels(seed=2))[0]
+    assert changed.abs().max() > 0
+    with pytest.raises(HdbError, match="Unknown decoder_input 'sideways'"):
+        tiny_hypernet(lidb, decoder_input="sideways")
+
+
+@pytest.mark.parametrize("options", [{}, PAPER_OPTIONS])
+def test_save_load_roundtrip_and_compatibility(tiny_sd15, tiny_sdxl, tmp_path, options):
+    lidb = LiDB(tiny_sd15)
+    hypernet = tiny_hypernet(lidb, **options)
     with torch.no_grad():  # make the weights non-trivial, so a lost tensor would show
         hypernet.head.normal_(0, 0.05)
     hypernet.save_pretrained(tmp_path / "hn")
     loaded = HyperNetwork.from_pretrained(tmp_path / "hn", lidb=lidb)
     assert loaded.lidb_config == lidb.config
+    assert all(getattr(loaded.config, key) == value for key, value in options.items())
     for before, after in zip(hypernet.predict(face()), loaded.predict(face()), strict=True):
         assert torch.equal(before, after)
 

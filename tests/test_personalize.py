@@ -7,6 +7,7 @@ from helpers import ASSETS, assert_one_line_error
 from helpers import hdb_cli as hdb
 from PIL import Image
 
+from hdb.config import RELAX_MODES
 from hdb.errors import HdbError
 from hdb.faces import align_face
 from hdb.lidb import LiDB
@@ -150,6 +151,29 @@ def test_finetuning_from_a_hypernetwork_prediction_lowers_the_loss(obama_face, r
     else:  # the LiDB itself grew to rank 4 and trained
         assert result.weights.config.rank == 4 and result.weights.lora_rank == 0
     assert after < before - 0.02, (before, after)
+
+
+@pytest.mark.parametrize("relax", RELAX_MODES)
+def test_the_prediction_trains_or_stays_as_asked(obama_face, relax):
+    """The toy's ablation crosses the relaxations with train_prediction: each trains exactly what it says."""
+    pipe = build_tiny_pipeline("sd15")
+    hypernet = tiny_hypernet(pipe)
+    with torch.no_grad():
+        hypernet.head_bias.normal_(0, 0.05)
+    personal = PersonalPipeline(pipe, hypernet)
+    A, B = hypernet.predict(obama_face.image)
+    natural = relax == "lidb"  # what each relaxation does when not told
+    for train_prediction in (not natural, natural, None):  # frozen hooks must not outlive their finetune
+        config = PersonalizeConfig(
+            steps=3, learning_rate=5e-3, relax=relax, train_prediction=train_prediction, progress=False
+        )
+        weights = personal.personalize(obama_face, config).weights
+        kept = torch.equal(weights.A[:, :1], A) and torch.equal(weights.B[:, :, :1], B)
+        assert kept == (not (natural if train_prediction is None else train_prediction)), train_prediction
+        if relax == "lora":  # the plain LoRA on top trains either way
+            assert weights.lora_rank == 4 and weights.config.rank == 1 and weights.lora_up[0].any()
+        else:  # the added rank inside the LiDB trains either way
+            assert weights.config.rank == 4 and weights.B[:, :, 1:].any()
 
 
 def test_cli_personalize_with_a_hypernetwork_checkpoint(tiny_sd15_dir, tmp_path):

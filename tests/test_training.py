@@ -16,7 +16,14 @@ from helpers import hdb_cli as hdb
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from hdb.config import DatasetSource, HypernetTrainConfig, LiDBConfig, PersonalizeConfig, PreoptimizeConfig
+from hdb.config import (
+    WEIGHT_LOSSES,
+    DatasetSource,
+    HypernetTrainConfig,
+    LiDBConfig,
+    PersonalizeConfig,
+    PreoptimizeConfig,
+)
 from hdb.diffusion import draw_noise, sample_seed, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.hub import model_card
@@ -27,7 +34,7 @@ from hdb.models import build_tiny_pipeline, save_tiny_pipeline
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
 from hdb.pipeline import PersonalPipeline
 from hdb.preoptimize import preoptimize
-from hdb.train_hypernet import LOSSES_FILE, train_hypernetwork
+from hdb.train_hypernet import LOSSES_FILE, train_hypernetwork, weight_loss
 from hdb.training import (
     TrainConfig,
     TrainingDiverged,
@@ -519,6 +526,8 @@ def test_a_resume_with_other_settings_is_refused_and_the_newest_checkpoints_are_
     refused("pairing: 'independent' then, 'same' now", pairing="same")
     refused("alpha: 1.0 then, 0.5 now", "batch_size: 2 then, 4 now", alpha=0.5, batch_size=4)
     refused("lr_schedule: 'cosine' then, 'constant' now", lr_schedule="constant")
+    refused("weight_loss: 'dense' then, 'paper' now", "decoder_input: 'cross' then, 'concatenated' now",
+            weight_loss="paper", decoder_input="concatenated")  # fmt: skip
     refused("identities: {'trained': 2, ", people=people)  # another identity list
     refused("identities: ", people=people[1:] + people[:1])  # the same count, others held out
     # what does not change the steps still to run may change: this resume goes on (with nothing left to do)
@@ -844,7 +853,8 @@ def test_library_calls_change_no_process_setting_and_no_hidden_state(obama_face)
         PersonalPipeline(pipe)  # a second LiDB on the same pipeline
 
 
-def test_stage_2_compares_each_prediction_with_its_own_identitys_target(tiny_sd15):
+@pytest.mark.parametrize("weight_loss", WEIGHT_LOSSES)
+def test_stage_2_compares_each_prediction_with_its_own_identitys_target(tiny_sd15, weight_loss):
     """The weight term pairs each sample's prediction with that sample's identity's pre-optimised weights:
     a 'hypernetwork' that predicts each identity's target exactly scores 0, and swapped targets do not."""
     from contextlib import nullcontext
@@ -870,7 +880,7 @@ def test_stage_2_compares_each_prediction_with_its_own_identitys_target(tiny_sd1
             return torch.stack([targets[n][0] for n in chosen]), torch.stack([targets[n][1] for n in chosen])
 
         run = SimpleNamespace(
-            config=HypernetTrainConfig(batch_size=3, beta=1.0, lidb=LiDBConfig(a=8, b=4)),
+            config=HypernetTrainConfig(batch_size=3, beta=1.0, lidb=LiDBConfig(a=8, b=4), weight_loss=weight_loss),
             accelerator=SimpleNamespace(num_processes=1, process_index=0, autocast=nullcontext),
             pixels=pixels, model=exact, lidb=lidb, pipe=tiny_sd15, noise_schedule=training_scheduler(tiny_sd15),
             prompt_tokens=tokenize_prompts(tiny_sd15, ["a sks face"]), targets=targets,
@@ -881,3 +891,17 @@ def test_stage_2_compares_each_prediction_with_its_own_identitys_target(tiny_sd1
             run.targets = {"ann": targets["bob"], "bob": targets["ann"], "cy": targets["cy"]}
             _, swapped = batch_loss(run, names, views, 0)
     assert own["weight_loss"].item() == 0 and swapped["weight_loss"].item() > 0.5
+
+
+def test_the_papers_weight_loss_is_the_raw_l2_of_the_factors_and_depends_on_their_gauge():
+    generator = torch.Generator().manual_seed(0)
+    A, B = torch.randn(2, 3, 1, 5, generator=generator), torch.randn(2, 3, 4, 1, generator=generator)
+    target_A, target_B = torch.randn(A.shape, generator=generator), torch.randn(B.shape, generator=generator)
+    raw = (A - target_A).square().sum(dim=(1, 2, 3)) + (B - target_B).square().sum(dim=(1, 2, 3))
+    assert torch.allclose(weight_loss("paper", A, B, target_A, target_B), raw)
+    # A -> -A, B -> -B is the same update: hdb's dense distance does not see it, the paper's loss does
+    dense = weight_loss("dense", A, B, target_A, target_B)
+    assert torch.allclose(weight_loss("dense", -A, -B, target_A, target_B), dense)
+    assert not torch.allclose(weight_loss("paper", -A, -B, target_A, target_B), raw)
+    with pytest.raises(HdbError, match="compares factors: rank 1 against 2"):
+        weight_loss("paper", A, B, torch.randn(2, 3, 2, 5), torch.randn(2, 3, 4, 2))

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from hdb.config import (
     DEFAULT_INSTANCE_PROMPT,
+    DREAMBOOTH_LORA_LR,
     RELAX_MODES,
     STEPS_FROM_ZERO,
     STEPS_WITH_HYPERNET,
@@ -107,8 +108,8 @@ class ToyConfig:
     finetune_steps: int = STEPS_WITH_HYPERNET
     finetune_lr: float = PersonalizeConfig.learning_rate
     long_finetune_steps: int = STEPS_FROM_ZERO  # zero init with the steps the app gives it by default (0: skip)
-    dreambooth_steps: int = 400  # DreamBooth-LoRA as usually run: a rank-4 LoRA from zero (0: skip)
-    dreambooth_lr: float = 1e-4
+    dreambooth_steps: int = 400  # DreamBooth-LoRA (rank 4 from zero), fewer steps than usual: CPU time (0: skip)
+    dreambooth_lr: float = DREAMBOOTH_LORA_LR
     other_people: int = 16  # people seen nowhere else, on whom editability is measured
     sample_steps: int = 25  # sampling steps of the samples sheet
     upper_bound_renders: int = 8  # a LiDB pre-optimised on this many OTHER renders of the person (0: skip)
@@ -657,6 +658,7 @@ def summarise(scores: Scores, pixels: np.ndarray, config: ToyConfig, seed: int) 
             "other_people_pct": np.mean(scores.other_people[name], axis=0).tolist(),  # per context
             "in_context_pct": float(np.mean(scores.in_context[name])),
             "in_context_per_person": scores.in_context[name],
+            "matrix": grid.tolist(),
         }
         if name != "base":  # the base is one model for everyone: nothing to identify
             others = np.where(np.eye(len(v), dtype=bool), np.inf, grid).min(axis=0)  # best other model, per person

@@ -134,5 +134,94 @@ def summarise_seeds(folder: Path) -> str:
     return text
 
 
+# Paired comparisons the summary reports: (method, against, what the difference isolates)
+COMPARISONS = (
+    ("hyper_ft_lidb", "hyper_ft_lora", "relaxation with the hypernetwork: lidb - lora"),
+    ("zero_ft_long_lidb", "zero_ft_long_lora", "relaxation from zero (200 steps): lidb - lora"),
+    ("hyper_ft_lora_trained", "hyper_ft_lora", "training the prediction too, free (lora)"),
+    ("hyper_ft_lidb", "hyper_ft_lidb_frozen", "training the prediction too, confined (lidb)"),
+    ("hyper_ft_lidb_frozen", "hyper_ft_lora", "confining to the aux bases, prediction frozen"),
+    ("hyper_ft_lidb", "hyper_ft_lora_trained", "confining to the aux bases, prediction trained"),
+    ("hyper_ft_lora", "zero_ft_long_lora", "hypernetwork + fast finetune - zero + long finetune (users today)"),
+    ("hyper_ft_lora", "dreambooth_lora", "hypernetwork + fast finetune - DreamBooth-LoRA"),
+    ("hyper_ft_lora", "zero_ft", "hypernetwork + fast finetune - zero + fast finetune (the paper's No Hyper)"),
+    ("hyper", "hyper_wrong", "the prediction from the person's photo - from another's"),
+    ("hyper_paper_loss", "hyper", "the paper's raw L2 weight loss - hdb's dense distance"),
+    ("hyper_zero_start", "hyper", "the paper's zero start - hdb's LoRA-like start"),
+    ("hyper_concatenated", "hyper", "the paper's concatenated input - hdb's cross-attention"),
+    ("hyper_paper_loss_ft_lora", "hyper_ft_lora", "the same + fast finetune: raw L2 - dense"),
+    ("hyper_zero_start_ft_lora", "hyper_ft_lora", "the same + fast finetune: zero start - LoRA-like"),
+    ("hyper_concatenated_ft_lora", "hyper_ft_lora", "the same + fast finetune: concatenated - cross-attention"),
+)
+
+
 def summary_table(runs: list[dict]) -> str:
-    raise NotImplementedError  # written while the seeds run
+    """All seeds pooled: each method's identification (per seed and pooled, intervals over (seed, person)), and
+    the paired differences of COMPARISONS with their intervals (an interval that excludes 0 is a difference)."""
+    from hdb.toy.experiment import bootstrap_interval
+
+    seeds = ", ".join(str(run["seed"]) for run in runs)
+    names = [name for name in runs[0]["methods"] if all(name in run["methods"] for run in runs)]
+    people = sum(run["methods"]["base"]["people"] for run in runs)
+
+    def pooled(name: str, key: str) -> np.ndarray:
+        return np.concatenate([run["methods"][name][key] for run in runs])
+
+    lines = [
+        f"The toy, seeds {seeds} pooled: {people} held-out people in all ({runs[0]['methods']['base']['people']} "
+        "per seed), each personalised from one render. Identified: per seed, then in all. AUC and margin: means "
+        "over every (seed, person), with 95% bootstrap intervals; editability in % vs the base (lower is better). "
+        "Each seed's own table: seed*/results.md.",
+        "",
+        "| method | identified | mean rank | AUC [95% CI] | margin [95% CI] | other people (photo / b&w) "
+        "| person in b&w |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in names:
+        m = runs[0]["methods"][name]
+        cells = [m["label"]]
+        if "identified" in m:
+            counts = [run["methods"][name]["identified"] for run in runs]
+            auc = pooled(name, "auc_per_person")
+            cells += [
+                f"{' + '.join(map(str, counts))} = {sum(counts)}/{people}",
+                f"{np.mean([run['methods'][name]['mean_rank'] for run in runs]):.1f}",
+                _with_interval(auc, bootstrap_interval(auc), ".3f"),
+            ]
+        else:
+            cells += ["-", "-", "-"]
+        margin = pooled(name, "margin_per_person") if "margin_per_person" in m else None
+        cells.append("-" if margin is None else _with_interval(margin, bootstrap_interval(margin), "+.3f", "%"))
+        if "other_people_pct" in m:
+            drift = np.mean([run["methods"][name]["other_people_pct"] for run in runs], axis=0)
+            cells += [" / ".join(f"{d:+.2f}%" for d in drift), f"{pooled(name, 'in_context_per_person').mean():+.2f}%"]
+        else:
+            cells += ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Paired differences, the same people under both methods (AUC in absolute terms; margin and the person in "
+        "black and white in % of the base loss):",
+        "",
+        "| difference | AUC [95% CI] | margin [95% CI] | person in b&w [95% CI] |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, against, what in COMPARISONS:
+        if name in names and against in names:
+            cells = [what]
+            for key, style, unit in (
+                ("auc_per_person", "+.3f", ""),
+                ("margin_per_person", "+.3f", "%"),
+                ("in_context_per_person", "+.2f", "%"),
+            ):
+                difference = pooled(name, key) - pooled(against, key)
+                cells.append(_with_interval(difference, bootstrap_interval(difference), style, unit))
+            lines.append("| " + " | ".join(cells) + " |")
+    codes = sorted({run.get("code", "not recorded") for run in runs})
+    lines += ["", f"Code: {', '.join(codes)}; time per seed (s): {[run['timings_s']['total'] for run in runs]}."]
+    return "\n".join(lines) + "\n"
+
+
+def _with_interval(values: np.ndarray, interval: tuple[float, float], style: str, unit: str = "") -> str:
+    low, high = interval
+    return f"{values.mean():{style}}{unit} [{low:{style}}, {high:{style}}]"
