@@ -228,8 +228,11 @@ class HyperNetwork(nn.Module):
 
     # -- files
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """config.json + hypernet.safetensors (all but the encoder) + image_encoder/ (its own format)."""
+    def save_pretrained(self, directory: str | Path, image_encoder: bool = True) -> None:
+        """config.json + hypernet.safetensors (all but the encoder) + image_encoder/ (its own format).
+
+        `image_encoder=False` leaves the encoder out (a training checkpoint of a frozen one: loading it again
+        then takes the encoder as an argument, `from_pretrained(image_encoder=...)`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
@@ -237,7 +240,8 @@ class HyperNetwork(nn.Module):
             k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("image_encoder.")
         }
         save_file(own, str(directory / WEIGHTS_FILE), metadata={"format": "hdb-hypernet"})
-        self.image_encoder.save_pretrained(directory / ENCODER_DIR)
+        if image_encoder:
+            self.image_encoder.save_pretrained(directory / ENCODER_DIR)
 
     @classmethod
     def from_pretrained(
@@ -247,11 +251,13 @@ class HyperNetwork(nn.Module):
         device: str | torch.device | None = None,
         revision: str | None = None,
         token: str | None = None,
+        image_encoder: nn.Module | None = None,
     ) -> HyperNetwork:
         """Load what `save_pretrained` wrote, from a directory or a hub id ("owner/name", see `hdb.hub`).
 
         With `lidb`, first check that the weights are meant for it. For a hub id, `revision` (a branch, tag or
-        commit) and `token` (a private repository) go to huggingface_hub's `snapshot_download`.
+        commit) and `token` (a private repository) go to huggingface_hub's `snapshot_download`. `image_encoder`:
+        the encoder to use instead of the saved one (a checkpoint saved without its frozen encoder).
         """
         directory = hypernet_directory(name_or_path, revision, token)
         if not (directory / CONFIG_FILE).is_file():
@@ -266,9 +272,11 @@ class HyperNetwork(nn.Module):
             raise HdbError(f"{directory / CONFIG_FILE} is not a valid hypernetwork config: {error}") from None
         if lidb is not None:  # before loading a possibly large image encoder
             check_signature(_signature(config), lidb.signature(), "This hypernetwork")
-        if not (directory / ENCODER_DIR / "config.json").is_file():
-            raise HdbError(f"{directory} has no saved image encoder ({ENCODER_DIR}/config.json is missing)")
-        model = cls(config, load_image_encoder(str(directory / ENCODER_DIR)))
+        if image_encoder is None:
+            if not (directory / ENCODER_DIR / "config.json").is_file():
+                raise HdbError(f"{directory} has no saved image encoder ({ENCODER_DIR}/config.json is missing)")
+            image_encoder = load_image_encoder(str(directory / ENCODER_DIR))
+        model = cls(config, image_encoder)
         try:
             state = load_file(str(directory / WEIGHTS_FILE))
         except Exception as error:  # missing, truncated or not safetensors at all

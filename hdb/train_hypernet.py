@@ -47,7 +47,7 @@ from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError, check_choice
 from hdb.faces import crop_size
 from hdb.files import PARTIAL_SUFFIX, write_atomically
-from hdb.hypernet import TRAINING_FILE, HyperNetwork, build_tiny_image_encoder, load_image_encoder
+from hdb.hypernet import ENCODER_DIR, TRAINING_FILE, HyperNetwork, build_tiny_image_encoder, load_image_encoder
 from hdb.identities import (
     Identity,
     WeightsManifest,
@@ -181,15 +181,13 @@ def check_resumable(checkpoint: Path, settings: dict[str, object]) -> None:
 def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None) -> HyperNetwork:
     """The latest checkpoint's hypernetwork, or a fresh one drawn from the run's seed."""
     if resume is not None:  # loaded in eval mode, for inference; it trains in train mode, as a fresh one does
-        return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb).train()
-    if config.image_encoder == "tiny":
-        encoder = build_tiny_image_encoder(config.seed)
-    else:
-        with initialised_from(config.seed):  # any weight the encoder's files lack is drawn from the run's seed too
-            encoder = load_image_encoder(config.image_encoder)
+        # a frozen encoder is not in the checkpoints (`_save_checkpoint`): it is loaded again as the run began
+        saved = (resume / "hypernet" / ENCODER_DIR).is_dir()
+        encoder = None if saved else _image_encoder(config)
+        return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb, image_encoder=encoder).train()
     return HyperNetwork.for_lidb(
         lidb,
-        encoder,
+        _image_encoder(config),
         config.image_encoder,
         seed=config.seed,
         width=config.width,
@@ -199,6 +197,14 @@ def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None
         refine_from=config.refine_from,
         decoder_input=config.decoder_input,
     )
+
+
+def _image_encoder(config: HypernetTrainConfig) -> torch.nn.Module:
+    """The run's image encoder as it starts: loaded (or the tiny random one), any missing weight from the seed."""
+    if config.image_encoder == "tiny":
+        return build_tiny_image_encoder(config.seed)
+    with initialised_from(config.seed):  # any weight the encoder's files lack is drawn from the run's seed too
+        return load_image_encoder(config.image_encoder)
 
 
 @dataclass
@@ -353,13 +359,14 @@ def _save_checkpoint(
 ) -> None:
     """Write checkpoint-<step> whole, then point `latest` at it: a kill never leaves a half checkpoint in use.
 
-    Its state.json holds the step and the run's `settings`; the newest `keep` checkpoints stay.
+    Its state.json holds the step and the run's `settings`; the newest `keep` checkpoints stay. A frozen image
+    encoder (ViT-H: 2.5 GB) is left out: it is the one the run started from, loaded again on resume.
     """
     folder = out / "checkpoints"
     target = folder / f"checkpoint-{step}"
 
     def write_checkpoint(partial: Path) -> None:
-        hypernet.save_pretrained(partial / "hypernet")
+        hypernet.save_pretrained(partial / "hypernet", image_encoder=not settings["freeze_encoder"])
         save_optimizer(optimizer, partial / "optimizer.safetensors")
         (partial / "state.json").write_text(json.dumps({"step": step, "settings": settings}))
 

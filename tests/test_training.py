@@ -387,12 +387,15 @@ def test_resume_after_a_kill_continues_the_same_loss_curve(preoptimized, identit
     assert killed_run.returncode == -signal.SIGKILL, killed_run.stderr[-2000:]
     latest = tmp_path / "killed" / "checkpoints" / "latest"
     assert latest.read_text() == "checkpoint-3"
+    # the frozen encoder is not in the checkpoints (the resume loads it as the run began), only in the result
+    assert not (tmp_path / "killed" / "checkpoints" / "checkpoint-3" / "hypernet" / "image_encoder").exists()
     resumed = hdb(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "killed", steps=8)).stdout
     assert "steps 4..7" in resumed
     straight, killed = logged(tmp_path / "straight"), logged(tmp_path / "killed")
     assert [r["step"] for r in killed] == list(range(8))
     for a, b in zip(straight, killed, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
+    assert (tmp_path / "killed" / "hypernet" / "image_encoder" / "config.json").is_file()
 
 
 def test_bad_training_data_gives_clear_errors(preoptimized, tiny_sd15_dir, tmp_path):
