@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import MISSING, fields, replace
+from dataclasses import MISSING, fields
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import TYPE_CHECKING, Any, get_args, get_type_hints
@@ -433,7 +433,7 @@ def cmd_toy(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)  # the toy command owns its process: this is its own setting
-    from hdb.toy.experiment import QUICK, ToyConfig, run_toy
+    from hdb.toy.experiment import PAPER_VARIANTS, QUICK, ToyConfig, run_toy
 
     _quiet_model_loading()
     if args.summarise:
@@ -441,8 +441,10 @@ def cmd_toy(args: argparse.Namespace) -> None:
 
         print(summarise_seeds(args.summarise))
         return
-    out = args.out or Path(f"docs/toy/seed{args.seed}")
-    config = replace(QUICK if args.quick else ToyConfig(), paper_variants=args.paper_variants)
+    if args.paper_variants:
+        out, config = args.out or Path(f"docs/toy/paper_variants/seed{args.seed}"), PAPER_VARIANTS
+    else:
+        out, config = args.out or Path(f"docs/toy/seed{args.seed}"), QUICK if args.quick else ToyConfig()
     results = run_toy(out, quick=args.quick, seed=args.seed, config=config)
     print((out / "results.md").read_text())
     print(
@@ -579,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument(
         "--paper-variants",
         action="store_true",
-        help="also train hypernetworks with the paper's weight loss, zero start and concatenated input (+30 min)",
+        help="hdb's hypernetwork against ones with the paper's weight loss, zero start and concatenated input "
+        "(docs/toy/paper_variants/seed<SEED>)",
     )
     toy.add_argument(
         "--summarise", type=Path, metavar="DIR", help="only combine DIR/seed*/results.json into DIR/summary.md"

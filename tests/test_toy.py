@@ -33,6 +33,8 @@ def test_people_are_reproducible_and_renders_vary():
 def test_cli_wiring(tmp_path):
     args = build_parser().parse_args(["toy", "--quick", "--out", str(tmp_path), "--seed", "3"])
     assert args.run is cmd_toy and args.quick and args.seed == 3 and args.out == tmp_path
+    args = build_parser().parse_args(["toy", "--paper-variants", "--summarise", str(tmp_path)])
+    assert args.paper_variants and args.summarise == tmp_path and args.out is None
 
 
 def test_matching_the_photos_pixels_identifies_few_people():
