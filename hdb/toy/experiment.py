@@ -131,10 +131,19 @@ QUICK = ToyConfig(
     preopt_group=16,  # an identity's weights do not depend on its group (hdb.preoptimize): only faster
     upper_bound_renders=0,
 )
-# The paper's variants against hdb's choices (`hdb toy --paper-variants`): the same world, base, stage 1 and hdb's
-# hypernetwork as the full run of the same seed, three more hypernetworks, and only the rows that compare them
+# The paper's variants against hdb's choices (`hdb toy --paper-variants`): four hypernetworks (hdb's and three with
+# one of the paper's choices each) on the same world, base and stage 1, judged on the same 48 held-out people; at
+# a smaller scale than the full run (fewer training people and steps, for CPU time), the same for all four
 PAPER_VARIANTS = ToyConfig(
-    paper_variants=True, ablation=False, long_finetune_steps=0, dreambooth_steps=0, upper_bound_renders=0
+    train_identities=96,
+    preopt_steps=80,
+    preopt_group=16,
+    hyper_steps=600,
+    paper_variants=True,
+    ablation=False,
+    long_finetune_steps=0,
+    dreambooth_steps=0,
+    upper_bound_renders=0,
 )
 SAMPLED_PEOPLE = 2  # held-out people drawn by the base and personalised models for the samples sheet
 SAMPLED_METHODS = ("base", "zero_ft_long_lora", "dreambooth_lora", "hyper", "hyper_ft_lora", "hyper_ft_lidb")
