@@ -34,7 +34,7 @@ from hdb.config import DatasetSource, PreoptimizeConfig, instance_prompt_for
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError
 from hdb.faces import crop_size
-from hdb.files import write_atomically
+from hdb.files import check_shared_folder, write_atomically
 from hdb.identities import (
     FAILED_SUFFIX,
     Identity,
@@ -76,6 +76,7 @@ def preoptimize(
     resolution = config.resolution or native_resolution(pipe)
     weights_dir = out / "weights"
     weights_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_folder(state, out)  # the to-do list below comes from what exists there
     names = identity_names(images)
     done = {name for name in names if (weights_dir / f"{name}.safetensors").is_file()}
     failed_before = [name for name in names if name not in done and _failure_file(weights_dir, name).is_file()]

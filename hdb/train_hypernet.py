@@ -46,7 +46,7 @@ from hdb.config import (
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError, check_choice
 from hdb.faces import crop_size
-from hdb.files import PARTIAL_SUFFIX, write_atomically
+from hdb.files import PARTIAL_SUFFIX, check_shared_folder, write_atomically
 from hdb.hypernet import ENCODER_DIR, TRAINING_FILE, HyperNetwork, build_tiny_image_encoder, load_image_encoder
 from hdb.identities import (
     Identity,
@@ -464,6 +464,7 @@ def train_hypernetwork(
             "`beta` > 0 needs pre-optimised weights: `weights_dir`, the folder stage 1 (preoptimize) wrote; "
             "or set `beta=0`"
         )
+    check_shared_folder(accelerator, out)  # every process resumes from out/checkpoints/latest
     manifest = read_manifest(weights_dir) if weights_dir is not None else None
     lidb_config, instance_token = _settings(config, manifest)
 

@@ -257,6 +257,41 @@ def test_a_group_diverging_in_one_of_two_processes_stops_neither(tmp_path):
     assert sorted(json.loads(line)["identity"] for line in logged_losses) == ["person0", "person1", "person4"]
 
 
+# Each of two processes checks a folder both see, then one that only the main process writes to.
+SHARED_FOLDER_CHECK = """
+import sys
+from pathlib import Path
+
+from accelerate import PartialState
+
+sys.path.insert(0, sys.argv[2])  # hdb from the checkout
+from hdb.errors import HdbError
+from hdb.files import check_shared_folder
+
+state, root = PartialState(cpu=True), Path(sys.argv[1])
+check_shared_folder(state, root / "shared")
+print(f"process {state.process_index}: shared, leaving {sorted(p.name for p in (root / 'shared').iterdir())}")
+try:  # as if each node had its own disk: the other process looks in a folder of its own
+    check_shared_folder(state, root / ("main" if state.is_main_process else f"local{state.process_index}"))
+except HdbError as error:
+    print(f"process {state.process_index}: refused: {error}")
+state.wait_for_everyone()
+state.destroy_process_group()  # both leave together: gloo aborts a process that exits while its peer still talks
+"""
+
+
+def test_every_process_must_see_the_output_folder(tmp_path):
+    script = tmp_path / "check.py"
+    script.write_text(SHARED_FOLDER_CHECK)
+    result = accelerate_launch(tmp_path, Path(__file__).parent.parent, script=script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for process in (0, 1):  # the probe is gone again; both processes refuse the unshared folder, naming who is blind
+        assert f"process {process}: shared, leaving []" in result.stdout
+        assert f"process {process}: refused: {tmp_path / ('main' if process == 0 else 'local1')} is not shared by " \
+               "every process: process 1 on " in result.stdout  # fmt: skip
+    assert "process 0 on" not in result.stdout
+
+
 def test_a_hugging_face_dataset_gives_identities_by_column_aligned_once(tiny_sd15_dir, tmp_path, monkeypatch):
     import datasets
 
