@@ -8,13 +8,12 @@ from hdb.cli import build_parser, cmd_toy
 from hdb.config import PersonalizeConfig
 from hdb.toy.experiment import (
     ToyConfig,
-    bootstrap_interval,
     identification,
     method_labels,
     pixel_distances,
     run_toy,
 )
-from hdb.toy.report import summarise_seeds
+from hdb.toy.report import bootstrap_interval, summarise_seeds
 from hdb.toy.world import SIZE, sample_people
 
 

@@ -47,8 +47,9 @@ TIPS = """\
   200 finetune steps instead of 40: slower, and the likeness from one photo is weaker than the paper's.
 """
 DOWNLOADS_HELP = f"""\
-**{PERSON_FILE}**: hdb's ~100 KB personal file, for `python -m hdb generate --person` or upload
-above. **{KOHYA_FILE}**: a LoRA for AUTOMATIC1111 and ComfyUI (their `Lora` folder).
+**{PERSON_FILE}**: hdb's personal file (a few MB: the prediction and the LoRA its finetune trained),
+for `python -m hdb generate --person` or upload above. **{KOHYA_FILE}**: a LoRA for AUTOMATIC1111 and
+ComfyUI (their `Lora` folder).
 **{DIFFUSERS_FILE}**: a LoRA for diffusers:
 
 ```python

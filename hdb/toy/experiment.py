@@ -63,7 +63,7 @@ from hdb.models import Pipeline, build_tiny_pipeline, training_scheduler
 from hdb.pipeline import PersonalPipeline
 from hdb.preoptimize import preoptimize
 from hdb.stage import training_stage
-from hdb.toy.report import image_sheet, plot_losses, renders_sheet, results_table
+from hdb.toy.report import bootstrap_interval, image_sheet, plot_losses, renders_sheet, results_table
 from hdb.toy.world import JITTER, Person, central_pixels, in_black_and_white, sample_people
 from hdb.train_hypernet import train_hypernetwork
 from hdb.training import TrainConfig, TrainingDiverged, train
@@ -478,12 +478,13 @@ def sample_picture(pipe: Pipeline, lidb: LiDB, seed: int, steps: int) -> Image.I
 
 
 def code_version() -> str:
-    """The git commit this code is at (with "+changes" when the checkout differs from it), or hdb's version."""
-    folder = Path(__file__).resolve().parent
+    """The git commit this code is at (with "+changes" when hdb's code differs from it), or hdb's version.
+
+    Only the package counts: results other runs write into the checkout (docs/toy/seed*) are not code."""
+    package = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True)
-        changed = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=folder.parent.parent,
-                                 capture_output=True, text=True)  # fmt: skip
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=package, capture_output=True, text=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "."], cwd=package, capture_output=True, text=True)
     except OSError:  # no git
         commit = None
     if commit is None or commit.returncode != 0:
@@ -494,7 +495,7 @@ def code_version() -> str:
 
 
 def run_toy(
-    out_dir: str | Path = "docs/toy",
+    out_dir: str | Path = "docs/toy/seed0",
     quick: bool = False,
     seed: int = 0,
     config: ToyConfig | None = None,
@@ -640,15 +641,6 @@ def identification(matrix: np.ndarray) -> dict[str, np.ndarray]:
     own = np.diag(matrix)
     better_others = (matrix < own[None, :]).sum(axis=0)  # the diagonal never counts: it is not below itself
     return {"rank": 1 + better_others, "auc": 1 - better_others / (len(own) - 1)}
-
-
-def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean of `values` (paired differences, when given differences), resampling the
-    people with replacement."""
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def summarise(scores: Scores, pixels: np.ndarray, config: ToyConfig, seed: int) -> dict:

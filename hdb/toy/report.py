@@ -64,6 +64,15 @@ def _cells(m: dict, n: int) -> list[str]:
     ]
 
 
+def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of `values` (paired differences, when given differences), resampling the
+    people with replacement."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def _smooth(values: list[float], window: int) -> np.ndarray:
     window = max(1, min(window, len(values)))
     return np.convolve(values, np.ones(window) / window, mode="valid")
@@ -158,8 +167,6 @@ COMPARISONS = (
 def summary_table(runs: list[dict]) -> str:
     """All seeds pooled: each method's identification (per seed and pooled, intervals over (seed, person)), and
     the paired differences of COMPARISONS with their intervals (an interval that excludes 0 is a difference)."""
-    from hdb.toy.experiment import bootstrap_interval
-
     seeds = ", ".join(str(run["seed"]) for run in runs)
     names = [name for name in runs[0]["methods"] if all(name in run["methods"] for run in runs)]
     people = sum(run["methods"]["base"]["people"] for run in runs)

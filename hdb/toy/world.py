@@ -171,7 +171,7 @@ class Person:
 def sample_people(
     seed: int, role: int, count: int, photos: int, eval_renders: int, prefix: str, extra_renders: int = 0
 ) -> list[Person]:
-    """`count` people of one role (0 pre-training, 1 training, 2 test); person i depends on (seed, role, i) only."""
+    """`count` people of one role (0 pre-training, 1 training, 2 test, 3 other); person i depends on (seed, role, i)."""
     people = []
     for index in range(count):
         rng = np.random.default_rng([seed, role, index])
