@@ -368,7 +368,10 @@ def paper_protocol(
     hypernetwork; `config` the finetune's other settings (relaxation, seed...). Returns each method's label ->
     its result."""
     if personal.hypernet is None:
-        raise HdbError("The paper's protocol compares a trained hypernetwork with its ablations: load one (--hypernet)")
+        raise HdbError(
+            "The paper's protocol compares a trained hypernetwork with its ablations: give `personal` one "
+            "(`PersonalPipeline.load(base, hypernet)`)"
+        )
     if hypernet_k1 is not None:
         hypernet_k1.check_compatible(personal.lidb)
     config = config or PersonalizeConfig(progress=False)

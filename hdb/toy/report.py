@@ -168,6 +168,7 @@ def summary_table(runs: list[dict]) -> str:
     """All seeds pooled: each method's identification (per seed and pooled, intervals over (seed, person)), and
     the paired differences of COMPARISONS with their intervals (an interval that excludes 0 is a difference)."""
     seeds = ", ".join(str(run["seed"]) for run in runs)
+    which = f"seeds {seeds} pooled" if len(runs) > 1 else f"seed {seeds}"
     names = [name for name in runs[0]["methods"] if all(name in run["methods"] for run in runs)]
     people = sum(run["methods"]["base"]["people"] for run in runs)
 
@@ -175,7 +176,7 @@ def summary_table(runs: list[dict]) -> str:
         return np.concatenate([run["methods"][name][key] for run in runs])
 
     lines = [
-        f"The toy, seeds {seeds} pooled: {people} held-out people in all ({runs[0]['methods']['base']['people']} "
+        f"The toy, {which}: {people} held-out people in all ({runs[0]['methods']['base']['people']} "
         "per seed), each personalised from one render. Identified: per seed, then in all. AUC and margin: means "
         "over every (seed, person), with 95% bootstrap intervals; editability in % vs the base (lower is better). "
         "Each seed's own table: seed*/results.md.",
