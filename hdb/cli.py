@@ -433,7 +433,7 @@ def cmd_toy(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)  # the toy command owns its process: this is its own setting
-    from hdb.toy.experiment import PAPER_VARIANTS, QUICK, ToyConfig, run_toy
+    from hdb.toy.experiment import PAPER_VARIANTS, run_toy
 
     _quiet_model_loading()
     if args.summarise:
@@ -441,10 +441,9 @@ def cmd_toy(args: argparse.Namespace) -> None:
 
         print(summarise_seeds(args.summarise))
         return
-    if args.paper_variants:
-        out, config = args.out or Path(f"docs/toy/paper_variants/seed{args.seed}"), PAPER_VARIANTS
-    else:
-        out, config = args.out or Path(f"docs/toy/seed{args.seed}"), QUICK if args.quick else ToyConfig()
+    folder = "docs/toy/paper_variants" if args.paper_variants else "docs/toy"
+    out = args.out or Path(f"{folder}/seed{args.seed}")
+    config = PAPER_VARIANTS if args.paper_variants else None  # None: run_toy's, full or --quick
     results = run_toy(out, quick=args.quick, seed=args.seed, config=config)
     print((out / "results.md").read_text())
     print(

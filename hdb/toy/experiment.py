@@ -71,6 +71,7 @@ from hdb.training import TrainConfig, TrainingDiverged, train
 GENERIC_PROMPT = "a photo of a person"
 CONTEXT_PROMPT = "a black and white photo of a person"  # the base's second context (black-and-white renders)
 INSTANCE_IN_CONTEXT = f"a black and white photo of {DEFAULT_INSTANCE_PROMPT}"  # the person where the photo was not
+PROMPTS = (GENERIC_PROMPT, CONTEXT_PROMPT)  # the base's two contexts (pretrain_base's `contexts`: 0 and 1)
 T = TypeVar("T")
 
 
@@ -176,7 +177,7 @@ def pretrain_base(
     GENERIC_PROMPT, 1 for CONTEXT_PROMPT); the text encoder and VAE stay random."""
     scheduler = training_scheduler(pipe)
     with torch.no_grad():
-        prompts = encode_prompts(pipe, [GENERIC_PROMPT, CONTEXT_PROMPT]).embeds  # the text encoder is frozen
+        prompts = encode_prompts(pipe, list(PROMPTS)).embeds  # the text encoder is frozen: encode once
 
     def loss_fn(step: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(sample_seed(seed, "pretrain batch", step))
@@ -465,9 +466,6 @@ def evaluate_methods(
     return scores
 
 
-PROMPTS = (GENERIC_PROMPT, CONTEXT_PROMPT)  # the base's two contexts, in the order of other_draws
-
-
 @torch.no_grad()
 def sample_picture(pipe: Pipeline, lidb: LiDB, seed: int, steps: int) -> Image.Image:
     """What the model draws for the instance prompt (no guidance: the toy base never saw an empty prompt)."""
@@ -608,7 +606,7 @@ def run_toy(
             "hypernet_validation": summary["s"]["validation"],
             "hypernet_terms": _logged_terms(work / "hypernet_s" / "losses.jsonl"),
         },
-        "methods": summarise(scores, pixel_distances(test_people), config, seed),
+        "methods": summarise(scores, pixel_distances(test_people), config),
         "guard_stops": scores.stops,
         "held_out": [p.identity.name for p in test_people],
     }
@@ -643,7 +641,7 @@ def identification(matrix: np.ndarray) -> dict[str, np.ndarray]:
     return {"rank": 1 + better_others, "auc": 1 - better_others / (len(own) - 1)}
 
 
-def summarise(scores: Scores, pixels: np.ndarray, config: ToyConfig, seed: int) -> dict:
+def summarise(scores: Scores, pixels: np.ndarray, config: ToyConfig) -> dict:
     """Per method: the own-renders loss (mean, per person, vs base), identification from the N x N matrix (how many
     people their own model fits best, chance 1/N; mean rank; AUC with a bootstrap interval; the margin to the best
     other model in % of the base loss), editability (% vs base on other people per context, and on the person in
@@ -668,9 +666,9 @@ def summarise(scores: Scores, pixels: np.ndarray, config: ToyConfig, seed: int) 
         }
         if name != "base":  # the base is one model for everyone: nothing to identify
             others = np.where(np.eye(len(v), dtype=bool), np.inf, grid).min(axis=0)  # best other model, per person
+            margin = 100 * (others - v) / base
             row |= _identified(labels[name], grid)
-            row["margin_pct"] = float(100 * ((others - v) / base).mean())
-            row["margin_per_person"] = (100 * (others - v) / base).tolist()
+            row |= {"margin_pct": float(margin.mean()), "margin_per_person": margin.tolist()}
         summary[name] = row
     return summary
 
