@@ -33,6 +33,7 @@ from hdb.config import (
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
+    SHARD_SIZE,
     TINY_ARCHS,
     BenchOptions,
     DatasetSource,
@@ -46,6 +47,7 @@ from hdb.errors import HdbError
 from hdb.terms import NOT_ON_THE_COMMAND_LINE, cli_terms, flag_for
 
 if TYPE_CHECKING:
+    from hdb.cache import TrainingData
     from hdb.hub import Upload
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # pictures the CLI writes (Pillow picks the format)
@@ -345,8 +347,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"written: {args.out}/table.md, and each method's files in {args.out}/method1 ... method{len(results)}")
 
 
-def _training_photos(args: argparse.Namespace) -> Path | DatasetSource:
-    """--images FOLDER, or --dataset with its column options."""
+def _training_photos(args: argparse.Namespace) -> Path | DatasetSource | TrainingData:
+    """--images FOLDER, or --dataset with its column options, or (stage 2) --cache FOLDER."""
+    if getattr(args, "cache", None) is not None:
+        from hdb.cache import TrainingData
+
+        return TrainingData.open(args.cache)
     if args.images is not None:
         return args.images
     return config_from_args(DatasetSource, args)
@@ -384,6 +390,31 @@ def cmd_preoptimize(args: argparse.Namespace) -> None:
             f"{share}left out {len(summary['failed_before'])} identities whose training diverged before; "
             "--retry-failed trains them again (with a lower --lr, say)"
         )
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from hdb.cache import build_cache
+    from hdb.hypernet import encoder_image_size
+
+    _quiet_model_loading()
+    from accelerate import PartialState
+
+    from hdb.models import load_pipeline
+
+    state = PartialState(cpu=args.device == "cpu")  # under `accelerate launch`: shard k on process k % N
+    pipe = load_pipeline(args.base, args.dtype, str(state.device) if args.device == "auto" else args.device)
+    encoder_size = encoder_image_size(args.image_encoder)
+    summary = build_cache(
+        pipe, _training_photos(args), args.weights, args.out, encoder_size, args.resolution, shard_size=args.shard_size
+    )
+    share = f"process {summary['process']} of {summary['processes']}: " if summary["processes"] > 1 else ""
+    print(
+        f"{share}{len(summary['made'])} of {summary['shards']} shards made now ({summary['aligned']} identities "
+        f"aligned and encoded), {summary['already_there']} already there; "
+        f"photos skipped: {summary['skipped_photos'] or 'none'} -> {args.out}"
+    )
+    if state.is_main_process:
+        print(f"train on it: python -m hdb train --cache {args.out} --image-encoder {args.image_encoder} ...")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -460,10 +491,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     _add_dtype_option(parser)
 
 
-def _add_photo_options(parser: argparse.ArgumentParser) -> None:
-    """Where training photos come from: a folder, or a Hugging Face dataset."""
+def _add_photo_options(parser: argparse.ArgumentParser, cache: bool = False) -> None:
+    """Where training photos come from: a folder, or a Hugging Face dataset; `cache`: or a training cache."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="folder: one photo per identity, or one sub-folder per identity")
+    if cache:
+        source.add_argument("--cache", type=Path, help="a training cache from `hdb cache` (holds the weights too)")
     config_option(source, DatasetSource, "path")  # --dataset: the one of the two a command requires
     config_options(parser, DatasetSource)  # its split and columns
 
@@ -542,8 +575,22 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(pre, LiDBConfig, "rank")
     pre.set_defaults(run=cmd_preoptimize)
 
+    cache = sub.add_parser(
+        "cache", help="between the stages: stage 2's training data, made once (works under `accelerate launch`)"
+    )
+    _add_photo_options(cache)
+    cache.add_argument("--weights", type=Path, required=True, help="the folder `preoptimize` wrote")
+    cache.add_argument("--out", type=Path, required=True, help="the cache folder (shards and index.json)")
+    _add_model_options(cache)
+    config_option(cache, HypernetTrainConfig, "image_encoder")
+    config_option(cache, HypernetTrainConfig, "resolution")
+    cache.add_argument(
+        "--shard-size", type=in_range(int, (1, 1 << 20)), default=SHARD_SIZE, help="identities per shard file"
+    )
+    cache.set_defaults(run=cmd_cache)
+
     tr = sub.add_parser("train", help="stage 2: train the hypernetwork (works under `accelerate launch`)")
-    _add_photo_options(tr)
+    _add_photo_options(tr, cache=True)
     tr.add_argument("--weights", type=Path, help="pre-optimised weights from `preoptimize` (needed when --beta > 0)")
     tr.add_argument("--out", type=Path, required=True, help="checkpoints, TensorBoard logs and the final hypernet/")
     tr.add_argument(

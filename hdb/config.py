@@ -66,6 +66,7 @@ SAME_PERSON = 0.9  # face similarity below which two photos probably show differ
 STEPS_WITH_HYPERNET = 40  # the paper's fast finetuning
 STEPS_FROM_ZERO = 200  # no prediction to start from: more steps
 # DreamBooth-LoRA as users usually run it (diffusers' example): a rank-4 LoRA from zero, ~1,000 steps at lr 1e-4
+SHARD_SIZE = 1024  # identities per shard of a training cache (hdb.cache), in name order
 DREAMBOOTH_LORA_STEPS = 1000
 DREAMBOOTH_LORA_LR = 1e-4
 # `hdb eval`'s models for the paper's metrics: CLIP ViT-L/14 (CLIP-I, CLIP-T) and DreamBooth's DINO ViT-S/16

@@ -87,6 +87,9 @@ def to_pixels(images: list[Image.Image]) -> torch.Tensor:
     )
 
 
+AUGMENTATION_VERSION = 1  # of augmented_views: change it with them (training caches of their latents are refused)
+
+
 def augmented_views(image: Image.Image, resolution: int, count: int = 4) -> torch.Tensor:
     """Light augmentation of one photo: mirror and slight zooms. Pixels in [-1, 1]: [count, 3, R, R]."""
     views = [image, ImageOps.mirror(image)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -81,6 +82,25 @@ def _encoder_setting(encoder: nn.Module, key: str) -> int | None:
     config = getattr(encoder, "config", None)
     value = getattr(config, key, None) or getattr(getattr(config, "vision_config", None), key, None)
     return int(value) if isinstance(value, int) else None
+
+
+def encoder_crops(images: list[Image.Image], size: int) -> torch.Tensor:
+    """The image encoder's view of each image, uint8 [B, 3, size, size]: centre square crop, bicubic resize (CLIP's
+    recipe). What the training cache stores; `HyperNetwork.normalise` makes it the encoder's input."""
+    squares = [ImageOps.fit(image.convert("RGB"), (size, size), Image.BICUBIC) for image in images]  # no squashing
+    pixels = torch.from_numpy(np.stack([np.asarray(square, dtype=np.uint8) for square in squares]))
+    return pixels.permute(0, 3, 1, 2).contiguous()
+
+
+def encoder_image_size(name_or_path: str) -> int:
+    """The input side of image encoder `name_or_path` (hub id, directory or "tiny"), from its config alone."""
+    if name_or_path == "tiny":
+        return build_tiny_image_encoder().config.image_size
+    from transformers import AutoConfig
+
+    config = from_hub_or_directory("image encoder", name_or_path, AutoConfig.from_pretrained)
+    size = _encoder_setting(SimpleNamespace(config=config), "image_size")
+    return size if size is not None else HyperNetworkConfig.image_size
 
 
 class HyperNetwork(nn.Module):
@@ -174,12 +194,14 @@ class HyperNetwork(nn.Module):
         return weights + torch.einsum("blw,lwo->blo", tokens, self.head) + self.head_bias
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images -> normalised pixels [B, 3, S, S]: centre square crop, bicubic resize (CLIP's recipe)."""
-        size = (self.config.image_size, self.config.image_size)
-        squares = [ImageOps.fit(image.convert("RGB"), size, Image.BICUBIC) for image in images]  # no squashing
-        pixels = torch.from_numpy(np.stack([np.asarray(s, dtype=np.float32) / 255.0 for s in squares]))
-        pixels = pixels.permute(0, 3, 1, 2)
+        """PIL images -> normalised pixels [B, 3, S, S] (`encoder_crops`, then `normalise`)."""
+        return self.normalise(encoder_crops(images, self.config.image_size))
+
+    def normalise(self, crops: torch.Tensor) -> torch.Tensor:
+        """`encoder_crops`' uint8 crops [B, 3, S, S] -> the encoder's input: scaled to [0, 1], less the mean, over
+        the std; on the hypernetwork's device."""
         mean, std = torch.tensor(self.config.image_mean), torch.tensor(self.config.image_std)
+        pixels = crops.to(torch.float32) / 255.0
         return ((pixels - mean[:, None, None]) / std[:, None, None]).to(self.device)
 
     @torch.no_grad()

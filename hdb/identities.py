@@ -223,14 +223,20 @@ def resolve_identities(
     return [identity for identity in images if names is None or identity.name in names], Counter()
 
 
-def encode_identities(pipe: Pipeline, identities: list[Identity], resolution: int) -> list[torch.Tensor]:
-    """VAE latents of each identity's augmented views: one [views, 4, h, w] tensor per identity."""
-    return [
-        torch.cat(
-            [encode_images(pipe, view[None]) for face in identity.faces for view in augmented_views(face, resolution)]
-        ).float()
-        for identity in identities
-    ]
+def encode_identities(
+    pipe: Pipeline, identities: list[Identity], resolution: int, batch: int = 16
+) -> list[torch.Tensor]:
+    """VAE latents of each identity's augmented views: one [views, 4, h, w] tensor per identity. The views of
+    several identities go through the VAE together, about `batch` at a time."""
+    latents = []
+    per_call = max(batch // 4, 1)  # 4 views per photo
+    for start in range(0, len(identities), per_call):
+        views = [
+            torch.cat([augmented_views(face, resolution) for face in identity.faces])
+            for identity in identities[start : start + per_call]
+        ]
+        latents += encode_images(pipe, torch.cat(views)).float().split([len(v) for v in views])
+    return latents
 
 
 # ----------------------------------------------------------------------------- stage 1's output, read by stage 2
@@ -275,12 +281,18 @@ def write_manifest(out_dir: str | Path, lidb: LiDB, instance_token: str) -> None
     write_atomically(path, lambda partial: partial.write_text(json.dumps(content, indent=1)))
 
 
+def stage1_folder(weights_dir: str | Path) -> Path:
+    """The folder stage 1 (preoptimize) wrote, given it or its weights/ sub-folder: the one with the manifest."""
+    root = Path(weights_dir)
+    found = next((folder for folder in (root, root.parent) if (folder / MANIFEST_FILE).is_file()), None)
+    if found is None:
+        raise HdbError(f"{root} has no {MANIFEST_FILE}: pass the folder stage 1 (preoptimize) wrote")
+    return found
+
+
 def read_manifest(weights_dir: str | Path) -> WeightsManifest:
     """The manifest of a stage 1 folder (`preoptimize`'s `out_dir`; its weights/ sub-folder is accepted too)."""
-    root = Path(weights_dir)
-    path = next((folder / MANIFEST_FILE for folder in (root, root.parent) if (folder / MANIFEST_FILE).is_file()), None)
-    if path is None:
-        raise HdbError(f"{root} has no {MANIFEST_FILE}: pass the folder stage 1 (preoptimize) wrote")
+    path = stage1_folder(weights_dir) / MANIFEST_FILE
     try:
         values = json.loads(path.read_text())
         return WeightsManifest(
@@ -300,20 +312,24 @@ def check_manifest(manifest: WeightsManifest, lidb: LiDB, weights_dir: str | Pat
     )
 
 
+def read_weights(weights_dir: str | Path, lidb: LiDB, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Identity `name`'s pre-optimised (A, B), checked against the model being trained (rank included); None
+    when stage 1 made none for it."""
+    root = Path(weights_dir)
+    path = (root / "weights" if (root / "weights").is_dir() else root) / f"{name}.safetensors"
+    if not path.is_file():
+        return None
+    weights = load_personal(path)
+    # personalisation may relax the rank, but the weight loss compares numbers one to one
+    check_signature(weights.signature(), lidb.signature(), f"Pre-optimised weights file {path}", same_rank=True)
+    return weights.A, weights.B
+
+
 def load_weights_dataset(
     weights_dir: str | Path, lidb: LiDB, names: list[str]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Pre-optimised (A, B) per identity name, checked against the model being trained (rank included)."""
-    root = Path(weights_dir)
-    folder = root / "weights" if (root / "weights").is_dir() else root
-    found = {}
-    for name in names:
-        path = folder / f"{name}.safetensors"
-        if path.is_file():
-            weights = load_personal(path)
-            # personalisation may relax the rank, but the weight loss compares numbers one to one
-            check_signature(weights.signature(), lidb.signature(), f"Pre-optimised weights file {path}", same_rank=True)
-            found[name] = (weights.A, weights.B)
+    """Pre-optimised (A, B) per identity name (`read_weights`); an error when none of them has any."""
+    found = {name: weights for name in names if (weights := read_weights(weights_dir, lidb, name)) is not None}
     if not found:
-        raise HdbError(f"No pre-optimised weights in {folder} match the identities in the image folder")
+        raise HdbError(f"No pre-optimised weights in {weights_dir} match the identities in the image folder")
     return found

@@ -24,7 +24,7 @@ import hashlib
 import json
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from hdb.cache import TrainingData
 from hdb.config import (
     DEFAULT_INSTANCE_TOKEN,
     MIXED_PRECISIONS,
@@ -47,12 +48,18 @@ from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError, check_choice
 from hdb.faces import crop_size
 from hdb.files import PARTIAL_SUFFIX, check_shared_folder, write_atomically
-from hdb.hypernet import ENCODER_DIR, TRAINING_FILE, HyperNetwork, build_tiny_image_encoder, load_image_encoder
+from hdb.hypernet import (
+    ENCODER_DIR,
+    TRAINING_FILE,
+    HyperNetwork,
+    build_tiny_image_encoder,
+    encoder_image_size,
+    load_image_encoder,
+)
 from hdb.identities import (
     Identity,
     WeightsManifest,
     check_manifest,
-    encode_identities,
     load_weights_dataset,
     read_manifest,
     resolve_identities,
@@ -72,6 +79,7 @@ MEMORY_OPTIONS = (
     "`optimizer='adamw8bit'`"
 )
 LOSSES_FILE = "losses.jsonl"  # one JSON record per step
+TrainingImages = str | Path | list[Identity] | DatasetSource | TrainingData  # what stage 2 can train on
 # What a checkpoint records of its run, and a run resuming it must share (else it would not continue that
 # run): the settings that shape the steps still to run (their data, noise, learning rates and loss) and the
 # hypernetwork's. The rest (checkpoint_every, validate_every, sample_steps, checkpoints_total_limit,
@@ -141,18 +149,18 @@ def run_settings(
     lidb_config: LiDBConfig,
     instance_token: str,
     resolution: int,
-    train_ids: list[Identity],
-    held_out: list[Identity],
+    train_names: list[str],
+    held_out: list[str],
 ) -> dict[str, object]:
     """What a checkpoint records of its run (`RESUMED_SETTINGS`, and what they were resolved to), for
     `check_resumable`. The identities go in as their count and a hash of their names, in order."""
-    names = json.dumps([[i.name for i in train_ids], [i.name for i in held_out]])
+    names = json.dumps([train_names, held_out])
     return {
         **{name: getattr(config, name) for name in RESUMED_SETTINGS},
         "lidb": asdict(lidb_config),
         "instance_token": instance_token,
         "resolution": resolution,
-        "identities": {"trained": len(train_ids), "held_out": len(held_out), "names_sha256": _sha256(names)[:16]},
+        "identities": {"trained": len(train_names), "held_out": len(held_out), "names_sha256": _sha256(names)[:16]},
     }
 
 
@@ -223,12 +231,10 @@ class Run:
     noise_schedule: DDPMScheduler
     settings: dict[str, object]  # what each checkpoint records, and a resume must match (`run_settings`)
     prompt_tokens: list[torch.Tensor]  # the instance prompt's tokens, for each text encoder
-    pixels: dict[str, torch.Tensor]  # each identity's photos as the image encoder takes them, [photos, 3, S, S]
-    targets: dict[str, tuple[torch.Tensor, torch.Tensor]]  # pre-optimised (A, B) by identity; {} without them
-    train_ids: list[Identity]
-    train_views: list[torch.Tensor]  # each training identity's views as latents
-    held_out: list[Identity]  # for validation and the samples
-    held_out_views: list[torch.Tensor]
+    data: TrainingData  # each identity's views as latents, photos as encoder crops, and pre-optimised (A, B)
+    normalise: Callable[[torch.Tensor], torch.Tensor]  # encoder crops -> the image encoder's input, on its device
+    train_names: list[str]
+    held_out: list[str]  # for validation and the samples
     # filled in as training goes
     step_terms: dict[int, dict[str, list[torch.Tensor]]] = field(default_factory=dict)  # see `micro_batch_loss`
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
@@ -254,9 +260,7 @@ def start_log(run: Run, start_step: int) -> None:
 # ----------------------------------------------------------------------------- one step
 
 
-def batch_loss(
-    run: Run, names: list[str], views: list[torch.Tensor], draw: int | str
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def batch_loss(run: Run, names: list[str], draw: int | str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of this process's slice of one batch of identities, and its terms apart (detached).
 
     `draw` (a micro-batch's number, or "validation") fixes the batch's randomness. A batch of `batch_size`
@@ -271,21 +275,24 @@ def batch_loss(
     # one seed per slot of the global batch, the same in every process: it picks the slot's input photo
     # and target view, and draws its noise
     seeds = [sample_seed(config.seed, draw, k) for k in mine]
+    data = run.data
     pairs = [
-        pair_photo_and_view(seed, len(run.pixels[names[k]]), len(views[k]), config.pairing)
+        pair_photo_and_view(seed, data.photos[names[k]], data.views[names[k]], config.pairing)
         for k, seed in zip(mine, seeds, strict=True)
     ]
-    photos = torch.stack([run.pixels[names[k]][photo] for k, (photo, _) in zip(mine, pairs, strict=True)])
-    batch = torch.stack([views[k][view] for k, (_, view) in zip(mine, pairs, strict=True)])
+    photos = run.normalise(torch.stack([data.crop(names[k], photo) for k, (photo, _) in zip(mine, pairs, strict=True)]))
+    batch = torch.stack([data.view(names[k], view) for k, (_, view) in zip(mine, pairs, strict=True)])
     A, B = run.model(photos)
     run.lidb.use_per_sample(A, B)  # until the next batch: gradient checkpointing re-runs the forward in backward
     with accelerator.autocast():
+        batch = batch.to(accelerator.device)  # one batch on the device at a time, whatever the number of identities
         diffusion = step_loss(run.pipe, run.noise_schedule, batch, run.prompt_tokens, seeds).mean()
     terms = {"diffusion_loss": diffusion.detach()}
     loss = config.alpha * diffusion
-    if config.beta > 0 and all(name in run.targets for name in names):
-        target_A = torch.stack([run.targets[names[k]][0] for k in mine]).to(A.device)
-        target_B = torch.stack([run.targets[names[k]][1] for k in mine]).to(A.device)
+    if config.beta > 0 and all(name in data.with_target for name in names):
+        targets = [data.target(names[k]) for k in mine]
+        target_A = torch.stack([A for A, _ in targets]).to(A.device)
+        target_B = torch.stack([B for _, B in targets]).to(A.device)
         weight = weight_loss(config.weight_loss, A, B, target_A, target_B).mean()
         terms["weight_loss"] = weight.detach()
         loss = loss + config.beta * weight
@@ -300,8 +307,8 @@ def micro_batch_loss(run: Run, micro: int) -> torch.Tensor:
     """
     config = run.config
     generator = torch.Generator().manual_seed(sample_seed(config.seed, "batch", micro))
-    order = torch.randint(0, len(run.train_ids), (config.batch_size,), generator=generator).tolist()
-    loss, terms = batch_loss(run, [run.train_ids[k].name for k in order], [run.train_views[k] for k in order], micro)
+    order = torch.randint(0, len(run.train_names), (config.batch_size,), generator=generator).tolist()
+    loss, terms = batch_loss(run, [run.train_names[k] for k in order], micro)
     for name, value in terms.items():
         run.step_terms.setdefault(micro // config.accumulation_steps, {}).setdefault(name, []).append(value)
     return loss
@@ -324,7 +331,7 @@ def _in_eval_mode(module: torch.nn.Module) -> Iterator[None]:
 def validation_loss(run: Run) -> float:
     """The loss on the held-out identities, drawn the same way every time: comparable over the run."""
     with _in_eval_mode(run.model), run.lidb.restored():  # validation routes the LiDB to its own predictions
-        return batch_loss(run, [i.name for i in run.held_out], run.held_out_views, "validation")[0].item()
+        return batch_loss(run, run.held_out, "validation")[0].item()
 
 
 @torch.no_grad()
@@ -332,8 +339,10 @@ def save_sample(run: Run, step: int) -> None:
     """What the predicted weights draw for the first held-out face: saved to samples/ and logged to TensorBoard."""
     from hdb.generate import generate
 
-    A, B = run.accelerator.unwrap_model(run.model).predict(run.held_out[0].faces[0])
-    with run.lidb.holding(A, B), _in_eval_mode(run.pipe.unet):
+    hypernet = run.accelerator.unwrap_model(run.model)  # the main process alone: not through DDP
+    with _in_eval_mode(hypernet):
+        A, B = hypernet(run.normalise(run.data.crop(run.held_out[0], 0)[None]))
+    with run.lidb.holding(A[0].float(), B[0].float()), _in_eval_mode(run.pipe.unet):
         prompt = f"a portrait of a {run.instance_token}"
         image = generate(run.pipe, run.lidb, prompt, steps=run.config.sample_steps, seed=0)[0]
     (run.out / "samples").mkdir(exist_ok=True)
@@ -413,7 +422,7 @@ def after_step(run: Run, step: int, loss: float) -> None:
 # ----------------------------------------------------------------------------- the end
 
 
-def save_hypernetwork(run: Run, images: str | Path | list[Identity] | DatasetSource) -> None:
+def save_hypernetwork(run: Run, images: TrainingImages) -> None:
     """out/hypernet, with how it was trained beside it (training.json: what the model card, hdb.hub, says)."""
     config = run.config
     run.accelerator.unwrap_model(run.model).save_pretrained(run.out / "hypernet")
@@ -424,18 +433,43 @@ def save_hypernetwork(run: Run, images: str | Path | list[Identity] | DatasetSou
             "instance_token": run.instance_token,
         },
         "steps_run": config.steps,
-        "identities": len(run.train_ids),
-        "held_out": [i.name for i in run.held_out],
-        "images": str(images) if isinstance(images, (str, Path, DatasetSource)) else "identities given in Python",
+        "identities": len(run.train_names),
+        "held_out": run.held_out,
+        "images": str(images) if isinstance(images, (str, Path, DatasetSource)) else run.data.source,
         "processes": run.accelerator.num_processes,
         "final_validation_loss": run.validation[-1][1] if run.validation else None,
     }
     (run.out / "hypernet" / TRAINING_FILE).write_text(json.dumps(training, indent=1))
 
 
+def training_data(
+    images: TrainingImages,
+    weights_dir: str | Path | None,
+    pipe: Pipeline,
+    lidb: LiDB,
+    instance_token: str,
+    resolution: int,
+    encoder_size: int,
+    faces_dir: Path | None,
+    progress: bool,
+) -> TrainingData:
+    """A training cache, checked to fit this run; or photos aligned and encoded here, with their stage 1 weights,
+    into the same tensors in memory (every process makes them all: for small runs)."""
+    if isinstance(images, TrainingData):
+        images.check(pipe, lidb, resolution, encoder_size, "given")
+        return images
+    identities, skipped = resolve_identities(images, crop_size(resolution), faces_dir, progress)
+    names = [i.name for i in identities]
+    targets = load_weights_dataset(weights_dir, lidb, names) if weights_dir is not None else {}
+    source = str(images) if isinstance(images, (str, Path, DatasetSource)) else "identities given in Python"
+    return TrainingData.in_memory(
+        pipe, lidb, instance_token, identities, targets, resolution, encoder_size, source, dict(skipped)
+    )
+
+
 def train_hypernetwork(
     base: str | Path | Pipeline,
-    images: str | Path | list[Identity] | DatasetSource,
+    images: TrainingImages,
     out_dir: str | Path,
     weights_dir: str | Path | None = None,
     config: HypernetTrainConfig | None = None,
@@ -443,8 +477,9 @@ def train_hypernetwork(
 ) -> dict:
     """Train (or resume training) a hypernetwork; writes out_dir/hypernet, checkpoints and TensorBoard logs.
 
-    `base`: hub id or directory, or a pipeline already loaded; `images`: a folder, a dataset or prepared
-    `Identity`s.
+    `base`: hub id or directory, or a pipeline already loaded; `images`: a training cache (`TrainingData.open`,
+    which holds the pre-optimised weights too), or a folder, a dataset or prepared `Identity`s with `weights_dir`,
+    the folder stage 1 wrote.
     """
     from accelerate import Accelerator
 
@@ -459,53 +494,53 @@ def train_hypernetwork(
         raise HdbError(
             f"`batch_size={config.batch_size}` must be a multiple of the {accelerator.num_processes} processes"
         )
-    if config.beta > 0 and weights_dir is None:
+    cached = isinstance(images, TrainingData)
+    if cached and weights_dir is not None:
+        raise HdbError("A training cache holds the pre-optimised weights: leave out `weights_dir`")
+    if config.beta > 0 and weights_dir is None and not cached:
         raise HdbError(
             "`beta` > 0 needs pre-optimised weights: `weights_dir`, the folder stage 1 (preoptimize) wrote; "
             "or set `beta=0`"
         )
     check_shared_folder(accelerator, out)  # every process resumes from out/checkpoints/latest
-    manifest = read_manifest(weights_dir) if weights_dir is not None else None
+    manifest = images.manifest() if cached else read_manifest(weights_dir) if weights_dir is not None else None
     lidb_config, instance_token = _settings(config, manifest)
 
-    # the base model, and the identities' faces and latents; the first `holdout` identities are held out
+    # the base model, and the identities' latents, encoder crops and targets; the first `holdout` are held out
     if isinstance(base, (str, Path)):
         pipe = load_pipeline(str(base), MIXED_PRECISIONS[config.mixed_precision], str(accelerator.device))
     else:
         pipe = base
     resolution = config.resolution or native_resolution(pipe)
-    identities, skipped = resolve_identities(
-        images,
-        crop_size(resolution),
-        out / "faces" if accelerator.is_main_process else None,
-        config.progress and accelerator.is_main_process,
-    )
-    if len(identities) <= config.holdout:
-        raise HdbError(
-            f"Need more than {config.holdout} usable identities "
-            f"(found {len(identities)}; {dict(skipped)} photos skipped)"
-        )
-    latents = encode_identities(pipe, identities, resolution)
     with (
         LiDB.attached(pipe, lidb_config) as lidb,
         training_stage(pipe, lidb, "training the hypernetwork", MEMORY_OPTIONS, config.gradient_checkpointing),
     ):
-        # the pre-optimised weights: identities without them cannot take the weight loss, and are left out
         if manifest is not None:
-            check_manifest(manifest, lidb, weights_dir)
-        targets = (
-            load_weights_dataset(weights_dir, lidb, [i.name for i in identities]) if weights_dir is not None else {}
+            check_manifest(manifest, lidb, "the training cache" if cached else weights_dir)
+        data = training_data(
+            images,
+            weights_dir,
+            pipe,
+            lidb,
+            instance_token,
+            resolution,
+            encoder_image_size(config.image_encoder),
+            out / "faces" if accelerator.is_main_process else None,
+            config.progress and accelerator.is_main_process,
         )
-        train_pairs = [
-            (identity, views)
-            for identity, views in zip(identities[config.holdout :], latents[config.holdout :], strict=True)
-            if not targets or identity.name in targets
-        ]
+        if len(data.names) <= config.holdout:
+            raise HdbError(
+                f"Need more than {config.holdout} usable identities "
+                f"(found {len(data.names)}; {data.skipped_photos} photos skipped)"
+            )
+        held_out = data.names[: config.holdout]
+        # with pre-optimised weights, identities without them cannot take the weight loss, and are left out
+        targets = data.with_target
+        train_names = [name for name in data.names[config.holdout :] if not targets or name in targets]
 
         # the hypernetwork and its optimizer, fresh or from the latest checkpoint, if that was made with these settings
-        held_out = identities[: config.holdout]
-        train_ids = [identity for identity, _ in train_pairs]
-        settings = run_settings(config, lidb_config, instance_token, resolution, train_ids, held_out)
+        settings = run_settings(config, lidb_config, instance_token, resolution, train_names, held_out)
         resume = _latest_checkpoint(out)
         if resume is not None:
             check_resumable(resume, settings)
@@ -542,12 +577,10 @@ def train_hypernetwork(
             noise_schedule=training_scheduler(pipe),
             settings=settings,
             prompt_tokens=tokenize_prompts(pipe, [instance_prompt_for(instance_token)]),
-            pixels={i.name: hypernet.preprocess(i.faces) for i in identities},
-            targets=targets,
-            train_ids=train_ids,
-            train_views=[views for _, views in train_pairs],
+            data=data,
+            normalise=hypernet.normalise,
+            train_names=train_names,
             held_out=held_out,
-            held_out_views=latents[: config.holdout],
         )
         start_log(run, start_step)
 
@@ -573,8 +606,8 @@ def train_hypernetwork(
         "losses": result.losses,
         "skipped_steps": result.skipped_steps,  # fp16 overflows the loss scaler skipped
         "validation": run.validation,
-        "identities": len(run.train_ids),
-        "held_out": [i.name for i in run.held_out],
-        "skipped_photos": dict(skipped),
+        "identities": len(run.train_names),
+        "held_out": run.held_out,
+        "skipped_photos": data.skipped_photos,
         "processes": accelerator.num_processes,
     }

@@ -16,6 +16,7 @@ from helpers import hdb_cli as hdb
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
+from hdb.cache import TrainingData
 from hdb.config import (
     WEIGHT_LOSSES,
     DatasetSource,
@@ -139,7 +140,12 @@ def accelerate_launch(*args, processes: int = 2, script: Path | None = None) -> 
         "no",
         *(["-m", "hdb"] if script is None else [str(script)]),
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    checkout = str(Path(__file__).resolve().parent.parent)  # hdb, for a script too
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])),
+    )
     return subprocess.run([*launch, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -365,31 +371,184 @@ def test_the_face_cache_recovers_from_broken_files_and_remembers_photos_without_
     assert sorted(detected) == ["landscape.jpg", "obama.jpg", "obama.jpg", "obama.jpg"]
 
 
-def test_two_processes_match_one_and_checkpoint_once(preoptimized, identity_folder, tiny_sd15_dir, tmp_path):
+def cache_args(identity_folder, tiny_sd15_dir, weights, out):
+    """`hdb cache` of the identity folder in shards of two names: (astronaut, biden), (broken, grace_hopper),
+    (landscape, obama); broken.jpg is unreadable and landscape.jpg holds no face."""
+    return [
+        "cache", "--images", identity_folder, "--weights", weights, "--out", out, "--base", tiny_sd15_dir,
+        "--image-encoder", "tiny", "--shard-size", "2", "--device", "cpu",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(preoptimized, identity_folder, tiny_sd15_dir, tmp_path_factory):
     weights, _ = preoptimized
-    single = hdb(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "one")).stdout
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    return out, hdb(*cache_args(identity_folder, tiny_sd15_dir, weights, out)).stdout
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+# `hdb cache` in a process that kills itself (SIGKILL) halfway through writing its second shard.
+KILL_DURING_SECOND_SHARD = """
+import os, signal, sys
+import hdb.cache as cache
+
+save, written = cache.save_file, []
+
+def save_or_die(tensors, path, metadata=None):
+    written.append(path)
+    if len(written) == 2:
+        with open(path, "wb") as file:
+            file.write(b"half a shard")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(tensors, path, metadata=metadata)
+
+cache.save_file = save_or_die
+from hdb.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_cache_is_made_once_in_shards_and_the_same_by_two_processes_or_after_a_kill(
+    cache, preoptimized, identity_folder, tiny_sd15_dir, tmp_path
+):
+    from hdb.cache import TrainingData
+
+    one, stdout = cache
+    weights, _ = preoptimized
+    assert (
+        "3 of 3 shards made now (4 identities aligned and encoded), 0 already there" in stdout
+        and "'no face': 1, 'unreadable': 1" in stdout
+    )
+    index = json.loads((one / "index.json").read_text())
+    shards = [[(row["name"], row["photos"], row["views"], row["target"]) for row in rows] for rows in index["shards"]]
+    assert shards == [
+        [("astronaut", 1, 4, True), ("biden", 1, 4, True)], [("grace_hopper", 1, 4, True)], [("obama", 2, 8, True)]
+    ]  # fmt: skip
+    data = TrainingData.open(one)
+    assert data.names == ["astronaut", "biden", "grace_hopper", "obama"]
+    assert data.crop("obama", 1).dtype == torch.uint8 and data.crop("obama", 1).shape == (3, 64, 64)
+    assert data.view("obama", 7).shape == (4, 8, 8) and data.target("biden")[0].dtype == torch.float32
+    assert torch.equal(data.target("biden")[1], load_personal(weights / "weights" / "biden.safetensors").B)
+
+    # two processes: shards 0 and 2 on process 0, shard 1 on process 1; byte for byte what one process made
+    two = tmp_path / "two"
+    result = accelerate_launch(*cache_args(identity_folder, tiny_sd15_dir, weights, two))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 0 of 2: 2 of 3 shards made now (3 identities aligned" in result.stdout
+    assert "process 1 of 2: 1 of 3 shards made now (1 identities aligned" in result.stdout
+    assert files_of(two) == files_of(one)
+    assert (
+        "0 of 3 shards made now (0 identities aligned and encoded), 3 already there"
+        in hdb(*cache_args(identity_folder, tiny_sd15_dir, weights, two)).stdout
+    )
+
+    # killed while writing shard 1: shard 0 stays, the half shard is a .partial, there is no index (nothing to
+    # train on yet); the rerun makes the rest, and the cache is the same
+    killed = tmp_path / "killed"
+    args = map(str, cache_args(identity_folder, tiny_sd15_dir, weights, killed))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-c", KILL_DURING_SECOND_SHARD, *args], env=env, capture_output=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    assert sorted(files_of(killed)) == ["shard-00000.safetensors", "shard-00001.safetensors.partial"]
+    with pytest.raises(HdbError, match="is not a finished training cache"):
+        TrainingData.open(killed)
+    assert (
+        "2 of 3 shards made now (2 identities aligned and encoded), 1 already there"
+        in hdb(*cache_args(identity_folder, tiny_sd15_dir, weights, killed)).stdout
+    )
+    assert files_of(killed) == files_of(one)
+
+
+def test_stage_2_trains_on_the_cache_as_on_the_photos(cache, preoptimized, identity_folder, tiny_sd15_dir, tmp_path):
+    from hdb.cache import TrainingData
+
+    weights, _ = preoptimized
+    config = tiny_stage2(steps=4, validate_every=2, checkpoint_every=4)
+    photos = train_hypernetwork(tiny_sd15_dir, identity_folder, tmp_path / "photos", weights, config, device="cpu")
+    cached = train_hypernetwork(tiny_sd15_dir, TrainingData.open(cache[0]), tmp_path / "cached", None, config, "cpu")
+    assert cached["held_out"] == photos["held_out"] == ["astronaut"] and cached["identities"] == 3
+    assert cached["skipped_photos"] == photos["skipped_photos"] == {"no face": 1, "unreadable": 1}
+    torch.testing.assert_close(cached["losses"], photos["losses"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(cached["validation"], photos["validation"], atol=1e-6, rtol=0)
+    with pytest.raises(HdbError, match="holds the pre-optimised weights"):
+        train_hypernetwork(tiny_sd15_dir, TrainingData.open(cache[0]), tmp_path / "x", weights, config, "cpu")
+    other = dataclasses.replace(config, resolution=128)
+    with pytest.raises(HdbError, match="made for other settings .*resolution: 64 in the cache, 128 here"):
+        train_hypernetwork(tiny_sd15_dir, TrainingData.open(cache[0]), tmp_path / "y", None, other, "cpu")
+
+
+# `hdb train` in each process `accelerate launch` starts; every process kills itself (SIGKILL) once the
+# checkpoint of a given step is written: a run killed at a known point.
+KILL_AFTER_STEP = """
+import os, signal, sys
+import hdb.train_hypernet as stage
+
+after, kill_after = stage.after_step, int(sys.argv[1])
+
+def after_then_die(run, step, loss):
+    after(run, step, loss)
+    if step == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+stage.after_step = after_then_die
+from hdb.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_processes_train_on_the_cache_as_one_checkpoint_once_and_resume_under_either(
+    cache, identity_folder, tiny_sd15_dir, tmp_path
+):
+    def cached_args(out, steps=8):
+        return ["train", "--cache", cache[0], *train_args(identity_folder, tiny_sd15_dir, None, out, steps)[5:]]
+
+    single = hdb(*cached_args(tmp_path / "one")).stdout
     assert "on 1 process(es)" in single
-    result = accelerate_launch(*train_args(identity_folder, tiny_sd15_dir, weights, tmp_path / "two"))
+    result = accelerate_launch(*cached_args(tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("on 2 process(es)") == 1  # summary from the main process only
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
-    assert [r["step"] for r in two] == [0, 1, 2, 3]  # written once, not once per process
+    assert [r["step"] for r in two] == list(range(8))  # written once, not once per process
     for record in one:  # the two terms are logged apart, and they make up the loss (alpha = beta = 1)
         assert abs(record["loss"] - record["diffusion_loss"] - record["weight_loss"]) < 1e-5
     for a, b in zip(one, two, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4
     checkpoints = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
-    assert checkpoints == ["checkpoint-3", "latest"]
+    assert checkpoints == ["checkpoint-7", "latest"]
     samples = sorted(p.name for p in (tmp_path / "two" / "samples").iterdir())  # validation images of a held-out face
-    assert samples == ["step-000001.png", "step-000003.png"]
+    assert samples == ["step-000001.png", "step-000003.png", "step-000005.png", "step-000007.png"]
     assert list((tmp_path / "two").glob("hdb/events.out.tfevents.*"))  # TensorBoard log
     card, _ = model_card(tmp_path / "two" / "hypernet", "someone/hdb-hypernet")  # what `hdb push` would publish
     text = str(card)  # from the run's training.json: counts, not who was held out
-    assert "4 steps on 3 identities" in text and "2 process(es)" in text and "1 more held out for validation" in text
+    assert "8 steps on 3 identities" in text and "2 process(es)" in text and "1 more held out for validation" in text
     final_one = load_file(str(tmp_path / "one" / "hypernet" / "hypernet.safetensors"))
     final_two = load_file(str(tmp_path / "two" / "hypernet" / "hypernet.safetensors"))
     for key in final_one:
         torch.testing.assert_close(final_two[key], final_one[key], atol=1e-5, rtol=1e-4)
+
+    # two processes killed after step 3's checkpoint; resumed by two processes, and (a copy) by one
+    killed = accelerate_launch("3", *cached_args(tmp_path / "killed"), script=write_script(tmp_path, KILL_AFTER_STEP))
+    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "checkpoint-3"
+    shutil.copytree(tmp_path / "killed", tmp_path / "killed_then_one")
+    resumed = accelerate_launch(*cached_args(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "steps 4..7 on 2 process(es)" in resumed.stdout
+    assert "steps 4..7 on 1 process(es)" in hdb(*cached_args(tmp_path / "killed_then_one")).stdout
+    for name, reference in (("killed", two), ("killed_then_one", two)):
+        losses = logged(tmp_path / name)
+        assert [r["step"] for r in losses] == list(range(8))
+        for a, b in zip(reference, losses, strict=True):
+            assert abs(a["loss"] - b["loss"]) < 1e-6, (name, a, b)
+
+
+def write_script(folder: Path, text: str) -> Path:
+    script = folder / "script.py"
+    script.write_text(text)
+    return script
 
 
 # Runs `hdb train` in a process that kills itself (SIGKILL: no cleanup) right after the checkpoint of a
@@ -911,7 +1070,13 @@ def test_stage_2_compares_each_prediction_with_its_own_identitys_target(tiny_sd1
             )
             for name in names
         }
-        pixels = {name: torch.full((1, 3, 8, 8), float(k)) for k, name in enumerate(names)}  # one photo each
+        crops = {f"{name}/crops": torch.full((1, 3, 8, 8), k, dtype=torch.uint8) for k, name in enumerate(names)}
+        views = {f"{name}/views": torch.zeros(1, 4, 8, 8) for name in names}
+
+        def data_with(targets):  # one photo and one view per identity
+            weights = {f"{name}/{part}": w for name, (A, B) in targets.items() for part, w in (("A", A), ("B", B))}
+            rows = [{"name": name, "photos": 1, "views": 1, "target": True} for name in names]
+            return TrainingData._from_rows(rows, {}, "test", {}, crops | views | weights)
 
         def exact(photos):  # knows each identity by its photo's value, and predicts its target
             chosen = [names[int(photo[0, 0, 0])] for photo in photos]
@@ -919,15 +1084,14 @@ def test_stage_2_compares_each_prediction_with_its_own_identitys_target(tiny_sd1
 
         run = SimpleNamespace(
             config=HypernetTrainConfig(batch_size=3, beta=1.0, lidb=LiDBConfig(a=8, b=4), weight_loss=weight_loss),
-            accelerator=SimpleNamespace(num_processes=1, process_index=0, autocast=nullcontext),
-            pixels=pixels, model=exact, lidb=lidb, pipe=tiny_sd15, noise_schedule=training_scheduler(tiny_sd15),
-            prompt_tokens=tokenize_prompts(tiny_sd15, ["a sks face"]), targets=targets,
+            accelerator=SimpleNamespace(num_processes=1, process_index=0, autocast=nullcontext, device="cpu"),
+            data=data_with(targets), normalise=lambda crops: crops.float(), model=exact, lidb=lidb, pipe=tiny_sd15,
+            noise_schedule=training_scheduler(tiny_sd15), prompt_tokens=tokenize_prompts(tiny_sd15, ["a sks face"]),
         )  # fmt: skip
-        views = [torch.zeros(1, 4, 8, 8)] * 3
         with torch.no_grad():
-            _, own = batch_loss(run, names, views, 0)
-            run.targets = {"ann": targets["bob"], "bob": targets["ann"], "cy": targets["cy"]}
-            _, swapped = batch_loss(run, names, views, 0)
+            _, own = batch_loss(run, names, 0)
+            run.data = data_with({"ann": targets["bob"], "bob": targets["ann"], "cy": targets["cy"]})
+            _, swapped = batch_loss(run, names, 0)
     assert own["weight_loss"].item() == 0 and swapped["weight_loss"].item() > 0.5
 
 
