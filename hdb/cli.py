@@ -292,6 +292,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(record, indent=1))
 
 
+def cmd_bench_training(args: argparse.Namespace) -> None:
+    from hdb.bench_training import bench_training, format_growth
+
+    _quiet_model_loading()
+    rows = bench_training(args.identities)
+    print(format_growth(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from hdb.evaluate import (
         EVAL_PROMPTS,
@@ -642,6 +652,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--arch", default="sd15", choices=["sd15"])
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.set_defaults(run=cmd_bench)
+
+    setup = sub.add_parser(
+        "bench-training", help="stage 2's set-up time and peak memory per number of identities (cache or photos)"
+    )
+    setup.add_argument(
+        "--identities", type=in_range(int, (2, 1 << 20)), nargs="+", default=[64, 1024], help="identity counts"
+    )
+    setup.add_argument("--json", type=Path, help="also write the figures here")
+    setup.set_defaults(run=cmd_bench_training)
 
     ev = sub.add_parser(
         "eval",
