@@ -6,8 +6,8 @@ and data path runs a 3-step stage 2 in a fresh child process (`python -m hdb.ben
 which reports its wall time (set-up and the 3 steps) and how far its resident memory rose above where it
 stood as stage 2 began (the peak, reset then: imports and the model do not count). On the cache a process
 holds the index and one batch whatever the count; in memory, every identity's tensors. Per identity these
-are 64 KB of latents and 12 KB of encoder crops here (fp32 in memory), 256 KB and 150 KB for SD1.5 at 512 px
-with ViT-H: the in-memory growth scales by about 5.
+are 32 KB of latents (fp16) and 12 KB of encoder crops (uint8) here, 128 KB and 150 KB for SD1.5 at 512 px
+with ViT-H: the in-memory growth scales by about 6.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from hdb.cache import TrainingData, build_cache
-from hdb.config import DEFAULT_INSTANCE_TOKEN, HypernetTrainConfig, LiDBConfig
+from hdb.config import BENCH_TRAINING_RESOLUTION, DEFAULT_INSTANCE_TOKEN, HypernetTrainConfig, LiDBConfig
 from hdb.hypernet import encoder_image_size
 from hdb.identities import Identity, write_manifest
 from hdb.lidb import LiDB
@@ -33,7 +33,7 @@ from hdb.personal_file import PersonalWeights, save_personal
 PATHS = ("cache", "memory")  # stage 2 reads the training cache, or makes the same tensors in memory
 LIDB = LiDBConfig(a=8, b=4)  # the tiny model's layers are narrow
 STEPS = 3
-RESOLUTION = 256  # the tiny model trained at 4x its native side: latents big enough to see in the memory figures
+RESOLUTION = BENCH_TRAINING_RESOLUTION  # the tiny model trained at 4x its native side
 
 
 def synthetic_people(count: int) -> list[Identity]:
@@ -56,10 +56,10 @@ def synthetic_stage1(count: int, folder: Path) -> None:
         write_manifest(folder, lidb, DEFAULT_INSTANCE_TOKEN)
 
 
-def _stage2_config() -> HypernetTrainConfig:
+def _stage2_config(resolution: int) -> HypernetTrainConfig:
     return HypernetTrainConfig(
         steps=STEPS, batch_size=2, image_encoder="tiny", width=32, depth=2, heads=4, sample_steps=0,
-        checkpoint_every=STEPS, validate_every=STEPS, resolution=RESOLUTION, progress=False,
+        checkpoint_every=STEPS, validate_every=STEPS, resolution=resolution, progress=False,
     )  # fmt: skip
 
 
@@ -76,7 +76,7 @@ def _reset_peak_memory() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def child(path: str, count: int, work: str) -> dict:
+def child(path: str, count: int, work: str, resolution: int) -> dict:
     """One 3-step stage 2 over `count` synthetic identities, read the `path` way; in a process of its own."""
     from hdb.train_hypernet import train_hypernetwork
 
@@ -90,12 +90,14 @@ def child(path: str, count: int, work: str) -> dict:
             images, weights = TrainingData.open(root / "cache"), None
         else:
             images, weights = synthetic_people(count), root / "stage1"
-        train_hypernetwork(pipe, images, out, weights, _stage2_config(), device="cpu")
+        train_hypernetwork(pipe, images, out, weights, _stage2_config(resolution), device="cpu")
         seconds, peak = time.perf_counter() - started, _memory_mb("VmHWM")
     return {"path": path, "identities": count, "seconds": round(seconds, 2), "rss_rise_mb": round(peak - before, 1)}
 
 
-def bench_training(counts: list[int], paths: tuple[str, ...] = PATHS, progress: bool = True) -> list[dict]:
+def bench_training(
+    counts: list[int], paths: tuple[str, ...] = PATHS, resolution: int = RESOLUTION, progress: bool = True
+) -> list[dict]:
     """Make each count's synthetic stage 1 and cache, then run `child` once per count and path."""
     rows = []
     with tempfile.TemporaryDirectory() as work:
@@ -105,10 +107,10 @@ def bench_training(counts: list[int], paths: tuple[str, ...] = PATHS, progress: 
             started = time.perf_counter()
             pipe = build_tiny_pipeline("sd15")
             build_cache(pipe, synthetic_people(count), root / "stage1", root / "cache", encoder_image_size("tiny"),
-                        RESOLUTION, progress=False)  # fmt: skip
+                        resolution, progress=False)  # fmt: skip
             cache_seconds = round(time.perf_counter() - started, 2)
             for path in paths:
-                command = [sys.executable, "-m", "hdb.bench_training", json.dumps([path, count, work])]
+                command = [sys.executable, "-m", "hdb.bench_training", json.dumps([path, count, work, resolution])]
                 result = subprocess.run(command, capture_output=True, text=True, check=False)
                 if result.returncode != 0:
                     raise RuntimeError(f"the {path} run over {count} identities failed:\n{result.stderr[-3000:]}")

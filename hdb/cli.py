@@ -21,6 +21,7 @@ from types import NoneType, UnionType
 from typing import TYPE_CHECKING, Any, get_args, get_type_hints
 
 from hdb.config import (
+    BENCH_TRAINING_RESOLUTION,
     DEFAULT_BASE,
     DEFAULT_CLIP,
     DEFAULT_DINO,
@@ -296,7 +297,7 @@ def cmd_bench_training(args: argparse.Namespace) -> None:
     from hdb.bench_training import bench_training, format_growth
 
     _quiet_model_loading()
-    rows = bench_training(args.identities)
+    rows = bench_training(args.identities, resolution=args.resolution)
     print(format_growth(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
@@ -601,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="stage 2: train the hypernetwork (works under `accelerate launch`)")
     _add_photo_options(tr, cache=True)
-    tr.add_argument("--weights", type=Path, help="pre-optimised weights from `preoptimize` (needed when --beta > 0)")
+    tr.add_argument(
+        "--weights", type=Path, help="pre-optimised weights from `preoptimize` (needed when --beta > 0, unless --cache)"
+    )
     tr.add_argument("--out", type=Path, required=True, help="checkpoints, TensorBoard logs and the final hypernet/")
     tr.add_argument(
         "--base", default=DEFAULT_BASE, help=f"base model: hub id or local directory (default {DEFAULT_BASE})"
@@ -658,6 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     setup.add_argument(
         "--identities", type=in_range(int, (2, 1 << 20)), nargs="+", default=[64, 1024], help="identity counts"
+    )
+    setup.add_argument(
+        "--resolution",
+        type=in_range(int, (64, 1024), 8),
+        default=BENCH_TRAINING_RESOLUTION,
+        help="training side of the tiny model",
     )
     setup.add_argument("--json", type=Path, help="also write the figures here")
     setup.set_defaults(run=cmd_bench_training)

@@ -40,6 +40,7 @@ DECODER_INPUTS = ("cross", "concatenated")
 # ("same": the paper's setting, one photo per CelebA-HQ identity). With one photo per identity they agree.
 PAIRINGS = ("independent", "same")
 LR_SCHEDULES = ("constant", "cosine")  # after the warm-up: keep the learning rate, or let it fall to 0 by the last step
+REPORT_TO = ("tensorboard", "wandb", "none")  # stage 2's loss logs besides losses.jsonl (accelerate's trackers)
 MIXED_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # accelerate's choice -> the frozen base's dtype
 # torch.compile of the base model: not at all; "full": the UNet and text encoder whole, with CUDA graphs (fastest
 # steps, minutes to compile); "regional": each of the UNet's repeated transformer blocks (compiles much sooner)
@@ -67,6 +68,7 @@ STEPS_WITH_HYPERNET = 40  # the paper's fast finetuning
 STEPS_FROM_ZERO = 200  # no prediction to start from: more steps
 # DreamBooth-LoRA as users usually run it (diffusers' example): a rank-4 LoRA from zero, ~1,000 steps at lr 1e-4
 SHARD_SIZE = 1024  # identities per shard of a training cache (hdb.cache), in name order
+BENCH_TRAINING_RESOLUTION = 256  # hdb.bench_training's tiny model side: latents big enough to show in memory
 DREAMBOOTH_LORA_STEPS = 1000
 DREAMBOOTH_LORA_LR = 1e-4
 # `hdb eval`'s models for the paper's metrics: CLIP ViT-L/14 (CLIP-I, CLIP-T) and DreamBooth's DINO ViT-S/16
@@ -254,6 +256,7 @@ class HypernetTrainConfig(Checked):
     validate_every: int = _steps(100, "steps between validations on the held-out identities")
     holdout: int = _count(1, "identities held out for validation", low=0, high=MAX_STEPS)
     sample_steps: int = _count(20, "sampling steps of the validation image (0: no image)", low=0, high=1000)
+    report_to: str = setting(REPORT_TO[0], "where the losses (and samples) go besides losses.jsonl", REPORT_TO)
     seed: int = _seed()
     image_encoder: str = setting(
         "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,10 +80,11 @@ MEMORY_OPTIONS = (
     "`optimizer='adamw8bit'`"
 )
 LOSSES_FILE = "losses.jsonl"  # one JSON record per step
+PROCESS_GROUP_TIMEOUT_S = 2 * 3600  # NCCL's default of 10 minutes is shorter than aligning photos in memory takes
 TrainingImages = str | Path | list[Identity] | DatasetSource | TrainingData  # what stage 2 can train on
 # What a checkpoint records of its run, and a run resuming it must share (else it would not continue that
 # run): the settings that shape the steps still to run (their data, noise, learning rates and loss) and the
-# hypernetwork's. The rest (checkpoint_every, validate_every, sample_steps, checkpoints_total_limit,
+# hypernetwork's. The rest (checkpoint_every, validate_every, sample_steps, checkpoints_total_limit, report_to,
 # gradient_checkpointing, mixed_precision, progress) may change between restarts, e.g. on other hardware.
 RESUMED_SETTINGS = (
     "steps", "batch_size", "accumulation_steps", "learning_rate", "warmup_steps", "lr_schedule", "optimizer",
@@ -241,7 +243,7 @@ class Run:
 
 
 def start_log(run: Run, start_step: int) -> None:
-    """Start TensorBoard, and cut losses.jsonl back to the steps before `start_step` (the later ones are redone)."""
+    """Start the trackers (`report_to`); cut losses.jsonl back to the steps before `start_step` (they are redone)."""
     if not run.accelerator.is_main_process:
         return
     run.out.mkdir(parents=True, exist_ok=True)
@@ -347,8 +349,13 @@ def save_sample(run: Run, step: int) -> None:
         image = generate(run.pipe, run.lidb, prompt, steps=run.config.sample_steps, seed=0)[0]
     (run.out / "samples").mkdir(exist_ok=True)
     image.save(run.out / "samples" / f"step-{step:06d}.png")
-    writer = run.accelerator.get_tracker("tensorboard", unwrap=True)
-    writer.add_image("validation/sample", np.asarray(image), step, dataformats="HWC")
+    if run.config.report_to == "tensorboard":
+        writer = run.accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image("validation/sample", np.asarray(image), step, dataformats="HWC")
+    elif run.config.report_to == "wandb":
+        import wandb
+
+        run.accelerator.log({"validation/sample": wandb.Image(image)}, step=step)
 
 
 def log_step(run: Run, record: dict) -> None:
@@ -482,13 +489,19 @@ def train_hypernetwork(
     the folder stage 1 wrote.
     """
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     # the options, checked before any work
     config = config or HypernetTrainConfig()
     check_choice("pairing", config.pairing, PAIRINGS)  # not at the first step
     out = Path(out_dir)
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, log_with="tensorboard", project_dir=str(out), cpu=device == "cpu"
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_dir=str(out),
+        cpu=device == "cpu",
+        # every process waits at the first collective while the others set up: give it long enough
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))],
     )
     if config.batch_size % accelerator.num_processes:
         raise HdbError(
@@ -593,6 +606,7 @@ def train_hypernetwork(
             optimizer=optimizer,
             accelerator=accelerator,
             start_step=start_step,
+            model=model,
         )
 
         # the trained hypernetwork, written once

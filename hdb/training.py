@@ -14,6 +14,7 @@ import json
 import math
 import statistics
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,6 +131,7 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     accelerator: Accelerator | None = None,
     start_step: int = 0,
+    model: torch.nn.Module | None = None,
 ) -> TrainResult:
     """Optimise `parameters` from `start_step` to `config.steps`; returns each step's loss and the skipped steps.
 
@@ -137,7 +139,8 @@ def train(
     micro-batches s*k .. s*k+k-1); drawing its data and noise from i makes a resumed run exact.
     With an `accelerate.Accelerator` (several processes), `parameters` belong to a model it
     prepared, so gradients are averaged across processes; the loss guard sees the mean over all
-    processes, so every process stops together.
+    processes, so every process stops together. `model`, the one it prepared: with gradient accumulation,
+    the gradients are averaged once a step, after the last micro-batch, not after each (`no_sync`).
 
     The guard reads most steps' losses one step late: the host queues step s on the GPU before it
     waits for step s-1's numbers, so the GPU does not idle while Python prepares the next step.
@@ -205,8 +208,10 @@ def train(
         for step in bar:
             loss_sum = torch.zeros((), device=parameters[0].device)
             for micro in range(config.accumulation_steps):
-                loss = loss_fn(step * config.accumulation_steps + micro)
-                backward(loss / config.accumulation_steps)
+                last = micro == config.accumulation_steps - 1
+                with nullcontext() if last or model is None else accelerator.no_sync(model):
+                    loss = loss_fn(step * config.accumulation_steps + micro)
+                    backward(loss / config.accumulation_steps)
                 loss_sum = loss_sum + loss.detach().float() / config.accumulation_steps
             scaler.unscale_(optimizer)
             grad_norm = clip(parameters, config.max_grad_norm or float("inf"))

@@ -82,3 +82,14 @@ def test_counting_an_optimizer_step_leaves_the_parameters_alone():
     parameter.grad = torch.full((3,), 5.0)
     assert optimizer_operations([parameter], "adamw") > 0
     assert torch.equal(parameter.detach(), torch.ones(3)) and torch.equal(parameter.grad, torch.full((3,), 5.0))
+
+
+def test_stage_2_on_the_training_cache_holds_the_same_memory_for_16_times_the_identities():
+    """The bound of issue 23: a 3-step stage 2 over 64 and over 1,024 identities, its memory rise within 20 MB.
+    At this resolution the same run with the tensors in memory rose by 52 MB more at 1,024 (`hdb
+    bench-training --identities 64 1024 --resolution 128`, this 2-core CPU): the bound tells the two apart."""
+    from hdb.bench_training import bench_training
+
+    rows = bench_training([64, 1024], ("cache",), resolution=128, progress=False)
+    small, large = (row["rss_rise_mb"] for row in rows)
+    assert abs(large - small) < 20, rows

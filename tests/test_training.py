@@ -469,11 +469,14 @@ def test_stage_2_trains_on_the_cache_as_on_the_photos(cache, preoptimized, ident
     weights, _ = preoptimized
     config = tiny_stage2(steps=4, validate_every=2, checkpoint_every=4)
     photos = train_hypernetwork(tiny_sd15_dir, identity_folder, tmp_path / "photos", weights, config, device="cpu")
-    cached = train_hypernetwork(tiny_sd15_dir, TrainingData.open(cache[0]), tmp_path / "cached", None, config, "cpu")
+    untracked = dataclasses.replace(config, report_to="none")
+    cached = train_hypernetwork(tiny_sd15_dir, TrainingData.open(cache[0]), tmp_path / "cached", None, untracked, "cpu")
     assert cached["held_out"] == photos["held_out"] == ["astronaut"] and cached["identities"] == 3
     assert cached["skipped_photos"] == photos["skipped_photos"] == {"no face": 1, "unreadable": 1}
     torch.testing.assert_close(cached["losses"], photos["losses"], atol=1e-6, rtol=0)
     torch.testing.assert_close(cached["validation"], photos["validation"], atol=1e-6, rtol=0)
+    assert list((tmp_path / "photos").glob("hdb/events.out.tfevents.*"))  # TensorBoard by default
+    assert not (tmp_path / "cached" / "hdb").exists()  # --report-to none
     with pytest.raises(HdbError, match="holds the pre-optimised weights"):
         train_hypernetwork(tiny_sd15_dir, TrainingData.open(cache[0]), tmp_path / "x", weights, config, "cpu")
     other = dataclasses.replace(config, resolution=128)
@@ -504,7 +507,9 @@ def test_two_processes_train_on_the_cache_as_one_checkpoint_once_and_resume_unde
     cache, identity_folder, tiny_sd15_dir, tmp_path
 ):
     def cached_args(out, steps=8):
-        return ["train", "--cache", cache[0], *train_args(identity_folder, tiny_sd15_dir, None, out, steps)[5:]]
+        # two micro-batches a step: the processes average their gradients after the second only (no_sync)
+        args = train_args(identity_folder, tiny_sd15_dir, None, out, steps)[5:]
+        return ["train", "--cache", cache[0], *args, "--accumulation-steps", "2"]
 
     single = hdb(*cached_args(tmp_path / "one")).stdout
     assert "on 1 process(es)" in single
