@@ -341,7 +341,7 @@ class TrainingData:
             LiDBConfig(**stamp["lidb"]), stamp["instance_token"], stamp["arch_fingerprint"], stamp["aux_fingerprint"]
         )
 
-    def check(self, pipe: Pipeline, lidb: LiDB, resolution: int, encoder_size: int, where: str) -> None:
+    def check(self, pipe: Pipeline, lidb: LiDB, resolution: int, encoder_size: int) -> None:
         """Refuse a cache made for another base, LiDB, resolution or encoder input, naming each difference."""
         ours = fingerprint(pipe, lidb, self.fingerprint["instance_token"], resolution, encoder_size, [])
         differences = [
@@ -351,6 +351,6 @@ class TrainingData:
         ]
         if differences:
             raise HdbError(
-                f"The training cache {where} was made for other settings ({'; '.join(differences)}); "
+                f"The training cache {self.source} was made for other settings ({'; '.join(differences)}); "
                 "make it again for these, with `python -m hdb cache`"
             )

@@ -224,10 +224,11 @@ def resolve_identities(
 
 
 def encode_identities(
-    pipe: Pipeline, identities: list[Identity], resolution: int, batch: int = 16
+    pipe: Pipeline, identities: list[Identity], resolution: int, batch: int = 4
 ) -> list[torch.Tensor]:
     """VAE latents of each identity's augmented views: one [views, 4, h, w] tensor per identity. The views of
-    several identities go through the VAE together, about `batch` at a time."""
+    several identities go through the VAE together, about `batch` at a time (at 512 px the VAE's activations
+    dwarf the UNet's at batch 1: a large batch would raise a card's peak memory, e.g. a T4's in stage 1)."""
     latents = []
     per_call = max(batch // 4, 1)  # 4 views per photo
     for start in range(0, len(identities), per_call):

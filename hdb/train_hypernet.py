@@ -338,7 +338,7 @@ def validation_loss(run: Run) -> float:
 
 @torch.no_grad()
 def save_sample(run: Run, step: int) -> None:
-    """What the predicted weights draw for the first held-out face: saved to samples/ and logged to TensorBoard."""
+    """What the predicted weights draw for the first held-out face: saved to samples/ and to the tracker."""
     from hdb.generate import generate
 
     hypernet = run.accelerator.unwrap_model(run.model)  # the main process alone: not through DDP
@@ -429,7 +429,7 @@ def after_step(run: Run, step: int, loss: float) -> None:
 # ----------------------------------------------------------------------------- the end
 
 
-def save_hypernetwork(run: Run, images: TrainingImages) -> None:
+def save_hypernetwork(run: Run) -> None:
     """out/hypernet, with how it was trained beside it (training.json: what the model card, hdb.hub, says)."""
     config = run.config
     run.accelerator.unwrap_model(run.model).save_pretrained(run.out / "hypernet")
@@ -442,7 +442,7 @@ def save_hypernetwork(run: Run, images: TrainingImages) -> None:
         "steps_run": config.steps,
         "identities": len(run.train_names),
         "held_out": run.held_out,
-        "images": str(images) if isinstance(images, (str, Path, DatasetSource)) else run.data.source,
+        "images": run.data.source,
         "processes": run.accelerator.num_processes,
         "final_validation_loss": run.validation[-1][1] if run.validation else None,
     }
@@ -463,7 +463,7 @@ def training_data(
     """A training cache, checked to fit this run; or photos aligned and encoded here, with their stage 1 weights,
     into the same tensors in memory (every process makes them all: for small runs)."""
     if isinstance(images, TrainingData):
-        images.check(pipe, lidb, resolution, encoder_size, "given")
+        images.check(pipe, lidb, resolution, encoder_size)
         return images
     identities, skipped = resolve_identities(images, crop_size(resolution), faces_dir, progress)
     names = [i.name for i in identities]
@@ -612,7 +612,7 @@ def train_hypernetwork(
         # the trained hypernetwork, written once
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_hypernetwork(run, images)
+            save_hypernetwork(run)
         accelerator.end_training()
     return {
         "main_process": accelerator.is_main_process,
