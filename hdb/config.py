@@ -256,6 +256,7 @@ class HypernetTrainConfig(Checked):
     validate_every: int = _steps(100, "steps between validations on the held-out identities")
     holdout: int = _count(1, "identities held out for validation", low=0, high=MAX_STEPS)
     sample_steps: int = _count(20, "sampling steps of the validation image (0: no image)", low=0, high=1000)
+    dataloader_workers: int = _count(0, "processes that read batches ahead (0: the training process)", low=0, high=64)
     report_to: str = setting(REPORT_TO[0], "where the losses (and samples) go besides losses.jsonl", REPORT_TO)
     seed: int = _seed()
     image_encoder: str = setting(

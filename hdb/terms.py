@@ -26,9 +26,7 @@ RENAMED_FLAGS = {
 }
 # Fields of the option dataclasses that no command offers: each command sets them itself (train_prediction: the
 # toy's ablation, for library callers)
-NOT_ON_THE_COMMAND_LINE = frozenset(
-    {"instance_token", "lidb", "progress", "first_images", "train_prediction"}
-)
+NOT_ON_THE_COMMAND_LINE = frozenset({"instance_token", "lidb", "progress", "first_images", "train_prediction"})
 # Arguments of library functions, not config fields, that the commands offer as flags too
 ARGUMENTS = ("base", "dtype", "device", "rank", "weights_dir", "out_dir")
 # Library functions a message may point to -> the command that runs each

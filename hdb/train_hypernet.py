@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -85,7 +85,8 @@ TrainingImages = str | Path | list[Identity] | DatasetSource | TrainingData  # w
 # What a checkpoint records of its run, and a run resuming it must share (else it would not continue that
 # run): the settings that shape the steps still to run (their data, noise, learning rates and loss) and the
 # hypernetwork's. The rest (checkpoint_every, validate_every, sample_steps, checkpoints_total_limit, report_to,
-# gradient_checkpointing, mixed_precision, progress) may change between restarts, e.g. on other hardware.
+# dataloader_workers, gradient_checkpointing, mixed_precision, progress) may change between restarts, e.g. on
+# other hardware.
 RESUMED_SETTINGS = (
     "steps", "batch_size", "accumulation_steps", "learning_rate", "warmup_steps", "lr_schedule", "optimizer",
     "alpha", "beta", "seed", "pairing", "holdout", "image_encoder", "freeze_encoder", "width", "depth", "heads",
@@ -237,6 +238,7 @@ class Run:
     normalise: Callable[[torch.Tensor], torch.Tensor]  # encoder crops -> the image encoder's input, on its device
     train_names: list[str]
     held_out: list[str]  # for validation and the samples
+    micro_batches: Iterator[Slice]  # the training micro-batches in order, from the resumed step on
     # filled in as training goes
     step_terms: dict[int, dict[str, list[torch.Tensor]]] = field(default_factory=dict)  # see `micro_batch_loss`
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
@@ -262,57 +264,109 @@ def start_log(run: Run, start_step: int) -> None:
 # ----------------------------------------------------------------------------- one step
 
 
-def batch_loss(run: Run, names: list[str], draw: int | str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of this process's slice of one batch of identities, and its terms apart (detached).
+class Slice(NamedTuple):
+    """What one process needs of one batch, drawn on the CPU (ahead of time, by DataLoader workers if asked)."""
 
-    `draw` (a micro-batch's number, or "validation") fixes the batch's randomness. A batch of `batch_size`
-    identities is shared out over the processes; any other (the held-out ones) is taken whole by each.
-    """
-    config, accelerator = run.config, run.accelerator
+    draw: int | str  # the micro-batch's number, or "validation"
+    seeds: list[int]  # each slot's: its input photo, target view and noise
+    crops: torch.Tensor  # uint8 [n, 3, S, S], the input photos before normalisation
+    views: torch.Tensor  # [n, 4, h, w], the latents to denoise
+    targets: tuple[torch.Tensor, torch.Tensor] | None  # pre-optimised (A, B); None unless every identity has them
+
+
+def draw_slice(
+    data: TrainingData, config: HypernetTrainConfig, process: int, processes: int, names: list[str], draw: int | str
+) -> Slice:
+    """Process `process`'s slice of the batch of identities `names`. `draw` (a micro-batch's number, or
+    "validation") fixes the batch's randomness. A batch of `batch_size` identities is shared out over the
+    processes; any other (the held-out ones) is taken whole by each."""
     if len(names) == config.batch_size:
-        per_process = config.batch_size // accelerator.num_processes
-        mine = range(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
+        per_process = config.batch_size // processes
+        mine = range(process * per_process, (process + 1) * per_process)
     else:
         mine = range(len(names))
     # one seed per slot of the global batch, the same in every process: it picks the slot's input photo
     # and target view, and draws its noise
     seeds = [sample_seed(config.seed, draw, k) for k in mine]
-    data = run.data
     pairs = [
         pair_photo_and_view(seed, data.photos[names[k]], data.views[names[k]], config.pairing)
         for k, seed in zip(mine, seeds, strict=True)
     ]
-    photos = run.normalise(torch.stack([data.crop(names[k], photo) for k, (photo, _) in zip(mine, pairs, strict=True)]))
-    batch = torch.stack([data.view(names[k], view) for k, (_, view) in zip(mine, pairs, strict=True)])
-    A, B = run.model(photos)
+    crops = torch.stack([data.crop(names[k], photo) for k, (photo, _) in zip(mine, pairs, strict=True)])
+    views = torch.stack([data.view(names[k], view) for k, (_, view) in zip(mine, pairs, strict=True)])
+    targets = None
+    if config.beta > 0 and all(name in data.with_target for name in names):
+        weights = [data.target(names[k]) for k in mine]
+        targets = torch.stack([A for A, _ in weights]), torch.stack([B for _, B in weights])
+    return Slice(draw, seeds, crops, views, targets)
+
+
+def slice_loss(run: Run, part: Slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one process's slice of a batch, and its terms apart (detached)."""
+    config, accelerator = run.config, run.accelerator
+    A, B = run.model(run.normalise(part.crops))
     run.lidb.use_per_sample(A, B)  # until the next batch: gradient checkpointing re-runs the forward in backward
+    views = part.views.to(accelerator.device, non_blocking=True)  # one batch on the device at a time
     with accelerator.autocast():
-        batch = batch.to(accelerator.device)  # one batch on the device at a time, whatever the number of identities
-        diffusion = step_loss(run.pipe, run.noise_schedule, batch, run.prompt_tokens, seeds).mean()
+        diffusion = step_loss(run.pipe, run.noise_schedule, views, run.prompt_tokens, part.seeds).mean()
     terms = {"diffusion_loss": diffusion.detach()}
     loss = config.alpha * diffusion
-    if config.beta > 0 and all(name in data.with_target for name in names):
-        targets = [data.target(names[k]) for k in mine]
-        target_A = torch.stack([A for A, _ in targets]).to(A.device)
-        target_B = torch.stack([B for _, B in targets]).to(A.device)
+    if part.targets is not None:
+        target_A, target_B = (t.to(A.device, non_blocking=True) for t in part.targets)
         weight = weight_loss(config.weight_loss, A, B, target_A, target_B).mean()
         terms["weight_loss"] = weight.detach()
         loss = loss + config.beta * weight
     return loss, terms
 
 
+def batch_loss(run: Run, names: list[str], draw: int | str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of this process's slice of the batch `names` (`draw_slice`), and its terms apart."""
+    process, processes = run.accelerator.process_index, run.accelerator.num_processes
+    return slice_loss(run, draw_slice(run.data, run.config, process, processes, names, draw))
+
+
+def batch_names(config: HypernetTrainConfig, train_names: list[str], micro: int) -> list[str]:
+    """The identities of micro-batch `micro`, drawn from (seed, micro): a resumed run draws the same."""
+    generator = torch.Generator().manual_seed(sample_seed(config.seed, "batch", micro))
+    return [train_names[k] for k in torch.randint(0, len(train_names), (config.batch_size,), generator=generator)]
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """The training micro-batches from `first` on, this process's slice of each: what a DataLoader reads ahead."""
+
+    def __init__(
+        self,
+        data: TrainingData,
+        config: HypernetTrainConfig,
+        train_names: list[str],
+        process: int,
+        processes: int,
+        first: int,
+    ) -> None:
+        self.data, self.config, self.train_names = data, config, train_names
+        self.process, self.processes, self.first = process, processes, first
+
+    def __len__(self) -> int:
+        return self.config.steps * self.config.accumulation_steps - self.first
+
+    def __getitem__(self, index: int) -> Slice:
+        micro = self.first + index
+        names = batch_names(self.config, self.train_names, micro)
+        return draw_slice(self.data, self.config, self.process, self.processes, names, micro)
+
+
 def micro_batch_loss(run: Run, micro: int) -> torch.Tensor:
-    """The training loss of micro-batch `micro`, its identities drawn from (seed, micro): a resumed run draws the same.
+    """The training loss of micro-batch `micro`, read from `run.micro_batches` (they come in order).
 
     Its terms are kept in `run.step_terms` until `after_step` logs the step: the loop reads a step's loss
     one step late, after the next step's micro-batches already ran.
     """
-    config = run.config
-    generator = torch.Generator().manual_seed(sample_seed(config.seed, "batch", micro))
-    order = torch.randint(0, len(run.train_names), (config.batch_size,), generator=generator).tolist()
-    loss, terms = batch_loss(run, [run.train_names[k] for k in order], micro)
+    part = next(run.micro_batches)
+    if part.draw != micro:  # the loop and the loader count micro-batches alike; anything else is a bug here
+        raise RuntimeError(f"stage 2 expected micro-batch {micro}, the loader gave {part.draw}")
+    loss, terms = slice_loss(run, part)
     for name, value in terms.items():
-        run.step_terms.setdefault(micro // config.accumulation_steps, {}).setdefault(name, []).append(value)
+        run.step_terms.setdefault(micro // run.config.accumulation_steps, {}).setdefault(name, []).append(value)
     return loss
 
 
@@ -447,6 +501,23 @@ def save_hypernetwork(run: Run) -> None:
         "final_validation_loss": run.validation[-1][1] if run.validation else None,
     }
     (run.out / "hypernet" / TRAINING_FILE).write_text(json.dumps(training, indent=1))
+
+
+def micro_batch_loader(
+    data: TrainingData, config: HypernetTrainConfig, train_names: list[str], accelerator: Accelerator, start_step: int
+) -> torch.utils.data.DataLoader:
+    """This process's micro-batches from `start_step` on, read ahead by `dataloader_workers` processes (0: by this
+    one, as they are needed), into pinned memory on a GPU."""
+    first = start_step * config.accumulation_steps
+    batches = MicroBatches(data, config, train_names, accelerator.process_index, accelerator.num_processes, first)
+    workers = config.dataloader_workers
+    return torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,  # each item is already a batch
+        num_workers=workers,
+        pin_memory=accelerator.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def training_data(
@@ -594,6 +665,7 @@ def train_hypernetwork(
             normalise=hypernet.normalise,
             train_names=train_names,
             held_out=held_out,
+            micro_batches=iter(micro_batch_loader(data, config, train_names, accelerator, start_step)),
         )
         start_log(run, start_step)
 

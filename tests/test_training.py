@@ -469,8 +469,9 @@ def test_stage_2_trains_on_the_cache_as_on_the_photos(cache, preoptimized, ident
     weights, _ = preoptimized
     config = tiny_stage2(steps=4, validate_every=2, checkpoint_every=4)
     photos = train_hypernetwork(tiny_sd15_dir, identity_folder, tmp_path / "photos", weights, config, device="cpu")
-    untracked = dataclasses.replace(config, report_to="none")
-    cached = train_hypernetwork(tiny_sd15_dir, TrainingData.open(cache[0]), tmp_path / "cached", None, untracked, "cpu")
+    # read ahead by two worker processes, and untracked
+    workers = dataclasses.replace(config, report_to="none", dataloader_workers=2)
+    cached = train_hypernetwork(tiny_sd15_dir, TrainingData.open(cache[0]), tmp_path / "cached", None, workers, "cpu")
     assert cached["held_out"] == photos["held_out"] == ["astronaut"] and cached["identities"] == 3
     assert cached["skipped_photos"] == photos["skipped_photos"] == {"no face": 1, "unreadable": 1}
     torch.testing.assert_close(cached["losses"], photos["losses"], atol=1e-6, rtol=0)
