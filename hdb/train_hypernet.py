@@ -517,6 +517,7 @@ def micro_batch_loader(
         num_workers=workers,
         pin_memory=accelerator.device.type == "cuda",
         prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(config.seed),  # its workers' seeds: not from the process's generator
     )
 
 
