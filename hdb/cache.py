@@ -69,7 +69,7 @@ def shard_file(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
 
 
-def names_sha256(names: list[str]) -> str:
+def names_sha256(names: list) -> str:
     """A short hash of an identity list, in order: what a cache, or a run, was made from."""
     return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
 

@@ -20,7 +20,6 @@ runs the phases.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import warnings
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from hdb.cache import TrainingData
+from hdb.cache import TrainingData, names_sha256
 from hdb.config import (
     DEFAULT_INSTANCE_TOKEN,
     MIXED_PRECISIONS,
@@ -157,18 +156,17 @@ def run_settings(
 ) -> dict[str, object]:
     """What a checkpoint records of its run (`RESUMED_SETTINGS`, and what they were resolved to), for
     `check_resumable`. The identities go in as their count and a hash of their names, in order."""
-    names = json.dumps([train_names, held_out])
     return {
         **{name: getattr(config, name) for name in RESUMED_SETTINGS},
         "lidb": asdict(lidb_config),
         "instance_token": instance_token,
         "resolution": resolution,
-        "identities": {"trained": len(train_names), "held_out": len(held_out), "names_sha256": _sha256(names)[:16]},
+        "identities": {
+            "trained": len(train_names),
+            "held_out": len(held_out),
+            "names_sha256": names_sha256([train_names, held_out]),
+        },
     }
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def check_resumable(checkpoint: Path, settings: dict[str, object]) -> None:
