@@ -254,6 +254,12 @@ class HypernetTrainConfig(Checked):
     checkpoint_every: int = _steps(100, "steps between checkpoints (training resumes from the last)")
     checkpoints_total_limit: int = _count(1, "checkpoints kept, the newest (older ones go as new ones come)")
     validate_every: int = _steps(100, "steps between validations on the held-out identities")
+    # diffusers' EMAModel: its decay warms up as (1 + n) / (10 + n) after n updates, up to `ema_decay`
+    ema_decay: float = setting(
+        0.0,
+        "average the weights over the steps, e.g. 0.9999; the average is validated and saved (0: none)",
+        between=(0.0, 0.999999),
+    )
     holdout: int = _count(1, "identities held out for validation", low=0, high=MAX_STEPS)
     sample_steps: int = _count(20, "sampling steps of the validation image (0: no image)", low=0, high=1000)
     dataloader_workers: int = _count(0, "processes that read batches ahead (0: the training process)", low=0, high=64)

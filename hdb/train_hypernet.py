@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from hdb.cache import TrainingData, names_sha256
 from hdb.config import (
@@ -73,6 +75,7 @@ from hdb.training import TrainConfig, learning_rate_factor, load_optimizer, make
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
 
 MEMORY_OPTIONS = (
     "a smaller `batch_size` with `accumulation_steps`, `gradient_checkpointing=True`, `mixed_precision` fp16 or bf16, "
@@ -89,8 +92,11 @@ TrainingImages = str | Path | list[Identity] | DatasetSource | TrainingData  # w
 RESUMED_SETTINGS = (
     "steps", "batch_size", "accumulation_steps", "learning_rate", "warmup_steps", "lr_schedule", "optimizer",
     "alpha", "beta", "seed", "pairing", "holdout", "image_encoder", "freeze_encoder", "width", "depth", "heads",
-    "iterations", "refine_from", "decoder_input", "weight_loss",
+    "iterations", "refine_from", "decoder_input", "weight_loss", "ema_decay",
 )  # fmt: skip
+# Settings added after some checkpoints were written, and what those checkpoints' runs had in effect
+SETTINGS_ADDED_LATER = {"ema_decay": 0.0}
+EMA_FILE = "ema.safetensors"  # in a checkpoint: the moving average of the trainable weights (`ema_decay`)
 
 
 def weight_loss(
@@ -175,6 +181,7 @@ def check_resumable(checkpoint: Path, settings: dict[str, object]) -> None:
     if saved is None:  # written before checkpoints recorded their settings
         warnings.warn(f"{checkpoint} does not record its run's settings: resuming it unchecked", stacklevel=3)
         return
+    saved = SETTINGS_ADDED_LATER | saved
     differences = [
         f"{name}: {saved.get(name)!r} then, {value!r} now"
         for name, value in settings.items()
@@ -228,6 +235,8 @@ class Run:
     lidb: LiDB
     instance_token: str
     model: torch.nn.Module  # the hypernetwork as `accelerator.prepare` wrapped it (DDP over several processes)
+    parameters: list[torch.nn.Parameter]  # the hypernetwork's trainable ones
+    ema: EMAModel | None  # their moving average, with `ema_decay`
     optimizer: torch.optim.Optimizer
     noise_schedule: DDPMScheduler
     settings: dict[str, object]  # what each checkpoint records, and a resume must match (`run_settings`)
@@ -272,19 +281,26 @@ class Slice(NamedTuple):
     targets: tuple[torch.Tensor, torch.Tensor] | None  # pre-optimised (A, B); None unless every identity has them
 
 
+def process_slots(batch_size: int, process: int, processes: int) -> range:
+    """The slots of a training batch that process `process` of `processes` computes."""
+    per_process = batch_size // processes
+    return range(process * per_process, (process + 1) * per_process)
+
+
+def validation_slots(held_out: int, batch_size: int, process: int, processes: int) -> list[range]:
+    """The chunks of the held-out identities that process `process` computes: `batch_size` at a time (no
+    more memory than a training batch), chunk c on process c % `processes`."""
+    chunks = [range(first, min(first + batch_size, held_out)) for first in range(0, held_out, batch_size)]
+    return chunks[process::processes]
+
+
 def draw_slice(
-    data: TrainingData, config: HypernetTrainConfig, process: int, processes: int, names: list[str], draw: int | str
+    data: TrainingData, config: HypernetTrainConfig, names: list[str], mine: range, draw: int | str
 ) -> Slice:
-    """Process `process`'s slice of the batch of identities `names`. `draw` (a micro-batch's number, or
-    "validation") fixes the batch's randomness. A batch of `batch_size` identities is shared out over the
-    processes; any other (the held-out ones) is taken whole by each."""
-    if len(names) == config.batch_size:
-        per_process = config.batch_size // processes
-        mine = range(process * per_process, (process + 1) * per_process)
-    else:
-        mine = range(len(names))
-    # one seed per slot of the global batch, the same in every process: it picks the slot's input photo
-    # and target view, and draws its noise
+    """The slots `mine` of the batch of identities `names`. `draw` (a micro-batch's number, or "validation")
+    fixes the batch's randomness."""
+    # one seed per slot of the batch, the same in every process: it picks the slot's input photo and target
+    # view, and draws its noise
     seeds = [sample_seed(config.seed, draw, k) for k in mine]
     pairs = [
         pair_photo_and_view(seed, data.photos[names[k]], data.views[names[k]], config.pairing)
@@ -299,28 +315,36 @@ def draw_slice(
     return Slice(draw, seeds, crops, views, targets)
 
 
-def slice_loss(run: Run, part: Slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one process's slice of a batch, and its terms apart (detached)."""
+def sample_losses(
+    run: Run, model: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], part: Slice
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each sample's loss in a slice of a batch, [n], with `model`'s predictions; and its terms apart (detached)."""
     config, accelerator = run.config, run.accelerator
-    A, B = run.model(run.normalise(part.crops))
+    A, B = model(run.normalise(part.crops))
     run.lidb.use_per_sample(A, B)  # until the next batch: gradient checkpointing re-runs the forward in backward
     views = part.views.to(accelerator.device, non_blocking=True)  # one batch on the device at a time
     with accelerator.autocast():
-        diffusion = step_loss(run.pipe, run.noise_schedule, views, run.prompt_tokens, part.seeds).mean()
+        diffusion = step_loss(run.pipe, run.noise_schedule, views, run.prompt_tokens, part.seeds)
     terms = {"diffusion_loss": diffusion.detach()}
     loss = config.alpha * diffusion
     if part.targets is not None:
         target_A, target_B = (t.to(A.device, non_blocking=True) for t in part.targets)
-        weight = weight_loss(config.weight_loss, A, B, target_A, target_B).mean()
+        weight = weight_loss(config.weight_loss, A, B, target_A, target_B)
         terms["weight_loss"] = weight.detach()
         loss = loss + config.beta * weight
     return loss, terms
 
 
+def slice_loss(run: Run, part: Slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean loss of one process's slice of a training batch, and its terms apart (detached)."""
+    losses, terms = sample_losses(run, run.model, part)
+    return losses.mean(), {name: values.mean() for name, values in terms.items()}
+
+
 def batch_loss(run: Run, names: list[str], draw: int | str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of this process's slice of the batch `names` (`draw_slice`), and its terms apart."""
-    process, processes = run.accelerator.process_index, run.accelerator.num_processes
-    return slice_loss(run, draw_slice(run.data, run.config, process, processes, names, draw))
+    """The loss of this process's slice of the training batch `names` (`draw_slice`), and its terms apart."""
+    mine = process_slots(len(names), run.accelerator.process_index, run.accelerator.num_processes)
+    return slice_loss(run, draw_slice(run.data, run.config, names, mine, draw))
 
 
 def batch_names(config: HypernetTrainConfig, train_names: list[str], micro: int) -> list[str]:
@@ -350,7 +374,8 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Slice:
         micro = self.first + index
         names = batch_names(self.config, self.train_names, micro)
-        return draw_slice(self.data, self.config, self.process, self.processes, names, micro)
+        mine = process_slots(self.config.batch_size, self.process, self.processes)
+        return draw_slice(self.data, self.config, names, mine, micro)
 
 
 def micro_batch_loss(run: Run, micro: int) -> torch.Tensor:
@@ -381,11 +406,39 @@ def _in_eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+@contextmanager
+def averaged_weights(run: Run) -> Iterator[None]:
+    """The hypernetwork with its moving average's weights (`ema_decay`), its trained ones back after."""
+    if run.ema is None:
+        yield
+        return
+    run.ema.store(run.parameters)
+    run.ema.copy_to(run.parameters)
+    try:
+        yield
+    finally:
+        run.ema.restore(run.parameters)
+
+
 @torch.no_grad()
 def validation_loss(run: Run) -> float:
-    """The loss on the held-out identities, drawn the same way every time: comparable over the run."""
-    with _in_eval_mode(run.model), run.lidb.restored():  # validation routes the LiDB to its own predictions
-        return batch_loss(run, run.held_out, "validation")[0].item()
+    """The mean loss over the held-out identities, drawn the same way every time: comparable over the run.
+
+    Computed `batch_size` at a time, the chunks shared out over the processes, and summed over them.
+    """
+    accelerator = run.accelerator
+    hypernet = accelerator.unwrap_model(run.model)  # not through DDP: processes may compute unequal numbers of chunks
+    process, processes = accelerator.process_index, accelerator.num_processes
+    chunks = validation_slots(len(run.held_out), run.config.batch_size, process, processes)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    # validation routes the LiDB to its own predictions
+    with _in_eval_mode(hypernet), run.lidb.restored(), averaged_weights(run):
+        for mine in chunks:
+            part = draw_slice(run.data, run.config, run.held_out, mine, "validation")
+            loss_sum += sample_losses(run, hypernet, part)[0].float().sum()
+    count = torch.tensor(float(sum(len(mine) for mine in chunks)), device=accelerator.device)
+    totals = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
+    return (totals[0] / totals[1]).item()
 
 
 @torch.no_grad()
@@ -394,7 +447,7 @@ def save_sample(run: Run, step: int) -> None:
     from hdb.generate import generate
 
     hypernet = run.accelerator.unwrap_model(run.model)  # the main process alone: not through DDP
-    with _in_eval_mode(hypernet):
+    with _in_eval_mode(hypernet), averaged_weights(run):
         A, B = hypernet(run.normalise(run.data.crop(run.held_out[0], 0)[None]))
     with run.lidb.holding(A[0].float(), B[0].float()), _in_eval_mode(run.pipe.unet):
         prompt = f"a portrait of a {run.instance_token}"
@@ -417,18 +470,33 @@ def log_step(run: Run, record: dict) -> None:
         file.write(json.dumps(record) + "\n")
 
 
+def save_ema(ema: EMAModel, path: Path) -> None:
+    """The moving average as safetensors: its weights in the order of the trainable parameters, and its count."""
+    weights = {str(k): weight.detach().cpu().contiguous() for k, weight in enumerate(ema.shadow_params)}
+    save_file(weights, str(path), metadata={"optimization_step": str(ema.optimization_step)})
+
+
+def load_ema(ema: EMAModel, path: Path) -> None:
+    with safe_open(str(path), framework="pt") as file:
+        steps = int(file.metadata()["optimization_step"])
+        weights = [file.get_tensor(str(k)).to(w.device) for k, w in enumerate(ema.shadow_params)]
+    ema.load_state_dict({"optimization_step": steps, "shadow_params": weights})
+
+
 def _save_checkpoint(
     out: Path,
     step: int,
     hypernet: HyperNetwork,
     optimizer: torch.optim.Optimizer,
+    ema: EMAModel | None,
     settings: dict[str, object],
     keep: int,
 ) -> None:
     """Write checkpoint-<step> whole, then point `latest` at it: a kill never leaves a half checkpoint in use.
 
-    Its state.json holds the step and the run's `settings`; the newest `keep` checkpoints stay. A frozen image
-    encoder (ViT-H: 2.5 GB) is left out: it is the one the run started from, loaded again on resume.
+    It holds the trained weights (and their moving average, if kept); its state.json the step and the run's
+    `settings`; the newest `keep` checkpoints stay. A frozen image encoder (ViT-H: 2.5 GB) is left out: it is
+    the one the run started from, loaded again on resume.
     """
     folder = out / "checkpoints"
     target = folder / f"checkpoint-{step}"
@@ -436,6 +504,8 @@ def _save_checkpoint(
     def write_checkpoint(partial: Path) -> None:
         hypernet.save_pretrained(partial / "hypernet", image_encoder=not settings["freeze_encoder"])
         save_optimizer(optimizer, partial / "optimizer.safetensors")
+        if ema is not None:
+            save_ema(ema, partial / EMA_FILE)
         (partial / "state.json").write_text(json.dumps({"step": step, "settings": settings}))
 
     write_atomically(target, write_checkpoint)
@@ -456,6 +526,8 @@ def _due(step: int, every: int, steps: int) -> bool:
 def after_step(run: Run, step: int, loss: float) -> None:
     """Log step `step`; validate, sample and checkpoint when due. The loop calls it as it reads the step's loss."""
     config, accelerator = run.config, run.accelerator
+    if run.ema is not None:  # the loop calls back once the step's update is in the weights
+        run.ema.step(run.parameters)
     terms = run.step_terms.pop(step, {})  # the two terms apart, to see which one moves
     record = {
         "step": step,
@@ -463,7 +535,7 @@ def after_step(run: Run, step: int, loss: float) -> None:
         **{name: torch.stack(values).mean().item() for name, values in terms.items()},
         "learning_rate": config.learning_rate * learning_rate_factor(step, run.train_config),
     }
-    if _due(step, config.validate_every, config.steps):
+    if run.held_out and _due(step, config.validate_every, config.steps):  # holdout 0: none
         record["validation_loss"] = validation_loss(run)
         run.validation.append((step, record["validation_loss"]))
     if accelerator.is_main_process:
@@ -474,7 +546,8 @@ def after_step(run: Run, step: int, loss: float) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:  # written once, whatever the number of processes
             hypernet = accelerator.unwrap_model(run.model)
-            _save_checkpoint(run.out, step, hypernet, run.optimizer, run.settings, config.checkpoints_total_limit)
+            keep = config.checkpoints_total_limit
+            _save_checkpoint(run.out, step, hypernet, run.optimizer, run.ema, run.settings, keep)
         accelerator.wait_for_everyone()
 
 
@@ -484,7 +557,8 @@ def after_step(run: Run, step: int, loss: float) -> None:
 def save_hypernetwork(run: Run) -> None:
     """out/hypernet, with how it was trained beside it (training.json: what the model card, hdb.hub, says)."""
     config = run.config
-    run.accelerator.unwrap_model(run.model).save_pretrained(run.out / "hypernet")
+    with averaged_weights(run):  # the moving average, if kept, is the result
+        run.accelerator.unwrap_model(run.model).save_pretrained(run.out / "hypernet")
     training = {
         "config": {
             **{k: v for k, v in asdict(config).items() if k != "progress"},
@@ -635,6 +709,13 @@ def train_hypernetwork(
         optimizer = make_optimizer(parameters, config.optimizer, config.learning_rate)
         if resume is not None:
             load_optimizer(optimizer, resume / "optimizer.safetensors")
+        ema = None
+        if config.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel(parameters, decay=config.ema_decay)
+            if resume is not None:
+                load_ema(ema, resume / EMA_FILE)
         model, optimizer = accelerator.prepare(hypernet, optimizer)
 
         # everything the steps use, in one place
@@ -656,6 +737,8 @@ def train_hypernetwork(
             lidb=lidb,
             instance_token=instance_token,
             model=model,
+            parameters=parameters,
+            ema=ema,
             optimizer=optimizer,
             noise_schedule=training_scheduler(pipe),
             settings=settings,

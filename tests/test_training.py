@@ -523,6 +523,9 @@ def test_two_processes_train_on_the_cache_as_one_checkpoint_once_and_resume_unde
         assert abs(record["loss"] - record["diffusion_loss"] - record["weight_loss"]) < 1e-5
     for a, b in zip(one, two, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4
+        # validated by the main process alone (one held-out identity), summed with nothing from the other
+        assert abs(a.get("validation_loss", 0) - b.get("validation_loss", 0)) < 1e-4
+    assert sum("validation_loss" in record for record in two) == 4
     checkpoints = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-7", "latest"]
     samples = sorted(p.name for p in (tmp_path / "two" / "samples").iterdir())  # validation images of a held-out face
@@ -742,6 +745,82 @@ def test_a_resume_with_other_settings_is_refused_and_the_newest_checkpoints_are_
     (out / "checkpoints" / "checkpoint-2" / "state.json").write_text(json.dumps({"step": 2}))  # an older hdb's
     with pytest.warns(UserWarning, match="does not record its run's settings: resuming it unchecked"):
         train_hypernetwork(pipe, people[:3], out, None, config, device="cpu")
+
+
+def test_the_moving_average_is_saved_validated_and_resumed_exactly(tmp_path):
+    """With `ema_decay` the hypernetwork saved is diffusers' EMA of the trained weights, step by step (its decay
+    warms up as (1 + n) / (10 + n), up to `ema_decay`); a resume carries the average on exactly."""
+    pipe, people = build_tiny_pipeline("sd15"), random_people(4)
+    config = tiny_stage2(steps=4, beta=0.0, checkpoint_every=1, checkpoints_total_limit=4, ema_decay=0.2)
+    out = tmp_path / "run"
+    result = train_hypernetwork(pipe, people[:3], out, None, config, device="cpu")
+
+    def weights(folder: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(folder / "hypernet" / "hypernet.safetensors"))
+
+    trained = [weights(out / "checkpoints" / f"checkpoint-{step}") for step in range(4)]  # raw, not averaged
+    expected = dict(trained[0])  # the first update's decay is 0: the average starts at step 0's weights
+    for n, step_weights in enumerate(trained[1:], start=2):
+        decay = min((1 + (n - 1)) / (10 + (n - 1)), config.ema_decay)
+        expected = {key: decay * value + (1 - decay) * step_weights[key] for key, value in expected.items()}
+    saved = weights(out)
+    assert not torch.equal(saved["head"], trained[-1]["head"])
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[key], value, atol=1e-6, rtol=0)
+    # the last validation scored the average: what the saved hypernetwork scores
+    assert result["validation"][-1][1] == pytest.approx(json.loads((out / "hypernet" / "training.json").read_text())[
+        "final_validation_loss"])  # fmt: skip
+
+    # killed after step 1's checkpoint: the resumed run ends with the same average
+    killed = tmp_path / "killed"
+    shutil.copytree(out / "checkpoints", killed / "checkpoints", ignore=shutil.ignore_patterns("checkpoint-[23]"))
+    (killed / "checkpoints" / "latest").write_text("checkpoint-1")
+    assert train_hypernetwork(pipe, people[:3], killed, None, config, device="cpu")["start_step"] == 2
+    for key, value in weights(killed).items():
+        torch.testing.assert_close(value, saved[key], atol=1e-6, rtol=0)
+    with pytest.raises(HdbError, match="ema_decay: 0.2 then, 0.0 now"):  # an average cannot be resumed without one
+        train_hypernetwork(pipe, people[:3], killed, None, dataclasses.replace(config, ema_decay=0.0), device="cpu")
+
+
+def test_validation_goes_a_batch_at_a_time_shared_out_over_the_processes(tiny_sd15):
+    """The held-out identities are scored `batch_size` at a time, chunk c on process c % N; the mean over all of
+    them does not depend on the chunking."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from hdb.models import training_scheduler
+    from hdb.train_hypernet import validation_loss, validation_slots
+
+    assert validation_slots(5, 2, 0, 1) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert validation_slots(5, 2, 0, 2) == [range(0, 2), range(4, 5)] and validation_slots(5, 2, 1, 2) == [range(2, 4)]
+    assert validation_slots(1, 2, 1, 2) == []  # a process with nothing to score still takes part in the sum
+
+    names = ["ann", "bob", "cy", "dee", "eve"]
+    with LiDB.attached(tiny_sd15, LiDBConfig(a=8, b=4)) as lidb:
+        crops = {f"{name}/crops": torch.full((1, 3, 8, 8), k, dtype=torch.uint8) for k, name in enumerate(names)}
+        views = {f"{name}/views": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(k))
+                 for k, name in enumerate(names)}  # fmt: skip
+        rows = [{"name": name, "photos": 1, "views": 1, "target": False} for name in names]
+        data = TrainingData._from_rows(rows, {}, "test", {}, crops | views)
+
+        class ByPhoto(torch.nn.Module):  # a different LiDB for each photo
+            def forward(self, photos):
+                scale = photos[:, 0, 0, 0, None, None, None].float() + 1
+                return scale * torch.ones_like(lidb.A_train) * 0.1, scale * torch.ones_like(lidb.B_train) * 0.1
+
+        def validation(batch_size: int) -> float:
+            run = SimpleNamespace(
+                config=HypernetTrainConfig(batch_size=batch_size, beta=0.0, lidb=LiDBConfig(a=8, b=4)),
+                accelerator=Accelerator(cpu=True), data=data, normalise=lambda crops: crops, model=ByPhoto(),
+                lidb=lidb, pipe=tiny_sd15, noise_schedule=training_scheduler(tiny_sd15), ema=None, held_out=names,
+                prompt_tokens=tokenize_prompts(tiny_sd15, ["a sks face"]),
+            )  # fmt: skip
+            return validation_loss(run)
+
+        whole, by_two, one_by_one = validation(5), validation(2), validation(1)
+    assert abs(by_two - whole) < 1e-6 and abs(one_by_one - whole) < 1e-6
 
 
 def test_validation_and_sampling_give_the_lidb_and_the_modes_back_however_they_end(tiny_sd15):
