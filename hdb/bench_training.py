@@ -1,4 +1,5 @@
-"""`python -m hdb bench-training`: what stage 2's set-up costs per number of identities, cache or photos.
+"""`python -m hdb bench-training`: what stage 2's set-up costs per number of identities, cache or photos; with
+`--step-costs`, what a training step of either stage costs per group size.
 
 For each identity count, a synthetic stage 1 (random 64 px faces, random pre-optimised weights: no face
 detection, the tiny model, trained at RESOLUTION px) and its training cache are made first; then each count
@@ -8,6 +9,12 @@ stood as stage 2 began (the peak, reset then: imports and the model do not count
 holds the index and one batch whatever the count; in memory, every identity's tensors. Per identity these
 are 32 KB of latents (fp16) and 12 KB of encoder crops (uint8) here, 128 KB and 150 KB for SD1.5 at 512 px
 with ViT-H: the in-memory growth scales by about 6.
+
+Both stages train through LiDB's per-sample path (each batch element its own weights), which no GPU has
+timed. `step_costs` counts the operations (about one GPU kernel each) and FLOPs of one such forward+backward
+at SD1.5's shapes (built on the meta device: shapes only, no arithmetic) per group size, and times the same
+step on the tiny model on this CPU. `estimate_h200_ms` turns the counts into an H200 estimate from hdb's
+own H200 anchors: an extrapolation, not a measurement.
 """
 
 from __future__ import annotations
@@ -17,17 +24,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from hdb.cache import TrainingData, build_cache
-from hdb.config import BENCH_TRAINING_RESOLUTION, DEFAULT_INSTANCE_TOKEN, HypernetTrainConfig, LiDBConfig
+from hdb.config import (
+    BENCH_GROUP_SIZES,
+    BENCH_TRAINING_RESOLUTION,
+    DEFAULT_INSTANCE_TOKEN,
+    HypernetTrainConfig,
+    LiDBConfig,
+)
+from hdb.diffusion import diffusion_loss, encode_tokens, tokenize_prompts
 from hdb.hypernet import encoder_image_size
 from hdb.identities import Identity, write_manifest
 from hdb.lidb import LiDB
-from hdb.models import build_tiny_pipeline
+from hdb.models import Pipeline, build_full_size_sd15, build_tiny_pipeline, training_scheduler
 from hdb.personal_file import PersonalWeights, save_personal
 
 PATHS = ("cache", "memory")  # stage 2 reads the training cache, or makes the same tensors in memory
@@ -138,6 +154,84 @@ def format_growth(rows: list[dict]) -> str:
             f"{path}: {first['identities']} -> {last['identities']} identities: peak memory "
             f"{last['rss_rise_mb'] - first['rss_rise_mb']:+.1f} MB, time {last['seconds'] - first['seconds']:+.1f} s"
         )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- what a training step costs
+
+# hdb's H200 anchors (docs/BENCHMARKS.md, bf16, SD1.5 shapes, batch 1): eager steps are launch-bound and cost
+# 37-44 us per dispatched operation (hdb's step: 203.5 ms for ~5,432 operations then; DreamBooth-LoRA's:
+# 141.8 ms for 3,207); the compiled step (30.5 ms) is the arithmetic's floor for a batch-1 step's FLOPs.
+H200_SECONDS_PER_OPERATION = (37e-6, 44e-6)
+H200_COMPILED_BATCH1_STEP_S = 0.0305
+
+
+def per_sample_step(pipe: Pipeline, lidb: LiDB, group: int, device: str) -> Callable[[], None]:
+    """One forward+backward of the per-sample path both stages train through: `group` samples, each with its own
+    LiDB, in the UNet and the text encoder. Noise zero and timestep 0 (a meta device draws no random numbers;
+    the arithmetic does not depend on them)."""
+    A, B = (weights.to(device).requires_grad_() for weights in lidb.initial_weights(group))
+    side = pipe.unet.config.sample_size
+    latents = torch.zeros(group, pipe.unet.config.in_channels, side, side, device=device)
+    tokens = [ids.expand(group, -1).to(device) for ids in tokenize_prompts(pipe, ["a photo of sks person"])]
+    scheduler, timesteps = training_scheduler(pipe), torch.zeros(group, dtype=torch.long, device=device)
+
+    def step() -> None:
+        lidb.use_per_sample(A, B)
+        cond = encode_tokens(pipe, tokens)
+        diffusion_loss(pipe, scheduler, latents, cond, torch.zeros_like(latents), timesteps).mean().backward()
+
+    return step
+
+
+def step_costs(group_sizes: tuple[int, ...] = BENCH_GROUP_SIZES, repeats: int = 5) -> list[dict]:
+    """Per group size: the per-sample step's operations and TFLOPs at SD1.5's shapes, and its time on the tiny
+    model on this CPU (best of `repeats`, after a warm-up)."""
+    from hdb.bench import OperationCounter
+
+    rows = []
+    full, tiny = build_full_size_sd15(empty=True), build_tiny_pipeline("sd15")
+    # the default LiDB at SD1.5's shapes; the tiny model's narrow one
+    with LiDB.attached(full, LiDBConfig()) as full_lidb, LiDB.attached(tiny, LIDB) as tiny_lidb:
+        for group in group_sizes:
+            with OperationCounter() as operations, FlopCounterMode(display=False) as flops:
+                per_sample_step(full, full_lidb, group, "meta")()
+            tiny_step, seconds = per_sample_step(tiny, tiny_lidb, group, "cpu"), []
+            tiny_step()
+            for _ in range(repeats):
+                started = time.perf_counter()
+                tiny_step()
+                seconds.append(time.perf_counter() - started)
+            rows.append({
+                "group": group,
+                "sd15_operations": operations.count,
+                "sd15_tflops": round(flops.get_total_flops() / 1e12, 3),
+                "tiny_cpu_ms": round(min(seconds) * 1e3, 1),
+            })  # fmt: skip
+    return rows
+
+
+def estimate_h200_ms(row: dict, batch1_tflops: float) -> tuple[float, float]:
+    """An eager H200 step's likely range, in ms: launch-bound (operations x the anchors' cost of one) unless the
+    arithmetic takes longer (FLOPs at the rate the compiled batch-1 step reached). An extrapolation."""
+    flops_rate = batch1_tflops / H200_COMPILED_BATCH1_STEP_S  # TFLOPs per second
+    arithmetic = row["sd15_tflops"] / flops_rate
+    low, high = (max(row["sd15_operations"] * cost, arithmetic) for cost in H200_SECONDS_PER_OPERATION)
+    return low * 1e3, high * 1e3
+
+
+def format_step_costs(rows: list[dict]) -> str:
+    batch1 = next((row["sd15_tflops"] for row in rows if row["group"] == 1), None)  # the anchors' batch size
+    lines = []
+    for row in rows:
+        line = (
+            f"group {row['group']}: SD1.5 {row['sd15_operations']:,} operations, {row['sd15_tflops']:.2f} TFLOPs "
+            f"forward+backward; tiny model on this CPU {row['tiny_cpu_ms']:.1f} ms"
+        )
+        if batch1 is not None:
+            low, high = estimate_h200_ms(row, batch1)
+            line += f"; H200 eager, extrapolated: {low:.0f}-{high:.0f} ms"
+        lines.append(line)
     return "\n".join(lines)
 
 

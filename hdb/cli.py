@@ -21,6 +21,7 @@ from types import NoneType, UnionType
 from typing import TYPE_CHECKING, Any, get_args, get_type_hints
 
 from hdb.config import (
+    BENCH_GROUP_SIZES,
     BENCH_TRAINING_RESOLUTION,
     DEFAULT_BASE,
     DEFAULT_CLIP,
@@ -294,11 +295,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_training(args: argparse.Namespace) -> None:
-    from hdb.bench_training import bench_training, format_growth
+    from hdb.bench_training import bench_training, format_growth, format_step_costs, step_costs
 
     _quiet_model_loading()
-    rows = bench_training(args.identities, resolution=args.resolution)
-    print(format_growth(rows))
+    if args.step_costs:
+        rows = step_costs(tuple(args.group_sizes))
+        print(format_step_costs(rows))
+    else:
+        rows = bench_training(args.identities, resolution=args.resolution)
+        print(format_growth(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
@@ -657,7 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=cmd_bench)
 
     setup = sub.add_parser(
-        "bench-training", help="stage 2's set-up time and peak memory per number of identities (cache or photos)"
+        "bench-training",
+        help="stage 2's set-up time and peak memory per number of identities (cache or photos); --step-costs: a "
+        "training step's operations and FLOPs per group size",
     )
     setup.add_argument(
         "--identities", type=in_range(int, (2, 1 << 20)), nargs="+", default=[64, 1024], help="identity counts"
@@ -667,6 +674,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=in_range(int, (64, 1024), 8),
         default=BENCH_TRAINING_RESOLUTION,
         help="training side of the tiny model",
+    )
+    setup.add_argument(
+        "--step-costs",
+        action="store_true",
+        help="instead: the per-sample training step's operations and FLOPs at SD1.5's shapes, its time on the tiny "
+        "model here, and an H200 estimate, per group size",
+    )
+    setup.add_argument(
+        "--group-sizes",
+        type=in_range(int, (1, 64)),
+        nargs="+",
+        default=list(BENCH_GROUP_SIZES),
+        help="with --step-costs",
     )
     setup.add_argument("--json", type=Path, help="also write the figures here")
     setup.set_defaults(run=cmd_bench_training)

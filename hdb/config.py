@@ -69,6 +69,7 @@ STEPS_FROM_ZERO = 200  # no prediction to start from: more steps
 # DreamBooth-LoRA as users usually run it (diffusers' example): a rank-4 LoRA from zero, ~1,000 steps at lr 1e-4
 SHARD_SIZE = 1024  # identities per shard of a training cache (hdb.cache), in name order
 BENCH_TRAINING_RESOLUTION = 256  # hdb.bench_training's tiny model side: latents big enough to show in memory
+BENCH_GROUP_SIZES = (1, 2, 4, 8)  # hdb.bench_training --step-costs: stage 1's identities a group, stage 2's samples
 DREAMBOOTH_LORA_STEPS = 1000
 DREAMBOOTH_LORA_LR = 1e-4
 # `hdb eval`'s models for the paper's metrics: CLIP ViT-L/14 (CLIP-I, CLIP-T) and DreamBooth's DINO ViT-S/16

@@ -93,3 +93,16 @@ def test_stage_2_on_the_training_cache_holds_the_same_memory_for_16_times_the_id
     rows = bench_training([64, 1024], ("cache",), resolution=128, progress=False)
     small, large = (row["rss_rise_mb"] for row in rows)
     assert abs(large - small) < 20, rows
+
+
+def test_step_costs_count_the_per_sample_step_at_sd15_shapes(tmp_path):
+    """`bench-training --step-costs`: the per-sample training step's operations and FLOPs at SD1.5's shapes (on the
+    meta device: counted, no arithmetic), per group size; the FLOPs grow with the samples, the operations do not."""
+    out = hdb("bench-training", "--step-costs", "--group-sizes", "1", "2", "--json", tmp_path / "steps.json").stdout
+    assert "H200 eager, extrapolated" in out
+    one, two = json.loads((tmp_path / "steps.json").read_text())
+    assert (one["group"], two["group"]) == (1, 2)
+    assert 2.3 < one["sd15_tflops"] < 2.6  # SD1.5's UNet and text encoder, forward and backward at 512 px
+    assert abs(two["sd15_tflops"] - 2 * one["sd15_tflops"]) < 0.01 * one["sd15_tflops"]
+    assert 3000 < one["sd15_operations"] <= two["sd15_operations"] < 1.5 * one["sd15_operations"]
+    assert one["tiny_cpu_ms"] > 0 and two["tiny_cpu_ms"] > 0

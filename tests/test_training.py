@@ -785,7 +785,6 @@ def test_the_moving_average_is_saved_validated_and_resumed_exactly(tmp_path):
 def test_validation_goes_a_batch_at_a_time_shared_out_over_the_processes(tiny_sd15):
     """The held-out identities are scored `batch_size` at a time, chunk c on process c % N; the mean over all of
     them does not depend on the chunking."""
-    from contextlib import nullcontext
     from types import SimpleNamespace
 
     from accelerate import Accelerator
