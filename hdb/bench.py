@@ -91,7 +91,7 @@ def _peak_memory(device: torch.device, record: dict, key: str):
         record[key] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
     fn()
@@ -128,7 +128,7 @@ def optimizer_operations(parameters: list[torch.nn.Parameter], name: str) -> int
     return counter.count
 
 
-def _build_pipeline(options: BenchOptions, device: torch.device) -> Pipeline:
+def bench_pipeline(options: BenchOptions, device: torch.device) -> Pipeline:
     """The benchmarked pipeline (tiny, or SD1.5-shaped), random weights, built on the device in its dtype."""
     with torch.device(device):
         pipe = build_tiny_pipeline("sd15") if options.tiny else build_full_size_sd15(device=device)
@@ -143,7 +143,7 @@ def _build(options: BenchOptions, device: torch.device) -> PersonalPipeline:
 
     from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
 
-    pipe = _build_pipeline(options, device)
+    pipe = bench_pipeline(options, device)
     with torch.device(device):
         if options.tiny:
             encoder, encoder_name = build_tiny_image_encoder(), "tiny CLIP vision"
@@ -183,14 +183,14 @@ def bench_hdb(options: BenchOptions, personal: PersonalPipeline, device: torch.d
     face = _stand_in_face(pipe)
     for _ in range(3):  # warm up the encoder kernels
         hypernet.predict(face.image)
-    record["hypernet_forward_s"] = min(_timed(lambda: hypernet.predict(face.image), device) for _ in range(5))
+    record["hypernet_forward_s"] = min(time_call(lambda: hypernet.predict(face.image), device) for _ in range(5))
     record.update(bench_generation(options, pipe, lidb, device))  # eager, before anything is compiled
     if options.channels_last:  # eager too, before anything is compiled
         record.update(bench_channels_last(options, personal, face, device))
     config = _finetune_config(options)
     compile_pipeline(pipe, options.compile)
     # first run compiles (when asked) and warms up; then the best of `repeats` warm runs
-    record["first_personalization_s"] = _timed(lambda: personal.personalize(face, config), device)
+    record["first_personalization_s"] = time_call(lambda: personal.personalize(face, config), device)
     with _peak_memory(device, record, "peak_memory_gib"):
         record["personalization_s"], record["finetune_step_s"] = _warm_personalizations(options, personal, face, device)
     with tempfile.TemporaryDirectory() as folder:
@@ -221,7 +221,7 @@ def _warm_personalizations(
 
     for _ in range(options.repeats):
         step_times.clear()
-        totals.append(_timed(lambda: personal.personalize(face, config, on_step), device))
+        totals.append(time_call(lambda: personal.personalize(face, config, on_step), device))
         between = [b - a for a, b in zip(step_times, step_times[1:], strict=False)]
         step_medians.append(statistics.median_high(between))
     return min(totals), min(step_medians)
@@ -291,7 +291,7 @@ def bench_generation(options: BenchOptions, pipe: Pipeline, lidb: LiDB, device: 
             )
 
         run()  # warm-up
-        return min(_timed(run, device) for _ in range(options.repeats))
+        return min(time_call(run, device) for _ in range(options.repeats))
 
     record = {"generate_steps": options.generate_steps}
     for images, suffix in ((1, ""), (options.first_images, f"_x{options.first_images}")):
@@ -370,7 +370,7 @@ def bench_operations(options: BenchOptions) -> dict:
     so the latents are small.
     """
     device = resolve_device(options.device)
-    pipe = _build_pipeline(options, device)
+    pipe = bench_pipeline(options, device)
     scheduler = training_scheduler(pipe)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
     tokens = tokenize_prompts(pipe, [DEFAULT_INSTANCE_PROMPT])
@@ -535,7 +535,7 @@ def first_personalization(options: BenchOptions) -> dict:
     compile_pipeline(personal.pipe, options.compile)
     config = _finetune_config(options)
     face = _stand_in_face(personal.pipe)
-    return {"first_personalization_s": _timed(lambda: personal.personalize(face, config), device)}
+    return {"first_personalization_s": time_call(lambda: personal.personalize(face, config), device)}
 
 
 def format_table(record: dict) -> str:

@@ -36,6 +36,7 @@ from hdb.config import (
     BENCH_GROUP_SIZES,
     BENCH_TRAINING_RESOLUTION,
     DEFAULT_INSTANCE_TOKEN,
+    BenchOptions,
     HypernetTrainConfig,
     LiDBConfig,
 )
@@ -45,6 +46,7 @@ from hdb.identities import Identity, write_manifest
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, build_full_size_sd15, build_tiny_pipeline, training_scheduler
 from hdb.personal_file import PersonalWeights, save_personal
+from hdb.stage import training_stage
 
 PATHS = ("cache", "memory")  # stage 2 reads the training cache, or makes the same tensors in memory
 LIDB = LiDBConfig(a=8, b=4)  # the tiny model's layers are narrow
@@ -184,29 +186,35 @@ def per_sample_step(pipe: Pipeline, lidb: LiDB, group: int, device: str) -> Call
     return step
 
 
-def step_costs(group_sizes: tuple[int, ...] = BENCH_GROUP_SIZES, repeats: int = 5) -> list[dict]:
-    """Per group size: the per-sample step's operations and TFLOPs at SD1.5's shapes, and its time on the tiny
-    model on this CPU (best of `repeats`, after a warm-up)."""
-    from hdb.bench import OperationCounter
+def step_costs(group_sizes: tuple[int, ...] = BENCH_GROUP_SIZES, repeats: int = 5, device: str = "cpu") -> list[dict]:
+    """Per group size: the per-sample step's operations and TFLOPs at SD1.5's shapes, and its time (best of
+    `repeats`, after a warm-up) on `device`: the tiny model on a CPU, the SD1.5-shaped one (random weights,
+    bf16 where the GPU has it) on a GPU."""
+    from hdb.bench import OperationCounter, bench_pipeline, time_call
 
+    on_gpu = device != "cpu"
     rows = []
-    full, tiny = build_full_size_sd15(empty=True), build_tiny_pipeline("sd15")
-    # the default LiDB at SD1.5's shapes; the tiny model's narrow one
-    with LiDB.attached(full, LiDBConfig()) as full_lidb, LiDB.attached(tiny, LIDB) as tiny_lidb:
+    full = build_full_size_sd15(empty=True)
+    timed = bench_pipeline(BenchOptions(device=device, tiny=not on_gpu), torch.device(device))
+    # the default LiDB at SD1.5's shapes; the tiny model's is narrow
+    with (
+        LiDB.attached(full, LiDBConfig()) as full_lidb,
+        LiDB.attached(timed, LiDBConfig() if on_gpu else LIDB) as timed_lidb,
+        training_stage(full, full_lidb, "counting a step", "smaller --group-sizes"),  # the base frozen, as in training
+        training_stage(timed, timed_lidb, "timing a step", "smaller --group-sizes"),
+    ):
         for group in group_sizes:
             with OperationCounter() as operations, FlopCounterMode(display=False) as flops:
                 per_sample_step(full, full_lidb, group, "meta")()
-            tiny_step, seconds = per_sample_step(tiny, tiny_lidb, group, "cpu"), []
-            tiny_step()
-            for _ in range(repeats):
-                started = time.perf_counter()
-                tiny_step()
-                seconds.append(time.perf_counter() - started)
+            timed_step = per_sample_step(timed, timed_lidb, group, device)
+            timed_step()  # a warm-up
+            seconds = [time_call(timed_step, torch.device(device)) for _ in range(repeats)]
             rows.append({
                 "group": group,
                 "sd15_operations": operations.count,
                 "sd15_tflops": round(flops.get_total_flops() / 1e12, 3),
-                "tiny_cpu_ms": round(min(seconds) * 1e3, 1),
+                "timed": f"SD1.5-shaped on {torch.cuda.get_device_name(device)}" if on_gpu else "tiny model on a CPU",
+                "step_ms": round(min(seconds) * 1e3, 1),
             })  # fmt: skip
     return rows
 
@@ -226,11 +234,12 @@ def format_step_costs(rows: list[dict]) -> str:
     for row in rows:
         line = (
             f"group {row['group']}: SD1.5 {row['sd15_operations']:,} operations, {row['sd15_tflops']:.2f} TFLOPs "
-            f"forward+backward; tiny model on this CPU {row['tiny_cpu_ms']:.1f} ms"
+            f"forward+backward; measured, {row['timed']}: {row['step_ms']:.1f} ms"
         )
         if batch1 is not None:
             low, high = estimate_h200_ms(row, batch1)
-            line += f"; H200 eager, extrapolated: {low:.0f}-{high:.0f} ms"
+            estimate = f"{low:.0f} ms" if round(low) == round(high) else f"{low:.0f}-{high:.0f} ms"
+            line += f"; H200 eager, extrapolated: {estimate}"
         lines.append(line)
     return "\n".join(lines)
 

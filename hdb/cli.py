@@ -299,7 +299,7 @@ def cmd_bench_training(args: argparse.Namespace) -> None:
 
     _quiet_model_loading()
     if args.step_costs:
-        rows = step_costs(tuple(args.group_sizes))
+        rows = step_costs(tuple(args.group_sizes), device=args.device)
         print(format_step_costs(rows))
     else:
         rows = bench_training(args.identities, resolution=args.resolution)
@@ -687,6 +687,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=list(BENCH_GROUP_SIZES),
         help="with --step-costs",
+    )
+    setup.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="with --step-costs, where the step is timed: cpu (the tiny model) or cuda (SD1.5-shaped)",
     )
     setup.add_argument("--json", type=Path, help="also write the figures here")
     setup.set_defaults(run=cmd_bench_training)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one command: the gpu tests (tests/test_gpu.py), then the bench.
 # Each step's output goes to OUTPUT_FOLDER/<step>.log, the bench's figures to OUTPUT_FOLDER/<step>.json
-# (9 files at most).
+# (11 files at most).
 #
 #   scripts/gpu_wheels.sh                       # once, on a machine where pip can download
 #   scripts/gpu_check.sh OUTPUT_FOLDER [--tiny] [--full-compile] [--steps NAME,NAME...]
@@ -12,9 +12,11 @@
 #
 # Each step stops after STEP_LIMIT_S seconds (default 300; the rest still run), so a call of a fixed length
 # brings back what finished. At SD1.5 size the steps take an estimated 1-5 minutes each (not yet timed):
-# a 10-minute call should fit --steps gpu_tests,bench_operations,bench_eager; bench_regional a second one.
+# a 10-minute call should fit --steps gpu_tests,bench_operations,bench_training_steps,bench_eager;
+# bench_regional a second one.
 #
 # Steps: gpu_tests; bench_operations (operations, about kernel launches, of a training step per method: seconds);
+# bench_training_steps (the per-sample training step of both stages, SD1.5-shaped, timed per group size 1-8);
 # bench_eager (eager steps, channels-last A/B, generation with and without a person, time
 # to first images, DreamBooth and DreamBooth-LoRA baselines); bench_regional (regional compilation, and the
 # cold start: a fresh process's first personalisation with an empty and a warm compile cache);
@@ -25,7 +27,7 @@
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUTPUT_FOLDER [--tiny] [--full-compile] [--steps NAME,NAME...]}
 shift
-size=() steps=gpu_tests,bench_operations,bench_eager,bench_regional
+size=() steps=gpu_tests,bench_operations,bench_training_steps,bench_eager,bench_regional
 while [ $# -gt 0 ]; do
   case $1 in
     --tiny) size=(--tiny) ;;
@@ -70,6 +72,7 @@ bench() {  # bench NAME OPTIONS...: `python -m hdb bench` on the GPU, its figure
 
 step gpu_tests "$python" -m pytest -m gpu -n 0 -rA tests/test_gpu.py
 bench bench_operations --count-operations
+step bench_training_steps "$python" -m hdb bench-training --step-costs --device cuda --json "$out/bench_training_steps.json"
 bench bench_eager --channels-last
 bench bench_regional --compile regional --no-baselines --cold-start
 bench bench_full_compile --compile full --no-baselines
