@@ -200,8 +200,8 @@ def step_costs(group_sizes: tuple[int, ...] = BENCH_GROUP_SIZES, repeats: int = 
     with (
         LiDB.attached(full, LiDBConfig()) as full_lidb,
         LiDB.attached(timed, LiDBConfig() if on_gpu else LIDB) as timed_lidb,
-        training_stage(full, full_lidb, "counting a step", "smaller --group-sizes"),  # the base frozen, as in training
-        training_stage(timed, timed_lidb, "timing a step", "smaller --group-sizes"),
+        training_stage(full, full_lidb, "counting a step", "smaller `group_sizes`"),  # the base frozen, as in training
+        training_stage(timed, timed_lidb, "timing a step", "smaller `group_sizes`"),
     ):
         for group in group_sizes:
             with OperationCounter() as operations, FlopCounterMode(display=False) as flops:
