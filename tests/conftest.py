@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 
 # One thread per process (CLI subprocesses inherit it): the models are tiny, and with two cores shared by
 # pytest, a CLI subprocess and a Gradio server, more threads only fight (small ops then slow down 1000x).
@@ -18,6 +19,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import ASSETS  # noqa: E402
+from helpers import hdb_cli as hdb  # noqa: E402
 
 from hdb.faces import align_face  # noqa: E402
 from hdb.models import build_tiny_pipeline, save_tiny_pipeline  # noqa: E402
@@ -50,3 +52,35 @@ def obama_face():
 def pytest_collection_modifyitems(items):
     """The longest file (the toy's quick run, ~5 minutes) first: on two workers it overlaps the rest."""
     items.sort(key=lambda item: item.path.name != "test_toy.py")  # a stable sort keeps the rest in order
+
+
+@pytest.fixture(scope="module")
+def identity_folder(tmp_path_factory):
+    """Four identities (one with two photos in a sub-folder) plus a photo with no face and a broken file."""
+    folder = tmp_path_factory.mktemp("identities")
+    (folder / "obama").mkdir()
+    shutil.copy(ASSETS / "obama.jpg", folder / "obama")
+    shutil.copy(ASSETS / "obama2.jpg", folder / "obama")
+    for name in ("biden.jpg", "astronaut.png", "grace_hopper.jpg", "landscape.jpg"):
+        shutil.copy(ASSETS / name, folder / name)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def preoptimized(identity_folder, tiny_sd15_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("preopt")
+    result = hdb(
+        "preoptimize",
+        "--images",
+        identity_folder,
+        "--out",
+        out,
+        "--base",
+        tiny_sd15_dir,
+        "--steps",
+        "6",
+        "--group-size",
+        "2",
+    )
+    return out, result.stdout

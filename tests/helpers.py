@@ -1,13 +1,17 @@
 """Small helpers shared by the tests."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from hdb.config import HypernetTrainConfig
 from hdb.diffusion import encode_prompts, predict_noise
+from hdb.identities import Identity
 from hdb.lidb import LiDB, LiDBConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"  # real photos (see assets/SOURCES.md)
@@ -94,3 +98,79 @@ def client_of(server: subprocess.Popen, port: int, timeout: float = 180):
         except Exception:
             assert server.poll() is None and time.time() < deadline, server.stderr.read().decode()[-2000:]
             time.sleep(1)
+
+
+# ----------------------------------------------------------------------------- training (stages 1 and 2)
+
+TINY_HYPERNET = ["--image-encoder", "tiny", "--width", "32", "--depth", "2", "--heads", "4", "--device", "cpu"]
+
+
+def train_args(identity_folder, tiny_sd15_dir, weights, out, steps=4):
+    return [
+        "train",
+        "--images",
+        identity_folder,
+        "--weights",
+        weights,
+        "--out",
+        out,
+        "--base",
+        tiny_sd15_dir,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--validate-every",
+        "2",
+        *TINY_HYPERNET,
+    ]
+
+
+def logged(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+
+
+def accelerate_launch(*args, processes: int = 2, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch -m hdb ARGS` (or `SCRIPT ARGS`) on `processes` CPU processes (a gloo DDP group with
+    --device cpu)."""
+    launch = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *(["-m", "hdb"] if script is None else [str(script)]),
+    ]
+    checkout = str(Path(__file__).resolve().parent.parent)  # hdb, for a script too
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])),
+    )
+    return subprocess.run([*launch, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def write_script(folder: Path, text: str) -> Path:
+    script = folder / "script.py"
+    script.write_text(text)
+    return script
+
+
+def random_people(count: int, size: int = 64) -> list[Identity]:
+    """Prepared identities of random pixels: no face detection, for tests of the training plumbing."""
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8) for _ in range(count)]
+    return [Identity(f"person{k}", [Image.fromarray(image.numpy())]) for k, image in enumerate(images)]
+
+
+def tiny_stage2(**overrides) -> HypernetTrainConfig:
+    values = dict(steps=2, batch_size=2, image_encoder="tiny", width=32, depth=2, heads=4, sample_steps=0)
+    return HypernetTrainConfig(**{**values, "progress": False, **overrides})
