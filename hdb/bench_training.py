@@ -40,6 +40,7 @@ from hdb.config import (
     HypernetTrainConfig,
     LiDBConfig,
 )
+from hdb.devices import resolve_device
 from hdb.diffusion import diffusion_loss, encode_tokens, tokenize_prompts
 from hdb.hypernet import encoder_image_size
 from hdb.identities import Identity, write_manifest
@@ -192,10 +193,11 @@ def step_costs(group_sizes: tuple[int, ...] = BENCH_GROUP_SIZES, repeats: int = 
     bf16 where the GPU has it) on a GPU."""
     from hdb.bench import OperationCounter, bench_pipeline, time_call
 
-    on_gpu = device != "cpu"
+    where = resolve_device(device)  # a clear error where CUDA is asked for and missing
+    on_gpu = where.type == "cuda"
     rows = []
     full = build_full_size_sd15(empty=True)
-    timed = bench_pipeline(BenchOptions(device=device, tiny=not on_gpu), torch.device(device))
+    timed = bench_pipeline(BenchOptions(device=device, tiny=not on_gpu), where)
     # the default LiDB at SD1.5's shapes; the tiny model's is narrow
     with (
         LiDB.attached(full, LiDBConfig()) as full_lidb,
@@ -209,14 +211,14 @@ def step_costs(group_sizes: tuple[int, ...] = BENCH_GROUP_SIZES, repeats: int = 
                 counted()
             with FlopCounterMode(display=False) as flops:
                 counted()
-            timed_step = per_sample_step(timed, timed_lidb, group, device)
+            timed_step = per_sample_step(timed, timed_lidb, group, str(where))
             timed_step()  # a warm-up
-            seconds = [time_call(timed_step, torch.device(device)) for _ in range(repeats)]
+            seconds = [time_call(timed_step, where) for _ in range(repeats)]
             rows.append({
                 "group": group,
                 "sd15_operations": operations.count,
                 "sd15_tflops": round(flops.get_total_flops() / 1e12, 3),
-                "timed": f"SD1.5-shaped on {torch.cuda.get_device_name(device)}" if on_gpu else "tiny model on a CPU",
+                "timed": f"SD1.5-shaped on {torch.cuda.get_device_name(where)}" if on_gpu else "tiny model on a CPU",
                 "step_ms": round(min(seconds) * 1e3, 1),
             })  # fmt: skip
     return rows

@@ -3,6 +3,8 @@
 import json
 import os
 
+import torch
+from helpers import assert_one_line_error
 from helpers import hdb_cli as hdb
 
 from hdb.cli import build_parser
@@ -107,3 +109,6 @@ def test_step_costs_count_the_per_sample_step_at_sd15_shapes(tmp_path):
     assert abs(two["sd15_tflops"] - 2 * one["sd15_tflops"]) < 0.01 * one["sd15_tflops"]
     assert 3000 < one["sd15_operations"] <= two["sd15_operations"] < 1.5 * one["sd15_operations"]
     assert one["step_ms"] > 0 and two["step_ms"] > 0 and one["timed"] == "tiny model on a CPU"
+    if not torch.cuda.is_available():  # timing on a GPU that is not there: one clear line, before any work
+        missing = hdb("bench-training", "--step-costs", "--device", "cuda", check=False)
+        assert_one_line_error(missing, "no CUDA GPU is available here")
