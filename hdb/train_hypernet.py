@@ -436,9 +436,8 @@ def validation_loss(run: Run) -> float:
         for mine in chunks:
             part = draw_slice(run.data, run.config, run.held_out, mine, "validation")
             loss_sum += sample_losses(run, hypernet, part)[0].float().sum()
-    count = torch.tensor(float(sum(len(mine) for mine in chunks)), device=accelerator.device)
-    totals = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
-    return (totals[0] / totals[1]).item()
+    # the chunks of all processes together cover every held-out identity once
+    return (accelerator.reduce(loss_sum, reduction="sum") / len(run.held_out)).item()
 
 
 @torch.no_grad()
