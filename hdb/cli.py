@@ -491,7 +491,7 @@ def cmd_toy(args: argparse.Namespace) -> None:
     folder = "docs/toy/paper_variants" if args.paper_variants else "docs/toy"
     out = args.out or Path(f"{folder}/seed{args.seed}")
     config = PAPER_VARIANTS if args.paper_variants else None  # None: run_toy's, full or --quick
-    results = run_toy(out, quick=args.quick, seed=args.seed, config=config)
+    results = run_toy(out, quick=args.quick, seed=args.seed, config=config, workers=args.workers)
     print((out / "results.md").read_text())
     print(
         f"written: {out}/results.json, results.md, losses.png, renders.jpg, samples.jpg "
@@ -653,6 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     toy.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
     toy.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other work shares the cores)")
+    toy.add_argument(
+        "--workers",
+        type=in_range(int, (1, 64)),
+        default=1,
+        help="processes that score the held-out people, one torch thread each (the run's longest part: 2 on 2 cores)",
+    )
     toy.set_defaults(run=cmd_toy)
 
     bench = sub.add_parser("bench", help="time personalisation against DreamBooth and DreamBooth-LoRA, same run")

@@ -3,12 +3,18 @@
 import json
 
 import numpy as np
+import pytest
 
 from hdb.cli import build_parser, cmd_toy
 from hdb.config import PersonalizeConfig
+from hdb.errors import HdbError
+from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
+from hdb.lidb import LiDB
 from hdb.toy.experiment import (
     ToyConfig,
+    evaluate_methods,
     identification,
+    in_forked_workers,
     method_labels,
     pixel_distances,
     run_toy,
@@ -34,6 +40,38 @@ def test_cli_wiring(tmp_path):
     assert args.run is cmd_toy and args.quick and args.seed == 3 and args.out == tmp_path
     args = build_parser().parse_args(["toy", "--paper-variants", "--summarise", str(tmp_path)])
     assert args.paper_variants and args.summarise == tmp_path and args.out is None
+
+
+def test_scoring_in_two_workers_gives_the_same_scores(tiny_sd15):
+    # the people shared out among forked processes: every loss, percentage, guard stop and sample as in one process
+    with LiDB.attached(tiny_sd15) as lidb:
+        hypernets = {"s": HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4)}
+    config = ToyConfig(test_identities=3, eval_renders=2, eval_draws=2, finetune_steps=2, long_finetune_steps=2,
+                       dreambooth_steps=2, other_people=2, sample_steps=2, upper_bound_renders=0,
+                       ablation=False)  # fmt: skip
+    test, others = sample_people(0, 2, 3, 1, 2, "t"), sample_people(0, 3, 2, 0, 2, "o")
+    alone, shared = (
+        evaluate_methods(tiny_sd15, hypernets, None, test, others, config, seed=0, progress=False, workers=workers)
+        for workers in (1, 2)
+    )
+    assert alone.losses == shared.losses and len(alone.losses["hyper_ft_lora"]) == 3
+    assert alone.other_people == shared.other_people and alone.in_context == shared.in_context
+    assert alone.stops == shared.stops
+    pictures, again = ([[np.asarray(image) for image in row] for row in run.samples] for run in (alone, shared))
+    assert len(pictures) == 2 and all(len(row) == 1 + 6 for row in pictures)  # the photo + SAMPLED_METHODS
+    assert np.array_equal(np.stack(pictures), np.stack(again))
+    assert np.array_equal(pictures[0][1], pictures[1][1])  # the base draws alike for both, not the last model left
+
+
+def test_a_workers_error_reaches_the_caller():
+    def work(i: int) -> int:
+        if i == 3:
+            raise ValueError("person 3 is broken")
+        return i * i
+
+    with pytest.raises(HdbError, match="person 3 is broken"):
+        in_forked_workers(work, 5, 2)
+    assert in_forked_workers(lambda i: i * i, 5, 2) == [0, 1, 4, 9, 16]
 
 
 def test_matching_the_photos_pixels_fails_most_people():

@@ -43,7 +43,8 @@ def results_table(results: dict) -> str:
         "",
         "Time (s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in t.items())
-        + f"; {results['torch_threads']} torch thread(s); code {results.get('code', 'not recorded')}.",
+        + f"; {results['torch_threads']} torch thread(s), {results.get('scoring_workers', 1)} scoring worker(s)"
+        + f"; code {results.get('code', 'not recorded')}.",
     ]
     return "\n".join(lines) + "\n"
 
