@@ -53,6 +53,19 @@ def hdb_cli(*args, check=True):
     return result
 
 
+def hdb_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """The CLI's `main` in this process, as `hdb_cli` reports a run: where a refusal is what is tested, this spares
+    a process start (seconds of imports each); a test keeps one fresh-process run for the exit code itself."""
+    from hdb import cli
+
+    try:
+        returncode = cli.main([str(arg) for arg in args])
+    except SystemExit as exit:  # argparse's refusals
+        returncode = exit.code
+    output = capsys.readouterr()
+    return subprocess.CompletedProcess(args, returncode, output.out, output.err)
+
+
 def assert_one_line_error(result, *fragments):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr

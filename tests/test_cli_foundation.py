@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_one_line_error, trained_person
+from helpers import assert_one_line_error, hdb_in_process, trained_person
 from helpers import hdb_cli as hdb
 
 from hdb.errors import HdbError
@@ -56,14 +56,12 @@ def test_info_and_export_through_the_cli(tiny_sd15, tmp_path):
     assert "kohya LoRA written" in out and (tmp_path / "k.safetensors").is_file()
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "junk.safetensors").write_bytes(os.urandom(300))
     assert_one_line_error(hdb("info", tmp_path / "junk.safetensors", check=False), "truncated or corrupt")
-    assert_one_line_error(hdb("info", tmp_path / "nope.safetensors", check=False), "not found")
-    assert_one_line_error(
-        hdb("export", tmp_path / "junk.safetensors", "-o", tmp_path / "x.safetensors", check=False),
-        "truncated or corrupt",
-    )
+    assert_one_line_error(hdb_in_process(capsys, "info", tmp_path / "nope.safetensors"), "not found")
+    out = tmp_path / "x.safetensors"
+    assert_one_line_error(hdb_in_process(capsys, "export", tmp_path / "junk.safetensors", "-o", out), "corrupt")
 
 
 def test_the_cli_shows_a_setting_the_library_names_as_its_flag(monkeypatch, capsys):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from helpers import ASSETS, client_of, start_app, trained_person
+from helpers import ASSETS, client_of, hdb_in_process, start_app, trained_person
 from helpers import hdb_cli as hdb
 from PIL import Image
 from safetensors import safe_open
@@ -345,39 +345,44 @@ def person(tmp_path, real_file):
     return Path(shutil.copy(real_file, tmp_path / "p.safetensors"))
 
 
-def refused(*args, fragment: str, code: int = 1):
-    result = hdb(*args, "--base", "/no/such/base", check=False)  # a refusal that loaded the model would name it
+def refused(*args, fragment: str, code: int = 1, capsys=None, base: bool = True):
+    """The CLI refuses, in one line, before loading a model: in a fresh process, or (`capsys` given) in this one."""
+    args = [*args, *(["--base", "/no/such/base"] if base else [])]  # a model loaded would be named
+    result = hdb(*args, check=False) if capsys is None else hdb_in_process(capsys, *args)
     assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
     assert fragment in result.stderr and "no/such/base" not in result.stderr, result.stderr
-    return result
+    assert sum("error:" in line for line in result.stderr.splitlines()) == 1, result.stderr  # after argparse's usage
 
 
-def test_the_cli_never_writes_over_its_inputs(tmp_path, person):
+def test_the_cli_never_writes_over_its_inputs(tmp_path, person, capsys):
     photo = Path(shutil.copy(ASSETS / "obama.jpg", tmp_path / "p.jpg"))
     before = {path: path.read_bytes() for path in (photo, person)}
-    result = hdb("export", person, "-o", person, check=False)
-    assert result.returncode == 1 and "also an input" in result.stderr
-    refused("personalize", photo, "-o", photo, fragment="should end in .safetensors")
-    refused("personalize", photo, "-o", tmp_path / "q.safetensors", "--save-face", photo, fragment="also an input")
-    refused("personalize", photo, "-o", person, "--save-face", person, fragment="should end in")
-    refused("generate", "--person", person, "--prompt", "[V]", "--score", photo, "-o", photo, fragment="also an input")
-    refused("generate", "--person", person, "--prompt", "[V]", "-o", person, fragment="should end in")
+    refused("export", person, "-o", person, fragment="also an input", base=False)  # in a fresh process
+    refused("personalize", photo, "-o", photo, fragment="should end in .safetensors", capsys=capsys)
+    args = ["personalize", photo, "-o", tmp_path / "q.safetensors", "--save-face", photo]
+    refused(*args, fragment="also an input", capsys=capsys)
+    refused("personalize", photo, "-o", person, "--save-face", person, fragment="should end in", capsys=capsys)
+    generate = ["generate", "--person", person, "--prompt", "[V]"]
+    refused(*generate, "--score", photo, "-o", photo, fragment="also an input", capsys=capsys)
+    refused(*generate, "-o", person, fragment="should end in", capsys=capsys)
     assert all(path.read_bytes() == data for path, data in before.items())
 
 
-def test_the_cli_refuses_unwritable_outputs_and_bad_numbers_in_one_line(tmp_path, person):
+def test_the_cli_refuses_unwritable_outputs_and_bad_numbers_in_one_line(tmp_path, person, capsys):
+    # one refusal of each kind in a fresh process (exit codes, nothing on stderr but the line), the rest in this one
     photo = ASSETS / "obama.jpg"
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "folder.safetensors").mkdir()
     gen = ["generate", "--person", person, "--prompt", "[V]"]
     refused("personalize", photo, "-o", tmp_path / "a_file" / "p.safetensors", fragment="not a folder")
-    refused("personalize", photo, "-o", tmp_path / "folder.safetensors", fragment="is a folder")
-    refused(*gen, "-o", tmp_path / "out.xyz", fragment="should end in .png")
-    for option, value in (("--steps", "-5"), ("--lr", "nan"), ("--seed", str(2**70)), ("--resolution", "8"),
-                          ("--rank", "0")):  # fmt: skip
-        refused("personalize", photo, "-o", tmp_path / "p2.safetensors", option, value, fragment=option, code=2)
+    refused("personalize", photo, "-o", tmp_path / "p2.safetensors", "--lr", "nan", fragment="--lr", code=2)
+    refused("personalize", photo, "-o", tmp_path / "folder.safetensors", fragment="is a folder", capsys=capsys)
+    refused(*gen, "-o", tmp_path / "out.xyz", fragment="should end in .png", capsys=capsys)
+    for option, value in (("--steps", "-5"), ("--seed", str(2**70)), ("--resolution", "8"), ("--rank", "0")):
+        args = ["personalize", photo, "-o", tmp_path / "p2.safetensors", option, value]
+        refused(*args, fragment=option, code=2, capsys=capsys)
     for option, value in (("--height", "100000"), ("--height", "7"), ("--seed", str(2**70)), ("--steps", "x")):
-        refused(*gen, "-o", tmp_path / "o.png", option, value, fragment=option, code=2)
+        refused(*gen, "-o", tmp_path / "o.png", option, value, fragment=option, code=2, capsys=capsys)
+    # every crafted file (test_crafted_personal_files_are_refused_before_any_allocation) through the export command
     for fragment, path in crafted_files(person, tmp_path).items():
-        result = hdb("export", path, "-o", tmp_path / "lora.safetensors", check=False)
-        assert result.returncode == 1 and "Traceback" not in result.stderr and fragment in result.stderr
+        refused("export", path, "-o", tmp_path / "lora.safetensors", fragment=fragment, capsys=capsys, base=False)

@@ -1,9 +1,11 @@
 """Personalisation end to end on the tiny pipeline: CLI, loss going down, optimizers, bad input."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
-from helpers import ASSETS, assert_one_line_error
+from helpers import ASSETS, assert_one_line_error, hdb_in_process
 from helpers import hdb_cli as hdb
 from PIL import Image
 
@@ -87,41 +89,22 @@ def test_style_presets_and_prompt_expansion():
         picture_size("Huge", 512)
 
 
-def test_cli_bad_inputs_end_with_one_line_errors(tiny_sd15_dir, tmp_path):
+def test_cli_bad_inputs_end_with_one_line_errors(tiny_sd15_dir, tmp_path, capsys):
+    # the first in a fresh process (its exit code and stderr), the others through the CLI's main in this one
     (tmp_path / "notes.jpg").write_text("not a photo")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 50)
     base = ["--base", tiny_sd15_dir, "-o", tmp_path / "p.safetensors", "--steps", "1"]
     assert_one_line_error(hdb("personalize", tmp_path / "notes.jpg", *base, check=False), "not an image")
-    assert_one_line_error(hdb("personalize", ASSETS / "landscape.jpg", *base, check=False), "No face")
-    assert_one_line_error(hdb("personalize", tmp_path / "missing.jpg", *base, check=False), "Image file not found")
-    assert_one_line_error(
-        hdb(
-            "personalize",
-            ASSETS / "obama.jpg",
-            "--base",
-            tmp_path / "nowhere",
-            "-o",
-            tmp_path / "p.safetensors",
-            check=False,
-        ),
-        "does not exist",
-    )
-    assert_one_line_error(
-        hdb(
-            "personalize",
-            ASSETS / "obama.jpg",
-            *base,
-            "--optimizer",
-            "adamw8bit",
-            "--hypernet",
-            tmp_path / "nohypernet",
-            check=False,
-        ),
-        "Hypernetwork directory",
-    )
+    here = functools.partial(hdb_in_process, capsys)
+    assert_one_line_error(here("personalize", ASSETS / "landscape.jpg", *base), "No face")
+    assert_one_line_error(here("personalize", tmp_path / "missing.jpg", *base), "Image file not found")
+    nowhere = ["--base", tmp_path / "nowhere", "-o", tmp_path / "p.safetensors"]
+    assert_one_line_error(here("personalize", ASSETS / "obama.jpg", *nowhere), "does not exist")
+    no_hypernet = ["--optimizer", "adamw8bit", "--hypernet", tmp_path / "nohypernet"]
+    assert_one_line_error(here("personalize", ASSETS / "obama.jpg", *base, *no_hypernet), "Hypernetwork directory")
     gen = ["generate", "--base", tiny_sd15_dir, "--prompt", "[V]", "-o", tmp_path / "x.png"]
-    assert_one_line_error(hdb(*gen, "--person", tmp_path / "junk.safetensors", check=False), "truncated or corrupt")
-    assert_one_line_error(hdb(*gen, "--person", tmp_path / "missing.safetensors", check=False), "not found")
+    assert_one_line_error(here(*gen, "--person", tmp_path / "junk.safetensors"), "truncated or corrupt")
+    assert_one_line_error(here(*gen, "--person", tmp_path / "missing.safetensors"), "not found")
 
 
 def tiny_hypernet(pipe):
