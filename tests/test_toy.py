@@ -74,12 +74,12 @@ def test_a_workers_error_reaches_the_caller():
     assert in_forked_workers(lambda i: i * i, 5, 2) == [0, 1, 4, 9, 16]
 
 
-def test_matching_the_photos_pixels_fails_most_people():
-    # the memorising baseline the toy reports: with the renders' nuisance variation it must fail most people
-    # (16 of these 48 are identified: the world trades some of that failure for pose a LiDB can learn, docs/TOY.md)
+def test_matching_the_photos_pixels_identifies_few():
+    # the memorising baseline the toy reports: the renders' light varies so much that it identifies few people
+    # (6 of these 48, AUC 0.756; the calibration in docs/TOY.md); the same photos in the previous world: 16
     people = sample_people(0, 2, 48, 1, 4, "t")
     ranks = identification(pixel_distances(people))
-    assert (ranks["rank"] == 1).sum() < 48 / 2
+    assert (ranks["rank"] == 1).sum() <= 48 / 6 and ranks["auc"].mean() < 0.8
 
 
 def test_identification_ranks_and_intervals():
@@ -143,8 +143,7 @@ def test_quick_run_learns(tmp_path):
 
     # Personalising through the hypernetwork from ONE render lowers the loss on that person's OTHER renders, more
     # than the same 40 steps from zero init; and the prediction is personal: fed the person's own photo it ranks
-    # their model above where another person's photo puts it (the quick run is too small to identify reliably;
-    # at 921a450: AUC 0.589 against 0.482)
+    # their model above where another person's photo puts it (the quick run is too small to identify reliably)
     methods = results["methods"]
     people, summary = methods["base"]["people"], results_summary(methods)
     assert methods["hyper"]["beats_base"] > people / 2, summary  # the prediction alone helps
