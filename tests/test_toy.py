@@ -128,6 +128,8 @@ def test_every_row_of_the_table_runs_and_files_are_written(tmp_path):
     assert summary == (tmp_path / "summary.md").read_text() and "The toy, seed 1: 3 held-out people in all" in summary
     assert "| relaxation with the hypernetwork: lidb - lora |" in summary
     assert "| the paper's concatenated input - hdb's cross-attention |" in summary
+    memorising = next(line for line in summary.splitlines() if line.startswith("| upper bound (8 renders) - the photo"))
+    assert memorising.endswith(" | - | - |")  # the pixel baseline has an AUC, no margin or editability
 
 
 def test_quick_run_learns(tmp_path):

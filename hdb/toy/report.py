@@ -156,6 +156,8 @@ COMPARISONS = (
     ("hyper_ft_lora", "dreambooth_lora", "hypernetwork + fast finetune - DreamBooth-LoRA"),
     ("hyper_ft_lora", "zero_ft", "hypernetwork + fast finetune - zero + fast finetune (the paper's No Hyper)"),
     ("hyper", "hyper_wrong", "the prediction from the person's photo - from another's"),
+    ("hyper_ft_lora", "pixel_nn", "hypernetwork + fast finetune - the photo's pixels (memorising)"),
+    ("upper_bound", "pixel_nn", "upper bound (8 renders) - the photo's pixels (memorising)"),
     ("hyper_paper_loss", "hyper", "the paper's raw L2 weight loss - hdb's dense distance"),
     ("hyper_zero_start", "hyper", "the paper's zero start - hdb's LoRA-like start"),
     ("hyper_concatenated", "hyper", "the paper's concatenated input - hdb's cross-attention"),
@@ -223,6 +225,9 @@ def summary_table(runs: list[dict]) -> str:
                 ("margin_per_person", "+.3f", "%"),
                 ("in_context_per_person", "+.2f", "%"),
             ):
+                if key not in runs[0]["methods"][against]:  # the pixel baseline has an AUC only
+                    cells.append("-")
+                    continue
                 difference = pooled(name, key) - pooled(against, key)
                 cells.append(_with_interval(difference, bootstrap_interval(difference), style, unit))
             lines.append("| " + " | ".join(cells) + " |")
