@@ -17,6 +17,7 @@ Every user-facing failure raises `HdbError` with a one-line message.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ ImageSource = str | Path | Image.Image | np.ndarray
 MAX_PIXELS = 40_000_000  # refuse before decoding: a 40 MP RGB image is already ~120 MB
 MIN_SIDE = 64  # below this there is no usable face detail
 DETECT_SIDE = 1024  # detect on a copy at most this big: HOG cost grows with pixel count
+# dlib is not thread-safe: two threads in its detector, landmark or descriptor code abort the process within seconds
+# (a server runs its handlers in threads). Every call into dlib holds this lock, whoever makes it.
+DLIB_LOCK = threading.Lock()
 
 # Canonical positions of dlib's 5 landmarks, in units of the distance between the
 # eye centres, origin at the midpoint between the eyes, y pointing down. dlib's order
@@ -146,7 +150,7 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
 
 @functools.cache
 def _models() -> tuple:
-    """Load the three dlib models once, on first use (they take ~0.5 s)."""
+    """Load the three dlib models once, on first use (they take ~0.5 s). Called with DLIB_LOCK held."""
     import dlib  # imported on first use: code that only handles aligned crops runs without dlib
     import face_recognition_models as frm  # it only serves file paths
 
@@ -162,7 +166,6 @@ def detect_faces(source: ImageSource) -> list[Face]:
     image = load_image(source)
     import dlib
 
-    detector, predictor, _ = _models()
     scale = min(1.0, DETECT_SIDE / max(image.size))
     small = (
         image
@@ -170,20 +173,22 @@ def detect_faces(source: ImageSource) -> list[Face]:
         else image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BOX)
     )
     small_array, full_array = np.asarray(small), np.asarray(image)
-    # HOG only finds faces >= ~80 px; upsampling once finds faces down to ~40 px.
-    for upsample in (0, 1):
-        boxes, scores, _ = detector.run(small_array, upsample, 0.0)
-        if boxes:
-            break
     faces = []
-    for box, score in zip(boxes, scores, strict=True):
-        # Map the box back to full resolution, where landmarks are more precise.
-        full_box = dlib.rectangle(*(round(v / scale) for v in (box.left(), box.top(), box.right(), box.bottom())))
-        shape = predictor(full_array, full_box)
-        landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
-        faces.append(
-            Face((full_box.left(), full_box.top(), full_box.right(), full_box.bottom()), float(score), landmarks)
-        )
+    with DLIB_LOCK:
+        detector, predictor, _ = _models()
+        # HOG only finds faces >= ~80 px; upsampling once finds faces down to ~40 px.
+        for upsample in (0, 1):
+            boxes, scores, _ = detector.run(small_array, upsample, 0.0)
+            if boxes:
+                break
+        for box, score in zip(boxes, scores, strict=True):
+            # Map the box back to full resolution, where landmarks are more precise.
+            full_box = dlib.rectangle(*(round(v / scale) for v in (box.left(), box.top(), box.right(), box.bottom())))
+            shape = predictor(full_array, full_box)
+            landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+            faces.append(
+                Face((full_box.left(), full_box.top(), full_box.right(), full_box.bottom()), float(score), landmarks)
+            )
     return sorted(faces, key=lambda f: (-f.score, -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
 
 
@@ -280,14 +285,16 @@ def face_embedding(source: AlignedFace | ImageSource) -> np.ndarray:
         if not faces:
             raise HdbError("No face found in the image, so no identity embedding can be computed")
         face = faces[0]
-    _, _, encoder = _models()
     import dlib
 
-    # Rebuild dlib's landmark object; dlib then makes its own 150 px chip from the photo.
-    shape = dlib.full_object_detection(
-        dlib.rectangle(*face.box), [dlib.point(int(x), int(y)) for x, y in face.landmarks]
-    )
-    return np.array(encoder.compute_face_descriptor(np.asarray(image), shape))
+    pixels = np.asarray(image)
+    with DLIB_LOCK:
+        _, _, encoder = _models()
+        # Rebuild dlib's landmark object; dlib then makes its own 150 px chip from the photo.
+        shape = dlib.full_object_detection(
+            dlib.rectangle(*face.box), [dlib.point(int(x), int(y)) for x, y in face.landmarks]
+        )
+        return np.array(encoder.compute_face_descriptor(pixels, shape))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -50,12 +50,12 @@ def visitor_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app_url(engine, visitor_files):
-    from hdb.app.page import build_demo
+    from hdb.app.page import build_demo, serve
 
     with pytest.MonkeyPatch.context() as patch:  # as `app.main` does: Gradio's cache inside the app's folder
         patch.setenv("GRADIO_TEMP_DIR", str(visitor_files.gradio_cache))  # read on every upload: keep it set
         demo = build_demo(engine, visitor_files)
-        _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+        _, url, _ = serve(demo, visitor_files, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
         yield url
         demo.close()
 
@@ -178,7 +178,7 @@ def test_real_browser_flow(app_url, visitor_files, tmp_path):
         screenshot = Path(os.environ.get("HDB_SCREENSHOT", tmp_path / "app.jpg"))
         page.screenshot(path=str(screenshot), full_page=True, quality=80)  # the page as a visitor has it now
         mine = set(visitor_files.sessions.glob("*")) - sessions_before
-        assert len(mine) == 1 and (next(iter(mine)) / "person.safetensors").is_file()
+        assert len(mine) == 1 and list(next(iter(mine)).glob("*/person.safetensors"))
         assert list(visitor_files.gradio_cache.rglob(photo.name))  # Gradio's copy of the upload
         page.close()  # the visitor leaves: Gradio ends the session and calls VisitorFiles.forget
         deadline = time.time() + 90
@@ -395,7 +395,7 @@ def test_a_stopped_server_leaves_no_visitor_file_and_the_next_one_sweeps_a_crash
         photo = tmp_path / "my_own_photo.jpg"
         shutil.copy(ASSETS / "obama.jpg", photo)
         personalize(client, photo, steps=2)
-        assert list(root.glob("gradio/hdb_sessions/*/person.safetensors"))
+        assert list(root.glob("gradio/hdb_sessions/*/*/person.safetensors"))
         assert list(root.glob(f"gradio/**/{photo.name}"))
     finally:
         server.send_signal(signal.SIGTERM)  # how a container or a Space is stopped
@@ -410,11 +410,11 @@ def test_a_session_hash_from_the_browser_can_only_name_a_folder_of_its_own(tmp_p
     outside = tmp_path / "keep.txt"
     outside.write_text("not the app's")
     hostile = "../../../" + outside.stem
-    folder = files.folder(hostile)
-    assert folder.parent == files.sessions
+    (written,) = files.write(hostile, "face", {"face.png": lambda path: path.write_bytes(b"png")})
+    assert written.parent.parent.parent == files.sessions
     files.note_upload(hostile, str(outside))  # a path outside the app's folder is never deleted
     files.forget(hostile)
-    assert outside.exists() and not folder.exists()
+    assert outside.exists() and not written.exists()
 
 
 def test_captions_say_the_seed_and_how_close_the_face_is(app_url):

@@ -43,8 +43,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from hdb.app.engine import Engine
-    from hdb.app.main import MAX_UPLOAD, parse_args
-    from hdb.app.page import EXAMPLE_PHOTOS, build_demo
+    from hdb.app.main import parse_args
+    from hdb.app.page import EXAMPLE_PHOTOS, build_demo, serve
     from hdb.app.visitors import VisitorFiles
 
     engine = Engine(parse_args(["--tiny", "--device", "cpu"]))
@@ -52,10 +52,7 @@ def server(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(files.gradio_cache))
         demo = build_demo(engine, files)
-        _, url, _ = demo.launch(
-            server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-            max_file_size=MAX_UPLOAD,
-        )  # fmt: skip
+        _, url, _ = serve(demo, files, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
         yield url, engine, files
         demo.close()
 
@@ -185,14 +182,16 @@ def test_everything_a_visitor_sent_or_made_goes_when_they_leave(server, tmp_path
     odd_name = tmp_path / "me\u2028you\u0085.jpg"  # line separators in a file name
     shutil.copy(ASSETS / "biden.jpg", odd_name)
     for photo in (own_obama, odd_name):
-        _, status, downloads = client.predict(handle_file(str(photo)), True, 2, None, api_name="/personalize")
+        crop, status, downloads = client.predict(handle_file(str(photo)), True, 2, None, api_name="/personalize")
         assert "Personalised" in status
     person = Path(downloads[0]["path"])
-    client.predict(handle_file(str(shutil.copy(person, tmp_path / "mine.safetensors"))), api_name="/upload_person")
+    mine = shutil.copy(person, tmp_path / "mine.safetensors")
+    _, downloads = client.predict(handle_file(str(mine)), api_name="/upload_person")
     gallery, _ = client.predict(*ORDINARY, api_name="/generate")
     made = [Path(item["path"]) for item in [crop, *downloads, *(picture["image"] for picture in gallery)]]
     assert all(path.is_relative_to(files.sessions) for path in made)  # served in place, never copied elsewhere
     assert all(served(url, path) == 200 for path in made)
+    assert not person.exists()  # a visitor keeps the latest of each kind only: the uploaded person's files
     names = (aligned_only.name, own_obama.name, "mine.safetensors")
     cached = [p for p in files.gradio_cache.rglob("*") if p.is_file() and (p.name in names or "\u2028" in p.name)]
     example = (ASSETS / "obama.jpg").read_bytes()
@@ -294,7 +293,7 @@ def test_nan_and_infinity_in_raw_json(server):
     request = type("Request", (), {"session_hash": "raw-json"})()
     with pytest.raises(gr.Error, match="Finetune steps must be a whole number"):
         next(handlers.personalize(str(ASSETS / "obama.jpg"), True, float("nan"), None, None, request))
-    someone = Session("raw-json", files.folder("raw-json"), load_personal_of(engine))
+    someone = Session("raw-json", load_personal_of(engine))
     for position, value, message in (
         (3, float("nan"), "Identity strength must be a number"),
         (5, float("inf"), "Guidance must be a number"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import re
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,8 +34,8 @@ if TYPE_CHECKING:
     from hdb.faces import AlignedFace
     from hdb.personalize import Personalization
 
-ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s'\"]+")  # in a message: from a leading / to the next space or quote
-MAX_JOBS_PER_VISITOR = 1  # requests one session may have waiting or running at once
+# in a message: a path that starts a word ("/tmp/x", '/home/y'), not a slash between values ("(1, 2)/(3, 4)")
+ABSOLUTE_PATH = re.compile(r"(?:^|(?<=[\s'\"(=:]))/[\w.~-][^\s'\"]*")
 PERSON_FILE, KOHYA_FILE, DIFFUSERS_FILE = (
     "person.safetensors",
     "person_lora_kohya.safetensors",
@@ -61,9 +60,11 @@ def number(value: object, what: str, low: float, high: float) -> float:
 
 
 def visitor_error(error: HdbError) -> gr.Error:
-    """The message a visitor sees for a library error: no advice about settings they cannot change, and no
-    server path (a file is named by its own name: the folders say where the server keeps things, and its PID)."""
-    return gr.Error(ABSOLUTE_PATH.sub(lambda match: Path(match.group()).name, for_visitors(str(error))))
+    """The message a visitor sees for a library error: no advice about settings they cannot change, no server
+    path (a file is named by its own name: the folders say where the server keeps things, and its PID), and only
+    text that can be sent (a lone surrogate would turn the whole message into `null`)."""
+    message = ABSOLUTE_PATH.sub(lambda match: Path(match.group()).name, for_visitors(str(error)))
+    return gr.Error(message.encode("utf-8", "replace").decode("utf-8"))
 
 
 class Handlers:
@@ -81,45 +82,34 @@ class Handlers:
 
     def session(self, session: Session | None, request: gr.Request) -> Session:
         """The visitor's Session, made on their first event, with their own folder."""
-        if session is None:
-            session = Session(request.session_hash, self.files.folder(request.session_hash))
-        return session
+        return session if session is not None else Session(request.session_hash)
 
-    # -- before a job joins the line
+    # -- as a job joins the line (`validator=`: after hdb.app.line's door, before the job waits in line)
 
-    def one_job_per_visitor(self, request: gr.Request, inputs: int) -> list:
-        """Refuse a request while this visitor already has one waiting or running: one visitor cannot fill the line
-        that every visitor shares (Gradio runs this before the request is queued: `validator=`)."""
-        queue = getattr(self.blocks, "_queue", None)  # Gradio's queue: which requests of each session are pending
-        pending = queue.pending_event_ids_session.get(request.session_hash, ()) if queue is not None else ()
-        if len(pending) >= MAX_JOBS_PER_VISITOR:
-            raise gr.Error("You already have a request waiting or running; it has to finish first.")
-        return [gr.validate(True, "")] * inputs  # a validator answers for each input; the inputs are checked later
+    def note_sent(self, request: gr.Request, inputs: list) -> list:
+        """Count the files a job will read as this visitor's from the moment it joins: a visitor who sent the same
+        photo and leaves while this job waits keeps it for this one. A file made for another visitor is refused."""
+        answers = []
+        for value in inputs:
+            problem = ""
+            for path in value if isinstance(value, list) else [value] if isinstance(value, str) else []:
+                try:
+                    self.files.note_upload(request.session_hash, path)
+                except HdbError as error:
+                    problem = str(visitor_error(error))
+            answers.append(gr.validate(not problem, problem))
+        return answers
+
+    def may_align(self, photo: object, session: object, request: gr.Request) -> list:
+        return self.note_sent(request, [photo, session])
 
     def may_personalize(
         self, photo: object, consent: object, steps: object, session: object, more: object, request: gr.Request
     ) -> list:
-        return self.one_job_per_visitor(request, 5)  # a validator takes the event's inputs; only the request matters
-
-    def may_generate(
-        self,
-        session: object,
-        prompt: object,
-        style: object,
-        negative: object,
-        strength: object,
-        steps: object,
-        guidance: object,
-        seed: object,
-        randomize: object,
-        size: object,
-        count: object,
-        request: gr.Request,
-    ) -> list:
-        return self.one_job_per_visitor(request, 11)
+        return self.note_sent(request, [photo, consent, steps, session, more])
 
     def may_upload_person(self, file: object, session: object, request: gr.Request) -> list:
-        return self.one_job_per_visitor(request, 2)
+        return self.note_sent(request, [file, session])
 
     # -- the events
 
@@ -127,18 +117,22 @@ class Handlers:
         if not photo:
             return None, "", session
         session = self.session(session, request)
-        self.files.note_upload(session.key, photo)  # a photo only looked at goes when the visitor leaves too
         try:
+            self.files.note_upload(session.key, photo)  # a photo only looked at goes when the visitor leaves too
             face = self.engine.personal.faces(photo)[0]
+            crop = self.keep(session, face.image)
         except HdbError as error:
             raise visitor_error(error) from None
-        return self.keep(session, face.image, "face"), face.note or "Face found and aligned.", session
+        return crop, face.note or "Face found and aligned.", session
 
     def note_uploads(self, uploads: list[str] | None, session: Session | None, request: gr.Request) -> Session:
         """Remember files the visitor sent (more photos), so that they go when the visitor leaves."""
         session = self.session(session, request)
-        for upload in uploads or []:
-            self.files.note_upload(session.key, upload)
+        try:
+            for upload in uploads or []:
+                self.files.note_upload(session.key, upload)
+        except HdbError as error:
+            raise visitor_error(error) from None
         return session
 
     def personalize(
@@ -156,9 +150,9 @@ class Handlers:
         if not photo:
             raise gr.Error("Upload a photo of a face first (or pick an example).")
         photos = [photo, *(more_photos or [])]
-        for upload in photos:
-            self.files.note_upload(session.key, upload)
         try:
+            for upload in photos:
+                self.files.note_upload(session.key, upload)
             check_photo_count(len(photos))
         except HdbError as error:
             raise visitor_error(error) from None
@@ -175,14 +169,18 @@ class Handlers:
             raise visitor_error(error) from None
         if not engine.zero_gpu:  # a forked ZeroGPU worker's speed says nothing of the next one's
             engine.seconds_per_step = (time.perf_counter() - started) / steps
-        downloads = self.save_files(session, result.weights)
+        try:
+            downloads = self.save_files(session, result.weights)
+            crop = self.keep(session, faces[0].image)
+        except HdbError as error:  # the visitor left meanwhile: nothing is written for them
+            raise visitor_error(error) from None
         references = [face_embedding(face) for face in faces]  # each photo's descriptor once: scores and notes
         session.weights, session.references = result.weights, references
         how = "from the hypernetwork's prediction" if result.used_hypernet else "from zero (no hypernetwork loaded)"
         notes = " ".join([face.note for face in faces if face.note] + same_person_notes(faces, references))
         photos_used = f" from {len(faces)} photos" if len(faces) > 1 else ""
         message = f"Personalised{photos_used} in {time.perf_counter() - started:.1f} s: {steps} steps {how}. {notes}"
-        yield self.keep(session, faces[0].image, "face"), message, session, downloads
+        yield crop, message, session, downloads
 
     def finetune(self, faces: list[AlignedFace], steps: int, progress: gr.Progress) -> Personalization:
         """The GPU part of personalising (a GPU function on ZeroGPU): prediction, relaxation, fast finetune."""
@@ -196,26 +194,27 @@ class Handlers:
         with engine.lock:
             return engine.personal.personalize(faces, config, on_step)
 
-    def keep(self, session: Session, image: Image.Image, kind: str) -> str:
-        """`image` saved in the visitor's folder, which Gradio serves in place: it goes when the visitor leaves
-        (a picture returned as an image would be copied into Gradio's cache, kept for an hour)."""
-        path = session.folder / f"{kind}-{uuid.uuid4().hex[:12]}.png"
-        image.save(path)
+    def keep(self, session: Session, face: Image.Image) -> str:
+        """The visitor's aligned face, saved among their files, which Gradio serves in place: it goes when they
+        leave, or when they align another (a picture returned as an image would be copied into Gradio's cache)."""
+        (path,) = self.files.write(session.key, "face", {"face.png": face.save})
         return str(path)
 
     def save_files(self, session: Session, weights: PersonalWeights) -> list[str]:
-        """The visitor's personal file and both LoRA exports, in their own folder."""
-        person = save_personal(weights, session.folder / PERSON_FILE)
-        kohya = export_lora(weights, session.folder / KOHYA_FILE, "kohya")
-        diffusers = export_lora(weights, session.folder / DIFFUSERS_FILE, "diffusers")
-        return [str(person), str(kohya), str(diffusers)]
+        """The visitor's personal file and both LoRA exports, among their files."""
+        writers = {
+            PERSON_FILE: lambda path: save_personal(weights, path),
+            KOHYA_FILE: lambda path: export_lora(weights, path, "kohya"),
+            DIFFUSERS_FILE: lambda path: export_lora(weights, path, "diffusers"),
+        }
+        return [str(path) for path in self.files.write(session.key, "downloads", writers)]
 
     def upload_person(self, file: str | None, session: Session | None, request: gr.Request) -> tuple:
         session = self.session(session, request)
         if not file:
             return session, "", None
-        self.files.note_upload(session.key, file)
         try:
+            self.files.note_upload(session.key, file)
             weights = load_personal(file)
             self.engine.personal.check(weights)
             downloads = self.save_files(session, weights)
@@ -259,8 +258,12 @@ class Handlers:
         except HdbError as error:
             raise visitor_error(error) from None
         captions = [self.caption(session, image, seed, k) for k, image in enumerate(images)]  # CPU: after the GPU
-        pictures = [self.keep(session, image, f"seed{seed}") for image in images]
-        return list(zip(pictures, captions, strict=True)), seed
+        names = {f"seed{seed}-{k + 1}.png": image.save for k, image in enumerate(images)}
+        try:
+            pictures = self.files.write(session.key, "pictures", names)  # the gallery shows the latest batch only
+        except HdbError as error:
+            raise visitor_error(error) from None
+        return [(str(path), caption) for path, caption in zip(pictures, captions, strict=True)], seed
 
     def sample(
         self,

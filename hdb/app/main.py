@@ -18,8 +18,6 @@ from pathlib import Path
 from hdb.config import APP_COMPILE_MODE, DEFAULT_BASE, DTYPE_CHOICES, OPTIMIZERS
 from hdb.errors import HdbError
 
-MAX_UPLOAD = "20mb"  # per file: a phone photo or a personal file fits; the server keeps uploads until a visitor leaves
-
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     """The app's options; `prog`: how its usage line names the command (`hdb demo`; default: the script's name)."""
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     from hdb.app.engine import Engine, import_spaces
 
     spaces = import_spaces()
-    from hdb.app.page import EXAMPLE_PHOTOS, build_demo
+    from hdb.app.page import EXAMPLE_PHOTOS, build_demo, serve
     from hdb.app.visitors import VisitorFiles
 
     try:
@@ -76,8 +74,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        build_demo(engine, files).launch(
-            server_name=options.host, server_port=options.port, share=options.share, max_file_size=MAX_UPLOAD
-        )
+        # on a Space, visitors' addresses come from Hugging Face's proxy (hdb.app.line); SPACE_ID is set there
+        behind_spaces_proxy = bool(os.environ.get("SPACE_ID"))
+        serve(build_demo(engine, files), files, options.host, options.port, options.share, behind_spaces_proxy)
     finally:
         files.remove()

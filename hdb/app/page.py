@@ -5,25 +5,27 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import gradio as gr
+from gradio.data_classes import ListFiles
+from gradio_client.utils import is_valid_file
 
 from hdb.app.engine import MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, Engine
 from hdb.app.handlers import DIFFUSERS_FILE, KOHYA_FILE, PERSON_FILE, Handlers
+from hdb.app.line import LINE_SIZE, MAX_JOBS_PER_VISITOR, MAX_UPLOAD, Door
 from hdb.app.visitors import EXAMPLE_NAMES, VisitorFiles
 from hdb.config import DEFAULT_INSTANCE_TOKEN, MAX_PHOTOS
 from hdb.example_photos import ASSETS
 from hdb.styles import EXAMPLE_PROMPTS, SIZE_PRESETS, STYLE_PRESETS, negative_for
 
 if TYPE_CHECKING:
-    from gradio.data_classes import ImageData
+    from gradio.data_classes import FileData, ImageData
 
 EXAMPLE_PHOTOS = [str(ASSETS / name) for name in EXAMPLE_NAMES]
-QUEUE_SIZE = 32  # requests waiting in the line every visitor shares (one per visitor: MAX_JOBS_PER_VISITOR)
 NOTICE = (
     "**Responsible use.** Only personalise photos of yourself or of people who agreed to it. Do not make "
     "images that deceive, harass or sexualise anyone. Everything you send or make here (photos, face crops, "
     "personal weights, LoRA files, pictures) stays in your session and is deleted when you leave, or after "
     "an hour without a visit; everything when the app stops. "
-    f"Up to {QUEUE_SIZE} requests wait in line, one per visitor at a time."
+    f"Up to {LINE_SIZE} requests wait in line, {MAX_JOBS_PER_VISITOR} per visitor at a time."
 )
 
 
@@ -36,6 +38,23 @@ class PhotoInput(gr.Image):
 
     def preprocess(self, payload: ImageData | None) -> str | None:
         return None if payload is None else payload.path
+
+
+class SentFiles(gr.File):
+    """gr.File that hands over the uploaded files' paths (gr.File's own preprocess also leaves an empty temporary
+    file in Gradio's cache for every file of every call, kept until the app stops). File types are checked as
+    gr.File checks them."""
+
+    is_template = True  # the page renders it as a plain gr.File
+
+    def preprocess(self, payload: ListFiles | FileData | None) -> str | list[str] | None:
+        if payload is None:
+            return None
+        paths = [file.path for file in (payload if isinstance(payload, ListFiles) else [payload])]
+        allowed = self.file_types or []
+        if allowed and not all(is_valid_file(path, allowed) for path in paths):
+            raise gr.Error(f"Invalid file type. Please upload a file that is one of these formats: {allowed}")
+        return paths[0] if self.file_count == "single" else paths
 
 
 TIPS = """\
@@ -153,7 +172,7 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
                     )
                     gr.Markdown(DOWNLOADS_HELP, elem_id="downloads-help")
                 with gr.Accordion("Personalisation options", open=False):
-                    more_photos = gr.File(
+                    more_photos = SentFiles(
                         label=f"More photos of the same person (optional, up to {MAX_PHOTOS - 1})",
                         file_count="multiple",
                         file_types=["image"],
@@ -166,7 +185,7 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
                         step=1,
                         label=f"Finetune steps (0: {engine.default_steps}, the default here)",
                     )
-                    saved = gr.File(
+                    saved = SentFiles(
                         label="Or upload a saved personal file", file_types=[".safetensors"], elem_id="upload-person"
                     )
             with gr.Column():
@@ -193,7 +212,8 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
         # Every event that uses the pipeline shares one concurrency group: one job at a time, the rest wait in
         # line (engine.lock holds the same line should the queue settings change).
         pipeline = dict(concurrency_id="pipeline", concurrency_limit=1)
-        photo.change(handlers.show_crop, [photo, session], [crop, status, session], api_name="align")
+        align = dict(api_name="align", validator=handlers.may_align)
+        photo.change(handlers.show_crop, [photo, session], [crop, status, session], **align)
         more_photos.upload(handlers.note_uploads, [more_photos, session], session, api_name=False)
         pictures = [session, prompt, style, negative, strength, gen_steps, guidance, seed, randomize, size, count]
         personalize_button.click(
@@ -218,7 +238,6 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
             pictures,
             [gallery, seed],
             api_name="generate",
-            validator=handlers.may_generate,
             **pipeline,
         )
         # a prompt example draws at once once there is a person; a photo example only shows its aligned crop:
@@ -226,6 +245,28 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
         prompt_examples.load_input_event.then(
             handlers.draw_example, pictures, [gallery, seed], api_name=False, **pipeline
         )
-    demo.queue(max_size=QUEUE_SIZE)
+    demo.queue(max_size=LINE_SIZE)  # Gradio's own limit; hdb.app.line's door keeps it (and more) under a crowd
     handlers.blocks = demo
     return demo
+
+
+def serve(
+    demo: gr.Blocks,
+    files: VisitorFiles,
+    host: str,
+    port: int,
+    share: bool = False,
+    behind_spaces_proxy: bool = False,
+    **launch: object,
+) -> tuple:
+    """Serve the page with hdb's door in front of Gradio's line (`hdb.app.line.Door`); returns what `launch` does.
+
+    `behind_spaces_proxy`: visitors' addresses are read from Hugging Face's proxy. `launch`: more of Gradio's
+    launch options (a test passes prevent_thread_lock and quiet)."""
+    from starlette.middleware import Middleware
+
+    door = Middleware(Door, blocks=demo, files=files, behind_spaces_proxy=behind_spaces_proxy)
+    return demo.launch(
+        server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, app_kwargs={"middleware": [door]},
+        **launch,
+    )  # fmt: skip
