@@ -53,6 +53,7 @@ def server(tmp_path_factory):
         patch.setenv("GRADIO_TEMP_DIR", str(files.gradio_cache))
         demo = build_demo(engine, files)
         _, url, _ = serve(demo, files, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
+        LINE_OF[url] = demo
         yield url, engine, files
         demo.close()
 
@@ -385,3 +386,97 @@ def test_the_cli_refuses_unwritable_outputs_and_bad_numbers_in_one_line(tmp_path
     # every crafted file (test_crafted_personal_files_are_refused_before_any_allocation) through the export command
     for fragment, path in crafted_files(person, tmp_path).items():
         refused("export", path, "-o", tmp_path / "lora.safetensors", fragment=fragment, capsys=capsys, base=False)
+
+
+# ----------------------------------------------------------------------------- 11. a crowd: the line and the files
+
+
+def join_body(fn: str, data: list, session_hash: str) -> dict:
+    return {
+        "data": data,
+        "fn_index": FN_INDEX[fn],
+        "session_hash": session_hash,
+        "event_data": None,
+        "trigger_id": None,
+    }
+
+
+FN_INDEX = {"align": 3, "personalize": 5, "upload_person": 8, "generate": 9}  # the page's events (GET /config)
+
+
+def test_the_event_indices_are_the_pages(server):
+    dependencies = httpx.get(f"{server[0]}config").json()["dependencies"]
+    assert {name: next(d["id"] for d in dependencies if d["api_name"] == name) for name in FN_INDEX} == FN_INDEX
+
+
+def upload(url: str, path: Path) -> dict:
+    """POST a file as the page does; the FileData an event then names."""
+    with path.open("rb") as file:
+        (server_path,) = httpx.post(f"{url}gradio_api/upload", files={"files": (path.name, file)}).json()
+    return {"path": server_path, "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+
+def flood(url: str, bodies: list[dict], headers: list[dict] | None = None) -> list[httpx.Response]:
+    """Every join at once, as a crowd (or one client with many session hashes) sends them."""
+    import asyncio
+
+    async def send_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=len(bodies))
+        async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+            sends = [
+                client.post(f"{url}gradio_api/queue/join", json=body, headers=(headers or [{}] * len(bodies))[k])
+                for k, body in enumerate(bodies)
+            ]
+            return await asyncio.gather(*sends)
+
+    return asyncio.run(send_all())
+
+
+def wait_for_an_empty_line(engine_files_demo_url: str, timeout: float = 120) -> None:
+    from hdb.app import line
+
+    deadline = time.time() + timeout
+    while line.events_in_line(LINE_OF[engine_files_demo_url]) and time.time() < deadline:
+        time.sleep(0.2)
+
+
+LINE_OF: dict = {}  # url -> the Blocks served there (set by the `server` fixture)
+
+
+def test_a_flood_of_fresh_session_hashes_from_one_address_gets_its_share_and_a_fast_reason(server, ordinary):
+    """150 joins at once, each with a fresh session hash, from one address: at most MAX_JOBS_PER_ADDRESS get in (the
+    rest are refused at once, saying why), however the joins interleave; then an ordinary visitor is served."""
+    from hdb.app.line import MAX_JOBS_PER_ADDRESS
+    from hdb.faces import DLIB_LOCK
+
+    url = server[0]
+    photo = upload(url, ASSETS / "obama.jpg")
+    bodies = [join_body("align", [photo, None], f"flood-{k}") for k in range(150)]
+    with DLIB_LOCK:  # the first previews hold the line: each stays in it while the flood arrives
+        answers = flood(url, bodies)
+    accepted = [a for a in answers if a.status_code == 200]
+    refused = [a for a in answers if a.status_code == 429]
+    assert len(accepted) == MAX_JOBS_PER_ADDRESS and len(refused) == 150 - MAX_JOBS_PER_ADDRESS
+    assert all("from your network are already waiting" in a.json()["detail"] for a in refused)
+    one_session = flood(url, [join_body("align", [photo, None], "one-visitor") for _ in range(20)])
+    assert [a.status_code for a in one_session].count(200) <= 1  # (the line may still hold the flood's share)
+    wait_for_an_empty_line(url)
+    the_next_visitor_is_unaffected(url, ordinary)
+
+
+def test_a_crowd_of_addresses_cannot_grow_the_line_past_its_size(server, ordinary):
+    """Gradio checks its queue's size before it awaits the validators, so joins that arrive together all passed it:
+    150 visitors from 150 addresses (uvicorn takes X-Forwarded-For from 127.0.0.1) now fill it to LINE_SIZE only."""
+    from hdb.app.line import LINE_SIZE
+    from hdb.faces import DLIB_LOCK
+
+    url = server[0]
+    photo = upload(url, ASSETS / "obama.jpg")
+    bodies = [join_body("align", [photo, None], f"crowd-{k}") for k in range(150)]
+    addresses = [{"X-Forwarded-For": f"10.1.{k // 250}.{k % 250}"} for k in range(150)]
+    with DLIB_LOCK:
+        answers = flood(url, bodies, addresses)
+    assert [a.status_code for a in answers].count(200) == LINE_SIZE
+    assert all("The line is full" in a.json()["detail"] for a in answers if a.status_code != 200)
+    wait_for_an_empty_line(url)
+    the_next_visitor_is_unaffected(url, ordinary)
