@@ -480,3 +480,90 @@ def test_a_crowd_of_addresses_cannot_grow_the_line_past_its_size(server, ordinar
     assert all("The line is full" in a.json()["detail"] for a in answers if a.status_code != 200)
     wait_for_an_empty_line(url)
     the_next_visitor_is_unaffected(url, ordinary)
+
+
+def test_a_shared_picture_link_opens_nothing_else_and_another_visitor_cannot_take_the_files(server, ordinary):
+    url, _, files = server
+    victim = Client(url, verbose=False, download_files=False)
+    _, _, downloads = victim.predict(handle_file(str(ASSETS / "obama.jpg")), True, 2, None, api_name="/personalize")
+    gallery, _ = victim.predict(*ORDINARY, api_name="/generate")
+    picture, person = Path(gallery[0]["image"]["path"]), Path(downloads[0]["path"])
+    assert served(url, picture) == 200 and served(url, person) == 200  # the visitor's own links work
+    for guess in ("person.safetensors", "uploads.jsonl", "face.png"):  # names next to the shared picture
+        assert served(url, picture.parent / guess) != 200 and served(url, picture.parent.parent / guess) != 200
+    for event, data in (("upload_person", [None]), ("personalize", [True, 2, None, None])):  # the victim's file
+        stolen = {"path": str(person if event == "upload_person" else picture), "meta": {"_type": "gradio.FileData"}}
+        answer = httpx.post(f"{url}gradio_api/queue/join", json=join_body(event, [stolen, *data], "attacker"))
+        assert answer.status_code == 422 and "was not uploaded here" in json.dumps(answer.json())
+    files.forget("attacker")  # the attacker leaves: nothing of the victim's goes with them
+    assert person.is_file() and picture.is_file()
+    the_next_visitor_is_unaffected(url, ordinary)
+
+
+def test_nothing_is_written_for_a_visitor_who_left_during_their_job(server):
+    url, engine, files = server
+    client = Client(url, verbose=False)
+    with engine.lock:  # the finetune waits for the shared pipeline while the visitor closes the tab
+        job = client.submit(handle_file(str(ASSETS / "obama.jpg")), True, 2, None, api_name="/personalize")
+        time.sleep(3)
+        files.forget(client.session_hash)  # what the page's unload calls
+    with pytest.raises(Exception, match="session has ended"):
+        job.result()
+    assert not (files.sessions / _visitor_folder(client.session_hash)).exists()
+
+
+def _visitor_folder(session_hash: str) -> str:
+    from hdb.app.visitors import _visitor
+
+    return _visitor(session_hash)
+
+
+def test_a_shared_upload_stays_for_a_visitor_whose_job_waits_when_the_other_leaves(server, tmp_path):
+    url, engine, files = server
+    photo = tmp_path / "the_same_photo.jpg"
+    shutil.copy(ASSETS / "grace_hopper.jpg", photo)
+    first, waiting, busy = (Client(url, verbose=False) for _ in range(3))
+    first.predict(handle_file(str(photo)), api_name="/align")  # the first visitor only looked at their photo
+    with engine.lock:  # someone else's personalisation holds the pipeline; the second visitor waits in line
+        ahead = busy.submit(handle_file(str(ASSETS / "obama.jpg")), True, 2, None, api_name="/personalize")
+        time.sleep(2)
+        job = waiting.submit(handle_file(str(photo)), True, 2, None, api_name="/personalize")
+        time.sleep(2)
+        files.forget(first.session_hash)  # the first visitor leaves: Gradio kept one copy of the photo for both
+    assert "Personalised" in ahead.result()[1] and "Personalised" in job.result()[1]
+
+
+def test_a_visitor_keeps_one_crop_and_file_inputs_leave_no_temporaries(server, real_file, tmp_path):
+    url, _, files = server
+    client = Client(url, verbose=False)
+    before = {path for path in files.gradio_cache.rglob("tmp*") if path.is_file()}
+    for photo in ("obama.jpg", "obama2.jpg", "obama3.jpg"):
+        client.predict(handle_file(str(ASSETS / photo)), api_name="/align")
+    client.predict(handle_file(str(real_file)), api_name="/upload_person")
+    client.predict(handle_file(str(real_file)), api_name="/upload_person")
+    mine = files.sessions / _visitor_folder(client.session_hash)
+    assert len(list(mine.glob("*/face.png"))) == 1 and len(list(mine.glob("*/person.safetensors"))) == 1
+    assert {path for path in files.gradio_cache.rglob("tmp*") if path.is_file()} == before  # gr.File made 2 a call
+
+
+def test_uploads_without_an_event_are_swept_and_an_address_uploads_within_its_budget(server, monkeypatch, tmp_path):
+    from hdb.app import line
+
+    url, _, files = server
+    client = Client(url, verbose=False)
+    client.predict(handle_file(str(ASSETS / "biden.jpg")), api_name="/align")  # named in an event: kept
+    orphan = Path(upload(url, ASSETS / "obama3.jpg")["path"])  # posted, never named in an event
+    assert orphan.is_file() and served(url, orphan) == 200
+    swept = files.sweep_orphans(older_than=0)
+    assert orphan in swept and not orphan.exists()
+    assert all(path.name != "biden.jpg" for path in swept) and list(files.gradio_cache.rglob("biden.jpg"))
+    monkeypatch.setattr(line, "UPLOAD_BYTES", 2**20)  # the budget, small enough to test with small files
+    big = tmp_path / "noise.png"
+    big.write_bytes(os.urandom(400_000))
+    answers = []
+    for _ in range(4):
+        with big.open("rb") as file:
+            answers.append(httpx.post(f"{url}gradio_api/upload", files={"files": ("noise.png", file)}))
+    assert [a.status_code for a in answers][-2:] == [429, 429]
+    assert "uploaded" in answers[-1].json()["detail"]
+    files.sweep_orphans(older_than=0)
