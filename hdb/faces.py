@@ -99,8 +99,8 @@ def load_image(source: ImageSource) -> Image.Image:
 
 
 def _open_file(path: Path) -> tuple[str, Image.Image]:
-    if not path.is_file():
-        raise HdbError(f"Image file not found: {path}")
+    if not path.is_file():  # a folder, a FIFO or a device would block or fail later
+        raise HdbError(f"{path} is not a regular file" if path.exists() else f"Image file not found: {path}")
     try:
         # Image.open only reads the header, so the size check in load_image happens
         # before any pixels are decoded. Pillow's own bomb guard is made an error too.

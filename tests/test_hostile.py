@@ -567,3 +567,13 @@ def test_uploads_without_an_event_are_swept_and_an_address_uploads_within_its_bu
     assert [a.status_code for a in answers][-2:] == [429, 429]
     assert "uploaded" in answers[-1].json()["detail"]
     files.sweep_orphans(older_than=0)
+
+
+def test_messages_keep_slashes_between_values_and_lose_server_paths_and_bad_characters():
+    from hdb.app.handlers import visitor_error
+
+    shapes = "tensor shapes (40, 1, 100)/(40, 50, 1) do not match its metadata (40, 1, 90)/(40, 50, 1)"
+    assert visitor_error(HdbError(shapes)).message == shapes
+    where = "Image file not found: /tmp/hdb_app/123-45/gradio/abc/me.jpg, nor '/home/someone/x.png'"
+    assert visitor_error(HdbError(where)).message == "Image file not found: me.jpg, nor 'x.png'"
+    assert visitor_error(HdbError("a lone \ud800 surrogate")).message == "a lone ? surrogate"  # sendable as JSON
