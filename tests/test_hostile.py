@@ -577,3 +577,17 @@ def test_messages_keep_slashes_between_values_and_lose_server_paths_and_bad_char
     where = "Image file not found: /tmp/hdb_app/123-45/gradio/abc/me.jpg, nor '/home/someone/x.png'"
     assert visitor_error(HdbError(where)).message == "Image file not found: me.jpg, nor 'x.png'"
     assert visitor_error(HdbError("a lone \ud800 surrogate")).message == "a lone ? surrogate"  # sendable as JSON
+
+
+def test_the_readme_quotes_the_lines_limits():
+    from hdb.app import line, visitors
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert line.MAX_JOBS_PER_VISITOR == 1  # the README says "one"
+    quoted = (
+        f"at most {line.LINE_SIZE} requests waiting or running, one per visitor",
+        f"{line.MAX_JOBS_PER_ADDRESS} per network address",
+        f"{line.UPLOAD_BYTES // 2**20} MB of uploads per address in {line.UPLOAD_WINDOW // 60} minutes",
+        f"removed after {visitors.ORPHAN_SECONDS // 60} minutes",
+    )
+    assert [phrase for phrase in quoted if phrase not in text] == []
