@@ -8,7 +8,8 @@ default and help stand together, here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -51,6 +52,21 @@ APP_COMPILE_MODE = "regional"
 
 # A rare token + the class noun; prompts name the person with "[V]", which stands for all of it ("sks face").
 DEFAULT_INSTANCE_TOKEN = "sks face"
+MAX_TOKEN_CHARS = 100  # a token is a few words: every prompt carries it, once per [V]
+
+
+def token_problem(token: object) -> str:
+    """What is wrong with `token` as an instance token (a few words on one line), or ''. The token itself is not
+    echoed: it may be long, or hold line breaks."""
+    if not isinstance(token, str):
+        return f"must be text, not {type(token).__name__}"
+    if not token.strip():
+        return f"is empty; it names the person in prompts, e.g. {DEFAULT_INSTANCE_TOKEN!r}"
+    if len(token) > MAX_TOKEN_CHARS:
+        return f"is {len(token):,} characters; at most {MAX_TOKEN_CHARS}"
+    if not token.isprintable():  # control characters, line breaks, lone surrogates, separators other than a space
+        return "holds line breaks, control characters or other unprintable ones; it is a few words on one line"
+    return ""
 
 
 def instance_prompt_for(instance_token: str) -> str:
@@ -80,6 +96,9 @@ MAX_RANK = 64  # LiDB and plain LoRA ranks, in training and in files
 MAX_AUX = 1024  # aux basis widths a, b (the paper's: 100, 50)
 MAX_STEPS = 1_000_000
 MAX_SIDE = 2048  # pixels of a training resolution or a picture side (SDXL's native 1024, twice)
+# Messages show a value that may be anyone's input short: whole numbers from this size in scientific notation
+# (1e+308, not 309 digits), other values' text cut after SHOWN_CHARS characters.
+LONG_NUMBER, SHOWN_CHARS = 10**15, 40
 
 
 def setting(
@@ -88,9 +107,11 @@ def setting(
     choices: Sequence[str] | None = None,
     between: tuple[float, float] | None = None,
     multiple_of: int | None = None,
+    problem: Callable[[object], str] | None = None,
 ) -> Any:
     """A dataclass field holding in its metadata its help, the values it allows where they are few (`choices`),
-    and the range of a number (`between`, both ends included; `multiple_of`), which `check_settings` enforces."""
+    the range of a number (`between`, both ends included; `multiple_of`), and for other values a function that
+    says what is wrong with one (`problem`, '' when nothing is), which `check_settings` enforces."""
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = tuple(choices)
@@ -98,14 +119,28 @@ def setting(
         metadata["between"] = between
     if multiple_of is not None:
         metadata["multiple_of"] = multiple_of
+    if problem is not None:
+        metadata["problem"] = problem
     return field(default=default, metadata=metadata)
+
+
+def shown_value(value: object) -> str:
+    """`value` as a message shows it: short however large (a seed of 10**308 as 1e+308, a long text cut)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= LONG_NUMBER:
+        try:
+            return f"{value:.3g}"
+        except OverflowError:  # past a float's range (and str() refuses past 4,300 digits)
+            digits = int(value.bit_length() * math.log10(2))
+            return f"a {'negative ' if value < 0 else ''}number of about {digits:,} digits"
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}..."
 
 
 def value_problem(value: object, between: tuple[float, float], whole: bool, multiple_of: int | None = None) -> str:
     """What is wrong with `value` as a number in `between` (whole, a multiple of `multiple_of`), or ''."""
     low, high = (f"{end:,}" if isinstance(end, int) else f"{end:g}" for end in between)
     kind = f"a whole number{f' and a multiple of {multiple_of}' if multiple_of else ''}" if whole else "a number"
-    wrong = f"must be {kind} from {low} to {high}, not {value!r}"
+    wrong = f"must be {kind} from {low} to {high}, not {shown_value(value)}"
     low, high = between
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails too
         return wrong
@@ -115,15 +150,21 @@ def value_problem(value: object, between: tuple[float, float], whole: bool, mult
 
 
 def check_settings(config: object) -> None:
-    """Refuse a config whose numbers are out of their fields' ranges, naming the setting as Python does."""
+    """Refuse a config whose numbers are out of their fields' ranges, or whose other values their fields' `problem`
+    refuses, naming the setting as Python does."""
     hints = {f.name: f.type for f in fields(config)}
     for item in fields(config):
         value = getattr(config, item.name)
-        if "between" in item.metadata and value is not None:
+        if value is None:
+            continue
+        problem = ""
+        if "between" in item.metadata:
             whole = "int" in str(hints[item.name])
             problem = value_problem(value, item.metadata["between"], whole, item.metadata.get("multiple_of"))
-            if problem:
-                raise HdbError(f"`{item.name}` {problem}")
+        if "problem" in item.metadata:
+            problem = problem or item.metadata["problem"](value)
+        if problem:
+            raise HdbError(f"`{item.name}` {problem}")
 
 
 class Checked:
@@ -165,7 +206,9 @@ def _count(default: int, help: str, low: int = 1, high: int = 65536) -> Any:
 
 
 def _instance_token() -> Any:
-    return setting(DEFAULT_INSTANCE_TOKEN, "the rare token and class noun that [V] stands for in prompts")
+    return setting(
+        DEFAULT_INSTANCE_TOKEN, "the rare token and class noun that [V] stands for in prompts", problem=token_problem
+    )
 
 
 def _progress() -> Any:
@@ -287,6 +330,7 @@ class HypernetTrainConfig(Checked):
         None,
         f"default: what the pre-optimised weights were made with, else {DEFAULT_INSTANCE_TOKEN!r}; "
         "one that disagrees is refused",
+        problem=token_problem,
     )
     lidb: LiDBConfig | None = setting(
         None, "default: what the pre-optimised weights were made with, else LiDBConfig(); one that disagrees is refused"

@@ -12,18 +12,22 @@ AUTOMATIC1111 lists a LoRA only beside the base family its metadata names, and o
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from safetensors.torch import save_file
 
 from hdb.config import LORA_FORMATS
 from hdb.errors import check_choice
+from hdb.files import shown, write_file
 from hdb.lidb import aux_bases, aux_fingerprint, check_signature, lora_factors
 from hdb.personal_file import PersonalWeights
 
+# What diffusers' `save_lora_weights` writes as a file's metadata when it saves no adapter settings
+DIFFUSERS_METADATA = {"format": "pt"}
 KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 # kohya's model version strings (library/model_util.py `get_model_version_str_for_sd1_sd2`, which adds "_v" for
 # v-prediction; SDXL's from library/sdxl_model_util.py)
@@ -79,19 +83,19 @@ def _split_component(name: str) -> tuple[str, str]:
 def export_lora(
     weights: PersonalWeights, path: str | Path, format: str = "diffusers", dtype: torch.dtype = torch.float32
 ) -> Path:
-    """Write the person's LoRA to `path` (a .safetensors file) in the chosen key format."""
+    """Write the person's LoRA to `path` (a .safetensors file) in the chosen key format, whole or not at all (a
+    failure to write, a full disk say, is one HdbError naming the file)."""
     check_choice("LoRA format", format, LORA_FORMATS)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     factors = {
         name: (down.to(dtype).contiguous(), up.to(dtype).contiguous())
         for name, (down, up) in personal_lora_factors(weights).items()
     }
     if format == "diffusers":
-        _save_diffusers(factors, path)
+        data = _diffusers_file(factors)
     else:
-        _save_kohya(factors, path, kohya_metadata(weights, title=path.stem))
-    return path
+        data = _kohya_file(factors, kohya_metadata(weights, title=shown(path.stem)))  # the title: text
+    return write_file(path, data)
 
 
 def kohya_metadata(weights: PersonalWeights, title: str) -> dict[str, str]:
@@ -120,8 +124,9 @@ def kohya_metadata(weights: PersonalWeights, title: str) -> dict[str, str]:
     }
 
 
-def _save_diffusers(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
-    # diffusers writes its own LoRA format; we hand it peft-style per-component state dicts.
+def _diffusers_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> bytes:
+    """The file diffusers' `save_lora_weights` writes for these factors, as bytes (hdb writes them itself)."""
+    # diffusers packs its own LoRA format; we hand it peft-style per-component state dicts.
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for name, (down, up) in factors.items():
         component, module_path = _split_component(name)
@@ -129,10 +134,15 @@ def _save_diffusers(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path:
         layers[component][f"{module_path}.lora_B.weight"] = up
     pipeline_class = StableDiffusionXLPipeline if "text_encoder_2" in layers else StableDiffusionPipeline
     arguments = {f"{component}_lora_layers": state for component, state in layers.items()}
-    pipeline_class.save_lora_weights(str(path.parent), weight_name=path.name, **arguments)
+    packed: dict[str, torch.Tensor] = {}
+    with tempfile.TemporaryDirectory() as folder:  # where diffusers would write, and writes nothing
+        pipeline_class.save_lora_weights(
+            folder, weight_name="lora.safetensors", save_function=lambda state, _: packed.update(state), **arguments
+        )
+    return safetensors.torch.save(packed, metadata=DIFFUSERS_METADATA)
 
 
-def _save_kohya(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, about: dict[str, str]) -> None:
+def _kohya_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], about: dict[str, str]) -> bytes:
     # kohya names: lora_unet_<module path with _>, lora_te_ (SD1/2) or lora_te1_/lora_te2_ (SDXL).
     sdxl = any(name.startswith("text_encoder_2.") for name in factors)
     rank = next(iter(factors.values()))[0].shape[0]
@@ -145,4 +155,4 @@ def _save_kohya(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Pat
         state[f"{key}.lora_up.weight"] = up
         state[f"{key}.alpha"] = torch.tensor(float(rank), dtype=down.dtype)  # alpha = rank: scale 1, as trained
     network = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
-    save_file(state, str(path), metadata={**network, **about})
+    return safetensors.torch.save(state, metadata={**network, **about})

@@ -20,14 +20,15 @@ import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from hdb.config import DEFAULT_INSTANCE_PROMPT, DEFAULT_INSTANCE_TOKEN, MAX_RANK
+from hdb.config import DEFAULT_INSTANCE_PROMPT, DEFAULT_INSTANCE_TOKEN, MAX_RANK, MAX_TOKEN_CHARS, token_problem
 from hdb.errors import HdbError
+from hdb.files import read_regular_file, shown, write_file
 from hdb.lidb import LiDB, LiDBConfig, Signature, arch_fingerprint
 from hdb.models import BASE_FAMILIES, base_family, prediction_type
+from hdb.styles import MAX_PROMPT_CHARS
 
 # Bounds on what a file may claim, far above any real base (SDXL: 736 layers at most 2,048 wide, ~60 KB of
 # layer table) and below what would cost a server real memory to build aux bases or unpack metadata for.
@@ -35,6 +36,28 @@ MAX_FILE_BYTES = 64 * 2**20
 MAX_LAYERS, MAX_LAYER_WIDTH, MAX_LAYERS_JSON = 1024, 8192, 2**20
 MAX_AUX_NUMBERS = 2**28  # what rebuilding its aux bases may cost (SDXL at a=100, b=50: ~1.5e8 numbers)
 MAX_WEIGHT = 1e4  # |weight|: trained LiDB and LoRA factors stay within a few units
+# The header (the tensor table and the metadata) as a whole, checked before any of it is parsed: SDXL's, the
+# largest real one, is ~4 KB (its 736-layer table, 59 KB of JSON, packs to 3 KB).
+MAX_HEADER_BYTES = 256 * 2**10
+MAX_BASE_MODEL_CHARS = 1024  # a hub id, or the folder a local base was loaded from
+# The longest text each metadata field may hold ("format" is FORMAT or refused; "layers", the packed table, is
+# bounded by MAX_HEADER_BYTES)
+MAX_METADATA_CHARS = {
+    "format_version": 8,
+    "arch_fingerprint": 64,  # hex digests (hdb writes 16 digits)
+    "aux_fingerprint": 64,
+    "seed": 20,  # whole numbers: a seed has at most 19 digits
+    "r": 8,
+    "a": 8,
+    "b": 8,
+    "num_layers": 8,
+    "lora_rank": 8,
+    "instance_prompt": MAX_PROMPT_CHARS,
+    "instance_token": MAX_TOKEN_CHARS,
+    "base_model": MAX_BASE_MODEL_CHARS,
+    "base_family": 16,
+    "prediction_type": 16,
+}
 
 FORMAT = "hdb-lidb"
 FORMAT_VERSION = "2"  # 2 added the optional plain LoRA
@@ -81,7 +104,7 @@ class PersonalWeights:
             arch_fingerprint=lidb.arch_fingerprint(),
             aux_fingerprint=lidb.aux_fingerprint(),
             instance_prompt=instance_prompt,
-            base_model=lidb.base_model,
+            base_model=shown(lidb.base_model),  # informational; a folder's name need not be UTF-8 text
             instance_token=instance_token,
             base_family=base_family(lidb.pipe),
             prediction_type=prediction_type(lidb.pipe),
@@ -141,7 +164,11 @@ def _unpack_layers(packed: str) -> dict[str, tuple[int, int]]:
 
 
 def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write `weights` to `path` (fp32 by default; fp16 halves the size)."""
+    """Write `weights` to `path` (fp32 by default; fp16 halves the size), whole or not at all.
+
+    What `load_personal` would refuse (a token of a thousand characters, say) is refused here instead, as is any
+    failure to write (a full disk): one HdbError that names the file.
+    """
     config = weights.config
     metadata = {
         "format": FORMAT,
@@ -162,13 +189,32 @@ def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype
         "lora_rank": str(weights.lora_rank),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    problem = metadata_problem(metadata)
+    if problem:
+        raise HdbError(f"Refusing to write {shown(path.name)}, which could not be loaded again: {problem}")
     tensors = {"A_train": weights.A.to(dtype).contiguous(), "B_train": weights.B.to(dtype).contiguous()}
     if weights.lora_down is not None:
         tensors["lora_down"] = torch.cat([t.flatten() for t in weights.lora_down]).to(dtype)
         tensors["lora_up"] = torch.cat([t.flatten() for t in weights.lora_up]).to(dtype)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return write_file(path, safetensors.torch.save(tensors, metadata=metadata))
+
+
+def metadata_problem(metadata: dict[str, str]) -> str:
+    """What makes a personal file's `metadata` unfit to load, or '': a field longer than MAX_METADATA_CHARS allows,
+    text that is not Unicode, an instance token that is not a few words on one line. Values are not echoed."""
+    for key, value in metadata.items():
+        cap = MAX_METADATA_CHARS.get(key)
+        if cap is not None and len(value) > cap:
+            return f"{key} is {len(value):,} characters; at most {cap:,}"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{key} holds characters that are not valid Unicode text"
+    if "instance_token" in metadata:
+        problem = token_problem(metadata["instance_token"])
+        if problem:
+            return f"instance_token {problem}"
+    return ""
 
 
 def load_personal(path: str | Path) -> PersonalWeights:
@@ -179,26 +225,26 @@ def load_personal(path: str | Path) -> PersonalWeights:
     base model is then a comparison of signatures, the architecture fingerprint recomputed from the shapes.
     """
     path = Path(path)
-    if not path.is_file():
-        raise HdbError(f"Personal weights file not found: {path.name}")
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise HdbError(f"{path.name} is {path.stat().st_size:,} bytes; personal files are at most {MAX_FILE_BYTES:,}")
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-    except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
-        raise HdbError(f"{path.name} is not a readable safetensors file (truncated or corrupt?): {error}") from None
-    if not all(tensor.is_floating_point() for tensor in tensors.values()):
-        raise HdbError(f"{path.name} holds non-floating-point tensors; personal weights are floating-point numbers")
+    name = shown(path.name)
+    data = read_regular_file(path, MAX_FILE_BYTES, "Personal weights file")
+    metadata = _header(data, name).get("__metadata__") or {}
     if metadata.get("format") != FORMAT:
         raise HdbError(
-            f"{path.name} is a safetensors file but not an hdb personal file (no '{FORMAT}' format tag); "
+            f"{name} is a safetensors file but not an hdb personal file (no '{FORMAT}' format tag); "
             "LoRA files from other tools cannot be loaded as personal weights"
         )
+    problem = metadata_problem(metadata)  # every text bounded before any is used
+    if problem:
+        raise HdbError(f"{name} has damaged metadata ({problem})")
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
+        raise HdbError(f"{name} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    if not all(tensor.is_floating_point() for tensor in tensors.values()):
+        raise HdbError(f"{name} holds non-floating-point tensors; personal weights are floating-point numbers")
     if metadata.get("format_version") not in READABLE_VERSIONS:
         raise HdbError(
-            f"{path.name} has personal-file format version {metadata.get('format_version')}; "
+            f"{name} has personal-file format version {metadata.get('format_version')}; "
             f"this hdb reads versions {', '.join(READABLE_VERSIONS)}"
         )
     try:
@@ -231,23 +277,45 @@ def load_personal(path: str | Path) -> PersonalWeights:
         if aux_numbers > MAX_AUX_NUMBERS:
             raise ValueError(f"its aux bases would hold {aux_numbers:,} numbers (at most {MAX_AUX_NUMBERS:,})")
         if lora_rank:
-            weights.lora_down, weights.lora_up = _unpack_lora(tensors, layer_shapes, lora_rank, path)
+            weights.lora_down, weights.lora_up = _unpack_lora(tensors, layer_shapes, lora_rank, name)
     except (KeyError, ValueError, TypeError, RecursionError, zlib.error, binascii.Error, HdbError) as error:
-        raise HdbError(f"{path.name} has damaged metadata ({type(error).__name__}: {str(error)[:200]})") from None
+        raise HdbError(f"{name} has damaged metadata ({type(error).__name__}: {str(error)[:200]})") from None
     expected_A = (len(names), config.rank, config.a)
     expected_B = (len(names), config.b, config.rank)
     if tuple(weights.A.shape) != expected_A or tuple(weights.B.shape) != expected_B:
         raise HdbError(
-            f"{path.name}: tensor shapes {tuple(weights.A.shape)}/{tuple(weights.B.shape)} "
+            f"{name}: tensor shapes {tuple(weights.A.shape)}/{tuple(weights.B.shape)} "
             f"do not match its metadata {expected_A}/{expected_B}"
         )
     everything = [weights.A, weights.B, *(weights.lora_down or []), *(weights.lora_up or [])]
     if not all(torch.isfinite(t).all() for t in everything):
-        raise HdbError(f"{path.name} contains NaN or infinite weights")
+        raise HdbError(f"{name} contains NaN or infinite weights")
     largest = max(float(t.abs().max()) for t in everything)
     if largest > MAX_WEIGHT:
-        raise HdbError(f"{path.name} holds a weight of {largest:.3g}; trained weights stay far below {MAX_WEIGHT:g}")
+        raise HdbError(f"{name} holds a weight of {largest:.3g}; trained weights stay far below {MAX_WEIGHT:g}")
     return weights
+
+
+def _header(data: bytes, name: str) -> dict:
+    """The header of the safetensors file `data` (named `name` in messages): its size bounded before it is parsed.
+
+    The format: 8 bytes, the header's length N (little-endian), then N bytes of JSON: each tensor's dtype, shape
+    and offsets, and "__metadata__", text keys to text values.
+    """
+    length = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or 8 + length > len(data):
+        raise HdbError(f"{name} is not a readable safetensors file (truncated or corrupt?)")
+    if length > MAX_HEADER_BYTES:
+        raise HdbError(f"{name} has damaged metadata (its header is {length:,} bytes; at most {MAX_HEADER_BYTES:,})")
+    try:
+        header = json.loads(data[8 : 8 + length].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise HdbError(f"{name} is not a readable safetensors file (truncated or corrupt?)") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    texts = isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    if not isinstance(header, dict) or (metadata is not None and not texts):
+        raise HdbError(f"{name} is not a readable safetensors file (its header is not a safetensors header)")
+    return header
 
 
 def family_from_layers(layer_shapes: dict[str, tuple[int, int]]) -> str:
@@ -259,13 +327,13 @@ def family_from_layers(layer_shapes: dict[str, tuple[int, int]]) -> str:
 
 
 def _unpack_lora(
-    tensors: dict[str, torch.Tensor], layer_shapes: dict[str, tuple[int, int]], rank: int, path: Path
+    tensors: dict[str, torch.Tensor], layer_shapes: dict[str, tuple[int, int]], rank: int, name: str
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Split the flat `lora_down`/`lora_up` tensors back into each layer's [r, in] and [out, r] factors."""
     down, up = tensors["lora_down"].float(), tensors["lora_up"].float()
     ins, outs = [i for i, _ in layer_shapes.values()], [o for _, o in layer_shapes.values()]
     if down.numel() != rank * sum(ins) or up.numel() != rank * sum(outs):
-        raise HdbError(f"{path.name}: the plain LoRA's sizes do not match its metadata (rank {rank})")
+        raise HdbError(f"{name}: the plain LoRA's sizes do not match its metadata (rank {rank})")
     downs = [t.reshape(rank, i) for t, i in zip(down.split([rank * i for i in ins]), ins, strict=True)]
     ups = [t.reshape(o, rank) for t, o in zip(up.split([rank * o for o in outs]), outs, strict=True)]
     return downs, ups
@@ -274,13 +342,14 @@ def _unpack_lora(
 def describe(path: str | Path) -> str:
     """Human-readable summary of a personal file, for `python -m hdb info`."""
     weights = load_personal(path)
-    size = Path(path).stat().st_size
+    data = read_regular_file(path, MAX_FILE_BYTES, "Personal weights file")
+    stored_dtype = _header(data, shown(Path(path).name))["A_train"]["dtype"]  # "F32" or "F16"
     components: dict[str, int] = {}
     for name in weights.layer_names:
         components[name.split(".")[0]] = components.get(name.split(".")[0], 0) + 1
     config = weights.config
     lines = [
-        f"file:             {path} ({size:,} bytes, {_stored_dtype(path)})",
+        f"file:             {shown(path)} ({len(data):,} bytes, {stored_dtype})",
         f"format:           {FORMAT} v{FORMAT_VERSION}",
         f"base model:       {weights.base_model or '(unknown)'}  architecture fingerprint {weights.arch_fingerprint}",
         f"base family:      {weights.base_family or '(unknown)'}, predicting {weights.prediction_type or '(unknown)'}",
@@ -294,8 +363,3 @@ def describe(path: str | Path) -> str:
         f"weight norms:     |A| {weights.A.norm():.4f}  |B| {weights.B.norm():.4f}",
     ]
     return "\n".join(lines)
-
-
-def _stored_dtype(path: str | Path) -> str:
-    with safe_open(str(path), framework="pt") as file:
-        return str(file.get_slice("A_train").get_dtype())

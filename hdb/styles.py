@@ -45,11 +45,16 @@ EXAMPLE_PROMPTS = [
 
 
 def check_prompt(prompt: object, what: str = "prompt") -> str:
-    """A prompt is text of at most MAX_PROMPT_CHARS characters (the text encoder reads 77 tokens of it anyway)."""
+    """A prompt is Unicode text of at most MAX_PROMPT_CHARS characters (the text encoder reads 77 tokens of it
+    anyway). A refusal does not echo the prompt."""
     if not isinstance(prompt, str):
         raise HdbError(f"The {what} must be text, not {type(prompt).__name__}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise HdbError(f"The {what} is {len(prompt):,} characters long; at most {MAX_PROMPT_CHARS:,} are read")
+    try:  # a lone surrogate (from a client's JSON, or a command line in another encoding) fails later otherwise
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HdbError(f"The {what} contains characters that are not valid Unicode text") from None
     return prompt
 
 
@@ -61,7 +66,13 @@ def expand_prompt(prompt: str, instance_token: str, style: str = "None") -> str:
         raise HdbError(
             f"The prompt is empty; describe a scene with {PERSON} for the person, e.g. '{EXAMPLE_PROMPTS[1]}'"
         )
-    return STYLE_PRESETS[style].format(prompt=prompt.replace(PERSON, instance_token).strip())
+    with_person = prompt.replace(PERSON, instance_token).strip()
+    if len(with_person) > MAX_PROMPT_CHARS:  # each [V] grows by the token's length
+        raise HdbError(
+            f"The prompt with the person's token in place of {PERSON} is {len(with_person):,} characters long; "
+            f"at most {MAX_PROMPT_CHARS:,} are read"
+        )
+    return STYLE_PRESETS[style].format(prompt=with_person)
 
 
 def mentions_person(prompt: str, instance_token: str) -> bool:
