@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -43,14 +44,19 @@ from hdb.config import (
     LiDBConfig,
     PersonalizeConfig,
     PreoptimizeConfig,
+    shown_value,
     value_problem,
 )
 from hdb.errors import HdbError
+from hdb.files import check_regular_file, shown, special_kind
 from hdb.terms import NOT_ON_THE_COMMAND_LINE, cli_terms, flag_for
 
 if TYPE_CHECKING:
+    import torch
+
     from hdb.cache import TrainingData
     from hdb.hub import Upload
+    from hdb.pipeline import PersonalPipeline
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # pictures the CLI writes (Pillow picks the format)
 
@@ -127,7 +133,7 @@ def in_range(kind: type, between: tuple[float, float], multiple_of: int | None =
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'a whole number' if kind is int else 'a number'}"
+                f"{shown_value(text)} is not {'a whole number' if kind is int else 'a number'}"
             ) from None
         problem = value_problem(value, between, kind is int, multiple_of)
         if problem:
@@ -140,19 +146,23 @@ def in_range(kind: type, between: tuple[float, float], multiple_of: int | None =
 
 def check_output(path: Path, suffixes: tuple[str, ...], inputs: list[Path | None] = ()) -> Path:
     """Refuse, before any model loads, an output that could not be written or would destroy an input: a folder,
-    an unknown extension, a folder that cannot be made or written to, or a path that is one of the inputs."""
+    a FIFO, socket or device, an unknown extension, a folder that cannot be made or written to, or a path that is
+    one of the inputs."""
     if path.suffix.lower() not in suffixes:
-        raise HdbError(f"{path} should end in {' or '.join(suffixes)}")
+        raise HdbError(f"{shown(path)} should end in {' or '.join(suffixes)}")
     if path.is_dir():
-        raise HdbError(f"{path} is a folder; give a file name")
+        raise HdbError(f"{shown(path)} is a folder; give a file name")
+    kind = special_kind(path)
+    if kind:  # writing would block on it, or replace it with a file
+        raise HdbError(f"{shown(path)} is not a regular file ({kind}); give the name of a file to write")
     for source in inputs:
         if source is not None and (path.resolve() == source.resolve() or (path.exists() and path.samefile(source))):
-            raise HdbError(f"{path} is also an input: writing it would destroy the input; choose another name")
+            raise HdbError(f"{shown(path)} is also an input: writing it would destroy the input; choose another name")
     folder = next(parent for parent in path.resolve().parents if parent.exists())  # the part that exists already
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise HdbError(f"Cannot write {path}: {folder} is not a folder this user can write to")
+        raise HdbError(f"Cannot write {shown(path)}: {shown(folder)} is not a folder this user can write to")
     if path.exists() and not os.access(path, os.W_OK):
-        raise HdbError(f"Cannot write {path}: the file is read-only")
+        raise HdbError(f"Cannot write {shown(path)}: the file is read-only")
     return path
 
 
@@ -189,22 +199,24 @@ def cmd_export(args: argparse.Namespace) -> None:
         check_repo_id(args.push)
     weights = load_personal(args.file)
     path = export_lora(weights, args.output, args.format, DTYPES[args.dtype])
-    print(f"{args.format} LoRA written to {path} ({path.stat().st_size:,} bytes)")
+    print(f"{args.format} LoRA written to {shown(path)} ({path.stat().st_size:,} bytes)")
     if args.push:
         upload = push_lora(path, weights, args.push, private=args.private)
-        _report(upload, f"{path} with its model card")
+        _report(upload, f"{shown(path)} with its model card")
 
 
 def cmd_personalize(args: argparse.Namespace) -> None:
     from hdb.devices import DTYPES
     from hdb.faces import load_image
-    from hdb.pipeline import PersonalPipeline, check_photo_count
+    from hdb.pipeline import PersonalPipeline, check_photo_count, check_steps
 
     check_photo_count(len(args.photo))
+    check_steps(args.steps, has_start=args.hypernet is not None)
     check_output(args.output, (".safetensors",), args.photo)
     if args.save_face:
         check_output(args.save_face, IMAGE_SUFFIXES, [*args.photo, args.output])
-    for photo in args.photo:  # a missing or unreadable photo fails before the model loads
+    for photo in args.photo:  # a missing, unreadable or endless (FIFO) photo fails before the model loads
+        check_regular_file(photo)
         load_image(photo)
 
     _quiet_model_loading()
@@ -215,37 +227,63 @@ def cmd_personalize(args: argparse.Namespace) -> None:
     faces = personal.faces(args.photo, config.resolution)  # the library's crop for this base
     for photo, face in zip(args.photo, faces, strict=True):
         if face.note:
-            print(f"{photo.name}: {face.note}")
+            print(f"{shown(photo.name)}: {face.note}")
     result = personal.personalize(faces, config)
     for note in result.notes:
         print(f"warning: {note}")
-    path = personal.save(args.output, DTYPES[args.save_dtype])
+    try:
+        path = personal.save(args.output, DTYPES[args.save_dtype])
+    except HdbError as error:  # a full disk, say: the finetune is not lost with the file
+        raise HdbError(f"{error}. {_kept_elsewhere(personal, DTYPES[args.save_dtype])}") from None
     losses = result.losses
+    if losses:
+        print(
+            f"{result.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f} "
+            f"(mean of last 10: {sum(losses[-10:]) / len(losses[-10:]):.4f})"
+        )
+    else:
+        print("0 steps: the hypernetwork's prediction alone, no finetune")
     print(
-        f"{result.steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f} "
-        f"(mean of last 10: {sum(losses[-10:]) / len(losses[-10:]):.4f})"
-    )
-    print(
-        f"personal file: {path} ({path.stat().st_size:,} bytes, rank {result.weights.config.rank}, "
+        f"personal file: {shown(path)} ({path.stat().st_size:,} bytes, rank {result.weights.config.rank}, "
         f"{result.weights.num_numbers:,} numbers)"
     )
     if args.save_face:
         result.face.image.save(args.save_face)
 
 
+def _kept_elsewhere(personal: PersonalPipeline, dtype: torch.dtype) -> str:
+    """After the output could not be written: the person `personal` holds saved to a new file in the system's
+    temporary folder instead, and a sentence that says where (or that this failed too, and the person is lost)."""
+    spare = None
+    try:
+        descriptor, spare = tempfile.mkstemp(prefix="hdb-person-", suffix=".safetensors")  # a name no one else has
+        os.close(descriptor)
+        personal.save(spare, dtype)
+    except (OSError, HdbError) as error:
+        if spare is not None:
+            Path(spare).unlink(missing_ok=True)
+        reason = (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
+        return f"Keeping it in the temporary folder failed too ({reason}): the trained person is lost"
+    return f"The trained person was saved to {shown(spare)} instead"
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from hdb.personal_file import load_personal
-    from hdb.styles import mentions_person
+    from hdb.styles import check_prompt, expand_prompt, mentions_person
 
     output = Path(args.output)
     outputs = [output] if args.num_images == 1 else [_numbered(output, k) for k in range(args.num_images)]
     for path in outputs:
         check_output(path, IMAGE_SUFFIXES, [args.person, args.score])
-    weights = load_personal(args.person)  # check the file before loading a large model
+    weights = load_personal(args.person)  # check the file and the prompts before loading a large model
+    expand_prompt(args.prompt, weights.instance_token, args.style)
+    if args.negative_prompt is not None:
+        check_prompt(args.negative_prompt, "negative prompt")
     references = None
     if args.score:
         from hdb.faces import align_face, face_embedding
 
+        check_regular_file(args.score)  # a FIFO would be waited on forever
         references = [face_embedding(align_face(args.score))]  # no face in the photo fails before the model loads
     from hdb.pipeline import PersonalPipeline
 
@@ -270,13 +308,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for path, image in zip(outputs, images, strict=True):
         image.save(path)
         if references is None:
-            print(f"saved {path}")
+            print(f"saved {shown(path)}")
             continue
         from hdb.evaluate import identity_score
 
         similarity = identity_score(references, image)
-        score = "no face found" if similarity is None else f"identity {similarity:.2f} to {args.score.name}"
-        print(f"saved {path} ({score})")
+        score = "no face found" if similarity is None else f"identity {similarity:.2f} to {shown(args.score.name)}"
+        print(f"saved {shown(path)} ({score})")
 
 
 def _numbered(output: Path, index: int) -> Path:
@@ -754,10 +792,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except HdbError as error:
-        print(f"error: {cli_terms(str(error))}", file=sys.stderr)  # settings named as its flags
+        print(f"error: {shown(cli_terms(str(error)))}", file=sys.stderr)  # settings named as its flags
         return 1
     except OSError as error:  # what no check foresaw (a full disk, a file removed meanwhile): one line too
-        print(f"error: {error.strerror or error}{f': {error.filename}' if error.filename else ''}", file=sys.stderr)
+        where = f": {shown(error.filename)}" if error.filename else ""
+        print(f"error: {shown(str(error.strerror or error))}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

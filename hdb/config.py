@@ -232,7 +232,10 @@ class PersonalizeConfig(Checked):
     """Options of `hdb.pipeline.PersonalPipeline.personalize` (fast finetuning from one photo)."""
 
     steps: int | None = _steps(
-        None, f"finetune steps (default {STEPS_WITH_HYPERNET} with a hypernetwork, {STEPS_FROM_ZERO} without)", low=0
+        None,
+        f"finetune steps (default {STEPS_WITH_HYPERNET} with a hypernetwork, {STEPS_FROM_ZERO} without; "
+        "0: the hypernetwork's prediction alone)",
+        low=0,
     )
     relax: str = setting(RELAX_MODES[0], "lora: a plain LoRA on top (the paper); lidb: compact", RELAX_MODES)
     relaxed_rank: int = setting(4, "rank of the relaxed finetune (the plain LoRA's or LiDB's)", between=(1, MAX_RANK))

@@ -54,6 +54,16 @@ def check_photo_count(count: int) -> None:
         raise HdbError(f"Personalise from 1 to {MAX_PHOTOS} photos of one person, not {count}")
 
 
+def check_steps(steps: int | None, has_start: bool) -> None:
+    """The one rule for 0 finetune steps (callers check early): they keep the start, a hypernetwork's prediction or
+    a start given, and are refused without one, where the start is the base model itself."""
+    if steps == 0 and not has_start:
+        raise HdbError(
+            "`steps=0` keeps the start, which without a hypernetwork is the base model; "
+            "give 1 or more `steps`, or a hypernetwork (`hypernet`)"
+        )
+
+
 class PersonalPipeline:
     """A diffusers Stable Diffusion pipeline that holds one person at a time, in a LiDB it owns.
 
@@ -124,6 +134,7 @@ class PersonalPipeline:
         holds nobody (the base model), never a half-trained person.
 
         `start`: LiDB weights (A, B) to start from instead of the hypernetwork's prediction (or zero).
+        `config.steps=0` keeps the start as it is (no relaxation, no finetune): refused when it would be zero.
         """
         config = config or PersonalizeConfig()
         if config.lidb is not None:  # a LiDB shape asked for must be the one attached (the rank may differ)
@@ -131,12 +142,17 @@ class PersonalPipeline:
             check_signature(replace(ours, a=wanted.a, b=wanted.b, seed=wanted.seed), ours, "PersonalizeConfig.lidb")
         faces = self.faces(photos, config.resolution)
         steps = config.steps if config.steps is not None else self.default_steps
+        check_steps(steps, has_start=start is not None or self.hypernet is not None)
         prompt = instance_prompt_for(config.instance_token)
         try:
             A, B = start if start is not None else self._start(faces)
-            relaxed_rows = torch.Generator().manual_seed(config.seed)  # the same person from the same seed
-            self.lidb.relax(config.relax, A, B, config.relaxed_rank, relaxed_rows, config.train_prediction)
-            losses = finetune(self.pipe, self.lidb, faces, config, steps, on_step)
+            if steps == 0:  # the start alone
+                self.lidb.start_from(A, B)
+                losses = []
+            else:
+                relaxed_rows = torch.Generator().manual_seed(config.seed)  # the same person from the same seed
+                self.lidb.relax(config.relax, A, B, config.relaxed_rank, relaxed_rows, config.train_prediction)
+                losses = finetune(self.pipe, self.lidb, faces, config, steps, on_step)
         except BaseException as error:
             if isinstance(error, TrainingDiverged):  # the guard's restored weights, for callers that score them
                 error.last_good = PersonalWeights.from_lidb(self.lidb, prompt, config.instance_token)

@@ -28,7 +28,7 @@ RENAMED_FLAGS = {
 # toy's ablation, for library callers)
 NOT_ON_THE_COMMAND_LINE = frozenset({"instance_token", "lidb", "progress", "first_images", "train_prediction"})
 # Arguments of library functions, not config fields, that the commands offer as flags too
-ARGUMENTS = ("base", "dtype", "device", "rank", "weights_dir", "out_dir")
+ARGUMENTS = ("base", "hypernet", "dtype", "device", "rank", "weights_dir", "out_dir")
 # Library functions a message may point to -> the command that runs each
 COMMANDS = {"hdb.models.save_tiny_pipeline": "tiny-model"}
 
