@@ -591,3 +591,30 @@ def test_the_readme_quotes_the_lines_limits():
         f"removed after {visitors.ORPHAN_SECONDS // 60} minutes",
     )
     assert [phrase for phrase in quoted if phrase not in text] == []
+
+
+def test_a_lone_surrogate_and_a_seed_of_1e308_get_readable_answers(server, ordinary):
+    client = Client(server[0], verbose=False)
+    personalise(client)
+    # gradio_client cannot send a lone surrogate; JSON can (as an escape), so a hand-written request does
+    answer = raw_event(server[0], "generate", [None, "[V] \ud800", *ORDINARY[1:]], client.session_hash)
+    assert answer["success"] is False and "not valid Unicode text" in answer["output"]["error"]
+    inputs = list(ORDINARY)
+    inputs[6] = 1e308
+    with pytest.raises(Exception) as refused:
+        pictures(client, *inputs)
+    assert "seed must be a whole number" in str(refused.value) and len(str(refused.value)) < 300
+    the_next_visitor_is_unaffected(server[0], ordinary)
+
+
+def raw_event(url: str, fn: str, data: list, session_hash: str) -> dict:
+    """Join the line with a hand-written JSON body and read the event's completion message from the stream."""
+    body = json.dumps(join_body(fn, data, session_hash))  # ensure_ascii: a lone surrogate travels as an escape
+    joined = httpx.post(f"{url}gradio_api/queue/join", content=body, headers={"content-type": "application/json"})
+    assert joined.status_code == 200, joined.text
+    with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session_hash}, timeout=60) as sse:
+        for line in sse.iter_lines():
+            message = json.loads(line[6:]) if line.startswith("data: ") else {}
+            if message.get("msg") == "process_completed":
+                return message
+    raise AssertionError("the stream ended before the event completed")
