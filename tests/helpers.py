@@ -66,6 +66,16 @@ def hdb_in_process(capsys, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, returncode, output.out, output.err)
 
 
+def refused(*args, fragment: str, code: int = 1, capsys=None, base: bool = True):
+    """The CLI refuses, in one line, before loading a model: in a fresh process, or (`capsys` given) in this one."""
+    args = [*args, *(["--base", "/no/such/base"] if base else [])]  # a model loaded would be named
+    result = hdb_cli(*args, check=False) if capsys is None else hdb_in_process(capsys, *args)
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+    assert fragment in result.stderr and "no/such/base" not in result.stderr, result.stderr
+    assert sum("error:" in line for line in result.stderr.splitlines()) == 1, result.stderr  # after argparse's usage
+    return result
+
+
 def assert_one_line_error(result, *fragments):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr

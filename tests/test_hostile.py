@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from helpers import ASSETS, client_of, hdb_in_process, start_app, trained_person
-from helpers import hdb_cli as hdb
+from helpers import ASSETS, client_of, refused, start_app, trained_person
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -345,15 +344,6 @@ def person(tmp_path, real_file):
     return Path(shutil.copy(real_file, tmp_path / "p.safetensors"))
 
 
-def refused(*args, fragment: str, code: int = 1, capsys=None, base: bool = True):
-    """The CLI refuses, in one line, before loading a model: in a fresh process, or (`capsys` given) in this one."""
-    args = [*args, *(["--base", "/no/such/base"] if base else [])]  # a model loaded would be named
-    result = hdb(*args, check=False) if capsys is None else hdb_in_process(capsys, *args)
-    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
-    assert fragment in result.stderr and "no/such/base" not in result.stderr, result.stderr
-    assert sum("error:" in line for line in result.stderr.splitlines()) == 1, result.stderr  # after argparse's usage
-
-
 def test_the_cli_never_writes_over_its_inputs(tmp_path, person, capsys):
     photo = Path(shutil.copy(ASSETS / "obama.jpg", tmp_path / "p.jpg"))
     before = {path: path.read_bytes() for path in (photo, person)}
@@ -552,7 +542,9 @@ def test_uploads_without_an_event_are_swept_and_an_address_uploads_within_its_bu
     url, _, files = server
     client = Client(url, verbose=False)
     client.predict(handle_file(str(ASSETS / "biden.jpg")), api_name="/align")  # named in an event: kept
-    orphan = Path(upload(url, ASSETS / "obama3.jpg")["path"])  # posted, never named in an event
+    never_named = tmp_path / "never_named.png"  # content of its own: Gradio keeps one copy of identical uploads
+    Image.fromarray(np.random.default_rng().integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(never_named)
+    orphan = Path(upload(url, never_named)["path"])  # posted, never named in an event
     assert orphan.is_file() and served(url, orphan) == 200
     swept = files.sweep_orphans(older_than=0)
     assert orphan in swept and not orphan.exists()

@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import ASSETS, assert_one_line_error, hdb_in_process, trained_person
-from helpers import hdb_cli as hdb
+from helpers import ASSETS, assert_one_line_error, hdb_in_process, refused, trained_person
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -48,16 +47,6 @@ def forged(real: Path, out: Path, **metadata: str) -> Path:
         original, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
     save_file(tensors, str(out), metadata={**original, **metadata})
     return out
-
-
-def refused(*args, fragment: str, code: int = 1, capsys=None, base: bool = True):
-    """The CLI refuses, in one line, before loading a model: in a fresh process, or (`capsys` given) in this one."""
-    args = [*args, *(["--base", "/no/such/base"] if base else [])]  # a model loaded would be named
-    result = hdb(*args, check=False) if capsys is None else hdb_in_process(capsys, *args)
-    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
-    assert fragment in result.stderr and "no/such/base" not in result.stderr, result.stderr
-    assert sum("error:" in line for line in result.stderr.splitlines()) == 1, result.stderr  # after argparse's usage
-    return result
 
 
 def tiny_hypernet_folder(base: Path, folder: Path) -> Path:
