@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from hdb.errors import HdbError
+from hdb.files import check_regular_file
 
 ImageSource = str | Path | Image.Image | np.ndarray
 
@@ -99,8 +100,9 @@ def load_image(source: ImageSource) -> Image.Image:
 
 
 def _open_file(path: Path) -> tuple[str, Image.Image]:
-    if not path.is_file():  # a folder, a FIFO or a device would block or fail later
-        raise HdbError(f"{path} is not a regular file" if path.exists() else f"Image file not found: {path}")
+    check_regular_file(path)  # a FIFO or a device would block or fail later
+    if not path.is_file():
+        raise HdbError(f"{path} is a folder, not an image" if path.is_dir() else f"Image file not found: {path}")
     try:
         # Image.open only reads the header, so the size check in load_image happens
         # before any pixels are decoded. Pillow's own bomb guard is made an error too.
