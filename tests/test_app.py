@@ -300,6 +300,18 @@ def test_zero_gpu_defaults_fit_an_anonymous_visitors_quota(monkeypatch):
     assert first * app.ZERO_GPU_FACTOR <= app.QUOTA_SECONDS["anonymous"] and 40 < zero.default_steps < 200
     most = zero.personalize_seconds(zero.max_finetune_steps)  # the slider's end: within a free account's quota
     assert most * app.ZERO_GPU_FACTOR <= app.QUOTA_SECONDS["free account"] and most <= app.MAX_GPU_SECONDS
+    # README's figures are these
+    readme, quota = " ".join((ROOT / "README.md").read_text().split()), app.QUOTA_MINUTES
+    assert f"finetunes **{zero.default_steps} steps** by default" in readme
+    assert f"asks for about {zero.personalize_seconds(zero.default_steps):.0f} s" in readme
+    assert f"first two pictures for about {zero.generate_seconds(25, 2):.0f} s" in readme
+    assert f"The steps slider stops at {zero.max_finetune_steps}" in readme
+    assert f"the paper's 40 steps ask for about {zero.personalize_seconds(40):.0f} s" in readme
+    assert (
+        f"{quota['anonymous']} minutes for a visitor who is not signed in, {quota['free account']} with a free "
+        f"account, {quota['PRO']} with PRO or Team, {quota['Enterprise']} for Enterprise" in readme
+    )
+    assert f"multiplies each request on this card by {app.ZERO_GPU_FACTOR:g}" in readme
     # at SD1.5's and SDXL's sizes, the most the sliders allow still fits in what one call may ask for
     for scale in (1.0, 4.0):
         base = SimpleNamespace(seconds_per_step=None, pixel_scale=scale, zero_gpu=False)
@@ -332,23 +344,36 @@ gradio = sys.modules.get("gradio")
 if gradio is not None and not hasattr(gradio, "Blocks"):  # as the real package: not while gradio is importing
     raise ImportError("spaces cannot be imported while gradio is importing")
 torch = sys.modules.get("torch")
+if torch is not None and torch.cuda.is_initialized():  # as the real package on ZeroGPU
+    raise RuntimeError("CUDA has been initialized before importing the `spaces` package")
 models = [type(o).__name__ for o in gc.get_objects() if type(o).__name__ in ("UNet2DConditionModel", "AutoencoderKL")]
 record = {"cuda_initialized": bool(torch and torch.cuda.is_initialized()), "models_built": models}
 open(os.environ["SPACES_RECORD"], "w").write(json.dumps(record))
 class _Config:
-    zero_gpu = False
+    zero_gpu = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")  # as the real package reads it
 config = type("config", (), {"Config": _Config})
-def GPU(duration=None):
+if _Config.zero_gpu:
+    # The real package lets models go to "cuda" outside GPU functions by emulating CUDA in torch; this CPU-only
+    # torch cannot, so "cuda" resolves to the CPU at the one place hdb resolves devices.
+    import torch, hdb.devices
+    hdb.devices.resolve_device = lambda name: torch.device("cpu")
+def GPU(task=None, *, duration=None, size=None):
+    assert task is None and size in (None, "large", "xlarge") and (duration is None or callable(duration))
     return lambda fn: fn
 """
 
 
-def test_spaces_is_imported_before_any_model_exists(tmp_path):
+def start_under_spaces_stand_in(tmp_path, **env: str):
+    """`python app.py --tiny` with the `spaces` stand-in importable; its record of what existed on import."""
     (tmp_path / "stand_in" / "spaces").mkdir(parents=True)
     (tmp_path / "stand_in" / "spaces" / "__init__.py").write_text(SPACES_STAND_IN)
     record, port = tmp_path / "record.json", free_port()
     stand_in = f"{tmp_path / 'stand_in'}{os.pathsep}{ROOT}"
-    server = start_app(tmp_path, port, PYTHONPATH=stand_in, SPACES_RECORD=str(record))
+    return start_app(tmp_path, port, PYTHONPATH=stand_in, SPACES_RECORD=str(record), **env), port, record
+
+
+def test_spaces_is_imported_before_any_model_exists(tmp_path):
+    server, _, record = start_under_spaces_stand_in(tmp_path)
     try:
         deadline = time.time() + 120
         while not record.is_file():
@@ -359,6 +384,23 @@ def test_spaces_is_imported_before_any_model_exists(tmp_path):
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
     assert json.loads(record.read_text()) == {"cuda_initialized": False, "models_built": []}
+
+
+def test_the_page_starts_and_serves_as_a_zero_gpu_space(tmp_path):
+    """As Spaces starts it on ZeroGPU (SPACES_ZERO_GPU set): only what requirements.txt installs, no sign-in
+    button (it would need gradio[oauth], and ZeroGPU knows a visitor from the Hub, not from the app)."""
+    from hdb.app.engine import QUOTA_MINUTES
+
+    server, port, record = start_under_spaces_stand_in(tmp_path, SPACES_ZERO_GPU="true")
+    try:
+        client = client_of(server, port)
+        config = json.dumps(client.config)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    assert json.loads(record.read_text()) == {"cuda_initialized": False, "models_built": []}
+    assert "On ZeroGPU" in config and f"{QUOTA_MINUTES['free account']} minutes a day" in config
+    assert '"login_button"' not in config and "Sign in with Hugging Face" not in config
 
 
 def test_compiling_warms_up_in_the_background_and_the_page_says_so(monkeypatch, visitor_files):

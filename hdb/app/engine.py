@@ -16,19 +16,25 @@ from hdb.styles import SIZE_PRESETS
 
 log = logging.getLogger("hdb.app")
 
-# ZeroGPU lends a GPU only inside functions marked with spaces.GPU, charges a visitor's daily quota by the
-# duration a call *asks* for, and stops a call that runs past it. So each GPU function asks for what its
-# work needs. Where the numbers come from (see README "On Hugging Face Spaces"):
-# - the hardware: an H200 "slice", 60 of the H200's 132 SMs (the `spaces` package's spaces/zero/configs.json,
-#   0.51.3), or an RTX PRO 6000 Blackwell whose requests are charged 1.5x (its `duration_factor`);
-# - hdb's own H200 figures (docs/BENCHMARKS.md): 0.24 s an eager fp16 finetune step, 1.13 s a 25-step image,
-#   scaled by 132/60 for the slice and rounded up: estimates, not measured on ZeroGPU;
-# - the daily quotas (huggingface.co/docs/hub/spaces-zerogpu): 2 minutes without an account, 3.5 with a free
-#   one, 25 with PRO.
+# ZeroGPU lends a GPU only inside functions marked with spaces.GPU, checks the duration a call *asks* for against
+# the visitor's daily quota before it runs, and stops a call that runs past it. So each GPU function asks for what
+# its work needs. ZeroGPU's facts, in one place (the page, the sliders and README derive from them):
+# - huggingface.co/docs/hub/spaces-zerogpu (hub-docs 242f4a1, 2026-08-22): the default size "large" is half an
+#   NVIDIA RTX Pro 6000 Blackwell (48 GB) at 1x quota, "xlarge" the whole card (96 GB) at 2x; daily quotas below,
+#   taken from the visitor's Hugging Face account (signed in on huggingface.co, or a token through the API);
+# - the `spaces` package 0.51.3 (spaces/zero/client.py, configs.json): on the RTX Pro 6000 a "large" request is
+#   multiplied by its duration factor, 1.5, before it is checked against the quota (an H200 slice: 1.0), and the
+#   visitor is known only by the X-IP-Token header the Hub adds: a sign-in inside the app changes nothing;
+# - hdb's own step times are estimates, not measured on ZeroGPU: 3x hdb's H200 eager finetune step (0.20 s) and
+#   2x its 512 px sampling step (docs/BENCHMARKS.md). Half an RTX Pro 6000 has 94 SMs (the card's 188 per
+#   configs.json) against the H200's 132 and a fraction of its memory bandwidth, but an eager batch-1 step is
+#   launch-bound on the H200 (compiled, the same step takes a seventh of the time), so the margin is generous.
+ZERO_GPU_CARD = "half an RTX Pro 6000 Blackwell (48 GB)"
+ZERO_GPU_FACTOR = 1.5  # what `spaces` multiplies a request on ZeroGPU's card by (size "large", hdb's)
+QUOTA_MINUTES = {"anonymous": 2, "free account": 5, "PRO": 40, "Team": 40, "Enterprise": 60}  # daily, per visitor
+QUOTA_SECONDS = {account: minutes * 60 for account, minutes in QUOTA_MINUTES.items()}
 GPU_SECONDS = {"setup": 10.0, "finetune_step": 0.6, "image_step": 0.1}
 MAX_GPU_SECONDS = 180  # what one call may ask for at most; the sliders' limits are set so their work fits
-ZERO_GPU_FACTOR = 1.5  # the largest duration factor a ZeroGPU card charges (RTX PRO 6000: 1.5, H200: 1.0)
-QUOTA_SECONDS = {"anonymous": 120, "free account": 210, "PRO": 1500}  # daily ZeroGPU quota per visitor
 FIRST_PICTURES = (2, 25)  # what one click on Personalise draws: images x sampling steps (the page's defaults)
 MAX_FINETUNE_STEPS, MAX_SAMPLING_STEPS, MAX_IMAGES = 400, 100, 4
 MAX_STRENGTH, MAX_GUIDANCE = 1.5, 15.0  # the page's slider limits, checked again on the server (API callers)

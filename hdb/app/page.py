@@ -8,7 +8,7 @@ import gradio as gr
 from gradio.data_classes import ListFiles
 from gradio_client.utils import is_valid_file
 
-from hdb.app.engine import MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, Engine
+from hdb.app.engine import MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, QUOTA_MINUTES, ZERO_GPU_CARD, Engine
 from hdb.app.handlers import DIFFUSERS_FILE, KOHYA_FILE, PERSON_FILE, Handlers
 from hdb.app.line import LINE_SIZE, MAX_JOBS_PER_VISITOR, MAX_UPLOAD, Door
 from hdb.app.visitors import EXAMPLE_NAMES, VisitorFiles
@@ -104,9 +104,11 @@ def page_notes(engine: Engine) -> list[tuple[str, str]]:
         )
     if engine.zero_gpu:
         notes.append((
-            f"On ZeroGPU, time on the GPU comes from your daily quota: {engine.default_steps} finetune steps by "
-            "default, so that a first personalisation and its pictures fit the quota of a visitor without an "
-            "account (2 minutes a day). Log in to use your own account's quota (3.5 minutes, PRO 25).",
+            f"On ZeroGPU ({ZERO_GPU_CARD}), time on the GPU comes from your daily quota: {engine.default_steps} "
+            "finetune steps by default, so that a first personalisation and its pictures fit the quota of a visitor "
+            f"who is not signed in ({QUOTA_MINUTES['anonymous']} minutes a day). Signed in on huggingface.co, you "
+            f"spend your own account's quota: {QUOTA_MINUTES['free account']} minutes a day, {QUOTA_MINUTES['PRO']} "
+            "with PRO.",
             "zero-gpu",
         ))  # fmt: skip
     return notes
@@ -204,8 +206,6 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
                     gr.Markdown(identity_legend(), elem_id="identity-legend")
                     gr.Markdown(NOTICE)
         with gr.Row():
-            if engine.zero_gpu:  # logged in, a visitor spends their own account's ZeroGPU quota (hf_oauth: true)
-                gr.LoginButton()
             gr.DuplicateButton("Duplicate this Space for your own GPU", size="sm")
             gr.Markdown(CITATION)
 
