@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # pictures the CLI writes (Pillow picks the format)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Keep the terminal for hdb's own progress: no library load bars or import-time chatter."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "no torchvision, using the PIL processor"
@@ -783,7 +783,7 @@ def _style_names() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     parser = build_parser()
     args, app_arguments = parser.parse_known_args(argv)  # what follows `demo` is the app's to parse
     if args.command != "demo" and app_arguments:

@@ -20,10 +20,13 @@ def check_choice(what: str, value: object, choices: Iterable[str]) -> None:
         raise HdbError(f"Unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
-def from_hub_or_directory(kind: str, name: str, loader: Callable[[str], T]) -> T:
+def from_hub_or_directory(
+    kind: str, name: str, loader: Callable[[str], T], argument: str | None = None, offline: str = ""
+) -> T:
     """`loader(local directory or hub id)`, with the ways that fails offline turned into one clear HdbError.
 
-    `kind` names the model in messages ("base model", "CLIP model").
+    `kind` names the model in messages ("base model", "CLIP model"); `argument`, the library argument that takes
+    a directory instead (the command line shows it as its flag); `offline`, what else to try without a network.
     """
     local = Path(name).expanduser()
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -41,6 +44,7 @@ def from_hub_or_directory(kind: str, name: str, loader: Callable[[str], T]) -> T
         raise HdbError(
             f"Could not load {kind} {name!r}: it is not a complete local directory and could not be fetched from the "
             f"Hugging Face Hub ({type(error).__name__}). On a connected machine run "
-            f"`hf download {name} --local-dir DIR`, then pass DIR instead. To try hdb offline, use a tiny "
-            "random pipeline as the base model: `hdb.models.save_tiny_pipeline(DIR)` writes one."
+            f"`hf download {name} --local-dir DIR`, then pass "
+            + (f"`{argument}=DIR`." if argument else "DIR instead.")
+            + (f" {offline}" if offline else "")
         ) from None

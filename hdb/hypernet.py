@@ -323,7 +323,7 @@ def hypernet_directory(name_or_path: str | Path, revision: str | None = None, to
     def download(repo_id: str) -> str:
         return snapshot_download(repo_id, revision=revision, token=token)
 
-    return Path(from_hub_or_directory("hypernetwork", str(name_or_path), download))
+    return Path(from_hub_or_directory("hypernetwork", str(name_or_path), download, argument="hypernet"))
 
 
 def _signature(c: HyperNetworkConfig) -> Signature:

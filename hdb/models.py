@@ -58,7 +58,8 @@ def load_pipeline(base: str = DEFAULT_BASE, dtype: str | torch.dtype = "auto", d
                     raise
         return DiffusionPipeline.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
 
-    pipe = from_hub_or_directory("base model", base, load)
+    offline = "To try hdb offline, use a tiny random pipeline as the base model: `hdb.models.save_tiny_pipeline(DIR)`."
+    pipe = from_hub_or_directory("base model", base, load, argument="base", offline=offline)
     if not isinstance(pipe, SUPPORTED):
         raise HdbError(f"{base} is a {type(pipe).__name__}; hdb supports Stable Diffusion 1.x/2.x and SDXL pipelines")
     pipe.set_progress_bar_config(disable=True)

@@ -31,6 +31,8 @@ NOT_ON_THE_COMMAND_LINE = frozenset({"instance_token", "lidb", "progress", "firs
 ARGUMENTS = ("base", "hypernet", "dtype", "device", "rank", "weights_dir", "out_dir")
 # Library functions a message may point to -> the command that runs each
 COMMANDS = {"hdb.models.save_tiny_pipeline": "tiny-model"}
+# ... and what the demo (`python app.py`, `hdb demo`) offers in their place: it runs no other command
+APP_SWITCHES = {"hdb.models.save_tiny_pipeline": "--tiny"}
 
 
 def flag_for(setting: str) -> str:
@@ -75,6 +77,15 @@ def cli_terms(message: str) -> str:
         return f"`{' '.join(word for word in words if word)}`"
 
     return _SETTING.sub(as_flag, _CALL.sub(as_command, message))
+
+
+def app_terms(message: str) -> str:
+    """`message` as the demo's own command line says it: the tiny pipeline is its `--tiny`, settings its flags."""
+
+    def as_switch(match: re.Match) -> str:
+        return f"`{APP_SWITCHES[match.group(1)]}`" if match.group(1) in APP_SWITCHES else match.group(0)
+
+    return cli_terms(_CALL.sub(as_switch, message))
 
 
 def for_visitors(message: str) -> str:

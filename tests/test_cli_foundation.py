@@ -1,6 +1,9 @@
 """`python -m hdb` for the foundation: help, tiny-model, base loading, info, export, clear errors in its terms."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from helpers import hdb_cli as hdb
 from hdb.errors import HdbError
 from hdb.models import load_pipeline
 from hdb.personal_file import PersonalWeights, save_personal
-from hdb.terms import cli_terms, for_visitors
+from hdb.terms import app_terms, cli_terms, for_visitors
 
 
 def test_help_lists_the_subcommands():
@@ -28,7 +31,7 @@ def test_tiny_model_is_loaded_by_the_real_loader(tmp_path):
 
 
 def test_offline_hub_id_gives_a_clear_error():
-    with pytest.raises(HdbError, match="`hf download stable-diffusion-v1-5/.*pass DIR instead.*save_tiny_pipeline"):
+    with pytest.raises(HdbError, match=r"`hf download stable-diffusion-v1-5/.*pass `base=DIR`.*save_tiny_pipeline"):
         load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cpu")
     with pytest.raises(HdbError, match="model_index.json"):
         load_pipeline(os.path.dirname(__file__), device="cpu")
@@ -71,7 +74,7 @@ def test_the_cli_shows_a_setting_the_library_names_as_its_flag(monkeypatch, caps
     def out_of_memory(args):
         raise HdbError(f"The GPU ran out of memory while finetuning. Lower memory with {MEMORY_OPTIONS}.")
 
-    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)  # it sets this process's environment
+    monkeypatch.setattr(cli, "quiet_libraries", lambda: None)  # it sets this process's environment
     monkeypatch.setattr(cli, "cmd_info", out_of_memory)
     assert cli.main(["info", "any.safetensors"]) == 1
     assert capsys.readouterr().err == (
@@ -93,6 +96,27 @@ def test_the_cli_shows_a_setting_the_library_names_as_its_flag(monkeypatch, caps
 )
 def test_cli_terms_turn_settings_into_flags_and_leave_the_rest(library, command_line):
     assert cli_terms(library) == command_line
+
+
+def test_app_terms_offer_the_demos_switch_for_the_tiny_pipeline():
+    message = "then pass `base=DIR`. Or a tiny pipeline: `hdb.models.save_tiny_pipeline(DIR)`."
+    assert app_terms(message) == "then pass --base DIR. Or a tiny pipeline: `--tiny`."
+
+
+def test_an_offline_start_says_what_to_do_in_one_last_line(tmp_path):
+    """Without a network and without a downloaded base: the demo names its own switches, the CLI its command;
+    and no third-party chatter comes before it."""
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), GRADIO_ANALYTICS_ENABLED="False")
+    root = Path(__file__).resolve().parent.parent
+    photo = str(root / "assets" / "obama.jpg")
+    for command, advice in (
+        (["app.py"], ("--base DIR", "`--tiny`")),
+        (["-m", "hdb", "personalize", photo, "-o", str(tmp_path / "p.safetensors")], ("--base DIR", "tiny-model DIR")),
+    ):
+        run = subprocess.run([sys.executable, *command], cwd=root, env=environment, capture_output=True, text=True)
+        lines = (run.stdout + run.stderr).strip().splitlines()
+        assert run.returncode != 0 and len(lines) == 1, lines
+        assert all(words in lines[-1] for words in ("hf download", *advice)), lines[-1]
 
 
 def test_every_memory_advice_names_settings_the_cli_has():

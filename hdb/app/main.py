@@ -15,8 +15,10 @@ import os
 import signal
 from pathlib import Path
 
+from hdb.cli import quiet_libraries
 from hdb.config import APP_COMPILE_MODE, DEFAULT_BASE, DTYPE_CHOICES, OPTIMIZERS
 from hdb.errors import HdbError
+from hdb.terms import app_terms
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -49,6 +51,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     options = parse_args(argv, prog)
+    quiet_libraries()  # the terminal is for the app's own lines, as with `hdb demo`
     # The import order is ZeroGPU's: gradio first (`spaces` refuses to be imported while gradio is importing),
     # then `spaces`, which patches torch, before anything touches CUDA or builds a model.
     import gradio  # noqa: F401
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     try:
         engine = Engine(options, spaces)
     except HdbError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise SystemExit(f"error: {app_terms(str(error))}") from None
     files = VisitorFiles(examples=[Path(photo) for photo in EXAMPLE_PHOTOS])
     os.environ["GRADIO_TEMP_DIR"] = str(files.gradio_cache)  # this process is the app's: its cache goes with it
 
