@@ -8,6 +8,7 @@ factor pairs stacked, which computes exactly their sum.
 
 Kohya files also say which base model they are for, as kohya's sd-scripts write it (`kohya_metadata`):
 AUTOMATIC1111 lists a LoRA only beside the base family its metadata names, and other tools read the same keys.
+Every byte of an export comes from the personal file (its date too): the same person exports to the same file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -24,7 +24,7 @@ from hdb.config import LORA_FORMATS
 from hdb.errors import check_choice
 from hdb.files import shown, write_file
 from hdb.lidb import aux_bases, aux_fingerprint, check_signature, lora_factors
-from hdb.personal_file import PersonalWeights
+from hdb.personal_file import PersonalWeights, safetensors_bytes
 
 # What diffusers' `save_lora_weights` writes as a file's metadata when it saves no adapter settings
 DIFFUSERS_METADATA = {"format": "pt"}
@@ -32,8 +32,10 @@ KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_
 # kohya's model version strings (library/model_util.py `get_model_version_str_for_sd1_sd2`, which adds "_v" for
 # v-prediction; SDXL's from library/sdxl_model_util.py)
 KOHYA_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-# Stability AI's ModelSpec 1.0.0, as kohya's sd-scripts (library/sai_model_spec.py) fill it in for a LoRA:
-# family -> (modelspec.architecture without "/lora", modelspec.resolution, modelspec.implementation).
+# Stability AI's ModelSpec, in the version kohya's sd-scripts write (library/sai_model_spec.py), filled in as they
+# fill it for a LoRA: base variant (PersonalWeights.base_variant) -> (modelspec.architecture without "/lora",
+# modelspec.resolution, modelspec.implementation).
+MODELSPEC_VERSION = "1.0.1"
 MODELSPEC = {
     "sd1": ("stable-diffusion-v1", "512x512", "diffusers"),
     "sd2": ("stable-diffusion-v2-512", "512x512", "diffusers"),
@@ -105,17 +107,23 @@ def kohya_metadata(weights: PersonalWeights, title: str) -> dict[str, str]:
     (extensions-builtin/Lora/network.py) tells SDXL by the first starting with "sdxl_", SD2 by the second, and
     takes any other file with metadata for SD1. The `modelspec.*` keys are ModelSpec's.
     A base of unknown family (a file from before hdb recorded it, whose layers do not tell) gets neither.
+
+    `modelspec.date` is when the person was made (ISO 8601, as sd-scripts write it, though in UTC with its offset
+    where they write local time without one), not when it was exported: exports of one person are the same bytes.
+    A file from before hdb recorded it gets none rather than an invented one.
     """
     metadata = {"modelspec.title": title, "modelspec.trigger_phrase": weights.instance_prompt}
+    if weights.created:
+        metadata["modelspec.date"] = weights.created
     family, v = weights.base_family, weights.prediction_type == "v_prediction"
     if not family:
         return metadata
     version = KOHYA_VERSIONS[family] + ("_v" if v and family != "sdxl" else "")
-    architecture, resolution, implementation = MODELSPEC["sd2-v" if family == "sd2" and v else family]
+    architecture, resolution, implementation = MODELSPEC[weights.base_variant]
     return {
         "ss_base_model_version": version,
         "ss_v2": str(family == "sd2"),
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": implementation,
         "modelspec.resolution": resolution,
@@ -139,7 +147,7 @@ def _diffusers_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> by
         pipeline_class.save_lora_weights(
             folder, weight_name="lora.safetensors", save_function=lambda state, _: packed.update(state), **arguments
         )
-    return safetensors.torch.save(packed, metadata=DIFFUSERS_METADATA)
+    return safetensors_bytes(packed, DIFFUSERS_METADATA)
 
 
 def _kohya_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], about: dict[str, str]) -> bytes:
@@ -155,4 +163,4 @@ def _kohya_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], about: di
         state[f"{key}.lora_up.weight"] = up
         state[f"{key}.alpha"] = torch.tensor(float(rank), dtype=down.dtype)  # alpha = rank: scale 1, as trained
     network = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
-    return safetensors.torch.save(state, metadata={**network, **about})
+    return safetensors_bytes(state, {**network, **about})

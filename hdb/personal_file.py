@@ -3,8 +3,8 @@
 Two packed tensors, `A_train: [L, r, a]` and `B_train: [L, b, r]` (a tensor per layer would not fit:
 the safetensors header alone would outweigh the numbers), and string metadata that says what the
 weights belong to: format version, base architecture fingerprint, aux seed and fingerprint, r, a, b,
-the layer names (zlib-compressed), the instance prompt that names the person, and the base's family
-(SD1.x, SD2.x, SDXL) and prediction type, which LoRA exports tell other tools.
+the layer names (zlib-compressed), the instance prompt that names the person, the base's family
+(SD1.x, SD2.x, SDXL) and prediction type, which LoRA exports tell other tools, and when the person was made.
 
 A person finetuned with the paper's rank relaxation also holds a plain LoRA beside the LiDB: every
 layer's down [r', in] and up [out, r'] factors, flattened and concatenated into the two tensors
@@ -18,6 +18,7 @@ import binascii
 import json
 import zlib
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import safetensors.torch
@@ -57,6 +58,7 @@ MAX_METADATA_CHARS = {
     "base_model": MAX_BASE_MODEL_CHARS,
     "base_family": 16,
     "prediction_type": 16,
+    "created": 32,  # ISO 8601 to the second: "2026-05-09T07:35:25+00:00"
 }
 
 FORMAT = "hdb-lidb"
@@ -83,6 +85,9 @@ class PersonalWeights:
     prediction_type: str = ""  # one of PREDICTION_TYPES; "" when unknown
     lora_down: list[torch.Tensor] | None = None  # the plain LoRA on top, per layer: [r', in] ...
     lora_up: list[torch.Tensor] | None = None  # ... and [out, r']; None for a LiDB-only person
+    # When the person was made (`created_now`), kept through every save and load: exports date themselves by it, so
+    # exporting the same person twice gives the same bytes. "" for files from before hdb recorded it.
+    created: str = ""
 
     @classmethod
     def from_lidb(
@@ -110,6 +115,7 @@ class PersonalWeights:
             prediction_type=prediction_type(lidb.pipe),
             lora_down=None if lora is None else _copies(lora[0]),
             lora_up=None if lora is None else _copies(lora[1]),
+            created=created_now(),
         )
 
     def signature(self) -> Signature:
@@ -119,6 +125,13 @@ class PersonalWeights:
             arch_fingerprint(self.layer_shapes), len(self.layer_shapes), config.a, config.b, config.seed,
             self.aux_fingerprint, config.rank,
         )  # fmt: skip
+
+    @property
+    def base_variant(self) -> str:
+        """The base's family, with SD2.x told apart by what it predicts: "sd2-v" for the 768 px v-prediction models
+        (SD2.1), else `base_family` ("" when unknown). Exports and cards pick what they name for a base by it."""
+        v = self.base_family == "sd2" and self.prediction_type == "v_prediction"
+        return "sd2-v" if v else self.base_family
 
     @property
     def lora_rank(self) -> int:
@@ -132,6 +145,20 @@ class PersonalWeights:
     def num_numbers(self) -> int:
         plain = sum(t.numel() for t in (self.lora_down or []) + (self.lora_up or []))
         return self.A.numel() + self.B.numel() + plain
+
+
+def created_now() -> str:
+    """This moment as a personal file records when a person was made: ISO 8601 in UTC, to the second (a timezone
+    of its own would make the same person's exports differ by where they were made)."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def _is_iso_date(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -187,6 +214,7 @@ def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype
         "base_family": weights.base_family,
         "prediction_type": weights.prediction_type,
         "lora_rank": str(weights.lora_rank),
+        **({"created": weights.created} if weights.created else {}),  # no date is invented for an older file
     }
     path = Path(path)
     problem = metadata_problem(metadata)
@@ -196,7 +224,19 @@ def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype
     if weights.lora_down is not None:
         tensors["lora_down"] = torch.cat([t.flatten() for t in weights.lora_down]).to(dtype)
         tensors["lora_up"] = torch.cat([t.flatten() for t in weights.lora_up]).to(dtype)
-    return write_file(path, safetensors.torch.save(tensors, metadata=metadata))
+    return write_file(path, safetensors_bytes(tensors, metadata))
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file of `tensors` and `metadata`, as bytes that are the same for the same input: safetensors
+    itself writes the metadata in a random order (a Rust HashMap), which would make every save of one person, and
+    every export of it, a different file. The header is written again with the metadata in the order given."""
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    table = {key: entry for key, entry in json.loads(data[8 : 8 + length]).items() if key != "__metadata__"}
+    header = json.dumps({"__metadata__": metadata, **table}, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)  # the tensors start 8-byte aligned, as safetensors places them
+    return len(header).to_bytes(8, "little") + header + data[8 + length :]
 
 
 def metadata_problem(metadata: dict[str, str]) -> str:
@@ -268,7 +308,10 @@ def load_personal(path: str | Path) -> PersonalWeights:
             instance_token=metadata.get("instance_token", DEFAULT_INSTANCE_TOKEN),
             base_family=metadata.get("base_family") or family_from_layers(layer_shapes),
             prediction_type=metadata.get("prediction_type", ""),
+            created=metadata.get("created", ""),
         )
+        if weights.created and not _is_iso_date(weights.created):
+            raise ValueError("its creation time is not an ISO 8601 date")
         if weights.base_family not in ("", *BASE_FAMILIES):
             raise ValueError(f"unknown base family {weights.base_family[:40]!r}")
         if weights.prediction_type not in ("", *PREDICTION_TYPES):
@@ -358,6 +401,7 @@ def describe(path: str | Path) -> str:
         f"layers:           {len(weights.layer_names)} ({', '.join(f'{k}: {v}' for k, v in components.items())})",
         f"plain LoRA:       {f'rank {weights.lora_rank}, on top of the LiDB' if weights.lora_rank else 'none'}",
         f"numbers:          {weights.num_numbers:,}",
+        f"created:          {weights.created or '(not recorded)'}",
         f"instance prompt:  {weights.instance_prompt}   "
         f"(prompts name the person with [V] = '{weights.instance_token}')",
         f"weight norms:     |A| {weights.A.norm():.4f}  |B| {weights.B.norm():.4f}",

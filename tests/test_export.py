@@ -1,6 +1,7 @@
 """Exported LoRAs, loaded by diffusers itself, reproduce the in-house LiDB forward; kohya files name their base."""
 
 from dataclasses import replace
+from datetime import datetime
 
 import pytest
 import torch
@@ -117,7 +118,8 @@ def test_kohya_files_name_their_base_as_kohya_writes_it(arch, tmp_path):
     version, v2, architecture, prediction = KOHYA[arch]
     assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == v2
     assert metadata["modelspec.architecture"] == architecture and metadata["modelspec.prediction_type"] == prediction
-    assert metadata["modelspec.sai_model_spec"] == "1.0.0" and metadata["modelspec.title"] == "me"
+    assert metadata["modelspec.sai_model_spec"] == "1.0.1" and metadata["modelspec.title"] == "me"
+    assert metadata["modelspec.date"] == load_personal(person).created  # when the person was made
     assert metadata["modelspec.trigger_phrase"] == "a sks face"
     assert a1111_version(metadata) == {"sd15": "SD1", "sd2": "SD2", "sd2-base": "SD2", "sdxl": "SDXL"}[arch]
     assert metadata["ss_network_dim"] == metadata["ss_network_alpha"] == "1"
@@ -130,3 +132,27 @@ def test_a_file_of_unknown_base_exports_without_claiming_one(tiny_sd15, tmp_path
         metadata = file.metadata()
     assert "ss_base_model_version" not in metadata and "modelspec.architecture" not in metadata
     assert metadata["modelspec.trigger_phrase"] == "a sks face"
+
+
+def test_a_person_exports_to_the_same_bytes_every_time_dated_when_it_was_made(tiny_sd15, tmp_path):
+    made = "2024-01-02T03:04:05+00:00"  # long ago: an export dated by its own clock would differ
+    weights = replace(PersonalWeights.from_lidb(trained_person(tiny_sd15)), created=made)
+    person = save_personal(weights, tmp_path / "person.safetensors")
+    for lora_format in ("kohya", "diffusers"):
+        exports = [
+            export_lora(load_personal(person), tmp_path / folder / "me.safetensors", lora_format)
+            for folder in (f"{lora_format}-1", f"{lora_format}-2")
+        ]
+        assert exports[0].read_bytes() == exports[1].read_bytes(), lora_format
+    with safe_open(str(tmp_path / "kohya-1" / "me.safetensors"), "pt") as file:
+        metadata = file.metadata()
+    assert metadata["modelspec.date"] == made and datetime.fromisoformat(metadata["modelspec.date"]).year == 2024
+    assert metadata["modelspec.sai_model_spec"] == "1.0.1"
+
+
+def test_a_file_from_before_dates_were_recorded_exports_without_one(tiny_sd15, tmp_path):
+    weights = replace(PersonalWeights.from_lidb(trained_person(tiny_sd15)), created="")
+    lora = export_lora(weights, tmp_path / "me.safetensors", "kohya")
+    with safe_open(str(lora), "pt") as file:
+        metadata = file.metadata()
+    assert "modelspec.date" not in metadata and metadata["modelspec.sai_model_spec"] == "1.0.1"

@@ -1,6 +1,7 @@
 """Personal weight files: exact round trip, the ~100 KB size bound, clear errors on bad files."""
 
 import os
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import torch
@@ -9,7 +10,13 @@ from helpers import trained_person
 from hdb.errors import HdbError
 from hdb.lidb import LiDBConfig, arch_fingerprint, aux_bases, aux_fingerprint, find_target_linears
 from hdb.models import build_full_size_sd15, build_tiny_pipeline
-from hdb.personal_file import PersonalWeights, describe, family_from_layers, load_personal, save_personal
+from hdb.personal_file import (
+    PersonalWeights,
+    describe,
+    family_from_layers,
+    load_personal,
+    save_personal,
+)
 from hdb.pipeline import PersonalPipeline
 
 
@@ -96,6 +103,43 @@ def test_a_file_records_its_base_family_and_an_older_one_is_told_by_its_layers(t
     sd2 = dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
     assert family_from_layers(unet_layers(**sd2)) == "sd2"  # SD2.x reads OpenCLIP-H's 1024
     assert family_from_layers({"text_encoder_2.encoder.layers.0.self_attn.q_proj": (1280, 1280)}) == "sdxl"
+
+
+def metadata_of(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        return file.metadata()
+
+
+def rewritten(path, target, **changes: str | None):
+    """A copy of the personal file `path` at `target` with metadata fields changed (None: left out), as an older
+    hdb, another machine or a forger might have written it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as file:
+        metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+    metadata = {key: value for key, value in {**metadata, **changes}.items() if value is not None}
+    save_file(tensors, str(target), metadata=metadata)
+    return target
+
+
+def test_a_file_keeps_when_its_person_was_made_through_every_load_and_save(tiny_sd15, tmp_path):
+    weights = PersonalWeights.from_lidb(trained_person(tiny_sd15))
+    made = datetime.fromisoformat(weights.created)
+    assert made.utcoffset() == timedelta(0) and abs(datetime.now(UTC) - made) < timedelta(minutes=5)
+    first = save_personal(weights, tmp_path / "first.safetensors")
+    again = save_personal(load_personal(first), tmp_path / "again.safetensors")
+    assert first.read_bytes() == again.read_bytes()  # the same person, the same file
+    assert f"created:          {weights.created}" in describe(again)
+
+    older = rewritten(first, tmp_path / "older.safetensors", created=None)  # before hdb recorded it
+    assert load_personal(older).created == ""
+    assert "created" not in metadata_of(save_personal(load_personal(older), tmp_path / "resaved.safetensors"))
+    forged = rewritten(first, tmp_path / "forged.safetensors", created="last Tuesday")
+    with pytest.raises(HdbError, match="damaged metadata.*creation time is not an ISO 8601 date"):
+        load_personal(forged)
 
 
 def test_fp16_file_is_half_the_size(tiny_sd15, tmp_path):
