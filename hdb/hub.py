@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from hdb.errors import HdbError
 from hdb.hypernet import CONFIG_FILE, TRAINING_FILE, HyperNetwork
+from hdb.personal_file import PersonalWeights, hub_id, is_repo_id, public_name
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitOperationAdd, ModelCard
-
-    from hdb.personal_file import PersonalWeights
 
 CARD_FILE = "README.md"
 PROJECT = "https://github.com/hdb-project/hdb"
@@ -49,40 +48,10 @@ class Upload:
     notes: list[str]  # warnings worth showing, e.g. a base model that is a local folder, not a hub id
 
 
-def hub_id(name: str) -> str | None:
-    """`name` when it names a model on the Hub ("owner/name"), None for a local folder or nothing.
-
-    What hdb records as a base model is where it was loaded from: a hub id, or a local folder's path (which
-    the Hub rejects as `base_model`, and which says where the user keeps their files). A name that exists here
-    as a path, or starts like one, is a folder.
-    """
-    if name.startswith((".", "/", "~")) or not _is_repo_id(name) or Path(name).expanduser().exists():
-        return None
-    return name
-
-
-def public_name(name: str) -> str:
-    """How a model may be named in public: a hub id as it is, a local folder by its own name (no path)."""
-    return hub_id(name) or Path(name).name or "unknown"
-
-
 def check_repo_id(repo_id: str) -> None:
     """Refuse, before anything is built or uploaded, a repository name the Hub would not take."""
-    if not _is_repo_id(repo_id):
+    if not is_repo_id(repo_id):
         raise HdbError(f"{repo_id!r} is not a Hugging Face repository id; give one like 'your-name/hdb-hypernet'")
-
-
-def _is_repo_id(name: str) -> bool:
-    """Whether `name` is "owner/name" in the characters and shape the Hub allows."""
-    from huggingface_hub.utils import validate_repo_id
-
-    if name.count("/") != 1:
-        return False
-    try:
-        validate_repo_id(name)
-    except ValueError:  # HFValidationError
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------- hypernetworks
@@ -122,7 +91,7 @@ def model_card(directory: str | Path, repo_id: str, evaluation: str | None = Non
     training_file = directory / TRAINING_FILE
     training = published_training(json.loads(training_file.read_text())) if training_file.is_file() else None
     base_id, base_text, notes = _base_model(recorded.get("base_model", ""))
-    base_argument = base_id or public_name(recorded.get("base_model", ""))
+    base_argument = base_id or public_name(recorded.get("base_model", "")) or "unknown"
     data = ModelCardData(
         library_name="hdb",
         license=LICENSES["sd1"],  # hdb's default base, SD1.5 (a hypernetwork's config does not record the family)

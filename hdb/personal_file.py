@@ -6,6 +6,9 @@ weights belong to: format version, base architecture fingerprint, aux seed and f
 the layer names (zlib-compressed), the instance prompt that names the person, the base's family
 (SD1.x, SD2.x, SDXL) and prediction type, which LoRA exports tell other tools, and when the person was made.
 
+A file holds only what may be public: it travels (uploads, downloads, the Hub). The base model is named by its
+hub id, or, when it was a local folder, by the folder's own name (`public_name`): never by its path.
+
 A person finetuned with the paper's rank relaxation also holds a plain LoRA beside the LiDB: every
 layer's down [r', in] and up [out, r'] factors, flattened and concatenated into the two tensors
 `lora_down` and `lora_up` (their shapes follow from the layer shapes and `lora_rank`).
@@ -19,7 +22,7 @@ import json
 import zlib
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import safetensors.torch
 import torch
@@ -40,7 +43,7 @@ MAX_WEIGHT = 1e4  # |weight|: trained LiDB and LoRA factors stay within a few un
 # The header (the tensor table and the metadata) as a whole, checked before any of it is parsed: SDXL's, the
 # largest real one, is ~4 KB (its 736-layer table, 59 KB of JSON, packs to 3 KB).
 MAX_HEADER_BYTES = 256 * 2**10
-MAX_BASE_MODEL_CHARS = 1024  # a hub id, or the folder a local base was loaded from
+MAX_BASE_MODEL_CHARS = 1024  # a hub id, or the name of the folder a local base was loaded from
 # The longest text each metadata field may hold ("format" is FORMAT or refused; "layers", the packed table, is
 # bounded by MAX_HEADER_BYTES)
 MAX_METADATA_CHARS = {
@@ -79,7 +82,7 @@ class PersonalWeights:
     arch_fingerprint: str
     aux_fingerprint: str
     instance_prompt: str
-    base_model: str
+    base_model: str  # a hub id, or a local folder (its path in memory; only its name is saved: `public_name`)
     instance_token: str = DEFAULT_INSTANCE_TOKEN
     base_family: str = ""  # one of hdb.models.BASE_FAMILIES; "" when unknown
     prediction_type: str = ""  # one of PREDICTION_TYPES; "" when unknown
@@ -153,6 +156,40 @@ def created_now() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
+def hub_id(name: str) -> str | None:
+    """`name` when it names a model on the Hub ("owner/name"), None for a local folder or nothing.
+
+    What diffusers records as a base model is where it was loaded from: a hub id, or a local folder's path (which
+    the Hub rejects as `base_model`, and which says where the user keeps their files). A name that exists here
+    as a path, or starts like one, is a folder.
+    """
+    if name.startswith((".", "/", "~")) or not is_repo_id(name) or Path(name).expanduser().exists():
+        return None
+    return name
+
+
+def public_name(name: str) -> str:
+    """How a model may be named in public: a hub id as it is, a local folder by its own name, without the path
+    (POSIX or Windows: a file may come from anywhere); "" for "".
+
+    Idempotent (a folder's name has no "/", so it never reads as a hub id): saving a loaded file changes nothing.
+    """
+    return hub_id(name) or PureWindowsPath(name).name  # Windows paths split at "\\" and "/" alike
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether `name` is "owner/name" in the characters and shape the Hub allows."""
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except ValueError:  # HFValidationError
+        return False
+    return True
+
+
 def _is_iso_date(text: str) -> bool:
     try:
         datetime.fromisoformat(text)
@@ -193,6 +230,8 @@ def _unpack_layers(packed: str) -> dict[str, tuple[int, int]]:
 def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write `weights` to `path` (fp32 by default; fp16 halves the size), whole or not at all.
 
+    The base model is written by its public name: a local folder's path says where the user keeps their files,
+    and a file is made to be shared (a file loaded with such a path, an older one say, loses it here too).
     What `load_personal` would refuse (a token of a thousand characters, say) is refused here instead, as is any
     failure to write (a full disk): one HdbError that names the file.
     """
@@ -210,7 +249,7 @@ def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype
         "layers": _pack_layers(weights.layer_shapes),
         "instance_prompt": weights.instance_prompt,
         "instance_token": weights.instance_token,
-        "base_model": weights.base_model,
+        "base_model": public_name(weights.base_model),
         "base_family": weights.base_family,
         "prediction_type": weights.prediction_type,
         "lora_rank": str(weights.lora_rank),

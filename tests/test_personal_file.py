@@ -9,12 +9,14 @@ from helpers import trained_person
 
 from hdb.errors import HdbError
 from hdb.lidb import LiDBConfig, arch_fingerprint, aux_bases, aux_fingerprint, find_target_linears
-from hdb.models import build_full_size_sd15, build_tiny_pipeline
+from hdb.models import build_full_size_sd15, build_tiny_pipeline, load_pipeline
 from hdb.personal_file import (
     PersonalWeights,
     describe,
     family_from_layers,
+    hub_id,
     load_personal,
+    public_name,
     save_personal,
 )
 from hdb.pipeline import PersonalPipeline
@@ -123,6 +125,36 @@ def rewritten(path, target, **changes: str | None):
     metadata = {key: value for key, value in {**metadata, **changes}.items() if value is not None}
     save_file(tensors, str(target), metadata=metadata)
     return target
+
+
+def test_a_file_made_from_a_local_folder_names_the_folder_not_its_path(tiny_sd15_dir, tmp_path):
+    weights = PersonalWeights.from_lidb(trained_person(load_pipeline(str(tiny_sd15_dir), "fp32", "cpu")))
+    assert weights.base_model == str(tiny_sd15_dir)  # diffusers records where the base was loaded from
+    path = save_personal(weights, tmp_path / "person.safetensors")
+    metadata = metadata_of(path)
+    assert metadata["base_model"] == "sd15" and metadata["base_family"] == "sd1"  # the folder's name and family
+    for key, value in metadata.items():  # no path, nor any part of one, anywhere
+        assert str(tiny_sd15_dir.parent) not in value and not value.startswith((os.sep, "~")), key
+    assert "base model:       sd15  " in describe(path)
+
+
+@pytest.mark.parametrize("recorded", ["/home/someone/models/sd15", "~/sd15/", "./sd15", "C:\\Users\\someone\\sd15"])
+def test_a_loaded_file_with_a_path_is_saved_again_with_the_folder_name_alone(tiny_sd15, tmp_path, recorded):
+    made = save_personal(PersonalWeights.from_lidb(trained_person(tiny_sd15)), tmp_path / "made.safetensors")
+    uploaded = rewritten(made, tmp_path / "uploaded.safetensors", base_model=recorded)  # a visitor's older file
+    saved = metadata_of(save_personal(load_personal(uploaded), tmp_path / "saved.safetensors"))
+    assert saved == {**metadata_of(made), "base_model": "sd15"}  # the app re-saves uploads: nothing else changes
+
+
+def test_hub_ids_and_local_folders_are_told_apart(tmp_path):
+    sd15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert hub_id(sd15) == sd15 and public_name(sd15) == sd15
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    for local in ("/models/sd15", "./sd15", "~/sd15", "sd15", "a/b/sd15", str(tmp_path / "owner" / "name"), ""):
+        assert hub_id(local) is None, local
+        assert public_name(public_name(local)) == public_name(local), local  # saving a loaded file changes nothing
+    assert public_name("/models/sd15") == public_name("D:\\models\\sd15") == "sd15" and public_name("") == ""
+    assert public_name(str(tmp_path / "owner" / "name")) == "name"  # a folder here, though shaped like a hub id
 
 
 def test_a_file_keeps_when_its_person_was_made_through_every_load_and_save(tiny_sd15, tmp_path):
