@@ -85,7 +85,7 @@ def test_hdb_demo_hands_its_arguments_to_the_app_and_names_the_extra_it_needs(mo
     import hdb.app.main
     from hdb import cli
 
-    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)  # it sets this process's environment
+    monkeypatch.setattr(cli, "quiet_libraries", lambda: None)  # it sets this process's environment
     served = []
     monkeypatch.setattr(hdb.app.main, "main", lambda argv, prog=None: served.append(argv))
     assert cli.main(["demo", "--tiny", "--port", "7861"]) == 0 and served == [["--tiny", "--port", "7861"]]
