@@ -1,6 +1,10 @@
 """The Colab notebooks: committed without outputs, and executed end to end on the tiny pipeline, offline."""
 
+import ast
+import contextlib
+import io
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,6 +32,67 @@ def test_notebooks_are_committed_clean():
         assert "HDB_SOURCE" in parameters.source  # the one place the install source is set
         assert notebook.metadata["colab"]["gpuType"] == "T4"
         assert not any("git clone" in cell.source or "requirements.txt" in cell.source for cell in code)
+
+
+def cells(path, kind):
+    return [cell for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == kind]
+
+
+# Colab's form fields, and what a parameter's value must be for each (raw: any Python expression)
+FORM_TYPES = {"string": str, "boolean": bool, "integer": int, "raw": object}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_code_cell_has_a_colab_title_and_every_parameter_a_form(path):
+    code = cells(path, "code")
+    untitled = [cell.source.splitlines()[0] for cell in code if not re.match(r"#@title \S", cell.source)]
+    assert not untitled, f"{path.name}: code cells without a '#@title' first line: {untitled}"
+    parameters = next(cell for cell in code if "parameters" in cell.metadata.get("tags", []))
+    lines = parameters.source.splitlines()
+    assigned = [node for node in ast.parse(parameters.source).body if isinstance(node, ast.Assign)]
+    assert len(assigned) >= 5
+    for node in assigned:
+        name, line = node.targets[0].id, lines[node.lineno - 1]
+        form = re.search(r'#@param \{type:"(\w+)"\}$', line)
+        assert form and form.group(1) in FORM_TYPES, f"{path.name}: {name} has no Colab form: {line!r}"
+        if form.group(1) != "raw":  # a literal of the field's type (Colab cannot show None in a text field)
+            value = ast.literal_eval(node.value)
+            assert type(value) is FORM_TYPES[form.group(1)], f"{path.name}: {name} = {value!r} in a {form.group(1)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_time_claim_says_measured_or_estimate(path):
+    for cell in cells(path, "markdown"):
+        for claim in re.finditer(r"\b(?:about|roughly|~) ?[\d.,]+ ?(?:s|seconds?|minutes?|hours?)\b", cell.source):
+            said = cell.source[claim.start() : claim.end() + 70]
+            assert "measured" in said or "estimate" in said, f"{path.name}: unlabelled time claim {said!r}"
+
+
+def test_personalize_time_claims_come_from_its_one_table():
+    """Notebook 01's figures in prose are what its timing cell prints from its table, to the letter."""
+    from hdb.config import STEPS_FROM_ZERO, STEPS_WITH_HYPERNET
+
+    path = ROOT / "notebooks" / "01_personalize.ipynb"
+    table_cell = next(cell for cell in cells(path, "code") if cell.source.startswith("#@title How long"))
+    namespace = {"STEPS": None, "HYPERNET": None, "TINY": True}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(table_cell.source, namespace)
+    table, how_long = namespace["SECONDS_PER_STEP"], namespace["how_long"]
+    assert printed.getvalue().strip() == how_long("2-core CPU, TINY", STEPS_FROM_ZERO)
+    measured = {where for where, (_, source) in table.items() if source.startswith("measured")}
+    assert measured == {"H200", "2-core CPU, TINY"}, "only these were timed: any other card is an estimate"
+    prose = [cell.source for cell in cells(path, "markdown")]
+    claims = [
+        (claim.group(0), where, int(claim.group(1)))
+        for text in prose
+        for where in table
+        for claim in re.finditer(rf"{re.escape(where)}, (\d+) steps: [^()]*\([^)]*\)", text)
+    ]
+    for said, where, steps in claims:
+        assert said == how_long(where, steps), f"the prose says {said!r}, the table {how_long(where, steps)!r}"
+    said = {claim for claim, _, _ in claims}
+    assert how_long("T4", STEPS_FROM_ZERO) in prose[0]  # the introduction's figure for a free Colab GPU
+    assert {how_long("H200", STEPS_WITH_HYPERNET), how_long("2-core CPU, TINY", STEPS_FROM_ZERO)} <= said
 
 
 GOOGLE_COLAB_STAND_IN = {  # what the notebooks use of Colab's `google.colab`: Drive mounted where asked
