@@ -30,6 +30,7 @@ from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 from hdb.config import DECODER_INPUTS, HYPERNET_STARTS
 from hdb.errors import HdbError, check_choice, from_hub_or_directory
 from hdb.lidb import LiDB, LiDBConfig, Signature, check_signature, start_A
+from hdb.personal_file import public_name
 from hdb.seeding import initialised_from
 
 CLIP_MEAN = (0.4815, 0.4578, 0.4082)
@@ -41,7 +42,7 @@ TRAINING_FILE = "training.json"  # how it was trained, written by stage 2 (read 
 
 @dataclass
 class HyperNetworkConfig:
-    image_encoder: str  # hub id or path the encoder was loaded from (informational)
+    image_encoder: str  # hub id, or the name of the folder, the encoder was loaded from (informational)
     num_layers: int  # L, LiDB layers of the base
     rank: int
     a: int
@@ -60,7 +61,7 @@ class HyperNetworkConfig:
     arch_fingerprint: str = ""
     aux_fingerprint: str = ""
     layer_names: list[str] = field(default_factory=list)
-    base_model: str = ""  # hub id or path of the base it was trained with (informational; the fingerprints decide)
+    base_model: str = ""  # hub id, or folder name, of the base it was trained with (informational: fingerprints decide)
 
 
 def load_image_encoder(name_or_path: str) -> nn.Module:
@@ -223,7 +224,7 @@ class HyperNetwork(nn.Module):
     ) -> HyperNetwork:
         """A fresh hypernetwork predicting weights for `lidb` (its layers, shapes and aux bases), drawn from `seed`."""
         values = dict(
-            image_encoder=image_encoder_name,
+            image_encoder=public_name(image_encoder_name),  # informational, and the file may be shared: no path
             num_layers=len(lidb.layer_names),
             rank=lidb.config.rank,
             a=lidb.config.a,
@@ -232,7 +233,7 @@ class HyperNetwork(nn.Module):
             arch_fingerprint=lidb.arch_fingerprint(),
             aux_fingerprint=lidb.aux_fingerprint(),
             layer_names=list(lidb.layer_names),
-            base_model=lidb.base_model,
+            base_model=public_name(lidb.base_model),
         )
         image_size = _encoder_setting(image_encoder, "image_size")
         if image_size is not None:

@@ -68,6 +68,7 @@ from hdb.identities import (
 )
 from hdb.lidb import LiDB, weight_distance
 from hdb.models import Pipeline, load_pipeline, native_resolution, training_scheduler
+from hdb.personal_file import public_name
 from hdb.seeding import initialised_from
 from hdb.stage import training_stage
 from hdb.training import TrainConfig, learning_rate_factor, load_optimizer, make_optimizer, save_optimizer, train
@@ -561,13 +562,14 @@ def save_hypernetwork(run: Run) -> None:
     training = {
         "config": {
             **{k: v for k, v in asdict(config).items() if k != "progress"},
+            "image_encoder": public_name(config.image_encoder),  # the record may be shared: no local paths
             "lidb": asdict(run.lidb.config),  # what was trained with, read from the manifest or defaulted
             "instance_token": run.instance_token,
         },
         "steps_run": config.steps,
         "identities": len(run.train_names),
         "held_out": run.held_out,
-        "images": run.data.source,
+        "images": public_name(run.data.source),
         "processes": run.accelerator.num_processes,
         "final_validation_loss": run.validation[-1][1] if run.validation else None,
     }
@@ -611,7 +613,8 @@ def training_data(
     identities, skipped = resolve_identities(images, crop_size(resolution), faces_dir, progress)
     names = [i.name for i in identities]
     targets = load_weights_dataset(weights_dir, lidb, names) if weights_dir is not None else {}
-    source = str(images) if isinstance(images, (str, Path, DatasetSource)) else "identities given in Python"
+    source = images.path if isinstance(images, DatasetSource) else images
+    source = str(source) if isinstance(source, (str, Path)) else "identities given in Python"
     return TrainingData.in_memory(
         pipe, lidb, instance_token, identities, targets, resolution, encoder_size, source, dict(skipped)
     )

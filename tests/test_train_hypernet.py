@@ -59,6 +59,15 @@ def cache(preoptimized, identity_folder, tiny_sd15_dir, tmp_path_factory):
     return out, hdb(*cache_args(identity_folder, tiny_sd15_dir, weights, out)).stdout
 
 
+def json_strings(value: object) -> list[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, dict):
+        return [text for key, item in value.items() for text in (key, *json_strings(item))]
+    if isinstance(value, list):
+        return [text for item in value for text in json_strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
 def files_of(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
@@ -149,6 +158,15 @@ def test_stage_2_trains_on_the_cache_as_on_the_photos(cache, preoptimized, ident
     torch.testing.assert_close(cached["losses"], photos["losses"], atol=1e-6, rtol=0)
     torch.testing.assert_close(cached["validation"], photos["validation"], atol=1e-6, rtol=0)
     assert list((tmp_path / "photos").glob("hdb/events.out.tfevents.*"))  # TensorBoard by default
+    # made from local folders, the saved hypernetwork and its record may be shared: they name no local path
+    for out in (tmp_path / "photos", tmp_path / "cached"):
+        for name in ("config.json", "training.json"):
+            strings = json_strings(json.loads((out / "hypernet" / name).read_text()))
+            assert not [text for text in strings if text.startswith(("/", "~")) or str(tmp_path.parent) in text]
+        recorded = json.loads((out / "hypernet" / "config.json").read_text())
+        assert recorded["base_model"] == tiny_sd15_dir.name
+    record = json.loads((tmp_path / "photos" / "hypernet" / "training.json").read_text())
+    assert record["images"] == identity_folder.name
     assert not (tmp_path / "cached" / "hdb").exists()  # --report-to none
     with pytest.raises(HdbError, match="holds the pre-optimised weights"):
         train_hypernetwork(tiny_sd15_dir, TrainingData.open(cache[0]), tmp_path / "x", weights, config, "cpu")
@@ -534,7 +552,12 @@ def test_stage_2_compares_each_prediction_with_its_own_identitys_target(tiny_sd1
             _, own = batch_loss(run, names, 0)
             run.data = data_with({"ann": targets["bob"], "bob": targets["ann"], "cy": targets["cy"]})
             _, swapped = batch_loss(run, names, 0)
+            # the loss is alpha x diffusion + beta x weights, whatever the two are (every other test has alpha = 1)
+            run.config = dataclasses.replace(run.config, alpha=0.25, beta=2.0)
+            loss, weighted = batch_loss(run, names, 0)
     assert own["weight_loss"].item() == 0 and swapped["weight_loss"].item() > 0.5
+    assert weighted["diffusion_loss"] > 0.01
+    torch.testing.assert_close(loss, 0.25 * weighted["diffusion_loss"] + 2.0 * weighted["weight_loss"])
 
 
 def test_the_papers_weight_loss_is_the_raw_l2_of_the_factors_and_depends_on_their_gauge():
