@@ -3,6 +3,7 @@
 import itertools
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from helpers import ASSETS, assert_one_line_error, trained_person
 from helpers import hdb_cli as hdb
 from PIL import Image
 
+from hdb.config import PersonalizeConfig
 from hdb.errors import HdbError
 from hdb.evaluate import Evaluator, _mean_row, find_people, identity_matrix, identity_similarity
 
@@ -210,6 +212,54 @@ def test_cli_eval_runs_the_papers_protocol(tiny_sd15_dir, tiny_metric_models, tm
     assert "| - | - |" in (tmp_path / "out2" / "table.md").read_text()  # no CLIP, no DINO: their columns empty
     no_hypernet = [a for a in args if a not in ("--hypernet", tmp_path / "hypernet")]
     assert_one_line_error(hdb(*no_hypernet, check=False), "compares a trained hypernetwork: give --hypernet")
+
+
+def test_each_row_of_the_papers_protocol_starts_where_the_paper_says(tiny_sd15, monkeypatch):
+    """No Hyper and DreamBooth-LoRA start from zero, k=1 from its own hypernetwork's prediction, Only Hyper and the
+    full method from the main one's, each with its steps and learning rate: rows that all started from the main
+    prediction (and so measured nothing but the step count) fail here."""
+    from hdb import evaluate
+    from hdb.config import STEPS_WITH_HYPERNET
+    from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
+    from hdb.lidb import LiDB
+    from hdb.pipeline import PersonalPipeline
+
+    with LiDB.attached(tiny_sd15) as lidb:
+        main, k1 = (
+            HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4, seed=seed,
+                                  iterations=iterations)
+            for seed, iterations in ((0, 4), (1, 1))
+        )  # fmt: skip
+        for net in (main, k1):
+            with torch.no_grad():
+                net.head.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))  # predictions apart from 0
+    personal = PersonalPipeline(tiny_sd15, main)
+    started = {}  # row -> (start as resolved, steps, learning rate)
+
+    def personalize(face, run, start=None):
+        resolved = start if start is not None else main.predict(face.image)
+        started.setdefault(run.steps, []).append((resolved, run.learning_rate))
+        return types.SimpleNamespace(weights=None)
+
+    monkeypatch.setattr(personal, "personalize", personalize)
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: None)
+    photo = ASSETS / "obama.jpg"
+    results = evaluate.paper_protocol(personal, {"obama": photo}, ["[V]"], None, hypernet_k1=k1, dreambooth_steps=3)
+    assert len(results) == 5
+    face = personal.faces(photo)[0]
+    zero, predicted, predicted_k1 = personal.lidb.initial_weights(), main.predict(face.image), k1.predict(face.image)
+    assert not torch.allclose(predicted[0], predicted_k1[0]) and not torch.allclose(predicted[1], zero[1])
+    lr = PersonalizeConfig.learning_rate
+    expected = {  # steps -> each row's start and learning rate, in the table's order
+        STEPS_WITH_HYPERNET: [(zero, lr), (predicted_k1, lr), (predicted, lr)],  # No Hyper, k=1, full
+        0: [(predicted, lr)],  # Only Hyper
+        3: [(zero, evaluate.DREAMBOOTH_LORA_LR)],  # DreamBooth-LoRA
+    }
+    assert started.keys() == expected.keys()
+    for steps, rows in expected.items():
+        for (start, lr_used), (want, want_lr) in zip(started[steps], rows, strict=True):
+            assert lr_used == want_lr
+            torch.testing.assert_close(start, want)
 
 
 def test_one_lidb_serves_people_of_any_rank():

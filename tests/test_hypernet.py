@@ -125,6 +125,14 @@ def test_s_iterations_are_s_residual_refinements_of_the_start(tiny_sd15):
         default = torch.cat([t.flatten(2) for t in hypernet(images)], dim=2)
         torch.testing.assert_close(default, by_hand[-1])  # the config's s = 3
         assert not torch.allclose(by_hand[0], by_hand[-1])
+    # `predict`, what personalisation starts from, runs all s of them too
+    photo = face()
+    A, B = hypernet.predict(photo)
+    with torch.no_grad():
+        expected = [t[0] for t in hypernet(hypernet.preprocess([photo]))]
+        one = [t[0] for t in hypernet(hypernet.preprocess([photo]), iterations=1)]
+    torch.testing.assert_close([A, B], expected)
+    assert not torch.allclose(torch.cat([A.flatten(), B.flatten()]), torch.cat([t.flatten() for t in one]))
 
 
 def test_the_papers_zero_start_and_concatenated_input_are_what_they_say(tiny_sd15, tmp_path):
