@@ -58,6 +58,12 @@ def test_a_clone_installs_and_runs_outside_the_checkout(tmp_path):
     packages = {path.parent.relative_to(ROOT) for path in (ROOT / "hdb").rglob("__init__.py")}
     assert all((target / package / "__init__.py").is_file() for package in packages)  # pyproject lists them all
     assert "Apache License" in next(target.glob("hdb-*.dist-info/licenses/LICENSE")).read_text()
+    metadata = next(target.glob("hdb-*.dist-info/METADATA")).read_text(encoding="utf-8")
+    description = metadata.partition("\n\n")[2]  # the long description, the index's page, follows the headers
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    title = next(line for line in readme.splitlines() if line.startswith("# "))
+    assert readme.startswith("---\n") and "sdk: gradio" in readme  # the Space's YAML header, which a Space needs
+    assert not description.startswith("---") and "sdk: gradio" not in description and title in description
     work.mkdir()
     env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1")  # the installed copy, not the checkout
 
