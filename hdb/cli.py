@@ -195,13 +195,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     from hdb.personal_file import load_personal
 
     check_output(args.output, (".safetensors",), [args.file])
+    if args.picture and not args.push:
+        raise HdbError("--picture goes with --push: the pictures are shown by the model card on the Hub")
     if args.push:
         check_repo_id(args.push)
     weights = load_personal(args.file)
     path = export_lora(weights, args.output, args.format, DTYPES[args.dtype])
     print(f"{args.format} LoRA written to {shown(path)} ({path.stat().st_size:,} bytes)")
     if args.push:
-        upload = push_lora(path, weights, args.push, private=args.private)
+        upload = push_lora(path, weights, args.push, private=args.private, pictures=dict(args.picture or []))
         _report(upload, f"{shown(path)} with its model card")
 
 
@@ -590,6 +592,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=FILE_DTYPES, default=FILE_DTYPES[0])
     export.add_argument("--push", metavar="REPO_ID", help="also upload it to the Hugging Face Hub, with a model card")
     export.add_argument("--private", action="store_true", help="with --push: a private repository")
+    export.add_argument(
+        "--picture",
+        nargs=2,
+        action="append",
+        metavar=("IMAGE", "PROMPT"),
+        help="with --push: a picture made with the person and its prompt, shown by the card (repeatable)",
+    )
     export.set_defaults(run=cmd_export)
 
     person = sub.add_parser("personalize", help="personalise from one face photo -> personal weights file")

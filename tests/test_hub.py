@@ -253,11 +253,18 @@ def test_export_pushes_through_the_cli_and_prints_the_warnings(tiny_sd15, tmp_pa
     weights = replace(PersonalWeights.from_lidb(trained_person(tiny_sd15)), base_model="/home/someone/sd15")
     person = save_personal(weights, tmp_path / "me.safetensors")
     lora = tmp_path / "me_lora.safetensors"
-    assert cli.main(["export", str(person), "--format", "kohya", "-o", str(lora), "--push", "someone/me-lora"]) == 0
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "beach.png")
+    picture = ["--picture", str(tmp_path / "beach.png"), "a [V] at the beach"]
+    push = ["--push", "someone/me-lora", *picture]
+    assert cli.main(["export", str(person), "--format", "kohya", "-o", str(lora), *push]) == 0
     out = capsys.readouterr().out
     assert "warning: The base model sd15 is a local folder" in out  # the file names its folder alone
     assert "/home/someone" not in out
     assert f"uploaded {lora} with its model card to https://huggingface.co/someone/me-lora" in out
-    assert set(uploaded(calls)) == {"me_lora.safetensors", "README.md"}
+    files = uploaded(calls)
+    assert set(files) == {"me_lora.safetensors", "image_0.png", "README.md"}
+    assert ModelCard(files["README.md"].decode()).data.widget[0]["text"].endswith("at the beach")
     assert cli.main(["export", str(person), "-o", str(tmp_path / "x.safetensors"), "--push", "not a repo"]) == 1
     assert "not a Hugging Face repository id" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert cli.main(["export", str(person), "-o", str(tmp_path / "x.safetensors"), *picture]) == 1
+    assert "--picture goes with --push" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
