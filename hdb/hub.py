@@ -28,7 +28,7 @@ from hdb.config import DEFAULT_BASE
 from hdb.errors import HdbError
 from hdb.files import read_regular_file, shown
 from hdb.hypernet import CONFIG_FILE, TRAINING_FILE, HyperNetwork
-from hdb.personal_file import PersonalWeights, hub_id, is_repo_id, public_name
+from hdb.personal_file import PersonalWeights, base_variant, hub_id, is_repo_id, public_name
 from hdb.styles import expand_prompt
 
 if TYPE_CHECKING:
@@ -112,10 +112,15 @@ def model_card(directory: str | Path, repo_id: str, evaluation: str | None = Non
     training_file = directory / TRAINING_FILE
     training = published_training(json.loads(training_file.read_text())) if training_file.is_file() else None
     base_id, base_text, notes = _base_model(recorded.get("base_model", ""))
-    base_argument = base_id or public_name(recorded.get("base_model", "")) or "unknown"
+    family = recorded.get("base_family", "")  # "" in configs from before hdb kept it
+    variant = base_variant(family, recorded.get("prediction_type", ""))
+    reference_id, reference_name = REFERENCE_BASES.get(variant, ("", ""))
+    base_argument = base_id or reference_id or public_name(recorded.get("base_model", "")) or "unknown"
+    if not base_id and reference_id:
+        notes.append(f"The card's commands load {reference_id}, the reference model of the base's family.")
     data = ModelCardData(
         library_name="hdb",
-        license=LICENSES["sd1"],  # hdb's default base, SD1.5 (a hypernetwork's config does not record the family)
+        license=LICENSES.get(family, LICENSES["sd1"]),  # unknown: hdb's default base, SD1.5
         base_model=base_id,
         tags=["hyperdreambooth", "lora", "stable-diffusion", "face-personalization"],
     )
@@ -145,6 +150,14 @@ def model_card(directory: str | Path, repo_id: str, evaluation: str | None = Non
         "",
         f"- Base model: {base_text}, architecture fingerprint `{config['arch_fingerprint']}`"
         f" ({config['num_layers']} LiDB layers). hdb refuses it for any other architecture.",
+        *(
+            [
+                f"- The commands above load {reference_name} ([`{reference_id}`](https://huggingface.co/{reference_id})),"
+                " the reference model of that base's family: the same architecture, on the Hub."
+            ]
+            if reference_id and not base_id
+            else []
+        ),
         f"- LiDB: rank {config['rank']}, a={config['a']}, b={config['b']}, aux seed {config['lidb_seed']}"
         f" (fingerprint `{config['aux_fingerprint']}`).",
         f"- Image encoder: `{config['image_encoder']}`; decoder width {config['width']}, depth {config['depth']},"

@@ -122,17 +122,24 @@ def test_a_local_base_is_named_not_linked_and_nothing_private_is_published(saved
     recorded_base(saved_hypernet, local_base)
     (saved_hypernet / "training.json").write_text(json.dumps(TRAINING))
     upload = push_to_hub(saved_hypernet, "someone/hdb-hypernet")
-    assert len(upload.notes) == 1 and "local folder, not a hub id" in upload.notes[0]  # the CLI prints it
+    assert len(upload.notes) == 2 and "local folder, not a hub id" in upload.notes[0]  # the CLI prints them
+    assert f"The card's commands load {SD15}, the reference model of the base's family" in upload.notes[1]
     files = uploaded(calls)
     card = files["README.md"].decode()
     assert ModelCard(card).data.base_model is None and "a local base named `sd15`" in card
-    assert "--base sd15 --hypernet someone/hdb-hypernet" in card
+    assert f"--base {SD15} --hypernet someone/hdb-hypernet" in card  # a base anyone can download, of its family
+    assert f'PersonalPipeline.load("{SD15}", hypernet="someone/hdb-hypernet")' in card
     for content in (files["README.md"], files["config.json"], files["training.json"]):
         assert not [secret for secret in (*PRIVATE, str(tmp_path)) if secret.encode() in content]
     assert json.loads(files["config.json"])["base_model"] == "sd15"
     published = json.loads(files["training.json"])
     assert published["held_out_identities"] == 2 and published["config"]["image_encoder"] == "vit-h"
     assert HyperNetwork.from_pretrained(saved_hypernet).config.base_model == local_base  # the local copy keeps it
+    # a config from before hdb kept the base's family: the card names the folder, as it can
+    config = json.loads((saved_hypernet / "config.json").read_text())
+    (saved_hypernet / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "base_family"}))
+    card, notes = model_card(saved_hypernet, "someone/hdb-hypernet")
+    assert "--base sd15 --hypernet someone/hdb-hypernet" in str(card) and len(notes) == 1
 
 
 def test_a_card_the_hub_refuses_uploads_nothing(saved_hypernet, hub, monkeypatch):
