@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import os
 import sys
 import tempfile
-import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 from types import NoneType, UnionType
@@ -47,6 +45,7 @@ from hdb.config import (
     shown_value,
     value_problem,
 )
+from hdb.console import quiet_libraries
 from hdb.errors import HdbError
 from hdb.files import check_regular_file, shown, special_kind
 from hdb.terms import NOT_ON_THE_COMMAND_LINE, cli_terms, flag_for
@@ -59,15 +58,6 @@ if TYPE_CHECKING:
     from hdb.pipeline import PersonalPipeline
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # pictures the CLI writes (Pillow picks the format)
-
-
-def quiet_libraries() -> None:
-    """Keep the terminal for hdb's own progress: no library load bars or import-time chatter."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "no torchvision, using the PIL processor"
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels-community" notice on CPU import
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _quiet_model_loading() -> None:

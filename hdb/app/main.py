@@ -15,8 +15,8 @@ import os
 import signal
 from pathlib import Path
 
-from hdb.cli import quiet_libraries
 from hdb.config import APP_COMPILE_MODE, DEFAULT_BASE, DTYPE_CHOICES, OPTIMIZERS
+from hdb.console import quiet_libraries
 from hdb.errors import HdbError
 from hdb.terms import app_terms
 
