@@ -48,6 +48,7 @@ from hdb.diffusion import (
 )
 from hdb.errors import HdbError
 from hdb.faces import AlignedFace, crop_size
+from hdb.families import denoiser
 from hdb.lidb import LiDB
 from hdb.models import (
     Pipeline,
@@ -162,7 +163,7 @@ def _build(options: BenchOptions, device: torch.device) -> PersonalPipeline:
             encoder_name, sizes = "ViT-H/14-shaped CLIP vision (random)", {}
     with LiDB.attached(pipe) as lidb:  # the hypernetwork's shapes and aux bases: those of the pipeline's LiDB
         hypernet = HyperNetwork.for_lidb(lidb, encoder, encoder_name, **sizes).to(device)
-    hypernet.image_encoder.to(pipe.unet.dtype)
+    hypernet.image_encoder.to(denoiser(pipe).dtype)
     return PersonalPipeline(pipe, hypernet)
 
 
@@ -231,12 +232,12 @@ def bench_channels_last(
     options: BenchOptions, personal: PersonalPipeline, face: AlignedFace, device: torch.device
 ) -> dict:
     """Eager personalisation with the UNet in channels-last layout (cuDNN's preferred one), then back."""
-    personal.pipe.unet.to(memory_format=torch.channels_last)
+    denoiser(personal.pipe).to(memory_format=torch.channels_last)
     try:
         personal.personalize(face, _finetune_config(options))  # warm-up: cuDNN picks its algorithms
         total, step = _warm_personalizations(options, personal, face, device)
     finally:
-        personal.pipe.unet.to(memory_format=torch.contiguous_format)
+        denoiser(personal.pipe).to(memory_format=torch.contiguous_format)
     return {"personalization_channels_last_s": total, "finetune_step_channels_last_s": step}
 
 
@@ -311,7 +312,9 @@ def _baseline_steps(
     scheduler = training_scheduler(pipe)
     with torch.no_grad():  # the baselines' text encoder is frozen: its embeddings are the same every step
         cond = encode_prompts(pipe, [DEFAULT_INSTANCE_PROMPT])
-    cond.embeds = cond.embeds.to(pipe.unet.dtype)  # DreamBooth trains an fp32 UNet beside a half-precision text encoder
+    cond.embeds = cond.embeds.to(
+        denoiser(pipe).dtype
+    )  # DreamBooth trains an fp32 UNet beside a half-precision text encoder
     times: list[float] = []
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -334,10 +337,10 @@ def _add_peft_lora(pipe: Pipeline) -> list[torch.nn.Parameter]:
     """DreamBooth-LoRA: peft's rank-4 LoRA on the UNet's attention projections (LiDB's UNet layers), fp32."""
     from peft import LoraConfig
 
-    pipe.unet.add_adapter(
+    denoiser(pipe).add_adapter(
         LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     )
-    lora_parameters = [p for name, p in pipe.unet.named_parameters() if "lora_" in name]
+    lora_parameters = [p for name, p in denoiser(pipe).named_parameters() if "lora_" in name]
     for p in lora_parameters:
         p.data = p.data.float()
     return lora_parameters
@@ -350,12 +353,12 @@ def bench_baselines(options: BenchOptions, personal: PersonalPipeline, device: t
     lora_parameters = _add_peft_lora(pipe)
     with _peak_memory(device, record, "lora_peak_memory_gib"):
         record["lora_step_s"] = _baseline_steps(pipe, lora_parameters, options.baseline_steps, device, autocast=False)
-    pipe.unet.delete_adapters("default")
+    denoiser(pipe).delete_adapters("default")
     # DreamBooth: every UNet weight trains (fp32 master weights, bf16 autocast on GPU)
-    pipe.unet.to(torch.float32)
+    denoiser(pipe).to(torch.float32)
     with _peak_memory(device, record, "dreambooth_peak_memory_gib"):
         record["dreambooth_step_s"] = _baseline_steps(
-            pipe, list(pipe.unet.parameters()), options.baseline_steps, device, autocast=device.type == "cuda"
+            pipe, list(denoiser(pipe).parameters()), options.baseline_steps, device, autocast=device.type == "cuda"
         )
     return record
 
@@ -417,7 +420,7 @@ def bench_operations(options: BenchOptions) -> dict:
     return {
         "machine": _machine(device),
         "model": _model_name(options),
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "dtype": str(denoiser(pipe).dtype).replace("torch.", ""),
         "lidb_layers": layers,
         **record,
     }
@@ -461,7 +464,7 @@ def run_bench(options: BenchOptions) -> dict:
     record = {
         "machine": _machine(device),
         "model": _model_name(options),
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "dtype": str(denoiser(pipe).dtype).replace("torch.", ""),
         "resolution": native_resolution(pipe),
         "steps": options.steps,
         "relax": options.relax,
@@ -478,7 +481,7 @@ def run_bench(options: BenchOptions) -> dict:
         record["speedup_vs_dreambooth"] = record["dreambooth_total_s"] / record["personalization_s"]
         record["speedup_vs_lora"] = record["lora_total_s"] / record["personalization_s"]
         record["step_ratio_vs_lora"] = record["finetune_step_s"] / record["lora_step_s"]
-        unet_bytes = sum(p.numel() for p in pipe.unet.parameters()) * 2  # a DreamBooth UNet checkpoint in fp16
+        unet_bytes = sum(p.numel() for p in denoiser(pipe).parameters()) * 2  # a DreamBooth UNet checkpoint in fp16
         record["size_ratio_vs_dreambooth"] = unet_bytes / record["file_bytes_r1_fp32"]
     if options.cold_start:
         del pipe, personal  # the fresh processes get the device to themselves

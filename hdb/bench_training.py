@@ -42,6 +42,7 @@ from hdb.config import (
 )
 from hdb.devices import resolve_device
 from hdb.diffusion import diffusion_loss, encode_tokens, tokenize_prompts
+from hdb.families import denoiser
 from hdb.hypernet import encoder_image_size
 from hdb.identities import Identity, write_manifest
 from hdb.lidb import LiDB
@@ -174,8 +175,8 @@ def per_sample_step(pipe: Pipeline, lidb: LiDB, group: int, device: str) -> Call
     LiDB, in the UNet and the text encoder. Noise zero and timestep 0 (a meta device draws no random numbers;
     the arithmetic does not depend on them)."""
     A, B = (weights.to(device).requires_grad_() for weights in lidb.initial_weights(group))
-    side = pipe.unet.config.sample_size
-    latents = torch.zeros(group, pipe.unet.config.in_channels, side, side, device=device)
+    side = denoiser(pipe).config.sample_size
+    latents = torch.zeros(group, denoiser(pipe).config.in_channels, side, side, device=device)
     tokens = [ids.expand(group, -1).to(device) for ids in tokenize_prompts(pipe, ["a photo of sks person"])]
     scheduler, timesteps = training_scheduler(pipe), torch.zeros(group, dtype=torch.long, device=device)
 

@@ -47,6 +47,7 @@ from hdb.config import (
 )
 from hdb.console import quiet_libraries
 from hdb.errors import HdbError
+from hdb.families import denoiser
 from hdb.files import check_regular_file, shown, special_kind
 from hdb.terms import NOT_ON_THE_COMMAND_LINE, cli_terms, flag_for
 
@@ -360,7 +361,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     _quiet_model_loading()
     personal = PersonalPipeline.load(args.base, args.hypernet, args.device, args.dtype)
-    device = personal.pipe.unet.device
+    device = denoiser(personal.pipe).device
     models = [None if name.lower() == "none" else name for name in (args.clip, args.dino)]
     evaluator = Evaluator(*models, device=device).load()
     count = len(people or photos)

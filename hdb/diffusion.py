@@ -1,4 +1,4 @@
-"""The diffusion objective, written once for SD1.x/2.x and SDXL: encode prompts, predict noise, loss.
+"""The diffusion objective, written once for every family (hdb.families): encode prompts, predict, loss.
 
 Every stage trains with one step recipe, `step_loss`: pre-optimisation, hypernetwork training, fast
 finetuning, the toy's base model and the bench's baselines. Each sample's noise and timestep come
@@ -9,58 +9,28 @@ depends on how samples were batched, grouped or spread over processes.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from PIL import Image, ImageOps
 
-from hdb.models import Pipeline, is_sdxl
+from hdb.families import Conditioning, family_of
+from hdb.models import Pipeline
 
-
-@dataclass
-class Conditioning:
-    """What the UNet is conditioned on: token embeddings, plus SDXL's pooled text embedding."""
-
-    embeds: torch.Tensor  # [B, 77, D]
-    pooled: torch.Tensor | None = None  # SDXL only: [B, D2]
-
-    def expand(self, batch: int) -> Conditioning:
-        """The same conditioning for every sample of a batch (from a batch of one)."""
-        if self.embeds.shape[0] == batch:
-            return self
-        pooled = None if self.pooled is None else self.pooled.expand(batch, -1)
-        return Conditioning(self.embeds.expand(batch, -1, -1), pooled)
+__all__ = ["Conditioning"]  # the family-neutral conditioning, where the objective's callers find it
 
 
 def tokenize_prompts(pipe: Pipeline, prompts: list[str]) -> list[torch.Tensor]:
-    """Token ids of `prompts` for each of the pipeline's text encoders ([B, 77] each), on its device.
+    """Token ids of `prompts` for each of the pipeline's text encoders, on its device.
 
-    A training loop tokenises its prompt once and calls `encode_tokens` every step:
-    `pipe.encode_prompt` tokenises and copies the ids to the GPU on every call, and a blocking copy
-    to the GPU waits for all the work queued there, which would stall every step.
+    A training loop tokenises its prompt once and calls `encode_tokens` every step (`Family.tokenize` says why).
     """
-    pairs = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if is_sdxl(pipe) else [])
-    return [
-        tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(encoder.device)
-        for tokenizer, encoder in pairs
-    ]
+    return family_of(pipe).tokenize(pipe, prompts)
 
 
 def encode_tokens(pipe: Pipeline, token_ids: list[torch.Tensor]) -> Conditioning:
     """Text embeddings with gradients (the text encoders carry LiDB layers too), as `pipe.encode_prompt` makes them."""
-    device = pipe.unet.device
-    if not is_sdxl(pipe):
-        return Conditioning(pipe.text_encoder(token_ids[0])[0].to(device))
-    # SDXL: the two encoders' penultimate hidden states side by side, and the second one's pooled embedding
-    first = pipe.text_encoder(token_ids[0], output_hidden_states=True)
-    second = pipe.text_encoder_2(token_ids[1], output_hidden_states=True)
-    embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-    return Conditioning(embeds.to(device, pipe.text_encoder_2.dtype), second[0].to(device))
+    return family_of(pipe).encode_tokens(pipe, token_ids)
 
 
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> Conditioning:
@@ -69,13 +39,8 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> Conditioning:
 
 
 def predict_noise(pipe: Pipeline, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-    """The UNet's prediction (noise or v, as the scheduler says) for a batch of noisy latents."""
-    added = None
-    if cond.pooled is not None:  # SDXL micro-conditioning: original size, crop (0, 0), target size
-        size = latents.shape[-1] * pipe.vae_scale_factor
-        time_ids = torch.tensor([size, size, 0, 0, size, size], device=latents.device, dtype=cond.pooled.dtype)
-        added = {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(latents.shape[0], 1)}
-    return pipe.unet(latents, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
+    """The denoiser's prediction (noise, v, or a flow, as the family says) for a batch of noisy latents."""
+    return family_of(pipe).predict(pipe, latents, timesteps, cond)
 
 
 def to_pixels(images: list[Image.Image]) -> torch.Tensor:
@@ -101,28 +66,21 @@ def augmented_views(image: Image.Image, resolution: int, count: int = 4) -> torc
 
 @torch.no_grad()
 def encode_images(pipe: Pipeline, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1], [B, 3, H, W] -> scaled VAE latents (the posterior mean: one photo, no sampling noise)."""
-    vae = pipe.vae
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
-    return latents * vae.config.scaling_factor
+    """Pixels in [-1, 1], [B, 3, H, W] -> the latents the denoiser works on (the posterior mean: one photo, no
+    sampling noise)."""
+    return family_of(pipe).encode_images(pipe, pixels)
 
 
 def diffusion_loss(
     pipe: Pipeline,
-    scheduler: DDPMScheduler,
+    scheduler: object,
     latents: torch.Tensor,
     cond: Conditioning,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-sample MSE between the UNet's prediction and its target at the given noise and timesteps: [B]."""
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = predict_noise(pipe, noisy.to(pipe.unet.dtype), timesteps, cond)
-    if scheduler.config.prediction_type == "v_prediction":  # SD2.1-768
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    """Per-sample loss of the denoiser's prediction against its family's target, at this noise and timesteps: [B]."""
+    return family_of(pipe).diffusion_loss(pipe, scheduler, latents, cond, noise, timesteps)
 
 
 # ----------------------------------------------------------------------------- the step recipe
@@ -147,7 +105,7 @@ def draw_noise(latents: torch.Tensor, seeds: list[int], num_timesteps: int) -> t
 
 def step_loss(
     pipe: Pipeline,
-    scheduler: DDPMScheduler,
+    scheduler: object,
     latents: torch.Tensor,
     prompt: list[torch.Tensor] | Conditioning,
     seeds: list[int],

@@ -18,17 +18,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from hdb.config import LORA_FORMATS
 from hdb.errors import check_choice
+from hdb.families import Family, family_of_layers
 from hdb.files import shown, write_file
 from hdb.lidb import aux_bases, aux_fingerprint, check_signature, lora_factors
 from hdb.personal_file import PersonalWeights, safetensors_bytes
 
 # What diffusers' `save_lora_weights` writes as a file's metadata when it saves no adapter settings
 DIFFUSERS_METADATA = {"format": "pt"}
-KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 # kohya's model version strings (library/model_util.py `get_model_version_str_for_sd1_sd2`, which adds "_v" for
 # v-prediction; SDXL's from library/sdxl_model_util.py)
 KOHYA_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -93,10 +92,11 @@ def export_lora(
         name: (down.to(dtype).contiguous(), up.to(dtype).contiguous())
         for name, (down, up) in personal_lora_factors(weights).items()
     }
+    family = family_of_layers(weights.layer_shapes, weights.base_family)
     if format == "diffusers":
-        data = _diffusers_file(factors)
+        data = _diffusers_file(factors, family)
     else:
-        data = _kohya_file(factors, kohya_metadata(weights, title=shown(path.stem)))  # the title: text
+        data = _kohya_file(factors, family, kohya_metadata(weights, title=shown(path.stem)))  # the title: text
     return write_file(path, data)
 
 
@@ -132,7 +132,7 @@ def kohya_metadata(weights: PersonalWeights, title: str) -> dict[str, str]:
     }
 
 
-def _diffusers_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> bytes:
+def _diffusers_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], family: Family) -> bytes:
     """The file diffusers' `save_lora_weights` writes for these factors, as bytes (hdb writes them itself)."""
     # diffusers packs its own LoRA format; we hand it peft-style per-component state dicts.
     layers: dict[str, dict[str, torch.Tensor]] = {}
@@ -140,21 +140,19 @@ def _diffusers_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> by
         component, module_path = _split_component(name)
         layers.setdefault(component, {})[f"{module_path}.lora_A.weight"] = down
         layers[component][f"{module_path}.lora_B.weight"] = up
-    pipeline_class = StableDiffusionXLPipeline if "text_encoder_2" in layers else StableDiffusionPipeline
     arguments = {f"{component}_lora_layers": state for component, state in layers.items()}
     packed: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as folder:  # where diffusers would write, and writes nothing
-        pipeline_class.save_lora_weights(
+        family.pipeline_class.save_lora_weights(
             folder, weight_name="lora.safetensors", save_function=lambda state, _: packed.update(state), **arguments
         )
     return safetensors_bytes(packed, DIFFUSERS_METADATA)
 
 
-def _kohya_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], about: dict[str, str]) -> bytes:
-    # kohya names: lora_unet_<module path with _>, lora_te_ (SD1/2) or lora_te1_/lora_te2_ (SDXL).
-    sdxl = any(name.startswith("text_encoder_2.") for name in factors)
+def _kohya_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], family: Family, about: dict[str, str]) -> bytes:
+    # kohya names: the component's prefix (`Family.kohya_prefixes`), then the module path with "_" for "."
     rank = next(iter(factors.values()))[0].shape[0]
-    prefixes = dict(KOHYA_PREFIXES, text_encoder="lora_te1" if sdxl else "lora_te")
+    prefixes = family.kohya_prefixes
     state: dict[str, torch.Tensor] = {}
     for name, (down, up) in factors.items():
         component, module_path = _split_component(name)

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from hdb.config import MAX_SEED
 from hdb.errors import HdbError
+from hdb.families import family_of
 from hdb.lidb import LiDB
 from hdb.models import Pipeline
 from hdb.styles import DEFAULT_NEGATIVE
@@ -54,7 +54,7 @@ def generate(
                 restore.enter_context(lidb.merged_into_weights())
         scheduler = pipe.scheduler
         restore.callback(setattr, pipe, "scheduler", scheduler)
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)  # good pictures in ~25 steps
+        pipe.scheduler = family_of(pipe).sampling_scheduler(pipe)
         with torch.inference_mode():
             return pipe(
                 prompt,

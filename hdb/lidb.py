@@ -38,13 +38,10 @@ from torch import nn
 
 from hdb.config import RELAX_MODES, LiDBConfig
 from hdb.errors import HdbError, check_choice
-from hdb.models import text_encoders
+from hdb.families import family_of
 
 if TYPE_CHECKING:
     from hdb.models import Pipeline
-
-UNET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers Attention (self and cross)
-TEXT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # transformers CLIPAttention
 
 
 # ----------------------------------------------------------------------------- frozen aux bases
@@ -334,16 +331,16 @@ class LiDBLinear(nn.Module):
 # ----------------------------------------------------------------------------- all layers of a pipeline
 
 
-def find_target_linears(components: dict[str, nn.Module]) -> dict[str, nn.Linear]:
-    """Every attention q/k/v/out linear of the UNet and self-attention q/k/v/out of the text encoder(s).
+def find_target_linears(components: dict[str, tuple[nn.Module, tuple[str, ...]]]) -> dict[str, nn.Linear]:
+    """Every attention projection LiDB targets in the given components (`Family.lidb_components`).
 
-    Found from module structure (a module owning to_q/to_k/to_v/to_out, or q_proj/k_proj/v_proj/out_proj),
-    so SD1.5, SD2.1 and SDXL all work without per-family tables. `components` maps pipeline component
-    names ("unet", "text_encoder", "text_encoder_2") to models; layer names are "<component>.<module path>".
+    Found from module structure (a module owning all the component's projections: to_q/to_k/to_v/to_out in a
+    diffusers Attention, q_proj/k_proj/v_proj/out_proj in a CLIP attention), so the bases of a family need no
+    tables of layer names. `components` maps pipeline component names to (model, projections); layer names are
+    "<component>.<module path>".
     """
     targets: dict[str, nn.Linear] = {}
-    for component, model in components.items():
-        projections = UNET_PROJECTIONS if component == "unet" else TEXT_PROJECTIONS
+    for component, (model, projections) in components.items():
         for path, module in model.named_modules():
             if all(hasattr(module, p.split(".")[0]) for p in projections):
                 for projection in projections:
@@ -400,13 +397,12 @@ class LiDB:
     def __init__(self, pipe: Pipeline, config: LiDBConfig | None = None) -> None:
         self.config = config = config or LiDBConfig()
         self.pipe = pipe
-        targets = find_target_linears({"unet": pipe.unet, **text_encoders(pipe)})
+        family = family_of(pipe)
+        targets = find_target_linears(family.lidb_components(pipe))
         if not targets:
-            raise HdbError(
-                f"No attention projections found in {type(pipe).__name__}; is it a Stable Diffusion pipeline?"
-            )
+            raise HdbError(f"No attention projections found in {type(pipe).__name__}, a {family.title} pipeline")
         self.layer_shapes = {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}
-        device = pipe.unet.device
+        device = family.denoiser(pipe).device
         self.A_train = nn.Parameter(start_A(len(targets), config).to(device))  # = initial_weights(): B = 0
         self.B_train = nn.Parameter(torch.zeros(len(targets), config.b, config.rank, device=device))
         components, bases = _group_layers(targets, config, device)

@@ -29,6 +29,7 @@ import torch
 
 from hdb.config import DEFAULT_INSTANCE_PROMPT, DEFAULT_INSTANCE_TOKEN, MAX_RANK, MAX_TOKEN_CHARS, token_problem
 from hdb.errors import HdbError
+from hdb.families import family_from_layers
 from hdb.files import read_regular_file, shown, write_file
 from hdb.lidb import LiDB, LiDBConfig, Signature, arch_fingerprint
 from hdb.models import BASE_FAMILIES, base_family, prediction_type
@@ -68,9 +69,6 @@ FORMAT = "hdb-lidb"
 FORMAT_VERSION = "2"  # 2 added the optional plain LoRA
 READABLE_VERSIONS = ("1", "2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' scheduler settings
-# A file without a recorded family (written before hdb recorded it) is told by its layers: SDXL's second text
-# encoder, or the width of the text the UNet's cross-attention reads (SD1.x CLIP-L 768, SD2.x OpenCLIP-H 1024).
-FAMILY_BY_CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2"}
 
 
 @dataclass
@@ -349,6 +347,7 @@ def load_personal(path: str | Path) -> PersonalWeights:
             instance_prompt=metadata.get("instance_prompt", DEFAULT_INSTANCE_PROMPT),
             base_model=metadata.get("base_model", ""),
             instance_token=metadata.get("instance_token", DEFAULT_INSTANCE_TOKEN),
+            # a file from before hdb recorded it: its layers may tell (hdb.families.family_from_layers)
             base_family=metadata.get("base_family") or family_from_layers(layer_shapes),
             prediction_type=metadata.get("prediction_type", ""),
             created=metadata.get("created", ""),
@@ -402,14 +401,6 @@ def _header(data: bytes, name: str) -> dict:
     if not isinstance(header, dict) or (metadata is not None and not texts):
         raise HdbError(f"{name} is not a readable safetensors file (its header is not a safetensors header)")
     return header
-
-
-def family_from_layers(layer_shapes: dict[str, tuple[int, int]]) -> str:
-    """The base family told by a file's layers alone ("" when they do not tell)."""
-    if any(name.startswith("text_encoder_2.") for name in layer_shapes):
-        return "sdxl"
-    widths = {i for name, (i, _) in layer_shapes.items() if name.startswith("unet.") and name.endswith("attn2.to_k")}
-    return FAMILY_BY_CROSS_ATTENTION_WIDTH.get(widths.pop(), "") if len(widths) == 1 else ""
 
 
 def _unpack_lora(

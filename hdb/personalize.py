@@ -31,6 +31,7 @@ from hdb.diffusion import (
 )
 from hdb.errors import HdbError
 from hdb.faces import AlignedFace, cosine, face_embedding
+from hdb.families import denoiser
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, native_resolution, training_scheduler
 from hdb.personal_file import PersonalWeights
@@ -81,7 +82,7 @@ def finetune(
         steps=steps,
         learning_rate=config.learning_rate,
         optimizer=config.optimizer,
-        fp16_loss_scaling=pipe.unet.dtype == torch.float16,
+        fp16_loss_scaling=denoiser(pipe).dtype == torch.float16,
         progress=config.progress,
         description="fast finetuning",
     )

@@ -34,6 +34,7 @@ from hdb.config import (
 from hdb.errors import HdbError
 from hdb.export import export_lora
 from hdb.faces import AlignedFace, ImageSource, align_face, crop_size
+from hdb.families import denoiser
 from hdb.generate import generate
 from hdb.lidb import LiDB, check_signature
 from hdb.models import Pipeline, load_pipeline, native_resolution
@@ -97,7 +98,7 @@ class PersonalPipeline:
         if isinstance(hypernet, (str, Path)):
             from hdb.hypernet import HyperNetwork
 
-            hypernet = HyperNetwork.from_pretrained(hypernet, device=pipe.unet.device)
+            hypernet = HyperNetwork.from_pretrained(hypernet, device=denoiser(pipe).device)
         return cls(pipe, hypernet)
 
     # -- the person

@@ -1,7 +1,7 @@
 """The stage scaffold: how every training stage borrows a pipeline and gives it back as it found it.
 
 Pre-optimisation, hypernetwork training, fast finetuning and the bench all train through a shared
-pipeline. Inside `training_stage` the base weights are frozen, the UNet and text encoders are in
+pipeline. Inside `training_stage` the base weights are frozen, the denoiser and text encoders are in
 train mode (gradient checkpointing only runs there), checkpointing is on when asked, and the LiDB
 starts with no gradients. On the way out, whether the stage finished, diverged or ran out of
 memory, all of that is put back, so the next user of the pipeline (the next visitor of the app,
@@ -16,8 +16,9 @@ from contextlib import contextmanager
 import torch
 
 from hdb.errors import HdbError
+from hdb.families import family_of
 from hdb.lidb import LiDB
-from hdb.models import Pipeline, text_encoders
+from hdb.models import Pipeline
 
 
 @contextmanager
@@ -37,8 +38,8 @@ def training_stage(
     """
     if lidb is not None and lidb.merged:  # merged weights take no gradient: training would silently do nothing
         raise HdbError("The LiDB is merged into the base weights; unmerge it before training")
-    encoders = list(text_encoders(pipe).values())
-    trained = [pipe.unet, *encoders]
+    family = family_of(pipe)
+    trained = [family.denoiser(pipe), *family.text_encoders(pipe).values()]
     everything = [*trained, pipe.vae]
     requires_grad = [(p, p.requires_grad) for module in everything for p in module.parameters()]
     modes = [(module, module.training) for module in everything]

@@ -49,6 +49,7 @@ from hdb.config import (
 from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError, check_choice
 from hdb.faces import crop_size
+from hdb.families import denoiser
 from hdb.files import PARTIAL_SUFFIX, check_shared_folder, write_atomically
 from hdb.hypernet import (
     ENCODER_DIR,
@@ -449,7 +450,7 @@ def save_sample(run: Run, step: int) -> None:
     hypernet = run.accelerator.unwrap_model(run.model)  # the main process alone: not through DDP
     with _in_eval_mode(hypernet), averaged_weights(run):
         A, B = hypernet(run.normalise(run.data.crop(run.held_out[0], 0)[None]))
-    with run.lidb.holding(A[0].float(), B[0].float()), _in_eval_mode(run.pipe.unet):
+    with run.lidb.holding(A[0].float(), B[0].float()), _in_eval_mode(denoiser(run.pipe)):
         prompt = f"a portrait of a {run.instance_token}"
         image = generate(run.pipe, run.lidb, prompt, steps=run.config.sample_steps, seed=0)[0]
     (run.out / "samples").mkdir(exist_ok=True)

@@ -8,6 +8,8 @@ import torch
 from helpers import trained_person
 
 from hdb.errors import HdbError
+from hdb.families import family_of
+from hdb.families.sd import StableDiffusion
 from hdb.lidb import LiDBConfig, arch_fingerprint, aux_bases, aux_fingerprint, find_target_linears
 from hdb.models import build_full_size_sd15, build_tiny_pipeline, load_pipeline
 from hdb.personal_file import (
@@ -98,7 +100,7 @@ def test_a_file_records_its_base_family_and_an_older_one_is_told_by_its_layers(t
     def unet_layers(**config) -> dict[str, tuple[int, int]]:  # the real models' shapes, on the meta device
         with init_empty_weights():
             unet = UNet2DConditionModel(sample_size=64, **config)
-        targets = find_target_linears({"unet": unet})
+        targets = find_target_linears({"unet": (unet, StableDiffusion.denoiser_projections)})
         return {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}
 
     assert family_from_layers(unet_layers(cross_attention_dim=768)) == "sd1"  # SD1.x reads CLIP-L's 768
@@ -187,7 +189,7 @@ def test_fp16_file_is_half_the_size(tiny_sd15, tmp_path):
 def test_sd15_file_holds_26400_numbers_in_at_most_120_kb(tmp_path):
     # The real SD1.5 layer list: 860M-parameter UNet + CLIP ViT-L text encoder, shapes only (meta device).
     pipe = build_full_size_sd15(empty=True)
-    targets = find_target_linears({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    targets = find_target_linears(family_of(pipe).lidb_components(pipe))
     shapes = {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}
     assert len(shapes) == 176 and sum(name.startswith("unet.") for name in shapes) == 128
     config = LiDBConfig()  # r=1, a=100, b=50

@@ -19,6 +19,7 @@ from hdb.config import (
 )
 from hdb.diffusion import draw_noise, sample_seed
 from hdb.errors import HdbError
+from hdb.families import family_of
 from hdb.identities import Identity
 from hdb.lidb import find_target_linears
 from hdb.models import build_tiny_pipeline
@@ -485,7 +486,7 @@ def pipeline_state(pipe):
         "training": {name: m.training for name, m in modules.items()},
         "checkpointing": (pipe.unet.is_gradient_checkpointing, pipe.text_encoder.is_activation_checkpointing),
         "requires_grad": {name: [p.requires_grad for p in m.parameters()] for name, m in modules.items()},
-        "lidb_layers": len(find_target_linears({"unet": pipe.unet, "text_encoder": pipe.text_encoder})),
+        "lidb_layers": len(find_target_linears(family_of(pipe).lidb_components(pipe))),
     }
 
 

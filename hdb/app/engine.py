@@ -11,6 +11,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from hdb.config import APP_COMPILE_MODE, PersonalizeConfig
+from hdb.families import denoiser
 from hdb.pipeline import PersonalPipeline
 from hdb.styles import SIZE_PRESETS
 
@@ -102,10 +103,10 @@ class Engine:
         if options.hypernet:
             from hdb.hypernet import HyperNetwork
 
-            hypernet = HyperNetwork.from_pretrained(options.hypernet, device=pipe.unet.device)
+            hypernet = HyperNetwork.from_pretrained(options.hypernet, device=denoiser(pipe).device)
         self.personal = PersonalPipeline(pipe, hypernet)
         self.seconds_per_step: float | None = None  # measured: at start on a CPU, else on the first personalisation
-        if self.pipe.unet.device.type == "cpu":
+        if denoiser(self.pipe).device.type == "cpu":
             self.seconds_per_step = self._time_two_steps()
         self.warm_up: threading.Thread | None = None  # compiling in the background (--compile on a dedicated GPU)
         self.warm_up_note = ""  # what the page says about it while it runs, or if it failed
@@ -146,7 +147,7 @@ class Engine:
         """Compile on a dedicated GPU, warming up in a background thread so the page is served at once."""
         from hdb.models import compile_pipeline
 
-        refusal = compile_refusal(self.pipe.unet.device.type, zero_gpu=self.zero_gpu)
+        refusal = compile_refusal(denoiser(self.pipe).device.type, zero_gpu=self.zero_gpu)
         if refusal:
             log.warning(refusal)
             return
@@ -199,7 +200,7 @@ class Engine:
 
     @property
     def device_name(self) -> str:
-        return str(self.pipe.unet.device)
+        return str(denoiser(self.pipe).device)
 
     @property
     def pixel_scale(self) -> float:

@@ -14,6 +14,7 @@ from hdb.app.line import LINE_SIZE, MAX_JOBS_PER_VISITOR, MAX_UPLOAD, Door
 from hdb.app.visitors import EXAMPLE_NAMES, VisitorFiles
 from hdb.config import DEFAULT_INSTANCE_TOKEN, MAX_PHOTOS
 from hdb.example_photos import ASSETS
+from hdb.families import denoiser
 from hdb.styles import EXAMPLE_PROMPTS, SIZE_PRESETS, STYLE_PRESETS, negative_for
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def page_notes(engine: Engine) -> list[tuple[str, str]]:
         ))  # fmt: skip
     if engine.hypernet is None:
         notes.append(("No hypernetwork loaded: personalisation finetunes from zero (more steps, slower).", "no-hyper"))
-    if engine.pipe.unet.device.type == "cpu":
+    if denoiser(engine.pipe).device.type == "cpu":
         notes.append(
             (f"Running on a CPU: personalising takes {engine.estimate(engine.default_steps)}.", "cpu-estimate")
         )

@@ -58,6 +58,7 @@ from hdb.diffusion import (
 )
 from hdb.errors import HdbError
 from hdb.faces import AlignedFace
+from hdb.families import denoiser
 from hdb.generate import generate
 from hdb.hypernet import HyperNetwork
 from hdb.identities import Identity, load_weights_dataset
@@ -199,7 +200,7 @@ def pretrain_base(
     )
     losses = []
     with training_stage(pipe, None, "pre-training the base", "a smaller pretrain_batch"):
-        pipe.unet.requires_grad_(True)  # this stage trains the base itself; the scaffold freezes it again after
+        denoiser(pipe).requires_grad_(True)  # this stage trains the base itself; the scaffold freezes it again after
         for lr, start, end in phases:
             train_config = TrainConfig(
                 steps=end,
@@ -208,7 +209,7 @@ def pretrain_base(
                 progress=progress,
                 description="pre-training the base UNet",
             )
-            losses += train(list(pipe.unet.parameters()), loss_fn, train_config, start_step=start).losses
+            losses += train(list(denoiser(pipe).parameters()), loss_fn, train_config, start_step=start).losses
     return losses
 
 

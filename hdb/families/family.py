@@ -1,0 +1,127 @@
+"""What a base-model family is to hdb: the few things that differ between diffusers bases, asked through one class.
+
+A family names its denoiser and text encoders (the pipeline components LiDB attaches to) and the projections it
+targets in each; encodes prompts and calls its denoiser; says its training objective, its native size, how it
+samples, what LoRA files call its layers; and builds a tiny random pipeline of itself for tests. Everything else
+in hdb is written once and asks the family (`hdb.families.family_of`). Subclasses override what differs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+from torch import nn
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser is conditioned on: token embeddings, plus a pooled text embedding where the family has one."""
+
+    embeds: torch.Tensor  # [B, T, D]
+    pooled: torch.Tensor | None = None  # [B, D2]
+
+    def expand(self, batch: int) -> Conditioning:
+        """The same conditioning for every sample of a batch (from a batch of one)."""
+        if self.embeds.shape[0] == batch:
+            return self
+        pooled = None if self.pooled is None else self.pooled.expand(batch, -1)
+        return Conditioning(self.embeds.expand(batch, -1, -1), pooled)
+
+
+class Family(ABC):
+    """One family of diffusers pipelines. Class attributes say what it is; methods do what differs."""
+
+    name: ClassVar[str]  # what personal files record ("sd1"); one of hdb.families.BASE_FAMILIES
+    title: ClassVar[str]  # how people call it ("Stable Diffusion 1.x")
+    tiny_arch: ClassVar[str]  # its tiny random pipeline's name (`hdb tiny-model --arch`)
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    denoiser_name: ClassVar[str]  # the pipeline component that denoises
+    text_encoder_names: ClassVar[tuple[str, ...]]  # its text encoders, in the pipeline's order
+    # the projections LiDB targets: in the denoiser's attention modules, and in the text encoders'
+    denoiser_projections: ClassVar[tuple[str, ...]]
+    text_projections: ClassVar[tuple[str, ...]]
+    kohya_prefixes: ClassVar[dict[str, str]]  # component -> the prefix of its layers' keys in kohya's LoRA files
+
+    # -- what a pipeline is
+
+    def matches(self, pipe: DiffusionPipeline) -> bool:
+        """Whether `pipe` is of this family (the registry asks each family in turn)."""
+        return isinstance(pipe, self.pipeline_class)
+
+    def denoiser(self, pipe: DiffusionPipeline) -> nn.Module:
+        return getattr(pipe, self.denoiser_name)
+
+    def text_encoders(self, pipe: DiffusionPipeline) -> dict[str, nn.Module]:
+        """The text encoders by component name."""
+        return {name: getattr(pipe, name) for name in self.text_encoder_names if getattr(pipe, name, None) is not None}
+
+    def lidb_components(self, pipe: DiffusionPipeline) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
+        """Component name -> (model, the projections LiDB targets in it)."""
+        text = {name: (model, self.text_projections) for name, model in self.text_encoders(pipe).items()}
+        return {self.denoiser_name: (self.denoiser(pipe), self.denoiser_projections), **text}
+
+    def recognises(self, layer_shapes: dict[str, tuple[int, int]]) -> bool:
+        """Whether layers saved in a file (name -> (in, out) width) can only be this family's. By default: they name
+        only its components, its denoiser among them; a family refines it by what tells it from the others."""
+        components = {name.split(".", 1)[0] for name in layer_shapes}
+        return self.denoiser_name in components and components <= {self.denoiser_name, *self.text_encoder_names}
+
+    @abstractmethod
+    def native_resolution(self, pipe: DiffusionPipeline) -> int:
+        """The image size the base model was trained at."""
+
+    @abstractmethod
+    def prediction_type(self, pipe: DiffusionPipeline) -> str:
+        """What the denoiser predicts (hdb.personal_file.PREDICTION_TYPES)."""
+
+    # -- prompts and the denoiser
+
+    @abstractmethod
+    def tokenize(self, pipe: DiffusionPipeline, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids of `prompts` for each text encoder, on its device (tokenised once per training run)."""
+
+    @abstractmethod
+    def encode_tokens(self, pipe: DiffusionPipeline, token_ids: list[torch.Tensor]) -> Conditioning:
+        """Text embeddings with gradients (the text encoders carry LiDB layers too)."""
+
+    def predict(
+        self, pipe: DiffusionPipeline, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """The denoiser's prediction for a batch of noisy latents."""
+        raise NotImplementedError
+
+    # -- training and sampling
+
+    @abstractmethod
+    def training_scheduler(self, pipe: DiffusionPipeline) -> object:
+        """The noise schedule the base was trained with, for the diffusion loss."""
+
+    def diffusion_loss(
+        self,
+        pipe: DiffusionPipeline,
+        scheduler: object,
+        latents: torch.Tensor,
+        cond: Conditioning,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-sample loss of the denoiser's prediction at the given noise and timesteps: [B]."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def encode_images(self, pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], [B, 3, H, W] -> the latents the denoiser works on (the posterior mean)."""
+
+    @abstractmethod
+    def sampling_scheduler(self, pipe: DiffusionPipeline) -> object:
+        """The scheduler generation samples with."""
+
+    # -- tiny pipelines
+
+    @abstractmethod
+    def build_tiny(self, seed: int) -> DiffusionPipeline:
+        """A randomly initialised pipeline of this family, built offline in under a second."""
