@@ -47,7 +47,6 @@ from hdb.config import (
 )
 from hdb.console import quiet_libraries
 from hdb.errors import HdbError
-from hdb.families import denoiser
 from hdb.files import check_regular_file, shown, special_kind
 from hdb.terms import NOT_ON_THE_COMMAND_LINE, cli_terms, flag_for
 
@@ -357,6 +356,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     prompts = read_prompts(args.prompts or EVAL_PROMPTS)
     if photos is not None and not args.hypernet:
         raise HdbError("--photos runs the paper's protocol, which compares a trained hypernetwork: give --hypernet")
+    from hdb.families import denoiser
     from hdb.pipeline import PersonalPipeline
 
     _quiet_model_loading()

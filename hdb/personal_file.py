@@ -128,11 +128,6 @@ class PersonalWeights:
         )  # fmt: skip
 
     @property
-    def base_variant(self) -> str:
-        """`base_variant` of this person's base: what exports and cards pick the base's name by."""
-        return base_variant(self.base_family, self.prediction_type)
-
-    @property
     def lora_rank(self) -> int:
         return 0 if self.lora_down is None else self.lora_down[0].shape[0]
 
@@ -150,12 +145,6 @@ def created_now() -> str:
     """This moment as a personal file records when a person was made: ISO 8601 in UTC, to the second (a timezone
     of its own would make the same person's exports differ by where they were made)."""
     return datetime.now(UTC).replace(microsecond=0).isoformat()
-
-
-def base_variant(family: str, prediction: str) -> str:
-    """A base's family, with SD2.x told apart by what it predicts: "sd2-v" for the 768 px v-prediction models
-    (SD2.1), else `family` ("" when unknown)."""
-    return "sd2-v" if family == "sd2" and prediction == "v_prediction" else family
 
 
 def hub_id(name: str) -> str | None:

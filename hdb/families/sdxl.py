@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-from hdb.families.family import Conditioning
+from hdb.families.family import Conditioning, Variant
 from hdb.families.sd import TINY_UNET, StableDiffusion, clip_tokenizer, tiny_clip_text_encoder, tiny_vae
 from hdb.seeding import initialised_from
 
@@ -28,6 +28,16 @@ class StableDiffusionXL(StableDiffusion):
         "text_encoder_2": "lora_te2",
     }
     cross_attention_width = None  # told apart by its second text encoder alone
+    variants: ClassVar[dict[str, Variant]] = {
+        "epsilon": Variant(
+            "Stable Diffusion XL 1.0 base",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            "sdxl_base_v1-0",
+            ("stable-diffusion-xl-v1-base", "1024x1024", "https://github.com/Stability-AI/generative-models"),
+        ),
+    }
+    license = "openrail++"  # CreativeML Open RAIL++-M
+    card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
 
     def matches(self, pipe: DiffusionPipeline) -> bool:
         return isinstance(pipe, self.pipeline_class)
