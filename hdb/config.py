@@ -21,7 +21,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")  # torch's AdamW, bitsandbytes' 8-bit AdamW
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")  # the precision the base model runs in
 FILE_DTYPES = ("fp32", "fp16")  # what personal files and LoRA exports are written in
 LORA_FORMATS = ("diffusers", "kohya")  # diffusers/peft keys; kohya keys (AUTOMATIC1111, ComfyUI)
-TINY_ARCHS = ("sd15", "sdxl", "sd2")  # the tiny random pipelines hdb builds for offline tries and tests
+TINY_ARCHS = ("sd15", "sdxl", "sd2", "flux")  # the tiny random pipelines hdb builds for offline tries and tests
 # How the fast finetune relaxes the predicted rank-1 LiDB, the default first: "lora", the paper's (a plain rank-r
 # LoRA on top of the prediction, free of the aux bases: ~4.4 MB at SD1.5 size), or "lidb", hdb's compact variant
 # (the rank grows inside the aux bases: ~420 KB). The paper's is the default until evidence says otherwise: the

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hdb.config import LORA_FORMATS
-from hdb.errors import check_choice
+from hdb.errors import HdbError, check_choice
 from hdb.families import FAMILIES, Family, family_of_layers
 from hdb.files import shown, write_file
 from hdb.lidb import aux_bases, aux_fingerprint, check_signature, lora_factors
@@ -83,6 +83,11 @@ def export_lora(
         for name, (down, up) in personal_lora_factors(weights).items()
     }
     family = family_of_layers(weights.layer_shapes, weights.base_family)
+    if format == "kohya" and not family.kohya_prefixes:
+        raise HdbError(
+            f"A {family.title} person exports as a diffusers LoRA only, for now: kohya's {family.title} files fuse "
+            "q, k and v into one layer, which hdb does not write yet"
+        )
     if format == "diffusers":
         data = _diffusers_file(factors, family)
     else:

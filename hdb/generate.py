@@ -14,7 +14,7 @@ from hdb.config import MAX_SEED
 from hdb.errors import HdbError
 from hdb.families import family_of
 from hdb.lidb import LiDB
-from hdb.models import Pipeline
+from hdb.models import Pipeline, native_resolution
 from hdb.styles import DEFAULT_NEGATIVE
 
 
@@ -52,19 +52,19 @@ def generate(
             restore.enter_context(lidb.scaled(identity_strength))
             if merge:
                 restore.enter_context(lidb.merged_into_weights())
+        family = family_of(pipe)
         scheduler = pipe.scheduler
         restore.callback(setattr, pipe, "scheduler", scheduler)
-        pipe.scheduler = family_of(pipe).sampling_scheduler(pipe)
+        pipe.scheduler = family.sampling_scheduler(pipe)
         with torch.inference_mode():
             return pipe(
                 prompt,
-                negative_prompt=negative_prompt or None,
+                **family.sampling_arguments(negative_prompt, guidance),
                 num_inference_steps=steps,
-                guidance_scale=guidance,
                 num_images_per_prompt=num_images,
                 generator=generator,
-                height=height,
-                width=width,
+                height=height or native_resolution(pipe),  # a family's own default may be another base's size
+                width=width or native_resolution(pipe),
                 callback_on_step_end=None if on_step is None else _report(on_step),
             ).images
 

@@ -331,26 +331,26 @@ class LiDBLinear(nn.Module):
 # ----------------------------------------------------------------------------- all layers of a pipeline
 
 
-def find_target_linears(components: dict[str, tuple[nn.Module, tuple[str, ...]]]) -> dict[str, nn.Linear]:
+def find_target_linears(components: dict[str, tuple[nn.Module, tuple[tuple[str, ...], ...]]]) -> dict[str, nn.Linear]:
     """Every attention projection LiDB targets in the given components (`Family.lidb_components`).
 
     Found from module structure (a module owning all the component's projections: to_q/to_k/to_v/to_out in a
     diffusers Attention, q_proj/k_proj/v_proj/out_proj in a CLIP attention), so the bases of a family need no
-    tables of layer names. `components` maps pipeline component names to (model, projections); layer names are
-    "<component>.<module path>".
+    tables of layer names. `components` maps pipeline component names to (model, sets of projections: a module
+    owning all of a set has them targeted, each once); layer names are "<component>.<module path>".
     """
     targets: dict[str, nn.Linear] = {}
-    for component, (model, projections) in components.items():
+    for component, (model, projection_sets) in components.items():
         for path, module in model.named_modules():
-            if all(hasattr(module, p.split(".")[0]) for p in projections):
-                for projection in projections:
-                    linear = module.get_submodule(projection)
-                    if isinstance(linear, LiDBLinear):
-                        raise HdbError(
-                            "LiDB is already attached to this pipeline; use that one (its PersonalPipeline) "
-                            "or unload it first"
-                        )
-                    targets[f"{component}.{path}.{projection}"] = linear
+            owned = [p for s in projection_sets if all(hasattr(module, p.split(".")[0]) for p in s) for p in s]
+            for projection in dict.fromkeys(owned):  # in the sets' order, each once
+                linear = module.get_submodule(projection)
+                if isinstance(linear, LiDBLinear):
+                    raise HdbError(
+                        "LiDB is already attached to this pipeline; use that one (its PersonalPipeline) "
+                        "or unload it first"
+                    )
+                targets[f"{component}.{path}.{projection}"] = linear
     return targets
 
 

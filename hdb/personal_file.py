@@ -68,7 +68,7 @@ MAX_METADATA_CHARS = {
 FORMAT = "hdb-lidb"
 FORMAT_VERSION = "2"  # 2 added the optional plain LoRA
 READABLE_VERSIONS = ("1", "2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' scheduler settings
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")  # diffusers' scheduler settings; flow matching
 
 
 @dataclass

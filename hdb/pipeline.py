@@ -34,7 +34,7 @@ from hdb.config import (
 from hdb.errors import HdbError
 from hdb.export import export_lora
 from hdb.faces import AlignedFace, ImageSource, align_face, crop_size
-from hdb.families import denoiser
+from hdb.families import FAMILIES, denoiser, family_of
 from hdb.generate import generate
 from hdb.lidb import LiDB, check_signature
 from hdb.models import Pipeline, load_pipeline, native_resolution
@@ -190,7 +190,11 @@ class PersonalPipeline:
         return weights
 
     def check(self, person: PersonalWeights) -> None:
-        """Refuse a person made for another base architecture or other aux bases, naming what differs."""
+        """Refuse a person made for another base family or architecture or other aux bases, naming what differs."""
+        family = family_of(self.pipe)
+        if person.base_family and person.base_family != family.name:
+            made_on = FAMILIES[person.base_family].title
+            raise HdbError(f"This personal file was made on a {made_on} base; this base is {family.title}")
         check_signature(person.signature(), self.lidb.signature(), "This personal file")
 
     def use_weights(self, A: torch.Tensor, B: torch.Tensor) -> None:

@@ -39,8 +39,8 @@ def training_stage(
     if lidb is not None and lidb.merged:  # merged weights take no gradient: training would silently do nothing
         raise HdbError("The LiDB is merged into the base weights; unmerge it before training")
     family = family_of(pipe)
-    trained = [family.denoiser(pipe), *family.text_encoders(pipe).values()]
-    everything = [*trained, pipe.vae]
+    trained = [model for model, _ in family.lidb_components(pipe).values()]  # what carries LiDB layers
+    everything = [family.denoiser(pipe), *family.text_encoders(pipe).values(), pipe.vae]
     requires_grad = [(p, p.requires_grad) for module in everything for p in module.parameters()]
     modes = [(module, module.training) for module in everything]
     checkpointing = [(module, _is_checkpointing(module)) for module in trained]

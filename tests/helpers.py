@@ -19,9 +19,9 @@ PROMPTS = ["a sks face", "a painting of a dog"]
 
 
 def forward(pipe, prompts=PROMPTS, seed=0):
-    """Text conditioning and UNet noise prediction for a fixed batch."""
+    """Text conditioning and the denoiser's prediction for a fixed batch."""
     generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(len(prompts), 4, 8, 8, generator=generator)
+    latents = torch.randn(len(prompts), pipe.vae.config.latent_channels, 8, 8, generator=generator)
     timesteps = torch.tensor([10, 700, 300, 999][: len(prompts)])
     cond = encode_prompts(pipe, prompts)
     return cond, predict_noise(pipe, latents, timesteps, cond)

@@ -9,14 +9,16 @@ from diffusers import DDIMScheduler
 from helpers import forward, trained_person
 from safetensors import safe_open
 
+from hdb.config import LORA_FORMATS
 from hdb.export import export_lora
 from hdb.lidb import LiDBConfig
 from hdb.models import build_tiny_pipeline
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
 
+FORMATS = [(arch, lora_format) for arch in ("sd15", "sdxl") for lora_format in LORA_FORMATS] + [("flux", "diffusers")]
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
-@pytest.mark.parametrize("lora_format", ["diffusers", "kohya"])
+
+@pytest.mark.parametrize(("arch", "lora_format"), FORMATS)
 @pytest.mark.parametrize("relax", ["lidb", "lora"])  # rank 2 inside the LiDB; rank 1 + a plain rank-3 LoRA
 def test_exported_lora_matches_lidb_forward(arch, lora_format, relax, tmp_path):
     pipe = build_tiny_pipeline(arch)
@@ -33,7 +35,7 @@ def test_exported_lora_matches_lidb_forward(arch, lora_format, relax, tmp_path):
     with torch.no_grad():
         cond_lora, noise_lora = forward(fresh)
     torch.testing.assert_close(cond_lora.embeds, cond_lidb.embeds, atol=1e-5, rtol=1e-5)
-    if arch == "sdxl":
+    if cond_lidb.pooled is not None:  # SDXL's and FLUX's pooled text
         torch.testing.assert_close(cond_lora.pooled, cond_lidb.pooled, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(noise_lora, noise_lidb, atol=1e-5, rtol=1e-5)
     assert (noise_lora - noise_base).abs().max() > 1e-3  # the LoRA really is applied

@@ -53,9 +53,9 @@ class Family(ABC):
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     denoiser_name: ClassVar[str]  # the pipeline component that denoises
     text_encoder_names: ClassVar[tuple[str, ...]]  # its text encoders, in the pipeline's order
-    # the projections LiDB targets: in the denoiser's attention modules, and in the text encoders'
-    denoiser_projections: ClassVar[tuple[str, ...]]
-    text_projections: ClassVar[tuple[str, ...]]
+    # The projections LiDB targets, as sets: in every module owning all of a set, each of its projections (once)
+    denoiser_projections: ClassVar[tuple[tuple[str, ...], ...]]
+    text_projections: ClassVar[tuple[tuple[str, ...], ...]]
     kohya_prefixes: ClassVar[dict[str, str]]  # component -> the prefix of its layers' keys in kohya's LoRA files
     kohya_v2: ClassVar[bool] = False  # kohya's `ss_v2`, by which AUTOMATIC1111 tells SD2.x LoRAs apart
     variants: ClassVar[dict[str, Variant]]  # prediction type -> the published base that predicts it
@@ -79,8 +79,8 @@ class Family(ABC):
         """The text encoders by component name."""
         return {name: getattr(pipe, name) for name in self.text_encoder_names if getattr(pipe, name, None) is not None}
 
-    def lidb_components(self, pipe: DiffusionPipeline) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
-        """Component name -> (model, the projections LiDB targets in it)."""
+    def lidb_components(self, pipe: DiffusionPipeline) -> dict[str, tuple[nn.Module, tuple[tuple[str, ...], ...]]]:
+        """Component name -> (model, the sets of projections LiDB targets in it)."""
         text = {name: (model, self.text_projections) for name, model in self.text_encoders(pipe).items()}
         return {self.denoiser_name: (self.denoiser(pipe), self.denoiser_projections), **text}
 
@@ -135,6 +135,10 @@ class Family(ABC):
     @abstractmethod
     def encode_images(self, pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1], [B, 3, H, W] -> the latents the denoiser works on (the posterior mean)."""
+
+    def sampling_arguments(self, negative_prompt: str, guidance: float) -> dict:
+        """What the pipeline's call takes for a negative prompt and the guidance scale."""
+        return {"negative_prompt": negative_prompt or None, "guidance_scale": guidance}
 
     @abstractmethod
     def sampling_scheduler(self, pipe: DiffusionPipeline) -> object:

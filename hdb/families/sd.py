@@ -29,6 +29,7 @@ from hdb.families.family import Conditioning, Family, Variant
 from hdb.seeding import initialised_from
 
 TOKENIZER_DIR = Path(__file__).parent.parent / "clip_tokenizer"  # the real CLIP tokenizer's files, shipped with hdb
+CLIP_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "out_proj"),)  # transformers' CLIPAttention
 # SD1.5's own noise schedule: scaled-linear betas over 1000 steps (SD2.x and SDXL share it)
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
@@ -40,8 +41,8 @@ class StableDiffusion(Family):
     pipeline_class = StableDiffusionPipeline
     denoiser_name = "unet"
     text_encoder_names = ("text_encoder",)
-    denoiser_projections = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers Attention (self and cross)
-    text_projections = ("q_proj", "k_proj", "v_proj", "out_proj")  # transformers CLIPAttention
+    denoiser_projections = (("to_q", "to_k", "to_v", "to_out.0"),)  # diffusers Attention (self and cross)
+    text_projections = CLIP_PROJECTIONS
     kohya_prefixes: ClassVar[dict[str, str]] = {"unet": "lora_unet", "text_encoder": "lora_te"}
     variants: ClassVar[dict[str, Variant]] = {
         "epsilon": Variant(

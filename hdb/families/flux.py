@@ -1,0 +1,235 @@
+"""FLUX.1: a transformer (MMDiT) denoiser on packed 16-channel latents, CLIP pooled text and T5 tokens, flow matching.
+
+What differs from Stable Diffusion:
+- the denoiser is `transformer`: 19 double-stream blocks (image and text each with their own q/k/v/out) and 38
+  single-stream blocks (q/k/v only: their output projection is shared with the MLP); it reads 2x2 patches of the
+  latents as tokens, with position ids, and (FLUX.1-dev) a distilled guidance value;
+- prompts: CLIP-L's pooled embedding and T5-XXL's token embeddings;
+- training is flow matching: x_t = (1 - sigma) x0 + sigma noise, the target is noise - x0 (diffusers'
+  examples/dreambooth/train_dreambooth_lora_flux.py, whose default timestep weighting, "none", is uniform);
+- latents are shifted as well as scaled; sampling has no negative prompt (FLUX.1 is guidance-distilled).
+
+LiDB targets the attention projections of both block kinds (both streams of the double blocks) and of the CLIP text
+encoder; not T5 (4.7B parameters, and diffusers' FLUX LoRA loader reads no T5 keys: an export could not carry it).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import FluxTransformer2DModel as Transformer
+from torch import nn
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+from hdb.families.family import Conditioning, Family, Variant
+from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, tiny_clip_text_encoder
+from hdb.seeding import initialised_from
+
+TRAINING_GUIDANCE = 3.5  # the distilled guidance FLUX.1-dev LoRAs are trained at (diffusers' DreamBooth script)
+MAX_T5_TOKENS = 512  # FluxPipeline's max_sequence_length
+# FLUX.1-dev's scheduler and VAE settings (scheduler_config.json, vae/config.json)
+FLUX_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+FLUX_LATENTS = dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
+
+
+class Flux(Family):
+    name = "flux"
+    title = "FLUX.1"
+    tiny_arch = "flux"
+    pipeline_class = FluxPipeline
+    denoiser_name = "transformer"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    lidb_text_encoders = ("text_encoder",)  # CLIP only (the module's docstring says why)
+    text_projections = CLIP_PROJECTIONS
+    denoiser_projections = (
+        ("to_q", "to_k", "to_v", "to_out.0"),  # double blocks, image stream
+        ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),  # double blocks, text stream
+        ("to_q", "to_k", "to_v"),  # single blocks: no output projection of their own
+    )
+    kohya_prefixes: ClassVar[dict[str, str]] = {}  # kohya's FLUX names fuse q, k and v: not written yet
+    variants: ClassVar[dict[str, Variant]] = {
+        "flow": Variant(
+            "FLUX.1 [dev]",
+            "black-forest-labs/FLUX.1-dev",
+            "flux1",
+            ("flux-1-dev", "1024x1024", "https://github.com/black-forest-labs/flux"),
+        ),
+    }
+    license = "other"  # FLUX.1 [dev]: its own non-commercial licence (FLUX.1 [schnell]: Apache-2.0)
+    card_tags = ("flux", "flux-diffusers")
+
+    def native_resolution(self, pipe: DiffusionPipeline) -> int:
+        return pipe.vae.config.sample_size
+
+    def prediction_type(self, pipe: DiffusionPipeline) -> str:
+        return "flow"
+
+    # -- prompts and the transformer
+
+    def tokenize(self, pipe: DiffusionPipeline, prompts: list[str]) -> list[torch.Tensor]:
+        """CLIP's 77 ids and T5's (up to 512) per prompt."""
+        lengths = (pipe.tokenizer.model_max_length, min(pipe.tokenizer_2.model_max_length, MAX_T5_TOKENS))
+        return [
+            tokenizer(
+                prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+            ).input_ids.to(encoder.device)
+            for tokenizer, encoder, length in zip(
+                (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), lengths, strict=True
+            )
+        ]
+
+    def encode_tokens(self, pipe: DiffusionPipeline, token_ids: list[torch.Tensor]) -> Conditioning:
+        """T5's token embeddings, and CLIP's pooled embedding, as `FluxPipeline.encode_prompt` makes them."""
+        dtype, device = pipe.transformer.dtype, pipe.transformer.device
+        pooled = pipe.text_encoder(token_ids[0], output_hidden_states=False).pooler_output
+        embeds = pipe.text_encoder_2(token_ids[1], output_hidden_states=False)[0]
+        return Conditioning(embeds.to(device, dtype), pooled.to(device, dtype))
+
+    def predict(
+        self, pipe: DiffusionPipeline, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """The flow (noise - x0) at `timesteps` (the scheduler's, 0-1000) for latents [B, 16, h, w]."""
+        batch, channels, height, width = latents.shape
+        transformer = pipe.transformer
+        packed = pipe._pack_latents(latents, batch, channels, height, width)  # 2x2 patches as tokens
+        image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, latents.dtype)
+        text_ids = torch.zeros(cond.embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        guidance = None
+        if transformer.config.guidance_embeds:  # FLUX.1-dev; schnell has none
+            guidance = torch.full((batch,), TRAINING_GUIDANCE, device=latents.device, dtype=latents.dtype)
+        flow = transformer(
+            hidden_states=packed,
+            timestep=timesteps.to(latents.dtype) / 1000,  # the transformer scales it (and guidance) by 1000 itself
+            guidance=guidance,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        scale = pipe.vae_scale_factor
+        return pipe._unpack_latents(flow, height * scale, width * scale, scale)
+
+    # -- training and sampling
+
+    def training_scheduler(self, pipe: DiffusionPipeline) -> FlowMatchEulerDiscreteScheduler:
+        """A fresh one: its 1000-step grid (a pipeline's own may hold the grid of its last sampling)."""
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    def diffusion_loss(
+        self,
+        pipe: DiffusionPipeline,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        latents: torch.Tensor,
+        cond: Conditioning,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """Flow matching: `timesteps` (drawn uniformly, 0-999) index the scheduler's grid of sigmas."""
+        index = timesteps.cpu()
+        sigmas = scheduler.sigmas[index].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        dtype = pipe.transformer.dtype
+        prediction = self.predict(pipe, noisy.to(dtype), scheduler.timesteps[index].to(latents.device), cond)
+        target = noise - latents
+        return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def encode_images(self, pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def sampling_scheduler(self, pipe: DiffusionPipeline) -> FlowMatchEulerDiscreteScheduler:
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    def sampling_arguments(self, negative_prompt: str, guidance: float) -> dict:
+        """FLUX.1's guidance is distilled into the model (a number it reads), and it takes no negative prompt."""
+        return {"guidance_scale": guidance}
+
+    def lidb_components(self, pipe: DiffusionPipeline) -> dict[str, tuple[nn.Module, tuple[tuple[str, ...], ...]]]:
+        text = {name: (getattr(pipe, name), self.text_projections) for name in self.lidb_text_encoders}
+        return {self.denoiser_name: (pipe.transformer, self.denoiser_projections), **text}
+
+    # -- tiny pipelines
+
+    def build_tiny(self, seed: int) -> DiffusionPipeline:
+        """1 double and 1 single block of width 32, a 16-channel VAE (64 px -> 8x8 latents -> 16 tokens), CLIP and
+        a one-layer T5 with a tokenizer made here (a few words and the alphabet: no download)."""
+        with initialised_from(seed):  # built in this order, so a seed keeps its weights
+            transformer = Transformer(
+                patch_size=1,
+                in_channels=4 * FLUX_LATENTS["latent_channels"],  # 2x2 patches of 16 channels
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=32,  # T5's width
+                pooled_projection_dim=32,  # CLIP's
+                guidance_embeds=True,  # as FLUX.1-dev
+                axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+            )
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                block_out_channels=(8, 8, 16, 16),  # FLUX's x8 latent geometry
+                layers_per_block=1,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                norm_num_groups=8,
+                sample_size=64,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+                **FLUX_LATENTS,
+            )
+            text_encoder = tiny_clip_text_encoder(False)
+            tokenizer_2 = tiny_t5_tokenizer()
+            text_encoder_2 = T5EncoderModel(
+                T5Config(
+                    vocab_size=len(tokenizer_2),
+                    d_model=32,
+                    d_kv=8,
+                    d_ff=37,
+                    num_layers=1,
+                    num_heads=4,
+                    relative_attention_num_buckets=8,
+                    feed_forward_proj="gated-gelu",  # T5 v1.1's, as FLUX's T5-XXL
+                    dropout_rate=0.0,
+                    pad_token_id=0,
+                    eos_token_id=1,
+                    decoder_start_token_id=0,
+                )
+            )
+        return FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=clip_tokenizer(),
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+        )
+
+
+# A SentencePiece-style unigram vocabulary: T5's ids 0, 1, 2 are <pad>, </s>, <unk>; "▁" starts a word
+_WORDS = ("a", "photo", "of", "sks", "face", "person", "man", "woman", "in", "the", "style", "as", "an")
+T5_VOCABULARY = (
+    [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    + [(f"▁{word}", -1.0) for word in _WORDS]
+    + [(character, -5.0) for character in "abcdefghijklmnopqrstuvwxyz0123456789.,[]"]
+)
+
+
+def tiny_t5_tokenizer() -> T5Tokenizer:
+    """A T5 tokenizer of a few dozen pieces, made in code (transformers' T5Tokenizer takes a unigram vocabulary)."""
+    return T5Tokenizer(vocab=T5_VOCABULARY, extra_ids=0, model_max_length=MAX_T5_TOKENS)
