@@ -194,7 +194,10 @@ class PersonalPipeline:
         family = family_of(self.pipe)
         if person.base_family and person.base_family != family.name:
             made_on = FAMILIES[person.base_family].title
-            raise HdbError(f"This personal file was made on a {made_on} base; this base is {family.title}")
+            raise HdbError(
+                f"This personal file does not fit this model: it was made for another base model architecture, "
+                f"a {made_on} base; this base is {family.title}"
+            )
         check_signature(person.signature(), self.lidb.signature(), "This personal file")
 
     def use_weights(self, A: torch.Tensor, B: torch.Tensor) -> None:
