@@ -8,6 +8,8 @@ factor pairs stacked, which computes exactly their sum.
 
 Kohya files also say which base model they are for, as kohya's sd-scripts write it (`kohya_metadata`):
 AUTOMATIC1111 lists a LoRA only beside the base family its metadata names, and other tools read the same keys.
+Where a family's kohya files fuse several of hdb's layers into one module (FLUX's q, k and v), the family fuses
+their LoRAs, exactly (`Family.kohya_modules`).
 Every byte of an export comes from the personal file (its date too): the same person exports to the same file.
 """
 
@@ -20,8 +22,9 @@ from pathlib import Path
 import torch
 
 from hdb.config import LORA_FORMATS
-from hdb.errors import HdbError, check_choice
+from hdb.errors import check_choice
 from hdb.families import FAMILIES, Family, family_of_layers
+from hdb.families.family import LayerFactors, lora_module_path
 from hdb.files import shown, write_file
 from hdb.lidb import aux_bases, aux_fingerprint, check_signature, lora_factors
 from hdb.personal_file import PersonalWeights, safetensors_bytes
@@ -33,7 +36,7 @@ DIFFUSERS_METADATA = {"format": "pt"}
 MODELSPEC_VERSION = "1.0.1"
 
 
-def personal_lora_factors(weights: PersonalWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def personal_lora_factors(weights: PersonalWeights) -> LayerFactors:
     """name -> (lora_A [R, in], lora_B [out, R]) from a personal file, checking the rebuilt aux bases.
 
     R is the LiDB rank, plus the plain LoRA's rank when the file has one (stacked: B1 A1 + B2 A2 = [B1 B2][A1; A2]).
@@ -59,18 +62,6 @@ def personal_lora_factors(weights: PersonalWeights) -> dict[str, tuple[torch.Ten
     }
 
 
-def _split_component(name: str) -> tuple[str, str]:
-    """ "text_encoder.encoder.layers.0..." -> ("text_encoder", "text_model.encoder.layers.0...").
-
-    transformers 5 dropped the `text_model` level from CLIPTextModel; LoRA files everywhere (A1111,
-    ComfyUI, older diffusers) name it, and diffusers accepts either, so files use the classic path.
-    """
-    component, path = name.split(".", 1)
-    if component.startswith("text_encoder") and not path.startswith("text_model."):
-        path = f"text_model.{path}"
-    return component, path
-
-
 def export_lora(
     weights: PersonalWeights, path: str | Path, format: str = "diffusers", dtype: torch.dtype = torch.float32
 ) -> Path:
@@ -83,11 +74,6 @@ def export_lora(
         for name, (down, up) in personal_lora_factors(weights).items()
     }
     family = family_of_layers(weights.layer_shapes, weights.base_family)
-    if format == "kohya" and not family.kohya_prefixes:
-        raise HdbError(
-            f"A {family.title} person exports as a diffusers LoRA only, for now: kohya's {family.title} files fuse "
-            "q, k and v into one layer, which hdb does not write yet"
-        )
     if format == "diffusers":
         data = _diffusers_file(factors, family)
     else:
@@ -115,6 +101,8 @@ def kohya_metadata(weights: PersonalWeights, title: str) -> dict[str, str]:
     family = FAMILIES[weights.base_family]
     variant = family.variant(weights.prediction_type)
     architecture, resolution, implementation = variant.modelspec
+    prediction_type = family.modelspec_prediction_type(weights.prediction_type)
+    prediction = {} if prediction_type is None else {"modelspec.prediction_type": prediction_type}
     return {
         "ss_base_model_version": variant.kohya_version,
         "ss_v2": str(family.kohya_v2),
@@ -122,17 +110,17 @@ def kohya_metadata(weights: PersonalWeights, title: str) -> dict[str, str]:
         "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": implementation,
         "modelspec.resolution": resolution,
-        "modelspec.prediction_type": "v" if weights.prediction_type == "v_prediction" else "epsilon",
+        **prediction,
         **metadata,
     }
 
 
-def _diffusers_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], family: Family) -> bytes:
+def _diffusers_file(factors: LayerFactors, family: Family) -> bytes:
     """The file diffusers' `save_lora_weights` writes for these factors, as bytes (hdb writes them itself)."""
     # diffusers packs its own LoRA format; we hand it peft-style per-component state dicts.
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for name, (down, up) in factors.items():
-        component, module_path = _split_component(name)
+        component, module_path = lora_module_path(name)
         layers.setdefault(component, {})[f"{module_path}.lora_A.weight"] = down
         layers[component][f"{module_path}.lora_B.weight"] = up
     arguments = {f"{component}_lora_layers": state for component, state in layers.items()}
@@ -144,16 +132,19 @@ def _diffusers_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], famil
     return safetensors_bytes(packed, DIFFUSERS_METADATA)
 
 
-def _kohya_file(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], family: Family, about: dict[str, str]) -> bytes:
-    # kohya names: the component's prefix (`Family.kohya_prefixes`), then the module path with "_" for "."
+def _kohya_file(factors: LayerFactors, family: Family, about: dict[str, str]) -> bytes:
+    """kohya's keys: each module the family's kohya files name (`Family.kohya_modules`: one per layer, or several
+    layers' LoRAs fused into one exactly), its down, its up and its alpha."""
     rank = next(iter(factors.values()))[0].shape[0]
-    prefixes = family.kohya_prefixes
     state: dict[str, torch.Tensor] = {}
-    for name, (down, up) in factors.items():
-        component, module_path = _split_component(name)
-        key = f"{prefixes[component]}_{module_path.replace('.', '_')}"
+    for key, (down, up) in family.kohya_modules(factors).items():
         state[f"{key}.lora_down.weight"] = down
         state[f"{key}.lora_up.weight"] = up
-        state[f"{key}.alpha"] = torch.tensor(float(rank), dtype=down.dtype)  # alpha = rank: scale 1, as trained
-    network = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
+        # alpha = the module's own rank (a fused module's is the sum of its parts'): scale alpha / rank 1, as trained
+        state[f"{key}.alpha"] = torch.tensor(float(down.shape[0]), dtype=down.dtype)
+    network = {
+        "ss_network_module": family.kohya_network_module,
+        "ss_network_dim": str(rank),  # the layers' rank R, as sd-scripts' --network_dim (its fused modules' is 3R)
+        "ss_network_alpha": str(rank),
+    }
     return safetensors_bytes(state, {**network, **about})

@@ -2,8 +2,9 @@
 
 A family names its denoiser and text encoders (the pipeline components LiDB attaches to) and the projections it
 targets in each; encodes prompts and calls its denoiser; says its training objective, its native size, how it
-samples, what LoRA files call its layers; and builds a tiny random pipeline of itself for tests. Everything else
-in hdb is written once and asks the family (`hdb.families.family_of`). Subclasses override what differs.
+samples, what LoRA files call its layers (and which of them kohya's files fuse into one); and builds a tiny random
+pipeline of itself for tests. Everything else in hdb is written once and asks the family (`hdb.families.family_of`).
+Subclasses override what differs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,21 @@ from typing import ClassVar
 import torch
 from diffusers import DiffusionPipeline
 from torch import nn
+
+# A LoRA per layer: name -> (down [R, in], up [out, R]), its delta up @ down
+LayerFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def lora_module_path(name: str) -> tuple[str, str]:
+    """ "text_encoder.encoder.layers.0..." -> ("text_encoder", "text_model.encoder.layers.0...").
+
+    transformers 5 dropped the `text_model` level from CLIPTextModel; LoRA files everywhere (A1111,
+    ComfyUI, kohya's sd-scripts, older diffusers) name it, and diffusers accepts either, so files use the classic path.
+    """
+    component, path = name.split(".", 1)
+    if component.startswith("text_encoder") and not path.startswith("text_model."):
+        path = f"text_model.{path}"
+    return component, path
 
 
 @dataclass
@@ -58,6 +74,7 @@ class Family(ABC):
     text_projections: ClassVar[tuple[tuple[str, ...], ...]]
     kohya_prefixes: ClassVar[dict[str, str]]  # component -> the prefix of its layers' keys in kohya's LoRA files
     kohya_v2: ClassVar[bool] = False  # kohya's `ss_v2`, by which AUTOMATIC1111 tells SD2.x LoRAs apart
+    kohya_network_module: ClassVar[str] = "networks.lora"  # the sd-scripts network its kohya LoRAs are trained with
     variants: ClassVar[dict[str, Variant]]  # prediction type -> the published base that predicts it
     license: ClassVar[str]  # the hub licence id of its bases, which weights made from them inherit
     card_tags: ClassVar[tuple[str, ...]]  # the tags diffusers' own LoRA training scripts give its LoRAs
@@ -89,6 +106,22 @@ class Family(ABC):
         only its components, its denoiser among them; a family refines it by what tells it from the others."""
         components = {name.split(".", 1)[0] for name in layer_shapes}
         return self.denoiser_name in components and components <= {self.denoiser_name, *self.text_encoder_names}
+
+    # -- what LoRA files say
+
+    def kohya_name(self, layer: str) -> str:
+        """The module kohya's files call a layer: its component's prefix, then its path with "_" for "."."""
+        component, path = lora_module_path(layer)
+        return f"{self.kohya_prefixes[component]}_{path.replace('.', '_')}"
+
+    def kohya_modules(self, factors: LayerFactors) -> LayerFactors:
+        """hdb's layers' LoRAs as the modules kohya's files hold: kohya name -> (down, up). By default one module
+        per layer (`kohya_name`); a family whose kohya files fuse layers into one linear fuses their LoRAs too."""
+        return {self.kohya_name(layer): pair for layer, pair in factors.items()}
+
+    def modelspec_prediction_type(self, prediction_type: str) -> str | None:
+        """ModelSpec's `prediction_type` as kohya's sd-scripts write it (library/sai_model_spec.py); None: none."""
+        return "v" if prediction_type == "v_prediction" else "epsilon"
 
     @abstractmethod
     def native_resolution(self, pipe: DiffusionPipeline) -> int:

@@ -11,6 +11,13 @@ What differs from Stable Diffusion:
 
 LiDB targets the attention projections of both block kinds (both streams of the double blocks) and of the CLIP text
 encoder; not T5 (4.7B parameters, and diffusers' FLUX LoRA loader reads no T5 keys: an export could not carry it).
+
+Kohya's FLUX LoRA files (sd-scripts' networks/lora_flux.py, read by ComfyUI and Forge) name Black Forest Labs' own
+modules, where one linear computes what diffusers splits in several: a double block's q, k and v of each stream
+(`img_attn.qkv`, `txt_attn.qkv`), and a single block's q, k, v and MLP input together (`linear1`, of 3 x width +
+the MLP's width rows). LoRAs on the parts are one LoRA on the whole, exactly: down = the parts' downs stacked, up =
+their ups block-diagonal (up @ down is then each part's up_i @ down_i in its own rows), with zero rows for the MLP,
+which hdb does not target.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from diffusers import FluxTransformer2DModel as Transformer
 from torch import nn
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-from hdb.families.family import Conditioning, Family, Variant
+from hdb.errors import HdbError
+from hdb.families.family import Conditioning, Family, LayerFactors, Variant, lora_module_path
 from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, tiny_clip_text_encoder
 from hdb.seeding import initialised_from
 
@@ -42,6 +50,25 @@ FLUX_SCHEDULE = dict(
 )
 FLUX_LATENTS = dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
 
+# kohya's FLUX modules (BFL's names) per diffusers block kind: kohya's name for the block, and for each of its
+# modules hdb targets, the diffusers layers whose rows it stacks, in order
+KOHYA_BLOCKS = {
+    "transformer_blocks": (
+        "double_blocks",
+        {
+            "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+            "img_attn_proj": ("attn.to_out.0",),
+            "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+            "txt_attn_proj": ("attn.to_add_out",),
+        },
+    ),
+    "single_transformer_blocks": ("single_blocks", {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v")}),
+}
+# A single block's linear1 ends with its MLP's input rows (diffusers' proj_mlp), MLP_RATIO x the block's width
+# (BFL's mlp_ratio, diffusers' FluxSingleTransformerBlock default: 4 x 3072 = 12288 in FLUX.1)
+MLP_RATIO = 4.0
+KOHYA_MODULE_WITH_MLP = "linear1"
+
 
 class Flux(Family):
     name = "flux"
@@ -57,7 +84,13 @@ class Flux(Family):
         ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),  # double blocks, text stream
         ("to_q", "to_k", "to_v"),  # single blocks: no output projection of their own
     )
-    kohya_prefixes: ClassVar[dict[str, str]] = {}  # kohya's FLUX names fuse q, k and v: not written yet
+    # sd-scripts' networks/lora_flux.py ("make ComfyUI compatible"; T5, which hdb leaves alone, was lora_te2 at first)
+    kohya_prefixes: ClassVar[dict[str, str]] = {
+        "transformer": "lora_unet",
+        "text_encoder": "lora_te1",
+        "text_encoder_2": "lora_te3",
+    }
+    kohya_network_module = "networks.lora_flux"
     variants: ClassVar[dict[str, Variant]] = {
         "flow": Variant(
             "FLUX.1 [dev]",
@@ -74,6 +107,43 @@ class Flux(Family):
 
     def prediction_type(self, pipe: DiffusionPipeline) -> str:
         return "flow"
+
+    # -- what LoRA files say
+
+    def kohya_modules(self, factors: LayerFactors) -> LayerFactors:
+        """The transformer's layers fused as BFL's modules are (the module's docstring says how); CLIP's one each."""
+        parts_found: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # kohya module -> its parts' LoRAs
+        parts_wanted: dict[str, tuple[str, ...]] = {}
+        text: LayerFactors = {}
+        for layer, pair in factors.items():
+            component, path = lora_module_path(layer)
+            if component != self.denoiser_name:
+                text[self.kohya_name(layer)] = pair
+                continue
+            kind, _, in_block = path.partition(".")
+            index, _, part = in_block.partition(".")
+            block, modules = KOHYA_BLOCKS.get(kind, ("", {}))
+            module = next((module for module, parts in modules.items() if part in parts), None)
+            if module is None:
+                raise HdbError(f"kohya's FLUX LoRA files have no module for the layer {layer}")
+            name = f"{self.kohya_prefixes[component]}_{block}_{index}_{module}"
+            parts_found.setdefault(name, {})[part] = pair
+            parts_wanted[name] = modules[module]
+        fused: LayerFactors = {}
+        for name, found in parts_found.items():
+            missing = [part for part in parts_wanted[name] if part not in found]
+            if missing:  # LiDB targets whole sets of projections: every person has all of them
+                raise HdbError(f"kohya's FLUX module {name} needs the layers {', '.join(missing)} too")
+            downs, ups = zip(*(found[part] for part in parts_wanted[name]), strict=True)
+            down, up = torch.cat(downs), torch.block_diag(*ups)
+            if name.endswith(f"_{KOHYA_MODULE_WITH_MLP}"):  # the MLP's rows, which hdb leaves as they are
+                width = down.shape[1]  # the block's width: what its q projection reads
+                up = torch.cat([up, up.new_zeros(int(width * MLP_RATIO), up.shape[1])])
+            fused[name] = (down, up)
+        return {**fused, **text}
+
+    def modelspec_prediction_type(self, prediction_type: str) -> str | None:
+        return None  # sd-scripts write none for FLUX (its flow is the only kind)
 
     # -- prompts and the transformer
 
