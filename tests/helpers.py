@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,13 @@ class FailingUNet:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         output.sample = output.sample * float("nan")
         return output
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_app(tmp_path, port: int, **env: str) -> subprocess.Popen:

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import threading
 import time
 import types
@@ -18,19 +17,13 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from helpers import ASSETS, FailingUNet, client_of, start_app
+from helpers import ASSETS, FailingUNet, client_of, free_port, start_app
 from PIL import Image
 
 from hdb.personal_file import load_personal
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ limits and the files are tried on the in-process server of tests/test_hostile.py
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import time
 
 import numpy as np
 from gradio_client import Client, handle_file
-from helpers import ASSETS, client_of, start_app
+from helpers import ASSETS, client_of, free_port, start_app
 from PIL import Image
 
 DLIB_IN_TWO_THREADS = """
@@ -47,12 +46,6 @@ def test_two_threads_in_dlib_at_once_neither_crash_nor_corrupt_each_other():
     assert run.returncode == 0, run.stderr[-2000:]
     rounds, wrong = json.loads(run.stdout.strip().splitlines()[-1])
     assert min(rounds) > 0 and wrong == []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pictures_of(client: Client) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import ASSETS, assert_one_line_error, trained_person
+from helpers import ASSETS, trained_person
 from helpers import hdb_cli as hdb
 
 from hdb.config import PersonalizeConfig
@@ -64,14 +64,11 @@ def test_diffusers_own_flux_loader_draws_what_hdb_draws(tmp_path):
 
 def test_a_person_only_fits_the_family_it_was_made_on(tmp_path):
     sd_person = save_personal(PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("sd15"))), tmp_path / "a")
-    with pytest.raises(HdbError, match=r"made on a Stable Diffusion 1\.x base; this base is FLUX\.1$"):
+    with pytest.raises(HdbError, match=r"architecture, a Stable Diffusion 1\.x base; this base is FLUX\.1$"):
         PersonalPipeline(build_tiny_pipeline("flux")).use(sd_person)
     flux_person = PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("flux")))
-    with pytest.raises(HdbError, match=r"made on a FLUX\.1 base; this base is Stable Diffusion XL$"):
+    with pytest.raises(HdbError, match=r"architecture, a FLUX\.1 base; this base is Stable Diffusion XL$"):
         PersonalPipeline(build_tiny_pipeline("sdxl")).use(flux_person)
-    with pytest.raises(HdbError, match="exports as a diffusers LoRA only, for now"):  # kohya's FLUX names: not yet
-        export_lora(flux_person, tmp_path / "kohya.safetensors", "kohya")
-    assert not (tmp_path / "kohya.safetensors").exists()
 
 
 def test_the_command_line_personalises_draws_and_exports_on_a_tiny_flux(tmp_path):
@@ -83,5 +80,39 @@ def test_the_command_line_personalises_draws_and_exports_on_a_tiny_flux(tmp_path
     assert (tmp_path / "out.png").is_file() and load_personal(person).base_family == "flux"
     hdb("export", person, "--format", "diffusers", "-o", tmp_path / "lora.safetensors")
     assert (tmp_path / "lora.safetensors").is_file()
-    refused = hdb("export", person, "--format", "kohya", "-o", tmp_path / "kohya.safetensors", check=False)
-    assert_one_line_error(refused, "exports as a diffusers LoRA only, for now")
+    hdb("export", person, "--format", "kohya", "-o", tmp_path / "kohya.safetensors")  # sd-scripts' FLUX names
+    assert (tmp_path / "kohya.safetensors").is_file()
+
+
+def test_the_app_serves_a_flux_base_and_a_visitor_personalises_and_draws(tmp_path):
+    """`python app.py --base DIR` on a tiny FLUX: personalise and generate through the real server's API."""
+    import numpy as np
+    from gradio_client import Client, handle_file
+    from helpers import free_port
+    from PIL import Image
+
+    from hdb.app.engine import Engine
+    from hdb.app.main import parse_args
+    from hdb.app.page import build_demo, serve
+    from hdb.app.visitors import VisitorFiles
+    from hdb.models import save_tiny_pipeline
+
+    base = save_tiny_pipeline(tmp_path / "flux", "flux")
+    engine, files = Engine(parse_args(["--base", str(base), "--device", "cpu"])), VisitorFiles(tmp_path / "visitors")
+    with pytest.MonkeyPatch.context() as patch:  # as `app.main` does: Gradio's cache inside the app's folder
+        patch.setenv("GRADIO_TEMP_DIR", str(files.gradio_cache))
+        demo = build_demo(engine, files)
+        _, url, _ = serve(demo, files, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
+        try:
+            client = Client(url, verbose=False)
+            _, status, downloads = client.predict(
+                handle_file(str(ASSETS / "obama.jpg")), True, 2, None, api_name="/personalize"
+            )
+            gallery, _ = client.predict(
+                "[V] as an astronaut", "None", "", 1.0, 2, 3.5, 1, False, "Square", 1, api_name="/generate"
+            )
+        finally:
+            demo.close()
+    assert "Personalised" in status and len(downloads) == 3  # the person, and both LoRA files
+    picture = np.asarray(Image.open(gallery[0]["image"]))
+    assert picture.shape == (64, 64, 3) and picture.std() > 0

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import time
 import zlib
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from helpers import ASSETS, client_of, refused, start_app, trained_person
+from helpers import ASSETS, client_of, free_port, refused, start_app, trained_person
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -31,12 +30,6 @@ from hdb.personal_file import PersonalWeights, load_personal, save_personal
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDINARY = ("[V] as an astronaut", "None", "", 1.0, 2, 7.5, 4, False, "Square", 1)  # the generate API's inputs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
