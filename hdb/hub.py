@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hdb.errors import HdbError
-from hdb.families import BASE_FAMILIES, FAMILIES, variant_of
+from hdb.families import BASE_FAMILIES, FAMILIES, Variant, variant_of
 from hdb.files import read_regular_file, shown
 from hdb.hypernet import CONFIG_FILE, TRAINING_FILE, HyperNetwork
 from hdb.personal_file import PersonalWeights, hub_id, is_repo_id, public_name
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 CARD_FILE = "README.md"
 PROJECT = "https://github.com/hdb-project/hdb"
-# The licence of weights made from a base model is the base's (`Family.license`): a base of unknown family gets
+# The licence of weights made from a base model is the base's (`Variant.license`): a base of unknown family gets
 # none in a LoRA card's metadata.
 RESPONSIBLE_USE = [
     "## Licence and responsible use",
@@ -105,14 +105,15 @@ def model_card(directory: str | Path, repo_id: str, evaluation: str | None = Non
     training = published_training(json.loads(training_file.read_text())) if training_file.is_file() else None
     base_id, base_text, notes = _base_model(recorded.get("base_model", ""))
     family = recorded.get("base_family", "")  # "" in configs from before hdb kept it
-    variant = variant_of(family, recorded.get("prediction_type", ""))
+    variant = variant_of(family, recorded.get("prediction_type", ""), recorded.get("base_model", ""))
     reference_id, reference_name = (variant.reference, variant.title) if variant else ("", "")
     base_argument = base_id or reference_id or public_name(recorded.get("base_model", "")) or "unknown"
     if not base_id and reference_id:
         notes.append(f"The card's commands load {reference_id}, the reference model of the base's family.")
+    licence = variant or FAMILIES[BASE_FAMILIES[0]].variant("")  # unknown: hdb's default base's, SD1.5
     data = ModelCardData(
         library_name="hdb",
-        license=FAMILIES[family or BASE_FAMILIES[0]].license,  # unknown: hdb's default base's, SD1.5
+        **_licence(licence),
         base_model=base_id,
         tags=["hyperdreambooth", "lora", "stable-diffusion", "face-personalization"],
     )
@@ -216,7 +217,7 @@ def lora_card(
 
     pictures = pictures or {}
     base_id, base_text, notes = _base_model(weights.base_model)
-    variant = variant_of(weights.base_family, weights.prediction_type)
+    variant = variant_of(weights.base_family, weights.prediction_type, weights.base_model)
     reference_id, reference_name = (variant.reference, variant.title) if variant else (None, "")
     loaded = base_id or reference_id or UNKNOWN_BASE  # what the snippet loads: a hub id anyone can download
     family = FAMILIES.get(weights.base_family)
@@ -228,7 +229,7 @@ def lora_card(
     ]
     data = ModelCardData(
         library_name="diffusers",
-        license=family.license if family else None,
+        **(_licence(variant) if variant else {}),
         base_model=base_id,
         instance_prompt=trigger,  # diffusers' DreamBooth cards name the trigger phrase so
         widget=widget or None,
@@ -322,6 +323,12 @@ def _picture(path: Path) -> tuple[bytes, str]:
 
 
 # ----------------------------------------------------------------------------- both
+
+
+def _licence(variant: Variant) -> dict[str, str]:
+    """A card's licence metadata: the base's licence id, and for "other" its name and link, as the Hub asks."""
+    extra = {"license_name": variant.license_name, "license_link": variant.license_link} if variant.license_name else {}
+    return {"license": variant.license, **extra}
 
 
 def _base_model(recorded: str) -> tuple[str | None, str, list[str]]:

@@ -116,3 +116,31 @@ def test_the_app_serves_a_flux_base_and_a_visitor_personalises_and_draws(tmp_pat
     assert "Personalised" in status and len(downloads) == 3  # the person, and both LoRA files
     picture = np.asarray(Image.open(gallery[0]["image"]))
     assert picture.shape == (64, 64, 3) and picture.std() > 0
+
+
+@pytest.mark.parametrize(
+    ("base", "licence", "loaded"),
+    [
+        ("black-forest-labs/FLUX.1-schnell", {"license": "apache-2.0"}, "black-forest-labs/FLUX.1-schnell"),
+        ("black-forest-labs/FLUX.1-dev", {"license": "other", "license_name": "flux-1-dev-non-commercial-license"},
+         "black-forest-labs/FLUX.1-dev"),
+        ("/home/someone/flux", {"license": "other", "license_name": "flux-1-dev-non-commercial-license"},
+         "black-forest-labs/FLUX.1-dev"),  # a local base: [dev], the stricter licence, and its reference model
+    ],
+)  # fmt: skip
+def test_a_flux_lora_card_carries_its_bases_licence(tmp_path, base, licence, loaded):
+    from dataclasses import replace
+
+    from huggingface_hub import ModelCard
+
+    from hdb.export import kohya_metadata
+    from hdb.hub import check_card, lora_card
+
+    weights = replace(PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("flux"))), base_model=base)
+    card, _ = lora_card(weights, "someone/me-flux-lora", "me.safetensors")
+    check_card(card)
+    data = ModelCard(str(card)).data.to_dict()
+    assert {key: data.get(key) for key in licence} == licence and "flux" in data["tags"]
+    assert f'DiffusionPipeline.from_pretrained("{loaded}"' in str(card)
+    variant = "schnell" if "schnell" in base else "dev"
+    assert kohya_metadata(weights, "me")["modelspec.architecture"] == f"flux-1-{variant}/lora"

@@ -125,7 +125,8 @@ def test_the_registry_is_what_the_command_line_and_the_files_offer():
     assert {family.tiny_arch for family in FAMILIES.values()} == set(TINY_ARCHS)  # `hdb tiny-model --arch`
     assert BASE_FAMILIES == tuple(FAMILIES) and all(name == family.name for name, family in FAMILIES.items())
     for family in FAMILIES.values():  # every family says all a family says
-        assert family.variants and family.license and family.card_tags and family.kohya_prefixes
+        assert family.variants and family.card_tags and family.kohya_prefixes
+        assert all(variant.license for variant in family.variants.values())
         assert set(family.kohya_prefixes) == {family.denoiser_name, *family.text_encoder_names}
 
 

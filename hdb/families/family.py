@@ -58,6 +58,10 @@ class Variant:
     # Stability AI's ModelSpec as kohya's sd-scripts fill it for a LoRA (library/sai_model_spec.py): the
     # architecture (without "/lora"), the resolution, the implementation
     modelspec: tuple[str, str, str]
+    # its licence, which weights made from it inherit: a hub licence id, and for "other" the licence's name and link
+    license: str
+    license_name: str = ""
+    license_link: str = ""
 
 
 class Family(ABC):
@@ -76,7 +80,6 @@ class Family(ABC):
     kohya_v2: ClassVar[bool] = False  # kohya's `ss_v2`, by which AUTOMATIC1111 tells SD2.x LoRAs apart
     kohya_network_module: ClassVar[str] = "networks.lora"  # the sd-scripts network its kohya LoRAs are trained with
     variants: ClassVar[dict[str, Variant]]  # prediction type -> the published base that predicts it
-    license: ClassVar[str]  # the hub licence id of its bases, which weights made from them inherit
     card_tags: ClassVar[tuple[str, ...]]  # the tags diffusers' own LoRA training scripts give its LoRAs
 
     # -- what a pipeline is
@@ -85,8 +88,9 @@ class Family(ABC):
         """Whether `pipe` is of this family (the registry asks each family in turn)."""
         return isinstance(pipe, self.pipeline_class)
 
-    def variant(self, prediction_type: str) -> Variant:
-        """The published base that predicts `prediction_type` (the family's first when unknown)."""
+    def variant(self, prediction_type: str, base_model: str = "") -> Variant:
+        """The published base a person recorded with `prediction_type` and `base_model` (a hub id or a folder's
+        name) was made on: by what it predicts (the family's first when unknown)."""
         return self.variants.get(prediction_type) or next(iter(self.variants.values()))
 
     def denoiser(self, pipe: DiffusionPipeline) -> nn.Module:

@@ -91,15 +91,26 @@ class Flux(Family):
         "text_encoder_2": "lora_te3",
     }
     kohya_network_module = "networks.lora_flux"
+    # Both predict the flow; they differ in licence: a person is taken as made on [schnell] when its base's name says
+    # so (its repository, or a folder named after it), else on [dev], whose licence is the stricter
     variants: ClassVar[dict[str, Variant]] = {
-        "flow": Variant(
+        "dev": Variant(
             "FLUX.1 [dev]",
             "black-forest-labs/FLUX.1-dev",
             "flux1",
             ("flux-1-dev", "1024x1024", "https://github.com/black-forest-labs/flux"),
+            "other",
+            "flux-1-dev-non-commercial-license",
+            "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
+        ),
+        "schnell": Variant(
+            "FLUX.1 [schnell]",
+            "black-forest-labs/FLUX.1-schnell",
+            "flux1",
+            ("flux-1-schnell", "1024x1024", "https://github.com/black-forest-labs/flux"),
+            "apache-2.0",
         ),
     }
-    license = "other"  # FLUX.1 [dev]: its own non-commercial licence (FLUX.1 [schnell]: Apache-2.0)
     card_tags = ("flux", "flux-diffusers")
 
     def native_resolution(self, pipe: DiffusionPipeline) -> int:
@@ -107,6 +118,9 @@ class Flux(Family):
 
     def prediction_type(self, pipe: DiffusionPipeline) -> str:
         return "flow"
+
+    def variant(self, prediction_type: str, base_model: str = "") -> Variant:
+        return self.variants["schnell" if "schnell" in base_model.lower() else "dev"]
 
     # -- what LoRA files say
 

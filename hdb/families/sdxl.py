@@ -12,7 +12,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from hdb.families.family import Conditioning, Variant
-from hdb.families.sd import TINY_UNET, StableDiffusion, clip_tokenizer, tiny_clip_text_encoder, tiny_vae
+from hdb.families.sd import SD2_LICENSE, TINY_UNET, StableDiffusion, clip_tokenizer, tiny_clip_text_encoder, tiny_vae
 from hdb.seeding import initialised_from
 
 
@@ -34,9 +34,9 @@ class StableDiffusionXL(StableDiffusion):
             "stabilityai/stable-diffusion-xl-base-1.0",
             "sdxl_base_v1-0",
             ("stable-diffusion-xl-v1-base", "1024x1024", "https://github.com/Stability-AI/generative-models"),
+            SD2_LICENSE,
         ),
     }
-    license = "openrail++"  # CreativeML Open RAIL++-M
     card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
 
     def matches(self, pipe: DiffusionPipeline) -> bool:
