@@ -31,10 +31,6 @@ def family_of(pipe: DiffusionPipeline) -> Family:
     raise HdbError(f"hdb cannot personalise a {type(pipe).__name__}; it supports {SUPPORTED} pipelines")
 
 
-def family_named(name: str) -> Family:
-    return FAMILIES[name]
-
-
 def family_of_tiny(arch: str) -> Family:
     """The family whose tiny pipeline is called `arch` (one of hdb.config.TINY_ARCHS, the command line's choices)."""
     return next(family for family in FAMILIES.values() if family.tiny_arch == arch)

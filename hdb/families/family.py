@@ -145,11 +145,11 @@ class Family(ABC):
     def encode_tokens(self, pipe: DiffusionPipeline, token_ids: list[torch.Tensor]) -> Conditioning:
         """Text embeddings with gradients (the text encoders carry LiDB layers too)."""
 
+    @abstractmethod
     def predict(
         self, pipe: DiffusionPipeline, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
         """The denoiser's prediction for a batch of noisy latents."""
-        raise NotImplementedError
 
     # -- training and sampling
 
@@ -157,6 +157,7 @@ class Family(ABC):
     def training_scheduler(self, pipe: DiffusionPipeline) -> object:
         """The noise schedule the base was trained with, for the diffusion loss."""
 
+    @abstractmethod
     def diffusion_loss(
         self,
         pipe: DiffusionPipeline,
@@ -167,7 +168,6 @@ class Family(ABC):
         timesteps: torch.Tensor,
     ) -> torch.Tensor:
         """Per-sample loss of the denoiser's prediction at the given noise and timesteps: [B]."""
-        raise NotImplementedError
 
     @abstractmethod
     def encode_images(self, pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
