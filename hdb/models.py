@@ -64,7 +64,8 @@ def base_family(pipe: Pipeline) -> str:
 
 
 def prediction_type(pipe: Pipeline) -> str:
-    """What the denoiser predicts: "epsilon" (the noise; SD1.x, SDXL, SD2 base) or "v_prediction" (SD2.x-768)."""
+    """What the denoiser predicts: "epsilon" (the noise; SD1.x, SDXL, SD2 base), "v_prediction" (SD2.x-768) or
+    "flow" (FLUX.1: noise - x0)."""
     return family_of(pipe).prediction_type(pipe)
 
 
