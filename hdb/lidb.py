@@ -1,6 +1,7 @@
 """LiDB, Lightweight DreamBooth: a rank-r LoRA factored through frozen random orthonormal bases.
 
-For every attention projection W (out x in) of the UNet and the text encoder(s):
+For every attention projection W (out x in) of the denoiser (a UNet, a DiT) and the text encoder(s) that the base's
+family names (`hdb.families`):
 
     dW = B_aux @ B_train @ A_train @ A_aux
          (out x b)(b x r) (r x a) (a x in)
@@ -9,7 +10,7 @@ A_aux and B_aux are random semi-orthogonal matrices regenerated from (seed, laye
 stored. Only A_train and B_train are personal: r*(a+b) numbers a layer, 26,400 for SD1.5 at the
 paper's r=1, a=100, b=50. Since `lora_A = A_train @ A_aux` and `lora_B = B_aux @ B_train`, LiDB is
 an exact rank-r LoRA, which is how the forward pass computes it (cheaper than four matmuls) and how
-`hdb.export` writes it. The factors of all layers of a component (UNet, text encoder) are built together
+`hdb.export` writes it. The factors of all layers of a component (denoiser, text encoder) are built together
 at the start of its forward pass, a few batched matmuls for layers of the same shape, rather than a
 handful of small kernels in each of the 176 layers: an eager step, text encoder included, then
 dispatches as many operations as a plain LoRA step on the UNet alone (see `_WeightSource.build_factors`).
@@ -342,7 +343,12 @@ def find_target_linears(components: dict[str, tuple[nn.Module, tuple[tuple[str, 
     targets: dict[str, nn.Linear] = {}
     for component, (model, projection_sets) in components.items():
         for path, module in model.named_modules():
-            owned = [p for s in projection_sets if all(hasattr(module, p.split(".")[0]) for p in s) for p in s]
+            owned = [
+                projection
+                for projections in projection_sets
+                if all(hasattr(module, projection.split(".")[0]) for projection in projections)
+                for projection in projections
+            ]
             for projection in dict.fromkeys(owned):  # in the sets' order, each once
                 linear = module.get_submodule(projection)
                 if isinstance(linear, LiDBLinear):
