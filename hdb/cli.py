@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--score", type=Path, help="a photo of the person: print each image's identity similarity to it")
     gen.add_argument("-o", "--output", type=Path, required=True, help="output .png (several images: _0, _1, ...)")
     gen.add_argument("--steps", type=in_range(int, (1, 1000)), default=25)
-    gen.add_argument("--guidance", type=in_range(float, (0.0, 100.0)), default=7.5)
+    gen.add_argument("--guidance", type=in_range(float, (0.0, 100.0)), help="default: the base family's")
     gen.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
     gen.add_argument("--num-images", type=in_range(int, (1, 64)), default=1)
     gen.add_argument("--strength", type=in_range(float, (0.0, 10.0)), default=1.0, help="identity strength, 0..1+")

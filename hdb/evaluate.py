@@ -30,6 +30,7 @@ from hdb.config import DREAMBOOTH_LORA_LR, DREAMBOOTH_LORA_STEPS, STEPS_WITH_HYP
 from hdb.errors import HdbError, from_hub_or_directory
 from hdb.example_photos import ASSETS
 from hdb.faces import AlignedFace, ImageSource, align_face, cosine, face_embedding, load_image
+from hdb.generate import resolved_guidance
 from hdb.personal_file import PersonalWeights, load_personal
 from hdb.styles import PERSON, expand_prompt
 
@@ -234,7 +235,7 @@ def evaluate(
     seed: int = 0,
     steps: int = 25,
     style: str = "None",
-    guidance: float = 7.5,
+    guidance: float | None = None,
     on_sample: Callable[[dict], None] | None = None,
 ) -> EvalResult:
     """Generate one image per person x prompt (same seed for all), score each, and average per person and overall.
@@ -247,6 +248,7 @@ def evaluate(
     weights = {name: w if isinstance(w, PersonalWeights) else load_personal(w) for name, (_, w) in people.items()}
     references = {name: evaluator.reference(photo) for name, (photo, _) in people.items()}
     samples, images = [], {}
+    guidance = resolved_guidance(personal.pipe, guidance)  # recorded below as drawn
     for name, person in weights.items():
         personal.use(person)
         images[name] = []

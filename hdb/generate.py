@@ -24,7 +24,7 @@ def generate(
     prompt: str,
     negative_prompt: str = DEFAULT_NEGATIVE,
     steps: int = 25,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     seed: int = 0,
     num_images: int = 1,
     identity_strength: float = 1.0,
@@ -41,6 +41,7 @@ def generate(
     """
     if steps < 1 or num_images < 1:
         raise HdbError("steps and the number of images must be at least 1")
+    guidance = resolved_guidance(pipe, guidance)
     if not (math.isfinite(identity_strength) and math.isfinite(guidance)):  # NaN passes every range check
         raise HdbError(f"identity strength and guidance must be finite numbers, not {identity_strength}, {guidance}")
     # CPU generator: same seed, same picture on any device. Made first: a seed out of range fails before any change
@@ -67,6 +68,11 @@ def generate(
                 width=width or native_resolution(pipe),
                 callback_on_step_end=None if on_step is None else _report(on_step),
             ).images
+
+
+def resolved_guidance(pipe: Pipeline, guidance: float | None) -> float:
+    """`guidance`, or where it is None the base family's default (Stable Diffusion 7.5, FLUX.1's distilled 3.5)."""
+    return family_of(pipe).default_guidance if guidance is None else guidance
 
 
 def seeded_generator(seed: int) -> torch.Generator:

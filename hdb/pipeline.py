@@ -226,7 +226,7 @@ class PersonalPipeline:
         strength: float = 1.0,
         negative_prompt: str | None = None,
         steps: int = 25,
-        guidance: float = 7.5,
+        guidance: float | None = None,
         seed: int = 0,
         num_images: int = 1,
         height: int | None = None,

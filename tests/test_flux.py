@@ -144,3 +144,17 @@ def test_a_flux_lora_card_carries_its_bases_licence(tmp_path, base, licence, loa
     assert f'DiffusionPipeline.from_pretrained("{loaded}"' in str(card)
     variant = "schnell" if "schnell" in base else "dev"
     assert kohya_metadata(weights, "me")["modelspec.architecture"] == f"flux-1-{variant}/lora"
+
+
+def test_pictures_are_drawn_at_the_familys_own_guidance_unless_asked():
+    """FLUX.1 reads its guidance as a distilled number, 3.5 by default; Stable Diffusion's classifier-free 7.5."""
+    import numpy as np
+
+    from hdb.generate import generate, resolved_guidance
+
+    flux, sd = build_tiny_pipeline("flux"), build_tiny_pipeline("sd15")
+    assert (resolved_guidance(flux, None), resolved_guidance(sd, None), resolved_guidance(flux, 2.0)) == (3.5, 7.5, 2.0)
+    default, asked, other = (
+        np.asarray(generate(flux, None, "a photo", steps=2, guidance=guidance)[0]) for guidance in (None, 3.5, 1.0)
+    )
+    assert np.array_equal(default, asked) and not np.array_equal(default, other)

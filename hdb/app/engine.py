@@ -11,7 +11,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from hdb.config import APP_COMPILE_MODE, PersonalizeConfig
-from hdb.families import denoiser
+from hdb.families import denoiser, family_of
 from hdb.pipeline import PersonalPipeline
 from hdb.styles import SIZE_PRESETS
 
@@ -183,6 +183,11 @@ class Engine:
             return self.spaces.GPU(duration=seconds)(fn)
 
         return decorate
+
+    @property
+    def default_guidance(self) -> float:
+        """The guidance slider's start: the base family's (FLUX.1 reads its guidance as a distilled number)."""
+        return family_of(self.pipe).default_guidance
 
     @property
     def default_steps(self) -> int:

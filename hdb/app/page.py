@@ -197,7 +197,7 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
                     size = gr.Radio(list(sizes), value=next(iter(sizes)), label="Size", elem_id="size")
                     strength = gr.Slider(0, MAX_STRENGTH, value=1.0, step=0.05, label="Identity strength")
                     gen_steps = gr.Slider(1, engine.max_sampling_steps, value=25, step=1, label="Sampling steps")
-                    guidance = gr.Slider(1, MAX_GUIDANCE, value=7.5, step=0.5, label="Guidance")
+                    guidance = gr.Slider(1, MAX_GUIDANCE, value=engine.default_guidance, step=0.5, label="Guidance")
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, label="Seed (the last one used)", elem_id="seed")
                         randomize = gr.Checkbox(value=True, label="Random seed", elem_id="randomize")

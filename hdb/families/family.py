@@ -81,6 +81,7 @@ class Family(ABC):
     kohya_network_module: ClassVar[str] = "networks.lora"  # the sd-scripts network its kohya LoRAs are trained with
     variants: ClassVar[dict[str, Variant]]  # prediction type -> the published base that predicts it
     card_tags: ClassVar[tuple[str, ...]]  # the tags diffusers' own LoRA training scripts give its LoRAs
+    default_guidance: ClassVar[float] = 7.5  # the guidance scale pictures are drawn with unless asked otherwise
 
     # -- what a pipeline is
 

@@ -112,6 +112,7 @@ class Flux(Family):
         ),
     }
     card_tags = ("flux", "flux-diffusers")
+    default_guidance = TRAINING_GUIDANCE  # FLUX.1 [dev]'s usual distilled guidance (FluxPipeline's default too)
 
     def native_resolution(self, pipe: DiffusionPipeline) -> int:
         return pipe.vae.config.sample_size
