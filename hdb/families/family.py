@@ -73,6 +73,8 @@ class Family(ABC):
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     denoiser_name: ClassVar[str]  # the pipeline component that denoises
     text_encoder_names: ClassVar[tuple[str, ...]]  # its text encoders, in the pipeline's order
+    lidb_text_encoder_names: ClassVar[tuple[str, ...] | None] = None  # those LiDB targets; None: all of them
+    max_prompt_tokens: ClassVar[int | None] = None  # a cap below a tokenizer's own length, where the family has one
     # The projections LiDB targets, as sets: in every module owning all of a set, each of its projections (once)
     denoiser_projections: ClassVar[tuple[tuple[str, ...], ...]]
     text_projections: ClassVar[tuple[tuple[str, ...], ...]]
@@ -103,7 +105,10 @@ class Family(ABC):
 
     def lidb_components(self, pipe: DiffusionPipeline) -> dict[str, tuple[nn.Module, tuple[tuple[str, ...], ...]]]:
         """Component name -> (model, the sets of projections LiDB targets in it)."""
-        text = {name: (model, self.text_projections) for name, model in self.text_encoders(pipe).items()}
+        targeted = self.lidb_text_encoder_names or self.text_encoder_names
+        text = {
+            name: (model, self.text_projections) for name, model in self.text_encoders(pipe).items() if name in targeted
+        }
         return {self.denoiser_name: (self.denoiser(pipe), self.denoiser_projections), **text}
 
     def recognises(self, layer_shapes: dict[str, tuple[int, int]]) -> bool:
@@ -138,9 +143,18 @@ class Family(ABC):
 
     # -- prompts and the denoiser
 
-    @abstractmethod
     def tokenize(self, pipe: DiffusionPipeline, prompts: list[str]) -> list[torch.Tensor]:
-        """Token ids of `prompts` for each text encoder, on its device (tokenised once per training run)."""
+        """Token ids of `prompts` for each text encoder ([B, length] each, padded to its tokenizer's length), on the
+        encoder's device. A training loop tokenises its prompt once and encodes it every step: `pipe.encode_prompt`
+        tokenises and copies the ids to the GPU on every call, and a blocking copy to the GPU waits for all the
+        work queued there, which would stall every step."""
+        token_ids = []
+        for name, encoder in self.text_encoders(pipe).items():
+            tokenizer = getattr(pipe, name.replace("text_encoder", "tokenizer"))  # diffusers pairs them by name
+            length = min(tokenizer.model_max_length, self.max_prompt_tokens or tokenizer.model_max_length)
+            ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            token_ids.append(ids.input_ids.to(encoder.device))
+        return token_ids
 
     @abstractmethod
     def encode_tokens(self, pipe: DiffusionPipeline, token_ids: list[torch.Tensor]) -> Conditioning:

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers import FluxTransformer2DModel as Transformer
-from torch import nn
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from hdb.errors import HdbError
@@ -77,7 +76,8 @@ class Flux(Family):
     pipeline_class = FluxPipeline
     denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2")
-    lidb_text_encoders = ("text_encoder",)  # CLIP only (the module's docstring says why)
+    lidb_text_encoder_names = ("text_encoder",)  # CLIP only (the module's docstring says why)
+    max_prompt_tokens = MAX_T5_TOKENS
     text_projections = CLIP_PROJECTIONS
     denoiser_projections = (
         ("to_q", "to_k", "to_v", "to_out.0"),  # double blocks, image stream
@@ -162,18 +162,6 @@ class Flux(Family):
 
     # -- prompts and the transformer
 
-    def tokenize(self, pipe: DiffusionPipeline, prompts: list[str]) -> list[torch.Tensor]:
-        """CLIP's 77 ids and T5's (up to 512) per prompt."""
-        lengths = (pipe.tokenizer.model_max_length, min(pipe.tokenizer_2.model_max_length, MAX_T5_TOKENS))
-        return [
-            tokenizer(
-                prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-            ).input_ids.to(encoder.device)
-            for tokenizer, encoder, length in zip(
-                (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), lengths, strict=True
-            )
-        ]
-
     def encode_tokens(self, pipe: DiffusionPipeline, token_ids: list[torch.Tensor]) -> Conditioning:
         """T5's token embeddings, and CLIP's pooled embedding, as `FluxPipeline.encode_prompt` makes them."""
         dtype, device = pipe.transformer.dtype, pipe.transformer.device
@@ -241,10 +229,6 @@ class Flux(Family):
     def sampling_arguments(self, negative_prompt: str, guidance: float) -> dict:
         """FLUX.1's guidance is distilled into the model (a number it reads), and it takes no negative prompt."""
         return {"guidance_scale": guidance}
-
-    def lidb_components(self, pipe: DiffusionPipeline) -> dict[str, tuple[nn.Module, tuple[tuple[str, ...], ...]]]:
-        text = {name: (getattr(pipe, name), self.text_projections) for name in self.lidb_text_encoders}
-        return {self.denoiser_name: (pipe.transformer, self.denoiser_projections), **text}
 
     # -- tiny pipelines
 

@@ -77,22 +77,6 @@ class StableDiffusion(Family):
 
     # -- prompts and the UNet
 
-    def tokenize(self, pipe: DiffusionPipeline, prompts: list[str]) -> list[torch.Tensor]:
-        """[B, 77] ids per text encoder. A training loop tokenises its prompt once and encodes it every step:
-        `pipe.encode_prompt` tokenises and copies the ids to the GPU on every call, and a blocking copy to the GPU
-        waits for all the work queued there, which would stall every step."""
-        tokenizers = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None)]
-        return [
-            tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(encoder.device)
-            for tokenizer, encoder in zip(tokenizers, self.text_encoders(pipe).values(), strict=False)
-        ]
-
     def encode_tokens(self, pipe: DiffusionPipeline, token_ids: list[torch.Tensor]) -> Conditioning:
         return Conditioning(pipe.text_encoder(token_ids[0])[0].to(pipe.unet.device))
 
