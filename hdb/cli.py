@@ -357,6 +357,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if photos is not None and not args.hypernet:
         raise HdbError("--photos runs the paper's protocol, which compares a trained hypernetwork: give --hypernet")
     from hdb.families import denoiser
+    from hdb.generate import resolved_steps
     from hdb.pipeline import PersonalPipeline
 
     _quiet_model_loading()
@@ -365,7 +366,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     models = [None if name.lower() == "none" else name for name in (args.clip, args.dino)]
     evaluator = Evaluator(*models, device=device).load()
     count = len(people or photos)
-    print(f"evaluating {count} people x {len(prompts)} prompts, {args.steps} steps, seed {args.seed}")
+    steps = resolved_steps(personal.pipe, args.steps)
+    print(f"evaluating {count} people x {len(prompts)} prompts, {steps} steps, seed {args.seed}")
 
     def show(sample: dict) -> None:
         scores = "  ".join(
@@ -374,7 +376,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"  {sample['person']}: {sample['prompt']!r}  {scores}")
 
     if people is not None:
-        result = evaluate(personal, people, prompts, evaluator, seed=args.seed, steps=args.steps, on_sample=show)
+        result = evaluate(personal, people, prompts, evaluator, seed=args.seed, steps=steps, on_sample=show)
         paths = result.save(args.out)
         print(result.table_markdown())
         print(f"written: {', '.join(str(p) for p in paths)}")
@@ -384,7 +386,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     k1 = HyperNetwork.from_pretrained(args.hypernet_k1, personal.lidb, device) if args.hypernet_k1 else None
     config = PersonalizeConfig(relax=args.relax, seed=args.seed, progress=False)
     results = paper_protocol(
-        personal, photos, prompts, evaluator, k1, config, args.dreambooth_steps, args.seed, args.steps, show
+        personal, photos, prompts, evaluator, k1, config, args.dreambooth_steps, args.seed, steps, show
     )
     for number, result in enumerate(results.values(), start=1):  # each method's own table, samples and grid
         result.save(args.out / f"method{number}")
@@ -610,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None, help="default: the style's (hdb.styles.negative_for)")
     gen.add_argument("--score", type=Path, help="a photo of the person: print each image's identity similarity to it")
     gen.add_argument("-o", "--output", type=Path, required=True, help="output .png (several images: _0, _1, ...)")
-    gen.add_argument("--steps", type=in_range(int, (1, 1000)), default=25)
+    gen.add_argument("--steps", type=in_range(int, (1, 1000)), help="sampling steps (default: the base's own)")
     gen.add_argument("--guidance", type=in_range(float, (0.0, 100.0)), help="default: the base family's")
     gen.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
     gen.add_argument("--num-images", type=in_range(int, (1, 64)), default=1)
@@ -770,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP model: hub id or directory (default {DEFAULT_CLIP})")
     ev.add_argument("--dino", default=DEFAULT_DINO, help=f"DINO model: hub id or directory (default {DEFAULT_DINO})")
     ev.add_argument("--out", type=Path, default=Path("eval"), help="writes table.md, results.json, grid.jpg here")
-    ev.add_argument("--steps", type=in_range(int, (1, 1000)), default=25)
+    ev.add_argument("--steps", type=in_range(int, (1, 1000)), help="sampling steps (default: the base's own)")
     ev.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
     ev.set_defaults(run=cmd_eval)
     return parser

@@ -30,7 +30,7 @@ from hdb.config import DREAMBOOTH_LORA_LR, DREAMBOOTH_LORA_STEPS, STEPS_WITH_HYP
 from hdb.errors import HdbError, from_hub_or_directory
 from hdb.example_photos import ASSETS
 from hdb.faces import AlignedFace, ImageSource, align_face, cosine, face_embedding, load_image
-from hdb.generate import resolved_guidance
+from hdb.generate import resolved_guidance, resolved_steps
 from hdb.personal_file import PersonalWeights, load_personal
 from hdb.styles import PERSON, expand_prompt
 
@@ -233,7 +233,7 @@ def evaluate(
     prompts: list[str],
     evaluator: Evaluator,
     seed: int = 0,
-    steps: int = 25,
+    steps: int | None = None,
     style: str = "None",
     guidance: float | None = None,
     on_sample: Callable[[dict], None] | None = None,
@@ -248,7 +248,8 @@ def evaluate(
     weights = {name: w if isinstance(w, PersonalWeights) else load_personal(w) for name, (_, w) in people.items()}
     references = {name: evaluator.reference(photo) for name, (photo, _) in people.items()}
     samples, images = [], {}
-    guidance = resolved_guidance(personal.pipe, guidance)  # recorded below as drawn
+    # recorded below as drawn
+    steps, guidance = resolved_steps(personal.pipe, steps), resolved_guidance(personal.pipe, guidance)
     for name, person in weights.items():
         personal.use(person)
         images[name] = []
@@ -362,7 +363,7 @@ def paper_protocol(
     config: PersonalizeConfig | None = None,
     dreambooth_steps: int = DREAMBOOTH_LORA_STEPS,
     seed: int = 0,
-    steps: int = 25,
+    steps: int | None = None,
     on_sample: Callable[[dict], None] | None = None,
 ) -> dict[str, EvalResult]:
     """The paper's evaluation: each person personalised from their one photo by each method of

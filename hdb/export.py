@@ -99,7 +99,7 @@ def kohya_metadata(weights: PersonalWeights, title: str) -> dict[str, str]:
     if not weights.base_family:
         return metadata
     family = FAMILIES[weights.base_family]
-    variant = family.variant(weights.prediction_type, weights.base_model)
+    variant = family.variant(weights.base_variant, weights.base_model)
     architecture, resolution, implementation = variant.modelspec
     prediction_type = family.modelspec_prediction_type(weights.prediction_type)
     prediction = {} if prediction_type is None else {"modelspec.prediction_type": prediction_type}

@@ -23,7 +23,7 @@ def generate(
     lidb: LiDB | None,
     prompt: str,
     negative_prompt: str = DEFAULT_NEGATIVE,
-    steps: int = 25,
+    steps: int | None = None,
     guidance: float | None = None,
     seed: int = 0,
     num_images: int = 1,
@@ -38,7 +38,9 @@ def generate(
     With `merge` (the default) the person is folded into the base weights for the sampling and taken out
     again afterwards, exactly (`LiDB.merge`): each step then costs what the base model's step costs,
     instead of 176 extra low-rank products. `on_step(i)` is called after sampling step i (progress bars).
+    `steps` and `guidance`: None draws with the base's own (`resolved_steps`, `resolved_guidance`).
     """
+    steps = resolved_steps(pipe, steps)
     if steps < 1 or num_images < 1:
         raise HdbError("steps and the number of images must be at least 1")
     guidance = resolved_guidance(pipe, guidance)
@@ -68,6 +70,11 @@ def generate(
                 width=width or native_resolution(pipe),
                 callback_on_step_end=None if on_step is None else _report(on_step),
             ).images
+
+
+def resolved_steps(pipe: Pipeline, steps: int | None) -> int:
+    """`steps`, or where it is None the base's own (25 for Stable Diffusion, 28 for FLUX.1 [dev], 4 for [schnell])."""
+    return family_of(pipe).sampling_steps(pipe) if steps is None else steps
 
 
 def resolved_guidance(pipe: Pipeline, guidance: float | None) -> float:

@@ -105,7 +105,8 @@ def model_card(directory: str | Path, repo_id: str, evaluation: str | None = Non
     training = published_training(json.loads(training_file.read_text())) if training_file.is_file() else None
     base_id, base_text, notes = _base_model(recorded.get("base_model", ""))
     family = recorded.get("base_family", "")  # "" in configs from before hdb kept it
-    variant = variant_of(family, recorded.get("prediction_type", ""), recorded.get("base_model", ""))
+    recorded_variant = recorded.get("base_variant") or recorded.get("prediction_type", "")  # older: what it predicts
+    variant = variant_of(family, recorded_variant, recorded.get("base_model", ""))
     reference_id, reference_name = (variant.reference, variant.title) if variant else ("", "")
     base_argument = base_id or reference_id or public_name(recorded.get("base_model", "")) or "unknown"
     if not base_id and reference_id:
@@ -217,7 +218,7 @@ def lora_card(
 
     pictures = pictures or {}
     base_id, base_text, notes = _base_model(weights.base_model)
-    variant = variant_of(weights.base_family, weights.prediction_type, weights.base_model)
+    variant = variant_of(weights.base_family, weights.base_variant, weights.base_model)
     reference_id, reference_name = (variant.reference, variant.title) if variant else (None, "")
     loaded = base_id or reference_id or UNKNOWN_BASE  # what the snippet loads: a hub id anyone can download
     family = FAMILIES.get(weights.base_family)

@@ -30,7 +30,7 @@ from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 from hdb.config import DECODER_INPUTS, HYPERNET_STARTS
 from hdb.errors import HdbError, check_choice, from_hub_or_directory
 from hdb.lidb import LiDB, LiDBConfig, Signature, check_signature, start_A
-from hdb.models import base_family, prediction_type
+from hdb.models import base_family, base_variant, prediction_type
 from hdb.personal_file import public_name
 from hdb.seeding import initialised_from
 
@@ -65,6 +65,7 @@ class HyperNetworkConfig:
     base_model: str = ""  # hub id, or folder name, of the base it was trained with (informational: fingerprints decide)
     base_family: str = ""  # ... its family and what it predicts (hdb.models; "" in configs from before they were kept)
     prediction_type: str = ""
+    base_variant: str = ""  # which published base of the family (`Family.variants`); "" in older configs
 
 
 def load_image_encoder(name_or_path: str) -> nn.Module:
@@ -239,6 +240,7 @@ class HyperNetwork(nn.Module):
             base_model=public_name(lidb.base_model),
             base_family=base_family(lidb.pipe),
             prediction_type=prediction_type(lidb.pipe),
+            base_variant=base_variant(lidb.pipe),
         )
         image_size = _encoder_setting(image_encoder, "image_size")
         if image_size is not None:

@@ -69,6 +69,11 @@ def prediction_type(pipe: Pipeline) -> str:
     return family_of(pipe).prediction_type(pipe)
 
 
+def base_variant(pipe: Pipeline) -> str:
+    """Which published base of its family `pipe` is ("epsilon", "v_prediction"; FLUX.1's "dev", "schnell")."""
+    return family_of(pipe).variant_name(pipe)
+
+
 def native_resolution(pipe: Pipeline) -> int:
     """The image size the base model was trained at (512 for SD1.5, 1024 for SDXL)."""
     return family_of(pipe).native_resolution(pipe)

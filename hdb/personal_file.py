@@ -29,10 +29,10 @@ import torch
 
 from hdb.config import DEFAULT_INSTANCE_PROMPT, DEFAULT_INSTANCE_TOKEN, MAX_RANK, MAX_TOKEN_CHARS, token_problem
 from hdb.errors import HdbError
-from hdb.families import family_from_layers
+from hdb.families import FAMILIES, family_from_layers
 from hdb.files import read_regular_file, shown, write_file
 from hdb.lidb import LiDB, LiDBConfig, Signature, arch_fingerprint
-from hdb.models import BASE_FAMILIES, base_family, prediction_type
+from hdb.models import BASE_FAMILIES, base_family, base_variant, prediction_type
 from hdb.styles import MAX_PROMPT_CHARS
 
 # Bounds on what a file may claim, far above any real base (SDXL: 736 layers at most 2,048 wide, ~60 KB of
@@ -62,6 +62,7 @@ MAX_METADATA_CHARS = {
     "base_model": MAX_BASE_MODEL_CHARS,
     "base_family": 16,
     "prediction_type": 16,
+    "base_variant": 16,
     "created": 32,  # ISO 8601 to the second: "2026-05-09T07:35:25+00:00"
 }
 
@@ -84,6 +85,9 @@ class PersonalWeights:
     instance_token: str = DEFAULT_INSTANCE_TOKEN
     base_family: str = ""  # one of hdb.models.BASE_FAMILIES; "" when unknown
     prediction_type: str = ""  # one of PREDICTION_TYPES; "" when unknown
+    # which of its family's published bases (`Family.variants`); files from before hdb recorded it give their
+    # prediction type, which tells the Stable Diffusion ones apart
+    base_variant: str = ""
     lora_down: list[torch.Tensor] | None = None  # the plain LoRA on top, per layer: [r', in] ...
     lora_up: list[torch.Tensor] | None = None  # ... and [out, r']; None for a LiDB-only person
     # When the person was made (`created_now`), kept through every save and load: exports date themselves by it, so
@@ -114,6 +118,7 @@ class PersonalWeights:
             instance_token=instance_token,
             base_family=base_family(lidb.pipe),
             prediction_type=prediction_type(lidb.pipe),
+            base_variant=base_variant(lidb.pipe),
             lora_down=None if lora is None else _copies(lora[0]),
             lora_up=None if lora is None else _copies(lora[1]),
             created=created_now(),
@@ -181,6 +186,19 @@ def is_repo_id(name: str) -> bool:
     return True
 
 
+def _variants(family: str) -> tuple[str, ...]:
+    """The variant names a file of `family` may record (an unknown family's, any its family may have)."""
+    families = [FAMILIES[family]] if family in FAMILIES else FAMILIES.values()
+    return tuple(name for known in families for name in known.variants)
+
+
+def _base_title(weights: PersonalWeights) -> str:
+    """The published base the file names ("FLUX.1 [schnell]"), or the family's reference when it does not say."""
+    if not weights.base_family:
+        return "(unknown)"
+    return FAMILIES[weights.base_family].variant(weights.base_variant, weights.base_model).title
+
+
 def _is_iso_date(text: str) -> bool:
     try:
         datetime.fromisoformat(text)
@@ -243,6 +261,7 @@ def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype
         "base_model": public_name(weights.base_model),
         "base_family": weights.base_family,
         "prediction_type": weights.prediction_type,
+        "base_variant": weights.base_variant,
         "lora_rank": str(weights.lora_rank),
         **({"created": weights.created} if weights.created else {}),  # no date is invented for an older file
     }
@@ -339,6 +358,7 @@ def load_personal(path: str | Path) -> PersonalWeights:
             # a file from before hdb recorded it: its layers may tell (hdb.families.family_from_layers)
             base_family=metadata.get("base_family") or family_from_layers(layer_shapes),
             prediction_type=metadata.get("prediction_type", ""),
+            base_variant=metadata.get("base_variant") or metadata.get("prediction_type", ""),
             created=metadata.get("created", ""),
         )
         if weights.created and not _is_iso_date(weights.created):
@@ -347,6 +367,8 @@ def load_personal(path: str | Path) -> PersonalWeights:
             raise ValueError(f"unknown base family {weights.base_family[:40]!r}")
         if weights.prediction_type not in ("", *PREDICTION_TYPES):
             raise ValueError(f"unknown prediction type {weights.prediction_type[:40]!r}")
+        if metadata.get("base_variant") and metadata["base_variant"] not in _variants(weights.base_family):
+            raise ValueError(f"unknown base variant {metadata['base_variant'][:40]!r}")
         aux_numbers = sum(config.a * i + o * config.b for i, o in layer_shapes.values())
         if aux_numbers > MAX_AUX_NUMBERS:
             raise ValueError(f"its aux bases would hold {aux_numbers:,} numbers (at most {MAX_AUX_NUMBERS:,})")
@@ -419,6 +441,7 @@ def describe(path: str | Path) -> str:
         f"format:           {FORMAT} v{FORMAT_VERSION}",
         f"base model:       {weights.base_model or '(unknown)'}  architecture fingerprint {weights.arch_fingerprint}",
         f"base family:      {weights.base_family or '(unknown)'}, predicting {weights.prediction_type or '(unknown)'}",
+        f"made on:          {_base_title(weights)}",
         f"LiDB:             r={config.rank} a={config.a} b={config.b} aux seed {config.seed} "
         f"(fingerprint {weights.aux_fingerprint})",
         f"layers:           {len(weights.layer_names)} ({', '.join(f'{k}: {v}' for k, v in components.items())})",

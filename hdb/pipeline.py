@@ -225,7 +225,7 @@ class PersonalPipeline:
         style: str = "None",
         strength: float = 1.0,
         negative_prompt: str | None = None,
-        steps: int = 25,
+        steps: int | None = None,
         guidance: float | None = None,
         seed: int = 0,
         num_images: int = 1,
@@ -235,8 +235,8 @@ class PersonalPipeline:
     ) -> list[Image.Image]:
         """Pictures of the person held, `prompt` naming them with [V], in `style`, at identity `strength`.
 
-        `negative_prompt`: None follows the style. Identity strength, merged weights and scheduler are as
-        before afterwards, also when sampling fails.
+        `negative_prompt`: None follows the style; `steps`, `guidance`: None, the base's own. Identity strength,
+        merged weights and scheduler are as before afterwards, also when sampling fails.
         """
         full_prompt = expand_prompt(prompt, self._held().instance_token, style)
         negative = negative_for(style) if negative_prompt is None else check_prompt(negative_prompt, "negative prompt")

@@ -1,6 +1,9 @@
 """FLUX.1, the first DiT family, through the personalisation path: the tiny FLUX pipeline, offline."""
 
+import json
+
 import pytest
+import safetensors.torch
 import torch
 from helpers import ASSETS, trained_person
 from helpers import hdb_cli as hdb
@@ -136,7 +139,8 @@ def test_a_flux_lora_card_carries_its_bases_licence(tmp_path, base, licence, loa
     from hdb.export import kohya_metadata
     from hdb.hub import check_card, lora_card
 
-    weights = replace(PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("flux"))), base_model=base)
+    person = PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("flux")))
+    weights = replace(person, base_model=base, base_variant="")  # a file from before hdb recorded the variant
     card, _ = lora_card(weights, "someone/me-flux-lora", "me.safetensors")
     check_card(card)
     data = ModelCard(str(card)).data.to_dict()
@@ -158,3 +162,56 @@ def test_pictures_are_drawn_at_the_familys_own_guidance_unless_asked():
         np.asarray(generate(flux, None, "a photo", steps=2, guidance=guidance)[0]) for guidance in (None, 3.5, 1.0)
     )
     assert np.array_equal(default, asked) and not np.array_equal(default, other)
+
+
+def tiny_schnell(seed: int = 0):
+    """The tiny FLUX pipeline as FLUX.1 [schnell] is: a transformer that reads no guidance value."""
+    from diffusers import FluxTransformer2DModel
+
+    pipe = build_tiny_pipeline("flux", seed)
+    pipe.transformer = FluxTransformer2DModel.from_config({**pipe.transformer.config, "guidance_embeds": False})
+    return pipe
+
+
+def test_schnell_is_told_from_dev_by_its_transformer_and_recorded_so(tmp_path):
+    """[schnell] reads no guidance: that, not the base's name, makes a person [schnell]'s (Apache-2.0, 4 steps)."""
+    from hdb.export import kohya_metadata
+    from hdb.generate import resolved_steps
+    from hdb.hub import lora_card
+    from hdb.personal_file import describe
+
+    schnell, dev = tiny_schnell(), build_tiny_pipeline("flux")
+    assert (resolved_steps(schnell, None), resolved_steps(dev, None), resolved_steps(schnell, 6)) == (4, 28, 6)
+    assert resolved_steps(build_tiny_pipeline("sd15"), None) == 25
+    for pipe, variant, licence in ((schnell, "schnell", "apache-2.0"), (dev, "dev", "other")):
+        person = PersonalWeights.from_lidb(trained_person(pipe))
+        person.base_model = "/home/someone/my-flux"  # a folder whose name says nothing
+        path = save_personal(person, tmp_path / f"{variant}.safetensors")
+        weights = load_personal(path)
+        assert weights.base_variant == variant and f"made on:          FLUX.1 [{variant}]" in describe(path)
+        assert kohya_metadata(weights, "me")["modelspec.architecture"] == f"flux-1-{variant}/lora"
+        card, _ = lora_card(weights, "someone/me", "me.safetensors")
+        assert card.data.to_dict()["license"] == licence
+
+
+def test_a_forged_base_variant_is_refused(tmp_path):
+    from hdb.personal_file import safetensors_bytes
+
+    path = save_personal(PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("flux"))), tmp_path / "p.st")
+    data = path.read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    metadata = {**header.pop("__metadata__"), "base_variant": "pro"}
+    tensors = safetensors.torch.load(data)
+    forged = tmp_path / "forged.safetensors"
+    forged.write_bytes(safetensors_bytes(tensors, metadata))
+    with pytest.raises(HdbError, match="unknown base variant 'pro'"):
+        load_personal(forged)
+
+
+def test_schnell_draws_in_its_own_few_steps_by_default():
+    """Without `steps`, a [schnell] base samples 4 steps (FluxPipeline's own default is 28)."""
+    from hdb.generate import generate
+
+    steps = []
+    generate(tiny_schnell(), None, "a photo", on_step=steps.append)
+    assert len(steps) == 4

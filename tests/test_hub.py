@@ -208,7 +208,10 @@ def test_a_persons_lora_is_pushed_with_a_diffusers_lora_card(tiny_sd15, tmp_path
 )
 def test_a_card_for_a_local_base_loads_the_reference_model_of_its_family(tiny_sd15, family, prediction, reference):
     weights = PersonalWeights.from_lidb(trained_person(tiny_sd15))
-    weights = replace(weights, base_model="/home/someone/my-base", base_family=family, prediction_type=prediction)
+    weights = replace(
+        weights, base_model="/home/someone/my-base", base_family=family, prediction_type=prediction,
+        base_variant=prediction,  # the Stable Diffusion families' variants are what they predict
+    )  # fmt: skip
     card, notes = lora_card(weights, "someone/me-lora", "me.safetensors")
     check_card(card)
     text = str(card)

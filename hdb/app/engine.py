@@ -36,7 +36,7 @@ QUOTA_MINUTES = {"anonymous": 2, "free account": 5, "PRO": 40, "Team": 40, "Ente
 QUOTA_SECONDS = {account: minutes * 60 for account, minutes in QUOTA_MINUTES.items()}
 GPU_SECONDS = {"setup": 10.0, "finetune_step": 0.6, "image_step": 0.1}
 MAX_GPU_SECONDS = 180  # what one call may ask for at most; the sliders' limits are set so their work fits
-FIRST_PICTURES = (2, 25)  # what one click on Personalise draws: images x sampling steps (the page's defaults)
+FIRST_PICTURES = 2  # what one click on Personalise draws (the page's default), at the base's own sampling steps
 MAX_FINETUNE_STEPS, MAX_SAMPLING_STEPS, MAX_IMAGES = 400, 100, 4
 MAX_STRENGTH, MAX_GUIDANCE = 1.5, 15.0  # the page's slider limits, checked again on the server (API callers)
 # the largest size preset's pixels over the native square's (SD1.x's portrait: 1.5)
@@ -190,6 +190,11 @@ class Engine:
         return family_of(self.pipe).default_guidance
 
     @property
+    def default_sampling_steps(self) -> int:
+        """The sampling-steps slider's start: the base's own (FLUX.1 [schnell] is distilled to 4)."""
+        return family_of(self.pipe).sampling_steps(self.pipe)
+
+    @property
     def default_steps(self) -> int:
         """The library's (40 from a hypernetwork's prediction, 200 from zero); on ZeroGPU, from zero, as many as
         let an anonymous visitor's first personalisation and first pictures fit their daily quota."""
@@ -200,7 +205,7 @@ class Engine:
 
     def zero_gpu_steps(self, quota: float) -> int:
         """The most finetune steps whose request, with the first pictures', is charged at most `quota` seconds."""
-        budget = quota / ZERO_GPU_FACTOR - self.generate_seconds(FIRST_PICTURES[1], FIRST_PICTURES[0])
+        budget = quota / ZERO_GPU_FACTOR - self.generate_seconds(self.default_sampling_steps, FIRST_PICTURES)
         return max(1, int((budget - GPU_SECONDS["setup"]) / (GPU_SECONDS["finetune_step"] * self.pixel_scale)))
 
     @property

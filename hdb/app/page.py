@@ -8,7 +8,7 @@ import gradio as gr
 from gradio.data_classes import ListFiles
 from gradio_client.utils import is_valid_file
 
-from hdb.app.engine import MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, QUOTA_MINUTES, ZERO_GPU_CARD, Engine
+from hdb.app.engine import FIRST_PICTURES, MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGTH, QUOTA_MINUTES, ZERO_GPU_CARD, Engine
 from hdb.app.handlers import DIFFUSERS_FILE, KOHYA_FILE, PERSON_FILE, Handlers
 from hdb.app.line import LINE_SIZE, MAX_JOBS_PER_VISITOR, MAX_UPLOAD, Door
 from hdb.app.visitors import EXAMPLE_NAMES, VisitorFiles
@@ -196,12 +196,13 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
                     negative = gr.Textbox(label="Negative prompt (follows the style)", value=negative_for("None"))
                     size = gr.Radio(list(sizes), value=next(iter(sizes)), label="Size", elem_id="size")
                     strength = gr.Slider(0, MAX_STRENGTH, value=1.0, step=0.05, label="Identity strength")
-                    gen_steps = gr.Slider(1, engine.max_sampling_steps, value=25, step=1, label="Sampling steps")
+                    most, start = engine.max_sampling_steps, engine.default_sampling_steps
+                    gen_steps = gr.Slider(1, most, value=start, step=1, label="Sampling steps")
                     guidance = gr.Slider(1, MAX_GUIDANCE, value=engine.default_guidance, step=0.5, label="Guidance")
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, label="Seed (the last one used)", elem_id="seed")
                         randomize = gr.Checkbox(value=True, label="Random seed", elem_id="randomize")
-                    count = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="Images")
+                    count = gr.Slider(1, MAX_IMAGES, value=FIRST_PICTURES, step=1, label="Images")
                 with gr.Accordion("Tips, identity scores, responsible use", open=False):
                     gr.Markdown(TIPS, elem_id="tips")
                     gr.Markdown(identity_legend(), elem_id="identity-legend")

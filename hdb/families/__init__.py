@@ -36,10 +36,10 @@ def family_of_tiny(arch: str) -> Family:
     return next(family for family in FAMILIES.values() if family.tiny_arch == arch)
 
 
-def variant_of(family: str, prediction_type: str, base_model: str = "") -> Variant | None:
-    """The published base a person recorded as `family`, `prediction_type` and `base_model` was made on
-    (`Family.variant`); None for no family."""
-    return FAMILIES[family].variant(prediction_type, base_model) if family else None
+def variant_of(family: str, variant: str, base_model: str = "") -> Variant | None:
+    """The published base a person recorded as `family`, `variant` and `base_model` was made on (`Family.variant`);
+    None for no family."""
+    return FAMILIES[family].variant(variant, base_model) if family else None
 
 
 def family_from_layers(layer_shapes: dict[str, tuple[int, int]]) -> str:

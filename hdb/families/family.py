@@ -62,6 +62,7 @@ class Variant:
     license: str
     license_name: str = ""
     license_link: str = ""
+    sampling_steps: int = 25  # what pictures are drawn in unless asked (hdb's DPM-Solver draws SD well in ~25)
 
 
 class Family(ABC):
@@ -81,7 +82,7 @@ class Family(ABC):
     kohya_prefixes: ClassVar[dict[str, str]]  # component -> the prefix of its layers' keys in kohya's LoRA files
     kohya_v2: ClassVar[bool] = False  # kohya's `ss_v2`, by which AUTOMATIC1111 tells SD2.x LoRAs apart
     kohya_network_module: ClassVar[str] = "networks.lora"  # the sd-scripts network its kohya LoRAs are trained with
-    variants: ClassVar[dict[str, Variant]]  # prediction type -> the published base that predicts it
+    variants: ClassVar[dict[str, Variant]]  # `variant_name` -> the published base
     card_tags: ClassVar[tuple[str, ...]]  # the tags diffusers' own LoRA training scripts give its LoRAs
     default_guidance: ClassVar[float] = 7.5  # the guidance scale pictures are drawn with unless asked otherwise
 
@@ -91,10 +92,19 @@ class Family(ABC):
         """Whether `pipe` is of this family (the registry asks each family in turn)."""
         return isinstance(pipe, self.pipeline_class)
 
-    def variant(self, prediction_type: str, base_model: str = "") -> Variant:
-        """The published base a person recorded with `prediction_type` and `base_model` (a hub id or a folder's
-        name) was made on: by what it predicts (the family's first when unknown)."""
-        return self.variants.get(prediction_type) or next(iter(self.variants.values()))
+    def variant_name(self, pipe: DiffusionPipeline) -> str:
+        """Which of `variants` `pipe` is, as personal files and hypernetworks record it: by default what it predicts
+        (SD2.x's 512 px base predicts the noise, its 768 px model the velocity)."""
+        return self.prediction_type(pipe)
+
+    def variant(self, name: str, base_model: str = "") -> Variant:
+        """The published base a person recorded as variant `name` (`variant_name`) and `base_model` (a hub id or a
+        folder's name) was made on; the family's first when unknown."""
+        return self.variants.get(name) or next(iter(self.variants.values()))
+
+    def sampling_steps(self, pipe: DiffusionPipeline) -> int:
+        """The sampling steps pictures are drawn in unless asked: the variant's (FLUX.1 [schnell] is distilled to 4)."""
+        return self.variant(self.variant_name(pipe)).sampling_steps
 
     def denoiser(self, pipe: DiffusionPipeline) -> nn.Module:
         return getattr(pipe, self.denoiser_name)

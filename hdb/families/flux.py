@@ -91,8 +91,8 @@ class Flux(Family):
         "text_encoder_2": "lora_te3",
     }
     kohya_network_module = "networks.lora_flux"
-    # Both predict the flow; they differ in licence: a person is taken as made on [schnell] when its base's name says
-    # so (its repository, or a folder named after it), else on [dev], whose licence is the stricter
+    # Both predict the flow; they differ in guidance (only [dev] reads a distilled guidance value, which is how a
+    # pipeline tells which it is), sampling steps (FluxPipeline's 28; [schnell] is distilled to 4) and licence
     variants: ClassVar[dict[str, Variant]] = {
         "dev": Variant(
             "FLUX.1 [dev]",
@@ -102,6 +102,7 @@ class Flux(Family):
             "other",
             "flux-1-dev-non-commercial-license",
             "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
+            sampling_steps=28,
         ),
         "schnell": Variant(
             "FLUX.1 [schnell]",
@@ -109,6 +110,7 @@ class Flux(Family):
             "flux1",
             ("flux-1-schnell", "1024x1024", "https://github.com/black-forest-labs/flux"),
             "apache-2.0",
+            sampling_steps=4,
         ),
     }
     card_tags = ("flux", "flux-diffusers")
@@ -120,8 +122,15 @@ class Flux(Family):
     def prediction_type(self, pipe: DiffusionPipeline) -> str:
         return "flow"
 
-    def variant(self, prediction_type: str, base_model: str = "") -> Variant:
-        return self.variants["schnell" if "schnell" in base_model.lower() else "dev"]
+    def variant_name(self, pipe: DiffusionPipeline) -> str:
+        return "dev" if pipe.transformer.config.guidance_embeds else "schnell"
+
+    def variant(self, name: str, base_model: str = "") -> Variant:
+        """Files from before hdb recorded the variant are taken as [schnell] when their base's name says so (its
+        repository, or a folder named after it), else as [dev], whose licence is the stricter."""
+        if name not in self.variants:
+            name = "schnell" if "schnell" in base_model.lower() else "dev"
+        return self.variants[name]
 
     # -- what LoRA files say
 
