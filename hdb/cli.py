@@ -28,6 +28,7 @@ from hdb.config import (
     DREAMBOOTH_LORA_STEPS,
     DTYPE_CHOICES,
     FILE_DTYPES,
+    LIDB_LAYERS,
     LORA_FORMATS,
     MAX_PHOTOS,
     MAX_RANK,
@@ -72,16 +73,19 @@ def _quiet_model_loading() -> None:
 # ----------------------------------------------------------------------------- options from config dataclasses
 
 
-def config_option(parser: argparse._ActionsContainer, config: type, name: str, **kwargs: Any) -> None:
+def config_option(parser: argparse._ActionsContainer, config: type, name: str, unset: str = "", **kwargs: Any) -> None:
     """Add the option for field `name` of the `config` dataclass: its flag (`hdb.terms.flag_for`), and the field's
-    default, type, help and choices. `kwargs` go to argparse as they are (e.g. nargs)."""
+    default, type, help and choices. `unset`: the option defaults to None instead, which the command resolves as this
+    says ("the hypernetwork's"). `kwargs` go to argparse as they are (e.g. nargs)."""
     field = {f.name: f for f in fields(config)}[name]
     flag = flag_for(name)
-    if field.default_factory is not MISSING:
+    if unset:
+        default = None
+    elif field.default_factory is not MISSING:
         default = field.default_factory()
     else:  # a field the library requires has None: whether a command requires its option is the command's business
         default = None if field.default is MISSING else field.default
-    help = field.metadata["help"]
+    help = f"{field.metadata['help']} (default: {unset})" if unset else field.metadata["help"]
     if "choices" in field.metadata:
         kwargs.setdefault("choices", field.metadata["choices"])
     if isinstance(default, bool):  # a flag sets the value away from the default
@@ -212,7 +216,8 @@ def cmd_personalize(args: argparse.Namespace) -> None:
         load_image(photo)
 
     _quiet_model_loading()
-    personal = PersonalPipeline.load(args.base, args.hypernet, args.device, args.dtype)
+    lidb = LiDBConfig(layers=args.layers) if args.layers else None
+    personal = PersonalPipeline.load(args.base, args.hypernet, args.device, args.dtype, lidb)
     if personal.hypernet is None:
         print("No --hypernet given: finetuning from zero (no prediction to start from), so more steps by default.")
     config = config_from_args(PersonalizeConfig, args)
@@ -280,7 +285,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from hdb.pipeline import PersonalPipeline
 
     _quiet_model_loading()
-    personal = PersonalPipeline.load(args.base, None, args.device, args.dtype)
+    personal = PersonalPipeline.load(args.base, None, args.device, args.dtype, weights.config)  # the person's shape
     personal.use(weights)
     if not mentions_person(args.prompt, weights.instance_token):
         print(f"note: the prompt does not mention [V] (or '{weights.instance_token}'); the person may not appear")
@@ -419,7 +424,7 @@ def cmd_preoptimize(args: argparse.Namespace) -> None:
     # under `accelerate launch`, one process per device: each loads the base onto its own
     state = PartialState(cpu=args.device == "cpu")
     pipe = load_pipeline(args.base, args.dtype, str(state.device) if args.device == "auto" else args.device)
-    config = config_from_args(PreoptimizeConfig, args, lidb=LiDBConfig(rank=args.rank))
+    config = config_from_args(PreoptimizeConfig, args, lidb=LiDBConfig(rank=args.rank, layers=args.layers))
     summary = preoptimize(pipe, _training_photos(args), args.out, config)
     share = f"process {summary['process']} of {summary['processes']}: " if summary["processes"] > 1 else ""
     print(
@@ -600,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     person.add_argument("--hypernet", help="trained hypernetwork: hub id or directory (optional)")
     person.add_argument("-o", "--output", type=Path, required=True, help="personal .safetensors file to write")
     config_options(person, PersonalizeConfig)
+    config_option(person, LiDBConfig, "layers", unset=f"the hypernetwork's, else {LIDB_LAYERS[0]}")
     person.add_argument("--save-dtype", choices=FILE_DTYPES, default=FILE_DTYPES[0])
     person.add_argument("--save-face", type=Path, help="also save the aligned face crop here")
     person.set_defaults(run=cmd_personalize)
@@ -629,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(pre)
     config_options(pre, PreoptimizeConfig)
     config_option(pre, LiDBConfig, "rank")
+    config_option(pre, LiDBConfig, "layers")
     pre.set_defaults(run=cmd_preoptimize)
 
     cache = sub.add_parser(

@@ -22,6 +22,11 @@ DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")  # the precision the base model
 FILE_DTYPES = ("fp32", "fp16")  # what personal files and LoRA exports are written in
 LORA_FORMATS = ("diffusers", "kohya")  # diffusers/peft keys; kohya keys (AUTOMATIC1111, ComfyUI)
 TINY_ARCHS = ("sd15", "sdxl", "sd2", "flux")  # the tiny random pipelines hdb builds for offline tries and tests
+# Which layers LiDB targets (`hdb.families.Family.lidb_components`), the default first: "all", the attention
+# projections of the denoiser and of the text encoder (CLIP's, for FLUX.1: not T5); "denoiser", the denoiser's alone;
+# "double-blocks", FLUX.1's double-stream blocks (both streams) and CLIP, not its single-stream blocks. A family
+# offers the choices that mean something for it (`Family.layer_choices`); docs/PAPER.md says why "all".
+LIDB_LAYERS = ("all", "denoiser", "double-blocks")
 # How the fast finetune relaxes the predicted rank-1 LiDB, the default first: "lora", the paper's (a plain rank-r
 # LoRA on top of the prediction, free of the aux bases: ~4.4 MB at SD1.5 size), or "lidb", hdb's compact variant
 # (the rank grows inside the aux bases: ~420 KB). The paper's is the default until evidence says otherwise: the
@@ -150,8 +155,8 @@ def value_problem(value: object, between: tuple[float, float], whole: bool, mult
 
 
 def check_settings(config: object) -> None:
-    """Refuse a config whose numbers are out of their fields' ranges, or whose other values their fields' `problem`
-    refuses, naming the setting as Python does."""
+    """Refuse a config whose numbers are out of their fields' ranges, whose values are not among their fields'
+    choices, or whose other values their fields' `problem` refuses, naming the setting as Python does."""
     hints = {f.name: f.type for f in fields(config)}
     for item in fields(config):
         value = getattr(config, item.name)
@@ -161,6 +166,8 @@ def check_settings(config: object) -> None:
         if "between" in item.metadata:
             whole = "int" in str(hints[item.name])
             problem = value_problem(value, item.metadata["between"], whole, item.metadata.get("multiple_of"))
+        if "choices" in item.metadata and value not in item.metadata["choices"]:
+            problem = f"must be one of {', '.join(map(str, item.metadata['choices']))}, not {shown_value(value)}"
         if "problem" in item.metadata:
             problem = problem or item.metadata["problem"](value)
         if problem:
@@ -224,6 +231,12 @@ class LiDBConfig(Checked):
     b: int = setting(50, "width of the frozen aux basis on the output side", between=(1, MAX_AUX))
     seed: int = setting(
         0, "seeds the aux bases; weights only make sense with the seed they were made with", between=(0, MAX_SEED)
+    )
+    layers: str = setting(
+        LIDB_LAYERS[0],
+        "the layers LiDB targets: all (the denoiser's and the text encoder's attention), denoiser (its alone), "
+        "double-blocks (FLUX.1: its double-stream blocks and CLIP)",
+        LIDB_LAYERS,
     )
 
 

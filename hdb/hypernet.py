@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 
-from hdb.config import DECODER_INPUTS, HYPERNET_STARTS
+from hdb.config import DECODER_INPUTS, HYPERNET_STARTS, LIDB_LAYERS
 from hdb.errors import HdbError, check_choice, from_hub_or_directory
 from hdb.lidb import LiDB, LiDBConfig, Signature, check_signature, start_A
 from hdb.models import base_family, base_variant, prediction_type
@@ -59,6 +59,7 @@ class HyperNetworkConfig:
     image_std: tuple[float, ...] = CLIP_STD
     # The LiDB this hypernetwork predicts for: its weights mean nothing with other aux bases or layers.
     lidb_seed: int = 0
+    lidb_layers: str = LIDB_LAYERS[0]  # hdb.config.LIDB_LAYERS; configs from before the choice had every layer
     arch_fingerprint: str = ""
     aux_fingerprint: str = ""
     layer_names: list[str] = field(default_factory=list)
@@ -163,7 +164,8 @@ class HyperNetwork(nn.Module):
     @property
     def lidb_config(self) -> LiDBConfig:
         """The LiDB shape and seed to attach to a base so that this hypernetwork's predictions fit it."""
-        return LiDBConfig(rank=self.config.rank, a=self.config.a, b=self.config.b, seed=self.config.lidb_seed)
+        c = self.config
+        return LiDBConfig(rank=c.rank, a=c.a, b=c.b, seed=c.lidb_seed, layers=c.lidb_layers)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, S, S] -> image tokens [B, T, width]."""
@@ -234,6 +236,7 @@ class HyperNetwork(nn.Module):
             a=lidb.config.a,
             b=lidb.config.b,
             lidb_seed=lidb.config.seed,
+            lidb_layers=lidb.config.layers,
             arch_fingerprint=lidb.arch_fingerprint(),
             aux_fingerprint=lidb.aux_fingerprint(),
             layer_names=list(lidb.layer_names),
@@ -298,7 +301,8 @@ class HyperNetwork(nn.Module):
                 {k: tuple(values[k]) for k in ("image_mean", "image_std") if k in values}
             )  # JSON has no tuples
             config = HyperNetworkConfig(**values)
-        except (ValueError, TypeError) as error:
+            check_choice("LiDB layers", config.lidb_layers, LIDB_LAYERS)
+        except (ValueError, TypeError, HdbError) as error:
             raise HdbError(f"{directory / CONFIG_FILE} is not a valid hypernetwork config: {error}") from None
         if lidb is not None:  # before loading a possibly large image encoder
             check_signature(_signature(config), lidb.signature(), "This hypernetwork")
@@ -335,4 +339,4 @@ def hypernet_directory(name_or_path: str | Path, revision: str | None = None, to
 
 
 def _signature(c: HyperNetworkConfig) -> Signature:
-    return Signature(c.arch_fingerprint, c.num_layers, c.a, c.b, c.lidb_seed, c.aux_fingerprint, c.rank)
+    return Signature(c.arch_fingerprint, c.num_layers, c.a, c.b, c.lidb_seed, c.aux_fingerprint, c.rank, c.lidb_layers)

@@ -255,7 +255,7 @@ class WeightsManifest:
     def signature(self, num_layers: int) -> Signature:
         """As a LiDB signature; the manifest does not count the layers (the architecture fingerprint covers them)."""
         c = self.lidb
-        return Signature(self.arch_fingerprint, num_layers, c.a, c.b, c.seed, self.aux_fingerprint, c.rank)
+        return Signature(self.arch_fingerprint, num_layers, c.a, c.b, c.seed, self.aux_fingerprint, c.rank, c.layers)
 
 
 def failed_identities(out_dir: str | Path) -> list[str]:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from hdb.config import RELAX_MODES, LiDBConfig
+from hdb.config import LIDB_LAYERS, RELAX_MODES, LiDBConfig
 from hdb.errors import HdbError, check_choice
 from hdb.families import family_of
 
@@ -122,12 +122,15 @@ class Signature:
     seed: int
     aux_fingerprint: str  # the aux bases themselves: same seed, other bases means the recipe changed
     rank: int
+    layers: str = LIDB_LAYERS[0]  # which of the base's layers (hdb.config.LIDB_LAYERS)
 
 
 def check_signature(theirs: Signature, ours: Signature, what: str, same_rank: bool = False) -> None:
     """Refuse `what` (made with `theirs`) for a LiDB with signature `ours`, naming every difference."""
     differences = []
-    if (theirs.arch_fingerprint, theirs.num_layers) != (ours.arch_fingerprint, ours.num_layers):
+    if theirs.layers != ours.layers:  # other layers: another fingerprint too, which would say less
+        differences.append(f"it targets the LiDB layers {theirs.layers!r}; this LiDB targets {ours.layers!r}")
+    elif (theirs.arch_fingerprint, theirs.num_layers) != (ours.arch_fingerprint, ours.num_layers):
         differences.append(
             f"it was made for another base model architecture ({theirs.num_layers} LiDB layers, fingerprint "
             f"{theirs.arch_fingerprint}; this base has {ours.num_layers}, fingerprint {ours.arch_fingerprint})"
@@ -404,7 +407,7 @@ class LiDB:
         self.config = config = config or LiDBConfig()
         self.pipe = pipe
         family = family_of(pipe)
-        targets = find_target_linears(family.lidb_components(pipe))
+        targets = find_target_linears(family.lidb_components(pipe, config.layers))
         if not targets:
             raise HdbError(f"No attention projections found in {type(pipe).__name__}, a {family.title} pipeline")
         self.layer_shapes = {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}
@@ -481,7 +484,7 @@ class LiDB:
         config = self.config
         return Signature(
             self.arch_fingerprint(), len(self.layer_shapes), config.a, config.b, config.seed,
-            self.aux_fingerprint(), config.rank,
+            self.aux_fingerprint(), config.rank, config.layers,
         )  # fmt: skip
 
     @property

@@ -27,7 +27,14 @@ from pathlib import Path, PureWindowsPath
 import safetensors.torch
 import torch
 
-from hdb.config import DEFAULT_INSTANCE_PROMPT, DEFAULT_INSTANCE_TOKEN, MAX_RANK, MAX_TOKEN_CHARS, token_problem
+from hdb.config import (
+    DEFAULT_INSTANCE_PROMPT,
+    DEFAULT_INSTANCE_TOKEN,
+    LIDB_LAYERS,
+    MAX_RANK,
+    MAX_TOKEN_CHARS,
+    token_problem,
+)
 from hdb.errors import HdbError
 from hdb.families import FAMILIES, family_from_layers
 from hdb.files import read_regular_file, shown, write_file
@@ -63,6 +70,7 @@ MAX_METADATA_CHARS = {
     "base_family": 16,
     "prediction_type": 16,
     "base_variant": 16,
+    "lidb_layers": 16,
     "created": 32,  # ISO 8601 to the second: "2026-05-09T07:35:25+00:00"
 }
 
@@ -129,7 +137,7 @@ class PersonalWeights:
         config = self.config
         return Signature(
             arch_fingerprint(self.layer_shapes), len(self.layer_shapes), config.a, config.b, config.seed,
-            self.aux_fingerprint, config.rank,
+            self.aux_fingerprint, config.rank, config.layers,
         )  # fmt: skip
 
     @property
@@ -254,6 +262,7 @@ def save_personal(weights: PersonalWeights, path: str | Path, dtype: torch.dtype
         "r": str(config.rank),
         "a": str(config.a),
         "b": str(config.b),
+        "lidb_layers": config.layers,
         "num_layers": str(len(weights.layer_names)),
         "layers": _pack_layers(weights.layer_shapes),
         "instance_prompt": weights.instance_prompt,
@@ -338,8 +347,9 @@ def load_personal(path: str | Path) -> PersonalWeights:
         )
     try:
         config = LiDBConfig(
-            rank=int(metadata["r"]), a=int(metadata["a"]), b=int(metadata["b"]), seed=int(metadata["seed"])
-        )
+            rank=int(metadata["r"]), a=int(metadata["a"]), b=int(metadata["b"]), seed=int(metadata["seed"]),
+            layers=metadata.get("lidb_layers", LIDB_LAYERS[0]),  # files from before the choice: every layer
+        )  # fmt: skip
         lora_rank = int(metadata.get("lora_rank", "0"))
         if not 0 <= lora_rank <= MAX_RANK:
             raise ValueError(f"the plain LoRA's rank must be 0 to {MAX_RANK}, not {lora_rank}")
@@ -442,7 +452,7 @@ def describe(path: str | Path) -> str:
         f"base model:       {weights.base_model or '(unknown)'}  architecture fingerprint {weights.arch_fingerprint}",
         f"base family:      {weights.base_family or '(unknown)'}, predicting {weights.prediction_type or '(unknown)'}",
         f"made on:          {_base_title(weights)}",
-        f"LiDB:             r={config.rank} a={config.a} b={config.b} aux seed {config.seed} "
+        f"LiDB:             r={config.rank} a={config.a} b={config.b} aux seed {config.seed} layers {config.layers} "
         f"(fingerprint {weights.aux_fingerprint})",
         f"layers:           {len(weights.layer_names)} ({', '.join(f'{k}: {v}' for k, v in components.items())})",
         f"plain LoRA:       {f'rank {weights.lora_rank}, on top of the LiDB' if weights.lora_rank else 'none'}",

@@ -69,7 +69,7 @@ class PersonalPipeline:
     """A diffusers Stable Diffusion pipeline that holds one person at a time, in a LiDB it owns.
 
     `person` is the person it holds (None: the base model). `hypernet`, when given, predicts where each
-    personalisation starts; its LiDB shape and aux bases are the ones attached here.
+    personalisation starts; its LiDB shape (layers, aux bases) is the one attached here, else `lidb_config`'s.
     """
 
     def __init__(
@@ -92,14 +92,17 @@ class PersonalPipeline:
         hypernet: str | Path | HyperNetwork | None = None,
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
+        lidb_config: LiDBConfig | None = None,
     ) -> PersonalPipeline:
-        """The base model (hub id or folder) and, optionally, a trained hypernetwork (hub id or folder)."""
+        """The base model (hub id or folder) and, optionally, a trained hypernetwork (hub id or folder); people are
+        made in `lidb_config`'s shape (default: the hypernetwork's, which another would not fit, else LiDBConfig()).
+        A personal file is drawn by a pipeline of its own shape: `lidb_config=load_personal(path).config`."""
         pipe = load_pipeline(base, dtype, device)
         if isinstance(hypernet, (str, Path)):
             from hdb.hypernet import HyperNetwork
 
             hypernet = HyperNetwork.from_pretrained(hypernet, device=denoiser(pipe).device)
-        return cls(pipe, hypernet)
+        return cls(pipe, hypernet, lidb_config)
 
     # -- the person
 
@@ -138,9 +141,10 @@ class PersonalPipeline:
         `config.steps=0` keeps the start as it is (no relaxation, no finetune): refused when it would be zero.
         """
         config = config or PersonalizeConfig()
-        if config.lidb is not None:  # a LiDB shape asked for must be the one attached (the rank may differ)
+        if config.lidb is not None:  # a LiDB shape asked for must be this pipeline's (the rank may differ)
             ours, wanted = self.lidb.signature(), config.lidb
-            check_signature(replace(ours, a=wanted.a, b=wanted.b, seed=wanted.seed), ours, "PersonalizeConfig.lidb")
+            asked = replace(ours, a=wanted.a, b=wanted.b, seed=wanted.seed, layers=wanted.layers)
+            check_signature(asked, ours, "PersonalizeConfig.lidb")
         faces = self.faces(photos, config.resolution)
         steps = config.steps if config.steps is not None else self.default_steps
         check_steps(steps, has_start=start is not None or self.hypernet is not None)
@@ -190,7 +194,8 @@ class PersonalPipeline:
         return weights
 
     def check(self, person: PersonalWeights) -> None:
-        """Refuse a person made for another base family or architecture or other aux bases, naming what differs."""
+        """Refuse a person made for another base family or architecture, LiDB layers or aux bases, naming what
+        differs."""
         family = family_of(self.pipe)
         if person.base_family and person.base_family != family.name:
             made_on = FAMILIES[person.base_family].title

@@ -184,6 +184,8 @@ def check_resumable(checkpoint: Path, settings: dict[str, object]) -> None:
         warnings.warn(f"{checkpoint} does not record its run's settings: resuming it unchecked", stacklevel=3)
         return
     saved = SETTINGS_ADDED_LATER | saved
+    if isinstance(saved.get("lidb"), dict):  # its LiDB settings added later (`layers`) as those runs had them
+        saved["lidb"] = asdict(LiDBConfig(**saved["lidb"]))
     differences = [
         f"{name}: {saved.get(name)!r} then, {value!r} now"
         for name, value in settings.items()

@@ -194,17 +194,21 @@ def test_schnell_is_told_from_dev_by_its_transformer_and_recorded_so(tmp_path):
         assert card.data.to_dict()["license"] == licence
 
 
-def test_a_forged_base_variant_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("key", "value", "refusal"),
+    [("base_variant", "pro", "unknown base variant 'pro'"), ("lidb_layers", "mlp", "`layers` must be one of")],
+)
+def test_a_forged_variant_or_layer_choice_is_refused(tmp_path, key, value, refusal):
     from hdb.personal_file import safetensors_bytes
 
     path = save_personal(PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("flux"))), tmp_path / "p.st")
     data = path.read_bytes()
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-    metadata = {**header.pop("__metadata__"), "base_variant": "pro"}
+    metadata = {**header.pop("__metadata__"), key: value}
     tensors = safetensors.torch.load(data)
     forged = tmp_path / "forged.safetensors"
     forged.write_bytes(safetensors_bytes(tensors, metadata))
-    with pytest.raises(HdbError, match="unknown base variant 'pro'"):
+    with pytest.raises(HdbError, match=f"damaged metadata.*{refusal}"):
         load_personal(forged)
 
 
@@ -215,3 +219,66 @@ def test_schnell_draws_in_its_own_few_steps_by_default():
     steps = []
     generate(tiny_schnell(), None, "a photo", on_step=steps.append)
     assert len(steps) == 4
+
+
+def test_lidb_layers_are_a_choice_the_family_offers():
+    """FLUX.1's double blocks alone (both streams), any family's denoiser alone; a choice a family lacks is refused."""
+    from hdb.lidb import LiDB, LiDBConfig
+
+    flux = build_tiny_pipeline("flux")
+    with LiDB.attached(flux, LiDBConfig(layers="double-blocks")) as lidb:
+        assert [name.split(".attn.")[0] for name in lidb.layer_names[:8]] == ["transformer.transformer_blocks.0"] * 8
+        assert not any("single_transformer_blocks" in name for name in lidb.layer_names)
+        assert sum(name.startswith("text_encoder.") for name in lidb.layer_names) == 8  # CLIP still
+    with LiDB.attached(flux, LiDBConfig(layers="denoiser")) as lidb:
+        assert len(lidb.layer_names) == 11 and all(name.startswith("transformer.") for name in lidb.layer_names)
+    sd = build_tiny_pipeline("sd15")
+    with LiDB.attached(sd, LiDBConfig(layers="denoiser")) as lidb:
+        assert all(name.startswith("unet.") for name in lidb.layer_names)
+    with pytest.raises(HdbError, match="Stable Diffusion 1.x bases offer the LiDB layers all, denoiser, not 'double"):
+        LiDB(sd, LiDBConfig(layers="double-blocks"))
+    with pytest.raises(HdbError, match="`layers` must be one of all, denoiser, double-blocks, not 'mlp'"):
+        LiDBConfig(layers="mlp")
+
+
+def test_the_layer_choice_travels_with_a_person_and_a_hypernetwork(tmp_path):
+    """Files and hypernetworks record their layers; a pipeline of other layers refuses them, naming both choices."""
+    from test_hypernet import tiny_hypernet
+
+    from hdb.hypernet import HyperNetwork
+    from hdb.lidb import LiDB, LiDBConfig
+
+    double = LiDBConfig(layers="double-blocks")
+    person = PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("flux"), config=double))
+    weights = load_personal(save_personal(person, tmp_path / "p.safetensors"))
+    assert weights.config.layers == "double-blocks"
+    refusal = "it targets the LiDB layers 'double-blocks'; this LiDB targets 'all'"
+    with pytest.raises(HdbError, match=refusal):
+        PersonalPipeline(build_tiny_pipeline("flux")).use(weights)
+    PersonalPipeline(build_tiny_pipeline("flux"), lidb_config=double).use(weights)  # its own shape draws it
+
+    with LiDB.attached(build_tiny_pipeline("flux"), double) as lidb:
+        tiny_hypernet(lidb).save_pretrained(tmp_path / "hypernet")
+    hypernet = HyperNetwork.from_pretrained(tmp_path / "hypernet")
+    assert hypernet.lidb_config.layers == "double-blocks"
+    assert PersonalPipeline(build_tiny_pipeline("flux"), hypernet).lidb.config.layers == "double-blocks"
+    with pytest.raises(HdbError, match=refusal):  # another shape than the one it predicts for
+        PersonalPipeline(build_tiny_pipeline("flux"), hypernet, LiDBConfig())
+    config = json.loads((tmp_path / "hypernet" / "config.json").read_text())
+    (tmp_path / "hypernet" / "config.json").write_text(json.dumps({**config, "lidb_layers": "mlp"}))
+    with pytest.raises(HdbError, match="not a valid hypernetwork config.*Unknown LiDB layers 'mlp'"):
+        HyperNetwork.from_pretrained(tmp_path / "hypernet")
+
+
+def test_the_command_line_personalises_and_draws_double_blocks_only(tmp_path):
+    from hdb.models import save_tiny_pipeline
+    from hdb.personal_file import describe
+
+    base = save_tiny_pipeline(tmp_path / "flux", "flux")
+    person = tmp_path / "me.safetensors"
+    hdb("personalize", "--base", str(base), str(ASSETS / "obama.jpg"), "-o", str(person), "--steps", "2",
+        "--layers", "double-blocks", "--device", "cpu")  # fmt: skip
+    assert "layers double-blocks" in describe(person)
+    hdb("generate", "--base", str(base), "--person", str(person), "--prompt", "[V] smiling", "--steps", "2",
+        "-o", str(tmp_path / "me.png"), "--device", "cpu")  # fmt: skip
+    assert (tmp_path / "me.png").is_file()

@@ -414,6 +414,9 @@ def test_a_resume_with_other_settings_is_refused_and_the_newest_checkpoints_are_
     assert again["start_step"] == 3 and again["losses"] == []
     state = json.loads((out / "checkpoints" / "checkpoint-2" / "state.json").read_text())
     assert state["step"] == 2 and state["settings"]["learning_rate"] == 1e-4
+    del state["settings"]["lidb"]["layers"]  # as hdb wrote it before LiDB's layers were a choice: every layer
+    (out / "checkpoints" / "checkpoint-2" / "state.json").write_text(json.dumps(state))
+    assert train_hypernetwork(pipe, people[:3], out, None, config, device="cpu")["start_step"] == 3
     (out / "checkpoints" / "checkpoint-2" / "state.json").write_text(json.dumps({"step": 2}))  # an older hdb's
     with pytest.warns(UserWarning, match="does not record its run's settings: resuming it unchecked"):
         train_hypernetwork(pipe, people[:3], out, None, config, device="cpu")

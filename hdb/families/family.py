@@ -17,6 +17,8 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
+from hdb.errors import HdbError
+
 # A LoRA per layer: name -> (down [R, in], up [out, R]), its delta up @ down
 LayerFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -79,6 +81,7 @@ class Family(ABC):
     # The projections LiDB targets, as sets: in every module owning all of a set, each of its projections (once)
     denoiser_projections: ClassVar[tuple[tuple[str, ...], ...]]
     text_projections: ClassVar[tuple[tuple[str, ...], ...]]
+    layer_choices: ClassVar[tuple[str, ...]] = ("all", "denoiser")  # the hdb.config.LIDB_LAYERS it offers
     kohya_prefixes: ClassVar[dict[str, str]]  # component -> the prefix of its layers' keys in kohya's LoRA files
     kohya_v2: ClassVar[bool] = False  # kohya's `ss_v2`, by which AUTOMATIC1111 tells SD2.x LoRAs apart
     kohya_network_module: ClassVar[str] = "networks.lora"  # the sd-scripts network its kohya LoRAs are trained with
@@ -113,13 +116,25 @@ class Family(ABC):
         """The text encoders by component name."""
         return {name: getattr(pipe, name) for name in self.text_encoder_names if getattr(pipe, name, None) is not None}
 
-    def lidb_components(self, pipe: DiffusionPipeline) -> dict[str, tuple[nn.Module, tuple[tuple[str, ...], ...]]]:
-        """Component name -> (model, the sets of projections LiDB targets in it)."""
+    def lidb_components(
+        self, pipe: DiffusionPipeline, layers: str = "all"
+    ) -> dict[str, tuple[nn.Module, tuple[tuple[str, ...], ...]]]:
+        """Component name -> (model, the sets of projections LiDB targets in it), for the `layers` chosen
+        (hdb.config.LIDB_LAYERS; an HdbError naming the family's own choices for one it does not offer)."""
+        if layers not in self.layer_choices:
+            raise HdbError(f"{self.title} bases offer the LiDB layers {', '.join(self.layer_choices)}, not {layers!r}")
+        denoiser = {self.denoiser_name: (self.denoiser(pipe), self.denoiser_projections_of(layers))}
+        if layers == "denoiser":
+            return denoiser
         targeted = self.lidb_text_encoder_names or self.text_encoder_names
         text = {
             name: (model, self.text_projections) for name, model in self.text_encoders(pipe).items() if name in targeted
         }
-        return {self.denoiser_name: (self.denoiser(pipe), self.denoiser_projections), **text}
+        return {**denoiser, **text}
+
+    def denoiser_projections_of(self, layers: str) -> tuple[tuple[str, ...], ...]:
+        """The sets of the denoiser's projections the `layers` choice targets: by default all of them."""
+        return self.denoiser_projections
 
     def recognises(self, layer_shapes: dict[str, tuple[int, int]]) -> bool:
         """Whether layers saved in a file (name -> (in, out) width) can only be this family's. By default: they name

@@ -84,6 +84,7 @@ class Flux(Family):
         ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),  # double blocks, text stream
         ("to_q", "to_k", "to_v"),  # single blocks: no output projection of their own
     )
+    layer_choices = ("all", "denoiser", "double-blocks")
     # sd-scripts' networks/lora_flux.py ("make ComfyUI compatible"; T5, which hdb leaves alone, was lora_te2 at first)
     kohya_prefixes: ClassVar[dict[str, str]] = {
         "transformer": "lora_unet",
@@ -121,6 +122,11 @@ class Flux(Family):
 
     def prediction_type(self, pipe: DiffusionPipeline) -> str:
         return "flow"
+
+    def denoiser_projections_of(self, layers: str) -> tuple[tuple[str, ...], ...]:
+        """ "double-blocks": the double blocks' two streams alone (a single block owns no `to_out.0`, so the first
+        set finds the double blocks' image stream only)."""
+        return self.denoiser_projections[:2] if layers == "double-blocks" else self.denoiser_projections
 
     def variant_name(self, pipe: DiffusionPipeline) -> str:
         return "dev" if pipe.transformer.config.guidance_embeds else "schnell"
