@@ -21,7 +21,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")  # torch's AdamW, bitsandbytes' 8-bit AdamW
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")  # the precision the base model runs in
 FILE_DTYPES = ("fp32", "fp16")  # what personal files and LoRA exports are written in
 LORA_FORMATS = ("diffusers", "kohya")  # diffusers/peft keys; kohya keys (AUTOMATIC1111, ComfyUI)
-TINY_ARCHS = ("sd15", "sdxl", "sd2", "flux")  # the tiny random pipelines hdb builds for offline tries and tests
+TINY_ARCHS = ("sd15", "sdxl", "sd2", "flux", "sd3")  # the tiny random pipelines hdb builds for offline tries and tests
 # Which layers LiDB targets (`hdb.families.Family.lidb_components`), the default first: "all", the attention
 # projections of the denoiser and of the text encoder (CLIP's, for FLUX.1: not T5); "denoiser", the denoiser's alone;
 # "double-blocks", FLUX.1's double-stream blocks (both streams) and CLIP, not its single-stream blocks. A family

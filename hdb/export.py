@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from hdb.config import LORA_FORMATS
-from hdb.errors import check_choice
+from hdb.errors import HdbError, check_choice
 from hdb.families import FAMILIES, Family, family_of_layers
 from hdb.families.family import LayerFactors, lora_module_path
 from hdb.files import shown, write_file
@@ -74,6 +74,11 @@ def export_lora(
         for name, (down, up) in personal_lora_factors(weights).items()
     }
     family = family_of_layers(weights.layer_shapes, weights.base_family)
+    if format not in family.lora_formats:
+        raise HdbError(
+            f"{family.title} LoRAs are exported in the {' and '.join(family.lora_formats)} format, not {format} "
+            f"(hdb.families.{type(family).__module__.rsplit('.', 1)[-1]} says why)"
+        )
     if format == "diffusers":
         data = _diffusers_file(factors, family)
     else:

@@ -78,8 +78,9 @@ def resolved_steps(pipe: Pipeline, steps: int | None) -> int:
 
 
 def resolved_guidance(pipe: Pipeline, guidance: float | None) -> float:
-    """`guidance`, or where it is None the base family's default (Stable Diffusion 7.5, FLUX.1's distilled 3.5)."""
-    return family_of(pipe).default_guidance if guidance is None else guidance
+    """`guidance`, or where it is None the base's own (Stable Diffusion 7.5, FLUX.1's distilled 3.5, SD3.5 Large's
+    3.5 and Medium's 4.5)."""
+    return family_of(pipe).sampling_guidance(pipe) if guidance is None else guidance
 
 
 def seeded_generator(seed: int) -> torch.Generator:

@@ -344,12 +344,16 @@ def find_target_linears(components: dict[str, tuple[nn.Module, tuple[tuple[str, 
     owning all of a set has them targeted, each once); layer names are "<component>.<module path>".
     """
     targets: dict[str, nn.Linear] = {}
+
+    def owns(module: nn.Module, projection: str) -> bool:  # a projection set to None (SD3's last block) is not there
+        return isinstance(getattr(module, projection.split(".")[0], None), nn.Module)
+
     for component, (model, projection_sets) in components.items():
         for path, module in model.named_modules():
             owned = [
                 projection
                 for projections in projection_sets
-                if all(hasattr(module, projection.split(".")[0]) for projection in projections)
+                if all(owns(module, projection) for projection in projections)
                 for projection in projections
             ]
             for projection in dict.fromkeys(owned):  # in the sets' order, each once

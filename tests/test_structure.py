@@ -14,6 +14,7 @@ import pytest
 
 from hdb.cli import build_parser, config_from_args
 from hdb.config import (
+    LORA_FORMATS,
     TINY_ARCHS,
     BenchOptions,
     DatasetSource,
@@ -125,9 +126,10 @@ def test_the_registry_is_what_the_command_line_and_the_files_offer():
     assert {family.tiny_arch for family in FAMILIES.values()} == set(TINY_ARCHS)  # `hdb tiny-model --arch`
     assert BASE_FAMILIES == tuple(FAMILIES) and all(name == family.name for name, family in FAMILIES.items())
     for family in FAMILIES.values():  # every family says all a family says
-        assert family.variants and family.card_tags and family.kohya_prefixes
+        assert family.variants and family.card_tags and set(family.lora_formats) <= set(LORA_FORMATS)
         assert all(variant.license for variant in family.variants.values())
-        assert set(family.kohya_prefixes) == {family.denoiser_name, *family.text_encoder_names}
+        if "kohya" in family.lora_formats:  # kohya's files name every component
+            assert set(family.kohya_prefixes) == {family.denoiser_name, *family.text_encoder_names}
 
 
 def test_plotting_and_heavy_libraries_stay_out_of_the_light_modules():

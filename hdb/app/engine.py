@@ -187,7 +187,7 @@ class Engine:
     @property
     def default_guidance(self) -> float:
         """The guidance slider's start: the base family's (FLUX.1 reads its guidance as a distilled number)."""
-        return family_of(self.pipe).default_guidance
+        return family_of(self.pipe).sampling_guidance(self.pipe)
 
     @property
     def default_sampling_steps(self) -> int:

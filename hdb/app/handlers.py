@@ -22,6 +22,7 @@ from hdb.errors import HdbError
 from hdb.evaluate import identity_score
 from hdb.export import export_lora
 from hdb.faces import face_embedding
+from hdb.families import family_of
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
 from hdb.personalize import same_person_notes
 from hdb.pipeline import check_photo_count
@@ -201,12 +202,12 @@ class Handlers:
         return str(path)
 
     def save_files(self, session: Session, weights: PersonalWeights) -> list[str]:
-        """The visitor's personal file and both LoRA exports, among their files."""
-        writers = {
-            PERSON_FILE: lambda path: save_personal(weights, path),
-            KOHYA_FILE: lambda path: export_lora(weights, path, "kohya"),
-            DIFFUSERS_FILE: lambda path: export_lora(weights, path, "diffusers"),
-        }
+        """The visitor's personal file and the LoRA exports its base family offers, among their files."""
+        offered = family_of(self.engine.pipe).lora_formats
+        writers = {PERSON_FILE: lambda path: save_personal(weights, path)}
+        for name, format in ((KOHYA_FILE, "kohya"), (DIFFUSERS_FILE, "diffusers")):
+            if format in offered:
+                writers[name] = lambda path, format=format: export_lora(weights, path, format)
         return [str(path) for path in self.files.write(session.key, "downloads", writers)]
 
     def upload_person(self, file: str | None, session: Session | None, request: gr.Request) -> tuple:

@@ -12,10 +12,12 @@ from hdb.errors import HdbError
 from hdb.families.family import Conditioning, Family, Variant
 from hdb.families.flux import Flux
 from hdb.families.sd import StableDiffusion, StableDiffusion2
+from hdb.families.sd3 import StableDiffusion3
 from hdb.families.sdxl import StableDiffusionXL
 
 FAMILIES: dict[str, Family] = {
-    family.name: family for family in (StableDiffusion(), StableDiffusion2(), StableDiffusionXL(), Flux())
+    family.name: family
+    for family in (StableDiffusion(), StableDiffusion2(), StableDiffusionXL(), Flux(), StableDiffusion3())
 }
 BASE_FAMILIES = tuple(FAMILIES)  # what personal files record as their base's family
 SUPPORTED = " and ".join(family.title for family in FAMILIES.values())

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from torch import nn
 
@@ -65,6 +66,7 @@ class Variant:
     license_name: str = ""
     license_link: str = ""
     sampling_steps: int = 25  # what pictures are drawn in unless asked (hdb's DPM-Solver draws SD well in ~25)
+    guidance: float | None = None  # the guidance they are drawn at unless asked; None: the family's default
 
 
 class Family(ABC):
@@ -88,6 +90,7 @@ class Family(ABC):
     variants: ClassVar[dict[str, Variant]]  # `variant_name` -> the published base
     card_tags: ClassVar[tuple[str, ...]]  # the tags diffusers' own LoRA training scripts give its LoRAs
     default_guidance: ClassVar[float] = 7.5  # the guidance scale pictures are drawn with unless asked otherwise
+    lora_formats: ClassVar[tuple[str, ...]] = ("diffusers", "kohya")  # the hdb.config.LORA_FORMATS it exports
 
     # -- what a pipeline is
 
@@ -108,6 +111,11 @@ class Family(ABC):
     def sampling_steps(self, pipe: DiffusionPipeline) -> int:
         """The sampling steps pictures are drawn in unless asked: the variant's (FLUX.1 [schnell] is distilled to 4)."""
         return self.variant(self.variant_name(pipe)).sampling_steps
+
+    def sampling_guidance(self, pipe: DiffusionPipeline) -> float:
+        """The guidance pictures are drawn at unless asked: the variant's, else the family's."""
+        guidance = self.variant(self.variant_name(pipe)).guidance
+        return self.default_guidance if guidance is None else guidance
 
     def denoiser(self, pipe: DiffusionPipeline) -> nn.Module:
         return getattr(pipe, self.denoiser_name)
@@ -226,3 +234,22 @@ class Family(ABC):
     @abstractmethod
     def build_tiny(self, seed: int) -> DiffusionPipeline:
         """A randomly initialised pipeline of this family, built offline in under a second."""
+
+
+def flow_matching_loss(
+    family: Family,
+    pipe: DiffusionPipeline,
+    scheduler: object,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    noise: torch.Tensor,
+    index: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample flow-matching loss (the transformer families' objective): x_t = (1 - sigma) x0 + sigma noise at
+    the sigmas of the scheduler's grid at `index` (0-999), the target noise - x0."""
+    sigmas = scheduler.sigmas[index].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    dtype = family.denoiser(pipe).dtype
+    prediction = family.predict(pipe, noisy.to(dtype), scheduler.timesteps[index].to(latents.device), cond)
+    target = noise - latents
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

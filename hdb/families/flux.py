@@ -25,13 +25,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers import FluxTransformer2DModel as Transformer
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from hdb.errors import HdbError
-from hdb.families.family import Conditioning, Family, LayerFactors, Variant, lora_module_path
+from hdb.families.family import Conditioning, Family, LayerFactors, Variant, flow_matching_loss, lora_module_path
 from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, tiny_clip_text_encoder
 from hdb.seeding import initialised_from
 
@@ -127,6 +126,10 @@ class Flux(Family):
         """ "double-blocks": the double blocks' two streams alone (a single block owns no `to_out.0`, so the first
         set finds the double blocks' image stream only)."""
         return self.denoiser_projections[:2] if layers == "double-blocks" else self.denoiser_projections
+
+    def recognises(self, layer_shapes: dict[str, tuple[int, int]]) -> bool:
+        """By a transformer without a second CLIP: FLUX.1's second text encoder is T5, which LiDB leaves alone."""
+        return super().recognises(layer_shapes) and not any(name.startswith("text_encoder_2.") for name in layer_shapes)
 
     def variant_name(self, pipe: DiffusionPipeline) -> str:
         return "dev" if pipe.transformer.config.guidance_embeds else "schnell"
@@ -225,13 +228,7 @@ class Flux(Family):
         timesteps: torch.Tensor,
     ) -> torch.Tensor:
         """Flow matching: `timesteps` (drawn uniformly, 0-999) index the scheduler's grid of sigmas."""
-        index = timesteps.cpu()
-        sigmas = scheduler.sigmas[index].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
-        noisy = (1.0 - sigmas) * latents + sigmas * noise
-        dtype = pipe.transformer.dtype
-        prediction = self.predict(pipe, noisy.to(dtype), scheduler.timesteps[index].to(latents.device), cond)
-        target = noise - latents
-        return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return flow_matching_loss(self, pipe, scheduler, latents, cond, noise, timesteps.cpu())
 
     def encode_images(self, pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
         vae = pipe.vae
@@ -278,22 +275,7 @@ class Flux(Family):
             )
             text_encoder = tiny_clip_text_encoder(False)
             tokenizer_2 = tiny_t5_tokenizer()
-            text_encoder_2 = T5EncoderModel(
-                T5Config(
-                    vocab_size=len(tokenizer_2),
-                    d_model=32,
-                    d_kv=8,
-                    d_ff=37,
-                    num_layers=1,
-                    num_heads=4,
-                    relative_attention_num_buckets=8,
-                    feed_forward_proj="gated-gelu",  # T5 v1.1's, as FLUX's T5-XXL
-                    dropout_rate=0.0,
-                    pad_token_id=0,
-                    eos_token_id=1,
-                    decoder_start_token_id=0,
-                )
-            )
+            text_encoder_2 = tiny_t5_encoder(len(tokenizer_2))
         return FluxPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
             vae=vae,
@@ -312,6 +294,26 @@ T5_VOCABULARY = (
     + [(f"▁{word}", -1.0) for word in _WORDS]
     + [(character, -5.0) for character in "abcdefghijklmnopqrstuvwxyz0123456789.,[]"]
 )
+
+
+def tiny_t5_encoder(vocab_size: int) -> T5EncoderModel:
+    """A one-layer T5 v1.1 encoder (gated GELU, as FLUX.1's and SD3's T5-XXL) of width 32."""
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
 
 
 def tiny_t5_tokenizer() -> T5Tokenizer:

@@ -43,8 +43,9 @@ class StableDiffusionXL(StableDiffusion):
         return isinstance(pipe, self.pipeline_class)
 
     def recognises(self, layer_shapes: dict[str, tuple[int, int]]) -> bool:
-        """By its second text encoder, which no other family has."""
-        return any(name.startswith("text_encoder_2.") for name in layer_shapes)
+        """By its second text encoder, among its own components only (SD3.5's is beside a transformer)."""
+        components = {name.split(".", 1)[0] for name in layer_shapes}
+        return "text_encoder_2" in components and components <= {self.denoiser_name, *self.text_encoder_names}
 
     def encode_tokens(self, pipe: DiffusionPipeline, token_ids: list[torch.Tensor]) -> Conditioning:
         """Both encoders' penultimate hidden states side by side, and the second one's pooled embedding."""
