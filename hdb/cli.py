@@ -35,6 +35,7 @@ from hdb.config import (
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
+    QUANTIZATIONS,
     SHARD_SIZE,
     TINY_ARCHS,
     BenchOptions,
@@ -217,7 +218,7 @@ def cmd_personalize(args: argparse.Namespace) -> None:
 
     _quiet_model_loading()
     lidb = LiDBConfig(layers=args.layers) if args.layers else None
-    personal = PersonalPipeline.load(args.base, args.hypernet, args.device, args.dtype, lidb)
+    personal = PersonalPipeline.load(args.base, args.hypernet, args.device, args.dtype, lidb, args.quantize)
     if personal.hypernet is None:
         print("No --hypernet given: finetuning from zero (no prediction to start from), so more steps by default.")
     config = config_from_args(PersonalizeConfig, args)
@@ -285,7 +286,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from hdb.pipeline import PersonalPipeline
 
     _quiet_model_loading()
-    personal = PersonalPipeline.load(args.base, None, args.device, args.dtype, weights.config)  # the person's shape
+    # in the person's own LiDB shape
+    personal = PersonalPipeline.load(args.base, None, args.device, args.dtype, weights.config, args.quantize)
     personal.use(weights)
     if not mentions_person(args.prompt, weights.instance_token):
         print(f"note: the prompt does not mention [V] (or '{weights.instance_token}'); the person may not appear")
@@ -366,7 +368,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from hdb.pipeline import PersonalPipeline
 
     _quiet_model_loading()
-    personal = PersonalPipeline.load(args.base, args.hypernet, args.device, args.dtype)
+    personal = PersonalPipeline.load(args.base, args.hypernet, args.device, args.dtype, quantize=args.quantize)
     device = denoiser(personal.pipe).device
     models = [None if name.lower() == "none" else name for name in (args.clip, args.dino)]
     evaluator = Evaluator(*models, device=device).load()
@@ -423,7 +425,8 @@ def cmd_preoptimize(args: argparse.Namespace) -> None:
 
     # under `accelerate launch`, one process per device: each loads the base onto its own
     state = PartialState(cpu=args.device == "cpu")
-    pipe = load_pipeline(args.base, args.dtype, str(state.device) if args.device == "auto" else args.device)
+    device = str(state.device) if args.device == "auto" else args.device
+    pipe = load_pipeline(args.base, args.dtype, device, args.quantize)
     config = config_from_args(PreoptimizeConfig, args, lidb=LiDBConfig(rank=args.rank, layers=args.layers))
     summary = preoptimize(pipe, _training_photos(args), args.out, config)
     share = f"process {summary['process']} of {summary['processes']}: " if summary["processes"] > 1 else ""
@@ -555,6 +558,15 @@ def _add_photo_options(parser: argparse.ArgumentParser, cache: bool = False) -> 
     config_options(parser, DatasetSource)  # its split and columns
 
 
+def _add_quantize_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantize",
+        default=QUANTIZATIONS[0],
+        choices=QUANTIZATIONS,
+        help="the frozen base in 4 (nf4) or 8 (int8) bits, for cards with less memory (CUDA only; default none)",
+    )
+
+
 def _add_dtype_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
@@ -602,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     person = sub.add_parser("personalize", help="personalise from one face photo -> personal weights file")
     person.add_argument("photo", type=Path, nargs="+", help=f"1 to {MAX_PHOTOS} photos of the same person")
     _add_model_options(person)
+    _add_quantize_option(person)
     person.add_argument("--hypernet", help="trained hypernetwork: hub id or directory (optional)")
     person.add_argument("-o", "--output", type=Path, required=True, help="personal .safetensors file to write")
     config_options(person, PersonalizeConfig)
@@ -612,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate pictures of a personalised person")
     _add_model_options(gen)
+    _add_quantize_option(gen)
     gen.add_argument("--person", type=Path, required=True, help="personal weights file")
     gen.add_argument("--prompt", required=True, help="use [V] for the person, e.g. 'a [V] as an astronaut'")
     gen.add_argument("--style", default="None", choices=_style_names(), help="style preset")
@@ -633,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_photo_options(pre)
     pre.add_argument("--out", type=Path, required=True)
     _add_model_options(pre)
+    _add_quantize_option(pre)
     config_options(pre, PreoptimizeConfig)
     config_option(pre, LiDBConfig, "rank")
     config_option(pre, LiDBConfig, "layers")
@@ -756,6 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
         "methods personalised from photos",
     )
     _add_model_options(ev)
+    _add_quantize_option(ev)
     people_or_photos = ev.add_mutually_exclusive_group(required=True)
     people_or_photos.add_argument(
         "--people", type=Path, help="directory of NAME.safetensors + NAME.jpg/png reference photos: score these"

@@ -53,7 +53,7 @@ def generate(
             if not lidb.uses_shared:
                 raise HdbError("Generation needs the LiDB's shared (one-person) weights, not per-sample ones")
             restore.enter_context(lidb.scaled(identity_strength))
-            if merge:
+            if merge and lidb.mergeable:  # a quantised base draws the person unmerged (its low-rank products each step)
                 restore.enter_context(lidb.merged_into_weights())
         family = family_of(pipe)
         scheduler = pipe.scheduler

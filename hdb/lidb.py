@@ -193,7 +193,7 @@ class LayerGroup:
     layers: list[int]  # layer indices
     A_aux: torch.Tensor  # [G, a, in], the only copy: each layer holds a view of its slice
     B_aux: torch.Tensor  # [G, out, b]
-    dtype: torch.dtype  # the base weights' dtype, which the factors are cast to once
+    dtype: torch.dtype  # the layers' compute dtype (`compute_dtype`), which the factors are cast to once
 
     def factors(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """lora_A [.., G, r, in] and lora_B [.., G, out, r] of the group's weights A [.., G, r, a], B [.., G, b, r]."""
@@ -262,6 +262,15 @@ class _WeightSource:
         self.factors = [None] * len(self.factors)
 
 
+def compute_dtype(linear: nn.Linear) -> torch.dtype:
+    """The dtype a linear computes in: its weight's, or for a quantised one (bitsandbytes' 4-bit or 8-bit weights are
+    integers) the dtype it dequantises to, else its bias's."""
+    if linear.weight.dtype.is_floating_point:
+        return linear.weight.dtype
+    dtype = getattr(linear, "compute_dtype", None)  # bitsandbytes' Linear4bit
+    return dtype or (linear.bias.dtype if linear.bias is not None else torch.float32)
+
+
 class LiDBLinear(nn.Module):
     """Wraps an nn.Linear: y = W x + scale * (lora_B (lora_A x) + up (down x)), LiDB factors built from the aux
     bases, (down, up) the optional plain LoRA."""
@@ -280,6 +289,11 @@ class LiDBLinear(nn.Module):
     @property
     def merged(self) -> bool:
         return self.original is not None
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether the person can be added into the weight: not into a quantised base's integers."""
+        return self.base.weight.dtype.is_floating_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -301,7 +315,7 @@ class LiDBLinear(nn.Module):
         A = self.source.A.select(-3, self.index)  # [r, a] shared, or [S, r, a] per sample
         B = self.source.B.select(-3, self.index)
         down, up = lora_factors(A, B, self.A_aux, self.B_aux)
-        return down.to(self.base.weight.dtype), up.to(self.base.weight.dtype)
+        return down.to(compute_dtype(self.base)), up.to(compute_dtype(self.base))
 
     def delta_weight(self, lora: bool = True) -> torch.Tensor:
         """The dense dW (out x in) of the shared weights, and of the plain LoRA when `lora`, for merging."""
@@ -374,7 +388,7 @@ def _group_layers(
     on `device`), and each layer's (A_aux, B_aux) as views of its group's stacks, in layer order."""
     by_component: dict[str, dict[tuple, list[int]]] = {}
     for index, (name, linear) in enumerate(targets.items()):
-        key = (linear.in_features, linear.out_features, linear.weight.dtype)
+        key = (linear.in_features, linear.out_features, compute_dtype(linear))
         by_component.setdefault(name.split(".", 1)[0], {}).setdefault(key, []).append(index)
     names = list(targets)
     components: dict[str, ComponentLayers] = {}
@@ -655,11 +669,17 @@ class LiDB:
                     self.B_train.register_hook(lambda grad: torch.cat([grad[..., :k] * 0, grad[..., k:]], dim=-1)),
                 ]
 
+    @property
+    def mergeable(self) -> bool:
+        """Whether the person can be folded into the base weights (`merge`): not into a quantised base's."""
+        return all(layer.mergeable for layer in self.layers.values())
+
     @contextmanager
     def merged_while_training(self) -> Iterator[None]:
         """With a plain LoRA on top, the fixed LiDB folded into the weights while the LoRA trains, so a step costs
-        what a plain LoRA step costs; the exact base weights back on the way out. Without one, nothing to fold."""
-        if self.source.lora_down is None or self.A_train.requires_grad:  # nothing fixed to fold in
+        what a plain LoRA step costs; the exact base weights back on the way out. Without one, or on a quantised
+        base (whose weights take no merge: the LiDB stays live, at the cost of its low-rank products), as it is."""
+        if self.source.lora_down is None or self.A_train.requires_grad or not self.mergeable:
             yield
             return
         with self.merged_into_weights(lora=False):
@@ -787,6 +807,8 @@ class LiDB:
         """
         if not self.uses_shared:
             raise HdbError("Only shared LiDB weights can be merged; call use_shared() first")
+        if not self.mergeable:
+            raise HdbError("The base's weights are quantised: a person cannot be merged into them (draw unmerged)")
         for layer in self.layers.values():
             layer.merge(lora)
         self.source.merged = True

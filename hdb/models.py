@@ -13,24 +13,31 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from hdb.config import COMPILE_MODES, DEFAULT_BASE, TINY_ARCHS
+from hdb.config import COMPILE_MODES, DEFAULT_BASE, QUANTIZATIONS, TINY_ARCHS
 from hdb.devices import resolve_device, resolve_dtype
 from hdb.errors import HdbError, check_choice, from_hub_or_directory
-from hdb.families import BASE_FAMILIES, SUPPORTED, family_of, family_of_tiny
+from hdb.families import BASE_FAMILIES, SUPPORTED, family_of, family_of_pipeline_class, family_of_tiny
 from hdb.families.sd import TOKENIZER_DIR, build_full_size_sd15
 
 __all__ = ["BASE_FAMILIES", "TOKENIZER_DIR", "build_full_size_sd15"]  # re-exported: where callers found them
 Pipeline = DiffusionPipeline  # what hdb means by "a pipeline": one of a supported family (`hdb.families.family_of`)
 
 
-def load_pipeline(base: str = DEFAULT_BASE, dtype: str | torch.dtype = "auto", device: str | None = "auto") -> Pipeline:
-    """Load a Stable Diffusion pipeline from a hub id or a local directory, on `device` in `dtype`.
+def load_pipeline(
+    base: str = DEFAULT_BASE, dtype: str | torch.dtype = "auto", device: str | None = "auto", quantize: str = "none"
+) -> Pipeline:
+    """Load a pipeline of a supported family from a hub id or a local directory, on `device` in `dtype`.
 
     Weights come from safetensors files only (pickled .bin weights can run code). In half precision the
     base's fp16 variant is loaded where it has one: half the download (SD1.5: ~2 GB instead of ~4 GB).
+    `quantize` (hdb.config.QUANTIZATIONS): the frozen denoiser and the text encoders LiDB leaves alone loaded in
+    4 or 8 bits (bitsandbytes, which quantises on a CUDA GPU); the person's weights stay in full precision.
     """
+    check_choice("quantization", quantize, QUANTIZATIONS)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if quantize != "none" and torch_device.type != "cuda":
+        raise HdbError(f"Quantising the base ({quantize}) takes bitsandbytes on a CUDA GPU, not {torch_device}")
     local = Path(base).expanduser()
     if local.exists() and not (local / "model_index.json").is_file():
         raise HdbError(f"{base} is not a diffusers pipeline directory (it has no model_index.json)")
@@ -40,13 +47,16 @@ def load_pipeline(base: str = DEFAULT_BASE, dtype: str | torch.dtype = "auto", d
         )
 
     def load(path: str) -> DiffusionPipeline:
+        options = {"dtype": torch_dtype, "use_safetensors": True}
+        if quantize != "none":
+            options["quantization_config"] = quantization_config(path, quantize, torch_dtype)
         if torch_dtype in (torch.float16, torch.bfloat16):
             try:
-                return DiffusionPipeline.from_pretrained(path, dtype=torch_dtype, variant="fp16", use_safetensors=True)
+                return DiffusionPipeline.from_pretrained(path, variant="fp16", **options)
             except ValueError as error:  # the base has no fp16 variant: its full-precision files, cast
                 if "variant" not in str(error):
                     raise
-        return DiffusionPipeline.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+        return DiffusionPipeline.from_pretrained(path, **options)
 
     offline = "To try hdb offline, use a tiny random pipeline as the base model: `hdb.models.save_tiny_pipeline(DIR)`."
     pipe = from_hub_or_directory("base model", base, load, argument="base", offline=offline)
@@ -56,6 +66,22 @@ def load_pipeline(base: str = DEFAULT_BASE, dtype: str | torch.dtype = "auto", d
         raise HdbError(f"{base} is a {type(pipe).__name__}; hdb supports {SUPPORTED} pipelines") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch_device)
+
+
+def quantization_config(base: str, quantize: str, dtype: torch.dtype) -> object:
+    """diffusers' quantisation of `base` (a hub id or folder) as `quantize` says (hdb.config.QUANTIZATIONS): its
+    family's denoiser, and the text encoders LiDB does not target (quantised weights take no LiDB merge)."""
+    from diffusers import PipelineQuantizationConfig
+
+    family = family_of_pipeline_class(DiffusionPipeline.load_config(base)["_class_name"])
+    targeted = family.lidb_text_encoder_names or family.text_encoder_names
+    components = [family.denoiser_name, *(name for name in family.text_encoder_names if name not in targeted)]
+    if quantize == "nf4":
+        backend = "bitsandbytes_4bit"
+        options = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
+    else:
+        backend, options = "bitsandbytes_8bit", {"load_in_8bit": True}
+    return PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=options, components_to_quantize=components)
 
 
 def base_family(pipe: Pipeline) -> str:

@@ -93,11 +93,13 @@ class PersonalPipeline:
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
         lidb_config: LiDBConfig | None = None,
+        quantize: str = "none",
     ) -> PersonalPipeline:
         """The base model (hub id or folder) and, optionally, a trained hypernetwork (hub id or folder); people are
         made in `lidb_config`'s shape (default: the hypernetwork's, which another would not fit, else LiDBConfig()).
-        A personal file is drawn by a pipeline of its own shape: `lidb_config=load_personal(path).config`."""
-        pipe = load_pipeline(base, dtype, device)
+        A personal file is drawn by a pipeline of its own shape: `lidb_config=load_personal(path).config`.
+        `quantize`: the frozen base in 4 or 8 bits (`hdb.models.load_pipeline`; a CUDA GPU)."""
+        pipe = load_pipeline(base, dtype, device, quantize)
         if isinstance(hypernet, (str, Path)):
             from hdb.hypernet import HyperNetwork
 

@@ -227,3 +227,21 @@ def test_building_on_the_gpu_follows_the_seed_and_leaves_the_random_state_alone(
     weight = one.unet.conv_in.weight
     assert weight.is_cuda and torch.equal(weight, again.unet.conv_in.weight)
     assert not torch.equal(weight, other.unet.conv_in.weight)
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_a_base_loaded_in_4_or_8_bits_personalises_and_draws_unmerged(tmp_path, quantize):
+    """diffusers' bitsandbytes quantisation of a tiny FLUX.1's transformer and T5 (`--quantize`), LiDB on top."""
+    import bitsandbytes as bnb
+
+    from hdb.models import save_tiny_pipeline
+
+    base = save_tiny_pipeline(tmp_path / "flux", "flux")
+    personal = PersonalPipeline.load(str(base), device="cuda", dtype="bf16", quantize=quantize)
+    quantised = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    assert isinstance(personal.lidb.layers["transformer.transformer_blocks.0.attn.to_q"].base, quantised)
+    assert not personal.lidb.mergeable
+    result = personal.personalize(random_face(personal.pipe), PersonalizeConfig(steps=3, progress=False))
+    assert all(np.isfinite(result.losses))
+    image = np.asarray(personal.generate("a photo of [V]", steps=2)[0])
+    assert image.std() > 0

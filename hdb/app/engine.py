@@ -11,6 +11,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from hdb.config import APP_COMPILE_MODE, PersonalizeConfig
+from hdb.errors import HdbError
 from hdb.families import denoiser, family_of
 from hdb.pipeline import PersonalPipeline
 from hdb.styles import SIZE_PRESETS
@@ -97,8 +98,10 @@ class Engine:
             device = resolve_device(device_name)
             pipe = build_tiny_pipeline("sd15").to(device, resolve_dtype(dtype, device))
             pipe.set_progress_bar_config(disable=True)
+        elif self.zero_gpu and options.quantize != "none":  # bitsandbytes quantises on a GPU, which loading lacks
+            raise HdbError("A quantised base needs a dedicated GPU: ZeroGPU lends one only inside each call")
         else:
-            pipe = load_pipeline(options.base, dtype, device_name)
+            pipe = load_pipeline(options.base, dtype, device_name, options.quantize)
         hypernet = None
         if options.hypernet:
             from hdb.hypernet import HyperNetwork

@@ -4,7 +4,7 @@
     python app.py --tiny                # tiny random pipeline: the whole flow offline, in seconds, on a CPU
     python app.py --compile             # a dedicated GPU: compile the model in the background at start
 
-Every option is also an environment variable (HDB_BASE, HDB_HYPERNET, HDB_DEVICE, HDB_DTYPE,
+Every option is also an environment variable (HDB_BASE, HDB_HYPERNET, HDB_DEVICE, HDB_DTYPE, HDB_QUANTIZE,
 HDB_OPTIMIZER, HDB_TINY, HDB_COMPILE), which is how a Hugging Face Space sets them.
 """
 
@@ -15,7 +15,7 @@ import os
 import signal
 from pathlib import Path
 
-from hdb.config import APP_COMPILE_MODE, DEFAULT_BASE, DTYPE_CHOICES, OPTIMIZERS
+from hdb.config import APP_COMPILE_MODE, DEFAULT_BASE, DTYPE_CHOICES, OPTIMIZERS, QUANTIZATIONS
 from hdb.console import quiet_libraries
 from hdb.errors import HdbError
 from hdb.terms import app_terms
@@ -34,6 +34,12 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument("--device", default=env("HDB_DEVICE", "auto"))
     parser.add_argument("--dtype", default=env("HDB_DTYPE", "auto"), choices=DTYPE_CHOICES)
     parser.add_argument("--optimizer", default=env("HDB_OPTIMIZER", OPTIMIZERS[0]), choices=OPTIMIZERS)
+    parser.add_argument(
+        "--quantize",
+        default=env("HDB_QUANTIZE", QUANTIZATIONS[0]),
+        choices=QUANTIZATIONS,
+        help="the frozen base in 4 (nf4) or 8 (int8) bits: a dedicated CUDA GPU with less memory; not on ZeroGPU",
+    )
     parser.add_argument("--tiny", action="store_true", default=env_flag("HDB_TINY"))
     parser.add_argument(
         "--compile",

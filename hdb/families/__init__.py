@@ -33,6 +33,14 @@ def family_of(pipe: DiffusionPipeline) -> Family:
     raise HdbError(f"hdb cannot personalise a {type(pipe).__name__}; it supports {SUPPORTED} pipelines")
 
 
+def family_of_pipeline_class(name: str) -> Family:
+    """The (first) family whose pipeline class is called `name` (a model_index.json's `_class_name`)."""
+    for family in FAMILIES.values():
+        if family.pipeline_class.__name__ == name:
+            return family
+    raise HdbError(f"hdb cannot personalise a {name}; it supports {SUPPORTED} pipelines")
+
+
 def family_of_tiny(arch: str) -> Family:
     """The family whose tiny pipeline is called `arch` (one of hdb.config.TINY_ARCHS, the command line's choices)."""
     return next(family for family in FAMILIES.values() if family.tiny_arch == arch)
