@@ -42,11 +42,12 @@ from hdb.config import (
 )
 from hdb.devices import resolve_device
 from hdb.diffusion import diffusion_loss, encode_tokens, tokenize_prompts
-from hdb.families import denoiser
+from hdb.errors import HdbError
+from hdb.families import family_of_tiny
 from hdb.hypernet import encoder_image_size
 from hdb.identities import Identity, write_manifest
 from hdb.lidb import LiDB
-from hdb.models import Pipeline, build_full_size_sd15, build_tiny_pipeline, training_scheduler
+from hdb.models import Pipeline, build_full_size_sd15, build_tiny_pipeline, native_resolution, training_scheduler
 from hdb.personal_file import PersonalWeights, save_personal
 from hdb.stage import training_stage
 
@@ -168,15 +169,18 @@ def format_growth(rows: list[dict]) -> str:
 # 141.8 ms for 3,207); the compiled step (30.5 ms) is the arithmetic's floor for a batch-1 step's FLOPs.
 H200_SECONDS_PER_OPERATION = (37e-6, 44e-6)
 H200_COMPILED_BATCH1_STEP_S = 0.0305
+# The H200's dense bf16 tensor-core peak (NVIDIA's H200 datasheet: 1,979 TFLOPS with sparsity, half of it dense): no
+# step's arithmetic can take less than its FLOPs at this rate. A floor, far below any measured step.
+H200_BF16_DENSE_TFLOPS = 989.5
 
 
 def per_sample_step(pipe: Pipeline, lidb: LiDB, group: int, device: str) -> Callable[[], None]:
     """One forward+backward of the per-sample path both stages train through: `group` samples, each with its own
-    LiDB, in the UNet and the text encoder. Noise zero and timestep 0 (a meta device draws no random numbers;
-    the arithmetic does not depend on them)."""
+    LiDB, in the denoiser and the text encoders it targets, at the base's native size. Noise zero and timestep 0
+    (a meta device draws no random numbers; the arithmetic does not depend on them)."""
     A, B = (weights.to(device).requires_grad_() for weights in lidb.initial_weights(group))
-    side = denoiser(pipe).config.sample_size
-    latents = torch.zeros(group, denoiser(pipe).config.in_channels, side, side, device=device)
+    side = native_resolution(pipe) // pipe.vae_scale_factor
+    latents = torch.zeros(group, pipe.vae.config.latent_channels, side, side, device=device)
     tokens = [ids.expand(group, -1).to(device) for ids in tokenize_prompts(pipe, ["a photo of sks person"])]
     scheduler, timesteps = training_scheduler(pipe), torch.zeros(group, dtype=torch.long, device=device)
 
@@ -188,18 +192,36 @@ def per_sample_step(pipe: Pipeline, lidb: LiDB, group: int, device: str) -> Call
     return step
 
 
-def step_costs(group_sizes: tuple[int, ...] = BENCH_GROUP_SIZES, repeats: int = 5, device: str = "cpu") -> list[dict]:
-    """Per group size: the per-sample step's operations and TFLOPs at SD1.5's shapes, and its time (best of
-    `repeats`, after a warm-up) on `device`: the tiny model on a CPU, the SD1.5-shaped one (random weights,
-    bf16 where the GPU has it) on a GPU."""
-    from hdb.bench import OperationCounter, bench_pipeline, time_call
+def counted_step(pipe: Pipeline, lidb: LiDB, group: int) -> tuple[int, float]:
+    """The operations (about one GPU kernel each) and TFLOPs of one per-sample step of `pipe`'s shapes (meta)."""
+    from hdb.bench import OperationCounter
+
+    counted = per_sample_step(pipe, lidb, group, "meta")
+    with OperationCounter() as operations:  # apart: the FLOP counter would dispatch more operations
+        counted()
+    with FlopCounterMode(display=False) as flops:
+        counted()
+    return operations.count, flops.get_total_flops() / 1e12
+
+
+def step_costs(
+    group_sizes: tuple[int, ...] = BENCH_GROUP_SIZES, repeats: int = 5, device: str = "cpu", arch: str = "sd15"
+) -> list[dict]:
+    """Per group size: the per-sample step's operations and TFLOPs at the full-size shapes of `arch`'s family
+    (hdb.config.TINY_ARCHS; its reference model, `Family.build_full_size`), and its time (best of `repeats`, after
+    a warm-up) on `device`: the tiny model of that family on a CPU, the SD1.5-shaped one (random weights, bf16
+    where the GPU has it) on a GPU. A group of 1 costs what a personalisation step costs (one person's weights)."""
+    from hdb.bench import bench_pipeline, time_call
 
     where = resolve_device(device)  # a clear error where CUDA is asked for and missing
     on_gpu = where.type == "cuda"
+    if on_gpu and arch != "sd15":
+        raise HdbError("On a GPU, steps are timed at SD1.5's shapes only (`arch` sd15): the others are counted")
+    family = family_of_tiny(arch)
+    full = family.build_full_size()
+    timed = bench_pipeline(BenchOptions(device=device, tiny=not on_gpu), where) if on_gpu else build_tiny_pipeline(arch)
     rows = []
-    full = build_full_size_sd15(empty=True)
-    timed = bench_pipeline(BenchOptions(device=device, tiny=not on_gpu), where)
-    # the default LiDB at SD1.5's shapes; the tiny model's is narrow
+    # the default LiDB at full size; the tiny model's is narrow
     with (
         LiDB.attached(full, LiDBConfig()) as full_lidb,
         LiDB.attached(timed, LiDBConfig() if on_gpu else LIDB) as timed_lidb,
@@ -207,46 +229,74 @@ def step_costs(group_sizes: tuple[int, ...] = BENCH_GROUP_SIZES, repeats: int = 
         training_stage(timed, timed_lidb, "timing a step", "smaller `group_sizes`"),
     ):
         for group in group_sizes:
-            counted = per_sample_step(full, full_lidb, group, "meta")
-            with OperationCounter() as operations:  # apart: the FLOP counter would dispatch more operations
-                counted()
-            with FlopCounterMode(display=False) as flops:
-                counted()
+            operations, tflops = counted_step(full, full_lidb, group)
             timed_step = per_sample_step(timed, timed_lidb, group, str(where))
             timed_step()  # a warm-up
             seconds = [time_call(timed_step, where) for _ in range(repeats)]
             rows.append({
+                "shapes": family.variant(family.variant_name(full)).title,
                 "group": group,
-                "sd15_operations": operations.count,
-                "sd15_tflops": round(flops.get_total_flops() / 1e12, 3),
-                "timed": f"SD1.5-shaped on {torch.cuda.get_device_name(where)}" if on_gpu else "tiny model on a CPU",
+                "operations": operations,
+                "tflops": round(tflops, 3),
+                "timed": f"SD1.5-shaped on {torch.cuda.get_device_name(where)}" if on_gpu else f"tiny {arch} on a CPU",
                 "step_ms": round(min(seconds) * 1e3, 1),
             })  # fmt: skip
     return rows
 
 
+def sd15_batch1_tflops() -> float:
+    """The TFLOPs of SD1.5's batch-1 step, the arithmetic of hdb's compiled H200 anchor."""
+    full = build_full_size_sd15(empty=True)
+    with LiDB.attached(full, LiDBConfig()) as lidb, training_stage(full, lidb, "counting a step", ""):
+        return counted_step(full, lidb, 1)[1]
+
+
+def frozen_weights_gb(arch: str) -> dict[str, float]:
+    """The frozen base's weights in GB (1e9 bytes), counted at `arch`'s full-size shapes: in bf16, and with
+    `--quantize` nf4 (4 bits and one fp32 scale per 64 weights: 0.5625 bytes) or int8 (1 byte and a scale per row,
+    ignored) for the components it quantises (`hdb.models.quantization_config`); the rest stay bf16."""
+    family = family_of_tiny(arch)
+    full = family.build_full_size()
+    targeted = family.lidb_text_encoder_names or family.text_encoder_names
+    quantised = [family.denoiser_name, *(name for name in family.text_encoder_names if name not in targeted)]
+    counts = {
+        name: sum(p.numel() for p in component.parameters())
+        for name, component in full.components.items()
+        if isinstance(component, torch.nn.Module)
+    }
+    total = sum(counts.values())
+    in_quantised = sum(counts[name] for name in quantised if name in counts)
+    return {
+        "bf16": 2 * total / 1e9,
+        "nf4": (2 * (total - in_quantised) + 0.5625 * in_quantised) / 1e9,
+        "int8": (2 * (total - in_quantised) + 1 * in_quantised) / 1e9,
+    }
+
+
 def estimate_h200_ms(row: dict, batch1_tflops: float) -> tuple[float, float]:
     """An eager H200 step's likely range, in ms: launch-bound (operations x the anchors' cost of one) unless the
-    arithmetic takes longer (FLOPs at the rate the compiled batch-1 step reached). An extrapolation."""
+    arithmetic takes longer (FLOPs at the rate SD1.5's compiled batch-1 step reached). An extrapolation."""
     flops_rate = batch1_tflops / H200_COMPILED_BATCH1_STEP_S  # TFLOPs per second
-    arithmetic = row["sd15_tflops"] / flops_rate
-    low, high = (max(row["sd15_operations"] * cost, arithmetic) for cost in H200_SECONDS_PER_OPERATION)
+    arithmetic = row["tflops"] / flops_rate
+    low, high = (max(row["operations"] * cost, arithmetic) for cost in H200_SECONDS_PER_OPERATION)
     return low * 1e3, high * 1e3
 
 
-def format_step_costs(rows: list[dict]) -> str:
-    batch1 = next((row["sd15_tflops"] for row in rows if row["group"] == 1), None)  # the anchors' batch size
+def format_step_costs(rows: list[dict], batch1_tflops: float, weights_gb: dict[str, float]) -> str:
+    """The rows, each with its H200 extrapolation (`batch1_tflops`: SD1.5's, `sd15_batch1_tflops`), and the frozen
+    weights' memory (`frozen_weights_gb`)."""
     lines = []
     for row in rows:
-        line = (
-            f"group {row['group']}: SD1.5 {row['sd15_operations']:,} operations, {row['sd15_tflops']:.2f} TFLOPs "
-            f"forward+backward; measured, {row['timed']}: {row['step_ms']:.1f} ms"
+        low, high = estimate_h200_ms(row, batch1_tflops)
+        estimate = f"{low:.0f} ms" if round(low) == round(high) else f"{low:.0f}-{high:.0f} ms"
+        floor = row["tflops"] / H200_BF16_DENSE_TFLOPS * 1e3
+        lines.append(
+            f"group {row['group']}: {row['shapes']} {row['operations']:,} operations, {row['tflops']:.2f} TFLOPs "
+            f"forward+backward; measured, {row['timed']}: {row['step_ms']:.1f} ms; H200 eager, extrapolated: "
+            f"{estimate} (at SD1.5's rate; the bf16 peak's floor: {floor:.0f} ms)"
         )
-        if batch1 is not None:
-            low, high = estimate_h200_ms(row, batch1)
-            estimate = f"{low:.0f} ms" if round(low) == round(high) else f"{low:.0f}-{high:.0f} ms"
-            line += f"; H200 eager, extrapolated: {estimate}"
-        lines.append(line)
+    memory = ", ".join(f"{precision} {gb:.1f} GB" for precision, gb in weights_gb.items())
+    lines.append(f"frozen weights (counted; activations not): {memory}")
     return "\n".join(lines)
 
 

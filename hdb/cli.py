@@ -332,12 +332,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_training(args: argparse.Namespace) -> None:
-    from hdb.bench_training import bench_training, format_growth, format_step_costs, step_costs
+    from hdb.bench_training import (
+        bench_training,
+        format_growth,
+        format_step_costs,
+        frozen_weights_gb,
+        sd15_batch1_tflops,
+        step_costs,
+    )
 
     _quiet_model_loading()
     if args.step_costs:
-        rows = step_costs(tuple(args.group_sizes), device=args.device)
-        print(format_step_costs(rows))
+        rows = step_costs(tuple(args.group_sizes), device=args.device, arch=args.arch)
+        print(format_step_costs(rows, sd15_batch1_tflops(), frozen_weights_gb(args.arch)))
     else:
         rows = bench_training(args.identities, resolution=args.resolution)
         print(format_growth(rows))
@@ -746,8 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument(
         "--step-costs",
         action="store_true",
-        help="instead: the per-sample training step's operations and FLOPs at SD1.5's shapes, its time on the tiny "
-        "model here, and an H200 estimate, per group size",
+        help="instead: the per-sample training step's operations and FLOPs at a base's full-size shapes, its time "
+        "on the tiny model here, an H200 estimate, per group size, and the frozen weights' memory",
     )
     setup.add_argument(
         "--group-sizes",
@@ -755,6 +762,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=list(BENCH_GROUP_SIZES),
         help="with --step-costs",
+    )
+    setup.add_argument(
+        "--arch",
+        choices=TINY_ARCHS,
+        default=TINY_ARCHS[0],
+        help="with --step-costs: the base family whose full-size shapes are counted (sd15, flux: FLUX.1 [dev], sd3: "
+        "SD3.5 Large; default sd15)",
     )
     setup.add_argument(
         "--device",

@@ -105,10 +105,10 @@ def test_step_costs_count_the_per_sample_step_at_sd15_shapes(tmp_path):
     one, two = json.loads((tmp_path / "steps.json").read_text())
     assert (one["group"], two["group"]) == (1, 2)
     # SD1.5's UNet and text encoder at 512 px, forward and backward, the base frozen (no weight gradients)
-    assert 1.6 < one["sd15_tflops"] < 1.9
-    assert abs(two["sd15_tflops"] - 2 * one["sd15_tflops"]) < 0.01 * one["sd15_tflops"]
-    assert 3000 < one["sd15_operations"] <= two["sd15_operations"] < 1.5 * one["sd15_operations"]
-    assert one["step_ms"] > 0 and two["step_ms"] > 0 and one["timed"] == "tiny model on a CPU"
+    assert 1.6 < one["tflops"] < 1.9 and one["shapes"] == "Stable Diffusion 1.5"
+    assert abs(two["tflops"] - 2 * one["tflops"]) < 0.01 * one["tflops"]
+    assert 3000 < one["operations"] <= two["operations"] < 1.5 * one["operations"]
+    assert one["step_ms"] > 0 and two["step_ms"] > 0 and one["timed"] == "tiny sd15 on a CPU"
     if not torch.cuda.is_available():  # timing on a GPU that is not there: one clear line, before any work
         missing = hdb("bench-training", "--step-costs", "--device", "cuda", check=False)
         assert_one_line_error(missing, "no CUDA GPU is available here")

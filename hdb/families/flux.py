@@ -25,12 +25,21 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers import FluxTransformer2DModel as Transformer
-from transformers import T5Config, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
 from hdb.errors import HdbError
-from hdb.families.family import Conditioning, Family, LayerFactors, Variant, flow_matching_loss, lora_module_path
+from hdb.families.family import (
+    Conditioning,
+    Family,
+    LayerFactors,
+    Variant,
+    flow_matching_loss,
+    lora_module_path,
+    training_scheduler_on,
+)
 from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, tiny_clip_text_encoder
 from hdb.seeding import initialised_from
 
@@ -215,8 +224,10 @@ class Flux(Family):
     # -- training and sampling
 
     def training_scheduler(self, pipe: DiffusionPipeline) -> FlowMatchEulerDiscreteScheduler:
-        """A fresh one: its 1000-step grid (a pipeline's own may hold the grid of its last sampling)."""
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        """A fresh one: its 1000-step grid (a pipeline's own may hold the grid of its last sampling), on the
+        transformer's device."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        return training_scheduler_on(scheduler, pipe.transformer.device)
 
     def diffusion_loss(
         self,
@@ -228,7 +239,7 @@ class Flux(Family):
         timesteps: torch.Tensor,
     ) -> torch.Tensor:
         """Flow matching: `timesteps` (drawn uniformly, 0-999) index the scheduler's grid of sigmas."""
-        return flow_matching_loss(self, pipe, scheduler, latents, cond, noise, timesteps.cpu())
+        return flow_matching_loss(self, pipe, scheduler, latents, cond, noise, timesteps)
 
     def encode_images(self, pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
         vae = pipe.vae
@@ -242,7 +253,21 @@ class Flux(Family):
         """FLUX.1's guidance is distilled into the model (a number it reads), and it takes no negative prompt."""
         return {"guidance_scale": guidance}
 
-    # -- tiny pipelines
+    # -- pipelines that are not the real one
+
+    def build_full_size(self) -> DiffusionPipeline:
+        """FLUX.1 [dev]'s shapes (its transformer/config.json: diffusers' defaults, with guidance) on the meta
+        device: 11.9B transformer parameters, T5-XXL's 4.8B, CLIP-L's 123M."""
+        with init_empty_weights(include_buffers=False):
+            transformer = Transformer(guidance_embeds=True)
+            vae = full_size_vae(**FLUX_LATENTS)
+            text_encoder, text_encoder_2 = CLIPTextModel(full_size_clip_l()), T5EncoderModel(full_size_t5())
+        text_encoder_2.tie_weights()  # its token embedding is one tensor twice (the meta device left them untied)
+        return FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE), vae=vae, text_encoder=text_encoder,
+            tokenizer=clip_tokenizer(), text_encoder_2=text_encoder_2, tokenizer_2=tiny_t5_tokenizer(),
+            transformer=transformer,
+        )  # fmt: skip
 
     def build_tiny(self, seed: int) -> DiffusionPipeline:
         """1 double and 1 single block of width 32, a 16-channel VAE (64 px -> 8x8 latents -> 16 tokens), CLIP and
@@ -285,6 +310,32 @@ class Flux(Family):
             tokenizer_2=tokenizer_2,
             transformer=transformer,
         )
+
+
+def full_size_t5() -> T5Config:
+    """T5-XXL v1.1's encoder (google/t5-v1_1-xxl's config.json), as FLUX.1 and SD3.5 read prompts with it."""
+    return T5Config(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, dropout_rate=0.0,
+    )  # fmt: skip
+
+
+def full_size_clip_l() -> CLIPTextConfig:
+    """CLIP ViT-L/14's text encoder (openai/clip-vit-large-patch14's), FLUX.1's and SD3.5's first."""
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )  # fmt: skip
+
+
+def full_size_vae(**latents: float) -> AutoencoderKL:
+    """FLUX.1's and SD3.5's 16-channel VAE (the same geometry; `latents` its channels, scale and shift)."""
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, sample_size=1024,
+        use_quant_conv=False, use_post_quant_conv=False, **latents,
+    )  # fmt: skip
 
 
 # A SentencePiece-style unigram vocabulary: T5's ids 0, 1, 2 are <pad>, </s>, <unk>; "▁" starts a word

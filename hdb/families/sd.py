@@ -117,6 +117,9 @@ class StableDiffusion(Family):
     def sampling_scheduler(self, pipe: DiffusionPipeline) -> DPMSolverMultistepScheduler:
         return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # good pictures in ~25 steps
 
+    def build_full_size(self) -> DiffusionPipeline:
+        return build_full_size_sd15(empty=True)
+
     # -- tiny pipelines
 
     def build_tiny(self, seed: int) -> DiffusionPipeline:
@@ -146,6 +149,7 @@ class StableDiffusion2(StableDiffusion):
     tiny_arch = "sd2"
     cross_attention_width = 1024  # OpenCLIP ViT-H's
     linear_projection = True
+    build_full_size = Family.build_full_size  # none here (SD1.5's are not its shapes)
     kohya_v2 = True
     # Stability AI withdrew SD2.x from the Hub in November 2025; the sd2-community organisation keeps the same files
     variants: ClassVar[dict[str, Variant]] = {

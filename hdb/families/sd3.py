@@ -22,11 +22,13 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers import SD3Transformer2DModel as Transformer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderModel
 
-from hdb.families.family import Conditioning, Family, Variant, flow_matching_loss
-from hdb.families.flux import tiny_t5_encoder, tiny_t5_tokenizer
+from hdb.families.family import Conditioning, Family, Variant, flow_matching_loss, training_scheduler_on
+from hdb.families.flux import full_size_clip_l, full_size_t5, full_size_vae, tiny_t5_encoder, tiny_t5_tokenizer
 from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, tiny_clip_text_encoder
 from hdb.seeding import initialised_from
 
@@ -127,7 +129,9 @@ class StableDiffusion3(Family):
     # -- training and sampling
 
     def training_scheduler(self, pipe: DiffusionPipeline) -> FlowMatchEulerDiscreteScheduler:
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        """A fresh one, its 1000-step grid on the transformer's device."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        return training_scheduler_on(scheduler, pipe.transformer.device)
 
     def diffusion_loss(
         self,
@@ -141,7 +145,7 @@ class StableDiffusion3(Family):
         """Flow matching at logit-normal times: the uniform draws (0-999) are mapped through the logit-normal
         distribution's inverse CDF (u -> sigmoid(Phi^-1(u))), so the same draws give the same times."""
         steps = scheduler.config.num_train_timesteps
-        uniform = (timesteps.cpu().double() + 0.5) / steps
+        uniform = (timesteps.float() + 0.5) / steps
         index = (torch.sigmoid(torch.special.ndtri(uniform)) * steps).long().clamp(0, steps - 1)
         return flow_matching_loss(self, pipe, scheduler, latents, cond, noise, index)
 
@@ -152,6 +156,34 @@ class StableDiffusion3(Family):
 
     def sampling_scheduler(self, pipe: DiffusionPipeline) -> FlowMatchEulerDiscreteScheduler:
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    # -- pipelines that are not the real one
+
+    def build_full_size(self) -> DiffusionPipeline:
+        """SD3.5 Large's shapes (its transformer/config.json) on the meta device: 8.1B transformer parameters,
+        CLIP-L, CLIP-G (695M) and T5-XXL."""
+        clip_g = CLIPTextConfig(
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        )  # fmt: skip
+        with init_empty_weights(include_buffers=True):  # the positions too: the latents they are added to are meta
+            transformer = Transformer(
+                sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+                num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm",
+            )  # fmt: skip
+            vae = full_size_vae(**SD3_LATENTS)
+            text_encoder = CLIPTextModelWithProjection(full_size_clip_l())
+            text_encoder_2 = CLIPTextModelWithProjection(clip_g)
+            text_encoder_3 = T5EncoderModel(full_size_t5())
+        text_encoder_3.tie_weights()  # its token embedding is one tensor twice (the meta device left them untied)
+        tokenizer = clip_tokenizer()
+        return StableDiffusion3Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE), vae=vae, text_encoder=text_encoder,
+            tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3,
+            tokenizer_3=tiny_t5_tokenizer(), transformer=transformer,
+        )  # fmt: skip
 
     # -- tiny pipelines
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-from hdb.families.family import Conditioning, Variant
+from hdb.families.family import Conditioning, Family, Variant
 from hdb.families.sd import SD2_LICENSE, TINY_UNET, StableDiffusion, clip_tokenizer, tiny_clip_text_encoder, tiny_vae
 from hdb.seeding import initialised_from
 
@@ -20,6 +20,7 @@ class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     title = "Stable Diffusion XL"
     tiny_arch = "sdxl"
+    build_full_size = Family.build_full_size  # none here (SD1.5's are not its shapes)
     pipeline_class = StableDiffusionXLPipeline
     text_encoder_names = ("text_encoder", "text_encoder_2")
     kohya_prefixes: ClassVar[dict[str, str]] = {
