@@ -43,11 +43,11 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 
-if ! "$python" -c "import diffusers" 2>/dev/null; then
+if ! "$python" -c "import diffusers, bitsandbytes" 2>/dev/null; then
   site=$(mktemp -d)
   trap 'rm -rf "$site"' EXIT
   "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/wheels/*.whl \
-    || { echo "diffusers is missing and .gpu/wheels could not be installed: run scripts/gpu_wheels.sh first"; exit 1; }
+    || { echo "diffusers or bitsandbytes is missing and .gpu/wheels could not be installed: run scripts/gpu_wheels.sh first"; exit 1; }
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU: these checks need one'" || exit 1
