@@ -344,7 +344,9 @@ def cmd_bench_training(args: argparse.Namespace) -> None:
     _quiet_model_loading()
     if args.step_costs:
         rows = step_costs(tuple(args.group_sizes), device=args.device, arch=args.arch)
-        print(format_step_costs(rows, sd15_batch1_tflops(), frozen_weights_gb(args.arch)))
+        counted = [row["tflops"] for row in rows if row["group"] == 1 and args.arch == "sd15"]  # the anchor's step
+        batch1 = counted[0] if counted else sd15_batch1_tflops()
+        print(format_step_costs(rows, batch1, frozen_weights_gb(args.arch)))
     else:
         rows = bench_training(args.identities, resolution=args.resolution)
         print(format_growth(rows))

@@ -112,3 +112,19 @@ def test_step_costs_count_the_per_sample_step_at_sd15_shapes(tmp_path):
     if not torch.cuda.is_available():  # timing on a GPU that is not there: one clear line, before any work
         missing = hdb("bench-training", "--step-costs", "--device", "cuda", check=False)
         assert_one_line_error(missing, "no CUDA GPU is available here")
+
+
+def test_the_full_size_transformer_bases_have_the_published_parameter_counts():
+    """`bench-training --step-costs --arch flux|sd3` counts at these shapes: they must be the real models' (their
+    model cards: FLUX.1 12B, SD3.5 Large 8.1B; T5-XXL v1.1's encoder 4.76B; OpenCLIP bigG's text tower 695M)."""
+    from hdb.bench_training import frozen_weights_gb
+    from hdb.families import FAMILIES
+
+    def millions(module) -> int:
+        return round(sum(p.numel() for p in module.parameters()) / 1e6)
+
+    flux, sd3 = FAMILIES["flux"].build_full_size(), FAMILIES["sd3"].build_full_size()
+    assert (millions(flux.transformer), millions(flux.text_encoder_2), millions(flux.text_encoder)) == (11901, 4762, 123)
+    assert (millions(sd3.transformer), millions(sd3.text_encoder_2), millions(sd3.text_encoder_3)) == (8057, 695, 4762)
+    weights = frozen_weights_gb("flux")
+    assert round(weights["bf16"], 1) == 33.7 and weights["nf4"] < weights["int8"] < weights["bf16"] / 1.9
