@@ -60,6 +60,7 @@ from hdb.models import (
 )
 from hdb.personal_file import save_personal
 from hdb.pipeline import PersonalPipeline
+from hdb.relaxations import relax
 from hdb.seeding import initialised_from
 from hdb.stage import training_stage
 from hdb.styles import PERSON
@@ -401,13 +402,13 @@ def bench_operations(options: BenchOptions) -> dict:
 
     rank = PersonalizeConfig().relaxed_rank
     with LiDB.attached(pipe) as lidb:
-        lidb.relax("lidb", *lidb.initial_weights(), rank)  # what `--relax lidb` trains
+        relax(lidb, "lidb", *lidb.initial_weights(), rank)  # what `--relax lidb` trains
         record = {"operations_lidb": operations(lidb, tokens, lidb.trainable_parameters())}
         record["optimizer_operations_lidb"] = optimizer_operations(lidb.trainable_parameters(), TrainConfig.optimizer)
         lidb.batch_factors = False
         record["operations_lidb_per_layer"] = operations(lidb, tokens, lidb.trainable_parameters())
         lidb.batch_factors = True
-        lidb.relax("lora", *lidb.initial_weights(), rank)  # what `--relax lora` trains: a plain LoRA on top
+        relax(lidb, "lora", *lidb.initial_weights(), rank)  # what `--relax lora` trains: a plain LoRA on top
         record["operations_relax_lora"] = operations(lidb, tokens, lidb.trainable_parameters())
         trained = lidb.trainable_parameters()
         record["optimizer_operations_relax_lora"] = optimizer_operations(trained, TrainConfig.optimizer)

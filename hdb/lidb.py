@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from hdb.config import LIDB_LAYERS, RELAX_MODES, LiDBConfig
-from hdb.errors import HdbError, check_choice
+from hdb.config import LIDB_LAYERS, LiDBConfig
+from hdb.errors import HdbError
 from hdb.families import family_of
 
 if TYPE_CHECKING:
@@ -437,7 +437,7 @@ class LiDB:
         self.layers: dict[str, LiDBLinear] = {}
         self._aux_fingerprint: str | None = None
         self._lora: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None  # kept for reuse (see add_lora)
-        self._frozen_prediction: list[torch.utils.hooks.RemovableHandle] = []  # see relax(train_prediction=False)
+        self._frozen_prediction: list[torch.utils.hooks.RemovableHandle] = []  # see freeze_first_ranks
         for index, (name, linear) in enumerate(targets.items()):
             layer = LiDBLinear(linear, name, index, self.source, *bases[index])
             self._replace(name, layer)
@@ -635,39 +635,19 @@ class LiDB:
         self.use_shared()
         self.remove_lora()
 
-    def relax(
-        self,
-        mode: str,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        rank: int,
-        generator: torch.Generator | None = None,
-        train_prediction: bool | None = None,
-    ) -> None:
-        """Start a fast finetune from the prediction (A, B), its rank relaxed to `rank` the `mode` way (RELAX_MODES).
+    def train_prediction(self) -> None:
+        """With a plain LoRA on top, let the LiDB weights (the prediction) train too (the toy's crossed ablation)."""
+        for parameter in (self.A_train, self.B_train):
+            parameter.requires_grad_(True)
+        self.source.clear_factors()  # rebuilt with gradients for A and B
 
-        "lora" (the paper's): the prediction stays as predicted and a plain rank-`rank` LoRA on top trains.
-        "lidb" (hdb's compact variant): the LiDB's own rank grows to `rank`, every update inside the aux bases.
-        Either way the model computes exactly the prediction at the start. Train `trainable_parameters()`,
-        inside `merged_while_training()`. `train_prediction` crosses the two (the toy's ablation): whether the
-        prediction's own numbers train too (default: "lidb" yes, "lora" no).
-        """
-        check_choice("relaxation", mode, RELAX_MODES)
-        if mode == "lora":
-            self.start_from(A, B)
-            self.add_lora(rank, generator)
-            if train_prediction:
-                for parameter in (self.A_train, self.B_train):
-                    parameter.requires_grad_(True)
-                self.source.clear_factors()  # rebuilt with gradients for A and B
-        else:
-            self.start_from(A, B, max(rank, A.shape[1]), generator)
-            if train_prediction is False:  # the predicted rank-k part gets no gradient; the rest trains as usual
-                k = A.shape[1]
-                self._frozen_prediction = [
-                    self.A_train.register_hook(lambda grad: torch.cat([grad[:, :k] * 0, grad[:, k:]], dim=1)),
-                    self.B_train.register_hook(lambda grad: torch.cat([grad[..., :k] * 0, grad[..., k:]], dim=-1)),
-                ]
+    def freeze_first_ranks(self, k: int) -> None:
+        """The first `k` ranks of the shared weights (a prediction, relaxed) get no gradient; the rest trains. Until
+        the next `start_from`."""
+        self._frozen_prediction = [
+            self.A_train.register_hook(lambda grad: torch.cat([grad[:, :k] * 0, grad[:, k:]], dim=1)),
+            self.B_train.register_hook(lambda grad: torch.cat([grad[..., :k] * 0, grad[..., k:]], dim=-1)),
+        ]
 
     @property
     def mergeable(self) -> bool:

@@ -5,7 +5,7 @@
              photo with the instance prompt -> personal file
 
 `hdb.pipeline.PersonalPipeline.personalize` aligns the photos, starts the LiDB from the prediction and
-relaxes its rank (`LiDB.relax`: "lora", the paper's, keeps the prediction and trains a plain rank-r LoRA
+relaxes its rank (`hdb.relaxations.relax`: "lora", the paper's, keeps the prediction and trains a plain rank-r LoRA
 on top of it; "lidb" raises the LiDB's own rank, so every update stays inside the aux bases, a smaller
 file); `finetune` here trains it. Either way the personal file holds exactly the weights that were trained.
 """
@@ -77,7 +77,7 @@ def finetune(
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """The fast finetune: `steps` steps of the diffusion loss on the faces' views with the instance prompt,
-    training what the relaxed LiDB trains (`LiDB.relax`). Returns the losses; the LiDB holds the result."""
+    training what the relaxed LiDB trains (`hdb.relaxations.relax`). Returns the losses; the LiDB holds the result."""
     train_config = TrainConfig(
         steps=steps,
         learning_rate=config.learning_rate,

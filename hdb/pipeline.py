@@ -40,6 +40,7 @@ from hdb.lidb import LiDB, check_signature
 from hdb.models import Pipeline, load_pipeline, native_resolution
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
 from hdb.personalize import Personalization, finetune
+from hdb.relaxations import relax
 from hdb.styles import check_prompt, expand_prompt, negative_for
 from hdb.training import TrainingDiverged
 
@@ -158,7 +159,7 @@ class PersonalPipeline:
                 losses = []
             else:
                 relaxed_rows = torch.Generator().manual_seed(config.seed)  # the same person from the same seed
-                self.lidb.relax(config.relax, A, B, config.relaxed_rank, relaxed_rows, config.train_prediction)
+                relax(self.lidb, config.relax, A, B, config.relaxed_rank, relaxed_rows, config.train_prediction)
                 losses = finetune(self.pipe, self.lidb, faces, config, steps, on_step)
         except BaseException as error:
             if isinstance(error, TrainingDiverged):  # the guard's restored weights, for callers that score them

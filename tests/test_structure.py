@@ -15,6 +15,7 @@ import pytest
 from hdb.cli import build_parser, config_from_args
 from hdb.config import (
     LORA_FORMATS,
+    RELAX_MODES,
     TINY_ARCHS,
     BenchOptions,
     DatasetSource,
@@ -176,11 +177,12 @@ def test_library_messages_name_settings_not_flags():
 # merging, scaling. Everyone else changes it only inside the scopes lidb.py offers, which restore on the way out.
 LASTING_CHANGES = {"unload", "start_from", "load_weights", "merge", "unmerge", "set_scale", "add_lora", "load_lora",
                    "remove_lora", "relax_rank"}  # fmt: skip
-LIDB_OWNERS = {"pipeline.py", "lidb.py"}
+LIDB_OWNERS = {"pipeline.py", "lidb.py", "relaxations.py"}  # relaxations: strategies over LiDB's primitives
 
 
 def test_one_module_changes_the_lidb_for_good():
-    """ "Who changes the LiDB?" has one answer: hdb.pipeline (PersonalPipeline), and lidb.py itself."""
+    """ "Who changes the LiDB?" has one answer: hdb.pipeline (PersonalPipeline), and lidb.py itself (with its
+    relaxation strategies, which PersonalPipeline starts)."""
     changes = []
     for path in PACKAGE.rglob("*.py"):
         module = path.relative_to(PACKAGE).as_posix()
@@ -332,3 +334,18 @@ def test_push_is_wired():
 
     args = parse("push", "run/hypernet/hypernet", "someone/hdb-hypernet", "--private")
     assert args.run is cmd_push and args.repo_id == "someone/hdb-hypernet" and args.private and args.eval is None
+
+
+def test_every_relaxation_mode_has_its_strategy_and_no_other_can_be_chosen():
+    """Adding a relaxation is a class and a registry line (hdb/relaxations.py); a mode without one is refused."""
+    from hdb.errors import HdbError
+    from hdb.lidb import LiDB
+    from hdb.models import build_tiny_pipeline
+    from hdb.relaxations import RELAXATIONS, relax
+
+    assert set(RELAXATIONS) == set(RELAX_MODES) and all(name == r.name for name, r in RELAXATIONS.items())
+    with LiDB.attached(build_tiny_pipeline("sd15"), LiDBConfig(a=8, b=4)) as lidb:
+        with pytest.raises(HdbError, match="Unknown relaxation 'dora'; choose one of lora, lidb"):
+            relax(lidb, "dora", *lidb.initial_weights(), 4)
+        with pytest.raises(HdbError, match="`relax` must be one of lora, lidb, not 'dora'"):
+            PersonalizeConfig(relax="dora")
