@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import TYPE_CHECKING, Any, get_args, get_type_hints
@@ -33,13 +33,13 @@ from hdb.config import (
     MAX_PHOTOS,
     MAX_RANK,
     MAX_SEED,
-    MAX_SIDE,
     MAX_STEPS,
     QUANTIZATIONS,
     SHARD_SIZE,
     TINY_ARCHS,
     BenchOptions,
     DatasetSource,
+    GenerateOptions,
     HypernetTrainConfig,
     LiDBConfig,
     PersonalizeConfig,
@@ -291,18 +291,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     personal.use(weights)
     if not mentions_person(args.prompt, weights.instance_token):
         print(f"note: the prompt does not mention [V] (or '{weights.instance_token}'); the person may not appear")
-    images = personal.generate(
-        args.prompt,
-        args.style,
-        args.strength,
-        args.negative_prompt,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        num_images=args.num_images,
-        height=args.height,
-        width=args.width,
-    )
+    images = personal.generate(args.prompt, **asdict(config_from_args(GenerateOptions, args)))
     output.parent.mkdir(parents=True, exist_ok=True)
     for path, image in zip(outputs, images, strict=True):
         image.save(path)
@@ -589,21 +578,32 @@ def _add_dtype_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-parser per command, each made by its function in COMMANDS."""
     parser = argparse.ArgumentParser(
-        prog="python -m hdb", description="HyperDreamBooth: personalise Stable Diffusion from one face photo."
+        prog="python -m hdb",
+        description="HyperDreamBooth: personalise Stable Diffusion, FLUX.1 or SD3.5 from one face photo.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(sub)
+    return parser
 
+
+def _tiny_model_command(sub: argparse._SubParsersAction) -> None:
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight pipeline (offline tests and demos)")
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--arch", choices=TINY_ARCHS, default=TINY_ARCHS[0])
     tiny.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
     tiny.set_defaults(run=cmd_tiny_model)
 
+
+def _info_command(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="print what a personal weights file holds")
     info.add_argument("file", type=Path)
     info.set_defaults(run=cmd_info)
 
+
+def _export_command(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="export a personal file as a standard LoRA (diffusers or kohya keys)")
     export.add_argument("file", type=Path)
     export.add_argument("--format", choices=LORA_FORMATS, default=LORA_FORMATS[0])
@@ -620,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=cmd_export)
 
+
+def _personalize_command(sub: argparse._SubParsersAction) -> None:
     person = sub.add_parser("personalize", help="personalise from one face photo -> personal weights file")
     person.add_argument("photo", type=Path, nargs="+", help=f"1 to {MAX_PHOTOS} photos of the same person")
     _add_model_options(person)
@@ -632,24 +634,20 @@ def build_parser() -> argparse.ArgumentParser:
     person.add_argument("--save-face", type=Path, help="also save the aligned face crop here")
     person.set_defaults(run=cmd_personalize)
 
+
+def _generate_command(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate pictures of a personalised person")
     _add_model_options(gen)
     _add_quantize_option(gen)
     gen.add_argument("--person", type=Path, required=True, help="personal weights file")
     gen.add_argument("--prompt", required=True, help="use [V] for the person, e.g. 'a [V] as an astronaut'")
-    gen.add_argument("--style", default="None", choices=_style_names(), help="style preset")
-    gen.add_argument("--negative-prompt", default=None, help="default: the style's (hdb.styles.negative_for)")
     gen.add_argument("--score", type=Path, help="a photo of the person: print each image's identity similarity to it")
     gen.add_argument("-o", "--output", type=Path, required=True, help="output .png (several images: _0, _1, ...)")
-    gen.add_argument("--steps", type=in_range(int, (1, 1000)), help="sampling steps (default: the base's own)")
-    gen.add_argument("--guidance", type=in_range(float, (0.0, 100.0)), help="default: the base family's")
-    gen.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
-    gen.add_argument("--num-images", type=in_range(int, (1, 64)), default=1)
-    gen.add_argument("--strength", type=in_range(float, (0.0, 10.0)), default=1.0, help="identity strength, 0..1+")
-    gen.add_argument("--height", type=in_range(int, (64, MAX_SIDE), 8), help="default: the base model's")
-    gen.add_argument("--width", type=in_range(int, (64, MAX_SIDE), 8), help="default: the base model's")
+    config_options(gen, GenerateOptions, style={"choices": _style_names()})
     gen.set_defaults(run=cmd_generate)
 
+
+def _preoptimize_command(sub: argparse._SubParsersAction) -> None:
     pre = sub.add_parser(
         "preoptimize", help="stage 1: pre-optimise a LiDB per identity (resumable; works under `accelerate launch`)"
     )
@@ -662,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(pre, LiDBConfig, "layers")
     pre.set_defaults(run=cmd_preoptimize)
 
+
+def _cache_command(sub: argparse._SubParsersAction) -> None:
     cache = sub.add_parser(
         "cache", help="between the stages: stage 2's training data, made once (works under `accelerate launch`)"
     )
@@ -676,6 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.set_defaults(run=cmd_cache)
 
+
+def _train_command(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("train", help="stage 2: train the hypernetwork (works under `accelerate launch`)")
     _add_photo_options(tr, cache=True)
     tr.add_argument(
@@ -692,6 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(run=cmd_train)
 
+
+def _push_command(sub: argparse._SubParsersAction) -> None:
     push = sub.add_parser("push", help="upload a trained hypernetwork to the Hugging Face Hub, with a model card")
     push.add_argument("hypernet", type=Path, help="the trained hypernetwork directory (OUT/hypernet from `train`)")
     push.add_argument("repo_id", help="owner/name on the hub")
@@ -699,6 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     push.set_defaults(run=cmd_push)
 
+
+def _demo_command(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
         "demo",
         add_help=False,  # its options are the app's own: `hdb demo --help` lists them (hdb.app.main.parse_args)
@@ -706,6 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=cmd_demo)
 
+
+def _toy_command(sub: argparse._SubParsersAction) -> None:
     toy = sub.add_parser(
         "toy", help="small-scale proof that it learns: synthetic faces, all stages, held-out loss table (CPU)"
     )
@@ -732,12 +740,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     toy.set_defaults(run=cmd_toy)
 
+
+def _bench_command(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="time personalisation against DreamBooth and DreamBooth-LoRA, same run")
     config_options(bench, BenchOptions, compile={"nargs": "?", "const": "full"})
     bench.add_argument("--arch", default="sd15", choices=["sd15"])
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.set_defaults(run=cmd_bench)
 
+
+def _bench_training_command(sub: argparse._SubParsersAction) -> None:
     setup = sub.add_parser(
         "bench-training",
         help="stage 2's set-up time and peak memory per number of identities (cache or photos); --step-costs: a "
@@ -781,6 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--json", type=Path, help="also write the figures here")
     setup.set_defaults(run=cmd_bench_training)
 
+
+def _eval_command(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
         "eval",
         help="the paper's evaluation (face similarity, DINO, CLIP-I, CLIP-T): of personal files, or of the paper's "
@@ -811,10 +825,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP model: hub id or directory (default {DEFAULT_CLIP})")
     ev.add_argument("--dino", default=DEFAULT_DINO, help=f"DINO model: hub id or directory (default {DEFAULT_DINO})")
     ev.add_argument("--out", type=Path, default=Path("eval"), help="writes table.md, results.json, grid.jpg here")
-    ev.add_argument("--steps", type=in_range(int, (1, 1000)), help="sampling steps (default: the base's own)")
-    ev.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
+    config_option(ev, GenerateOptions, "steps")
+    config_option(ev, GenerateOptions, "seed")
     ev.set_defaults(run=cmd_eval)
-    return parser
+
+
+COMMANDS = (
+    _tiny_model_command,
+    _info_command,
+    _export_command,
+    _personalize_command,
+    _generate_command,
+    _preoptimize_command,
+    _cache_command,
+    _train_command,
+    _push_command,
+    _demo_command,
+    _toy_command,
+    _bench_command,
+    _bench_training_command,
+    _eval_command,
+)  # in the order `--help` lists them
 
 
 def _style_names() -> list[str]:

@@ -358,6 +358,28 @@ class HypernetTrainConfig(Checked):
 
 
 @dataclass
+class GenerateOptions(Checked):
+    """How pictures of a person are drawn (`PersonalPipeline.generate`, `hdb generate`, `hdb eval`, the app's
+    sliders): each default written once, here. None: the base's own (its family's and variant's)."""
+
+    style: str = setting("None", "style preset (hdb.styles.STYLE_PRESETS)")
+    negative_prompt: str | None = setting(None, "negative prompt (default: the style's)")
+    steps: int | None = setting(None, "sampling steps (default: the base's own)", between=(1, 1000))
+    guidance: float | None = setting(None, "guidance scale (default: the base's own)", between=(0.0, 100.0))
+    seed: int = _seed()
+    num_images: int = setting(1, "pictures drawn", between=(1, 64))
+    strength: float = setting(
+        1.0, "identity strength: 0 draws the base model, 1 the person as trained", between=(0.0, 10.0)
+    )
+    height: int | None = setting(
+        None, "picture height (default: the base model's)", between=(64, MAX_SIDE), multiple_of=8
+    )
+    width: int | None = setting(
+        None, "picture width (default: the base model's)", between=(64, MAX_SIDE), multiple_of=8
+    )
+
+
+@dataclass
 class BenchOptions(Checked):
     """Options of `python -m hdb bench`."""
 

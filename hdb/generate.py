@@ -10,7 +10,7 @@ from contextlib import ExitStack
 import torch
 from PIL import Image
 
-from hdb.config import MAX_SEED
+from hdb.config import MAX_SEED, GenerateOptions
 from hdb.errors import HdbError
 from hdb.families import family_of
 from hdb.lidb import LiDB
@@ -23,13 +23,13 @@ def generate(
     lidb: LiDB | None,
     prompt: str,
     negative_prompt: str = DEFAULT_NEGATIVE,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    num_images: int = 1,
-    identity_strength: float = 1.0,
-    height: int | None = None,
-    width: int | None = None,
+    steps: int | None = GenerateOptions.steps,
+    guidance: float | None = GenerateOptions.guidance,
+    seed: int = GenerateOptions.seed,
+    num_images: int = GenerateOptions.num_images,
+    identity_strength: float = GenerateOptions.strength,
+    height: int | None = GenerateOptions.height,
+    width: int | None = GenerateOptions.width,
     merge: bool = True,
     on_step: Callable[[int], None] | None = None,
 ) -> list[Image.Image]:

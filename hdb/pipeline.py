@@ -27,6 +27,7 @@ from hdb.config import (
     MAX_PHOTOS,
     STEPS_FROM_ZERO,
     STEPS_WITH_HYPERNET,
+    GenerateOptions,
     LiDBConfig,
     PersonalizeConfig,
     instance_prompt_for,
@@ -230,21 +231,22 @@ class PersonalPipeline:
     def generate(
         self,
         prompt: str,
-        style: str = "None",
-        strength: float = 1.0,
-        negative_prompt: str | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int = 0,
-        num_images: int = 1,
-        height: int | None = None,
-        width: int | None = None,
+        style: str = GenerateOptions.style,
+        strength: float = GenerateOptions.strength,
+        negative_prompt: str | None = GenerateOptions.negative_prompt,
+        steps: int | None = GenerateOptions.steps,
+        guidance: float | None = GenerateOptions.guidance,
+        seed: int = GenerateOptions.seed,
+        num_images: int = GenerateOptions.num_images,
+        height: int | None = GenerateOptions.height,
+        width: int | None = GenerateOptions.width,
         on_step: Callable[[int], None] | None = None,
     ) -> list[Image.Image]:
         """Pictures of the person held, `prompt` naming them with [V], in `style`, at identity `strength`.
 
-        `negative_prompt`: None follows the style; `steps`, `guidance`: None, the base's own. Identity strength,
-        merged weights and scheduler are as before afterwards, also when sampling fails.
+        The options are `GenerateOptions`' (their defaults and ranges written there): `negative_prompt` None follows
+        the style; `steps`, `guidance` None, the base's own. Identity strength, merged weights and scheduler are as
+        before afterwards, also when sampling fails.
         """
         full_prompt = expand_prompt(prompt, self._held().instance_token, style)
         negative = negative_for(style) if negative_prompt is None else check_prompt(negative_prompt, "negative prompt")

@@ -19,6 +19,7 @@ from hdb.config import (
     TINY_ARCHS,
     BenchOptions,
     DatasetSource,
+    GenerateOptions,
     HypernetTrainConfig,
     LiDBConfig,
     PersonalizeConfig,
@@ -266,6 +267,7 @@ def parse(*argv: str):
         (["preoptimize", "--images", "i", "--out", "o"], PreoptimizeConfig, {}),
         (["train", "--images", "i", "--out", "o"], HypernetTrainConfig, {}),
         (["bench"], BenchOptions, {}),
+        (["generate", "--person", "p", "--prompt", "[V]", "-o", "x.png"], GenerateOptions, {}),
     ],
 )
 def test_cli_defaults_are_the_config_defaults(argv, config, overrides):
@@ -290,7 +292,8 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_every_config_field_documents_itself():
-    for config in (PersonalizeConfig, PreoptimizeConfig, HypernetTrainConfig, BenchOptions, LiDBConfig, DatasetSource):
+    configs = (PersonalizeConfig, PreoptimizeConfig, HypernetTrainConfig, BenchOptions, LiDBConfig, DatasetSource)
+    for config in (*configs, GenerateOptions):
         for field in fields(config):
             assert field.metadata.get("help"), f"{config.__name__}.{field.name} has no help"
 
@@ -302,6 +305,7 @@ def test_every_config_field_documents_itself():
         ("preoptimize", [PreoptimizeConfig, DatasetSource]),
         ("train", [HypernetTrainConfig, DatasetSource]),
         ("bench", [BenchOptions]),
+        ("generate", [GenerateOptions]),
     ],
 )
 def test_an_option_made_from_a_config_field_has_its_help_written_once_there(command, configs):
@@ -349,3 +353,23 @@ def test_every_relaxation_mode_has_its_strategy_and_no_other_can_be_chosen():
             relax(lidb, "dora", *lidb.initial_weights(), 4)
         with pytest.raises(HdbError, match="`relax` must be one of lora, lidb, not 'dora'"):
             PersonalizeConfig(relax="dora")
+
+
+# Functions a newcomer reads in one sitting: at most 80 lines; classes at most 250. Those not split yet, with what
+# their split waits for (issue #36). The list only shrinks: the test wants it exact, so a split one leaves it too.
+NOT_YET_SPLIT = {
+    ("lidb.py", "LiDB"): "its plain LoRA and its scopes move out when a layer's low-rank terms become a list",
+    ("toy/experiment.py", "run_toy"): "the toy's driver apart from its methods; its seeds, and so docs/TOY.md, kept",
+    ("toy/experiment.py", "evaluate_methods"): "as run_toy: the toy's methods as named records first",
+}
+
+
+def test_functions_and_classes_are_read_in_one_sitting():
+    too_long = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            function = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            limit = 80 if function else 250 if isinstance(node, ast.ClassDef) else None
+            if limit and node.end_lineno - node.lineno + 1 > limit:
+                too_long[(path.relative_to(PACKAGE).as_posix(), node.name)] = node.end_lineno - node.lineno + 1
+    assert set(too_long) == set(NOT_YET_SPLIT), too_long
