@@ -159,21 +159,29 @@ def model_card(directory: str | Path, repo_id: str, evaluation: str | None = Non
         "",
         "## Training",
         "",
+        *_training_lines(training),
+        "",
+        "## Evaluation",
+        "",
+        evaluation.strip() if evaluation else "Not evaluated yet (`hdb eval`).",
+        "",
+        *RESPONSIBLE_USE,
     ]
-    if training is None:
-        lines.append("Not recorded (no training.json beside the weights).")
-    else:
-        settings = training["config"]
-        lines += [
-            f"- {training['steps_run']} steps on {training['identities']} identities, {training['processes']}"
-            f" process(es); {training['held_out_identities']} more held out for validation.",
-            f"- Batch {settings['batch_size']}, learning rate {settings['learning_rate']}, alpha {settings['alpha']}"
-            f" (diffusion), beta {settings['beta']} (weights), mixed precision {settings['mixed_precision']}.",
-            f"- Final validation loss: {training['final_validation_loss']}.",
-        ]
-    lines += ["", "## Evaluation", "", evaluation.strip() if evaluation else "Not evaluated yet (`hdb eval`).", ""]
-    lines += RESPONSIBLE_USE
     return _card(data, lines), notes
+
+
+def _training_lines(training: dict[str, Any] | None) -> list[str]:
+    """The card's account of a run (`published_training`'s record), or that none was kept."""
+    if training is None:
+        return ["Not recorded (no training.json beside the weights)."]
+    settings = training["config"]
+    return [
+        f"- {training['steps_run']} steps on {training['identities']} identities, {training['processes']}"
+        f" process(es); {training['held_out_identities']} more held out for validation.",
+        f"- Batch {settings['batch_size']}, learning rate {settings['learning_rate']}, alpha {settings['alpha']}"
+        f" (diffusion), beta {settings['beta']} (weights), mixed precision {settings['mixed_precision']}.",
+        f"- Final validation loss: {training['final_validation_loss']}.",
+    ]
 
 
 def push_to_hub(

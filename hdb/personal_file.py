@@ -346,46 +346,10 @@ def load_personal(path: str | Path) -> PersonalWeights:
             f"this hdb reads versions {', '.join(READABLE_VERSIONS)}"
         )
     try:
-        config = LiDBConfig(
-            rank=int(metadata["r"]), a=int(metadata["a"]), b=int(metadata["b"]), seed=int(metadata["seed"]),
-            layers=metadata.get("lidb_layers", LIDB_LAYERS[0]),  # files from before the choice: every layer
-        )  # fmt: skip
-        lora_rank = int(metadata.get("lora_rank", "0"))
-        if not 0 <= lora_rank <= MAX_RANK:
-            raise ValueError(f"the plain LoRA's rank must be 0 to {MAX_RANK}, not {lora_rank}")
-        layer_shapes = _unpack_layers(metadata["layers"])
-        names = list(layer_shapes)
-        weights = PersonalWeights(
-            A=tensors["A_train"].float(),
-            B=tensors["B_train"].float(),
-            config=config,
-            layer_shapes=layer_shapes,
-            arch_fingerprint=metadata["arch_fingerprint"],
-            aux_fingerprint=metadata["aux_fingerprint"],
-            instance_prompt=metadata.get("instance_prompt", DEFAULT_INSTANCE_PROMPT),
-            base_model=metadata.get("base_model", ""),
-            instance_token=metadata.get("instance_token", DEFAULT_INSTANCE_TOKEN),
-            # a file from before hdb recorded it: its layers may tell (hdb.families.family_from_layers)
-            base_family=metadata.get("base_family") or family_from_layers(layer_shapes),
-            prediction_type=metadata.get("prediction_type", ""),
-            base_variant=metadata.get("base_variant") or metadata.get("prediction_type", ""),
-            created=metadata.get("created", ""),
-        )
-        if weights.created and not _is_iso_date(weights.created):
-            raise ValueError("its creation time is not an ISO 8601 date")
-        if weights.base_family not in ("", *BASE_FAMILIES):
-            raise ValueError(f"unknown base family {weights.base_family[:40]!r}")
-        if weights.prediction_type not in ("", *PREDICTION_TYPES):
-            raise ValueError(f"unknown prediction type {weights.prediction_type[:40]!r}")
-        if metadata.get("base_variant") and metadata["base_variant"] not in _variants(weights.base_family):
-            raise ValueError(f"unknown base variant {metadata['base_variant'][:40]!r}")
-        aux_numbers = sum(config.a * i + o * config.b for i, o in layer_shapes.values())
-        if aux_numbers > MAX_AUX_NUMBERS:
-            raise ValueError(f"its aux bases would hold {aux_numbers:,} numbers (at most {MAX_AUX_NUMBERS:,})")
-        if lora_rank:
-            weights.lora_down, weights.lora_up = _unpack_lora(tensors, layer_shapes, lora_rank, name)
+        weights = _weights_from(metadata, tensors, name)
     except (KeyError, ValueError, TypeError, RecursionError, zlib.error, binascii.Error, HdbError) as error:
         raise HdbError(f"{name} has damaged metadata ({type(error).__name__}: {str(error)[:200]})") from None
+    config, names = weights.config, weights.layer_names
     expected_A = (len(names), config.rank, config.a)
     expected_B = (len(names), config.b, config.rank)
     if tuple(weights.A.shape) != expected_A or tuple(weights.B.shape) != expected_B:
@@ -399,6 +363,49 @@ def load_personal(path: str | Path) -> PersonalWeights:
     largest = max(float(t.abs().max()) for t in everything)
     if largest > MAX_WEIGHT:
         raise HdbError(f"{name} holds a weight of {largest:.3g}; trained weights stay far below {MAX_WEIGHT:g}")
+    return weights
+
+
+def _weights_from(metadata: dict[str, str], tensors: dict[str, torch.Tensor], name: str) -> PersonalWeights:
+    """The person a file's metadata and tensors describe, each recorded value checked (a ValueError, KeyError, ...
+    for a value out of bounds or missing: `load_personal` calls any of them damaged metadata)."""
+    config = LiDBConfig(
+        rank=int(metadata["r"]), a=int(metadata["a"]), b=int(metadata["b"]), seed=int(metadata["seed"]),
+        layers=metadata.get("lidb_layers", LIDB_LAYERS[0]),  # files from before the choice: every layer
+    )  # fmt: skip
+    lora_rank = int(metadata.get("lora_rank", "0"))
+    if not 0 <= lora_rank <= MAX_RANK:
+        raise ValueError(f"the plain LoRA's rank must be 0 to {MAX_RANK}, not {lora_rank}")
+    layer_shapes = _unpack_layers(metadata["layers"])
+    weights = PersonalWeights(
+        A=tensors["A_train"].float(),
+        B=tensors["B_train"].float(),
+        config=config,
+        layer_shapes=layer_shapes,
+        arch_fingerprint=metadata["arch_fingerprint"],
+        aux_fingerprint=metadata["aux_fingerprint"],
+        instance_prompt=metadata.get("instance_prompt", DEFAULT_INSTANCE_PROMPT),
+        base_model=metadata.get("base_model", ""),
+        instance_token=metadata.get("instance_token", DEFAULT_INSTANCE_TOKEN),
+        # a file from before hdb recorded it: its layers may tell (hdb.families.family_from_layers)
+        base_family=metadata.get("base_family") or family_from_layers(layer_shapes),
+        prediction_type=metadata.get("prediction_type", ""),
+        base_variant=metadata.get("base_variant") or metadata.get("prediction_type", ""),
+        created=metadata.get("created", ""),
+    )
+    if weights.created and not _is_iso_date(weights.created):
+        raise ValueError("its creation time is not an ISO 8601 date")
+    if weights.base_family not in ("", *BASE_FAMILIES):
+        raise ValueError(f"unknown base family {weights.base_family[:40]!r}")
+    if weights.prediction_type not in ("", *PREDICTION_TYPES):
+        raise ValueError(f"unknown prediction type {weights.prediction_type[:40]!r}")
+    if metadata.get("base_variant") and metadata["base_variant"] not in _variants(weights.base_family):
+        raise ValueError(f"unknown base variant {metadata['base_variant'][:40]!r}")
+    aux_numbers = sum(config.a * i + o * config.b for i, o in layer_shapes.values())
+    if aux_numbers > MAX_AUX_NUMBERS:
+        raise ValueError(f"its aux bases would hold {aux_numbers:,} numbers (at most {MAX_AUX_NUMBERS:,})")
+    if lora_rank:
+        weights.lora_down, weights.lora_up = _unpack_lora(tensors, layer_shapes, lora_rank, name)
     return weights
 
 

@@ -78,10 +78,7 @@ def preoptimize(
     weights_dir.mkdir(parents=True, exist_ok=True)
     check_shared_folder(state, out)  # the to-do list below comes from what exists there
     names = identity_names(images)
-    done = {name for name in names if (weights_dir / f"{name}.safetensors").is_file()}
-    failed_before = [name for name in names if name not in done and _failure_file(weights_dir, name).is_file()]
-    left_out = set() if config.retry_failed else set(failed_before)
-    todo = [name for name in names if name not in done and name not in left_out]
+    done, left_out, todo = _to_do(names, weights_dir, config.retry_failed)
     # Group g of the identities to do goes to process g % num_processes. A group is the same whatever the
     # number of processes, so its weights are too, bit for bit on the same hardware.
     groups = [todo[start : start + config.group_size] for start in range(0, len(todo), config.group_size)]
@@ -104,47 +101,17 @@ def preoptimize(
         prompt = instance_prompt_for(config.instance_token)
         prompt_tokens = tokenize_prompts(pipe, [prompt])
         scheduler = training_scheduler(pipe)
-        last_steps = range(max(config.steps - LAST_STEPS, 0), config.steps)
         for group_names in my_groups:
             group = [usable[name] for name in group_names if name in usable]
             if not group:
                 continue
-            latents = encode_identities(pipe, group, resolution)
-            A, B = lidb.initial_weights(len(group))  # one shared start: comparable targets
-            A, B = torch.nn.Parameter(A), torch.nn.Parameter(B)
-            kept: dict[int, torch.Tensor] = {}  # each identity's loss at the first and the last steps, by step
-
-            def loss_fn(
-                step: int,
-                group: list[Identity] = group,
-                latents: list[torch.Tensor] = latents,
-                kept: dict[int, torch.Tensor] = kept,
-            ) -> torch.Tensor:
-                batch = torch.stack([views[step % len(views)] for views in latents])
-                seeds = [sample_seed(config.seed, identity.name, step) for identity in group]
-                each = step_loss(pipe, scheduler, batch, prompt_tokens, seeds)
-                if step == 0 or step in last_steps:
-                    kept[step] = each.detach()
-                return each.sum()  # each identity's gradient is its own loss's
-
-            train_config = TrainConfig(
-                steps=config.steps,
-                learning_rate=config.learning_rate,
-                optimizer=config.optimizer,
-                max_grad_norm=None,  # one norm over the group would tie each identity's steps to the others'
-                progress=config.progress,
-                description=f"pre-optimising {', '.join(identity.name for identity in group)}"[:60],
-            )
             try:
-                with lidb.per_sample(A, B):
-                    train([A, B], loss_fn, train_config)
+                A, B, first, last = _train_group(pipe, lidb, group, resolution, scheduler, prompt_tokens, config)
             except TrainingDiverged as error:  # this group's identities are given up on; the other groups go on
                 for identity in group:
                     _record_failure(weights_dir, identity.name, group, error, config)
                 failed += [identity.name for identity in group]
                 continue
-            first = kept[0].tolist()
-            last = torch.stack([kept[step] for step in last_steps]).mean(dim=0).tolist()
             for index, identity in enumerate(group):
                 person = PersonalWeights.from_lidb(lidb, prompt, config.instance_token, (A[index], B[index]))
                 # whole or not at all: a killed run leaves no half file that looks done
@@ -166,6 +133,54 @@ def preoptimize(
         "process": state.process_index,
         "processes": state.num_processes,
     }
+
+
+def _to_do(names: list[str], weights_dir: Path, retry_failed: bool) -> tuple[set[str], set[str], list[str]]:
+    """The identities done already (their file is there), those left out (an earlier run gave up on them, unless
+    `retry_failed`), and the rest, to do, in order."""
+    done = {name for name in names if (weights_dir / f"{name}.safetensors").is_file()}
+    failed_before = {name for name in names if name not in done and _failure_file(weights_dir, name).is_file()}
+    left_out = set() if retry_failed else failed_before
+    return done, left_out, [name for name in names if name not in done and name not in left_out]
+
+
+def _train_group(
+    pipe: Pipeline,
+    lidb: LiDB,
+    group: list[Identity],
+    resolution: int,
+    scheduler: object,
+    prompt_tokens: list[torch.Tensor],
+    config: PreoptimizeConfig,
+) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
+    """Pre-optimise a group of identities together, each with its own LiDB weights (one batch element each, from one
+    shared start: comparable targets). Returns their weights (A, B) and each one's first loss and the mean of its
+    last ones; TrainingDiverged when the group diverges."""
+    latents = encode_identities(pipe, group, resolution)
+    A, B = (torch.nn.Parameter(weights) for weights in lidb.initial_weights(len(group)))
+    last_steps = range(max(config.steps - LAST_STEPS, 0), config.steps)
+    kept: dict[int, torch.Tensor] = {}  # each identity's loss at the first and the last steps, by step
+
+    def loss_fn(step: int) -> torch.Tensor:
+        batch = torch.stack([views[step % len(views)] for views in latents])
+        seeds = [sample_seed(config.seed, identity.name, step) for identity in group]
+        each = step_loss(pipe, scheduler, batch, prompt_tokens, seeds)
+        if step == 0 or step in last_steps:
+            kept[step] = each.detach()
+        return each.sum()  # each identity's gradient is its own loss's
+
+    train_config = TrainConfig(
+        steps=config.steps,
+        learning_rate=config.learning_rate,
+        optimizer=config.optimizer,
+        max_grad_norm=None,  # one norm over the group would tie each identity's steps to the others'
+        progress=config.progress,
+        description=f"pre-optimising {', '.join(identity.name for identity in group)}"[:60],
+    )
+    with lidb.per_sample(A, B):
+        train([A, B], loss_fn, train_config)
+    last = torch.stack([kept[step] for step in last_steps]).mean(dim=0).tolist()
+    return A, B, kept[0].tolist(), last
 
 
 def _failure_file(weights_dir: Path, name: str) -> Path:

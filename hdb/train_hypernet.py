@@ -637,42 +637,18 @@ def train_hypernetwork(
     which holds the pre-optimised weights too), or a folder, a dataset or prepared `Identity`s with `weights_dir`,
     the folder stage 1 wrote.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     # the options, checked before any work
     config = config or HypernetTrainConfig()
-    check_choice("pairing", config.pairing, PAIRINGS)  # not at the first step
     out = Path(out_dir)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_dir=str(out),
-        cpu=device == "cpu",
-        # every process waits at the first collective while the others set up: give it long enough
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))],
-    )
-    if config.batch_size % accelerator.num_processes:
-        raise HdbError(
-            f"`batch_size={config.batch_size}` must be a multiple of the {accelerator.num_processes} processes"
-        )
-    cached = isinstance(images, TrainingData)
-    if cached and weights_dir is not None:
-        raise HdbError("A training cache holds the pre-optimised weights: leave out `weights_dir`")
-    if config.beta > 0 and weights_dir is None and not cached:
-        raise HdbError(
-            "`beta` > 0 needs pre-optimised weights: `weights_dir`, the folder stage 1 (preoptimize) wrote; "
-            "or set `beta=0`"
-        )
+    accelerator = _accelerator(config, out, device)
+    cached = _check_sources(config, images, weights_dir)
     check_shared_folder(accelerator, out)  # every process resumes from out/checkpoints/latest
     manifest = images.manifest() if cached else read_manifest(weights_dir) if weights_dir is not None else None
     lidb_config, instance_token = _settings(config, manifest)
 
     # the base model, and the identities' latents, encoder crops and targets; the first `holdout` are held out
-    if isinstance(base, (str, Path)):
-        pipe = load_pipeline(str(base), MIXED_PRECISIONS[config.mixed_precision], str(accelerator.device))
-    else:
-        pipe = base
+    dtype = MIXED_PRECISIONS[config.mixed_precision]
+    pipe = load_pipeline(str(base), dtype, str(accelerator.device)) if isinstance(base, (str, Path)) else base
     resolution = config.resolution or native_resolution(pipe)
     with (
         LiDB.attached(pipe, lidb_config) as lidb,
@@ -680,92 +656,30 @@ def train_hypernetwork(
     ):
         if manifest is not None:
             check_manifest(manifest, lidb, "the training cache" if cached else weights_dir)
+        main = accelerator.is_main_process
         data = training_data(
-            images,
-            weights_dir,
-            pipe,
-            lidb,
-            instance_token,
-            resolution,
-            encoder_image_size(config.image_encoder),
-            out / "faces" if accelerator.is_main_process else None,
-            config.progress and accelerator.is_main_process,
-        )
-        if len(data.names) <= config.holdout:
-            raise HdbError(
-                f"Need more than {config.holdout} usable identities "
-                f"(found {len(data.names)}; {data.skipped_photos} photos skipped)"
-            )
-        held_out = data.names[: config.holdout]
-        # with pre-optimised weights, identities without them cannot take the weight loss, and are left out
-        targets = data.with_target
-        train_names = [name for name in data.names[config.holdout :] if not targets or name in targets]
+            images, weights_dir, pipe, lidb, instance_token, resolution, encoder_image_size(config.image_encoder),
+            out / "faces" if main else None, config.progress and main,
+        )  # fmt: skip
+        held_out, train_names = _held_out_and_trained(data, config.holdout)
 
         # the hypernetwork and its optimizer, fresh or from the latest checkpoint, if that was made with these settings
         settings = run_settings(config, lidb_config, instance_token, resolution, train_names, held_out)
-        resume = _latest_checkpoint(out)
-        if resume is not None:
-            check_resumable(resume, settings)
-        hypernet = _build_hypernet(config, lidb, resume).to(accelerator.device)
-        if config.freeze_encoder:  # saved and loaded with the rest all the same; only the optimizer skips it
-            hypernet.image_encoder.requires_grad_(False)
-        start_step = json.loads((resume / "state.json").read_text())["step"] + 1 if resume is not None else 0
-        parameters = [p for p in hypernet.parameters() if p.requires_grad]
-        optimizer = make_optimizer(parameters, config.optimizer, config.learning_rate)
-        if resume is not None:
-            load_optimizer(optimizer, resume / "optimizer.safetensors")
-        ema = None
-        if config.ema_decay:
-            from diffusers.training_utils import EMAModel
-
-            ema = EMAModel(parameters, decay=config.ema_decay)
-            if resume is not None:
-                load_ema(ema, resume / EMA_FILE)
-        model, optimizer = accelerator.prepare(hypernet, optimizer)
-
-        # everything the steps use, in one place
-        run = Run(
-            config=config,
-            train_config=TrainConfig(
-                steps=config.steps,
-                learning_rate=config.learning_rate,
-                optimizer=config.optimizer,
-                accumulation_steps=config.accumulation_steps,
-                warmup_steps=config.warmup_steps,
-                lr_schedule=config.lr_schedule,
-                progress=config.progress,
-                description="training the hypernetwork",
-            ),
-            out=out,
-            accelerator=accelerator,
-            pipe=pipe,
-            lidb=lidb,
-            instance_token=instance_token,
-            model=model,
-            parameters=parameters,
-            ema=ema,
-            optimizer=optimizer,
-            noise_schedule=training_scheduler(pipe),
-            settings=settings,
-            prompt_tokens=tokenize_prompts(pipe, [instance_prompt_for(instance_token)]),
-            data=data,
-            normalise=hypernet.normalise,
-            train_names=train_names,
-            held_out=held_out,
-            micro_batches=iter(micro_batch_loader(data, config, train_names, accelerator, start_step)),
+        run, start_step = _set_up_run(
+            config, settings, out, accelerator, pipe, lidb, instance_token, data, train_names, held_out
         )
         start_log(run, start_step)
 
         # train: the loop calls back after each step to log, validate, sample and checkpoint
         result = train(
-            parameters,
+            run.parameters,
             lambda micro: micro_batch_loss(run, micro),
             run.train_config,
             lambda step, loss: after_step(run, step, loss),
-            optimizer=optimizer,
+            optimizer=run.optimizer,
             accelerator=accelerator,
             start_step=start_step,
-            model=model,
+            model=run.model,
         )
 
         # the trained hypernetwork, written once
@@ -784,3 +698,129 @@ def train_hypernetwork(
         "skipped_photos": data.skipped_photos,
         "processes": accelerator.num_processes,
     }
+
+
+def _held_out_and_trained(data: TrainingData, holdout: int) -> tuple[list[str], list[str]]:
+    """The first `holdout` identities, held out for validation, and those trained on: the rest, but those without
+    pre-optimised weights where there are any (they cannot take the weight loss)."""
+    if len(data.names) <= holdout:
+        raise HdbError(
+            f"Need more than {holdout} usable identities "
+            f"(found {len(data.names)}; {data.skipped_photos} photos skipped)"
+        )
+    targets = data.with_target
+    return data.names[:holdout], [name for name in data.names[holdout:] if not targets or name in targets]
+
+
+def _accelerator(config: HypernetTrainConfig, out: Path, device: str) -> Accelerator:
+    """The run's accelerate Accelerator (one process, or one of those `accelerate launch` started)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    check_choice("pairing", config.pairing, PAIRINGS)  # before any work, not at the first step
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_dir=str(out),
+        cpu=device == "cpu",
+        # every process waits at the first collective while the others set up: give it long enough
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))],
+    )
+    if config.batch_size % accelerator.num_processes:
+        raise HdbError(
+            f"`batch_size={config.batch_size}` must be a multiple of the {accelerator.num_processes} processes"
+        )
+    return accelerator
+
+
+def _check_sources(config: HypernetTrainConfig, images: TrainingImages, weights_dir: str | Path | None) -> bool:
+    """Refuse sources that do not go together; returns whether `images` is a training cache."""
+    cached = isinstance(images, TrainingData)
+    if cached and weights_dir is not None:
+        raise HdbError("A training cache holds the pre-optimised weights: leave out `weights_dir`")
+    if config.beta > 0 and weights_dir is None and not cached:
+        raise HdbError(
+            "`beta` > 0 needs pre-optimised weights: `weights_dir`, the folder stage 1 (preoptimize) wrote; "
+            "or set `beta=0`"
+        )
+    return cached
+
+
+def _trainables(
+    config: HypernetTrainConfig, lidb: LiDB, resume: Path | None, device: torch.device
+) -> tuple[HyperNetwork, list[torch.nn.Parameter], torch.optim.Optimizer, object | None]:
+    """The hypernetwork, what of it trains, its optimizer and (with `ema_decay`) the moving average of its weights:
+    fresh, or as the checkpoint `resume` left them."""
+    hypernet = _build_hypernet(config, lidb, resume).to(device)
+    if config.freeze_encoder:  # saved and loaded with the rest all the same; only the optimizer skips it
+        hypernet.image_encoder.requires_grad_(False)
+    parameters = [p for p in hypernet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(parameters, config.optimizer, config.learning_rate)
+    if resume is not None:
+        load_optimizer(optimizer, resume / "optimizer.safetensors")
+    ema = None
+    if config.ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(parameters, decay=config.ema_decay)
+        if resume is not None:
+            load_ema(ema, resume / EMA_FILE)
+    return hypernet, parameters, optimizer, ema
+
+
+def _train_config(config: HypernetTrainConfig) -> TrainConfig:
+    """What the shared training loop (hdb.training.train) takes of stage 2's settings."""
+    return TrainConfig(
+        steps=config.steps,
+        learning_rate=config.learning_rate,
+        optimizer=config.optimizer,
+        accumulation_steps=config.accumulation_steps,
+        warmup_steps=config.warmup_steps,
+        lr_schedule=config.lr_schedule,
+        progress=config.progress,
+        description="training the hypernetwork",
+    )
+
+
+def _set_up_run(
+    config: HypernetTrainConfig,
+    settings: dict[str, object],
+    out: Path,
+    accelerator: Accelerator,
+    pipe: Pipeline,
+    lidb: LiDB,
+    instance_token: str,
+    data: TrainingData,
+    train_names: list[str],
+    held_out: list[str],
+) -> tuple[Run, int]:
+    """Everything the steps use, in one place, and the step to start from: the hypernetwork and its optimizer fresh,
+    or from the latest checkpoint if that was made with these `settings` (`run_settings`)."""
+    resume = _latest_checkpoint(out)
+    if resume is not None:
+        check_resumable(resume, settings)
+    hypernet, parameters, optimizer, ema = _trainables(config, lidb, resume, accelerator.device)
+    start_step = json.loads((resume / "state.json").read_text())["step"] + 1 if resume is not None else 0
+    model, optimizer = accelerator.prepare(hypernet, optimizer)
+    run = Run(
+        config=config,
+        train_config=_train_config(config),
+        out=out,
+        accelerator=accelerator,
+        pipe=pipe,
+        lidb=lidb,
+        instance_token=instance_token,
+        model=model,
+        parameters=parameters,
+        ema=ema,
+        optimizer=optimizer,
+        noise_schedule=training_scheduler(pipe),
+        settings=settings,
+        prompt_tokens=tokenize_prompts(pipe, [instance_prompt_for(instance_token)]),
+        data=data,
+        normalise=hypernet.normalise,
+        train_names=train_names,
+        held_out=held_out,
+        micro_batches=iter(micro_batch_loader(data, config, train_names, accelerator, start_step)),
+    )
+    return run, start_step

@@ -160,10 +160,7 @@ def train(
     loss_scaling = scaler.is_enabled() or (accelerator is not None and accelerator.scaler is not None)
     backward = accelerator.backward if accelerator is not None else (lambda loss: scaler.scale(loss).backward())
     clip = accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_
-    snapshot = _Snapshot(parameters, config.snapshot_on, start_step)
     waiting: _StepOnItsWay | None = None  # a step whose numbers are still on their way to the host
-    losses: list[float] = []
-    skipped: list[int] = []
     main_process = accelerator is None or accelerator.is_main_process
     bar = tqdm(
         range(start_step, config.steps),
@@ -171,33 +168,7 @@ def train(
         disable=not (config.progress and main_process),
         leave=False,
     )
-
-    def check(done: _StepOnItsWay) -> float:
-        """Stop with the snapshot's weights if `done` went wrong; else record its loss and return it."""
-        value, norm = done.read()
-        typical = max(statistics.median(losses[-100:]), 1.0) if losses else 1.0
-        kept = f"kept the weights of step {snapshot.step}"
-        if not math.isfinite(value) or value > config.explode_factor * typical:
-            snapshot.restore(parameters)
-            raise TrainingDiverged(
-                f"{config.description}: loss became {value:.4g} at step {done.step} (typical so far: {typical:.4g}); "
-                f"stopped and {kept}. Try a lower learning rate.",
-                done.step,
-                value,
-            )
-        if not math.isfinite(norm):
-            skipped.append(done.step)
-            in_a_row = len(skipped) >= config.max_skips_in_a_row and skipped[-config.max_skips_in_a_row] == (
-                done.step - config.max_skips_in_a_row + 1
-            )
-            if not loss_scaling or in_a_row:  # without a scaler the optimizer has already taken the step
-                snapshot.restore(parameters)
-                raise TrainingDiverged(
-                    f"{config.description}: gradients became NaN/inf at step {done.step}; {kept}", done.step, value
-                )
-        losses.append(value)
-        bar.set_postfix(loss=f"{value:.4f}")
-        return value
+    guard = _Guard(parameters, config, start_step, loss_scaling, bar)
 
     def report(step: int, loss: float) -> None:
         """Hand a step to `on_step`: only once that step's update is in the parameters."""
@@ -218,13 +189,13 @@ def train(
             if accelerator is not None:
                 loss_sum = accelerator.reduce(loss_sum, reduction="mean")
             if waiting is not None:  # the previous step, read while this one is already queued on the GPU
-                report(waiting.step, check(waiting))
+                report(waiting.step, guard.check(waiting))
             waiting = _StepOnItsWay(step, torch.stack([loss_sum, grad_norm.float()]))
             passed_before_update = None
             if (step - start_step) % config.snapshot_every == 0:
-                passed_before_update = check(waiting)  # the host waits for this step only
+                passed_before_update = guard.check(waiting)  # the host waits for this step only
                 waiting = None
-                snapshot.take(parameters, step)  # not yet updated: the weights whose loss just passed
+                guard.snapshot.take(parameters, step)  # not yet updated: the weights whose loss just passed
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
@@ -232,13 +203,55 @@ def train(
             if passed_before_update is not None:  # reported after its update, as every other step is
                 report(step, passed_before_update)
         if waiting is not None:
-            report(waiting.step, check(waiting))
+            report(waiting.step, guard.check(waiting))
     finally:
         for parameter in parameters:  # a failed step's NaN gradients must not reach the next user of these weights
             parameter.grad = None
-    if skipped and main_process and config.progress:
-        bar.write(f"{config.description}: the fp16 loss scaler skipped {len(skipped)} overflowing step(s)")
-    return TrainResult(losses, skipped)
+    if guard.skipped and main_process and config.progress:
+        bar.write(f"{config.description}: the fp16 loss scaler skipped {len(guard.skipped)} overflowing step(s)")
+    return TrainResult(guard.losses, guard.skipped)
+
+
+class _Guard:
+    """The loss guard: reads each step's loss and gradient norm, and stops training with the snapshot's weights (the
+    last that passed) when the loss is NaN or explodes, or the gradients are NaN/inf without a loss scaler to skip
+    the step (or `max_skips_in_a_row` times with one). It keeps the losses read and the steps skipped."""
+
+    def __init__(
+        self, parameters: list[torch.nn.Parameter], config: TrainConfig, start_step: int, loss_scaling: bool, bar: tqdm
+    ) -> None:
+        self.parameters, self.config, self.loss_scaling, self.bar = parameters, config, loss_scaling, bar
+        self.snapshot = _Snapshot(parameters, config.snapshot_on, start_step)
+        self.losses: list[float] = []
+        self.skipped: list[int] = []
+
+    def check(self, done: _StepOnItsWay) -> float:
+        """Stop with the snapshot's weights if `done` went wrong; else record its loss and return it."""
+        config, losses, skipped = self.config, self.losses, self.skipped
+        value, norm = done.read()
+        typical = max(statistics.median(losses[-100:]), 1.0) if losses else 1.0
+        kept = f"kept the weights of step {self.snapshot.step}"
+        if not math.isfinite(value) or value > config.explode_factor * typical:
+            self.snapshot.restore(self.parameters)
+            raise TrainingDiverged(
+                f"{config.description}: loss became {value:.4g} at step {done.step} (typical so far: {typical:.4g}); "
+                f"stopped and {kept}. Try a lower learning rate.",
+                done.step,
+                value,
+            )
+        if not math.isfinite(norm):
+            skipped.append(done.step)
+            in_a_row = len(skipped) >= config.max_skips_in_a_row and skipped[-config.max_skips_in_a_row] == (
+                done.step - config.max_skips_in_a_row + 1
+            )
+            if not self.loss_scaling or in_a_row:  # without a scaler the optimizer has already taken the step
+                self.snapshot.restore(self.parameters)
+                raise TrainingDiverged(
+                    f"{config.description}: gradients became NaN/inf at step {done.step}; {kept}", done.step, value
+                )
+        losses.append(value)
+        self.bar.set_postfix(loss=f"{value:.4f}")
+        return value
 
 
 class _Snapshot:

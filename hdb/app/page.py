@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import gradio as gr
@@ -12,7 +13,7 @@ from hdb.app.engine import FIRST_PICTURES, MAX_GUIDANCE, MAX_IMAGES, MAX_STRENGT
 from hdb.app.handlers import DIFFUSERS_FILE, KOHYA_FILE, PERSON_FILE, Handlers
 from hdb.app.line import LINE_SIZE, MAX_JOBS_PER_VISITOR, MAX_UPLOAD, Door
 from hdb.app.visitors import EXAMPLE_NAMES, VisitorFiles
-from hdb.config import DEFAULT_INSTANCE_TOKEN, MAX_PHOTOS
+from hdb.config import DEFAULT_INSTANCE_TOKEN, MAX_PHOTOS, GenerateOptions
 from hdb.example_photos import ASSETS
 from hdb.families import denoiser
 from hdb.styles import EXAMPLE_PROMPTS, SIZE_PRESETS, STYLE_PRESETS, negative_for
@@ -133,7 +134,6 @@ def identity_legend() -> str:
 def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
     """The page. Gradio's cache goes wherever GRADIO_TEMP_DIR says when this runs (`main` points it at files)."""
     handlers = Handlers(engine, files)
-    sizes = SIZE_PRESETS.get(engine.personal.resolution) or SIZE_PRESETS[512]
     with gr.Blocks(title="hdb: HyperDreamBooth", delete_cache=(600, 3600)) as demo:
         # One short header line: on a laptop screen (1280x800) the photo, the button and the pictures all fit
         # without scrolling; everything else (options, downloads, tips) waits below, in accordions.
@@ -146,110 +146,136 @@ def build_demo(engine: Engine, files: VisitorFiles) -> gr.Blocks:
         # state is otherwise kept for an hour, in case the visitor comes back)
         session = gr.State(None, delete_callback=lambda s: s is not None and files.forget(s.key), time_to_live=3600)
         demo.unload(handlers.leave)
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=320):
-                photo = PhotoInput(
-                    label="Face photo", type="filepath", sources=["upload", "webcam"], height=260, elem_id="photo"
-                )
-                gr.Examples(EXAMPLE_PHOTOS, inputs=photo, examples_per_page=len(EXAMPLE_PHOTOS))
-                consent = gr.Checkbox(label="I have the right to use this photo", elem_id="consent")
-                personalize_button = gr.Button("Personalise", variant="primary", elem_id="personalize")
-                status = gr.Markdown(elem_id="status")
-            with gr.Column(scale=3, min_width=400):
-                gallery = gr.Gallery(label="Pictures", columns=2, height=380, elem_id="gallery")
-                with gr.Row():
-                    prompt = gr.Textbox(
-                        label="Prompt ([V] is the person)", value=EXAMPLE_PROMPTS[1], scale=4, elem_id="prompt"
-                    )
-                    style = gr.Dropdown(list(STYLE_PRESETS), value="None", label="Style", scale=2)
-                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                prompt_examples = gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
-        with gr.Row(equal_height=False):
-            with gr.Column():
-                with gr.Accordion("Your aligned face, personal file and LoRA exports", open=False):
-                    crop = gr.Image(label="Aligned face", interactive=False, height=256, elem_id="crop")
-                    downloads = gr.File(
-                        label="Your personal file and LoRA exports (kohya, diffusers)",
-                        file_count="multiple",
-                        interactive=False,
-                    )
-                    gr.Markdown(DOWNLOADS_HELP, elem_id="downloads-help")
-                with gr.Accordion("Personalisation options", open=False):
-                    more_photos = SentFiles(
-                        label=f"More photos of the same person (optional, up to {MAX_PHOTOS - 1})",
-                        file_count="multiple",
-                        file_types=["image"],
-                        elem_id="more-photos",
-                    )
-                    steps = gr.Slider(
-                        0,
-                        engine.max_finetune_steps,
-                        value=0,
-                        step=1,
-                        label=f"Finetune steps (0: {engine.default_steps}, the default here)",
-                    )
-                    saved = SentFiles(
-                        label="Or upload a saved personal file", file_types=[".safetensors"], elem_id="upload-person"
-                    )
-            with gr.Column():
-                with gr.Accordion("Generation options", open=False):
-                    negative = gr.Textbox(label="Negative prompt (follows the style)", value=negative_for("None"))
-                    size = gr.Radio(list(sizes), value=next(iter(sizes)), label="Size", elem_id="size")
-                    strength = gr.Slider(0, MAX_STRENGTH, value=1.0, step=0.05, label="Identity strength")
-                    most, start = engine.max_sampling_steps, engine.default_sampling_steps
-                    gen_steps = gr.Slider(1, most, value=start, step=1, label="Sampling steps")
-                    guidance = gr.Slider(1, MAX_GUIDANCE, value=engine.default_guidance, step=0.5, label="Guidance")
-                    with gr.Row():
-                        seed = gr.Number(value=0, precision=0, label="Seed (the last one used)", elem_id="seed")
-                        randomize = gr.Checkbox(value=True, label="Random seed", elem_id="randomize")
-                    count = gr.Slider(1, MAX_IMAGES, value=FIRST_PICTURES, step=1, label="Images")
-                with gr.Accordion("Tips, identity scores, responsible use", open=False):
-                    gr.Markdown(TIPS, elem_id="tips")
-                    gr.Markdown(identity_legend(), elem_id="identity-legend")
-                    gr.Markdown(NOTICE)
+        page = SimpleNamespace(session=session, **vars(_photo_and_pictures()), **vars(_options(engine)))
         with gr.Row():
             gr.DuplicateButton("Duplicate this Space for your own GPU", size="sm")
             gr.Markdown(CITATION)
-
-        # Every event that uses the pipeline shares one concurrency group: one job at a time, the rest wait in
-        # line (engine.lock holds the same line should the queue settings change).
-        pipeline = dict(concurrency_id="pipeline", concurrency_limit=1)
-        align = dict(api_name="align", validator=handlers.may_align)
-        photo.change(handlers.show_crop, [photo, session], [crop, status, session], **align)
-        more_photos.upload(handlers.note_uploads, [more_photos, session], session, api_name=False)
-        pictures = [session, prompt, style, negative, strength, gen_steps, guidance, seed, randomize, size, count]
-        personalize_button.click(
-            handlers.personalize,
-            [photo, consent, steps, session, more_photos],
-            [crop, status, session, downloads],
-            api_name="personalize",
-            validator=handlers.may_personalize,
-            **pipeline,
-        ).success(handlers.generate, pictures, [gallery, seed], api_name=False, **pipeline)  # one click to pictures
-        style.change(negative_for, style, negative, api_name=False)
-        saved.upload(
-            handlers.upload_person,
-            [saved, session],
-            [session, status, downloads],
-            api_name="upload_person",
-            validator=handlers.may_upload_person,
-            **pipeline,
-        )
-        generate_button.click(
-            handlers.generate,
-            pictures,
-            [gallery, seed],
-            api_name="generate",
-            **pipeline,
-        )
-        # a prompt example draws at once once there is a person; a photo example only shows its aligned crop:
-        # personalising still waits for the visitor's consent and click
-        prompt_examples.load_input_event.then(
-            handlers.draw_example, pictures, [gallery, seed], api_name=False, **pipeline
-        )
+        _connect(handlers, page)
     demo.queue(max_size=LINE_SIZE)  # Gradio's own limit; hdb.app.line's door keeps it (and more) under a crowd
     handlers.blocks = demo
     return demo
+
+
+def _photo_and_pictures() -> SimpleNamespace:
+    """The first row: the photo and the Personalise button; the pictures, the prompt and the Generate button."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=320):
+            photo = PhotoInput(
+                label="Face photo", type="filepath", sources=["upload", "webcam"], height=260, elem_id="photo"
+            )
+            gr.Examples(EXAMPLE_PHOTOS, inputs=photo, examples_per_page=len(EXAMPLE_PHOTOS))
+            consent = gr.Checkbox(label="I have the right to use this photo", elem_id="consent")
+            personalize_button = gr.Button("Personalise", variant="primary", elem_id="personalize")
+            status = gr.Markdown(elem_id="status")
+        with gr.Column(scale=3, min_width=400):
+            gallery = gr.Gallery(label="Pictures", columns=2, height=380, elem_id="gallery")
+            with gr.Row():
+                prompt = gr.Textbox(
+                    label="Prompt ([V] is the person)", value=EXAMPLE_PROMPTS[1], scale=4, elem_id="prompt"
+                )
+                style = gr.Dropdown(list(STYLE_PRESETS), value=GenerateOptions.style, label="Style", scale=2)
+            generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+            prompt_examples = gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
+    return SimpleNamespace(
+        photo=photo, consent=consent, personalize_button=personalize_button, status=status, gallery=gallery,
+        prompt=prompt, style=style, generate_button=generate_button, prompt_examples=prompt_examples,
+    )  # fmt: skip
+
+
+def _options(engine: Engine) -> SimpleNamespace:
+    """The second row, folded away: the aligned face and the downloads, the personalisation and generation options,
+    the tips."""
+    sizes = SIZE_PRESETS.get(engine.personal.resolution) or SIZE_PRESETS[512]
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            with gr.Accordion("Your aligned face, personal file and LoRA exports", open=False):
+                crop = gr.Image(label="Aligned face", interactive=False, height=256, elem_id="crop")
+                downloads = gr.File(
+                    label="Your personal file and LoRA exports (kohya, diffusers)",
+                    file_count="multiple",
+                    interactive=False,
+                )
+                gr.Markdown(DOWNLOADS_HELP, elem_id="downloads-help")
+            with gr.Accordion("Personalisation options", open=False):
+                more_photos = SentFiles(
+                    label=f"More photos of the same person (optional, up to {MAX_PHOTOS - 1})",
+                    file_count="multiple",
+                    file_types=["image"],
+                    elem_id="more-photos",
+                )
+                steps = gr.Slider(
+                    0,
+                    engine.max_finetune_steps,
+                    value=0,
+                    step=1,
+                    label=f"Finetune steps (0: {engine.default_steps}, the default here)",
+                )
+                saved = SentFiles(
+                    label="Or upload a saved personal file", file_types=[".safetensors"], elem_id="upload-person"
+                )
+        with gr.Column():
+            with gr.Accordion("Generation options", open=False):
+                negative = gr.Textbox(
+                    label="Negative prompt (follows the style)", value=negative_for(GenerateOptions.style)
+                )
+                size = gr.Radio(list(sizes), value=next(iter(sizes)), label="Size", elem_id="size")
+                strength = gr.Slider(
+                    0, MAX_STRENGTH, value=GenerateOptions.strength, step=0.05, label="Identity strength"
+                )
+                most, start = engine.max_sampling_steps, engine.default_sampling_steps
+                gen_steps = gr.Slider(1, most, value=start, step=1, label="Sampling steps")
+                guidance = gr.Slider(1, MAX_GUIDANCE, value=engine.default_guidance, step=0.5, label="Guidance")
+                with gr.Row():
+                    seed = gr.Number(
+                        value=GenerateOptions.seed, precision=0, label="Seed (the last one used)", elem_id="seed"
+                    )
+                    randomize = gr.Checkbox(value=True, label="Random seed", elem_id="randomize")
+                count = gr.Slider(1, MAX_IMAGES, value=FIRST_PICTURES, step=1, label="Images")
+            with gr.Accordion("Tips, identity scores, responsible use", open=False):
+                gr.Markdown(TIPS, elem_id="tips")
+                gr.Markdown(identity_legend(), elem_id="identity-legend")
+                gr.Markdown(NOTICE)
+    return SimpleNamespace(
+        crop=crop, downloads=downloads, more_photos=more_photos, steps=steps, saved=saved, negative=negative,
+        size=size, strength=strength, gen_steps=gen_steps, guidance=guidance, seed=seed, randomize=randomize,
+        count=count,
+    )  # fmt: skip
+
+
+def _connect(handlers: Handlers, page: SimpleNamespace) -> None:
+    """The page's events. Every event that uses the pipeline shares one concurrency group: one job at a time, the
+    rest wait in line (engine.lock holds the same line should the queue settings change)."""
+    pipeline = dict(concurrency_id="pipeline", concurrency_limit=1)
+    session = page.session
+    align = dict(api_name="align", validator=handlers.may_align)
+    page.photo.change(handlers.show_crop, [page.photo, session], [page.crop, page.status, session], **align)
+    page.more_photos.upload(handlers.note_uploads, [page.more_photos, session], session, api_name=False)
+    pictures = [
+        session, page.prompt, page.style, page.negative, page.strength, page.gen_steps, page.guidance, page.seed,
+        page.randomize, page.size, page.count,
+    ]  # fmt: skip
+    drawn = [page.gallery, page.seed]
+    page.personalize_button.click(
+        handlers.personalize,
+        [page.photo, page.consent, page.steps, session, page.more_photos],
+        [page.crop, page.status, session, page.downloads],
+        api_name="personalize",
+        validator=handlers.may_personalize,
+        **pipeline,
+    ).success(handlers.generate, pictures, drawn, api_name=False, **pipeline)  # one click to pictures
+    page.style.change(negative_for, page.style, page.negative, api_name=False)
+    page.saved.upload(
+        handlers.upload_person,
+        [page.saved, session],
+        [session, page.status, page.downloads],
+        api_name="upload_person",
+        validator=handlers.may_upload_person,
+        **pipeline,
+    )
+    page.generate_button.click(handlers.generate, pictures, drawn, api_name="generate", **pipeline)
+    # a prompt example draws at once once there is a person; a photo example only shows its aligned crop:
+    # personalising still waits for the visitor's consent and click
+    page.prompt_examples.load_input_event.then(handlers.draw_example, pictures, drawn, api_name=False, **pipeline)
 
 
 def serve(
