@@ -78,14 +78,8 @@ def finetune(
 ) -> list[float]:
     """The fast finetune: `steps` steps of the diffusion loss on the faces' views with the instance prompt,
     training what the relaxed LiDB trains (`hdb.relaxations.relax`). Returns the losses; the LiDB holds the result."""
-    train_config = TrainConfig(
-        steps=steps,
-        learning_rate=config.learning_rate,
-        optimizer=config.optimizer,
-        fp16_loss_scaling=denoiser(pipe).dtype == torch.float16,
-        progress=config.progress,
-        description="fast finetuning",
-    )
+    fp16 = denoiser(pipe).dtype == torch.float16
+    train_config = TrainConfig.of_stage(config, "fast finetuning", steps=steps, fp16_loss_scaling=fp16)
     resolution = config.resolution or native_resolution(pipe)
     with training_stage(pipe, lidb, "finetuning", MEMORY_OPTIONS, config.gradient_checkpointing):
         prompt_tokens = tokenize_prompts(pipe, [instance_prompt_for(config.instance_token)])

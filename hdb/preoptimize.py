@@ -169,13 +169,10 @@ def _train_group(
             kept[step] = each.detach()
         return each.sum()  # each identity's gradient is its own loss's
 
-    train_config = TrainConfig(
-        steps=config.steps,
-        learning_rate=config.learning_rate,
-        optimizer=config.optimizer,
+    train_config = TrainConfig.of_stage(
+        config,
+        f"pre-optimising {', '.join(identity.name for identity in group)}"[:60],
         max_grad_norm=None,  # one norm over the group would tie each identity's steps to the others'
-        progress=config.progress,
-        description=f"pre-optimising {', '.join(identity.name for identity in group)}"[:60],
     )
     with lidb.per_sample(A, B):
         train([A, B], loss_fn, train_config)

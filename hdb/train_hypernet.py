@@ -768,20 +768,6 @@ def _trainables(
     return hypernet, parameters, optimizer, ema
 
 
-def _train_config(config: HypernetTrainConfig) -> TrainConfig:
-    """What the shared training loop (hdb.training.train) takes of stage 2's settings."""
-    return TrainConfig(
-        steps=config.steps,
-        learning_rate=config.learning_rate,
-        optimizer=config.optimizer,
-        accumulation_steps=config.accumulation_steps,
-        warmup_steps=config.warmup_steps,
-        lr_schedule=config.lr_schedule,
-        progress=config.progress,
-        description="training the hypernetwork",
-    )
-
-
 def _set_up_run(
     config: HypernetTrainConfig,
     settings: dict[str, object],
@@ -804,7 +790,7 @@ def _set_up_run(
     model, optimizer = accelerator.prepare(hypernet, optimizer)
     run = Run(
         config=config,
-        train_config=_train_config(config),
+        train_config=TrainConfig.of_stage(config, "training the hypernetwork"),
         out=out,
         accelerator=accelerator,
         pipe=pipe,

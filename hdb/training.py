@@ -15,9 +15,9 @@ import math
 import statistics
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -59,6 +59,13 @@ class TrainConfig:
     snapshot_on: str = "auto"
     progress: bool = True
     description: str = "training"
+
+    @classmethod
+    def of_stage(cls, stage: object, description: str, **decided: Any) -> TrainConfig:
+        """The loop's settings for a stage: those its config (PersonalizeConfig, PreoptimizeConfig,
+        HypernetTrainConfig) holds under the same names, and what the stage `decided` itself."""
+        shared = {item.name: getattr(stage, item.name) for item in fields(cls) if hasattr(stage, item.name)}
+        return cls(**{**shared, "description": description, **decided})
 
 
 class TrainingDiverged(HdbError):
@@ -142,16 +149,9 @@ def train(
     processes, so every process stops together. `model`, the one it prepared: with gradient accumulation,
     the gradients are averaged once a step, after the last micro-batch, not after each (`no_sync`).
 
-    The guard reads most steps' losses one step late: the host queues step s on the GPU before it
-    waits for step s-1's numbers, so the GPU does not idle while Python prepares the next step.
-    Every `snapshot_every` steps it reads the step at once instead and, if it passed, copies the
-    weights that step started from: the one copy a failed step is restored to.
+    A guard (`_Guard`) stops training on a NaN or exploding loss, restoring the last weights that passed.
     `on_step(step, loss)` is called as each loss is read, after step `step`'s update and before the
     next one: the right moment to checkpoint step `step`. Gradients are cleared however it ends.
-
-    With fp16 loss scaling (hdb's own scaler, or accelerate's under `mixed_precision="fp16"`), a step
-    whose gradients overflow is skipped by the scaler and counted, not called divergence; a NaN loss,
-    an exploding loss or `max_skips_in_a_row` overflows in a row still stop training.
     """
     optimizer = optimizer or make_optimizer(parameters, config.optimizer, config.learning_rate, config.weight_decay)
     schedule = learning_rate_schedule(optimizer, config, start_step)
@@ -214,8 +214,18 @@ def train(
 
 class _Guard:
     """The loss guard: reads each step's loss and gradient norm, and stops training with the snapshot's weights (the
-    last that passed) when the loss is NaN or explodes, or the gradients are NaN/inf without a loss scaler to skip
-    the step (or `max_skips_in_a_row` times with one). It keeps the losses read and the steps skipped."""
+    last that passed) when the loss is NaN or explodes, or the gradients are NaN/inf. It keeps the losses read and
+    the steps skipped.
+
+    `train` hands it most steps' numbers one step late: the host queues step s on the GPU before it waits for step
+    s-1's numbers, so the GPU does not idle while Python prepares the next step. Every `snapshot_every` steps the
+    step is read at once instead and, if it passed, the weights that step started from are copied: the one copy a
+    failed step is restored to.
+
+    With fp16 loss scaling (hdb's own scaler, or accelerate's under `mixed_precision="fp16"`), a step whose
+    gradients overflow is skipped by the scaler and counted, not called divergence; a NaN loss, an exploding loss
+    or `max_skips_in_a_row` overflows in a row still stop training.
+    """
 
     def __init__(
         self, parameters: list[torch.nn.Parameter], config: TrainConfig, start_step: int, loss_scaling: bool, bar: tqdm
