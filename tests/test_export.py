@@ -15,7 +15,8 @@ from hdb.lidb import LiDBConfig
 from hdb.models import build_tiny_pipeline
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
 
-FORMATS = [(arch, lora_format) for arch in ("sd15", "sdxl") for lora_format in LORA_FORMATS] + [("flux", "diffusers")]
+FORMATS = [(arch, lora_format) for arch in ("sd15", "sdxl") for lora_format in LORA_FORMATS]
+FORMATS += [("flux", "diffusers"), ("sd3", "diffusers")]
 
 
 @pytest.mark.parametrize(("arch", "lora_format"), FORMATS)
@@ -85,6 +86,30 @@ def test_sd2_v_prediction_trains_on_the_velocity_then_exports_exactly(obama_face
         cond_lora, noise_lora = forward(fresh)
     torch.testing.assert_close(cond_lora.embeds, cond_hdb.embeds, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(noise_lora, noise_hdb, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_diffusers_own_loader_samples_what_hdb_samples_on_a_transformer_base(tmp_path, arch):
+    """The diffusers export, loaded by the family's `load_lora_weights` into a fresh pipeline, samples the latents
+    hdb samples with the person merged (as `generate` does)."""
+    pipe = build_tiny_pipeline(arch)
+    lidb = trained_person(pipe, lora_rank=2)
+    lora = export_lora(PersonalWeights.from_lidb(lidb), tmp_path / "lora.safetensors", "diffusers")
+
+    def latents(pipeline):
+        generator = torch.Generator().manual_seed(0)
+        return pipeline("a photo of sks", num_inference_steps=3, height=64, width=64, generator=generator,
+                        output_type="latent").images  # fmt: skip
+
+    with torch.no_grad(), lidb.merged_into_weights():
+        ours = latents(pipe)
+    lidb.unload()
+    fresh = build_tiny_pipeline(arch)
+    with torch.no_grad():
+        base = latents(fresh)
+        fresh.load_lora_weights(str(lora))
+        theirs = latents(fresh)
+    assert (theirs - ours).abs().max() <= 1e-4 and (theirs - base).abs().max() > 1e-3
 
 
 # What kohya's sd-scripts write for each base: ss_base_model_version (train_network.py, from model_util's

@@ -10,7 +10,6 @@ from helpers import hdb_cli as hdb
 
 from hdb.config import PersonalizeConfig
 from hdb.errors import HdbError
-from hdb.export import export_lora
 from hdb.families import family_of
 from hdb.models import build_tiny_pipeline
 from hdb.personal_file import PersonalWeights, load_personal, save_personal
@@ -39,30 +38,6 @@ def test_a_flux_person_is_personalised_from_zero_drawn_and_saved(tmp_path):
     path = personal.save(tmp_path / "person.safetensors")
     weights = load_personal(path)
     assert weights.base_family == "flux" and weights.prediction_type == "flow"
-
-
-def test_diffusers_own_flux_loader_draws_what_hdb_draws(tmp_path):
-    """The diffusers export, loaded by `FluxPipeline.load_lora_weights` into a fresh pipeline, samples the latents hdb
-    samples with the person merged (as `generate` does)."""
-    pipe = build_tiny_pipeline("flux")
-    lidb = trained_person(pipe, lora_rank=2)
-    weights = PersonalWeights.from_lidb(lidb)
-    lora = export_lora(weights, tmp_path / "lora.safetensors", "diffusers")
-
-    def latents(pipeline):
-        generator = torch.Generator().manual_seed(0)
-        return pipeline("a photo of sks", num_inference_steps=3, height=64, width=64, generator=generator,
-                        output_type="latent").images  # fmt: skip
-
-    with torch.no_grad(), lidb.merged_into_weights():
-        ours = latents(pipe)
-    lidb.unload()
-    fresh = build_tiny_pipeline("flux")
-    with torch.no_grad():
-        base = latents(fresh)
-        fresh.load_lora_weights(str(lora))
-        theirs = latents(fresh)
-    assert (theirs - ours).abs().max() <= 1e-4 and (theirs - base).abs().max() > 1e-3
 
 
 def test_a_person_only_fits_the_family_it_was_made_on(tmp_path):

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from torch import nn
 
@@ -239,29 +238,3 @@ class Family(ABC):
         """The family's reference model's shapes on the meta device (no weights, no memory), for counting a step's
         operations, FLOPs and parameters; an HdbError for a family that has none here."""
         raise HdbError(f"hdb has no full-size shapes of {self.title} to count")
-
-
-def training_scheduler_on(scheduler: object, device: torch.device) -> object:
-    """A fresh flow-matching scheduler (one nobody else holds) with its training grid moved to `device` once."""
-    scheduler.sigmas, scheduler.timesteps = scheduler.sigmas.to(device), scheduler.timesteps.to(device)
-    return scheduler
-
-
-def flow_matching_loss(
-    family: Family,
-    pipe: DiffusionPipeline,
-    scheduler: object,
-    latents: torch.Tensor,
-    cond: Conditioning,
-    noise: torch.Tensor,
-    index: torch.Tensor,
-) -> torch.Tensor:
-    """Per-sample flow-matching loss (the transformer families' objective): x_t = (1 - sigma) x0 + sigma noise at
-    the sigmas of the scheduler's grid at `index` (0-999), the target noise - x0. The scheduler's grid is on the
-    index's device (`training_scheduler_on`): no copy between devices, which would wait for the GPU, each step."""
-    sigmas = scheduler.sigmas[index].to(latents.dtype).view(-1, 1, 1, 1)
-    noisy = (1.0 - sigmas) * latents + sigmas * noise
-    dtype = family.denoiser(pipe).dtype
-    prediction = family.predict(pipe, noisy.to(dtype), scheduler.timesteps[index], cond)
-    target = noise - latents
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

@@ -28,19 +28,17 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers import FluxTransformer2DModel as Transformer
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
 from hdb.errors import HdbError
 from hdb.families.family import (
     Conditioning,
-    Family,
     LayerFactors,
     Variant,
-    flow_matching_loss,
     lora_module_path,
-    training_scheduler_on,
 )
-from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, tiny_clip_text_encoder
+from hdb.families.flow import FlowMatchingFamily
+from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, full_size_clip_l, tiny_clip_text_encoder
 from hdb.seeding import initialised_from
 
 TRAINING_GUIDANCE = 3.5  # the distilled guidance FLUX.1-dev LoRAs are trained at (diffusers' DreamBooth script)
@@ -77,12 +75,11 @@ MLP_RATIO = 4.0
 KOHYA_MODULE_WITH_MLP = "linear1"
 
 
-class Flux(Family):
+class Flux(FlowMatchingFamily):
     name = "flux"
     title = "FLUX.1"
     tiny_arch = "flux"
     pipeline_class = FluxPipeline
-    denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2")
     lidb_text_encoder_names = ("text_encoder",)  # CLIP only (the module's docstring says why)
     max_prompt_tokens = MAX_T5_TOKENS
@@ -127,9 +124,6 @@ class Flux(Family):
 
     def native_resolution(self, pipe: DiffusionPipeline) -> int:
         return pipe.vae.config.sample_size
-
-    def prediction_type(self, pipe: DiffusionPipeline) -> str:
-        return "flow"
 
     def denoiser_projections_of(self, layers: str) -> tuple[tuple[str, ...], ...]:
         """ "double-blocks": the double blocks' two streams alone (a single block owns no `to_out.0`, so the first
@@ -221,33 +215,7 @@ class Flux(Family):
         scale = pipe.vae_scale_factor
         return pipe._unpack_latents(flow, height * scale, width * scale, scale)
 
-    # -- training and sampling
-
-    def training_scheduler(self, pipe: DiffusionPipeline) -> FlowMatchEulerDiscreteScheduler:
-        """A fresh one: its 1000-step grid (a pipeline's own may hold the grid of its last sampling), on the
-        transformer's device."""
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        return training_scheduler_on(scheduler, pipe.transformer.device)
-
-    def diffusion_loss(
-        self,
-        pipe: DiffusionPipeline,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        latents: torch.Tensor,
-        cond: Conditioning,
-        noise: torch.Tensor,
-        timesteps: torch.Tensor,
-    ) -> torch.Tensor:
-        """Flow matching: `timesteps` (drawn uniformly, 0-999) index the scheduler's grid of sigmas."""
-        return flow_matching_loss(self, pipe, scheduler, latents, cond, noise, timesteps)
-
-    def encode_images(self, pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
-        vae = pipe.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def sampling_scheduler(self, pipe: DiffusionPipeline) -> FlowMatchEulerDiscreteScheduler:
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    # -- sampling
 
     def sampling_arguments(self, negative_prompt: str, guidance: float) -> dict:
         """FLUX.1's guidance is distilled into the model (a number it reads), and it takes no negative prompt."""
@@ -317,15 +285,6 @@ def full_size_t5() -> T5Config:
     return T5Config(
         vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
         feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, dropout_rate=0.0,
-    )  # fmt: skip
-
-
-def full_size_clip_l() -> CLIPTextConfig:
-    """CLIP ViT-L/14's text encoder (openai/clip-vit-large-patch14's), FLUX.1's and SD3.5's first."""
-    return CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     )  # fmt: skip
 
 

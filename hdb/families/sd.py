@@ -227,6 +227,15 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
+def full_size_clip_l() -> CLIPTextConfig:
+    """CLIP ViT-L/14's text encoder (openai/clip-vit-large-patch14's), SD1.x's, and FLUX.1's and SD3.5's first."""
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )  # fmt: skip
+
+
 def build_full_size_sd15(empty: bool = False, seed: int = 0, device: str | torch.device = "cpu") -> DiffusionPipeline:
     """An SD1.5-shaped pipeline (860M-parameter UNet, CLIP ViT-L text encoder, SD VAE) with random weights.
 
@@ -236,18 +245,7 @@ def build_full_size_sd15(empty: bool = False, seed: int = 0, device: str | torch
     """
     from accelerate import init_empty_weights
 
-    text_config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
+    text_config = full_size_clip_l()
     # on the device first: `initialised_from` then forks and seeds the generator the constructors draw from there
     with init_empty_weights(include_buffers=False) if empty else torch.device(device), initialised_from(seed):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD1.x's UNet

@@ -27,9 +27,10 @@ from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteSc
 from diffusers import SD3Transformer2DModel as Transformer
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderModel
 
-from hdb.families.family import Conditioning, Family, Variant, flow_matching_loss, training_scheduler_on
-from hdb.families.flux import full_size_clip_l, full_size_t5, full_size_vae, tiny_t5_encoder, tiny_t5_tokenizer
-from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, tiny_clip_text_encoder
+from hdb.families.family import Conditioning, Variant
+from hdb.families.flow import FlowMatchingFamily
+from hdb.families.flux import full_size_t5, full_size_vae, tiny_t5_encoder, tiny_t5_tokenizer
+from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, full_size_clip_l, tiny_clip_text_encoder
 from hdb.seeding import initialised_from
 
 MAX_T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
@@ -43,12 +44,11 @@ SD35_LICENSE = dict(
 )
 
 
-class StableDiffusion3(Family):
+class StableDiffusion3(FlowMatchingFamily):
     name = "sd3"
     title = "Stable Diffusion 3.5"
     tiny_arch = "sd3"
     pipeline_class = StableDiffusion3Pipeline
-    denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lidb_text_encoder_names = ("text_encoder", "text_encoder_2")  # the two CLIPs, not T5 (the docstring says why)
     max_prompt_tokens = MAX_T5_TOKENS
@@ -89,9 +89,6 @@ class StableDiffusion3(Family):
     def native_resolution(self, pipe: DiffusionPipeline) -> int:
         return pipe.transformer.config.sample_size * pipe.vae_scale_factor
 
-    def prediction_type(self, pipe: DiffusionPipeline) -> str:
-        return "flow"
-
     def variant_name(self, pipe: DiffusionPipeline) -> str:
         return "medium" if pipe.transformer.config.dual_attention_layers else "large"
 
@@ -126,36 +123,13 @@ class StableDiffusion3(Family):
             return_dict=False,
         )[0]
 
-    # -- training and sampling
+    # -- training
 
-    def training_scheduler(self, pipe: DiffusionPipeline) -> FlowMatchEulerDiscreteScheduler:
-        """A fresh one, its 1000-step grid on the transformer's device."""
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        return training_scheduler_on(scheduler, pipe.transformer.device)
-
-    def diffusion_loss(
-        self,
-        pipe: DiffusionPipeline,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        latents: torch.Tensor,
-        cond: Conditioning,
-        noise: torch.Tensor,
-        timesteps: torch.Tensor,
-    ) -> torch.Tensor:
-        """Flow matching at logit-normal times: the uniform draws (0-999) are mapped through the logit-normal
-        distribution's inverse CDF (u -> sigmoid(Phi^-1(u))), so the same draws give the same times."""
-        steps = scheduler.config.num_train_timesteps
+    def timestep_index(self, timesteps: torch.Tensor, steps: int) -> torch.Tensor:
+        """Logit-normal times: the uniform draws (0-999) mapped through the logit-normal distribution's inverse CDF
+        (u -> sigmoid(Phi^-1(u))), so the same draws give the same times."""
         uniform = (timesteps.float() + 0.5) / steps
-        index = (torch.sigmoid(torch.special.ndtri(uniform)) * steps).long().clamp(0, steps - 1)
-        return flow_matching_loss(self, pipe, scheduler, latents, cond, noise, index)
-
-    def encode_images(self, pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
-        vae = pipe.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def sampling_scheduler(self, pipe: DiffusionPipeline) -> FlowMatchEulerDiscreteScheduler:
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        return (torch.sigmoid(torch.special.ndtri(uniform)) * steps).long().clamp(0, steps - 1)
 
     # -- pipelines that are not the real one
 
