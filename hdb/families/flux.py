@@ -26,9 +26,9 @@ from typing import ClassVar
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers import FluxTransformer2DModel as Transformer
-from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextModel, T5EncoderModel
 
 from hdb.errors import HdbError
 from hdb.families.family import (
@@ -37,8 +37,15 @@ from hdb.families.family import (
     Variant,
     lora_module_path,
 )
-from hdb.families.flow import FlowMatchingFamily
-from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, full_size_clip_l, tiny_clip_text_encoder
+from hdb.families.flow import (
+    FlowMatchingFamily,
+    full_size_t5,
+    full_size_vae,
+    quantless,
+    tiny_t5_encoder,
+    tiny_t5_tokenizer,
+)
+from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, full_size_clip_l, tiny_clip_text_encoder, tiny_vae
 from hdb.seeding import initialised_from
 
 TRAINING_GUIDANCE = 3.5  # the distilled guidance FLUX.1-dev LoRAs are trained at (diffusers' DreamBooth script)
@@ -253,19 +260,7 @@ class Flux(FlowMatchingFamily):
                 guidance_embeds=True,  # as FLUX.1-dev
                 axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
             )
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                block_out_channels=(8, 8, 16, 16),  # FLUX's x8 latent geometry
-                layers_per_block=1,
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                norm_num_groups=8,
-                sample_size=64,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-                **FLUX_LATENTS,
-            )
+            vae = tiny_vae(**quantless(**FLUX_LATENTS))
             text_encoder = tiny_clip_text_encoder(False)
             tokenizer_2 = tiny_t5_tokenizer()
             text_encoder_2 = tiny_t5_encoder(len(tokenizer_2))
@@ -278,54 +273,3 @@ class Flux(FlowMatchingFamily):
             tokenizer_2=tokenizer_2,
             transformer=transformer,
         )
-
-
-def full_size_t5() -> T5Config:
-    """T5-XXL v1.1's encoder (google/t5-v1_1-xxl's config.json), as FLUX.1 and SD3.5 read prompts with it."""
-    return T5Config(
-        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-        feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, dropout_rate=0.0,
-    )  # fmt: skip
-
-
-def full_size_vae(**latents: float) -> AutoencoderKL:
-    """FLUX.1's and SD3.5's 16-channel VAE (the same geometry; `latents` its channels, scale and shift)."""
-    return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, sample_size=1024,
-        use_quant_conv=False, use_post_quant_conv=False, **latents,
-    )  # fmt: skip
-
-
-# A SentencePiece-style unigram vocabulary: T5's ids 0, 1, 2 are <pad>, </s>, <unk>; "▁" starts a word
-_WORDS = ("a", "photo", "of", "sks", "face", "person", "man", "woman", "in", "the", "style", "as", "an")
-T5_VOCABULARY = (
-    [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    + [(f"▁{word}", -1.0) for word in _WORDS]
-    + [(character, -5.0) for character in "abcdefghijklmnopqrstuvwxyz0123456789.,[]"]
-)
-
-
-def tiny_t5_encoder(vocab_size: int) -> T5EncoderModel:
-    """A one-layer T5 v1.1 encoder (gated GELU, as FLUX.1's and SD3's T5-XXL) of width 32."""
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=vocab_size,
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            dropout_rate=0.0,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
-
-
-def tiny_t5_tokenizer() -> T5Tokenizer:
-    """A T5 tokenizer of a few dozen pieces, made in code (transformers' T5Tokenizer takes a unigram vocabulary)."""
-    return T5Tokenizer(vocab=T5_VOCABULARY, extra_ids=0, model_max_length=MAX_T5_TOKENS)

@@ -212,18 +212,19 @@ def tiny_clip_text_encoder(with_projection: bool, hidden: int = 32) -> torch.nn.
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
-def tiny_vae() -> AutoencoderKL:
-    # Four blocks: three 2x downsamplings, SD's x8 latent geometry (64 px image -> 8x8x4 latent).
+def tiny_vae(**options: object) -> AutoencoderKL:
+    """Four blocks: three 2x downsamplings, SD's x8 latent geometry (64 px image -> 8x8x4 latents); `options` for
+    other latents (the transformer families': 16 channels, shifted, no quant convolutions)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=8,
         sample_size=64,
+        **{"latent_channels": 4, **options},
     )
 
 

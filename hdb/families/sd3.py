@@ -23,14 +23,20 @@ from typing import ClassVar
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers import SD3Transformer2DModel as Transformer
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderModel
 
 from hdb.families.family import Conditioning, Variant
-from hdb.families.flow import FlowMatchingFamily
-from hdb.families.flux import full_size_t5, full_size_vae, tiny_t5_encoder, tiny_t5_tokenizer
-from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, full_size_clip_l, tiny_clip_text_encoder
+from hdb.families.flow import (
+    FlowMatchingFamily,
+    full_size_t5,
+    full_size_vae,
+    quantless,
+    tiny_t5_encoder,
+    tiny_t5_tokenizer,
+)
+from hdb.families.sd import CLIP_PROJECTIONS, clip_tokenizer, full_size_clip_l, tiny_clip_text_encoder, tiny_vae
 from hdb.seeding import initialised_from
 
 MAX_T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
@@ -180,19 +186,7 @@ class StableDiffusion3(FlowMatchingFamily):
                 qk_norm="rms_norm",  # as SD3.5
                 dual_attention_layers=(0,),  # as Medium's first blocks
             )
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                block_out_channels=(8, 8, 16, 16),  # SD3's x8 latent geometry
-                layers_per_block=1,
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                norm_num_groups=8,
-                sample_size=64,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-                **SD3_LATENTS,
-            )
+            vae = tiny_vae(**quantless(**SD3_LATENTS))
             text_encoder, text_encoder_2 = tiny_clip_text_encoder(True), tiny_clip_text_encoder(True)
             tokenizer_3 = tiny_t5_tokenizer()
             text_encoder_3 = tiny_t5_encoder(len(tokenizer_3))
