@@ -22,7 +22,9 @@ of tensors held by `LiDB`:
     (pre-optimising many identities at once, training the hypernetwork), applied with batched matmuls.
 
 On top of the LiDB, each layer can also hold an ordinary LoRA (`add_lora`): the paper's rank relaxation
-keeps the predicted rank-1 LiDB and finetunes a plain rank-r LoRA beside it, free of the aux bases.
+keeps the predicted rank-1 LiDB and finetunes a plain rank-r LoRA beside it, free of the aux bases. The ways
+of relaxing are strategies over LiDB's primitives (hdb/relaxations.py): adding one is a class and a registry
+line there.
 """
 
 from __future__ import annotations
@@ -513,8 +515,8 @@ class LiDB:
     # -- weights
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What training moves: the plain LoRA when there is one (the LiDB stays as predicted, unless relaxed with
-        `train_prediction=True`), else A and B."""
+        """What training moves: the plain LoRA when there is one (the LiDB stays as predicted, unless
+        `train_prediction()` lets it train too), else A and B."""
         own = [self.A_train, self.B_train]
         if self.source.lora_down is None:
             return own

@@ -71,3 +71,12 @@ def test_pictures_are_drawn_at_the_variants_own_steps_and_guidance():
 
     medium = build_tiny_pipeline("sd3")
     assert (resolved_steps(medium, None), resolved_guidance(medium, None)) == (40, 4.5)
+
+
+def test_the_app_offers_and_describes_only_the_lora_files_the_family_exports():
+    from hdb.app.handlers import KOHYA_FILE
+    from hdb.app.page import downloads_help
+    from hdb.families import FAMILIES
+
+    assert KOHYA_FILE not in downloads_help(FAMILIES["sd3"].lora_formats)
+    assert KOHYA_FILE in downloads_help(FAMILIES["sd1"].lora_formats) and "AUTOMATIC1111" in downloads_help(("kohya",))

@@ -15,7 +15,7 @@ from hdb.app.line import LINE_SIZE, MAX_JOBS_PER_VISITOR, MAX_UPLOAD, Door
 from hdb.app.visitors import EXAMPLE_NAMES, VisitorFiles
 from hdb.config import DEFAULT_INSTANCE_TOKEN, MAX_PHOTOS, GenerateOptions
 from hdb.example_photos import ASSETS
-from hdb.families import denoiser
+from hdb.families import denoiser, family_of
 from hdb.styles import EXAMPLE_PROMPTS, SIZE_PRESETS, STYLE_PRESETS, negative_for
 
 if TYPE_CHECKING:
@@ -67,18 +67,25 @@ TIPS = """\
 - **Without a hypernetwork** (none has been published yet) personalisation starts from zero and takes
   200 finetune steps instead of 40: slower, and the likeness from one photo is weaker than the paper's.
 """
-DOWNLOADS_HELP = f"""\
+PERSON_HELP = f"""\
 **{PERSON_FILE}**: hdb's personal file (a few MB: the prediction and the LoRA its finetune trained),
-for `python -m hdb generate --person` or upload above. **{KOHYA_FILE}**: a LoRA for AUTOMATIC1111 and
-ComfyUI (their `Lora` folder).
-**{DIFFUSERS_FILE}**: a LoRA for diffusers:
+for `python -m hdb generate --person` or upload above."""
+KOHYA_HELP = f"**{KOHYA_FILE}**: a LoRA for AUTOMATIC1111 and ComfyUI (their `Lora` folder)."
+DIFFUSERS_HELP = f"""\
+**{DIFFUSERS_FILE}**: a LoRA for diffusers (ComfyUI reads it too where the base has no kohya file):
 
 ```python
 pipe.load_lora_weights(".", weight_name="{DIFFUSERS_FILE}")
 image = pipe("a {DEFAULT_INSTANCE_TOKEN} as an astronaut").images[0]
 ```
-Both LoRAs are exact; prompts name the person with the file's token (`{DEFAULT_INSTANCE_TOKEN}`).
+The LoRAs are exact; prompts name the person with the file's token (`{DEFAULT_INSTANCE_TOKEN}`).
 """
+
+
+def downloads_help(lora_formats: tuple[str, ...]) -> str:
+    """What each download is, for the LoRA formats the base's family exports (`Family.lora_formats`)."""
+    kohya = f" {KOHYA_HELP}" if "kohya" in lora_formats else ""
+    return f"{PERSON_HELP}{kohya}\n{DIFFUSERS_HELP}"
 
 
 LINKS = (
@@ -191,11 +198,11 @@ def _options(engine: Engine) -> SimpleNamespace:
             with gr.Accordion("Your aligned face, personal file and LoRA exports", open=False):
                 crop = gr.Image(label="Aligned face", interactive=False, height=256, elem_id="crop")
                 downloads = gr.File(
-                    label="Your personal file and LoRA exports (kohya, diffusers)",
+                    label="Your personal file and LoRA exports",
                     file_count="multiple",
                     interactive=False,
                 )
-                gr.Markdown(DOWNLOADS_HELP, elem_id="downloads-help")
+                gr.Markdown(downloads_help(family_of(engine.pipe).lora_formats), elem_id="downloads-help")
             with gr.Accordion("Personalisation options", open=False):
                 more_photos = SentFiles(
                     label=f"More photos of the same person (optional, up to {MAX_PHOTOS - 1})",
