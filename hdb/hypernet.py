@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 
-from hdb.config import DECODER_INPUTS, HYPERNET_STARTS, LIDB_LAYERS
+from hdb.config import DECODER_INPUTS, HYPERNET_STARTS, LIDB_LAYERS, HypernetTrainConfig
 from hdb.errors import HdbError, check_choice, from_hub_or_directory
 from hdb.lidb import LiDB, LiDBConfig, Signature, check_signature, start_A
 from hdb.models import base_family, base_variant, prediction_type
@@ -41,6 +41,11 @@ CONFIG_FILE, WEIGHTS_FILE, ENCODER_DIR = "config.json", "hypernet.safetensors", 
 TRAINING_FILE = "training.json"  # how it was trained, written by stage 2 (read by the model card)
 
 
+# The decoder's architecture: chosen by stage 2's settings (hdb.config.HypernetTrainConfig, where their defaults and
+# help are written) and saved with the weights, as nanoGPT saves its model_args
+ARCHITECTURE = ("width", "depth", "heads", "iterations", "refine_from", "decoder_input")
+
+
 @dataclass
 class HyperNetworkConfig:
     image_encoder: str  # hub id, or the name of the folder, the encoder was loaded from (informational)
@@ -48,12 +53,12 @@ class HyperNetworkConfig:
     rank: int
     a: int
     b: int
-    width: int = 512  # decoder d_model
-    depth: int = 4
-    heads: int = 8
-    iterations: int = 4  # the paper's s
-    refine_from: str = HYPERNET_STARTS[0]  # the first iteration's input weights (hdb.config.HYPERNET_STARTS)
-    decoder_input: str = DECODER_INPUTS[0]  # how the decoder reads the image tokens (hdb.config.DECODER_INPUTS)
+    width: int = HypernetTrainConfig.width  # decoder d_model
+    depth: int = HypernetTrainConfig.depth
+    heads: int = HypernetTrainConfig.heads
+    iterations: int = HypernetTrainConfig.iterations  # the paper's s
+    refine_from: str = HypernetTrainConfig.refine_from  # the first iteration's input weights (HYPERNET_STARTS)
+    decoder_input: str = HypernetTrainConfig.decoder_input  # how the decoder reads the image tokens (DECODER_INPUTS)
     image_size: int = 224
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD

@@ -52,6 +52,7 @@ from hdb.faces import crop_size
 from hdb.families import denoiser
 from hdb.files import PARTIAL_SUFFIX, check_shared_folder, write_atomically
 from hdb.hypernet import (
+    ARCHITECTURE,
     ENCODER_DIR,
     TRAINING_FILE,
     HyperNetwork,
@@ -205,18 +206,8 @@ def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None
         saved = (resume / "hypernet" / ENCODER_DIR).is_dir()
         encoder = None if saved else _image_encoder(config)
         return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb, image_encoder=encoder).train()
-    return HyperNetwork.for_lidb(
-        lidb,
-        _image_encoder(config),
-        config.image_encoder,
-        seed=config.seed,
-        width=config.width,
-        depth=config.depth,
-        heads=config.heads,
-        iterations=config.iterations,
-        refine_from=config.refine_from,
-        decoder_input=config.decoder_input,
-    )
+    architecture = {name: getattr(config, name) for name in ARCHITECTURE}
+    return HyperNetwork.for_lidb(lidb, _image_encoder(config), config.image_encoder, seed=config.seed, **architecture)
 
 
 def _image_encoder(config: HypernetTrainConfig) -> torch.nn.Module:
