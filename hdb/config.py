@@ -132,6 +132,14 @@ def setting(
     return field(default=default, metadata=metadata)
 
 
+def kept_on_resume(spec: Any) -> Any:
+    """Mark a stage-2 setting (a `setting()` field) that a resumed run must share with the run it resumes: its
+    checkpoints record it (hdb.train_hypernet.check_resumable). The others, how often to checkpoint or where to
+    report say, may change between restarts."""
+    default = {"default": spec.default} if spec.default is not MISSING else {"default_factory": spec.default_factory}
+    return field(**default, metadata={**spec.metadata, "kept_on_resume": True})
+
+
 def shown_value(value: object) -> str:
     """`value` as a message shows it: short however large (a seed of 10**308 as 1e+308, a long text cut)."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= LONG_NUMBER:
@@ -303,47 +311,63 @@ class PreoptimizeConfig(Checked):
 class HypernetTrainConfig(Checked):
     """Options of `hdb.train_hypernet.train_hypernetwork` (stage 2)."""
 
-    steps: int = _steps(1000, "training steps")
-    batch_size: int = _count(4, "global batch, split across processes")
-    learning_rate: float = _learning_rate(1e-4)
-    alpha: float = setting(1.0, "diffusion loss weight", between=(0.0, 1e6))
-    beta: float = setting(
-        1.0, "weight-L2 loss weight, to the pre-optimised weights (0: diffusion loss alone)", between=(0.0, 1e6)
+    steps: int = kept_on_resume(_steps(1000, "training steps"))
+    batch_size: int = kept_on_resume(_count(4, "global batch, split across processes"))
+    learning_rate: float = kept_on_resume(_learning_rate(1e-4))
+    alpha: float = kept_on_resume(setting(1.0, "diffusion loss weight", between=(0.0, 1e6)))
+    beta: float = kept_on_resume(
+        setting(
+            1.0, "weight-L2 loss weight, to the pre-optimised weights (0: diffusion loss alone)", between=(0.0, 1e6)
+        )
     )
-    accumulation_steps: int = _count(1, "batches whose gradients add up to one step")
-    optimizer: str = _optimizer()
+    accumulation_steps: int = kept_on_resume(_count(1, "batches whose gradients add up to one step"))
+    optimizer: str = kept_on_resume(_optimizer())
     mixed_precision: str = setting("no", "accelerate's autocast (the frozen base runs in it too)", MIXED_PRECISIONS)
     gradient_checkpointing: bool = _gradient_checkpointing()
     checkpoint_every: int = _steps(100, "steps between checkpoints (training resumes from the last)")
     checkpoints_total_limit: int = _count(1, "checkpoints kept, the newest (older ones go as new ones come)")
     validate_every: int = _steps(100, "steps between validations on the held-out identities")
     # diffusers' EMAModel: its decay warms up as (1 + n) / (10 + n) after n updates, up to `ema_decay`
-    ema_decay: float = setting(
-        0.0,
-        "average the weights over the steps, e.g. 0.9999; the average is validated and saved (0: none)",
-        between=(0.0, 0.999999),
+    ema_decay: float = kept_on_resume(
+        setting(
+            0.0,
+            "average the weights over the steps, e.g. 0.9999; the average is validated and saved (0: none)",
+            between=(0.0, 0.999999),
+        )
     )
-    holdout: int = _count(1, "identities held out for validation", low=0, high=MAX_STEPS)
+    holdout: int = kept_on_resume(_count(1, "identities held out for validation", low=0, high=MAX_STEPS))
     sample_steps: int = _count(20, "sampling steps of the validation image (0: no image)", low=0, high=1000)
     dataloader_workers: int = _count(0, "processes that read batches ahead (0: the training process)", low=0, high=64)
     report_to: str = setting(REPORT_TO[0], "where the losses (and samples) go besides losses.jsonl", REPORT_TO)
-    seed: int = _seed()
-    image_encoder: str = setting(
-        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        "vision model (the paper's ViT-H): hub id or directory, or tiny (random, for tests and the toy)",
+    seed: int = kept_on_resume(_seed())
+    image_encoder: str = kept_on_resume(
+        setting(
+            "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+            "vision model (the paper's ViT-H): hub id or directory, or tiny (random, for tests and the toy)",
+        )
     )
-    freeze_encoder: bool = setting(True, "freeze the pretrained image encoder (the toy trains its random one)")
+    freeze_encoder: bool = kept_on_resume(
+        setting(True, "freeze the pretrained image encoder (the toy trains its random one)")
+    )
     # 5% of the default steps: the freshly initialised decoder starts gently
-    warmup_steps: int = _steps(50, "linear learning-rate warm-up", low=0)
-    lr_schedule: str = setting("cosine", "after the warm-up", LR_SCHEDULES)
-    width: int = _count(512, "width of the hypernetwork's transformer decoder")
-    depth: int = _count(4, "layers of the decoder", high=256)
-    heads: int = _count(8, "attention heads of the decoder", high=256)
-    iterations: int = _count(4, "refinement iterations s", high=256)
-    refine_from: str = setting(HYPERNET_STARTS[0], "refinement starts at lora (A random, B 0) or zero", HYPERNET_STARTS)
-    decoder_input: str = setting(DECODER_INPUTS[0], "the decoder reads the face: cross or concatenated", DECODER_INPUTS)
-    weight_loss: str = setting(WEIGHT_LOSSES[0], "the weight term: dense (gauge-free) or paper (raw L2)", WEIGHT_LOSSES)
-    pairing: str = setting(PAIRINGS[0], "target view from any photo, or the input photo's own", PAIRINGS)
+    warmup_steps: int = kept_on_resume(_steps(50, "linear learning-rate warm-up", low=0))
+    lr_schedule: str = kept_on_resume(setting("cosine", "after the warm-up", LR_SCHEDULES))
+    width: int = kept_on_resume(_count(512, "width of the hypernetwork's transformer decoder"))
+    depth: int = kept_on_resume(_count(4, "layers of the decoder", high=256))
+    heads: int = kept_on_resume(_count(8, "attention heads of the decoder", high=256))
+    iterations: int = kept_on_resume(_count(4, "refinement iterations s", high=256))
+    refine_from: str = kept_on_resume(
+        setting(HYPERNET_STARTS[0], "refinement starts at lora (A random, B 0) or zero", HYPERNET_STARTS)
+    )
+    decoder_input: str = kept_on_resume(
+        setting(DECODER_INPUTS[0], "the decoder reads the face: cross or concatenated", DECODER_INPUTS)
+    )
+    weight_loss: str = kept_on_resume(
+        setting(WEIGHT_LOSSES[0], "the weight term: dense (gauge-free) or paper (raw L2)", WEIGHT_LOSSES)
+    )
+    pairing: str = kept_on_resume(
+        setting(PAIRINGS[0], "target view from any photo, or the input photo's own", PAIRINGS)
+    )
     resolution: int | None = _resolution()
     instance_token: str | None = setting(
         None,

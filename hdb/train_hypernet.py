@@ -25,7 +25,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -87,16 +87,11 @@ MEMORY_OPTIONS = (
 LOSSES_FILE = "losses.jsonl"  # one JSON record per step
 PROCESS_GROUP_TIMEOUT_S = 2 * 3600  # NCCL's default of 10 minutes is shorter than aligning photos in memory takes
 TrainingImages = str | Path | list[Identity] | DatasetSource | TrainingData  # what stage 2 can train on
-# What a checkpoint records of its run, and a run resuming it must share (else it would not continue that
-# run): the settings that shape the steps still to run (their data, noise, learning rates and loss) and the
-# hypernetwork's. The rest (checkpoint_every, validate_every, sample_steps, checkpoints_total_limit, report_to,
-# dataloader_workers, gradient_checkpointing, mixed_precision, progress) may change between restarts, e.g. on
-# other hardware.
-RESUMED_SETTINGS = (
-    "steps", "batch_size", "accumulation_steps", "learning_rate", "warmup_steps", "lr_schedule", "optimizer",
-    "alpha", "beta", "seed", "pairing", "holdout", "image_encoder", "freeze_encoder", "width", "depth", "heads",
-    "iterations", "refine_from", "decoder_input", "weight_loss", "ema_decay",
-)  # fmt: skip
+# What a checkpoint records of its run, and a run resuming it must share (else it would not continue that run):
+# the settings that shape the steps still to run (their data, noise, learning rates and loss) and the hypernetwork's,
+# each marked where it is declared (`hdb.config.kept_on_resume`). The rest (how often to checkpoint or validate,
+# where to report, gradient checkpointing, mixed precision...) may change between restarts, e.g. on other hardware.
+RESUMED_SETTINGS = tuple(item.name for item in fields(HypernetTrainConfig) if item.metadata.get("kept_on_resume"))
 # Settings added after some checkpoints were written, and what those checkpoints' runs had in effect
 SETTINGS_ADDED_LATER = {"ema_decay": 0.0}
 EMA_FILE = "ema.safetensors"  # in a checkpoint: the moving average of the trainable weights (`ema_decay`)
