@@ -10,7 +10,8 @@ What differs from Stable Diffusion:
 - latents are shifted as well as scaled; sampling has no negative prompt (FLUX.1 is guidance-distilled).
 
 LiDB targets the attention projections of both block kinds (both streams of the double blocks) and of the CLIP text
-encoder; not T5 (4.7B parameters, and diffusers' FLUX LoRA loader reads no T5 keys: an export could not carry it).
+encoder; not T5 (4.8B parameters, and diffusers' FLUX LoRA loader reads no T5 keys: an export could not carry it).
+`LiDBConfig.layers` narrows that: "double-blocks" leaves the single blocks out, "denoiser" the text encoder.
 
 Kohya's FLUX LoRA files (sd-scripts' networks/lora_flux.py, read by ComfyUI and Forge) name Black Forest Labs' own
 modules, where one linear computes what diffusers splits in several: a double block's q, k and v of each stream
