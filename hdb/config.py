@@ -20,10 +20,10 @@ DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the base model u
 OPTIMIZERS = ("adamw", "adamw8bit")  # torch's AdamW, bitsandbytes' 8-bit AdamW
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")  # the precision the base model runs in
 FILE_DTYPES = ("fp32", "fp16")  # what personal files and LoRA exports are written in
-LORA_FORMATS = ("diffusers", "kohya")
+LORA_FORMATS = ("diffusers", "kohya")  # diffusers/peft keys; kohya keys (AUTOMATIC1111, ComfyUI)
 # The frozen base's weights: as loaded ("none"), or quantised by bitsandbytes (through diffusers, on a CUDA GPU):
 # "nf4", 4-bit NormalFloat as QLoRA's, or "int8"; the denoiser and the text encoders LiDB leaves alone (T5)
-QUANTIZATIONS = ("none", "nf4", "int8")  # diffusers/peft keys; kohya keys (AUTOMATIC1111, ComfyUI)
+QUANTIZATIONS = ("none", "nf4", "int8")
 TINY_ARCHS = ("sd15", "sdxl", "sd2", "flux", "sd3")  # the tiny random pipelines hdb builds for offline tries and tests
 # Which layers LiDB targets (`hdb.families.Family.lidb_components`), the default first: "all", the attention
 # projections of the denoiser and of the text encoder (CLIP's, for FLUX.1: not T5); "denoiser", the denoiser's alone;
