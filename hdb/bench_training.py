@@ -254,11 +254,10 @@ def sd15_batch1_tflops() -> float:
 def frozen_weights_gb(arch: str) -> dict[str, float]:
     """The frozen base's weights in GB (1e9 bytes), counted at `arch`'s full-size shapes: in bf16, and with
     `--quantize` nf4 (4 bits and one fp32 scale per 64 weights: 0.5625 bytes) or int8 (1 byte and a scale per row,
-    ignored) for the components it quantises (`hdb.models.quantization_config`); the rest stay bf16."""
+    ignored) for the components it quantises (`Family.quantised_components`); the rest stay bf16."""
     family = family_of_tiny(arch)
     full = family.build_full_size()
-    targeted = family.lidb_text_encoder_names or family.text_encoder_names
-    quantised = [family.denoiser_name, *(name for name in family.text_encoder_names if name not in targeted)]
+    quantised = family.quantised_components()
     counts = {
         name: sum(p.numel() for p in component.parameters())
         for name, component in full.components.items()

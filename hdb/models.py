@@ -69,13 +69,12 @@ def load_pipeline(
 
 
 def quantization_config(base: str, quantize: str, dtype: torch.dtype) -> object:
-    """diffusers' quantisation of `base` (a hub id or folder) as `quantize` says (hdb.config.QUANTIZATIONS): its
-    family's denoiser, and the text encoders LiDB does not target (quantised weights take no LiDB merge)."""
+    """diffusers' quantisation of `base` (a hub id or folder) as `quantize` says (hdb.config.QUANTIZATIONS), of its
+    family's `quantised_components`."""
     from diffusers import PipelineQuantizationConfig
 
     family = family_of_pipeline_class(DiffusionPipeline.load_config(base)["_class_name"])
-    targeted = family.lidb_text_encoder_names or family.text_encoder_names
-    components = [family.denoiser_name, *(name for name in family.text_encoder_names if name not in targeted)]
+    components = list(family.quantised_components())
     if quantize == "nf4":
         backend = "bitsandbytes_4bit"
         options = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}

@@ -123,6 +123,12 @@ class Family(ABC):
         """The text encoders by component name."""
         return {name: getattr(pipe, name) for name in self.text_encoder_names if getattr(pipe, name, None) is not None}
 
+    def quantised_components(self) -> tuple[str, ...]:
+        """What a quantised base (`hdb.models.load_pipeline(quantize=...)`) holds in 4 or 8 bits: the denoiser and
+        the text encoders LiDB does not target (a quantised weight takes no merge)."""
+        targeted = self.lidb_text_encoder_names or self.text_encoder_names
+        return (self.denoiser_name, *(name for name in self.text_encoder_names if name not in targeted))
+
     def lidb_components(
         self, pipe: DiffusionPipeline, layers: str = "all"
     ) -> dict[str, tuple[nn.Module, tuple[tuple[str, ...], ...]]]:
