@@ -35,6 +35,7 @@ from hdb.config import (
     MAX_SEED,
     MAX_STEPS,
     QUANTIZATIONS,
+    QUANTIZE_HELP,
     SHARD_SIZE,
     TINY_ARCHS,
     BenchOptions,
@@ -561,7 +562,7 @@ def _add_quantize_option(parser: argparse.ArgumentParser) -> None:
         "--quantize",
         default=QUANTIZATIONS[0],
         choices=QUANTIZATIONS,
-        help="the frozen base in 4 (nf4) or 8 (int8) bits, for cards with less memory (CUDA only; default none)",
+        help=QUANTIZE_HELP,
     )
 
 

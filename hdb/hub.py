@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hdb.errors import HdbError
-from hdb.families import BASE_FAMILIES, FAMILIES, Variant, variant_of
+from hdb.families import BASE_FAMILIES, FAMILIES, Variant, recorded_variant, variant_of
 from hdb.files import read_regular_file, shown
 from hdb.hypernet import CONFIG_FILE, TRAINING_FILE, HyperNetwork
 from hdb.personal_file import PersonalWeights, hub_id, is_repo_id, public_name
@@ -105,8 +105,7 @@ def model_card(directory: str | Path, repo_id: str, evaluation: str | None = Non
     training = published_training(json.loads(training_file.read_text())) if training_file.is_file() else None
     base_id, base_text, notes = _base_model(recorded.get("base_model", ""))
     family = recorded.get("base_family", "")  # "" in configs from before hdb kept it
-    recorded_variant = recorded.get("base_variant") or recorded.get("prediction_type", "")  # older: what it predicts
-    variant = variant_of(family, recorded_variant, recorded.get("base_model", ""))
+    variant = variant_of(family, recorded_variant(recorded), recorded.get("base_model", ""))
     reference_id, reference_name = (variant.reference, variant.title) if variant else ("", "")
     base_argument = base_id or reference_id or public_name(recorded.get("base_model", "")) or "unknown"
     if not base_id and reference_id:

@@ -317,7 +317,8 @@ class LiDBLinear(nn.Module):
         A = self.source.A.select(-3, self.index)  # [r, a] shared, or [S, r, a] per sample
         B = self.source.B.select(-3, self.index)
         down, up = lora_factors(A, B, self.A_aux, self.B_aux)
-        return down.to(compute_dtype(self.base)), up.to(compute_dtype(self.base))
+        dtype = compute_dtype(self.base)
+        return down.to(dtype), up.to(dtype)
 
     def delta_weight(self, lora: bool = True) -> torch.Tensor:
         """The dense dW (out x in) of the shared weights, and of the plain LoRA when `lora`, for merging."""

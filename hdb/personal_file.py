@@ -36,7 +36,7 @@ from hdb.config import (
     token_problem,
 )
 from hdb.errors import HdbError
-from hdb.families import FAMILIES, family_from_layers
+from hdb.families import FAMILIES, family_from_layers, recorded_variant
 from hdb.files import read_regular_file, shown, write_file
 from hdb.lidb import LiDB, LiDBConfig, Signature, arch_fingerprint
 from hdb.models import BASE_FAMILIES, base_family, base_variant, prediction_type
@@ -390,7 +390,7 @@ def _weights_from(metadata: dict[str, str], tensors: dict[str, torch.Tensor], na
         # a file from before hdb recorded it: its layers may tell (hdb.families.family_from_layers)
         base_family=metadata.get("base_family") or family_from_layers(layer_shapes),
         prediction_type=metadata.get("prediction_type", ""),
-        base_variant=metadata.get("base_variant") or metadata.get("prediction_type", ""),
+        base_variant=recorded_variant(metadata),
         created=metadata.get("created", ""),
     )
     if weights.created and not _is_iso_date(weights.created):

@@ -15,7 +15,7 @@ import os
 import signal
 from pathlib import Path
 
-from hdb.config import APP_COMPILE_MODE, DEFAULT_BASE, DTYPE_CHOICES, OPTIMIZERS, QUANTIZATIONS
+from hdb.config import APP_COMPILE_MODE, DEFAULT_BASE, DTYPE_CHOICES, OPTIMIZERS, QUANTIZATIONS, QUANTIZE_HELP
 from hdb.console import quiet_libraries
 from hdb.errors import HdbError
 from hdb.terms import app_terms
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         "--quantize",
         default=env("HDB_QUANTIZE", QUANTIZATIONS[0]),
         choices=QUANTIZATIONS,
-        help="the frozen base in 4 (nf4) or 8 (int8) bits: a dedicated CUDA GPU with less memory; not on ZeroGPU",
+        help=f"{QUANTIZE_HELP}; not on ZeroGPU",
     )
     parser.add_argument("--tiny", action="store_true", default=env_flag("HDB_TINY"))
     parser.add_argument(

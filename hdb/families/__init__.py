@@ -5,6 +5,8 @@ To add a family: a module with a `Family` subclass (family.py says what one is),
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from diffusers import DiffusionPipeline
 from torch import nn
 
@@ -44,6 +46,12 @@ def family_of_pipeline_class(name: str) -> Family:
 def family_of_tiny(arch: str) -> Family:
     """The family whose tiny pipeline is called `arch` (one of hdb.config.TINY_ARCHS, the command line's choices)."""
     return next(family for family in FAMILIES.values() if family.tiny_arch == arch)
+
+
+def recorded_variant(record: Mapping[str, str]) -> str:
+    """The variant a personal file's metadata or a hypernetwork's config records (`base_variant`); for one from before
+    hdb recorded it, what it predicts, which names the Stable Diffusion families' variants."""
+    return record.get("base_variant") or record.get("prediction_type", "")
 
 
 def variant_of(family: str, variant: str, base_model: str = "") -> Variant | None:
