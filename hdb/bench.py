@@ -402,13 +402,13 @@ def bench_operations(options: BenchOptions) -> dict:
 
     rank = PersonalizeConfig().relaxed_rank
     with LiDB.attached(pipe) as lidb:
-        relax(lidb, "lidb", *lidb.initial_weights(), rank)  # what `--relax lidb` trains
+        relax(lidb, "lidb", *lidb.own.initial_weights(), rank)  # what `--relax lidb` trains
         record = {"operations_lidb": operations(lidb, tokens, lidb.trainable_parameters())}
         record["optimizer_operations_lidb"] = optimizer_operations(lidb.trainable_parameters(), TrainConfig.optimizer)
-        lidb.batch_factors = False
+        lidb.own.batch_factors = False
         record["operations_lidb_per_layer"] = operations(lidb, tokens, lidb.trainable_parameters())
-        lidb.batch_factors = True
-        relax(lidb, "lora", *lidb.initial_weights(), rank)  # what `--relax lora` trains: a plain LoRA on top
+        lidb.own.batch_factors = True
+        relax(lidb, "lora", *lidb.own.initial_weights(), rank)  # what `--relax lora` trains: a plain LoRA on top
         record["operations_relax_lora"] = operations(lidb, tokens, lidb.trainable_parameters())
         trained = lidb.trainable_parameters()
         record["optimizer_operations_relax_lora"] = optimizer_operations(trained, TrainConfig.optimizer)

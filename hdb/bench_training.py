@@ -70,7 +70,7 @@ def synthetic_stage1(count: int, folder: Path) -> None:
     (folder / "weights").mkdir(parents=True, exist_ok=True)
     with LiDB.attached(pipe, LIDB) as lidb:
         for identity in synthetic_people(count):
-            A, B = lidb.initial_weights()
+            A, B = lidb.own.initial_weights()
             weights = (A, torch.randn(B.shape, generator=generator) * 1e-3)
             person = PersonalWeights.from_lidb(lidb, weights=weights)
             save_personal(person, folder / "weights" / f"{identity.name}.safetensors")
@@ -178,14 +178,14 @@ def per_sample_step(pipe: Pipeline, lidb: LiDB, group: int, device: str) -> Call
     """One forward+backward of the per-sample path both stages train through: `group` samples, each with its own
     LiDB, in the denoiser and the text encoders it targets, at the base's native size. Noise zero and timestep 0
     (a meta device draws no random numbers; the arithmetic does not depend on them)."""
-    A, B = (weights.to(device).requires_grad_() for weights in lidb.initial_weights(group))
+    A, B = (weights.to(device).requires_grad_() for weights in lidb.own.initial_weights(group))
     side = native_resolution(pipe) // pipe.vae_scale_factor
     latents = torch.zeros(group, pipe.vae.config.latent_channels, side, side, device=device)
     tokens = [ids.expand(group, -1).to(device) for ids in tokenize_prompts(pipe, ["a photo of sks person"])]
     scheduler, timesteps = training_scheduler(pipe), torch.zeros(group, dtype=torch.long, device=device)
 
     def step() -> None:
-        lidb.use_per_sample(A, B)
+        lidb.own.use_per_sample(A, B)
         cond = encode_tokens(pipe, tokens)
         diffusion_loss(pipe, scheduler, latents, cond, torch.zeros_like(latents), timesteps).mean().backward()
 

@@ -55,7 +55,7 @@ from hdb.identities import (
     resolve_identities,
     stage1_folder,
 )
-from hdb.lidb import LiDB
+from hdb.lidb import LiDB, arch_fingerprint
 from hdb.models import Pipeline, native_resolution
 
 ALIGNED_AT_ONCE = 64  # a shard's identities are aligned and encoded this many at a time: host memory stays small
@@ -86,7 +86,7 @@ def fingerprint(
     """What the cached tensors depend on: a cache made otherwise is refused rather than trained on."""
     return {
         "version": CACHE_VERSION,
-        "arch_fingerprint": lidb.arch_fingerprint(),
+        "arch_fingerprint": arch_fingerprint(lidb.layer_shapes),
         "aux_fingerprint": lidb.aux_fingerprint(),
         "lidb": asdict(lidb.config),
         "instance_token": instance_token,

@@ -384,7 +384,7 @@ def paper_protocol(
         people = {}
         for name, face in faces.items():
             if method.start == "zero":
-                start = personal.lidb.initial_weights()
+                start = personal.lidb.own.initial_weights()
             elif method.start == "hypernet_k1":
                 start = hypernet_k1.predict(face.image)
             else:

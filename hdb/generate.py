@@ -50,7 +50,7 @@ def generate(
     generator = seeded_generator(seed)
     with ExitStack() as restore:  # every change below is undone on the way out, also when sampling fails
         if lidb is not None:
-            if not lidb.uses_shared:
+            if not lidb.own.uses_shared:
                 raise HdbError("Generation needs the LiDB's shared (one-person) weights, not per-sample ones")
             restore.enter_context(lidb.scaled(identity_strength))
             if merge and lidb.mergeable:  # a quantised base draws the person unmerged (its low-rank products each step)

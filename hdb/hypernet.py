@@ -9,7 +9,7 @@ projected to `width`, plus a learned position embedding saying which layer it is
 layers agree with each other; cross-attention reads the face. The heads start near zero (the authors'
 advice) so an untrained hypernetwork predicts "no change" (each number ~1e-3) rather than noise.
 
-The output, A [B, L, r, a] and B [B, L, b, r], is exactly what `LiDB.use_per_sample` takes, so the
+The output, A [B, L, r, a] and B [B, L, b, r], is exactly what `LiDBTerm.use_per_sample` (`lidb.own`) takes, so the
 diffusion loss trains the hypernetwork end to end through the LiDB layers.
 """
 
@@ -29,7 +29,7 @@ from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 
 from hdb.config import DECODER_INPUTS, HYPERNET_STARTS, LIDB_LAYERS, HypernetTrainConfig
 from hdb.errors import HdbError, check_choice, from_hub_or_directory
-from hdb.lidb import LiDB, LiDBConfig, Signature, check_signature, start_A
+from hdb.lidb import LiDB, LiDBConfig, Signature, arch_fingerprint, check_signature, start_A
 from hdb.models import base_family, base_variant, prediction_type
 from hdb.personal_file import public_name
 from hdb.seeding import initialised_from
@@ -218,7 +218,7 @@ class HyperNetwork(nn.Module):
 
     @torch.no_grad()
     def predict(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        """One person's weights, A [L, r, a], B [L, b, r] in fp32, ready for `LiDB.load_weights`."""
+        """One person's weights, A [L, r, a], B [L, b, r] in fp32, ready for `LiDBTerm.load_weights`."""
         was_training = self.training
         self.eval()
         try:
@@ -242,7 +242,7 @@ class HyperNetwork(nn.Module):
             b=lidb.config.b,
             lidb_seed=lidb.config.seed,
             lidb_layers=lidb.config.layers,
-            arch_fingerprint=lidb.arch_fingerprint(),
+            arch_fingerprint=arch_fingerprint(lidb.layer_shapes),
             aux_fingerprint=lidb.aux_fingerprint(),
             layer_names=list(lidb.layer_names),
             base_model=public_name(lidb.base_model),

@@ -25,7 +25,7 @@ from hdb.config import DatasetSource, LiDBConfig
 from hdb.diffusion import augmented_views, encode_images
 from hdb.errors import HdbError
 from hdb.files import write_atomically
-from hdb.lidb import LiDB, Signature, check_signature
+from hdb.lidb import LiDB, Signature, arch_fingerprint, check_signature
 from hdb.models import Pipeline
 from hdb.personal_file import load_personal
 
@@ -270,7 +270,7 @@ def write_manifest(out_dir: str | Path, lidb: LiDB, instance_token: str) -> None
     It also lists the identities that failed (`failed_identities`, as their records stand now), for whoever
     reads the folder; stage 2 needs no list: a failed identity has no weights file.
     """
-    manifest = WeightsManifest(lidb.config, instance_token, lidb.arch_fingerprint(), lidb.aux_fingerprint())
+    manifest = WeightsManifest(lidb.config, instance_token, arch_fingerprint(lidb.layer_shapes), lidb.aux_fingerprint())
     path = Path(out_dir) / MANIFEST_FILE
     if path.is_file():
         existing = read_manifest(out_dir)

@@ -13,7 +13,7 @@ an exact rank-r LoRA, which is how the forward pass computes it (cheaper than fo
 `hdb.export` writes it. The factors of all layers of a component (denoiser, text encoder) are built together
 at the start of its forward pass, a few batched matmuls for layers of the same shape, rather than a
 handful of small kernels in each of the 176 layers: an eager step, text encoder included, then
-dispatches as many operations as a plain LoRA step on the UNet alone (see `_WeightSource.build_factors`).
+dispatches as many operations as a plain LoRA step on the UNet alone (see `LiDBTerm.build`).
 
 One primitive serves every stage. All layers of a pipeline read their weights from one packed pair
 of tensors held by `LiDB`:
@@ -21,18 +21,20 @@ of tensors held by `LiDB`:
   * per-sample weights `A: [S, L, r, a]`, `B: [S, L, b, r]`: a different person per batch element
     (pre-optimising many identities at once, training the hypernetwork), applied with batched matmuls.
 
-On top of the LiDB, each layer can also hold an ordinary LoRA (`add_lora`): the paper's rank relaxation
-keeps the predicted rank-1 LiDB and finetunes a plain rank-r LoRA beside it, free of the aux bases. The ways
-of relaxing are strategies over LiDB's primitives (hdb/relaxations.py): adding one is a class and a registry
-line there.
+A layer adds a list of low-rank terms (`LowRankTerm`), the LiDB weights first (`LiDBTerm`); a relaxation may put
+more on top: the paper's keeps the predicted rank-1 LiDB and finetunes a plain rank-r LoRA beside it (`LoRATerm`,
+`LiDB.add_lora`), free of the aux bases. Forward, merging and training sum or move whatever terms there are. The
+ways of relaxing are strategies over LiDB's primitives (hdb/relaxations.py): adding one is a class and a registry
+line there, and a term here if it needs state of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -126,6 +128,14 @@ class Signature:
     rank: int
     layers: str = LIDB_LAYERS[0]  # which of the base's layers (hdb.config.LIDB_LAYERS)
 
+    @classmethod
+    def of(cls, layer_shapes: dict[str, tuple[int, int]], config: LiDBConfig, aux_fingerprint: str) -> Signature:
+        """The signature of weights made with `config` for layers of these names and shapes, with these aux bases."""
+        return cls(
+            arch_fingerprint(layer_shapes), len(layer_shapes), config.a, config.b, config.seed, aux_fingerprint,
+            config.rank, config.layers,
+        )  # fmt: skip
+
 
 def check_signature(theirs: Signature, ours: Signature, what: str, same_rank: bool = False) -> None:
     """Refuse `what` (made with `theirs`) for a LiDB with signature `ours`, naming every difference."""
@@ -168,7 +178,7 @@ def start_A(num_layers: int, config: LiDBConfig) -> torch.Tensor:
     return random_A(num_layers, config.rank, config.a, generator=torch.Generator().manual_seed(config.seed))
 
 
-# ----------------------------------------------------------------------------- the layer
+# ----------------------------------------------------------------------------- the low-rank terms of a layer
 
 
 def add_low_rank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
@@ -186,6 +196,39 @@ def add_low_rank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch
         raise HdbError(f"LiDB got per-sample weights for {samples} samples but a batch of {x.shape[0]}")
     hidden = torch.bmm(x.reshape(samples, -1, x.shape[-1]), down.mT)
     return torch.baddbmm(y.reshape(samples, -1, y.shape[-1]), hidden, up.mT, alpha=scale).view(y.shape)
+
+
+def compute_dtype(linear: nn.Linear) -> torch.dtype:
+    """The dtype a linear computes in: its weight's, or for a quantised one (bitsandbytes' 4-bit or 8-bit weights are
+    integers) the dtype it dequantises to, else its bias's."""
+    if linear.weight.dtype.is_floating_point:
+        return linear.weight.dtype
+    dtype = getattr(linear, "compute_dtype", None)  # bitsandbytes' Linear4bit
+    return dtype or (linear.bias.dtype if linear.bias is not None else torch.float32)
+
+
+class LowRankTerm(ABC):
+    """One low-rank update that every LiDB layer adds to its output, at the identity strength.
+
+    The LiDB weights are the first term (`LiDBTerm`); a relaxation may put more on top (`LoRATerm`, the paper's
+    plain LoRA beside the prediction). A layer sums its terms in `forward`, `delta_weight` and `merge`, and training
+    moves the terms' parameters that require gradients: a relaxation that needs new state is a new term.
+    """
+
+    @abstractmethod
+    def factors(self, layer: LiDBLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        """`layer`'s (down [.., r, in], up [.., out, r]), shared or per sample."""
+
+    @abstractmethod
+    def delta(self, layer: LiDBLinear) -> torch.Tensor:
+        """`layer`'s dense update (out x in) in fp32, of shared weights: what merging adds."""
+
+    @abstractmethod
+    def parameters(self) -> list[nn.Parameter]:
+        """The tensors the term is made of; training moves those that require gradients."""
+
+    def clear(self) -> None:  # noqa: B027 (most terms keep nothing built)
+        """Forget whatever was built from the parameters: they changed from outside a training step."""
 
 
 @dataclass
@@ -219,37 +262,35 @@ class ComponentLayers:
     groups: list[LayerGroup]
 
 
-class _WeightSource:
-    """What every LiDB layer of one pipeline reads at forward time (shared, not a module).
+class LiDBTerm(LowRankTerm):
+    """The LiDB weights: `A_train: [L, r, a]`, `B_train: [L, b, r]` the shared (one-person) parameters, and `A`, `B`
+    what the layers read, the shared ones or per-sample ones (`use_per_sample`).
 
-    `A`, `B`: the packed weights, shared or per sample; `scale`: the identity strength; `merged`: whether
-    the LiDB is folded into the base weights. `lora_down[i]: [r, in]`, `lora_up[i]: [out, r]`: layer i's
-    plain LoRA, or None when there is none.
-
-    `factors[i]`: layer i's (lora_A, lora_B), built for all layers of its component at the start of the
-    component's forward pass (`build_factors`, a forward pre-hook) and kept until the next one, so that
-    gradient checkpointing's recompute during backward reads the very factors the forward used. Every
-    hdb loop runs a component's backward before its next forward; a loop that ran two forwards of a
-    checkpointed component before one backward would set `batch_factors = False`. Anything that changes
-    the weights from outside a step (loading, switching, scaling, merging) clears them (`clear_factors`),
-    and a layer without built factors builds its own (a layer called on its own, or while compiling).
+    `built[i]`: layer i's (lora_A, lora_B), built for all layers of its component at the start of the component's
+    forward pass (`build`, a forward pre-hook) and kept until the next one, so that gradient checkpointing's
+    recompute during backward reads the very factors the forward used. Every hdb loop runs a component's backward
+    before its next forward; a loop that ran two forwards of a checkpointed component before one backward would set
+    `batch_factors = False`. Anything that changes the weights from outside a step (loading, switching, scaling,
+    merging) clears them, and a layer without built factors builds its own (a layer called on its own, or while
+    compiling).
     """
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, components: dict[str, ComponentLayers]) -> None:
-        self.A, self.B, self.scale, self.merged = A, B, 1.0, False
-        self.lora_down: list[torch.Tensor] | None = None
-        self.lora_up: list[torch.Tensor] | None = None
-        self.components = components
-        self.factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * A.shape[-3]
-        self.batch_factors = True  # False: each layer builds its own, as before (the bench counts both ways)
+    def __init__(self, config: LiDBConfig, components: dict[str, ComponentLayers], device: torch.device) -> None:
+        self.config, self.components = config, components
+        self.num_layers = sum(len(layers.order) for layers in components.values())
+        self.A_train = nn.Parameter(start_A(self.num_layers, config).to(device))  # = initial_weights(): B = 0
+        self.B_train = nn.Parameter(torch.zeros(self.num_layers, config.b, config.rank, device=device))
+        self.A, self.B = self.A_train, self.B_train
+        self.built: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
+        self._batch_factors = True  # False: each layer builds its own (the bench counts both ways)
+        self._frozen_ranks: list[torch.utils.hooks.RemovableHandle] = []  # see freeze_first_ranks
 
-    def build_factors(self, component: str) -> None:
-        """Build the LiDB factors of every layer of `component`: two gathers, and two bmm's per group of shapes.
+    # -- the factors the layers read
 
-        Skipped while torch.compile traces (the compiler fuses each layer's own small matmuls), and when
-        the layers would not use them (identity strength 0, or merged).
-        """
-        if not self.batch_factors or self.scale == 0 or self.merged or torch.compiler.is_compiling():
+    def build(self, component: str) -> None:
+        """Build the factors of every layer of `component`: two gathers, and two bmm's per group of shapes.
+        Skipped while torch.compile traces (the compiler fuses each layer's own small matmuls)."""
+        if not self._batch_factors or torch.compiler.is_compiling():
             return
         layers = self.components[component]
         sizes = [len(group.layers) for group in layers.groups]
@@ -258,35 +299,206 @@ class _WeightSource:
         for group, A, B in zip(layers.groups, A_parts, B_parts, strict=True):
             down, up = group.factors(A, B)
             for index, layer_down, layer_up in zip(group.layers, down.unbind(-3), up.unbind(-3), strict=True):
-                self.factors[index] = (layer_down, layer_up)
+                self.built[index] = (layer_down, layer_up)
 
-    def clear_factors(self) -> None:
-        self.factors = [None] * len(self.factors)
+    def clear(self) -> None:
+        self.built = [None] * self.num_layers
+
+    @property
+    def batch_factors(self) -> bool:
+        """Whether each component builds its layers' factors at once (True), or each layer its own."""
+        return self._batch_factors
+
+    @batch_factors.setter
+    def batch_factors(self, value: bool) -> None:
+        self._batch_factors = value
+        self.clear()
+
+    def factors(self, layer: LiDBLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        built = None if torch.compiler.is_compiling() else self.built[layer.index]
+        if built is not None:
+            return built
+        A = self.A.select(-3, layer.index)  # [r, a] shared, or [S, r, a] per sample
+        B = self.B.select(-3, layer.index)
+        down, up = lora_factors(A, B, layer.A_aux, layer.B_aux)
+        dtype = compute_dtype(layer.base)
+        return down.to(dtype), up.to(dtype)
+
+    def delta(self, layer: LiDBLinear) -> torch.Tensor:
+        down, up = lora_factors(self.A[layer.index], self.B[layer.index], layer.A_aux, layer.B_aux)
+        return up @ down
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.A_train, self.B_train]
+
+    # -- routing: shared or per-sample weights
+
+    @property
+    def uses_shared(self) -> bool:
+        """Whether the layers read the shared (one-person) weights, not per-sample ones."""
+        return self.A is self.A_train
+
+    def use_per_sample(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Route layers to per-sample weights (A: [S, L, r, a], B: [S, L, b, r]) until `use_shared()`.
+
+        For a training loop whose per-sample weights change every step (the hypernetwork's predictions),
+        inside `hdb.stage.training_stage`, which routes back to the shared weights on the way out. A loop
+        over fixed per-sample weights uses the `per_sample` scope instead. Not a scope around the loss alone:
+        with gradient checkpointing the forward pass is re-run during backward, and must see the same weights.
+        """
+        if A.dim() != 4 or A.shape[1:] != self.A_train.shape or B.shape[1:] != self.B_train.shape:
+            raise HdbError(
+                f"per-sample LiDB weights must be [S, {', '.join(map(str, self.A_train.shape))}], got {tuple(A.shape)}"
+            )
+        self.A, self.B = A, B
+        self.clear()
+
+    def use_shared(self) -> None:
+        self.A, self.B = self.A_train, self.B_train
+        self.clear()
+
+    @contextmanager
+    def per_sample(self, A: torch.Tensor, B: torch.Tensor) -> Iterator[None]:
+        """Layers read the per-sample weights (A: [S, L, r, a], B: [S, L, b, r]) for the block (forward and
+        backward), the shared weights again on the way out."""
+        self.use_per_sample(A, B)
+        try:
+            yield
+        finally:
+            self.use_shared()
+
+    # -- the shared weights
+
+    @torch.no_grad()
+    def load_weights(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy one person's weights (A: [L, r, a], B: [L, b, r]) into the shared weights."""
+        expected_A, expected_B = tuple(self.A_train.shape), tuple(self.B_train.shape)
+        if tuple(A.shape) != expected_A or tuple(B.shape) != expected_B:
+            raise HdbError(
+                f"LiDB weights of shape {tuple(A.shape)}/{tuple(B.shape)} do not fit this model "
+                f"({expected_A}/{expected_B})"
+            )
+        self.A_train.copy_(A)
+        self.B_train.copy_(B)
+        self.clear()
+
+    def initial_weights(self, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where training from zero starts, as in LoRA: A random, B zero (no change, yet gradients flow).
+
+        count=None gives one person ([L, r, a], [L, b, r]); count=N gives N people ([N, L, r, a], ...).
+        Everyone starts from the same A, the one the hypernetwork starts from (see `start_A`).
+        """
+        A = start_A(self.num_layers, self.config)
+        B = torch.zeros(self.num_layers, self.config.b, self.config.rank)
+        if count is not None:
+            A, B = A.expand(count, -1, -1, -1).clone(), B.expand(count, -1, -1, -1).clone()
+        return A.to(self.A_train.device), B.to(self.A_train.device)
+
+    @torch.no_grad()
+    def start_from(self, A: torch.Tensor, B: torch.Tensor, rank: int, generator: torch.Generator | None) -> None:
+        """Rank-k weights (A: [L, k, a], B: [L, b, k]) at `rank` >= k, read by the layers: the extra rows of A
+        random, the extra columns of B zero. The parameters are reused when the rank does not change (a server
+        personalising one person after another)."""
+        if A.shape[1] > rank:
+            raise HdbError(f"Cannot relax rank {A.shape[1]} down to {rank}")
+        for hook in self._frozen_ranks:  # whatever is loaded now trains whole again
+            hook.remove()
+        self._frozen_ranks = []
+        if rank != self.A_train.shape[1]:
+            self.A_train = nn.Parameter(self.A_train.new_empty(self.num_layers, rank, self.config.a))
+            self.B_train = nn.Parameter(self.B_train.new_empty(self.num_layers, self.config.b, rank))
+        start, device = A.shape[1], self.A_train.device
+        self.A_train[:, start:] = random_A(self.num_layers, rank - start, self.config.a, generator=generator).to(device)
+        self.A_train[:, :start] = A.to(device)
+        self.B_train.zero_()
+        self.B_train[:, :, :start] = B.to(device)
+        self.use_shared()
+
+    def freeze_first_ranks(self, k: int) -> None:
+        """The first `k` ranks of the shared weights (a prediction, relaxed) get no gradient; the rest trains. Until
+        the next `start_from`."""
+        self._frozen_ranks = [
+            self.A_train.register_hook(lambda grad: torch.cat([grad[:, :k] * 0, grad[:, k:]], dim=1)),
+            self.B_train.register_hook(lambda grad: torch.cat([grad[..., :k] * 0, grad[..., k:]], dim=-1)),
+        ]
+
+    def train(self, on: bool = True) -> None:
+        """Whether the shared weights get gradients (under a term on top they stay as they are: no gradient work)."""
+        for parameter in self.parameters():
+            parameter.requires_grad_(on)
+        self.clear()  # factors built with or without gradients for A and B
 
 
-def compute_dtype(linear: nn.Linear) -> torch.dtype:
-    """The dtype a linear computes in: its weight's, or for a quantised one (bitsandbytes' 4-bit or 8-bit weights are
-    integers) the dtype it dequantises to, else its bias's."""
-    if linear.weight.dtype.is_floating_point:
-        return linear.weight.dtype
-    dtype = getattr(linear, "compute_dtype", None)  # bitsandbytes' Linear4bit
-    return dtype or (linear.bias.dtype if linear.bias is not None else torch.float32)
+class LoRATerm(LowRankTerm):
+    """A plain LoRA, free of the aux bases: `downs[i]: [r, in]`, `ups[i]: [out, r]` for layer i. The paper's rank
+    relaxation trains one on top of the predicted LiDB."""
+
+    def __init__(self, downs: list[torch.Tensor], ups: list[torch.Tensor], device: torch.device | None = None) -> None:
+        """A copy of `downs` and `ups` in fp32 on `device`, as parameters."""
+        self.downs = [nn.Parameter(down.detach().to(device, torch.float32, copy=True)) for down in downs]
+        self.ups = [nn.Parameter(up.detach().to(device, torch.float32, copy=True)) for up in ups]
+
+    @classmethod
+    def starting(
+        cls, rank: int, layer_shapes: Iterable[tuple[int, int]], device: torch.device, generator: torch.Generator | None
+    ) -> LoRATerm:
+        """As LoRA starts: down random, up zero, so that it changes nothing yet gets gradients."""
+        if rank < 1:
+            raise HdbError(f"A plain LoRA needs rank >= 1, not {rank}")
+        shapes = list(layer_shapes)
+        downs = [random_A(rank, i, generator=generator) for i, _ in shapes]
+        return cls(downs, [torch.zeros(o, rank) for _, o in shapes], device)
+
+    @property
+    def rank(self) -> int:
+        return self.downs[0].shape[0]
+
+    def fits(self, layer_shapes: Iterable[tuple[int, int]]) -> bool:
+        """Whether it is a LoRA of layers of these (in, out) shapes, in this order."""
+        shapes = [(down.shape, up.shape) for down, up in zip(self.downs, self.ups, strict=False)]
+        expected = [((self.rank, i), (o, self.rank)) for i, o in layer_shapes]
+        return len(self.downs) == len(self.ups) and shapes == expected
+
+    def factors(self, layer: LiDBLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.downs[layer.index], self.ups[layer.index]
+
+    def delta(self, layer: LiDBLinear) -> torch.Tensor:
+        return self.ups[layer.index].float() @ self.downs[layer.index].float()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [*self.downs, *self.ups]
+
+
+@dataclass
+class Terms:
+    """What every LiDB layer of one pipeline reads at forward time (shared, not a module): its low-rank terms (the
+    LiDB's own first), the identity strength, and the terms folded into the base weights (`LiDB.merge`)."""
+
+    terms: list[LowRankTerm]
+    scale: float = 1.0
+    merged: tuple[LowRankTerm, ...] = ()
+
+    def clear(self) -> None:
+        for term in self.terms:
+            term.clear()
+
+
+# ----------------------------------------------------------------------------- the layer
 
 
 class LiDBLinear(nn.Module):
-    """Wraps an nn.Linear: y = W x + scale * (lora_B (lora_A x) + up (down x)), LiDB factors built from the aux
-    bases, (down, up) the optional plain LoRA."""
+    """Wraps an nn.Linear: y = W x + scale * sum of its low-rank terms' up (down x) (the LiDB's factors built from
+    the aux bases, then any term on top), the terms merged into W left out."""
 
     def __init__(
-        self, base: nn.Linear, name: str, index: int, source: _WeightSource, A_aux: torch.Tensor, B_aux: torch.Tensor
+        self, base: nn.Linear, name: str, index: int, terms: Terms, A_aux: torch.Tensor, B_aux: torch.Tensor
     ) -> None:
         super().__init__()
-        self.base, self.name, self.index, self.source = base, name, index, source
+        self.base, self.name, self.index, self.terms = base, name, index, terms
         # Views into the layer group's stacked bases (fp32 whatever the base dtype, so exported LoRA factors are
         # exact); plain attributes, not buffers: not in state_dict, and a dtype change of the model leaves them be.
         self.A_aux, self.B_aux = A_aux, B_aux
         self.original: torch.Tensor | None = None  # the base weight while merged (see `merge`)
-        self.merged_lora = False  # whether the merged weight holds the plain LoRA too, or only the LiDB
 
     @property
     def merged(self) -> bool:
@@ -299,54 +511,36 @@ class LiDBLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        source = self.source
-        plain_lora = source.lora_down is not None and not self.merged_lora
-        if source.scale == 0 or (self.merged and not plain_lora):
+        terms = self.terms
+        if terms.scale == 0:
             return y
-        if not self.merged:  # merged: the LiDB is in the weight, and only the plain LoRA on top is live (training)
-            y = add_low_rank(y, x, *self.lidb_factors(), source.scale)
-        if plain_lora:
-            y = add_low_rank(y, x, source.lora_down[self.index], source.lora_up[self.index], source.scale)
+        for term in terms.terms:
+            if term not in terms.merged:
+                y = add_low_rank(y, x, *term.factors(self), terms.scale)
         return y
 
-    def lidb_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lora_A, lora_B) of this layer's LiDB weights: the ones built for its component, else built here."""
-        built = None if torch.compiler.is_compiling() else self.source.factors[self.index]
-        if built is not None:
-            return built
-        A = self.source.A.select(-3, self.index)  # [r, a] shared, or [S, r, a] per sample
-        B = self.source.B.select(-3, self.index)
-        down, up = lora_factors(A, B, self.A_aux, self.B_aux)
-        dtype = compute_dtype(self.base)
-        return down.to(dtype), up.to(dtype)
-
-    def delta_weight(self, lora: bool = True) -> torch.Tensor:
-        """The dense dW (out x in) of the shared weights, and of the plain LoRA when `lora`, for merging."""
-        down, up = lora_factors(self.source.A[self.index], self.source.B[self.index], self.A_aux, self.B_aux)
-        delta = up @ down
-        if lora and self.source.lora_down is not None:
-            delta = delta + self.source.lora_up[self.index].float() @ self.source.lora_down[self.index].float()
-        return self.source.scale * delta
+    def delta_weight(self, terms: Iterable[LowRankTerm] | None = None) -> torch.Tensor:
+        """The dense dW (out x in) of `terms` (all of them by default) of shared weights, for merging."""
+        chosen = self.terms.terms if terms is None else terms
+        return self.terms.scale * sum(term.delta(self) for term in chosen)
 
     @torch.no_grad()
-    def merge(self, lora: bool = True) -> None:
-        """Swap in W + dW (added in fp32), keeping the original W aside: unmerging puts it back untouched.
+    def merge(self, terms: Iterable[LowRankTerm]) -> None:
+        """Swap in W + dW of `terms` (added in fp32), keeping the original W aside: unmerging puts it back untouched.
 
         Subtracting dW again would not be exact in half precision, and drift would build up over the
         thousands of generations a server makes; the kept tensor costs one copy of W while merged.
-        `lora=False` folds in the LiDB only and leaves the plain LoRA live, so that it can train.
         """
         if not self.merged:
             weight = self.base.weight
             self.original = weight.data
-            self.merged_lora = lora
-            weight.data = (weight.data.float() + self.delta_weight(lora)).to(weight.dtype)
+            weight.data = (weight.data.float() + self.delta_weight(terms)).to(weight.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             self.base.weight.data = self.original
-            self.original, self.merged_lora = None, False
+            self.original = None
 
 
 # ----------------------------------------------------------------------------- all layers of a pipeline
@@ -384,6 +578,14 @@ def find_target_linears(components: dict[str, tuple[nn.Module, tuple[tuple[str, 
     return targets
 
 
+def _put_module(pipe: Pipeline, name: str, module: nn.Module) -> None:
+    """Put `module` at `name` ("<component>.<module path>") in the pipeline, in place of what is there."""
+    component, path = name.split(".", 1)
+    parent_path, _, child = path.rpartition(".")
+    root = getattr(pipe, component)
+    setattr(root.get_submodule(parent_path) if parent_path else root, child, module)
+
+
 def _group_layers(
     targets: dict[str, nn.Linear], config: LiDBConfig, device: torch.device
 ) -> tuple[dict[str, ComponentLayers], list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -411,17 +613,15 @@ def _group_layers(
 
 
 class LiDB:
-    """All LiDB layers of one pipeline, with their packed trainable weights.
+    """All LiDB layers of one pipeline: the LiDB weights (`own`, the first of the layers' `terms`: B zero, so a fresh
+    LiDB changes nothing, A random, so training from zero gets gradients) and whatever terms sit on top of them.
+    LiDB keeps the attachment, the terms and the merging; routing the layers to shared or per-sample weights is its
+    weights' (`LiDBTerm`), relaxing a prediction hdb/relaxations.py's. `config` stays what it was attached with.
 
-    `A_train: [L, r, a]` and `B_train: [L, b, r]` are the shared (one-person) weights; B starts at zero,
-    so a freshly attached LiDB leaves the model unchanged, and A starts random, so that training from
-    zero gets gradients (as in LoRA). `config` stays what the LiDB was attached with; `rank` is the rank
-    of the weights it holds now (relaxation raises it).
-
-    Who changes it: `hdb.pipeline.PersonalPipeline` owns the LiDB of a pipeline that serves people
-    (attach, load a person, relax, unload); a training stage holds its own for the stage's length
-    (`LiDB.attached`). Everyone else changes its state only inside the scopes below (`scaled`, `merged_into_weights`,
-    `per_sample`, `holding`, `restored`, `merged_while_training`), which put it back on the way out, also on error.
+    Who changes it: `hdb.pipeline.PersonalPipeline` owns the LiDB of a pipeline that serves people (attach, load a
+    person, relax, unload); a training stage holds its own for the stage's length (`LiDB.attached`). Everyone else
+    changes its state only inside the scopes below (`scaled`, `merged_into_weights`, `own.per_sample`, `holding`,
+    `restored`, `merged_while_training`), which put it back on the way out, also on error.
     """
 
     def __init__(self, pipe: Pipeline, config: LiDBConfig | None = None) -> None:
@@ -432,22 +632,18 @@ class LiDB:
         if not targets:
             raise HdbError(f"No attention projections found in {type(pipe).__name__}, a {family.title} pipeline")
         self.layer_shapes = {name: (linear.in_features, linear.out_features) for name, linear in targets.items()}
-        device = family.denoiser(pipe).device
-        self.A_train = nn.Parameter(start_A(len(targets), config).to(device))  # = initial_weights(): B = 0
-        self.B_train = nn.Parameter(torch.zeros(len(targets), config.b, config.rank, device=device))
-        components, bases = _group_layers(targets, config, device)
-        self.source = _WeightSource(self.A_train, self.B_train, components)
+        components, bases = _group_layers(targets, config, family.denoiser(pipe).device)
+        self.own = LiDBTerm(config, components, family.denoiser(pipe).device)
+        self.terms = Terms([self.own])
         self.layers: dict[str, LiDBLinear] = {}
         self._aux_fingerprint: str | None = None
-        self._lora: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None  # kept for reuse (see add_lora)
-        self._frozen_prediction: list[torch.utils.hooks.RemovableHandle] = []  # see freeze_first_ranks
         for index, (name, linear) in enumerate(targets.items()):
-            layer = LiDBLinear(linear, name, index, self.source, *bases[index])
-            self._replace(name, layer)
+            layer = LiDBLinear(linear, name, index, self.terms, *bases[index])
+            _put_module(pipe, name, layer)
             self.layers[name] = layer
-        self._hooks = [  # each component builds its layers' factors as its forward pass starts
+        self._hooks = [  # each component builds its layers' LiDB factors as its forward pass starts
             getattr(pipe, component).register_forward_pre_hook(
-                lambda module, args, component=component: self.source.build_factors(component)
+                lambda module, args, component=component: self._build_factors(component)
             )
             for component in components
         ]
@@ -463,7 +659,29 @@ class LiDB:
             lidb.unmerge()
             lidb.unload()
 
-    # -- structure
+    def _build_factors(self, component: str) -> None:
+        if self.terms.scale != 0 and self.own not in self.terms.merged:  # else the layers would not use them
+            self.own.build(component)
+
+    def unload(self) -> None:
+        """Put the original linears back (merged weights stay merged; unmerge first to undo them)."""
+        for name, layer in self.layers.items():
+            _put_module(self.pipe, name, layer.base)
+        self.layers = {}
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.terms.clear()
+
+    # -- what it is
+
+    @property
+    def A_train(self) -> nn.Parameter:
+        return self.own.A_train
+
+    @property
+    def B_train(self) -> nn.Parameter:
+        return self.own.B_train
 
     @property
     def rank(self) -> int:
@@ -474,25 +692,6 @@ class LiDB:
     def layer_names(self) -> list[str]:
         return list(self.layers)
 
-    def _replace(self, name: str, module: nn.Module) -> None:
-        component, path = name.split(".", 1)
-        parent_path, _, child = path.rpartition(".")
-        root = getattr(self.pipe, component)
-        setattr(root.get_submodule(parent_path) if parent_path else root, child, module)
-
-    def unload(self) -> None:
-        """Put the original linears back (merged weights stay merged; unmerge first to undo them)."""
-        for name, layer in self.layers.items():
-            self._replace(name, layer.base)
-        self.layers = {}
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        self.source.clear_factors()
-
-    def arch_fingerprint(self) -> str:
-        return arch_fingerprint(self.layer_shapes)
-
     def aux_fingerprint(self) -> str:
         if self._aux_fingerprint is None:  # the bases never change; hashing them all costs ~0.1 s at SD1.5 size
             self._aux_fingerprint = aux_fingerprint(
@@ -502,175 +701,131 @@ class LiDB:
 
     def signature(self) -> Signature:
         """What weights must have been made for to work here (the rank: the one it was attached with)."""
-        config = self.config
-        return Signature(
-            self.arch_fingerprint(), len(self.layer_shapes), config.a, config.b, config.seed,
-            self.aux_fingerprint(), config.rank, config.layers,
-        )  # fmt: skip
+        return Signature.of(self.layer_shapes, self.config, self.aux_fingerprint())
 
     @property
     def base_model(self) -> str:
         """The base's hub id or folder, as diffusers recorded it (informational: the signature decides)."""
         return str(getattr(self.pipe, "name_or_path", "") or "")
 
-    # -- weights
+    # -- what it computes
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What training moves: the plain LoRA when there is one (the LiDB stays as predicted, unless
-        `train_prediction()` lets it train too), else A and B."""
-        own = [self.A_train, self.B_train]
-        if self.source.lora_down is None:
-            return own
-        return [*self.source.lora_down, *self.source.lora_up] + (own if self.A_train.requires_grad else [])
+        """What training moves: the terms' parameters that require gradients (A and B alone; with a plain LoRA on
+        top, the LoRA alone, the prediction staying as predicted unless `own.train()` lets it train too)."""
+        return [parameter for term in self.terms.terms for parameter in term.parameters() if parameter.requires_grad]
+
+    def start_from(
+        self, A: torch.Tensor, B: torch.Tensor, rank: int | None = None, generator: torch.Generator | None = None
+    ) -> None:
+        """Load rank-k weights (A: [L, k, a], B: [L, b, k]) as the start of training at `rank` >= k (default k).
+
+        The model then computes exactly what (A, B) compute, while any extra rank is free to train within the aux
+        bases (`LiDBTerm.start_from`). Any term on top is taken off.
+        """
+        self.own.start_from(A, B, rank or A.shape[1], generator)
+        self.put_on_top()
+
+    def put_on_top(self, *terms: LowRankTerm) -> None:
+        """`terms` on top of the LiDB weights, in place of any before. With some, the LiDB weights stay as they are
+        (no gradient work for them); with none, they train again."""
+        self.terms.terms = [self.own, *terms]
+        self.own.train(not terms)
+        self.terms.clear()
+
+    def add_lora(self, rank: int, generator: torch.Generator | None = None) -> None:
+        """Put a plain rank-`rank` LoRA on top of the LiDB weights: the paper's rank relaxation. It starts as LoRA
+        does, changing nothing; from then on training moves it alone, the LiDB weights staying as loaded."""
+        self.put_on_top(LoRATerm.starting(rank, self.layer_shapes.values(), self.A_train.device, generator))
+
+    def load_lora(self, downs: list[torch.Tensor], ups: list[torch.Tensor]) -> None:
+        """Load a plain LoRA (down [r, in], up [out, r] per layer, in layer order), e.g. from a personal file."""
+        lora = LoRATerm(downs, ups, self.A_train.device)
+        if not downs or not lora.fits(self.layer_shapes.values()):
+            raise HdbError("The plain LoRA does not fit this model's layers")
+        self.put_on_top(lora)
+
+    def plain_lora(self) -> LoRATerm | None:
+        """The plain LoRA on top, or None when there is none."""
+        return next((term for term in self.terms.terms if isinstance(term, LoRATerm)), None)
 
     @property
     def lora_rank(self) -> int:
         """The rank of the plain LoRA on top of the LiDB; 0 when there is none."""
-        return 0 if self.source.lora_down is None else self.source.lora_down[0].shape[0]
-
-    def plain_lora(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-        """The plain LoRA on top (each layer's down [r, in] and up [out, r]), or None when there is none."""
-        return None if self.source.lora_down is None else (self.source.lora_down, self.source.lora_up)
-
-    @property
-    def uses_shared(self) -> bool:
-        """Whether the layers read the shared (one-person) weights, not per-sample ones."""
-        return self.source.A is self.A_train
-
-    @property
-    def batch_factors(self) -> bool:
-        """Whether each component builds its layers' factors at once (True), or each layer its own."""
-        return self.source.batch_factors
-
-    @batch_factors.setter
-    def batch_factors(self, value: bool) -> None:
-        self.source.batch_factors = value
-        self.source.clear_factors()
-
-    @torch.no_grad()
-    def load_weights(self, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Copy one person's weights (A: [L, r, a], B: [L, b, r]) into the shared weights."""
-        expected_A, expected_B = tuple(self.A_train.shape), tuple(self.B_train.shape)
-        if tuple(A.shape) != expected_A or tuple(B.shape) != expected_B:
-            raise HdbError(
-                f"LiDB weights of shape {tuple(A.shape)}/{tuple(B.shape)} do not fit this model "
-                f"({expected_A}/{expected_B})"
-            )
-        self.A_train.copy_(A)
-        self.B_train.copy_(B)
-        self.source.clear_factors()
-
-    def use_per_sample(self, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Route layers to per-sample weights (A: [S, L, r, a], B: [S, L, b, r]) until `use_shared()`.
-
-        For a training loop whose per-sample weights change every step (the hypernetwork's predictions),
-        inside `hdb.stage.training_stage`, which routes back to the shared weights on the way out. A loop
-        over fixed per-sample weights uses the `per_sample` scope instead. Not a scope around the loss alone:
-        with gradient checkpointing the forward pass is re-run during backward, and must see the same weights.
-        """
-        if A.dim() != 4 or A.shape[1:] != self.A_train.shape or B.shape[1:] != self.B_train.shape:
-            raise HdbError(
-                f"per-sample LiDB weights must be [S, {', '.join(map(str, self.A_train.shape))}], got {tuple(A.shape)}"
-            )
-        self.source.A, self.source.B = A, B
-        self.source.clear_factors()
-
-    def use_shared(self) -> None:
-        self.source.A, self.source.B = self.A_train, self.B_train
-        self.source.clear_factors()
-
-    @property
-    def merged(self) -> bool:
-        return self.source.merged
+        lora = self.plain_lora()
+        return 0 if lora is None else lora.rank
 
     @property
     def scale(self) -> float:
-        return self.source.scale
+        return self.terms.scale
 
     def set_scale(self, scale: float) -> None:
         """Identity strength: 0 is the base model, 1 the trained person."""
         if self.merged:
             raise HdbError("Unmerge LiDB before changing its scale")
-        self.source.scale = float(scale)
-        self.source.clear_factors()
+        self.terms.scale = float(scale)
+        self.terms.clear()
 
-    def initial_weights(self, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where training from zero starts, as in LoRA: A random, B zero (no change, yet gradients flow).
+    # -- merging
 
-        count=None gives one person ([L, r, a], [L, b, r]); count=N gives N people ([N, L, r, a], ...).
-        Everyone starts from the same A, the one the hypernetwork starts from (see `start_A`).
-        """
-        A = start_A(len(self.layers), self.config)
-        B = torch.zeros(len(self.layers), self.config.b, self.config.rank)
-        if count is not None:
-            A, B = A.expand(count, -1, -1, -1).clone(), B.expand(count, -1, -1, -1).clone()
-        return A.to(self.A_train.device), B.to(self.A_train.device)
-
-    @torch.no_grad()
-    def start_from(
-        self, A: torch.Tensor, B: torch.Tensor, rank: int | None = None, generator: torch.Generator | None = None
-    ) -> None:
-        """Load rank-k weights (A: [L, k, a], B: [L, b, k]) as the start of training at `rank` >= k.
-
-        Relaxation inside the LiDB space (hdb's compact variant; `add_lora` is the paper's): the extra
-        rows of A are random and the extra columns of B zero, so the model computes exactly what (A, B)
-        compute, while the extra rank is free to train within the aux bases. Any plain LoRA is removed:
-        the LiDB then computes exactly these weights. The parameter tensors are reused when the rank
-        does not change (a server personalising one person after another, CUDA graphs).
-        """
-        rank = rank or A.shape[1]
-        if A.shape[1] > rank:
-            raise HdbError(f"Cannot relax rank {A.shape[1]} down to {rank}")
-        for hook in self._frozen_prediction:  # whatever is loaded now trains whole again
-            hook.remove()
-        self._frozen_prediction = []
-        if rank != self.rank:
-            self.A_train = nn.Parameter(self.A_train.new_empty(len(self.layers), rank, self.config.a))
-            self.B_train = nn.Parameter(self.B_train.new_empty(len(self.layers), self.config.b, rank))
-        start = A.shape[1]
-        device = self.A_train.device
-        self.A_train[:, start:] = random_A(len(self.layers), rank - start, self.config.a, generator=generator).to(
-            device
-        )
-        self.A_train[:, :start] = A.to(device)
-        self.B_train.zero_()
-        self.B_train[:, :, :start] = B.to(device)
-        self.use_shared()
-        self.remove_lora()
-
-    def train_prediction(self) -> None:
-        """With a plain LoRA on top, let the LiDB weights (the prediction) train too (the toy's crossed ablation)."""
-        for parameter in (self.A_train, self.B_train):
-            parameter.requires_grad_(True)
-        self.source.clear_factors()  # rebuilt with gradients for A and B
-
-    def freeze_first_ranks(self, k: int) -> None:
-        """The first `k` ranks of the shared weights (a prediction, relaxed) get no gradient; the rest trains. Until
-        the next `start_from`."""
-        self._frozen_prediction = [
-            self.A_train.register_hook(lambda grad: torch.cat([grad[:, :k] * 0, grad[:, k:]], dim=1)),
-            self.B_train.register_hook(lambda grad: torch.cat([grad[..., :k] * 0, grad[..., k:]], dim=-1)),
-        ]
+    @property
+    def merged(self) -> bool:
+        return bool(self.terms.merged)
 
     @property
     def mergeable(self) -> bool:
         """Whether the person can be folded into the base weights (`merge`): not into a quantised base's."""
         return all(layer.mergeable for layer in self.layers.values())
 
+    def merge(self, terms: Sequence[LowRankTerm] | None = None) -> None:
+        """Fold the shared weights' `terms` (all by default) into the base weights: sampling then costs what the
+        base model costs. Exact to undo (`unmerge` restores the original tensors), at the cost of one copy of the
+        targeted weights while merged (`merged_bytes`). Unmerge to change them. `[lidb.own]` folds in the LiDB
+        alone: a plain LoRA on top stays live and trainable (the paper's finetune on the merged prediction)."""
+        if not self.own.uses_shared:
+            raise HdbError("Only shared LiDB weights can be merged; call own.use_shared() first")
+        if not self.mergeable:
+            raise HdbError("The base's weights are quantised: a person cannot be merged into them (draw unmerged)")
+        if self.merged:
+            return
+        chosen = tuple(self.terms.terms if terms is None else terms)
+        for layer in self.layers.values():
+            layer.merge(chosen)
+        self.terms.merged = chosen
+        self.terms.clear()
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
+        self.terms.merged = ()
+
+    def merged_bytes(self) -> int:
+        """What merging costs in memory: one copy of every targeted base weight."""
+        return sum(layer.base.weight.numel() * layer.base.weight.element_size() for layer in self.layers.values())
+
+    # -- scopes: each puts back what it changed on the way out, also on error
+
+    @contextmanager
+    def merged_into_weights(self, terms: Sequence[LowRankTerm] | None = None) -> Iterator[None]:
+        """The shared weights' `terms` folded into the base weights for the block (`merge`), then exactly unmerged."""
+        self.merge(terms)
+        try:
+            yield
+        finally:
+            self.unmerge()
+
     @contextmanager
     def merged_while_training(self) -> Iterator[None]:
-        """With a plain LoRA on top, the fixed LiDB folded into the weights while the LoRA trains, so a step costs
-        what a plain LoRA step costs; the exact base weights back on the way out. Without one, or on a quantised
-        base (whose weights take no merge: the LiDB stays live, at the cost of its low-rank products), as it is."""
-        if self.source.lora_down is None or self.A_train.requires_grad or not self.mergeable:
-            yield
-            return
-        with self.merged_into_weights(lora=False):
+        """The terms that do not train (a prediction under a plain LoRA) folded into the weights while the rest
+        trains, so that a step costs what a plain LoRA step costs. When every term trains, or on a quantised base
+        (whose weights take no merge), as it is."""
+        fixed = [term for term in self.terms.terms if not any(p.requires_grad for p in term.parameters())]
+        with self.merged_into_weights(fixed) if fixed and self.mergeable else nullcontext():
             yield
 
     @contextmanager
     def scaled(self, scale: float) -> Iterator[None]:
-        """The person at identity strength `scale` for the block; the strength before it back on the way out."""
+        """The person at identity strength `scale` for the block."""
         before = self.scale
         self.set_scale(scale)
         try:
@@ -679,43 +834,26 @@ class LiDB:
             self.set_scale(before)
 
     @contextmanager
-    def merged_into_weights(self, lora: bool = True) -> Iterator[None]:
-        """The shared weights folded into the base weights for the block (`merge`); exactly unmerged on the way out."""
-        self.merge(lora)
-        try:
-            yield
-        finally:
-            self.unmerge()
-
-    @contextmanager
-    def per_sample(self, A: torch.Tensor, B: torch.Tensor) -> Iterator[None]:
-        """Layers read the per-sample weights (A: [S, L, r, a], B: [S, L, b, r]) for the block (forward and
-        backward), the shared weights again on the way out."""
-        self.use_per_sample(A, B)
-        try:
-            yield
-        finally:
-            self.use_shared()
-
-    @contextmanager
     def restored(self) -> Iterator[None]:
         """Whatever the block loads or routes (e.g. a validation pass mid-training), everything before it (shared
-        weights, rank, plain LoRA, routing to shared or per-sample weights) is back on the way out."""
-        per_sample = None if self.uses_shared else (self.source.A, self.source.B)
-        saved_A, saved_B = self.A_train.detach().clone(), self.B_train.detach().clone()
-        lora = self.plain_lora()
-        saved_lora = None if lora is None else tuple([t.detach().clone() for t in part] for part in lora)
-        requires_grad = self.A_train.requires_grad
+        weights, rank, terms on top, routing to shared or per-sample weights) is back on the way out."""
+        own = self.own
+        per_sample = None if own.uses_shared else (own.A, own.B)
+        saved_A, saved_B = own.A_train.detach().clone(), own.B_train.detach().clone()
+        requires_grad = own.A_train.requires_grad
+        on_top = self.terms.terms[1:]
+        saved_on_top = [(parameter, parameter.detach().clone()) for term in on_top for parameter in term.parameters()]
         try:
             yield
         finally:
             self.start_from(saved_A, saved_B)
-            if saved_lora is not None:
-                self.load_lora(*saved_lora)
-            for parameter in (self.A_train, self.B_train):
-                parameter.requires_grad_(requires_grad)
+            with torch.no_grad():
+                for parameter, saved in saved_on_top:
+                    parameter.copy_(saved)
+            self.put_on_top(*on_top)
+            own.train(requires_grad)
             if per_sample is not None:
-                self.use_per_sample(*per_sample)
+                own.use_per_sample(*per_sample)
 
     @contextmanager
     def holding(self, A: torch.Tensor, B: torch.Tensor) -> Iterator[None]:
@@ -724,84 +862,3 @@ class LiDB:
         with self.restored():
             self.start_from(A, B)
             yield
-
-    @torch.no_grad()
-    def add_lora(self, rank: int, generator: torch.Generator | None = None) -> None:
-        """Put a plain rank-`rank` LoRA on every layer, on top of the LiDB weights: the paper's rank relaxation.
-
-        As LoRA starts: down random, up zero, so the model still computes exactly what the LiDB computes.
-        From then on training moves the LoRA only (`trainable_parameters`), free of the aux bases; the
-        LiDB weights stay as loaded (the hypernetwork's prediction). Tensors are reused at the same rank.
-        """
-        downs, ups = self._lora_tensors(rank)
-        for down, up in zip(downs, ups, strict=True):
-            down.copy_(random_A(*down.shape, generator=generator))
-            up.zero_()
-        self._use_lora(downs, ups)
-
-    @torch.no_grad()
-    def load_lora(self, downs: list[torch.Tensor], ups: list[torch.Tensor]) -> None:
-        """Load a plain LoRA (down [r, in], up [out, r] per layer, in layer order), e.g. from a personal file."""
-        expected = list(self.layer_shapes.values())
-        got = [(down.shape[1], up.shape[0]) for down, up in zip(downs, ups, strict=False)]
-        if len(downs) != len(expected) or len(ups) != len(expected) or got != expected:
-            raise HdbError("The plain LoRA does not fit this model's layers")
-        targets = self._lora_tensors(downs[0].shape[0])
-        for target, value in zip(targets[0] + targets[1], list(downs) + list(ups), strict=True):
-            target.copy_(value)
-        self._use_lora(*targets)
-
-    def _lora_tensors(self, rank: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """The plain LoRA's tensors at `rank`, made once and reused while the rank stays."""
-        if rank < 1:
-            raise HdbError(f"A plain LoRA needs rank >= 1, not {rank}")
-        if self._lora is None or self._lora[0][0].shape[0] != rank:
-            device, shapes = self.A_train.device, list(self.layer_shapes.values())
-            self._lora = (
-                [nn.Parameter(torch.zeros(rank, i, device=device)) for i, _ in shapes],
-                [nn.Parameter(torch.zeros(o, rank, device=device)) for _, o in shapes],
-            )
-        return self._lora
-
-    def remove_lora(self) -> None:
-        """Take the plain LoRA off (its tensors are kept for reuse); the LiDB weights train again."""
-        self.source.lora_down = self.source.lora_up = None
-        for parameter in (self.A_train, self.B_train):
-            parameter.requires_grad_(True)
-        self.source.clear_factors()  # built without gradients for A and B
-
-    def _use_lora(self, downs: list[nn.Parameter], ups: list[nn.Parameter]) -> None:
-        self.source.lora_down, self.source.lora_up = downs, ups
-        for parameter in (self.A_train, self.B_train):  # kept as predicted: no gradient work for them
-            parameter.requires_grad_(False)
-        self.source.clear_factors()
-
-    def relax_rank(self, rank: int) -> None:
-        """Grow the shared weights to a higher rank without changing the function they compute."""
-        self.start_from(self.A_train.detach().clone(), self.B_train.detach().clone(), rank)
-
-    def merge(self, lora: bool = True) -> None:
-        """Fold the shared weights into the base weights: sampling then costs what the base model costs.
-
-        Exact to undo (`unmerge` restores the original tensors), at the cost of one copy of the targeted
-        weights while merged (SD1.5: the attention projections, `merged_bytes`). Unmerge to change them.
-        `lora=False` folds in the LiDB weights only: the plain LoRA on top stays live and trainable, and a
-        step then costs what a plain LoRA step costs (the paper's finetune on the merged prediction).
-        """
-        if not self.uses_shared:
-            raise HdbError("Only shared LiDB weights can be merged; call use_shared() first")
-        if not self.mergeable:
-            raise HdbError("The base's weights are quantised: a person cannot be merged into them (draw unmerged)")
-        for layer in self.layers.values():
-            layer.merge(lora)
-        self.source.merged = True
-        self.source.clear_factors()
-
-    def unmerge(self) -> None:
-        for layer in self.layers.values():
-            layer.unmerge()
-        self.source.merged = False
-
-    def merged_bytes(self) -> int:
-        """What merging costs in memory: one copy of every targeted base weight."""
-        return sum(layer.base.weight.numel() * layer.base.weight.element_size() for layer in self.layers.values())

@@ -119,7 +119,7 @@ class PersonalWeights:
             B=B.detach().float().cpu().clone(),
             config=replace(lidb.config, rank=A.shape[-2]),
             layer_shapes=dict(lidb.layer_shapes),
-            arch_fingerprint=lidb.arch_fingerprint(),
+            arch_fingerprint=arch_fingerprint(lidb.layer_shapes),
             aux_fingerprint=lidb.aux_fingerprint(),
             instance_prompt=instance_prompt,
             base_model=shown(lidb.base_model),  # informational; a folder's name need not be UTF-8 text
@@ -127,18 +127,14 @@ class PersonalWeights:
             base_family=base_family(lidb.pipe),
             prediction_type=prediction_type(lidb.pipe),
             base_variant=base_variant(lidb.pipe),
-            lora_down=None if lora is None else _copies(lora[0]),
-            lora_up=None if lora is None else _copies(lora[1]),
+            lora_down=None if lora is None else _copies(lora.downs),
+            lora_up=None if lora is None else _copies(lora.ups),
             created=created_now(),
         )
 
     def signature(self) -> Signature:
         """What the weights were made for (the architecture fingerprint recomputed from the layer shapes)."""
-        config = self.config
-        return Signature(
-            arch_fingerprint(self.layer_shapes), len(self.layer_shapes), config.a, config.b, config.seed,
-            self.aux_fingerprint, config.rank, config.layers,
-        )  # fmt: skip
+        return Signature.of(self.layer_shapes, self.config, self.aux_fingerprint)
 
     @property
     def lora_rank(self) -> int:

@@ -133,6 +133,6 @@ def photo_loss(
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     timesteps = torch.linspace(50, scheduler.config.num_train_timesteps - 50, draws).long().to(latents.device)
     cond = encode_prompts(pipe, [instance_prompt_for(instance_token)] * draws)
-    if not lidb.uses_shared:
+    if not lidb.own.uses_shared:
         raise HdbError("photo_loss needs shared LiDB weights")
     return diffusion_loss(pipe, scheduler, latents, cond, noise, timesteps).mean().item()

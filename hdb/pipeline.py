@@ -177,7 +177,7 @@ class PersonalPipeline:
         times [A_1; ..; A_k]. (Averaging A and B apart would depend on each prediction's gauge: A -> -A, B -> -B
         is the same update, yet averages to zero with its copy.)"""
         if self.hypernet is None:
-            return self.lidb.initial_weights()
+            return self.lidb.own.initial_weights()
         predictions = [self.hypernet.predict(face.image) for face in faces]
         A = torch.cat([A for A, _ in predictions], dim=1)  # [L, k r, a]
         B = torch.cat([B for _, B in predictions], dim=2) / len(predictions)  # [L, b, k r]
@@ -217,7 +217,7 @@ class PersonalPipeline:
     def forget(self) -> None:
         """Hold nobody: the LiDB back to its start (B = 0), so the pipeline draws what the base model draws."""
         self.lidb.unmerge()
-        self.lidb.start_from(*self.lidb.initial_weights())
+        self.lidb.start_from(*self.lidb.own.initial_weights())
         self.person = None
 
     def unload(self) -> None:

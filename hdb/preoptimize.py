@@ -157,7 +157,7 @@ def _train_group(
     shared start: comparable targets). Returns their weights (A, B) and each one's first loss and the mean of its
     last ones; TrainingDiverged when the group diverges."""
     latents = encode_identities(pipe, group, resolution)
-    A, B = (torch.nn.Parameter(weights) for weights in lidb.initial_weights(len(group)))
+    A, B = (torch.nn.Parameter(weights) for weights in lidb.own.initial_weights(len(group)))
     last_steps = range(max(config.steps - LAST_STEPS, 0), config.steps)
     kept: dict[int, torch.Tensor] = {}  # each identity's loss at the first and the last steps, by step
 
@@ -174,7 +174,7 @@ def _train_group(
         f"pre-optimising {', '.join(identity.name for identity in group)}"[:60],
         max_grad_norm=None,  # one norm over the group would tie each identity's steps to the others'
     )
-    with lidb.per_sample(A, B):
+    with lidb.own.per_sample(A, B):
         train([A, B], loss_fn, train_config)
     last = torch.stack([kept[step] for step in last_steps]).mean(dim=0).tolist()
     return A, B, kept[0].tolist(), last

@@ -3,12 +3,16 @@
 A hypernetwork predicts rank-1 LiDB weights (A, B); the finetune then "relaxes" that rank so it has room to
 learn the person (paper, Sec. 3.3). A `Relaxation` loads the prediction into the pipeline's LiDB so that the model
 computes exactly the prediction, and sets up what trains from there. As peft's LoRA variants (`LoraVariant`), each
-is a small strategy over the layer's owner, `LiDB`, using its primitives (`start_from`, `add_lora`,
-`freeze_first_ranks`, `train_prediction`); what trains (`LiDB.trainable_parameters`), how a step runs
-(`LiDB.merged_while_training`) and what a personal file stores (the plain LoRA, if any) follow from what it set up.
+is a small strategy over the layer's owner, `LiDB`, using its primitives: `start_from`, `put_on_top` (a low-rank
+term on top of the LiDB weights, e.g. `add_lora`'s), and its weights' `freeze_first_ranks` and `train`. What trains
+(`LiDB.trainable_parameters`: the terms' parameters that require gradients), how a step runs
+(`LiDB.merged_while_training`: the terms that do not train folded into the weights) and what a personal file stores
+(the LiDB weights, and the plain LoRA if any) follow from what it set up.
 
 To add one: a subclass here and a line in RELAXATIONS; its name joins hdb.config.RELAX_MODES (the command line's
-and the configs' choices, which a test holds equal to RELAXATIONS' keys).
+and the configs' choices, which a test holds equal to RELAXATIONS' keys). A relaxation that needs state of its own
+adds a `hdb.lidb.LowRankTerm` (forward, merging and training sum or move it unchanged); a personal file stores the
+plain LoRA term only, so such a term also needs a place in hdb/personal_file.py and hdb/export.py.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class PlainLoRA(Relaxation):
         lidb.start_from(A, B)
         lidb.add_lora(rank, generator)
         if train_prediction:
-            lidb.train_prediction()
+            lidb.own.train()
 
 
 class LiDBRank(Relaxation):
@@ -63,7 +67,7 @@ class LiDBRank(Relaxation):
     def start(self, lidb, A, B, rank, generator, train_prediction) -> None:  # noqa: ANN001 (Relaxation.start's)
         lidb.start_from(A, B, max(rank, A.shape[1]), generator)
         if train_prediction is False:
-            lidb.freeze_first_ranks(A.shape[1])
+            lidb.own.freeze_first_ranks(A.shape[1])
 
 
 RELAXATIONS: dict[str, Relaxation] = {relaxation.name: relaxation for relaxation in (PlainLoRA(), LiDBRank())}

@@ -59,7 +59,7 @@ def training_stage(
     finally:
         _clear_gradients(lidb)
         if lidb is not None:
-            lidb.use_shared()
+            lidb.own.use_shared()
         for module, was_checkpointing in checkpointing:
             if _is_checkpointing(module) != was_checkpointing:
                 _set_checkpointing(module, was_checkpointing)

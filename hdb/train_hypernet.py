@@ -311,7 +311,7 @@ def sample_losses(
     """Each sample's loss in a slice of a batch, [n], with `model`'s predictions; and its terms apart (detached)."""
     config, accelerator = run.config, run.accelerator
     A, B = model(run.normalise(part.crops))
-    run.lidb.use_per_sample(A, B)  # until the next batch: gradient checkpointing re-runs the forward in backward
+    run.lidb.own.use_per_sample(A, B)  # until the next batch: gradient checkpointing re-runs the forward in backward
     views = part.views.to(accelerator.device, non_blocking=True)  # one batch on the device at a time
     with accelerator.autocast():
         diffusion = step_loss(run.pipe, run.noise_schedule, views, run.prompt_tokens, part.seeds)

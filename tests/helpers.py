@@ -38,7 +38,7 @@ def trained_person(pipe, seed: int = 0, config: LiDBConfig | None = None, lora_r
         lidb.B_train.copy_(torch.randn(lidb.B_train.shape, generator=generator) * 0.3)
         if lora_rank:
             lidb.add_lora(lora_rank, generator)
-            for up in lidb.source.lora_up:
+            for up in lidb.plain_lora().ups:
                 up.copy_(torch.randn(up.shape, generator=generator) * 0.05)
     return lidb
 

@@ -49,7 +49,7 @@ def attach_random_person(pipe, strength: float = 1.0) -> LiDB:
     lidb = LiDB(pipe)
     generator = torch.Generator().manual_seed(1)
     A, B = (0.5 * torch.randn(weights.shape, generator=generator) for weights in (lidb.A_train, lidb.B_train))
-    lidb.load_weights(A, B)
+    lidb.own.load_weights(A, B)
     lidb.set_scale(strength)
     return lidb
 

@@ -183,7 +183,7 @@ def test_steps_0_without_a_hypernetwork_is_refused_before_any_model_loads(tmp_pa
     with pytest.raises(HdbError, match="`steps=0` keeps the start"):
         personal.personalize(obama_face, PersonalizeConfig(steps=0, progress=False))
     assert personal.person is None
-    start = personal.lidb.initial_weights()  # a start given: 0 steps keep it (the toy scores a prediction so)
+    start = personal.lidb.own.initial_weights()  # a start given: 0 steps keep it (the toy scores a prediction so)
     assert personal.personalize(obama_face, PersonalizeConfig(steps=0, progress=False), start=start).losses == []
 
 

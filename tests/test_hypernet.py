@@ -41,11 +41,11 @@ def test_shapes_and_near_zero_start(tiny_sd15):
     start_A = hypernet.start[:, : lidb.config.rank * lidb.config.a].reshape(lidb.A_train.shape)
     assert B.abs().max() < 0.05 and (A - start_A).abs().max() < 0.05 and start_A.abs().max() > 0.05
     # ... the same A that training from zero starts from, for every person (one gauge for the weight loss)
-    start_A_each, start_B_each = lidb.initial_weights(3)
+    start_A_each, start_B_each = lidb.own.initial_weights(3)
     assert all(torch.equal(a, start_A) for a in start_A_each) and not start_B_each.any()
     A1, B1 = hypernet.predict(face())
     assert A1.shape == lidb.A_train.shape and B1.shape == lidb.B_train.shape and A1.dtype == torch.float32
-    lidb.load_weights(A1, B1)
+    lidb.own.load_weights(A1, B1)
     # Any photo size: centre-cropped to a square, resized, normalised with the config's mean and std.
     grey = hypernet.preprocess([face(), Image.new("RGB", (300, 200), (128, 128, 128))])
     assert grey.shape == (2, 3, 64, 64)
@@ -64,7 +64,7 @@ def test_gradients_reach_every_parameter(tiny_sd15, options):
     lidb = LiDB(pipe)
     hypernet = tiny_hypernet(lidb, **options)
     A, B = hypernet(pixels(2))
-    lidb.use_per_sample(A, B)
+    lidb.own.use_per_sample(A, B)
     generator = torch.Generator().manual_seed(0)
     latents = encode_images(pipe, torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1)
     noise = torch.randn(latents.shape, generator=generator)
@@ -141,7 +141,7 @@ def test_the_papers_zero_start_and_concatenated_input_are_what_they_say(tiny_sd1
     A, B = papers(pixels(), iterations=0)  # before any refinement: the paper's start is all zero; ours is LoRA's
     assert not A.any() and not B.any()
     A, B = ours(pixels(), iterations=0)
-    assert torch.equal(A[0], lidb.initial_weights()[0]) and not B.any()
+    assert torch.equal(A[0], lidb.own.initial_weights()[0]) and not B.any()
     assert isinstance(papers.decoder, torch.nn.TransformerEncoder)  # one sequence, self-attention only
     assert isinstance(ours.decoder, torch.nn.TransformerDecoder)
     with torch.no_grad():  # image tokens reach the weight tokens through the shared sequence

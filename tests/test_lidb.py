@@ -10,7 +10,7 @@ from helpers import PROMPTS, forward
 
 from hdb.diffusion import encode_prompts, predict_noise
 from hdb.errors import HdbError
-from hdb.lidb import LiDB, LiDBConfig, aux_bases, aux_fingerprint, weight_distance
+from hdb.lidb import LiDB, LiDBConfig, arch_fingerprint, aux_bases, aux_fingerprint, weight_distance
 from hdb.stage import training_stage
 
 
@@ -116,12 +116,12 @@ def test_per_sample_batch_equals_one_sample_at_a_time(arch, request):
     A = torch.randn(2, *lidb.A_train.shape, generator=generator) * 0.1
     B = torch.randn(2, *lidb.B_train.shape, generator=generator) * 0.3
     with torch.no_grad():
-        lidb.use_per_sample(A, B)
+        lidb.own.use_per_sample(A, B)
         cond, batched = forward(pipe)
         for sample in range(2):
             # the same person as shared weights, one prompt at a time
-            lidb.use_shared()
-            lidb.load_weights(A[sample], B[sample])
+            lidb.own.use_shared()
+            lidb.own.load_weights(A[sample], B[sample])
             generator = torch.Generator().manual_seed(0)
             latents = torch.randn(2, 4, 8, 8, generator=generator)[sample : sample + 1]
             single_cond = encode_prompts(pipe, PROMPTS[sample : sample + 1])
@@ -129,8 +129,8 @@ def test_per_sample_batch_equals_one_sample_at_a_time(arch, request):
             torch.testing.assert_close(single_cond.embeds[0], cond.embeds[sample], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(single[0], batched[sample], atol=1e-5, rtol=1e-5)
     # the per-sample path changes outputs (it is not silently ignored)
-    lidb.use_shared()
-    lidb.load_weights(torch.zeros_like(lidb.A_train), torch.zeros_like(lidb.B_train))
+    lidb.own.use_shared()
+    lidb.own.load_weights(torch.zeros_like(lidb.A_train), torch.zeros_like(lidb.B_train))
     with torch.no_grad():
         assert not torch.allclose(forward(pipe)[1], batched, atol=1e-3)
 
@@ -211,7 +211,7 @@ def test_relax_rank_keeps_the_function(tiny_sd15):
     randomize(lidb)
     with torch.no_grad():
         _, before = forward(tiny_sd15)
-        lidb.relax_rank(4)
+        lidb.start_from(lidb.A_train.detach().clone(), lidb.B_train.detach().clone(), 4)
         _, after = forward(tiny_sd15)
     assert lidb.A_train.shape[1] == 4 and lidb.B_train.shape[2] == 4
     torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
@@ -224,9 +224,9 @@ def test_a_plain_lora_on_top_starts_as_a_no_op_then_merges_and_goes_away(tiny_sd
         _, lidb_only = forward(tiny_sd15)
         lidb.add_lora(3, torch.Generator().manual_seed(0))
         _, fresh_lora = forward(tiny_sd15)  # up = 0: the function is unchanged, as when LoRA training starts
-        assert lidb.trainable_parameters() == [*lidb.source.lora_down, *lidb.source.lora_up]
+        assert lidb.trainable_parameters() == [*lidb.plain_lora().downs, *lidb.plain_lora().ups]
         assert not lidb.A_train.requires_grad  # the prediction stays as it is
-        for up in lidb.source.lora_up:
+        for up in lidb.plain_lora().ups:
             up.normal_(0, 0.05)
         _, with_lora = forward(tiny_sd15)
         lidb.merge()
@@ -246,7 +246,7 @@ def test_a_merged_prediction_trains_its_plain_lora_as_the_unmerged_one_does(tiny
     lidb = LiDB(tiny_sd15)
     randomize(lidb)
     lidb.add_lora(2, torch.Generator().manual_seed(0))
-    for up in lidb.source.lora_up:
+    for up in lidb.plain_lora().ups:
         up.data.normal_(0, 0.05)
 
     def lora_gradients():
@@ -255,7 +255,7 @@ def test_a_merged_prediction_trains_its_plain_lora_as_the_unmerged_one_does(tiny
         return prediction.detach(), torch.cat([g.flatten() for g in grads])
 
     unmerged, grads = lora_gradients()
-    lidb.merge(lora=False)  # the LiDB in the weights, the LoRA live: how the paper-style finetune runs
+    lidb.merge([lidb.own])  # the LiDB in the weights, the LoRA live: how the paper-style finetune runs
     merged, merged_grads = lora_gradients()
     lidb.merge()  # already merged: nothing changes
     lidb.unmerge()
@@ -298,7 +298,7 @@ def lidb_gradients(pipe, checkpointing: bool, per_sample: bool):
             lidb.A_train.detach().repeat(2, 1, 1, 1).requires_grad_(),
             lidb.B_train.detach().repeat(2, 1, 1, 1).requires_grad_(),
         ]
-        lidb.use_per_sample(*weights)
+        lidb.own.use_per_sample(*weights)
     _, noise = forward(pipe)
     noise.square().mean().backward()
     return [w.grad.clone() for w in weights]
@@ -320,7 +320,7 @@ def outputs_and_gradients(pipe, lidb, per_sample: bool, passes: int = 1):
     weights = [lidb.A_train, lidb.B_train]
     if per_sample:
         weights = [w.detach().repeat(2, 1, 1, 1).requires_grad_() for w in weights]
-        lidb.use_per_sample(*weights)
+        lidb.own.use_per_sample(*weights)
     for _ in range(passes):  # as gradient accumulation runs them: each backward before the next forward
         cond, noise = forward(pipe)
         noise.square().mean().backward()
@@ -335,11 +335,11 @@ def test_factors_built_per_component_equal_each_layer_building_its_own(arch, per
     randomize(lidb)
     with training_stage(pipe, lidb, "testing", "nothing"):
         batched = outputs_and_gradients(pipe, lidb, per_sample)
-        assert all(factors is not None for factors in lidb.source.factors)
-    lidb.source.batch_factors = False  # every layer builds its own
+        assert all(factors is not None for factors in lidb.own.built)
+    lidb.own.batch_factors = False  # every layer builds its own
     with training_stage(pipe, lidb, "testing", "nothing"):
         each_layer = outputs_and_gradients(pipe, lidb, per_sample)
-        assert all(factors is None for factors in lidb.source.factors)
+        assert all(factors is None for factors in lidb.own.built)
     assert batched[3].abs().sum() > 0  # B gets gradients
     for ours, reference in zip(batched, each_layer, strict=True):
         torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
@@ -370,9 +370,9 @@ def test_building_factors_per_component_saves_operations(tiny_sd15):
         return counter.count
 
     batched = operations()
-    lidb.source.batch_factors = False
+    lidb.own.batch_factors = False
     each_layer = operations()
-    groups = sum(len(layers.groups) for layers in lidb.source.components.values())
+    groups = sum(len(layers.groups) for layers in lidb.own.components.values())
     assert groups < len(lidb.layers) / 4  # 40 layers of 4 shapes
     # each layer's own build: 2 matmuls forward, 4 in backward, and their gradients' gathering
     assert each_layer - batched >= 5 * len(lidb.layers), (each_layer, batched)
@@ -386,34 +386,34 @@ def test_factors_follow_every_change_of_the_weights(tiny_sd15):
     x = torch.randn(3, layer.base.in_features)
     with torch.no_grad():
         forward(tiny_sd15)
-        assert lidb.source.factors[layer.index] is not None
+        assert lidb.own.built[layer.index] is not None
         before = layer(x)
         other = lidb.A_train * 2, lidb.B_train * 3
-        lidb.load_weights(*other)
-        assert lidb.source.factors[layer.index] is None
+        lidb.own.load_weights(*other)
+        assert lidb.own.built[layer.index] is None
         fresh = layer.base(x) + x @ (layer.delta_weight().T)
         torch.testing.assert_close(layer(x), fresh, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(layer(x), before)
-        for change in (lambda: lidb.set_scale(0.5), lidb.merge, lidb.use_shared):
+        for change in (lambda: lidb.set_scale(0.5), lidb.merge, lidb.own.use_shared):
             if lidb.merged:
                 lidb.unmerge()
             forward(tiny_sd15)
-            assert lidb.source.factors[layer.index] is not None
+            assert lidb.own.built[layer.index] is not None
             change()
-            assert all(factors is None for factors in lidb.source.factors)
+            assert all(factors is None for factors in lidb.own.built)
     lidb.unload()  # the pre-hooks go with the layers
-    lidb.source.build_factors = lambda component: pytest.fail("a detached LiDB built factors")
+    lidb.own.build = lambda component: pytest.fail("a detached LiDB built factors")
     with torch.no_grad():
         forward(tiny_sd15)
 
 
 def test_per_sample_weights_must_match_the_batch(tiny_sd15):
     lidb = LiDB(tiny_sd15)
-    lidb.use_per_sample(torch.zeros(3, *lidb.A_train.shape), torch.zeros(3, *lidb.B_train.shape))
+    lidb.own.use_per_sample(torch.zeros(3, *lidb.A_train.shape), torch.zeros(3, *lidb.B_train.shape))
     with pytest.raises(HdbError, match="3 samples but a batch of 2"), torch.no_grad():
         forward(tiny_sd15)
     with pytest.raises(HdbError, match="per-sample"):
-        lidb.use_per_sample(torch.zeros(*lidb.A_train.shape), torch.zeros(*lidb.B_train.shape))
+        lidb.own.use_per_sample(torch.zeros(*lidb.A_train.shape), torch.zeros(*lidb.B_train.shape))
 
 
 def test_aux_fingerprint_tracks_seed(tiny_sd15):
@@ -422,5 +422,37 @@ def test_aux_fingerprint_tracks_seed(tiny_sd15):
     other = LiDB(build_tiny_pipeline("sd15"), LiDBConfig(seed=1))
     lidb = LiDB(tiny_sd15)
     assert lidb.aux_fingerprint() != other.aux_fingerprint()
-    assert lidb.arch_fingerprint() == other.arch_fingerprint()
+    assert arch_fingerprint(lidb.layer_shapes) == arch_fingerprint(other.layer_shapes)
     assert aux_fingerprint([torch.ones(2, 2)]) == aux_fingerprint([torch.ones(2, 2) + 1e-7])  # rounding-stable
+
+
+def test_terms_on_top_are_summed_merged_and_trained_whatever_they_are(tiny_sd15):
+    """A layer's low-rank terms are a list: two plain LoRAs on top (standing in for a new relaxation's state) are
+    both drawn, both merged and both trained, with no change to the layer."""
+    from hdb.lidb import LoRATerm
+
+    lidb = LiDB(tiny_sd15)
+    randomize(lidb)
+    shapes, generator = list(lidb.layer_shapes.values()), torch.Generator().manual_seed(0)
+    first, second = (LoRATerm.starting(rank, shapes, lidb.A_train.device, generator) for rank in (1, 3))
+    with torch.no_grad():
+        for up in first.ups + second.ups:
+            up.normal_(0, 0.05, generator=generator)
+        _, lidb_only = forward(tiny_sd15)
+        lidb.put_on_top(first)
+        _, with_first = forward(tiny_sd15)
+        lidb.put_on_top(first, second)
+        _, with_both = forward(tiny_sd15)
+        layer = next(iter(lidb.layers.values()))
+        x = torch.randn(2, layer.base.in_features, generator=generator)
+        expected = layer.base(x) + x @ (layer.delta_weight(lidb.terms.terms).T)
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+        with lidb.merged_into_weights():
+            _, merged = forward(tiny_sd15)
+    assert (with_first - lidb_only).abs().max() > 1e-3 and (with_both - with_first).abs().max() > 1e-3
+    torch.testing.assert_close(merged, with_both, atol=1e-5, rtol=1e-5)
+    assert lidb.trainable_parameters() == [*first.parameters(), *second.parameters()]  # the LiDB weights stay
+    with lidb.merged_while_training():  # the fixed LiDB in the weights, both terms live
+        assert lidb.terms.merged == (lidb.own,)
+        _, training = forward(tiny_sd15)
+    torch.testing.assert_close(training, with_both, atol=1e-5, rtol=1e-5)

@@ -52,12 +52,12 @@ def test_a_plain_lora_on_top_round_trips_exactly(tiny_sd15, tmp_path):
     path = save_personal(PersonalWeights.from_lidb(lidb), tmp_path / "person.safetensors")
     loaded = load_personal(path)
     assert loaded.lora_rank == 2 and loaded.config.rank == 1
-    assert all(torch.equal(a, b) for a, b in zip(loaded.lora_up, lidb.source.lora_up, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.lora_up, lidb.plain_lora().ups, strict=True))
     assert "plain LoRA:       rank 2" in describe(path)
     fresh = build_tiny_pipeline("sd15")
     personal = holding(fresh, path)
     fresh_lidb = personal.lidb
-    assert all(torch.equal(a, b) for a, b in zip(fresh_lidb.source.lora_down, lidb.source.lora_down, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(fresh_lidb.plain_lora().downs, lidb.plain_lora().downs, strict=True))
     personal.use(PersonalWeights.from_lidb(trained_person(build_tiny_pipeline("sd15"))))
     assert fresh_lidb.lora_rank == 0  # the next person, a LiDB-only one, does not inherit the LoRA
 

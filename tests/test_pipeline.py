@@ -15,7 +15,7 @@ from hdb.pipeline import PersonalPipeline
 
 def state(personal: PersonalPipeline) -> tuple:
     lidb = personal.lidb
-    return lidb.scale, lidb.merged, lidb.uses_shared, personal.pipe.scheduler, lidb.A_train.clone(), lidb.rank
+    return lidb.scale, lidb.merged, lidb.own.uses_shared, personal.pipe.scheduler, lidb.A_train.clone(), lidb.rank
 
 
 def someone(pipe) -> PersonalWeights:
@@ -55,7 +55,7 @@ def test_nan_strength_or_guidance_is_refused():
 def test_the_scopes_put_everything_back(tiny_sd15):
     lidb = trained_person(tiny_sd15, lora_rank=2)
     shared = lidb.A_train.clone(), lidb.B_train.clone()
-    lora = [t.clone() for t in lidb.plain_lora()[0]]
+    lora = [t.clone() for t in lidb.plain_lora().downs]
     A, B = torch.randn(lidb.A_train.shape[0], 3, lidb.config.a), torch.randn(lidb.B_train.shape[0], lidb.config.b, 3)
     with pytest.raises(RuntimeError), lidb.holding(A[:, :1], B[:, :, :1]), lidb.scaled(0.25):
         assert lidb.rank == 1 and lidb.lora_rank == 0 and lidb.scale == 0.25
@@ -64,14 +64,14 @@ def test_the_scopes_put_everything_back(tiny_sd15):
             raise RuntimeError
     assert lidb.scale == 1.0 and not lidb.merged and lidb.rank == 1 and lidb.lora_rank == 2
     assert torch.equal(lidb.A_train, shared[0]) and torch.equal(lidb.B_train, shared[1])
-    assert all(torch.equal(a, b) for a, b in zip(lidb.plain_lora()[0], lora, strict=True))
-    per_sample = lidb.initial_weights(2)
-    with lidb.per_sample(*per_sample):
-        assert not lidb.uses_shared
+    assert all(torch.equal(a, b) for a, b in zip(lidb.plain_lora().downs, lora, strict=True))
+    per_sample = lidb.own.initial_weights(2)
+    with lidb.own.per_sample(*per_sample):
+        assert not lidb.own.uses_shared
         with lidb.holding(*shared):  # e.g. stage 2 looks at a prediction mid-training
-            assert lidb.uses_shared
-        assert not lidb.uses_shared and lidb.source.A is per_sample[0]
-    assert lidb.uses_shared
+            assert lidb.own.uses_shared
+        assert not lidb.own.uses_shared and lidb.own.A is per_sample[0]
+    assert lidb.own.uses_shared
 
 
 def test_a_training_stages_lidb_comes_off_whatever_happens(tiny_sd15):

@@ -501,14 +501,14 @@ def test_validation_and_sampling_give_the_lidb_and_the_modes_back_however_they_e
     from hdb.train_hypernet import _in_eval_mode
 
     lidb, unet = LiDB(tiny_sd15, LiDBConfig(a=8, b=4)), tiny_sd15.unet.train()
-    A, B = lidb.initial_weights(2)
-    lidb.use_per_sample(A, B)  # as training leaves it between steps
+    A, B = lidb.own.initial_weights(2)
+    lidb.own.use_per_sample(A, B)  # as training leaves it between steps
     shared = lidb.A_train.detach().clone(), lidb.B_train.detach().clone()
     prediction = torch.ones_like(lidb.A_train), torch.ones_like(lidb.B_train)  # to sample
     with pytest.raises(RuntimeError, match="sampling failed"), lidb.holding(*prediction), _in_eval_mode(unet):
-        assert not unet.training and torch.equal(lidb.A_train, prediction[0]) and lidb.uses_shared
+        assert not unet.training and torch.equal(lidb.A_train, prediction[0]) and lidb.own.uses_shared
         raise RuntimeError("sampling failed")
-    assert unet.training and lidb.source.A is A and lidb.source.B is B
+    assert unet.training and lidb.own.A is A and lidb.own.B is B
     assert torch.equal(lidb.A_train, shared[0]) and torch.equal(lidb.B_train, shared[1])
     lidb.unload()
 

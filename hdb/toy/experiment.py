@@ -448,7 +448,7 @@ def evaluate_methods(
     def measure(k: int | None) -> tuple[list[float], list[float], np.ndarray]:
         """The personalised model's scores: on every held-out person, on other people, and in context on person k
         (None: on everyone)."""
-        lidb.use_shared()
+        lidb.own.use_shared()
         # folded into the weights once: ~1,800 samples then skip the low-rank path in every layer (~30% faster;
         # the same losses to 1e-7), and unmerging puts the exact base weights back
         with lidb.merged_into_weights():
