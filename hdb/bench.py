@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hdb.config import DEFAULT_INSTANCE_PROMPT, DREAMBOOTH_LORA_STEPS, BenchOptions, PersonalizeConfig
+from hdb.config import DEFAULT_INSTANCE_PROMPT, PersonalizeConfig
 from hdb.devices import resolve_device, resolve_dtype
 from hdb.diffusion import (
     Conditioning,
@@ -58,6 +58,7 @@ from hdb.models import (
     native_resolution,
     training_scheduler,
 )
+from hdb.options import DREAMBOOTH_LORA_STEPS, BenchOptions
 from hdb.personal_file import save_personal
 from hdb.pipeline import PersonalPipeline
 from hdb.relaxations import relax

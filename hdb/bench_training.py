@@ -32,14 +32,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from hdb.cache import TrainingData, build_cache
-from hdb.config import (
-    BENCH_GROUP_SIZES,
-    BENCH_TRAINING_RESOLUTION,
-    DEFAULT_INSTANCE_TOKEN,
-    BenchOptions,
-    HypernetTrainConfig,
-    LiDBConfig,
-)
+from hdb.config import DEFAULT_INSTANCE_TOKEN, HypernetTrainConfig, LiDBConfig
 from hdb.devices import resolve_device
 from hdb.diffusion import diffusion_loss, encode_tokens, tokenize_prompts
 from hdb.errors import HdbError
@@ -48,6 +41,7 @@ from hdb.hypernet import encoder_image_size
 from hdb.identities import Identity, write_manifest
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, build_full_size_sd15, build_tiny_pipeline, native_resolution, training_scheduler
+from hdb.options import BENCH_GROUP_SIZES, BENCH_TRAINING_RESOLUTION, BenchOptions
 from hdb.personal_file import PersonalWeights, save_personal
 from hdb.stage import training_stage
 

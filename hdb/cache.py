@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hdb.config import SHARD_SIZE, DatasetSource, LiDBConfig
+from hdb.config import DatasetSource, LiDBConfig
 from hdb.diffusion import AUGMENTATION_VERSION
 from hdb.errors import HdbError
 from hdb.faces import crop_size
@@ -57,6 +57,7 @@ from hdb.identities import (
 )
 from hdb.lidb import LiDB, arch_fingerprint
 from hdb.models import Pipeline, native_resolution
+from hdb.options import SHARD_SIZE
 
 ALIGNED_AT_ONCE = 64  # a shard's identities are aligned and encoded this many at a time: host memory stays small
 INDEX_FILE = "index.json"

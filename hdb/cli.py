@@ -1,9 +1,10 @@
 """`python -m hdb ...`: the command line. Each subcommand is a thin wrapper over a library function.
 
-Options that configure a stage are made from its config dataclass (`hdb.config`): their defaults, types,
-help and choices are the dataclass fields' own, their flags `hdb.terms`', and `config_from_args` builds
-the config back from the parsed options. Library errors name settings as Python does; `main` prints them
-with the command line's flags instead (`hdb.terms.cli_terms`).
+Every option that is a setting is made from its declaration (a stage's config in hdb.config, a command's options in
+hdb.options) by hdb.arguments: its default, type, help and choices are the dataclass field's own, its flag
+`hdb.terms`', and `config_from_args` builds the config back from the parsed options. A command declares by hand only
+its inputs (files, photos, a prompt, a hypernetwork to load). Library errors name settings as Python does; `main`
+prints them with the command line's flags instead (`hdb.terms.cli_terms`).
 """
 
 from __future__ import annotations
@@ -14,44 +15,38 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import MISSING, asdict, fields
+from dataclasses import asdict
 from pathlib import Path
-from types import NoneType, UnionType
-from typing import TYPE_CHECKING, Any, get_args, get_type_hints
+from typing import TYPE_CHECKING
 
+from hdb.arguments import config_from_args, config_option, config_options
 from hdb.config import (
-    BENCH_GROUP_SIZES,
-    BENCH_TRAINING_RESOLUTION,
-    DEFAULT_BASE,
-    DEFAULT_CLIP,
-    DEFAULT_DINO,
-    DREAMBOOTH_LORA_STEPS,
-    DTYPE_CHOICES,
     FILE_DTYPES,
     LIDB_LAYERS,
-    LORA_FORMATS,
     MAX_PHOTOS,
-    MAX_RANK,
-    MAX_SEED,
-    MAX_STEPS,
-    QUANTIZATIONS,
-    QUANTIZE_HELP,
-    SHARD_SIZE,
-    TINY_ARCHS,
-    BenchOptions,
     DatasetSource,
     GenerateOptions,
     HypernetTrainConfig,
     LiDBConfig,
     PersonalizeConfig,
     PreoptimizeConfig,
-    shown_value,
-    value_problem,
 )
 from hdb.console import quiet_libraries
 from hdb.errors import HdbError
 from hdb.files import check_regular_file, shown, special_kind
-from hdb.terms import NOT_ON_THE_COMMAND_LINE, cli_terms, flag_for
+from hdb.options import (
+    HYPERNET_HELP,
+    BenchOptions,
+    BenchTrainingOptions,
+    CacheOptions,
+    EvalOptions,
+    ExportOptions,
+    ModelOptions,
+    PushOptions,
+    TinyModelOptions,
+    ToyOptions,
+)
+from hdb.terms import cli_terms
 
 if TYPE_CHECKING:
     import torch
@@ -75,71 +70,6 @@ def _quiet_model_loading() -> None:
 # ----------------------------------------------------------------------------- options from config dataclasses
 
 
-def config_option(parser: argparse._ActionsContainer, config: type, name: str, unset: str = "", **kwargs: Any) -> None:
-    """Add the option for field `name` of the `config` dataclass: its flag (`hdb.terms.flag_for`), and the field's
-    default, type, help and choices. `unset`: the option defaults to None instead, which the command resolves as this
-    says ("the hypernetwork's"). `kwargs` go to argparse as they are (e.g. nargs)."""
-    field = {f.name: f for f in fields(config)}[name]
-    flag = flag_for(name)
-    if unset:
-        default = None
-    elif field.default_factory is not MISSING:
-        default = field.default_factory()
-    else:  # a field the library requires has None: whether a command requires its option is the command's business
-        default = None if field.default is MISSING else field.default
-    help = f"{field.metadata['help']} (default: {unset})" if unset else field.metadata["help"]
-    if "choices" in field.metadata:
-        kwargs.setdefault("choices", field.metadata["choices"])
-    if isinstance(default, bool):  # a flag sets the value away from the default
-        kwargs["action"] = "store_false" if default else "store_true"
-        help = f"do not {help}" if default else help
-    else:
-        kwargs.setdefault("type", _value_type(config, name))
-        if "between" in field.metadata:  # checked as it is parsed: a bad value stops before any model loads
-            kwargs["type"] = in_range(kwargs["type"], field.metadata["between"], field.metadata.get("multiple_of"))
-        notes = [f"default {default}"] if default is not None else []
-        if "const" in kwargs:  # nargs="?": the flag alone means `const`
-            notes.append(f"{flag} alone: {kwargs['const']}")
-        help = f"{help} ({'; '.join(notes)})" if notes else help
-    parser.add_argument(flag, dest=name, default=default, help=help, **kwargs)
-
-
-def config_options(parser: argparse.ArgumentParser, config: type, **kwargs_of: dict[str, Any]) -> None:
-    """Add an option for each field of `config` that has a default, but those no command offers
-    (`hdb.terms.NOT_ON_THE_COMMAND_LINE`). `kwargs_of[name]`: more argparse arguments for field `name`'s option."""
-    for field in fields(config):
-        has_default = field.default is not MISSING or field.default_factory is not MISSING
-        if has_default and field.name not in NOT_ON_THE_COMMAND_LINE:
-            config_option(parser, config, field.name, **kwargs_of.get(field.name, {}))
-
-
-def _value_type(config: type, name: str) -> type:
-    """The type an option's value is parsed as: the field's, `int` for `int | None`."""
-    hint = get_type_hints(config)[name]
-    if isinstance(hint, UnionType):
-        return next(t for t in get_args(hint) if t is not NoneType)
-    return hint
-
-
-def in_range(kind: type, between: tuple[float, float], multiple_of: int | None = None) -> Any:
-    """An argparse type: `kind` (int or float) parsed and checked against `between` (hdb.config.value_problem)."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{shown_value(text)} is not {'a whole number' if kind is int else 'a number'}"
-            ) from None
-        problem = value_problem(value, between, kind is int, multiple_of)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
 def check_output(path: Path, suffixes: tuple[str, ...], inputs: list[Path | None] = ()) -> Path:
     """Refuse, before any model loads, an output that could not be written or would destroy an input: a folder,
     a FIFO, socket or device, an unknown extension, a folder that cannot be made or written to, or a path that is
@@ -160,12 +90,6 @@ def check_output(path: Path, suffixes: tuple[str, ...], inputs: list[Path | None
     if path.exists() and not os.access(path, os.W_OK):
         raise HdbError(f"Cannot write {shown(path)}: the file is read-only")
     return path
-
-
-def config_from_args(config: type, args: argparse.Namespace, **overrides: Any) -> Any:
-    """The `config` dataclass holding every parsed option that is one of its fields."""
-    values = {f.name: getattr(args, f.name) for f in fields(config) if hasattr(args, f.name)}
-    return config(**{**values, **overrides})
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -314,8 +238,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from hdb.bench import main
 
     _quiet_model_loading()
-    if args.arch != "sd15":
-        raise HdbError("The benchmark builds SD1.5-shaped models; only --arch sd15 is available")
     record = main(config_from_args(BenchOptions, args))
     if args.json:
         args.json.write_text(json.dumps(record, indent=1))
@@ -539,12 +461,9 @@ def cmd_toy(args: argparse.Namespace) -> None:
     )
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--base", default=DEFAULT_BASE, help=f"base model: hub id or local directory (default {DEFAULT_BASE})"
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
-    _add_dtype_option(parser)
+def _add_model_options(parser: argparse.ArgumentParser, quantize: bool = True) -> None:
+    """Which base model the command loads, and how (`ModelOptions`); `quantize`: whether it may be quantised."""
+    config_options(parser, ModelOptions, leave_out=() if quantize else ("quantize",))
 
 
 def _add_photo_options(parser: argparse.ArgumentParser, cache: bool = False) -> None:
@@ -555,24 +474,6 @@ def _add_photo_options(parser: argparse.ArgumentParser, cache: bool = False) -> 
         source.add_argument("--cache", type=Path, help="a training cache from `hdb cache` (holds the weights too)")
     config_option(source, DatasetSource, "path")  # --dataset: the one of the two a command requires
     config_options(parser, DatasetSource)  # its split and columns
-
-
-def _add_quantize_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--quantize",
-        default=QUANTIZATIONS[0],
-        choices=QUANTIZATIONS,
-        help=QUANTIZE_HELP,
-    )
-
-
-def _add_dtype_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=DTYPE_CHOICES,
-        help="auto: bf16 on GPUs that have it (else fp16), fp32 on CPU",
-    )
 
 
 # ----------------------------------------------------------------------------- parser
@@ -593,8 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _tiny_model_command(sub: argparse._SubParsersAction) -> None:
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight pipeline (offline tests and demos)")
     tiny.add_argument("out_dir", type=Path)
-    tiny.add_argument("--arch", choices=TINY_ARCHS, default=TINY_ARCHS[0])
-    tiny.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
+    config_options(tiny, TinyModelOptions)
     tiny.set_defaults(run=cmd_tiny_model)
 
 
@@ -607,11 +507,8 @@ def _info_command(sub: argparse._SubParsersAction) -> None:
 def _export_command(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="export a personal file as a standard LoRA (diffusers or kohya keys)")
     export.add_argument("file", type=Path)
-    export.add_argument("--format", choices=LORA_FORMATS, default=LORA_FORMATS[0])
     export.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors file")
-    export.add_argument("--dtype", choices=FILE_DTYPES, default=FILE_DTYPES[0])
-    export.add_argument("--push", metavar="REPO_ID", help="also upload it to the Hugging Face Hub, with a model card")
-    export.add_argument("--private", action="store_true", help="with --push: a private repository")
+    config_options(export, ExportOptions, push={"metavar": "REPO_ID"})
     export.add_argument(
         "--picture",
         nargs=2,
@@ -626,8 +523,7 @@ def _personalize_command(sub: argparse._SubParsersAction) -> None:
     person = sub.add_parser("personalize", help="personalise from one face photo -> personal weights file")
     person.add_argument("photo", type=Path, nargs="+", help=f"1 to {MAX_PHOTOS} photos of the same person")
     _add_model_options(person)
-    _add_quantize_option(person)
-    person.add_argument("--hypernet", help="trained hypernetwork: hub id or directory (optional)")
+    person.add_argument("--hypernet", help=f"{HYPERNET_HELP} (optional)")
     person.add_argument("-o", "--output", type=Path, required=True, help="personal .safetensors file to write")
     config_options(person, PersonalizeConfig)
     config_option(person, LiDBConfig, "layers", unset=f"the hypernetwork's, else {LIDB_LAYERS[0]}")
@@ -639,7 +535,6 @@ def _personalize_command(sub: argparse._SubParsersAction) -> None:
 def _generate_command(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate pictures of a personalised person")
     _add_model_options(gen)
-    _add_quantize_option(gen)
     gen.add_argument("--person", type=Path, required=True, help="personal weights file")
     gen.add_argument("--prompt", required=True, help="use [V] for the person, e.g. 'a [V] as an astronaut'")
     gen.add_argument("--score", type=Path, help="a photo of the person: print each image's identity similarity to it")
@@ -655,7 +550,6 @@ def _preoptimize_command(sub: argparse._SubParsersAction) -> None:
     _add_photo_options(pre)
     pre.add_argument("--out", type=Path, required=True)
     _add_model_options(pre)
-    _add_quantize_option(pre)
     config_options(pre, PreoptimizeConfig)
     config_option(pre, LiDBConfig, "rank")
     config_option(pre, LiDBConfig, "layers")
@@ -669,12 +563,10 @@ def _cache_command(sub: argparse._SubParsersAction) -> None:
     _add_photo_options(cache)
     cache.add_argument("--weights", type=Path, required=True, help="the folder `preoptimize` wrote")
     cache.add_argument("--out", type=Path, required=True, help="the cache folder (shards and index.json)")
-    _add_model_options(cache)
+    _add_model_options(cache, quantize=False)
     config_option(cache, HypernetTrainConfig, "image_encoder")
     config_option(cache, HypernetTrainConfig, "resolution")
-    cache.add_argument(
-        "--shard-size", type=in_range(int, (1, 1 << 20)), default=SHARD_SIZE, help="identities per shard file"
-    )
+    config_options(cache, CacheOptions)
     cache.set_defaults(run=cmd_cache)
 
 
@@ -685,14 +577,14 @@ def _train_command(sub: argparse._SubParsersAction) -> None:
         "--weights", type=Path, help="pre-optimised weights from `preoptimize` (needed when --beta > 0, unless --cache)"
     )
     tr.add_argument("--out", type=Path, required=True, help="checkpoints, TensorBoard logs and the final hypernet/")
-    tr.add_argument(
-        "--base", default=DEFAULT_BASE, help=f"base model: hub id or local directory (default {DEFAULT_BASE})"
+    config_options(
+        tr,
+        ModelOptions,
+        leave_out=("dtype", "quantize"),
+        device={"help": "auto or cpu (several GPUs: accelerate launch)"},
     )
-    tr.add_argument("--device", default="auto", help="auto or cpu (several GPUs: accelerate launch)")
     config_options(tr, HypernetTrainConfig)
-    tr.add_argument(
-        "--rank", type=in_range(int, (1, MAX_RANK)), help="LiDB rank (default: the --weights folder's, else 1)"
-    )
+    config_option(tr, LiDBConfig, "rank", unset="the --weights folder's, else 1")
     tr.set_defaults(run=cmd_train)
 
 
@@ -701,7 +593,7 @@ def _push_command(sub: argparse._SubParsersAction) -> None:
     push.add_argument("hypernet", type=Path, help="the trained hypernetwork directory (OUT/hypernet from `train`)")
     push.add_argument("repo_id", help="owner/name on the hub")
     push.add_argument("--eval", type=Path, help="table.md from `hdb eval`, for the card's evaluation section")
-    push.add_argument("--private", action="store_true")
+    config_options(push, PushOptions)
     push.set_defaults(run=cmd_push)
 
 
@@ -721,31 +613,16 @@ def _toy_command(sub: argparse._SubParsersAction) -> None:
     toy.add_argument(
         "--out", type=Path, help="results.json, results.md, losses.png, renders.jpg (default docs/toy/seed<SEED>)"
     )
-    toy.add_argument("--quick", action="store_true", help="the shortened run the tests use (~5 min on one core)")
-    toy.add_argument(
-        "--paper-variants",
-        action="store_true",
-        help="hdb's hypernetwork against ones with the paper's weight loss, zero start and concatenated input "
-        "(docs/toy/paper_variants/seed<SEED>)",
-    )
     toy.add_argument(
         "--summarise", type=Path, metavar="DIR", help="only combine DIR/seed*/results.json into DIR/summary.md"
     )
-    toy.add_argument("--seed", type=in_range(int, (0, MAX_SEED)), default=0)
-    toy.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other work shares the cores)")
-    toy.add_argument(
-        "--workers",
-        type=in_range(int, (1, 64)),
-        default=1,
-        help="processes that score the held-out people, one torch thread each (the run's longest part: 2 on 2 cores)",
-    )
+    config_options(toy, ToyOptions)
     toy.set_defaults(run=cmd_toy)
 
 
 def _bench_command(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="time personalisation against DreamBooth and DreamBooth-LoRA, same run")
     config_options(bench, BenchOptions, compile={"nargs": "?", "const": "full"})
-    bench.add_argument("--arch", default="sd15", choices=["sd15"])
     bench.add_argument("--json", type=Path, help="also write the figures here")
     bench.set_defaults(run=cmd_bench)
 
@@ -756,41 +633,7 @@ def _bench_training_command(sub: argparse._SubParsersAction) -> None:
         help="stage 2's set-up time and peak memory per number of identities (cache or photos); --step-costs: a "
         "training step's operations and FLOPs per group size",
     )
-    setup.add_argument(
-        "--identities", type=in_range(int, (2, 1 << 20)), nargs="+", default=[64, 1024], help="identity counts"
-    )
-    setup.add_argument(
-        "--resolution",
-        type=in_range(int, (64, 1024), 8),
-        default=BENCH_TRAINING_RESOLUTION,
-        help="training side of the tiny model",
-    )
-    setup.add_argument(
-        "--step-costs",
-        action="store_true",
-        help="instead: the per-sample training step's operations and FLOPs at a base's full-size shapes, its time "
-        "on the tiny model here, an H200 estimate, per group size, and the frozen weights' memory",
-    )
-    setup.add_argument(
-        "--group-sizes",
-        type=in_range(int, (1, 64)),
-        nargs="+",
-        default=list(BENCH_GROUP_SIZES),
-        help="with --step-costs",
-    )
-    setup.add_argument(
-        "--arch",
-        choices=TINY_ARCHS,
-        default=TINY_ARCHS[0],
-        help="with --step-costs: the base family whose full-size shapes are counted (sd15, flux: FLUX.1 [dev], sd3: "
-        "SD3.5 Large; default sd15)",
-    )
-    setup.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default="cpu",
-        help="with --step-costs, where the step is timed: cpu (the tiny model) or cuda (SD1.5-shaped)",
-    )
+    config_options(setup, BenchTrainingOptions)
     setup.add_argument("--json", type=Path, help="also write the figures here")
     setup.set_defaults(run=cmd_bench_training)
 
@@ -802,7 +645,6 @@ def _eval_command(sub: argparse._SubParsersAction) -> None:
         "methods personalised from photos",
     )
     _add_model_options(ev)
-    _add_quantize_option(ev)
     people_or_photos = ev.add_mutually_exclusive_group(required=True)
     people_or_photos.add_argument(
         "--people", type=Path, help="directory of NAME.safetensors + NAME.jpg/png reference photos: score these"
@@ -813,18 +655,13 @@ def _eval_command(sub: argparse._SubParsersAction) -> None:
         help="directory of one photo per person (NAME.jpg/png): the paper's protocol, each person personalised by "
         "No Hyper, Only Hyper, k=1 (with --hypernet-k1), the full method and DreamBooth-LoRA (needs --hypernet)",
     )
-    ev.add_argument("--hypernet", help="trained hypernetwork: hub id or directory (--photos)")
+    ev.add_argument("--hypernet", help=f"{HYPERNET_HELP} (--photos)")
     ev.add_argument("--hypernet-k1", help="a hypernetwork trained with --iterations 1, for the k=1 row (--photos)")
-    ev.add_argument(
-        "--dreambooth-steps",
-        type=in_range(int, (0, MAX_STEPS)),
-        default=DREAMBOOTH_LORA_STEPS,
-        help=f"the DreamBooth-LoRA row's steps (default {DREAMBOOTH_LORA_STEPS}; 0: no such row)",
-    )
+    config_option(ev, EvalOptions, "dreambooth_steps")
     config_option(ev, PersonalizeConfig, "relax")
     ev.add_argument("--prompts", type=Path, help="text file, one prompt per line with [V] (default: hdb's 30)")
-    ev.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP model: hub id or directory (default {DEFAULT_CLIP})")
-    ev.add_argument("--dino", default=DEFAULT_DINO, help=f"DINO model: hub id or directory (default {DEFAULT_DINO})")
+    config_option(ev, EvalOptions, "clip")
+    config_option(ev, EvalOptions, "dino")
     ev.add_argument("--out", type=Path, default=Path("eval"), help="writes table.md, results.json, grid.jpg here")
     config_option(ev, GenerateOptions, "steps")
     config_option(ev, GenerateOptions, "seed")

@@ -2,7 +2,7 @@
 
 Plain dataclasses and choice lists, importable in a blink (no torch, no diffusers), so `python -m hdb
 --help` is instant. Each field carries its help (and allowed values) in its metadata, as peft's
-`LoraConfig` does; the CLI builds its options from them (`hdb.cli.config_option`), so an option's
+`LoraConfig` does; the CLI builds its options from them (`hdb.arguments.config_option`), so an option's
 default and help stand together, here.
 """
 
@@ -14,7 +14,6 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from hdb.errors import HdbError
-from hdb.example_photos import ASSETS
 
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the base model users get by default
 OPTIMIZERS = ("adamw", "adamw8bit")  # torch's AdamW, bitsandbytes' 8-bit AdamW
@@ -24,7 +23,7 @@ LORA_FORMATS = ("diffusers", "kohya")  # diffusers/peft keys; kohya keys (AUTOMA
 # The frozen base's weights: as loaded ("none"), or quantised by bitsandbytes (through diffusers, on a CUDA GPU):
 # "nf4", 4-bit NormalFloat as QLoRA's, or "int8"; the denoiser and the text encoders LiDB leaves alone (T5)
 QUANTIZATIONS = ("none", "nf4", "int8")
-QUANTIZE_HELP = "the frozen base in 4 (nf4) or 8 (int8) bits, for cards with less memory (CUDA only; default none)"
+QUANTIZE_HELP = "the frozen base in 4 (nf4) or 8 (int8) bits, for cards with less memory, CUDA only"
 TINY_ARCHS = ("sd15", "sdxl", "sd2", "flux", "sd3")  # the tiny random pipelines hdb builds for offline tries and tests
 # Which layers LiDB targets (`hdb.families.Family.lidb_components`), the default first: "all", the attention
 # projections of the denoiser and of the text encoder (CLIP's, for FLUX.1: not T5); "denoiser", the denoiser's alone;
@@ -55,9 +54,6 @@ MIXED_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # accelerate'
 # torch.compile of the base model: not at all; "full": the UNet and text encoder whole, with CUDA graphs (fastest
 # steps, minutes to compile); "regional": each of the UNet's repeated transformer blocks (compiles much sooner)
 COMPILE_MODES = ("none", "full", "regional")
-# `app.py --compile`: regional compiles in a fraction of full's minutes, and needs no CUDA graphs, which would
-# be re-recorded each time a visitor's person is merged into the weights
-APP_COMPILE_MODE = "regional"
 
 # A rare token + the class noun; prompts name the person with "[V]", which stands for all of it ("sks face").
 DEFAULT_INSTANCE_TOKEN = "sks face"
@@ -91,14 +87,6 @@ MAX_SEED = 2**63 - 1  # seeds go from 0 to this: what every torch generator acce
 SAME_PERSON = 0.9  # face similarity below which two photos probably show different people (see faces.py)
 STEPS_WITH_HYPERNET = 40  # the paper's fast finetuning
 STEPS_FROM_ZERO = 200  # no prediction to start from: more steps
-# DreamBooth-LoRA as users usually run it (diffusers' example): a rank-4 LoRA from zero, ~1,000 steps at lr 1e-4
-SHARD_SIZE = 1024  # identities per shard of a training cache (hdb.cache), in name order
-BENCH_TRAINING_RESOLUTION = 256  # hdb.bench_training's tiny model side: latents big enough to show in memory
-BENCH_GROUP_SIZES = (1, 2, 4, 8)  # hdb.bench_training --step-costs: stage 1's identities a group, stage 2's samples
-DREAMBOOTH_LORA_STEPS = 1000
-DREAMBOOTH_LORA_LR = 1e-4
-# `hdb eval`'s models for the paper's metrics: CLIP ViT-L/14 (CLIP-I, CLIP-T) and DreamBooth's DINO ViT-S/16
-DEFAULT_CLIP, DEFAULT_DINO = "openai/clip-vit-large-patch14", "facebook/dino-vits16"
 
 
 MAX_RANK = 64  # LiDB and plain LoRA ranks, in training and in files
@@ -117,11 +105,15 @@ def setting(
     between: tuple[float, float] | None = None,
     multiple_of: int | None = None,
     problem: Callable[[object], str] | None = None,
+    env: tuple[str, ...] = (),
 ) -> Any:
     """A dataclass field holding in its metadata its help, the values it allows where they are few (`choices`),
-    the range of a number (`between`, both ends included; `multiple_of`), and for other values a function that
-    says what is wrong with one (`problem`, '' when nothing is), which `check_settings` enforces."""
+    the range of a number or of each number of a list (`between`, both ends included; `multiple_of`), and for other
+    values a function that says what is wrong with one (`problem`, '' when nothing is), which `check_settings`
+    enforces; `env`: the environment variables that set it where the app runs (the first one set wins)."""
     metadata: dict[str, Any] = {"help": help}
+    if env:
+        metadata["env"] = env
     if choices is not None:
         metadata["choices"] = tuple(choices)
     if between is not None:
@@ -130,6 +122,8 @@ def setting(
         metadata["multiple_of"] = multiple_of
     if problem is not None:
         metadata["problem"] = problem
+    if isinstance(default, list):  # each config its own list
+        return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -177,7 +171,11 @@ def check_settings(config: object) -> None:
         problem = ""
         if "between" in item.metadata:
             whole = "int" in str(hints[item.name])
-            problem = value_problem(value, item.metadata["between"], whole, item.metadata.get("multiple_of"))
+            numbers = value if isinstance(value, list) else [value]
+            problems = [
+                value_problem(n, item.metadata["between"], whole, item.metadata.get("multiple_of")) for n in numbers
+            ]
+            problem = next((problem for problem in problems if problem), "")
         if "choices" in item.metadata and value not in item.metadata["choices"]:
             problem = f"must be one of {', '.join(map(str, item.metadata['choices']))}, not {shown_value(value)}"
         if "problem" in item.metadata:
@@ -202,7 +200,7 @@ def _gradient_checkpointing() -> Any:
     return setting(False, "less memory, slower steps")
 
 
-def _seed() -> Any:
+def seed_setting() -> Any:
     return setting(0, "random seed: the same seed repeats a run", between=(0, MAX_SEED))
 
 
@@ -216,11 +214,11 @@ def _learning_rate(default: float) -> Any:
     return setting(default, "learning rate", between=(1e-12, 1.0))
 
 
-def _steps(default: int | None, help: str, low: int = 1) -> Any:
+def steps_setting(default: int | None, help: str, low: int = 1) -> Any:
     return setting(default, help, between=(low, MAX_STEPS))
 
 
-def _count(default: int, help: str, low: int = 1, high: int = 65536) -> Any:
+def count_setting(default: int, help: str, low: int = 1, high: int = 65536) -> Any:
     return setting(default, help, between=(low, high))
 
 
@@ -256,7 +254,7 @@ class LiDBConfig(Checked):
 class PersonalizeConfig(Checked):
     """Options of `hdb.pipeline.PersonalPipeline.personalize` (fast finetuning from one photo)."""
 
-    steps: int | None = _steps(
+    steps: int | None = steps_setting(
         None,
         f"finetune steps (default {STEPS_WITH_HYPERNET} with a hypernetwork, {STEPS_FROM_ZERO} without; "
         "0: the hypernetwork's prediction alone)",
@@ -270,7 +268,7 @@ class PersonalizeConfig(Checked):
     learning_rate: float = _learning_rate(1e-3)
     optimizer: str = _optimizer()
     gradient_checkpointing: bool = _gradient_checkpointing()
-    seed: int = _seed()
+    seed: int = seed_setting()
     resolution: int | None = _resolution()
     instance_token: str = _instance_token()
     lidb: LiDBConfig | None = setting(
@@ -293,12 +291,12 @@ class DatasetSource:
 class PreoptimizeConfig(Checked):
     """Options of `hdb.preoptimize.preoptimize` (stage 1)."""
 
-    steps: int = _steps(300, "steps per group of identities")
-    group_size: int = _count(4, "identities trained together (one batch element each)")
+    steps: int = steps_setting(300, "steps per group of identities")
+    group_size: int = count_setting(4, "identities trained together (one batch element each)")
     learning_rate: float = _learning_rate(5e-3)
     optimizer: str = _optimizer()
     gradient_checkpointing: bool = _gradient_checkpointing()
-    seed: int = _seed()
+    seed: int = seed_setting()
     resolution: int | None = _resolution()
     instance_token: str = _instance_token()
     lidb: LiDBConfig = field(default_factory=LiDBConfig, metadata={"help": "shape of the pre-optimised weights"})
@@ -312,8 +310,8 @@ class PreoptimizeConfig(Checked):
 class HypernetTrainConfig(Checked):
     """Options of `hdb.train_hypernet.train_hypernetwork` (stage 2)."""
 
-    steps: int = kept_on_resume(_steps(1000, "training steps"))
-    batch_size: int = kept_on_resume(_count(4, "global batch, split across processes"))
+    steps: int = kept_on_resume(steps_setting(1000, "training steps"))
+    batch_size: int = kept_on_resume(count_setting(4, "global batch, split across processes"))
     learning_rate: float = kept_on_resume(_learning_rate(1e-4))
     alpha: float = kept_on_resume(setting(1.0, "diffusion loss weight", between=(0.0, 1e6)))
     beta: float = kept_on_resume(
@@ -321,13 +319,13 @@ class HypernetTrainConfig(Checked):
             1.0, "weight-L2 loss weight, to the pre-optimised weights (0: diffusion loss alone)", between=(0.0, 1e6)
         )
     )
-    accumulation_steps: int = kept_on_resume(_count(1, "batches whose gradients add up to one step"))
+    accumulation_steps: int = kept_on_resume(count_setting(1, "batches whose gradients add up to one step"))
     optimizer: str = kept_on_resume(_optimizer())
     mixed_precision: str = setting("no", "accelerate's autocast (the frozen base runs in it too)", MIXED_PRECISIONS)
     gradient_checkpointing: bool = _gradient_checkpointing()
-    checkpoint_every: int = _steps(100, "steps between checkpoints (training resumes from the last)")
-    checkpoints_total_limit: int = _count(1, "checkpoints kept, the newest (older ones go as new ones come)")
-    validate_every: int = _steps(100, "steps between validations on the held-out identities")
+    checkpoint_every: int = steps_setting(100, "steps between checkpoints (training resumes from the last)")
+    checkpoints_total_limit: int = count_setting(1, "checkpoints kept, the newest (older ones go as new ones come)")
+    validate_every: int = steps_setting(100, "steps between validations on the held-out identities")
     # diffusers' EMAModel: its decay warms up as (1 + n) / (10 + n) after n updates, up to `ema_decay`
     ema_decay: float = kept_on_resume(
         setting(
@@ -336,11 +334,13 @@ class HypernetTrainConfig(Checked):
             between=(0.0, 0.999999),
         )
     )
-    holdout: int = kept_on_resume(_count(1, "identities held out for validation", low=0, high=MAX_STEPS))
-    sample_steps: int = _count(20, "sampling steps of the validation image (0: no image)", low=0, high=1000)
-    dataloader_workers: int = _count(0, "processes that read batches ahead (0: the training process)", low=0, high=64)
+    holdout: int = kept_on_resume(count_setting(1, "identities held out for validation", low=0, high=MAX_STEPS))
+    sample_steps: int = count_setting(20, "sampling steps of the validation image (0: no image)", low=0, high=1000)
+    dataloader_workers: int = count_setting(
+        0, "processes that read batches ahead (0: the training process)", low=0, high=64
+    )
     report_to: str = setting(REPORT_TO[0], "where the losses (and samples) go besides losses.jsonl", REPORT_TO)
-    seed: int = kept_on_resume(_seed())
+    seed: int = kept_on_resume(seed_setting())
     image_encoder: str = kept_on_resume(
         setting(
             "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
@@ -351,12 +351,12 @@ class HypernetTrainConfig(Checked):
         setting(True, "freeze the pretrained image encoder (the toy trains its random one)")
     )
     # 5% of the default steps: the freshly initialised decoder starts gently
-    warmup_steps: int = kept_on_resume(_steps(50, "linear learning-rate warm-up", low=0))
+    warmup_steps: int = kept_on_resume(steps_setting(50, "linear learning-rate warm-up", low=0))
     lr_schedule: str = kept_on_resume(setting("cosine", "after the warm-up", LR_SCHEDULES))
-    width: int = kept_on_resume(_count(512, "width of the hypernetwork's transformer decoder"))
-    depth: int = kept_on_resume(_count(4, "layers of the decoder", high=256))
-    heads: int = kept_on_resume(_count(8, "attention heads of the decoder", high=256))
-    iterations: int = kept_on_resume(_count(4, "refinement iterations s", high=256))
+    width: int = kept_on_resume(count_setting(512, "width of the hypernetwork's transformer decoder"))
+    depth: int = kept_on_resume(count_setting(4, "layers of the decoder", high=256))
+    heads: int = kept_on_resume(count_setting(8, "attention heads of the decoder", high=256))
+    iterations: int = kept_on_resume(count_setting(4, "refinement iterations s", high=256))
     refine_from: str = kept_on_resume(
         setting(HYPERNET_STARTS[0], "refinement starts at lora (A random, B 0) or zero", HYPERNET_STARTS)
     )
@@ -391,7 +391,7 @@ class GenerateOptions(Checked):
     negative_prompt: str | None = setting(None, "negative prompt (default: the style's)")
     steps: int | None = setting(None, "sampling steps (default: the base's own)", between=(1, 1000))
     guidance: float | None = setting(None, "guidance scale (default: the base's own)", between=(0.0, 100.0))
-    seed: int = _seed()
+    seed: int = seed_setting()
     num_images: int = setting(1, "pictures drawn", between=(1, 64))
     strength: float = setting(
         1.0, "identity strength: 0 draws the base model, 1 the person as trained", between=(0.0, 10.0)
@@ -402,34 +402,3 @@ class GenerateOptions(Checked):
     width: int | None = setting(
         None, "picture width (default: the base model's)", between=(64, MAX_SIDE), multiple_of=8
     )
-
-
-@dataclass
-class BenchOptions(Checked):
-    """Options of `python -m hdb bench`."""
-
-    device: str = setting("auto", "auto, cpu or cuda")
-    tiny: bool = setting(False, "tiny random pipeline instead of SD1.5-shaped (for CPUs)")
-    steps: int = _steps(40, "fast-finetune steps")
-    relax: str = setting(RELAX_MODES[0], "the timed finetune's relaxation", RELAX_MODES)
-    baseline_steps: int = _steps(50, "measured baseline steps (then extrapolated)")
-    compile: str = setting(
-        COMPILE_MODES[0],
-        "torch.compile: full (CUDA graphs), regional (the UNet's repeated blocks) or none",
-        COMPILE_MODES,
-    )
-    repeats: int = _count(3, "warm personalisations (and generations) timed (best reported)", high=1000)
-    generate_steps: int = _count(25, "sampling steps of the timed generations", high=1000)
-    first_images: int = _count(4, "pictures of the first grid, in the time to first images", high=64)
-    photo: str = setting(
-        str(ASSETS / "obama.jpg"), "face photo the time to first images starts from; aligning it needs dlib"
-    )
-    baselines: bool = setting(True, "time DreamBooth and DreamBooth-LoRA")
-    channels_last: bool = setting(False, "also time eager steps with a channels-last UNet")
-    cold_start: bool = setting(
-        False, "also time a fresh process's first personalisation, compile cache empty, then warm"
-    )
-    count_operations: bool = setting(
-        False, "only count the operations of a training step, per method (no timing; quick anywhere)"
-    )
-    dtype: str = setting("auto", "of the base model; auto: bf16 on GPUs that have it, fp32 on CPU", DTYPE_CHOICES)

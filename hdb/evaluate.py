@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hdb.config import DREAMBOOTH_LORA_LR, DREAMBOOTH_LORA_STEPS, STEPS_WITH_HYPERNET, PersonalizeConfig
+from hdb.config import STEPS_WITH_HYPERNET, PersonalizeConfig
 from hdb.errors import HdbError, from_hub_or_directory
 from hdb.example_photos import ASSETS
 from hdb.faces import AlignedFace, ImageSource, align_face, cosine, face_embedding, load_image
 from hdb.generate import resolved_guidance, resolved_steps
+from hdb.options import DREAMBOOTH_LORA_LR, DREAMBOOTH_LORA_STEPS
 from hdb.personal_file import PersonalWeights, load_personal
 from hdb.styles import PERSON, expand_prompt
 

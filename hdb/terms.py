@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import fields
 
-from hdb.config import BenchOptions, DatasetSource, HypernetTrainConfig, PersonalizeConfig, PreoptimizeConfig
+from hdb.config import DatasetSource, HypernetTrainConfig, PersonalizeConfig, PreoptimizeConfig
+from hdb.options import BenchOptions
 
 # Settings whose flag is not `--` and their name with dashes
 RENAMED_FLAGS = {

@@ -402,7 +402,7 @@ def test_compiling_warms_up_in_the_background_and_the_page_says_so(monkeypatch, 
     from hdb.app import engine as app
     from hdb.app.main import parse_args
     from hdb.app.page import build_demo
-    from hdb.config import APP_COMPILE_MODE
+    from hdb.options import APP_COMPILE_MODE
 
     compiled, release, real_generate = [], threading.Event(), hdb.pipeline.generate
     monkeypatch.setattr("hdb.models.compile_pipeline", lambda pipe, mode: compiled.append(mode))

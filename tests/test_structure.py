@@ -7,23 +7,36 @@ import inspect
 import re
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
 
-from hdb.cli import build_parser, config_from_args
+from hdb import config as config_module
+from hdb import options as options_module
+from hdb.arguments import config_from_args
+from hdb.cli import build_parser
 from hdb.config import (
     LORA_FORMATS,
     RELAX_MODES,
     TINY_ARCHS,
-    BenchOptions,
     DatasetSource,
     GenerateOptions,
     HypernetTrainConfig,
     LiDBConfig,
     PersonalizeConfig,
     PreoptimizeConfig,
+)
+from hdb.options import (
+    BenchOptions,
+    BenchTrainingOptions,
+    CacheOptions,
+    EvalOptions,
+    ExportOptions,
+    ModelOptions,
+    PushOptions,
+    TinyModelOptions,
+    ToyOptions,
 )
 from hdb.terms import flag_for
 
@@ -151,7 +164,7 @@ def test_plotting_and_heavy_libraries_stay_out_of_the_light_modules():
 # Flags library strings may name: another tool's (the Hugging Face CLI's), and the model card's usage example
 FLAGS_IN_THE_LIBRARY = {("errors.py", "--local-dir"), ("hub.py", "--base"), ("hub.py", "--hypernet")}
 # The commands, and the command line's own vocabulary: these speak in flags
-COMMAND_MODULES = {"cli.py", "__main__.py", "bench.py", "terms.py"}
+COMMAND_MODULES = {"cli.py", "__main__.py", "bench.py", "terms.py", "options.py", "arguments.py"}
 
 
 def test_library_messages_name_settings_not_flags():
@@ -291,9 +304,15 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
     return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
+def declarations() -> list[type]:
+    """Every dataclass whose fields are settings (hdb.config's and hdb.options')."""
+    found = [value for module in (config_module, options_module) for value in vars(module).values()]
+    return list(dict.fromkeys(value for value in found if isinstance(value, type) and is_dataclass(value)))
+
+
 def test_every_config_field_documents_itself():
-    configs = (PersonalizeConfig, PreoptimizeConfig, HypernetTrainConfig, BenchOptions, LiDBConfig, DatasetSource)
-    for config in (*configs, GenerateOptions):
+    assert len(declarations()) >= 15
+    for config in declarations():
         for field in fields(config):
             assert field.metadata.get("help"), f"{config.__name__}.{field.name} has no help"
 
@@ -301,26 +320,71 @@ def test_every_config_field_documents_itself():
 @pytest.mark.parametrize(
     ("command", "configs"),
     [
-        ("personalize", [PersonalizeConfig]),
-        ("preoptimize", [PreoptimizeConfig, DatasetSource]),
+        ("personalize", [PersonalizeConfig, ModelOptions]),
+        ("preoptimize", [PreoptimizeConfig, DatasetSource, ModelOptions]),
         ("train", [HypernetTrainConfig, DatasetSource]),
         ("bench", [BenchOptions]),
-        ("generate", [GenerateOptions]),
+        ("generate", [GenerateOptions, ModelOptions]),
+        ("tiny-model", [TinyModelOptions]),
+        ("export", [ExportOptions]),
+        ("cache", [CacheOptions, ModelOptions, HypernetTrainConfig]),
+        ("toy", [ToyOptions]),
+        ("push", [PushOptions]),
+        ("eval", [EvalOptions, ModelOptions]),
+        ("bench-training", [BenchTrainingOptions]),
     ],
 )
 def test_an_option_made_from_a_config_field_has_its_help_written_once_there(command, configs):
     field_of = {field.name: field for config in configs for field in fields(config)}
     options = [a for a in subcommands()[command]._actions if a.option_strings and a.dest in field_of]
-    assert len(options) >= 5, options
+    assert len(options) >= min(5, len(field_of)), options
     for option in options:
         help = field_of[option.dest].metadata["help"]
         assert help and help in option.help, (command, option.dest, option.help)  # plus the default, or "do not"
         assert option.option_strings == [flag_for(option.dest)], (command, option.dest)
         if "choices" in field_of[option.dest].metadata:
             assert tuple(option.choices) == field_of[option.dest].metadata["choices"]
-    if command == "preoptimize":  # its --rank is LiDBConfig's
+    if command in ("preoptimize", "train"):  # their --rank is LiDBConfig's
         rank = next(a for a in subcommands()[command]._actions if a.dest == "rank")
         assert next(f for f in fields(LiDBConfig) if f.name == "rank").metadata["help"] in rank.help
+
+
+def test_no_option_is_written_by_hand_where_a_config_declares_it():
+    """The command line and the app declare by hand only a command's inputs (its files, photos, prompt, a
+    hypernetwork to load): every option that is a setting comes from its declaration (`config_option`)."""
+    setting_of_flag = {flag_for(field.name): field.name for config in declarations() for field in fields(config)}
+    by_hand = []
+    for path in (PACKAGE / "cli.py", PACKAGE / "app" / "main.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                flags = [a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")]
+                by_hand += [(path.name, flag) for flag in flags]
+    assert len(by_hand) >= 15, by_hand  # the test sees the calls it is about
+    assert [(module, flag) for module, flag in by_hand if flag in setting_of_flag] == []
+
+
+def test_the_app_reads_its_settings_from_their_declarations_and_the_environment(monkeypatch):
+    from hdb.app.main import parse_args
+    from hdb.errors import HdbError
+
+    assert vars(parse_args([])) == {
+        "base": ModelOptions.base, "hypernet": None, "device": ModelOptions.device, "dtype": ModelOptions.dtype,
+        "optimizer": PersonalizeConfig.optimizer, "quantize": ModelOptions.quantize, "tiny": False, "compile": False,
+        "host": "127.0.0.1", "port": 7860, "share": False,
+    }  # fmt: skip
+    monkeypatch.setenv("HDB_TINY", "1")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
+    monkeypatch.setenv("HDB_OPTIMIZER", "adamw8bit")
+    options = parse_args([])
+    assert (options.tiny, options.port, options.optimizer) == (True, 7861, "adamw8bit")
+    assert parse_args(["--port", "7000"]).port == 7000  # the command line wins
+    monkeypatch.setenv("HDB_PORT", "7862")  # hdb's own variable before Gradio's
+    assert parse_args([]).port == 7862
+    for variable, value in (("HDB_PORT", "http"), ("HDB_PORT", "0"), ("HDB_DTYPE", "fp8"), ("HDB_QUANTIZE", "nf2")):
+        with monkeypatch.context() as patch:
+            patch.setenv(variable, value)
+            with pytest.raises(HdbError, match=f"{variable}='?{value}'? cannot set --"):
+                parse_args([])
 
 
 def test_generate_defaults_match_the_function():

@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable
 from types import ModuleType
 
-from hdb.config import APP_COMPILE_MODE, PersonalizeConfig
+from hdb.config import PersonalizeConfig
 from hdb.errors import HdbError
 from hdb.families import denoiser, family_of
+from hdb.options import APP_COMPILE_MODE
 from hdb.pipeline import PersonalPipeline
 from hdb.styles import SIZE_PRESETS
 

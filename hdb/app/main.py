@@ -13,46 +13,54 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+from dataclasses import fields
 from pathlib import Path
 
-from hdb.config import APP_COMPILE_MODE, DEFAULT_BASE, DTYPE_CHOICES, OPTIMIZERS, QUANTIZATIONS, QUANTIZE_HELP
+from hdb.arguments import config_option
+from hdb.config import QUANTIZE_HELP, PersonalizeConfig, shown_value
 from hdb.console import quiet_libraries
 from hdb.errors import HdbError
-from hdb.terms import app_terms
+from hdb.options import HYPERNET_HELP, AppOptions, ModelOptions
+from hdb.terms import app_terms, flag_for
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    """The app's options; `prog`: how its usage line names the command (`hdb demo`; default: the script's name)."""
-    env = os.environ.get
-
-    def env_flag(name: str) -> bool:  # a switch set by an environment variable: anything but "", "0", "false"
-        return env(name, "") not in ("", "0", "false")
-
+    """The app's options; `prog`: how its usage line names the command (`hdb demo`; default: the script's name).
+    Declared in hdb.options (ModelOptions, AppOptions) and hdb.config, each read from its environment variable when
+    one is set (a Space's settings), else from its declaration's default."""
     parser = argparse.ArgumentParser(prog=prog, description="hdb demo (Gradio)")
-    parser.add_argument("--base", default=env("HDB_BASE", DEFAULT_BASE), help="base model: hub id or local directory")
-    parser.add_argument("--hypernet", default=env("HDB_HYPERNET"), help="trained hypernetwork: hub id or directory")
-    parser.add_argument("--device", default=env("HDB_DEVICE", "auto"))
-    parser.add_argument("--dtype", default=env("HDB_DTYPE", "auto"), choices=DTYPE_CHOICES)
-    parser.add_argument("--optimizer", default=env("HDB_OPTIMIZER", OPTIMIZERS[0]), choices=OPTIMIZERS)
-    parser.add_argument(
-        "--quantize",
-        default=env("HDB_QUANTIZE", QUANTIZATIONS[0]),
-        choices=QUANTIZATIONS,
-        help=f"{QUANTIZE_HELP}; not on ZeroGPU",
-    )
-    parser.add_argument("--tiny", action="store_true", default=env_flag("HDB_TINY"))
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        default=env_flag("HDB_COMPILE"),
-        help=f"dedicated GPU: torch.compile ({APP_COMPILE_MODE}) while the page is already served; not on ZeroGPU",
-    )
-    parser.add_argument(
-        "--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="0.0.0.0 to serve the network (Spaces set it)"
-    )
-    parser.add_argument("--port", type=int, default=int(env("HDB_PORT", env("GRADIO_SERVER_PORT", "7860"))))
-    parser.add_argument("--share", action="store_true")
+    config_option(parser, ModelOptions, "base", **_from_environment(ModelOptions, "base"))
+    parser.add_argument("--hypernet", default=os.environ.get("HDB_HYPERNET"), help=HYPERNET_HELP)
+    config_option(parser, ModelOptions, "device", **_from_environment(ModelOptions, "device"))
+    config_option(parser, ModelOptions, "dtype", **_from_environment(ModelOptions, "dtype"))
+    optimizer = _from_environment(PersonalizeConfig, "optimizer", ("HDB_OPTIMIZER",))
+    config_option(parser, PersonalizeConfig, "optimizer", **optimizer)
+    quantize = _from_environment(ModelOptions, "quantize")
+    config_option(parser, ModelOptions, "quantize", help=f"{QUANTIZE_HELP}; not on ZeroGPU", **quantize)
+    for option in fields(AppOptions):
+        config_option(parser, AppOptions, option.name, **_from_environment(AppOptions, option.name))
     return parser.parse_args(argv)
+
+
+def _from_environment(config: type, name: str, variables: tuple[str, ...] = ()) -> dict[str, object]:
+    """`{"default": value}` from the first of the setting's environment variables that is set (its declaration's
+    `env`, else `variables`), checked as the setting is; {} when none is set. A switch is on unless "", "0", "false"."""
+    setting = {f.name: f for f in fields(config)}[name]
+    for variable in setting.metadata.get("env", variables):
+        text = os.environ.get(variable)
+        if text is None:
+            continue
+        default = setting.default
+        value: object = text not in ("", "0", "false") if isinstance(default, bool) else text
+        try:
+            if isinstance(default, int) and not isinstance(default, bool):
+                value = int(text)
+            config(**{name: value})  # its range and choices
+        except (ValueError, HdbError) as error:
+            reason = error if isinstance(error, HdbError) else "not a whole number"
+            raise HdbError(f"{variable}={shown_value(text)} cannot set {flag_for(name)}: {reason}") from None
+        return {"default": value}
+    return {}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:

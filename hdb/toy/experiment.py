@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 
 from hdb.config import (
     DEFAULT_INSTANCE_PROMPT,
-    DREAMBOOTH_LORA_LR,
     RELAX_MODES,
     STEPS_FROM_ZERO,
     STEPS_WITH_HYPERNET,
@@ -64,6 +63,7 @@ from hdb.hypernet import HyperNetwork
 from hdb.identities import Identity, load_weights_dataset
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, build_tiny_pipeline, training_scheduler
+from hdb.options import DREAMBOOTH_LORA_LR
 from hdb.pipeline import PersonalPipeline
 from hdb.preoptimize import preoptimize
 from hdb.stage import training_stage
