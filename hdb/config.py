@@ -129,7 +129,7 @@ def setting(
 
 def kept_on_resume(spec: Any) -> Any:
     """Mark a stage-2 setting (a `setting()` field) that a resumed run must share with the run it resumes: its
-    checkpoints record it (hdb.train_hypernet.check_resumable). The others, how often to checkpoint or where to
+    checkpoints record it (hdb.checkpoints.check_resumable). The others, how often to checkpoint or where to
     report say, may change between restarts."""
     default = {"default": spec.default} if spec.default is not MISSING else {"default_factory": spec.default_factory}
     return field(**default, metadata={**spec.metadata, "kept_on_resume": True})

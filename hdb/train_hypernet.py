@@ -21,21 +21,18 @@ runs the phases.
 from __future__ import annotations
 
 import json
-import shutil
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from hdb.cache import TrainingData, names_sha256
+from hdb import checkpoints
+from hdb.cache import TrainingData
 from hdb.config import (
     DEFAULT_INSTANCE_TOKEN,
     MIXED_PRECISIONS,
@@ -50,7 +47,7 @@ from hdb.diffusion import sample_seed, step_loss, tokenize_prompts
 from hdb.errors import HdbError, check_choice
 from hdb.faces import crop_size
 from hdb.families import denoiser
-from hdb.files import PARTIAL_SUFFIX, check_shared_folder, write_atomically
+from hdb.files import check_shared_folder
 from hdb.hypernet import (
     ARCHITECTURE,
     ENCODER_DIR,
@@ -73,7 +70,7 @@ from hdb.models import Pipeline, load_pipeline, native_resolution, training_sche
 from hdb.personal_file import public_name
 from hdb.seeding import initialised_from
 from hdb.stage import training_stage
-from hdb.training import TrainConfig, learning_rate_factor, load_optimizer, make_optimizer, save_optimizer, train
+from hdb.training import TrainConfig, learning_rate_factor, load_optimizer, make_optimizer, train
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -87,14 +84,6 @@ MEMORY_OPTIONS = (
 LOSSES_FILE = "losses.jsonl"  # one JSON record per step
 PROCESS_GROUP_TIMEOUT_S = 2 * 3600  # NCCL's default of 10 minutes is shorter than aligning photos in memory takes
 TrainingImages = str | Path | list[Identity] | DatasetSource | TrainingData  # what stage 2 can train on
-# What a checkpoint records of its run, and a run resuming it must share (else it would not continue that run):
-# the settings that shape the steps still to run (their data, noise, learning rates and loss) and the hypernetwork's,
-# each marked where it is declared (`hdb.config.kept_on_resume`). The rest (how often to checkpoint or validate,
-# where to report, gradient checkpointing, mixed precision...) may change between restarts, e.g. on other hardware.
-RESUMED_SETTINGS = tuple(item.name for item in fields(HypernetTrainConfig) if item.metadata.get("kept_on_resume"))
-# Settings added after some checkpoints were written, and what those checkpoints' runs had in effect
-SETTINGS_ADDED_LATER = {"ema_decay": 0.0}
-EMA_FILE = "ema.safetensors"  # in a checkpoint: the moving average of the trainable weights (`ema_decay`)
 
 
 def weight_loss(
@@ -145,59 +134,10 @@ def _settings(config: HypernetTrainConfig, manifest: WeightsManifest | None) -> 
     return manifest.lidb, manifest.instance_token
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / "latest"
-    return out / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
-
-
-def run_settings(
-    config: HypernetTrainConfig,
-    lidb_config: LiDBConfig,
-    instance_token: str,
-    resolution: int,
-    train_names: list[str],
-    held_out: list[str],
-) -> dict[str, object]:
-    """What a checkpoint records of its run (`RESUMED_SETTINGS`, and what they were resolved to), for
-    `check_resumable`. The identities go in as their count and a hash of their names, in order."""
-    return {
-        **{name: getattr(config, name) for name in RESUMED_SETTINGS},
-        "lidb": asdict(lidb_config),
-        "instance_token": instance_token,
-        "resolution": resolution,
-        "identities": {
-            "trained": len(train_names),
-            "held_out": len(held_out),
-            "names_sha256": names_sha256([train_names, held_out]),
-        },
-    }
-
-
-def check_resumable(checkpoint: Path, settings: dict[str, object]) -> None:
-    """Refuse to resume `checkpoint` with other settings than its run's, naming each that differs."""
-    saved = json.loads((checkpoint / "state.json").read_text()).get("settings")
-    if saved is None:  # written before checkpoints recorded their settings
-        warnings.warn(f"{checkpoint} does not record its run's settings: resuming it unchecked", stacklevel=3)
-        return
-    saved = SETTINGS_ADDED_LATER | saved
-    if isinstance(saved.get("lidb"), dict):  # its LiDB settings added later (`layers`) as those runs had them
-        saved["lidb"] = asdict(LiDBConfig(**saved["lidb"]))
-    differences = [
-        f"{name}: {saved.get(name)!r} then, {value!r} now"
-        for name, value in settings.items()
-        if saved.get(name) != json.loads(json.dumps(value))  # as JSON gives it back (tuples become lists)
-    ]
-    if differences:
-        raise HdbError(
-            f"Cannot resume {checkpoint}: its run had other settings ({'; '.join(differences)}). "
-            "Resume with the run's settings, or start afresh in another `out_dir`"
-        )
-
-
 def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None) -> HyperNetwork:
     """The latest checkpoint's hypernetwork, or a fresh one drawn from the run's seed."""
     if resume is not None:  # loaded in eval mode, for inference; it trains in train mode, as a fresh one does
-        # a frozen encoder is not in the checkpoints (`_save_checkpoint`): it is loaded again as the run began
+        # a frozen encoder is not in the checkpoints (`checkpoints.save_checkpoint`): loaded again as the run began
         saved = (resume / "hypernet" / ENCODER_DIR).is_dir()
         encoder = None if saved else _image_encoder(config)
         return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb, image_encoder=encoder).train()
@@ -229,7 +169,7 @@ class Run:
     ema: EMAModel | None  # their moving average, with `ema_decay`
     optimizer: torch.optim.Optimizer
     noise_schedule: DDPMScheduler
-    settings: dict[str, object]  # what each checkpoint records, and a resume must match (`run_settings`)
+    settings: dict[str, object]  # what each checkpoint records, and a resume must match (`checkpoints.run_settings`)
     prompt_tokens: list[torch.Tensor]  # the instance prompt's tokens, for each text encoder
     data: TrainingData  # each identity's views as latents, photos as encoder crops, and pre-optimised (A, B)
     normalise: Callable[[torch.Tensor], torch.Tensor]  # encoder crops -> the image encoder's input, on its device
@@ -459,54 +399,6 @@ def log_step(run: Run, record: dict) -> None:
         file.write(json.dumps(record) + "\n")
 
 
-def save_ema(ema: EMAModel, path: Path) -> None:
-    """The moving average as safetensors: its weights in the order of the trainable parameters, and its count."""
-    weights = {str(k): weight.detach().cpu().contiguous() for k, weight in enumerate(ema.shadow_params)}
-    save_file(weights, str(path), metadata={"optimization_step": str(ema.optimization_step)})
-
-
-def load_ema(ema: EMAModel, path: Path) -> None:
-    with safe_open(str(path), framework="pt") as file:
-        steps = int(file.metadata()["optimization_step"])
-        weights = [file.get_tensor(str(k)).to(w.device) for k, w in enumerate(ema.shadow_params)]
-    ema.load_state_dict({"optimization_step": steps, "shadow_params": weights})
-
-
-def _save_checkpoint(
-    out: Path,
-    step: int,
-    hypernet: HyperNetwork,
-    optimizer: torch.optim.Optimizer,
-    ema: EMAModel | None,
-    settings: dict[str, object],
-    keep: int,
-) -> None:
-    """Write checkpoint-<step> whole, then point `latest` at it: a kill never leaves a half checkpoint in use.
-
-    It holds the trained weights (and their moving average, if kept); its state.json the step and the run's
-    `settings`; the newest `keep` checkpoints stay. A frozen image encoder (ViT-H: 2.5 GB) is left out: it is
-    the one the run started from, loaded again on resume.
-    """
-    folder = out / "checkpoints"
-    target = folder / f"checkpoint-{step}"
-
-    def write_checkpoint(partial: Path) -> None:
-        hypernet.save_pretrained(partial / "hypernet", image_encoder=not settings["freeze_encoder"])
-        save_optimizer(optimizer, partial / "optimizer.safetensors")
-        if ema is not None:
-            save_ema(ema, partial / EMA_FILE)
-        (partial / "state.json").write_text(json.dumps({"step": step, "settings": settings}))
-
-    write_atomically(target, write_checkpoint)
-    write_atomically(folder / "latest", lambda partial: partial.write_text(target.name))
-    checkpoints = [path for path in folder.glob("checkpoint-*") if path.name.removeprefix("checkpoint-").isdigit()]
-    checkpoints.sort(key=lambda path: int(path.name.removeprefix("checkpoint-")))
-    for old in checkpoints[:-keep]:  # this one, the newest, always stays
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in folder.glob(f"checkpoint-*{PARTIAL_SUFFIX}"):  # a killed run's unfinished checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def _due(step: int, every: int, steps: int) -> bool:
     """Whether a task done every `every` steps falls on `step`; the last step does them all."""
     return (step + 1) % every == 0 or step + 1 == steps
@@ -536,7 +428,7 @@ def after_step(run: Run, step: int, loss: float) -> None:
         if accelerator.is_main_process:  # written once, whatever the number of processes
             hypernet = accelerator.unwrap_model(run.model)
             keep = config.checkpoints_total_limit
-            _save_checkpoint(run.out, step, hypernet, run.optimizer, run.ema, run.settings, keep)
+            checkpoints.save_checkpoint(run.out, step, hypernet, run.optimizer, run.ema, run.settings, keep)
         accelerator.wait_for_everyone()
 
 
@@ -650,7 +542,7 @@ def train_hypernetwork(
         held_out, train_names = _held_out_and_trained(data, config.holdout)
 
         # the hypernetwork and its optimizer, fresh or from the latest checkpoint, if that was made with these settings
-        settings = run_settings(config, lidb_config, instance_token, resolution, train_names, held_out)
+        settings = checkpoints.run_settings(config, lidb_config, instance_token, resolution, train_names, held_out)
         run, start_step = _set_up_run(
             config, settings, out, accelerator, pipe, lidb, instance_token, data, train_names, held_out
         )
@@ -750,7 +642,7 @@ def _trainables(
 
         ema = EMAModel(parameters, decay=config.ema_decay)
         if resume is not None:
-            load_ema(ema, resume / EMA_FILE)
+            checkpoints.load_ema(ema, resume / checkpoints.EMA_FILE)
     return hypernet, parameters, optimizer, ema
 
 
@@ -767,12 +659,9 @@ def _set_up_run(
     held_out: list[str],
 ) -> tuple[Run, int]:
     """Everything the steps use, in one place, and the step to start from: the hypernetwork and its optimizer fresh,
-    or from the latest checkpoint if that was made with these `settings` (`run_settings`)."""
-    resume = _latest_checkpoint(out)
-    if resume is not None:
-        check_resumable(resume, settings)
+    or from the latest checkpoint if that was made with these `settings` (`checkpoints.run_settings`)."""
+    resume, start_step = checkpoints.resume_point(out, settings)
     hypernet, parameters, optimizer, ema = _trainables(config, lidb, resume, accelerator.device)
-    start_step = json.loads((resume / "state.json").read_text())["step"] + 1 if resume is not None else 0
     model, optimizer = accelerator.prepare(hypernet, optimizer)
     run = Run(
         config=config,

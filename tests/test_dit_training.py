@@ -5,7 +5,7 @@ import torch
 from helpers import ASSETS, logged, random_people, tiny_stage2
 from helpers import hdb_cli as hdb
 
-import hdb.train_hypernet as stage
+import hdb.checkpoints as checkpoints
 from hdb.cache import TrainingData, build_cache
 from hdb.config import LiDBConfig, PreoptimizeConfig
 from hdb.hypernet import HyperNetwork, encoder_image_size
@@ -45,7 +45,7 @@ def test_flux_stage_2_resumes_exactly_and_the_command_line_personalises_from_its
     config = tiny_stage2(steps=4, checkpoint_every=1)
     train_hypernetwork(pipe, people, tmp_path / "straight", tmp_path / "stage1", config, device="cpu")
 
-    save = stage._save_checkpoint
+    save = checkpoints.save_checkpoint
 
     def save_then_crash(out, step, *args):  # a run that dies after its second checkpoint
         save(out, step, *args)
@@ -53,7 +53,7 @@ def test_flux_stage_2_resumes_exactly_and_the_command_line_personalises_from_its
             raise Crash
 
     with monkeypatch.context() as patch:
-        patch.setattr(stage, "_save_checkpoint", save_then_crash)
+        patch.setattr(checkpoints, "save_checkpoint", save_then_crash)
         with pytest.raises(Crash):
             train_hypernetwork(pipe, people, tmp_path / "crashed", tmp_path / "stage1", config, device="cpu")
     resumed = train_hypernetwork(pipe, people, tmp_path / "crashed", tmp_path / "stage1", config, device="cpu")

@@ -248,16 +248,16 @@ def test_two_processes_train_on_the_cache_as_one_checkpoint_once_and_resume_unde
 # given step is written: a kill at a known point, not a race with a polling loop.
 KILL_AFTER_CHECKPOINT = """
 import os, signal, sys
-import hdb.train_hypernet as stage
+import hdb.checkpoints as checkpoints
 
-save, kill_after = stage._save_checkpoint, int(sys.argv[1])
+save, kill_after = checkpoints.save_checkpoint, int(sys.argv[1])
 
 def save_then_die(out, step, *args):
     save(out, step, *args)
     if step == kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
 
-stage._save_checkpoint = save_then_die
+checkpoints.save_checkpoint = save_then_die
 from hdb.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -345,7 +345,7 @@ def test_on_step_sees_the_weights_after_that_steps_update(start_step):
 def test_a_run_killed_after_a_snapshot_steps_checkpoint_resumes_exactly(tmp_path, monkeypatch):
     """Step 0 is a snapshot step of the first run, step 1 of the resumed one: both checkpoint (every step) and
     validate there, and the resumed run must log what an uninterrupted one does."""
-    import hdb.train_hypernet as stage
+    import hdb.checkpoints as checkpoints
 
     pipe, people = build_tiny_pipeline("sd15"), random_people(3)
     config = tiny_stage2(steps=4, beta=0.0, checkpoint_every=1, validate_every=1)
@@ -354,14 +354,14 @@ def test_a_run_killed_after_a_snapshot_steps_checkpoint_resumes_exactly(tmp_path
     class Killed(Exception):
         pass
 
-    save = stage._save_checkpoint
+    save = checkpoints.save_checkpoint
 
     def save_then_die(out, step, *args):
         save(out, step, *args)
         if step == 0:
             raise Killed
 
-    monkeypatch.setattr(stage, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         train_hypernetwork(pipe, people, tmp_path / "killed", None, config, device="cpu")
     monkeypatch.undo()
