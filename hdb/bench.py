@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hdb.config import DEFAULT_INSTANCE_PROMPT, PersonalizeConfig
+from hdb.config import DEFAULT_INSTANCE_PROMPT, DecoderConfig, PersonalizeConfig
 from hdb.devices import resolve_device, resolve_dtype
 from hdb.diffusion import (
     Conditioning,
@@ -150,7 +150,7 @@ def _build(options: BenchOptions, device: torch.device) -> PersonalPipeline:
     with torch.device(device):
         if options.tiny:
             encoder, encoder_name = build_tiny_image_encoder(), "tiny CLIP vision"
-            sizes = dict(width=64, depth=2, heads=4)
+            decoder = DecoderConfig(width=64, depth=2, heads=4)
         else:
             vit_h = CLIPVisionConfig(
                 hidden_size=1280,
@@ -162,9 +162,9 @@ def _build(options: BenchOptions, device: torch.device) -> PersonalPipeline:
             )
             with initialised_from(0):
                 encoder = CLIPVisionModel(vit_h)
-            encoder_name, sizes = "ViT-H/14-shaped CLIP vision (random)", {}
+            encoder_name, decoder = "ViT-H/14-shaped CLIP vision (random)", DecoderConfig()
     with LiDB.attached(pipe) as lidb:  # the hypernetwork's shapes and aux bases: those of the pipeline's LiDB
-        hypernet = HyperNetwork.for_lidb(lidb, encoder, encoder_name, **sizes).to(device)
+        hypernet = HyperNetwork.for_lidb(lidb, encoder, encoder_name, decoder=decoder).to(device)
     hypernet.image_encoder.to(denoiser(pipe).dtype)
     return PersonalPipeline(pipe, hypernet)
 

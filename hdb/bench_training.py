@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from hdb.cache import TrainingData, build_cache
-from hdb.config import DEFAULT_INSTANCE_TOKEN, HypernetTrainConfig, LiDBConfig
+from hdb.config import DEFAULT_INSTANCE_TOKEN, DecoderConfig, HypernetTrainConfig, LiDBConfig
 from hdb.devices import resolve_device
 from hdb.diffusion import diffusion_loss, encode_tokens, tokenize_prompts
 from hdb.errors import HdbError
@@ -73,7 +73,8 @@ def synthetic_stage1(count: int, folder: Path) -> None:
 
 def _stage2_config(resolution: int) -> HypernetTrainConfig:
     return HypernetTrainConfig(
-        steps=STEPS, batch_size=2, image_encoder="tiny", width=32, depth=2, heads=4, sample_steps=0,
+        steps=STEPS, batch_size=2, image_encoder="tiny", decoder=DecoderConfig(width=32, depth=2, heads=4),
+        sample_steps=0,
         checkpoint_every=STEPS, validate_every=STEPS, resolution=resolution, progress=False,
     )  # fmt: skip
 

@@ -62,9 +62,11 @@ def run_settings(
     held_out: list[str],
 ) -> dict[str, object]:
     """What a checkpoint records of its run (`RESUMED_SETTINGS`, and what they were resolved to), for
-    `check_resumable`. The identities go in as their count and a hash of their names, in order."""
+    `check_resumable`: the decoder's settings each by name, the identities as their count and a hash of their names,
+    in order."""
     return {
-        **{name: getattr(config, name) for name in RESUMED_SETTINGS},
+        **{name: getattr(config, name) for name in RESUMED_SETTINGS if name != "decoder"},
+        **asdict(config.decoder),
         "lidb": asdict(lidb_config),
         "instance_token": instance_token,
         "resolution": resolution,

@@ -25,6 +25,7 @@ from hdb.config import (
     LIDB_LAYERS,
     MAX_PHOTOS,
     DatasetSource,
+    DecoderConfig,
     GenerateOptions,
     HypernetTrainConfig,
     LiDBConfig,
@@ -400,7 +401,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     _quiet_model_loading()
     # --rank is given only to insist on one: by default the LiDB is the pre-optimised weights'
-    config = config_from_args(HypernetTrainConfig, args, lidb=LiDBConfig(rank=args.rank) if args.rank else None)
+    lidb = LiDBConfig(rank=args.rank) if args.rank else None
+    config = config_from_args(HypernetTrainConfig, args, lidb=lidb, decoder=config_from_args(DecoderConfig, args))
     summary = train_hypernetwork(args.base, _training_photos(args), args.out, args.weights, config, args.device)
     if summary["losses"] and summary["main_process"]:
         last = summary["start_step"] + len(summary["losses"]) - 1
@@ -584,6 +586,7 @@ def _train_command(sub: argparse._SubParsersAction) -> None:
         device={"help": "auto or cpu (several GPUs: accelerate launch)"},
     )
     config_options(tr, HypernetTrainConfig)
+    config_options(tr, DecoderConfig)
     config_option(tr, LiDBConfig, "rank", unset="the --weights folder's, else 1")
     tr.set_defaults(run=cmd_train)
 

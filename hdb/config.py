@@ -306,6 +306,19 @@ class PreoptimizeConfig(Checked):
     progress: bool = _progress()
 
 
+@dataclass(frozen=True)
+class DecoderConfig(Checked):
+    """The hypernetwork's transformer decoder, which stage 2 trains (`HypernetTrainConfig.decoder`) and which is saved
+    with the weights it makes (`HyperNetworkConfig.decoder`, config.json), as nanoGPT saves its model_args."""
+
+    width: int = count_setting(512, "width of the hypernetwork's transformer decoder")
+    depth: int = count_setting(4, "layers of the decoder", high=256)
+    heads: int = count_setting(8, "attention heads of the decoder", high=256)
+    iterations: int = count_setting(4, "refinement iterations s", high=256)
+    refine_from: str = setting(HYPERNET_STARTS[0], "refinement starts at lora (A random, B 0) or zero", HYPERNET_STARTS)
+    decoder_input: str = setting(DECODER_INPUTS[0], "the decoder reads the face: cross or concatenated", DECODER_INPUTS)
+
+
 @dataclass
 class HypernetTrainConfig(Checked):
     """Options of `hdb.train_hypernet.train_hypernetwork` (stage 2)."""
@@ -353,16 +366,7 @@ class HypernetTrainConfig(Checked):
     # 5% of the default steps: the freshly initialised decoder starts gently
     warmup_steps: int = kept_on_resume(steps_setting(50, "linear learning-rate warm-up", low=0))
     lr_schedule: str = kept_on_resume(setting("cosine", "after the warm-up", LR_SCHEDULES))
-    width: int = kept_on_resume(count_setting(512, "width of the hypernetwork's transformer decoder"))
-    depth: int = kept_on_resume(count_setting(4, "layers of the decoder", high=256))
-    heads: int = kept_on_resume(count_setting(8, "attention heads of the decoder", high=256))
-    iterations: int = kept_on_resume(count_setting(4, "refinement iterations s", high=256))
-    refine_from: str = kept_on_resume(
-        setting(HYPERNET_STARTS[0], "refinement starts at lora (A random, B 0) or zero", HYPERNET_STARTS)
-    )
-    decoder_input: str = kept_on_resume(
-        setting(DECODER_INPUTS[0], "the decoder reads the face: cross or concatenated", DECODER_INPUTS)
-    )
+    decoder: DecoderConfig = kept_on_resume(setting(DecoderConfig(), "the hypernetwork's decoder (DecoderConfig)"))
     weight_loss: str = kept_on_resume(
         setting(WEIGHT_LOSSES[0], "the weight term: dense (gauge-free) or paper (raw L2)", WEIGHT_LOSSES)
     )

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from hdb.errors import HdbError
 from hdb.families import BASE_FAMILIES, FAMILIES, Variant, recorded_variant, variant_of
 from hdb.files import read_regular_file, shown
-from hdb.hypernet import CONFIG_FILE, TRAINING_FILE, HyperNetwork
+from hdb.hypernet import CONFIG_FILE, TRAINING_FILE, HyperNetwork, config_values
 from hdb.personal_file import PersonalWeights, hub_id, is_repo_id, public_name
 from hdb.styles import expand_prompt
 
@@ -101,6 +101,7 @@ def model_card(directory: str | Path, repo_id: str, evaluation: str | None = Non
     directory = Path(directory)
     recorded = json.loads((directory / CONFIG_FILE).read_text())
     config = published_config(recorded)
+    decoder = config_values(recorded)["decoder"]
     training_file = directory / TRAINING_FILE
     training = published_training(json.loads(training_file.read_text())) if training_file.is_file() else None
     base_id, base_text, notes = _base_model(recorded.get("base_model", ""))
@@ -153,8 +154,8 @@ def model_card(directory: str | Path, repo_id: str, evaluation: str | None = Non
         ),
         f"- LiDB: rank {config['rank']}, a={config['a']}, b={config['b']}, aux seed {config['lidb_seed']}"
         f" (fingerprint `{config['aux_fingerprint']}`).",
-        f"- Image encoder: `{config['image_encoder']}`; decoder width {config['width']}, depth {config['depth']},"
-        f" {config['iterations']} refinement iterations.",
+        f"- Image encoder: `{config['image_encoder']}`; decoder width {decoder['width']}, depth {decoder['depth']},"
+        f" {decoder['iterations']} refinement iterations.",
         "",
         "## Training",
         "",

@@ -16,7 +16,7 @@ diffusion loss trains the hypernetwork end to end through the LiDB layers.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, CLIPVisionModel
 
-from hdb.config import DECODER_INPUTS, HYPERNET_STARTS, LIDB_LAYERS, HypernetTrainConfig
+from hdb.config import DECODER_INPUTS, HYPERNET_STARTS, LIDB_LAYERS, DecoderConfig
 from hdb.errors import HdbError, check_choice, from_hub_or_directory
 from hdb.lidb import LiDB, LiDBConfig, Signature, arch_fingerprint, check_signature, start_A
 from hdb.models import base_family, base_variant, prediction_type
@@ -37,13 +37,9 @@ from hdb.seeding import initialised_from
 CLIP_MEAN = (0.4815, 0.4578, 0.4082)
 CLIP_STD = (0.2686, 0.2613, 0.2758)
 NO_GRADIENT = ("k_proj.bias", "attention.key.bias", "mask_token")  # CLIP/SigLIP, ViT/DINOv2 names
+DECODER_FIELDS = tuple(item.name for item in fields(DecoderConfig))
 CONFIG_FILE, WEIGHTS_FILE, ENCODER_DIR = "config.json", "hypernet.safetensors", "image_encoder"
 TRAINING_FILE = "training.json"  # how it was trained, written by stage 2 (read by the model card)
-
-
-# The decoder's architecture: chosen by stage 2's settings (hdb.config.HypernetTrainConfig, where their defaults and
-# help are written) and saved with the weights, as nanoGPT saves its model_args
-ARCHITECTURE = ("width", "depth", "heads", "iterations", "refine_from", "decoder_input")
 
 
 @dataclass
@@ -53,12 +49,7 @@ class HyperNetworkConfig:
     rank: int
     a: int
     b: int
-    width: int = HypernetTrainConfig.width  # decoder d_model
-    depth: int = HypernetTrainConfig.depth
-    heads: int = HypernetTrainConfig.heads
-    iterations: int = HypernetTrainConfig.iterations  # the paper's s
-    refine_from: str = HypernetTrainConfig.refine_from  # the first iteration's input weights (HYPERNET_STARTS)
-    decoder_input: str = HypernetTrainConfig.decoder_input  # how the decoder reads the image tokens (DECODER_INPUTS)
+    decoder: DecoderConfig = DecoderConfig()
     image_size: int = 224
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
@@ -114,6 +105,15 @@ def encoder_image_size(name_or_path: str) -> int:
     return size if size is not None else HyperNetworkConfig.image_size
 
 
+def config_values(recorded: dict) -> dict:
+    """A saved config.json's values as HyperNetworkConfig takes them: tuples where JSON has lists, and the decoder's
+    settings in `decoder` (configs of hdb 0.x kept them at the top level)."""
+    values = {key: value for key, value in recorded.items() if key not in DECODER_FIELDS}
+    values.update({key: tuple(values[key]) for key in ("image_mean", "image_std") if key in values})
+    values["decoder"] = recorded.get("decoder") or {key: recorded[key] for key in DECODER_FIELDS if key in recorded}
+    return values
+
+
 class HyperNetwork(nn.Module):
     def __init__(self, config: HyperNetworkConfig, image_encoder: nn.Module, seed: int = 0) -> None:
         """`seed` draws the initial weights of the layers around `image_encoder` (loaded weights replace them)."""
@@ -124,7 +124,8 @@ class HyperNetwork(nn.Module):
             raise HdbError(
                 f"Cannot tell the hidden size of image encoder {type(image_encoder).__name__} (no config.hidden_size)"
             )
-        L, width, size = config.num_layers, config.width, (config.a + config.b) * config.rank
+        decoder = config.decoder
+        L, width, size = config.num_layers, decoder.width, (config.a + config.b) * config.rank
         self.image_encoder = image_encoder
         # Freeze what can never learn: attention key biases (softmax ignores a shift shared by all keys, so
         # their gradient is zero up to rounding) and ViT/DINOv2 mask tokens (masked-image-modelling only).
@@ -137,18 +138,18 @@ class HyperNetwork(nn.Module):
             # One projection per LiDB layer (layers differ in meaning), batched into one tensor.
             self.weight_in = nn.Parameter(torch.randn(L, size, width) / size**0.5)
             self.position = nn.Parameter(torch.randn(L, width) * 0.02)
-            check_choice("decoder_input", config.decoder_input, DECODER_INPUTS)
-            if config.decoder_input == "cross":  # weight tokens self-attend, then cross-attend to the face
+            check_choice("decoder_input", decoder.decoder_input, DECODER_INPUTS)
+            if decoder.decoder_input == "cross":  # weight tokens self-attend, then cross-attend to the face
                 layer = nn.TransformerDecoderLayer(
-                    width, config.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+                    width, decoder.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
                 )
-                self.decoder = nn.TransformerDecoder(layer, config.depth, norm=nn.LayerNorm(width))
+                self.decoder = nn.TransformerDecoder(layer, decoder.depth, norm=nn.LayerNorm(width))
             else:  # the paper's: image and weight tokens one sequence, self-attention only
                 layer = nn.TransformerEncoderLayer(
-                    width, config.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+                    width, decoder.heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
                 )
                 self.decoder = nn.TransformerEncoder(
-                    layer, config.depth, norm=nn.LayerNorm(width), enable_nested_tensor=False
+                    layer, decoder.depth, norm=nn.LayerNorm(width), enable_nested_tensor=False
                 )
             # Near zero, so the first prediction is ~ "no change" (the authors' N(0, 1e-3)). The decoder's output
             # is layer-normed (entries ~1), so the weights are scaled by 1/sqrt(width) to make each predicted
@@ -158,8 +159,8 @@ class HyperNetwork(nn.Module):
         # The iterations start where LiDB training from zero starts (A random, B zero, as LoRA): the model
         # is unchanged, yet the diffusion loss has a gradient at once (at A = B = 0 it has none). Or at zero,
         # the paper's start. Saved with the weights, so a checkpoint predicts the same everywhere.
-        check_choice("refine_from", config.refine_from, HYPERNET_STARTS)
-        A = start_A(L, self.lidb_config).flatten(1) * (config.refine_from == "lora")
+        check_choice("refine_from", decoder.refine_from, HYPERNET_STARTS)
+        A = start_A(L, self.lidb_config).flatten(1) * (decoder.refine_from == "lora")
         self.register_buffer("start", torch.cat([A, torch.zeros(L, config.b * config.rank)], dim=1))
 
     @property
@@ -189,7 +190,7 @@ class HyperNetwork(nn.Module):
         c = self.config
         image_tokens = self.encode_image(pixel_values)
         weights = self.start.to(image_tokens.dtype).expand(image_tokens.shape[0], -1, -1)
-        for _ in range(c.iterations if iterations is None else iterations):
+        for _ in range(c.decoder.iterations if iterations is None else iterations):
             weights = self.refine(weights, image_tokens)
         split = c.rank * c.a  # A's numbers first, then B's, as the tokens were built
         A = weights[..., :split].unflatten(-1, (c.rank, c.a))
@@ -199,7 +200,7 @@ class HyperNetwork(nn.Module):
     def refine(self, weights: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """One refinement iteration: the flat weights [B, L, (a+b)r] plus the decoder's correction, given the face."""
         tokens = torch.einsum("bli,liw->blw", weights, self.weight_in) + self.position
-        if self.config.decoder_input == "cross":
+        if self.config.decoder.decoder_input == "cross":
             tokens = self.decoder(tokens, image_tokens)
         else:  # one sequence, the weight tokens last; only their outputs are read
             tokens = self.decoder(torch.cat([image_tokens, tokens], dim=1))[:, image_tokens.shape[1] :]
@@ -231,9 +232,15 @@ class HyperNetwork(nn.Module):
 
     @classmethod
     def for_lidb(
-        cls, lidb: LiDB, image_encoder: nn.Module, image_encoder_name: str, seed: int = 0, **config_overrides
+        cls,
+        lidb: LiDB,
+        image_encoder: nn.Module,
+        image_encoder_name: str,
+        seed: int = 0,
+        decoder: DecoderConfig = DecoderConfig(),
     ) -> HyperNetwork:
-        """A fresh hypernetwork predicting weights for `lidb` (its layers, shapes and aux bases), drawn from `seed`."""
+        """A fresh hypernetwork predicting weights for `lidb` (its layers, shapes and aux bases) with this `decoder`,
+        drawn from `seed`."""
         values = dict(
             image_encoder=public_name(image_encoder_name),  # informational, and the file may be shared: no path
             num_layers=len(lidb.layer_names),
@@ -249,11 +256,11 @@ class HyperNetwork(nn.Module):
             base_family=base_family(lidb.pipe),
             prediction_type=prediction_type(lidb.pipe),
             base_variant=base_variant(lidb.pipe),
+            decoder=decoder,
         )
         image_size = _encoder_setting(image_encoder, "image_size")
         if image_size is not None:
             values["image_size"] = image_size
-        values.update(config_overrides)
         return cls(HyperNetworkConfig(**values), image_encoder, seed)
 
     def signature(self) -> Signature:
@@ -301,11 +308,8 @@ class HyperNetwork(nn.Module):
         if not (directory / CONFIG_FILE).is_file():
             raise HdbError(f"{directory} is not a saved hypernetwork (no {CONFIG_FILE})")
         try:
-            values = json.loads((directory / CONFIG_FILE).read_text())
-            values.update(
-                {k: tuple(values[k]) for k in ("image_mean", "image_std") if k in values}
-            )  # JSON has no tuples
-            config = HyperNetworkConfig(**values)
+            values = config_values(json.loads((directory / CONFIG_FILE).read_text()))
+            config = HyperNetworkConfig(**{**values, "decoder": DecoderConfig(**values["decoder"])})
             check_choice("LiDB layers", config.lidb_layers, LIDB_LAYERS)
         except (ValueError, TypeError, HdbError) as error:
             raise HdbError(f"{directory / CONFIG_FILE} is not a valid hypernetwork config: {error}") from None

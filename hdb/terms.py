@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import fields
 
-from hdb.config import DatasetSource, HypernetTrainConfig, PersonalizeConfig, PreoptimizeConfig
+from hdb.config import DatasetSource, DecoderConfig, HypernetTrainConfig, PersonalizeConfig, PreoptimizeConfig
 from hdb.options import BenchOptions
 
 # Settings whose flag is not `--` and their name with dashes
@@ -26,8 +26,10 @@ RENAMED_FLAGS = {
     "out_dir": "--out",  # preoptimize's and train_hypernetwork's
 }
 # Fields of the option dataclasses that no command offers: each command sets them itself (train_prediction: the
-# toy's ablation, for library callers)
-NOT_ON_THE_COMMAND_LINE = frozenset({"instance_token", "lidb", "progress", "first_images", "train_prediction"})
+# toy's ablation, for library callers), or offers the fields of the dataclass they hold (decoder: DecoderConfig's)
+NOT_ON_THE_COMMAND_LINE = frozenset(
+    {"instance_token", "lidb", "decoder", "progress", "first_images", "train_prediction"}
+)
 # Arguments of library functions, not config fields, that the commands offer as flags too
 ARGUMENTS = ("base", "hypernet", "dtype", "device", "rank", "weights_dir", "out_dir")
 # Library functions a message may point to -> the command that runs each
@@ -44,7 +46,14 @@ def flag_for(setting: str) -> str:
 # Every setting that some command offers -> its flag
 FLAGS = {
     field.name: flag_for(field.name)
-    for config in (PersonalizeConfig, PreoptimizeConfig, HypernetTrainConfig, BenchOptions, DatasetSource)
+    for config in (
+        PersonalizeConfig,
+        PreoptimizeConfig,
+        HypernetTrainConfig,
+        DecoderConfig,
+        BenchOptions,
+        DatasetSource,
+    )
     for field in fields(config)
     if field.name not in NOT_ON_THE_COMMAND_LINE
 } | {name: flag_for(name) for name in ARGUMENTS}

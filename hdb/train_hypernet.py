@@ -49,7 +49,6 @@ from hdb.faces import crop_size
 from hdb.families import denoiser
 from hdb.files import check_shared_folder
 from hdb.hypernet import (
-    ARCHITECTURE,
     ENCODER_DIR,
     TRAINING_FILE,
     HyperNetwork,
@@ -141,8 +140,7 @@ def _build_hypernet(config: HypernetTrainConfig, lidb: LiDB, resume: Path | None
         saved = (resume / "hypernet" / ENCODER_DIR).is_dir()
         encoder = None if saved else _image_encoder(config)
         return HyperNetwork.from_pretrained(resume / "hypernet", lidb=lidb, image_encoder=encoder).train()
-    architecture = {name: getattr(config, name) for name in ARCHITECTURE}
-    return HyperNetwork.for_lidb(lidb, _image_encoder(config), config.image_encoder, seed=config.seed, **architecture)
+    return HyperNetwork.for_lidb(lidb, _image_encoder(config), config.image_encoder, config.seed, config.decoder)
 
 
 def _image_encoder(config: HypernetTrainConfig) -> torch.nn.Module:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from hdb.config import HypernetTrainConfig
+from hdb.config import DecoderConfig, HypernetTrainConfig
 from hdb.diffusion import encode_prompts, predict_noise
 from hdb.identities import Identity
 from hdb.lidb import LiDB, LiDBConfig
@@ -202,6 +202,9 @@ def random_people(count: int, size: int = 64) -> list[Identity]:
     return [Identity(f"person{k}", [Image.fromarray(image.numpy())]) for k, image in enumerate(images)]
 
 
+TINY_DECODER = DecoderConfig(width=32, depth=2, heads=4)  # a hypernetwork's decoder small enough for tests
+
+
 def tiny_stage2(**overrides) -> HypernetTrainConfig:
-    values = dict(steps=2, batch_size=2, image_encoder="tiny", width=32, depth=2, heads=4, sample_steps=0)
+    values = dict(steps=2, batch_size=2, image_encoder="tiny", decoder=TINY_DECODER, sample_steps=0)
     return HypernetTrainConfig(**{**values, "progress": False, **overrides})

@@ -12,7 +12,7 @@ from helpers import ASSETS, assert_one_line_error, trained_person
 from helpers import hdb_cli as hdb
 from PIL import Image
 
-from hdb.config import PersonalizeConfig
+from hdb.config import DecoderConfig, PersonalizeConfig
 from hdb.errors import HdbError
 from hdb.evaluate import Evaluator, _mean_row, find_people, identity_matrix, identity_similarity
 
@@ -180,8 +180,8 @@ def test_cli_eval_runs_the_papers_protocol(tiny_sd15_dir, tiny_metric_models, tm
     pipe = load_pipeline(str(tiny_sd15_dir), "fp32", "cpu")
     with LiDB.attached(pipe) as lidb:
         for folder, iterations in (("hypernet", 4), ("hypernet_k1", 1)):
-            net = HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4,
-                                        iterations=iterations)  # fmt: skip
+            decoder = DecoderConfig(width=32, depth=2, heads=4, iterations=iterations)
+            net = HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", decoder=decoder)
             net.save_pretrained(tmp_path / folder)
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -226,8 +226,8 @@ def test_each_row_of_the_papers_protocol_starts_where_the_paper_says(tiny_sd15, 
 
     with LiDB.attached(tiny_sd15) as lidb:
         main, k1 = (
-            HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4, seed=seed,
-                                  iterations=iterations)
+            HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", seed,
+                                  DecoderConfig(width=32, depth=2, heads=4, iterations=iterations))
             for seed, iterations in ((0, 4), (1, 1))
         )  # fmt: skip
         for net in (main, k1):

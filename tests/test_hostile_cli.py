@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import ASSETS, assert_one_line_error, hdb_in_process, refused, trained_person
+from helpers import ASSETS, TINY_DECODER, assert_one_line_error, hdb_in_process, refused, trained_person
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -55,7 +55,7 @@ def tiny_hypernet_folder(base: Path, folder: Path) -> Path:
     from hdb.models import load_pipeline
 
     with LiDB.attached(load_pipeline(str(base), "fp32", "cpu")) as lidb:
-        hypernet = HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4)
+        hypernet = HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", decoder=TINY_DECODER)
     hypernet.save_pretrained(folder)
     return folder
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import trained_person
+from helpers import TINY_DECODER, trained_person
 from huggingface_hub import ModelCard
 from PIL import Image
 
@@ -31,7 +31,7 @@ PRIVATE = ("/home/someone", "Alice Example", "Bob Example")  # local paths and h
 
 @pytest.fixture
 def saved_hypernet(tiny_sd15, tmp_path) -> Path:
-    hypernet = HyperNetwork.for_lidb(LiDB(tiny_sd15), build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4)
+    hypernet = HyperNetwork.for_lidb(LiDB(tiny_sd15), build_tiny_image_encoder(), "tiny", decoder=TINY_DECODER)
     hypernet.save_pretrained(tmp_path / "hypernet")
     return tmp_path / "hypernet"
 

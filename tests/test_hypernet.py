@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
-from hdb.config import PAIRINGS
+from hdb.config import PAIRINGS, DecoderConfig
 from hdb.diffusion import diffusion_loss, encode_images, encode_prompts
 from hdb.errors import HdbError
 from hdb.hypernet import HyperNetwork, build_tiny_image_encoder, load_image_encoder
@@ -19,7 +19,9 @@ TINY = dict(width=32, depth=2, heads=4)
 
 def tiny_hypernet(lidb: LiDB, **overrides) -> HyperNetwork:
     torch.manual_seed(0)
-    return HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny-clip-vision", **{**TINY, **overrides})
+    return HyperNetwork.for_lidb(
+        lidb, build_tiny_image_encoder(), "tiny-clip-vision", decoder=DecoderConfig(**{**TINY, **overrides})
+    )
 
 
 def pixels(n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -147,7 +149,7 @@ def test_the_papers_zero_start_and_concatenated_input_are_what_they_say(tiny_sd1
     with torch.no_grad():  # image tokens reach the weight tokens through the shared sequence
         changed = papers(pixels(seed=1))[0] - papers(pixels(seed=2))[0]
     assert changed.abs().max() > 0
-    with pytest.raises(HdbError, match="Unknown decoder_input 'sideways'"):
+    with pytest.raises(HdbError, match="`decoder_input` must be one of cross, concatenated, not 'sideways'"):
         tiny_hypernet(lidb, decoder_input="sideways")
 
 
@@ -160,9 +162,13 @@ def test_save_load_roundtrip_and_compatibility(tiny_sd15, tiny_sdxl, tmp_path, o
     hypernet.save_pretrained(tmp_path / "hn")
     loaded = HyperNetwork.from_pretrained(tmp_path / "hn", lidb=lidb)
     assert loaded.lidb_config == lidb.config
-    assert all(getattr(loaded.config, key) == value for key, value in options.items())
+    assert all(getattr(loaded.config.decoder, key) == value for key, value in options.items())
     for before, after in zip(hypernet.predict(face()), loaded.predict(face()), strict=True):
         assert torch.equal(before, after)
+    saved = json.loads((tmp_path / "hn" / "config.json").read_text())  # hdb 0.x kept the decoder's settings flat
+    (tmp_path / "hn" / "config.json").write_text(json.dumps({**saved.pop("decoder"), **saved}))
+    flat = HyperNetwork.from_pretrained(tmp_path / "hn", lidb=lidb)
+    assert flat.config == loaded.config and torch.equal(flat.predict(face())[1], loaded.predict(face())[1])
 
     with pytest.raises(HdbError, match="LiDB layers.*fingerprint"):
         HyperNetwork.from_pretrained(tmp_path / "hn", lidb=LiDB(tiny_sdxl))
@@ -190,7 +196,8 @@ def test_bad_files_raise_hdb_error(tiny_sd15, tmp_path):
 
     hypernet.save_pretrained(tmp_path / "resized")  # config says one width, the weights have another
     config = json.loads((tmp_path / "resized" / "config.json").read_text())
-    (tmp_path / "resized" / "config.json").write_text(json.dumps({**config, "width": 48}))
+    config["decoder"]["width"] = 48
+    (tmp_path / "resized" / "config.json").write_text(json.dumps(config))
     with pytest.raises(HdbError, match="does not match its config"):
         HyperNetwork.from_pretrained(tmp_path / "resized")
 

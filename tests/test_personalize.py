@@ -5,7 +5,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from helpers import ASSETS, assert_one_line_error, hdb_in_process
+from helpers import ASSETS, TINY_DECODER, assert_one_line_error, hdb_in_process
 from helpers import hdb_cli as hdb
 from PIL import Image
 
@@ -111,7 +111,7 @@ def tiny_hypernet(pipe):
     from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
 
     with LiDB.attached(pipe) as lidb:
-        return HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4)
+        return HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", decoder=TINY_DECODER)
 
 
 @pytest.mark.parametrize("relax", ["lora", "lidb"])

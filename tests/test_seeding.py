@@ -1,6 +1,7 @@
 """hdb draws random initial weights from the seeds it is given, and never seeds the process-wide RNG."""
 
 import torch
+from helpers import TINY_DECODER
 from PIL import Image
 
 from hdb.config import HypernetTrainConfig
@@ -18,7 +19,7 @@ def same_weights(one: torch.nn.Module, other: torch.nn.Module) -> bool:
 
 
 def tiny_hypernet(lidb: LiDB, seed: int) -> HyperNetwork:
-    return HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(seed), "tiny", seed, width=32, depth=2, heads=4)
+    return HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(seed), "tiny", seed, decoder=TINY_DECODER)
 
 
 def test_building_models_leaves_the_process_random_state_as_it_was():
@@ -49,7 +50,13 @@ def test_training_a_hypernetwork_leaves_the_process_random_state_as_it_was(tmp_p
     people = [Identity(f"person{k}", [Image.fromarray(photo.numpy())]) for k, photo in enumerate(photos)]
     pipe = build_tiny_pipeline("sd15")
     config = HypernetTrainConfig(
-        steps=1, batch_size=2, beta=0, image_encoder="tiny", width=32, depth=2, heads=4, sample_steps=1, progress=False
+        steps=1,
+        batch_size=2,
+        beta=0,
+        image_encoder="tiny",
+        decoder=TINY_DECODER,
+        sample_steps=1,
+        progress=False,
     )
     state = torch.get_rng_state()
     train_hypernetwork(pipe, people, tmp_path, config=config, device="cpu")

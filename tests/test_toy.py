@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import TINY_DECODER
 
 from hdb.cli import build_parser, cmd_toy
 from hdb.config import PersonalizeConfig
@@ -45,7 +46,7 @@ def test_cli_wiring(tmp_path):
 def test_scoring_in_two_workers_gives_the_same_scores(tiny_sd15):
     # the people shared out among forked processes: every loss, percentage, guard stop and sample as in one process
     with LiDB.attached(tiny_sd15) as lidb:
-        hypernets = {"s": HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", width=32, depth=2, heads=4)}
+        hypernets = {"s": HyperNetwork.for_lidb(lidb, build_tiny_image_encoder(), "tiny", decoder=TINY_DECODER)}
     config = ToyConfig(test_identities=3, eval_renders=2, eval_draws=2, finetune_steps=2, long_finetune_steps=2,
                        dreambooth_steps=2, other_people=2, sample_steps=2, upper_bound_renders=0,
                        ablation=False)  # fmt: skip

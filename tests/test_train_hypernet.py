@@ -405,7 +405,7 @@ def test_a_resume_with_other_settings_is_refused_and_the_newest_checkpoints_are_
     refused("alpha: 1.0 then, 0.5 now", "batch_size: 2 then, 4 now", alpha=0.5, batch_size=4)
     refused("lr_schedule: 'cosine' then, 'constant' now", lr_schedule="constant")
     refused("weight_loss: 'dense' then, 'paper' now", "decoder_input: 'cross' then, 'concatenated' now",
-            weight_loss="paper", decoder_input="concatenated")  # fmt: skip
+            weight_loss="paper", decoder=dataclasses.replace(config.decoder, decoder_input="concatenated"))  # fmt: skip
     refused("identities: {'trained': 2, ", people=people)  # another identity list
     refused("identities: ", people=people[1:] + people[:1])  # the same count, others held out
     # what does not change the steps still to run may change: this resume goes on (with nothing left to do)

@@ -28,7 +28,7 @@ import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -42,6 +42,7 @@ from hdb.config import (
     RELAX_MODES,
     STEPS_FROM_ZERO,
     STEPS_WITH_HYPERNET,
+    DecoderConfig,
     HypernetTrainConfig,
     PersonalizeConfig,
     PreoptimizeConfig,
@@ -59,7 +60,7 @@ from hdb.errors import HdbError
 from hdb.faces import AlignedFace
 from hdb.families import denoiser
 from hdb.generate import generate
-from hdb.hypernet import HyperNetwork
+from hdb.hypernet import DECODER_FIELDS, HyperNetwork
 from hdb.identities import Identity, load_weights_dataset
 from hdb.lidb import LiDB
 from hdb.models import Pipeline, build_tiny_pipeline, training_scheduler
@@ -295,15 +296,28 @@ class Method:
     upper_bound: bool = False  # a LiDB pre-optimised on many other renders of the person
 
 
-# The hypernetworks the toy can train: (iterations s or None for the config's, beta or None, HypernetTrainConfig
-# fields), and the ToyConfig flag that asks for each ("" : always)
+@dataclass(frozen=True)
+class ToyHypernet:
+    """One hypernetwork the toy can train: how it differs from the toy's own (None: as the toy's config has it)."""
+
+    asked_by: str = ""  # the ToyConfig flag that asks for it ("": always trained)
+    iterations: int | None = None  # the paper's s
+    beta: float | None = None
+    weight_loss: str | None = None  # HypernetTrainConfig's
+    refine_from: str | None = None  # DecoderConfig's
+    decoder_input: str | None = None  # DecoderConfig's
+
+    def wanted(self, config: ToyConfig) -> bool:
+        return not self.asked_by or getattr(config, self.asked_by)
+
+
 HYPERNETS = {
-    "s": ("", None, None, {}),
-    "s1": ("compare_s1", 1, None, {}),
-    "beta0": ("compare_beta0", None, 0.0, {}),
-    "paper_loss": ("paper_variants", None, None, {"weight_loss": "paper"}),
-    "zero_start": ("paper_variants", None, None, {"refine_from": "zero"}),
-    "concatenated": ("paper_variants", None, None, {"decoder_input": "concatenated"}),
+    "s": ToyHypernet(),
+    "s1": ToyHypernet("compare_s1", iterations=1),
+    "beta0": ToyHypernet("compare_beta0", beta=0.0),
+    "paper_loss": ToyHypernet("paper_variants", weight_loss="paper"),
+    "zero_start": ToyHypernet("paper_variants", refine_from="zero"),
+    "concatenated": ToyHypernet("paper_variants", decoder_input="concatenated"),
 }
 VARIANT_LABELS = {
     "paper_loss": "the paper's raw L2 weight loss",
@@ -360,7 +374,7 @@ def toy_methods(config: ToyConfig) -> dict[str, Method]:
         "hyper_ft_lidb_frozen": not config.ablation,
         "upper_bound": not config.upper_bound_renders,
     }
-    wanted = {name for name, (flag, *_) in HYPERNETS.items() if not flag or getattr(config, flag)}
+    wanted = {name for name, hypernet in HYPERNETS.items() if hypernet.wanted(config)}
     return {
         name: method
         for name, method in methods.items()
@@ -626,27 +640,28 @@ def run_toy(
     # 4. stage 2: the hypernetworks. The held-out people go first with holdout=len(test): train_hypernetwork
     # never trains on them, only reports its validation loss on their one photo.
     def train_stage2(variant: str) -> tuple[HyperNetwork, dict]:
-        _, iterations, beta, options = HYPERNETS[variant]
+        asked = HYPERNETS[variant]
+        decoder = DecoderConfig(
+            config.hyper_width, config.hyper_depth, config.hyper_heads, asked.iterations or config.iterations
+        )
+        decoder = replace(decoder, **{k: v for k, v in vars(asked).items() if k in DECODER_FIELDS and v is not None})
         hyper_config = HypernetTrainConfig(
             steps=config.hyper_steps,
             batch_size=config.hyper_batch,
             learning_rate=config.hyper_lr,
             alpha=config.hyper_alpha,
-            beta=config.hyper_beta if beta is None else beta,
+            beta=config.hyper_beta if asked.beta is None else asked.beta,
             holdout=len(test_people),
             seed=seed,
             image_encoder="tiny",
             freeze_encoder=False,  # a random encoder has nothing to keep; the toy's results were made training it
             warmup_steps=0,  # and with a constant learning rate
             lr_schedule="constant",
-            width=config.hyper_width,
-            depth=config.hyper_depth,
-            heads=config.hyper_heads,
-            iterations=iterations or config.iterations,
+            decoder=decoder,
             checkpoint_every=config.hyper_steps,
             validate_every=max(config.hyper_steps // 10, 1),
             progress=progress,
-            **options,
+            weight_loss=asked.weight_loss or HypernetTrainConfig.weight_loss,
         )
         folder = work / f"hypernet_{variant}"
         summary = train_hypernetwork(
@@ -655,8 +670,8 @@ def run_toy(
         return HyperNetwork.from_pretrained(folder / "hypernet"), summary
 
     hypernets, summary = {}, {}
-    for variant, (flag, *_) in HYPERNETS.items():
-        if not flag or getattr(config, flag):
+    for variant, hypernet in HYPERNETS.items():
+        if hypernet.wanted(config):
             hypernets[variant], summary[variant] = train_stage2(variant)
             clock = lap(f"hypernetwork_{variant}", clock)
 
