@@ -81,7 +81,7 @@ def run_settings(
 def check_resumable(checkpoint: Path, settings: dict[str, object]) -> None:
     """Refuse to resume `checkpoint` with other settings than its run's, naming each that differs."""
     saved = json.loads((checkpoint / "state.json").read_text()).get("settings")
-    if saved is None:  # written before checkpoints recorded their settings
+    if saved is None:  # a checkpoint of an hdb that did not record them: nothing to compare
         warnings.warn(f"{checkpoint} does not record its run's settings: resuming it unchecked", stacklevel=3)
         return
     saved = SETTINGS_ADDED_LATER | saved

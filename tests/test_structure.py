@@ -421,10 +421,7 @@ def test_every_relaxation_mode_has_its_strategy_and_no_other_can_be_chosen():
 
 # Functions a newcomer reads in one sitting: at most 80 lines; classes at most 250. Those not split yet, with what
 # their split waits for (issue #36). The list only shrinks: the test wants it exact, so a split one leaves it too.
-NOT_YET_SPLIT = {
-    ("toy/experiment.py", "run_toy"): "the toy's driver apart from its methods; its seeds, and so docs/TOY.md, kept",
-    ("toy/experiment.py", "evaluate_methods"): "as run_toy: the toy's methods as named records first",
-}
+NOT_YET_SPLIT = {}
 
 
 def test_functions_and_classes_are_read_in_one_sitting():

@@ -412,86 +412,15 @@ def evaluate_methods(
     other renders of EVERY held-out person; on other people, in both contexts; and on the person's own renders
     in black and white, with the prompt of that context. `workers` > 1 shares the people out among that many
     forked processes (`in_forked_workers`): the same scores, sooner on as many cores."""
-    personal = PersonalPipeline(pipe, lidb_config=hypernets["s"].lidb_config)  # each method brings its own start
-    lidb = personal.lidb
-    upper_bound = (
-        load_weights_dataset(upper_bound_dir, lidb, [p.identity.name for p in test]) if upper_bound_dir else {}
-    )
-    methods = toy_methods(config)
+    scoring = _Scoring(pipe, hypernets, upper_bound_dir, test, others, config, seed)
+    try:
+        everyone = in_forked_workers(
+            scoring.score_person, len(test), workers, progress, "personalising held-out people"
+        )
+    finally:
+        scoring.personal.unload()
+    methods = scoring.methods
     scores = Scores({name: [] for name in methods}, {name: [] for name in methods}, {n: [] for n in methods}, {}, [])
-    for net in hypernets.values():
-        net.eval()
-    draws = eval_draws(pipe, [p.eval_renders for p in test], config.eval_draws, seed * 7919)
-    in_context = eval_draws(pipe, [[in_black_and_white(r) for r in p.eval_renders] for p in test], 1, seed * 7919 + 1)
-    other_renders = [p.eval_renders for p in others]
-    in_grey = [[in_black_and_white(r) for r in rs] for rs in other_renders]
-    other_draws = (  # one set per context: the people as they are, and in black and white
-        eval_draws(pipe, other_renders, config.other_draws, seed * 7919 + 2),
-        eval_draws(pipe, in_grey, config.other_draws, seed * 7919 + 3),
-    )
-
-    def personalise(method: Method, person: Person, other: Person) -> bool:
-        """Put the pipeline in the state `method` leaves for `person`; True if the divergence guard stopped it."""
-        net = hypernets[method.hypernet] if method.hypernet else None
-        photo = (other if method.wrong_photo else person).photos[0]
-        with torch.no_grad():
-            prediction = net.predict(photo) if net is not None else None
-        if method.upper_bound:
-            personal.use_weights(*upper_bound[person.identity.name])
-        elif method.steps:
-            face = AlignedFace.from_crop(person.photos[0])  # a render is already an aligned crop
-            ft = PersonalizeConfig(
-                steps=method.steps,
-                learning_rate=method.learning_rate or config.finetune_lr,
-                relax=method.relax,
-                train_prediction=method.train_prediction,
-                seed=seed,
-                progress=False,
-            )
-            try:
-                personal.personalize(face, ft, start=prediction)
-            except TrainingDiverged as stop:  # score the last good step's weights, and count the stop
-                personal.use(stop.last_good)
-                return True
-        elif prediction is not None:
-            personal.use_weights(*prediction)
-        else:
-            personal.forget()  # B = 0: the base model
-        return False
-
-    def measure(k: int | None) -> tuple[list[float], list[float], np.ndarray]:
-        """The personalised model's scores: on every held-out person, on other people, and in context on person k
-        (None: on everyone)."""
-        lidb.own.use_shared()
-        # folded into the weights once: ~1,800 samples then skip the low-rank path in every layer (~30% faster;
-        # the same losses to 1e-7), and unmerging puts the exact base weights back
-        with lidb.merged_into_weights():
-            row = heldout_loss(pipe, draws, DEFAULT_INSTANCE_PROMPT).tolist()
-            drift = [heldout_loss(pipe, d, prompt).mean() for d, prompt in zip(other_draws, PROMPTS, strict=True)]
-            context = heldout_loss(pipe, in_context if k is None else in_context.of(k), INSTANCE_IN_CONTEXT)
-        return row, drift, context
-
-    personal.forget()
-    base_row, base_drift, base_context = measure(None)
-
-    def score_person(k: int) -> PersonScores:
-        """Person k personalised by every method (from person k+1's photo for the control), and measured."""
-        person, other = test[k], test[(k + 1) % len(test)]
-        measured, stopped, sheet_row = {}, [], [person.photos[0]]
-        for name, method in methods.items():
-            if personalise(method, person, other):
-                stopped.append(name)
-            if name == "base":  # one model for everyone: measured once, above
-                measured[name] = (base_row, [0.0] * len(PROMPTS), 0.0)
-            else:
-                row, drift, context = measure(k)
-                drift_pct = [100 * (d / b - 1) for d, b in zip(drift, base_drift, strict=True)]
-                measured[name] = (row, drift_pct, float(100 * (context[0] / base_context[k] - 1)))
-            if k < SAMPLED_PEOPLE and name in SAMPLED_METHODS:
-                sheet_row.append(sample_picture(pipe, lidb, seed, config.sample_steps))
-        return PersonScores(measured, stopped, sheet_row if k < SAMPLED_PEOPLE else None)
-
-    everyone = in_forked_workers(score_person, len(test), workers, progress, "personalising held-out people")
     for person in everyone:
         for name, (row, drift_pct, context_pct) in person.measured.items():
             scores.losses[name].append(row)
@@ -501,8 +430,104 @@ def evaluate_methods(
             scores.stops[name] = scores.stops.get(name, 0) + 1
         if person.sheet_row is not None:
             scores.samples.append(person.sheet_row)
-    personal.unload()
     return scores
+
+
+class _Scoring:
+    """What scoring every held-out person shares: the pipeline's person, the methods' starts, the draws each model is
+    measured on, and the base model's own scores."""
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        hypernets: dict[str, HyperNetwork],
+        upper_bound_dir: Path | None,
+        test: list[Person],
+        others: list[Person],
+        config: ToyConfig,
+        seed: int,
+    ) -> None:
+        self.pipe, self.hypernets, self.test, self.config, self.seed = pipe, hypernets, test, config, seed
+        self.personal = PersonalPipeline(pipe, lidb_config=hypernets["s"].lidb_config)  # each method its own start
+        self.upper_bound = (
+            load_weights_dataset(upper_bound_dir, self.personal.lidb, [p.identity.name for p in test])
+            if upper_bound_dir
+            else {}
+        )
+        self.methods = toy_methods(config)
+        for net in hypernets.values():
+            net.eval()
+        self.draws = eval_draws(pipe, [p.eval_renders for p in test], config.eval_draws, seed * 7919)
+        in_grey = [[in_black_and_white(r) for r in p.eval_renders] for p in test]
+        self.in_context = eval_draws(pipe, in_grey, 1, seed * 7919 + 1)
+        other_renders = [p.eval_renders for p in others]
+        self.other_draws = (  # one set per context: the people as they are, and in black and white
+            eval_draws(pipe, other_renders, config.other_draws, seed * 7919 + 2),
+            eval_draws(pipe, [[in_black_and_white(r) for r in rs] for rs in other_renders], config.other_draws,
+                       seed * 7919 + 3),
+        )  # fmt: skip
+        self.personal.forget()
+        self.base_row, self.base_drift, self.base_context = self.measure(None)
+
+    def personalise(self, method: Method, person: Person, other: Person) -> bool:
+        """Put the pipeline in the state `method` leaves for `person`; True if the divergence guard stopped it."""
+        net = self.hypernets[method.hypernet] if method.hypernet else None
+        photo = (other if method.wrong_photo else person).photos[0]
+        with torch.no_grad():
+            prediction = net.predict(photo) if net is not None else None
+        if method.upper_bound:
+            self.personal.use_weights(*self.upper_bound[person.identity.name])
+        elif method.steps:
+            face = AlignedFace.from_crop(person.photos[0])  # a render is already an aligned crop
+            ft = PersonalizeConfig(
+                steps=method.steps,
+                learning_rate=method.learning_rate or self.config.finetune_lr,
+                relax=method.relax,
+                train_prediction=method.train_prediction,
+                seed=self.seed,
+                progress=False,
+            )
+            try:
+                self.personal.personalize(face, ft, start=prediction)
+            except TrainingDiverged as stop:  # score the last good step's weights, and count the stop
+                self.personal.use(stop.last_good)
+                return True
+        elif prediction is not None:
+            self.personal.use_weights(*prediction)
+        else:
+            self.personal.forget()  # B = 0: the base model
+        return False
+
+    def measure(self, k: int | None) -> tuple[list[float], list[float], np.ndarray]:
+        """The personalised model's scores: on every held-out person, on other people, and in context on person k
+        (None: on everyone)."""
+        lidb, pipe = self.personal.lidb, self.pipe
+        lidb.own.use_shared()
+        # folded into the weights once: ~1,800 samples then skip the low-rank path in every layer (~30% faster;
+        # the same losses to 1e-7), and unmerging puts the exact base weights back
+        with lidb.merged_into_weights():
+            row = heldout_loss(pipe, self.draws, DEFAULT_INSTANCE_PROMPT).tolist()
+            drift = [heldout_loss(pipe, d, prompt).mean() for d, prompt in zip(self.other_draws, PROMPTS, strict=True)]
+            in_context = self.in_context if k is None else self.in_context.of(k)
+            context = heldout_loss(pipe, in_context, INSTANCE_IN_CONTEXT)
+        return row, drift, context
+
+    def score_person(self, k: int) -> PersonScores:
+        """Person k personalised by every method (from person k+1's photo for the control), and measured."""
+        person, other = self.test[k], self.test[(k + 1) % len(self.test)]
+        measured, stopped, sheet_row = {}, [], [person.photos[0]]
+        for name, method in self.methods.items():
+            if self.personalise(method, person, other):
+                stopped.append(name)
+            if name == "base":  # one model for everyone: measured once, as the scoring began
+                measured[name] = (self.base_row, [0.0] * len(PROMPTS), 0.0)
+            else:
+                row, drift, context = self.measure(k)
+                drift_pct = [100 * (d / b - 1) for d, b in zip(drift, self.base_drift, strict=True)]
+                measured[name] = (row, drift_pct, float(100 * (context[0] / self.base_context[k] - 1)))
+            if k < SAMPLED_PEOPLE and name in SAMPLED_METHODS:
+                sheet_row.append(sample_picture(self.pipe, self.personal.lidb, self.seed, self.config.sample_steps))
+        return PersonScores(measured, stopped, sheet_row if k < SAMPLED_PEOPLE else None)
 
 
 @dataclass
@@ -604,96 +629,45 @@ def run_toy(
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    timings: dict[str, float] = {}
-
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 1)
-        if progress:
-            print(f"  {name}: {timings[name]:.1f} s", flush=True)
-        return now
+    lap = _Laps(progress)
 
     # 1. the world: four disjoint populations
-    clock = time.perf_counter()
-    crowd = sample_people(seed, 0, config.pretrain_identities, config.pretrain_renders, 0, "crowd")
-    train_people = sample_people(seed, 1, config.train_identities, config.train_renders, 0, "train")
-    test_people = sample_people(
-        seed, 2, config.test_identities, 1, config.eval_renders, "test", config.upper_bound_renders
-    )
-    other_people = sample_people(seed, 3, config.other_people, 0, config.eval_renders, "other")
-    clock = lap("render", clock)
-
-    # 2. the base model, on the crowd's renders: every other one in black and white, with that context's prompt
-    pipe = build_tiny_pipeline("sd15", seed)
-    pipe.set_progress_bar_config(disable=True)
-    renders = [photo for person in crowd for photo in person.photos]
-    contexts = torch.arange(len(renders)) % 2
-    renders = [in_black_and_white(r) if c else r for r, c in zip(renders, contexts.tolist(), strict=True)]
-    latents, factor = calibrate_latents(pipe, renders)
-    pretrain_losses = pretrain_base(pipe, latents, contexts, config, seed, progress)
-    clock = lap("pretrain", clock)
-
+    crowd, train_people, test_people, other_people = toy_world(config, seed)
+    lap("render")
+    # 2. the base model, on the crowd's renders
+    pipe, factor, pretrain_losses = pretrained_base(crowd, config, seed, progress)
+    lap("pretrain")
     # 3. stage 1: a LiDB per training identity
     preopt_losses = preoptimize_people(pipe, train_people, work / "preopt", config, seed, progress)
-    clock = lap("preoptimize", clock)
-
-    # 4. stage 2: the hypernetworks. The held-out people go first with holdout=len(test): train_hypernetwork
-    # never trains on them, only reports its validation loss on their one photo.
-    def train_stage2(variant: str) -> tuple[HyperNetwork, dict]:
-        asked = HYPERNETS[variant]
-        decoder = DecoderConfig(
-            config.hyper_width, config.hyper_depth, config.hyper_heads, asked.iterations or config.iterations
-        )
-        decoder = replace(decoder, **{k: v for k, v in vars(asked).items() if k in DECODER_FIELDS and v is not None})
-        hyper_config = HypernetTrainConfig(
-            steps=config.hyper_steps,
-            batch_size=config.hyper_batch,
-            learning_rate=config.hyper_lr,
-            alpha=config.hyper_alpha,
-            beta=config.hyper_beta if asked.beta is None else asked.beta,
-            holdout=len(test_people),
-            seed=seed,
-            image_encoder="tiny",
-            freeze_encoder=False,  # a random encoder has nothing to keep; the toy's results were made training it
-            warmup_steps=0,  # and with a constant learning rate
-            lr_schedule="constant",
-            decoder=decoder,
-            checkpoint_every=config.hyper_steps,
-            validate_every=max(config.hyper_steps // 10, 1),
-            progress=progress,
-            weight_loss=asked.weight_loss or HypernetTrainConfig.weight_loss,
-        )
-        folder = work / f"hypernet_{variant}"
-        summary = train_hypernetwork(
-            pipe, as_identities(test_people + train_people), folder, work / "preopt", hyper_config, device="cpu"
-        )
-        return HyperNetwork.from_pretrained(folder / "hypernet"), summary
-
+    lap("preoptimize")
+    # 4. stage 2: the hypernetworks
     hypernets, summary = {}, {}
-    for variant, hypernet in HYPERNETS.items():
-        if hypernet.wanted(config):
-            hypernets[variant], summary[variant] = train_stage2(variant)
-            clock = lap(f"hypernetwork_{variant}", clock)
-
+    for variant, asked in HYPERNETS.items():
+        if asked.wanted(config):
+            folder = work / f"hypernet_{variant}"
+            summary[variant] = train_toy_hypernet(
+                pipe, asked, test_people, train_people, folder, config, seed, progress
+            )
+            hypernets[variant] = HyperNetwork.from_pretrained(folder / "hypernet")
+            lap(f"hypernetwork_{variant}")
     # 5. held-out people, personalised from one render, scored on their other renders; and what a LiDB
     # learns from many renders of them (stage 1 on their extra renders), the most one LiDB can do
-    upper_bound_dir = None
-    if config.upper_bound_renders:
-        upper_bound_dir = work / "upper_bound"
+    upper_bound_dir = work / "upper_bound" if config.upper_bound_renders else None
+    if upper_bound_dir is not None:
         upper = [Person(p.identity, p.extra_renders, [], []) for p in test_people]
         preoptimize_people(pipe, upper, upper_bound_dir, config, seed, progress)
     scores = evaluate_methods(
         pipe, hypernets, upper_bound_dir, test_people, other_people, config, seed, progress, workers
     )
-    lap("evaluate", clock)
-    timings["total"] = round(time.perf_counter() - started, 1)
+    lap("evaluate")
+    lap.timings["total"] = round(time.perf_counter() - started, 1)
 
     results = {
         "seed": seed,
         "quick": quick,
         "code": code,  # the figures come from this code, as committed
         "config": asdict(config),
-        "timings_s": timings,
+        "timings_s": lap.timings,
         "torch_threads": torch.get_num_threads(),
         "scoring_workers": workers,
         "latent_scaling_factor": factor,
@@ -716,6 +690,82 @@ def run_toy(
     renders_sheet(train_people[:4], test_people[:6]).save(out / "renders.jpg", quality=92)
     image_sheet(scores.samples).save(out / "samples.jpg", quality=92)
     return results
+
+
+def toy_world(config: ToyConfig, seed: int) -> tuple[list[Person], list[Person], list[Person], list[Person]]:
+    """The toy's four disjoint populations: the crowd the base learns from, stage 1 and 2's training people, the
+    held-out people (one photo, renders to score on, and extra renders for the upper bound) and other people."""
+    crowd = sample_people(seed, 0, config.pretrain_identities, config.pretrain_renders, 0, "crowd")
+    train_people = sample_people(seed, 1, config.train_identities, config.train_renders, 0, "train")
+    test_people = sample_people(
+        seed, 2, config.test_identities, 1, config.eval_renders, "test", config.upper_bound_renders
+    )
+    other_people = sample_people(seed, 3, config.other_people, 0, config.eval_renders, "other")
+    return crowd, train_people, test_people, other_people
+
+
+class _Laps:
+    """Each phase's seconds since the last (`lap(name)`), printed as it ends when `progress`."""
+
+    def __init__(self, progress: bool) -> None:
+        self.progress, self.timings, self.since = progress, {}, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.since, 1)
+        if self.progress:
+            print(f"  {name}: {self.timings[name]:.1f} s", flush=True)
+        self.since = now
+
+
+def pretrained_base(
+    crowd: list[Person], config: ToyConfig, seed: int, progress: bool
+) -> tuple[Pipeline, float, list[float]]:
+    """The toy's base model trained on the crowd's renders, every other one in black and white with that context's
+    prompt: the pipeline, its latents' scaling factor and the training losses."""
+    pipe = build_tiny_pipeline("sd15", seed)
+    pipe.set_progress_bar_config(disable=True)
+    renders = [photo for person in crowd for photo in person.photos]
+    contexts = torch.arange(len(renders)) % 2
+    renders = [in_black_and_white(r) if c else r for r, c in zip(renders, contexts.tolist(), strict=True)]
+    latents, factor = calibrate_latents(pipe, renders)
+    return pipe, factor, pretrain_base(pipe, latents, contexts, config, seed, progress)
+
+
+def train_toy_hypernet(
+    pipe: Pipeline,
+    asked: ToyHypernet,
+    test_people: list[Person],
+    train_people: list[Person],
+    folder: Path,
+    config: ToyConfig,
+    seed: int,
+    progress: bool,
+) -> dict:
+    """Train one of the toy's hypernetworks into `folder` (its summary back). The held-out people go first with
+    holdout=len(test): train_hypernetwork never trains on them, only reports its validation loss on their photo."""
+    shape = (config.hyper_width, config.hyper_depth, config.hyper_heads, asked.iterations or config.iterations)
+    changes = {key: value for key, value in vars(asked).items() if key in DECODER_FIELDS and value is not None}
+    hyper_config = HypernetTrainConfig(
+        steps=config.hyper_steps,
+        batch_size=config.hyper_batch,
+        learning_rate=config.hyper_lr,
+        alpha=config.hyper_alpha,
+        beta=config.hyper_beta if asked.beta is None else asked.beta,
+        holdout=len(test_people),
+        seed=seed,
+        image_encoder="tiny",
+        freeze_encoder=False,  # a random encoder has nothing to keep; the toy's results were made training it
+        warmup_steps=0,  # and with a constant learning rate
+        lr_schedule="constant",
+        decoder=replace(DecoderConfig(*shape), **changes),
+        checkpoint_every=config.hyper_steps,
+        validate_every=max(config.hyper_steps // 10, 1),
+        progress=progress,
+        weight_loss=asked.weight_loss or HypernetTrainConfig.weight_loss,
+    )
+    people = as_identities(test_people + train_people)
+    return train_hypernetwork(pipe, people, folder, folder.parent / "preopt", hyper_config, device="cpu")
 
 
 def pixel_distances(people: list[Person]) -> np.ndarray:
