@@ -1,6 +1,7 @@
 """The toy experiment (`python -m hdb toy --quick`): synthetic people, every stage through hdb, held-out losses."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -12,15 +13,17 @@ from hdb.errors import HdbError
 from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
 from hdb.lidb import LiDB
 from hdb.toy.experiment import (
+    MEMORISERS,
     ToyConfig,
     evaluate_methods,
     identification,
     in_forked_workers,
+    memoriser_rows,
     method_labels,
     pixel_distances,
     run_toy,
 )
-from hdb.toy.report import bootstrap_interval, summarise_seeds
+from hdb.toy.report import bootstrap_interval, seed_level_interval, summarise_seeds, with_memorisers
 from hdb.toy.world import SIZE, sample_people
 
 
@@ -83,6 +86,30 @@ def test_matching_the_photos_pixels_identifies_few():
     assert (ranks["rank"] == 1).sum() <= 48 / 6 and ranks["auc"].mean() < 0.8
 
 
+def test_seed_level_intervals_hold_the_seeds_variance():
+    people = np.random.default_rng(0).normal(0, 1, (3, 48))
+    alike = [people[s] for s in range(3)]  # three seeds of the same mean
+    apart = [people[s] + 2 * s for s in range(3)]  # three seeds whose means differ: the training's variance
+    width = [high - low for low, high in (seed_level_interval(alike), seed_level_interval(apart))]
+    assert width[1] > 3 * width[0]
+    pooled = bootstrap_interval(np.concatenate(apart))  # resampling the people alone misses it
+    assert width[1] > 3 * (pooled[1] - pooled[0])
+
+
+def test_a_run_without_the_light_normalised_memoriser_gets_it_from_its_world():
+    config = ToyConfig(test_identities=6, eval_renders=3, upper_bound_renders=2)
+    people = sample_people(4, 2, config.test_identities, 1, config.eval_renders, "test", config.upper_bound_renders)
+    rows = memoriser_rows(people)
+    run = {"seed": 4, "config": asdict(config), "held_out": [p.identity.name for p in people],
+           "methods": {"pixel_nn": rows["pixel_nn"], "base": {"people": 6}}}  # fmt: skip
+    completed = with_memorisers(run)
+    assert list(completed["methods"]) == ["pixel_nn", "pixel_nn_standardised", "base"]
+    assert completed["methods"]["pixel_nn_standardised"] == rows["pixel_nn_standardised"]
+    assert completed["memorisers_recomputed"] and with_memorisers(completed) is completed
+    with pytest.raises(ValueError, match="seed 5's world is not the one its results were made in"):
+        with_memorisers({**run, "seed": 5})
+
+
 def test_identification_ranks_and_intervals():
     matrix = np.array([[1.0, 5.0, 2.0], [2.0, 1.0, 0.5], [3.0, 0.0, 1.0]])  # [k, j]: j's renders, k's model
     ranks = identification(matrix)
@@ -118,7 +145,7 @@ def test_every_row_of_the_table_runs_and_files_are_written(tmp_path):
     for name in ("results.json", "results.md", "losses.png", "renders.jpg", "samples.jpg"):
         assert (folder / name).stat().st_size > 0
     methods = results["methods"]
-    assert list(methods) == ["pixel_nn", *method_labels(config)] and len(methods) == 1 + 21
+    assert list(methods) == [*MEMORISERS, *method_labels(config)] and len(methods) == 2 + 21
     assert all(np.array(m["matrix"]).shape == (3, 3) for m in methods.values())  # every model x person
     assert json.loads((folder / "results.json").read_text())["methods"].keys() == methods.keys()
     table = (folder / "results.md").read_text()
@@ -153,6 +180,8 @@ def test_quick_run_learns(tmp_path):
     assert methods[default]["mean"] < methods["zero_ft"]["mean"] < methods["base"]["mean"], summary
     assert methods["hyper"]["auc"] > methods["hyper_wrong"]["auc"] + 0.05, summary
     assert methods["pixel_nn"]["identified"] is not None
+    # the light-normalised memoriser undoes the world's per-channel light: it identifies more than the raw one
+    assert methods["pixel_nn_standardised"]["auc"] > methods["pixel_nn"]["auc"], summary
 
 
 def results_summary(methods: dict) -> str:

@@ -679,7 +679,7 @@ def run_toy(
             "hypernet_validation": summary["s"]["validation"],
             "hypernet_terms": _logged_terms(work / "hypernet_s" / "losses.jsonl"),
         },
-        "methods": summarise(scores, pixel_distances(test_people), config),
+        "methods": summarise(scores, memoriser_rows(test_people), config),
         "guard_stops": scores.stops,
         "held_out": [p.identity.name for p in test_people],
     }
@@ -768,12 +768,29 @@ def train_toy_hypernet(
     return train_hypernetwork(pipe, people, folder, folder.parent / "preopt", hyper_config, device="cpu")
 
 
-def pixel_distances(people: list[Person]) -> np.ndarray:
-    """The memorising baseline: [k, j] = mean distance of person j's renders to person k's photo, on the central
-    pixels (`central_pixels`). A toy that this identifies would reward remembering the photo."""
-    photos = np.stack([central_pixels(p.photos[0]) for p in people])
-    renders = [np.stack([central_pixels(r) for r in p.eval_renders]) for p in people]
+def pixel_distances(people: list[Person], standardised: bool = False) -> np.ndarray:
+    """A memorising baseline: [k, j] = mean distance of person j's renders to person k's photo, on the central
+    pixels (`central_pixels`, each image `standardised` per channel or not). A toy that this identifies would reward
+    remembering the photo."""
+    photos = np.stack([central_pixels(p.photos[0], standardised) for p in people])
+    renders = [np.stack([central_pixels(r, standardised) for r in p.eval_renders]) for p in people]
     return np.array([[np.linalg.norm(r - photo, axis=1).mean() for r in renders] for photo in photos])
+
+
+# The memorising baselines, the photo's pixels against the person's other renders: as they are, and with each image
+# standardised per channel (the world's light jitter is a per-channel affine change, which that undoes)
+MEMORISERS = {
+    "pixel_nn": ("pixel nearest neighbour on the photo (memorising baseline)", False),
+    "pixel_nn_standardised": ("pixel nearest neighbour, each image standardised per channel (light-normalised)", True),
+}
+
+
+def memoriser_rows(test_people: list[Person]) -> dict[str, dict]:
+    """The memorising baselines' rows of the results (`MEMORISERS`): identification from pixels alone, no model."""
+    return {
+        name: _identified(label, pixel_distances(test_people, standardised))
+        for name, (label, standardised) in MEMORISERS.items()
+    }
 
 
 def _logged_terms(path: Path) -> dict[str, list[float]]:
@@ -790,14 +807,14 @@ def identification(matrix: np.ndarray) -> dict[str, np.ndarray]:
     return {"rank": 1 + better_others, "auc": 1 - better_others / (len(own) - 1)}
 
 
-def summarise(scores: Scores, pixels: np.ndarray, config: ToyConfig) -> dict:
+def summarise(scores: Scores, memorisers: dict[str, dict], config: ToyConfig) -> dict:
     """Per method: the own-renders loss (mean, per person, vs base), identification from the N x N matrix (how many
     people their own model fits best, chance 1/N; mean rank; AUC with a bootstrap interval; the margin to the best
     other model in % of the base loss), editability (% vs base on other people per context, and on the person in
-    the other context). The pixel nearest-neighbour baseline comes first."""
+    the other context). The memorising baselines' rows (`memoriser_rows`) come first."""
     base = np.diag(np.array(scores.losses["base"]))
     labels = method_labels(config)
-    summary = {"pixel_nn": _identified("pixel nearest neighbour on the photo (memorising baseline)", pixels)}
+    summary = dict(memorisers)
     for name, matrix in scores.losses.items():
         grid = np.array(matrix)
         v = np.diag(grid)

@@ -74,6 +74,20 @@ def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0)
     return float(low), float(high)
 
 
+def seed_level_interval(per_seed: list[np.ndarray], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean over (seed, person), resampling the seeds with replacement, then the people
+    within each drawn seed: each seed trained its own base and hypernetworks, so the seeds vary as well as the people
+    (`bootstrap_interval` resamples the people of the pooled seeds alone)."""
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for draw in range(resamples):
+        seeds = rng.integers(0, len(per_seed), len(per_seed))
+        people = [per_seed[s][rng.integers(0, len(per_seed[s]), len(per_seed[s]))] for s in seeds]
+        means[draw] = np.concatenate(people).mean()
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def _smooth(values: list[float], window: int) -> np.ndarray:
     window = max(1, min(window, len(values)))
     return np.convolve(values, np.ones(window) / window, mode="valid")
@@ -139,9 +153,30 @@ def summarise_seeds(folder: Path) -> str:
     runs = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("seed*/results.json"))]
     if not runs:
         raise FileNotFoundError(f"No {folder}/seed*/results.json to combine")
-    text = summary_table(runs)
+    text = summary_table([with_memorisers(run) for run in runs])
     (Path(folder) / "summary.md").write_text(text)
     return text
+
+
+def with_memorisers(run: dict) -> dict:
+    """`run` with every memorising baseline's row (hdb.toy.experiment.MEMORISERS). A run made before a baseline was a
+    row gets it recomputed from its seed's world: the baselines compare pixels and need no model. The world is checked
+    to be the run's: the same held-out people, and the same matrix for the baseline the run has."""
+    from hdb.toy.experiment import MEMORISERS, memoriser_rows
+    from hdb.toy.world import sample_people
+
+    if all(name in run["methods"] for name in MEMORISERS):
+        return run
+    config = run["config"]
+    test = sample_people(
+        run["seed"], 2, config["test_identities"], 1, config["eval_renders"], "test", config["upper_bound_renders"]
+    )
+    rows = memoriser_rows(test)
+    if [p.identity.name for p in test] != run["held_out"] or rows["pixel_nn"]["matrix"] != run["methods"]["pixel_nn"][
+        "matrix"
+    ]:
+        raise ValueError(f"seed {run['seed']}'s world is not the one its results were made in: cannot add the rows")
+    return {**run, "methods": rows | run["methods"], "memorisers_recomputed": True}
 
 
 # Paired comparisons the summary reports: (method, against, what the difference isolates)
@@ -153,11 +188,14 @@ COMPARISONS = (
     ("hyper_ft_lidb_frozen", "hyper_ft_lora", "confining to the aux bases, prediction frozen"),
     ("hyper_ft_lidb", "hyper_ft_lora_trained", "confining to the aux bases, prediction trained"),
     ("hyper_ft_lora", "zero_ft_long_lora", "hypernetwork + fast finetune - zero + long finetune (users today)"),
+    ("zero_ft", "zero_ft_long_lora", "fewer steps from zero: 40 - 200 (lora)"),
     ("hyper_ft_lora", "dreambooth_lora", "hypernetwork + fast finetune - DreamBooth-LoRA"),
     ("hyper_ft_lora", "zero_ft", "hypernetwork + fast finetune - zero + fast finetune (the paper's No Hyper)"),
     ("hyper", "hyper_wrong", "the prediction from the person's photo - from another's"),
     ("hyper_ft_lora", "pixel_nn", "hypernetwork + fast finetune - the photo's pixels (memorising)"),
     ("upper_bound", "pixel_nn", "upper bound (8 renders) - the photo's pixels (memorising)"),
+    ("hyper_ft_lora", "pixel_nn_standardised", "hypernetwork + fast finetune - the photo's light-normalised pixels"),
+    ("upper_bound", "pixel_nn_standardised", "upper bound (8 renders) - the photo's light-normalised pixels"),
     ("hyper_paper_loss", "hyper", "the paper's raw L2 weight loss - hdb's dense distance"),
     ("hyper_zero_start", "hyper", "the paper's zero start - hdb's LoRA-like start"),
     ("hyper_concatenated", "hyper", "the paper's concatenated input - hdb's cross-attention"),
@@ -168,41 +206,56 @@ COMPARISONS = (
 
 
 def summary_table(runs: list[dict]) -> str:
-    """All seeds pooled: each method's identification (per seed and pooled, intervals over (seed, person)), and
-    the paired differences of COMPARISONS with their intervals (an interval that excludes 0 is a difference)."""
+    """All seeds pooled: each method's identification (per seed and pooled; intervals over people, and over seeds then
+    people), and the paired differences of COMPARISONS with their intervals (one that excludes 0 is a difference)."""
     seeds = ", ".join(str(run["seed"]) for run in runs)
     which = f"seeds {seeds} pooled" if len(runs) > 1 else f"seed {seeds}"
     names = [name for name in runs[0]["methods"] if all(name in run["methods"] for run in runs)]
     people = sum(run["methods"]["base"]["people"] for run in runs)
+    intervals = 0
 
     def pooled(name: str, key: str) -> np.ndarray:
-        return np.concatenate([run["methods"][name][key] for run in runs])
+        return np.concatenate(per_seed(name, key))
+
+    def per_seed(name: str, key: str) -> list[np.ndarray]:
+        return [np.asarray(run["methods"][name][key]) for run in runs]
+
+    def both_intervals(values: list[np.ndarray], style: str, unit: str = "") -> list[str]:
+        nonlocal intervals
+        intervals += 2
+        together = np.concatenate(values)
+        return [
+            _with_interval(together, bootstrap_interval(together), style, unit),
+            _interval(seed_level_interval(values), style),
+        ]
 
     lines = [
         f"The toy, {which}: {people} held-out people in all ({runs[0]['methods']['base']['people']} "
         "per seed), each personalised from one render. Identified: per seed, then in all. AUC and margin: means "
-        "over every (seed, person), with 95% bootstrap intervals; editability in % vs the base (lower is better). "
-        "Each seed's own table: seed*/results.md.",
+        "over every (seed, person), with 95% bootstrap intervals resampling the people; AUC, seeds too: resampling "
+        "the seeds, then the people within each (each seed trained its own base and hypernetworks, so this one holds "
+        "the training's variance too). Editability in % vs the base (lower is better). Each seed's own table: "
+        "seed*/results.md.",
         "",
-        "| method | identified | mean rank | AUC [95% CI] | margin [95% CI] | other people (photo / b&w) "
-        "| person in b&w |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | identified | mean rank | AUC [95% CI] | AUC, seeds too | margin [95% CI] "
+        "| other people (photo / b&w) | person in b&w |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in names:
         m = runs[0]["methods"][name]
         cells = [m["label"]]
         if "identified" in m:
             counts = [run["methods"][name]["identified"] for run in runs]
-            auc = pooled(name, "auc_per_person")
             cells += [
                 f"{' + '.join(map(str, counts))} = {sum(counts)}/{people}",
                 f"{np.mean([run['methods'][name]['mean_rank'] for run in runs]):.1f}",
-                _with_interval(auc, bootstrap_interval(auc), ".3f"),
+                *both_intervals(per_seed(name, "auc_per_person"), ".3f"),
             ]
         else:
-            cells += ["-", "-", "-"]
+            cells += ["-", "-", "-", "-"]
         margin = pooled(name, "margin_per_person") if "margin_per_person" in m else None
         cells.append("-" if margin is None else _with_interval(margin, bootstrap_interval(margin), "+.3f", "%"))
+        intervals += margin is not None
         if "other_people_pct" in m:
             drift = np.mean([run["methods"][name]["other_people_pct"] for run in runs], axis=0)
             cells += [" / ".join(f"{d:+.2f}%" for d in drift), f"{pooled(name, 'in_context_per_person').mean():+.2f}%"]
@@ -214,26 +267,48 @@ def summary_table(runs: list[dict]) -> str:
         "Paired differences, the same people under both methods (AUC in absolute terms; margin and the person in "
         "black and white in % of the base loss):",
         "",
-        "| difference | AUC [95% CI] | margin [95% CI] | person in b&w [95% CI] |",
-        "| --- | --- | --- | --- |",
+        "| difference | AUC [95% CI] | AUC, seeds too | margin [95% CI] | person in b&w [95% CI] |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for name, against, what in COMPARISONS:
         if name in names and against in names:
-            cells = [what]
-            for key, style, unit in (
-                ("auc_per_person", "+.3f", ""),
-                ("margin_per_person", "+.3f", "%"),
-                ("in_context_per_person", "+.2f", "%"),
-            ):
-                if key not in runs[0]["methods"][against]:  # the pixel baseline has an AUC only
+            differences = [
+                ours - theirs
+                for ours, theirs in zip(*(per_seed(n, "auc_per_person") for n in (name, against)), strict=True)
+            ]
+            cells = [what, *both_intervals(differences, "+.3f")]
+            for key, style, unit in (("margin_per_person", "+.3f", "%"), ("in_context_per_person", "+.2f", "%")):
+                if key not in runs[0]["methods"][against]:  # the pixel baselines have an AUC only
                     cells.append("-")
                     continue
                 difference = pooled(name, key) - pooled(against, key)
                 cells.append(_with_interval(difference, bootstrap_interval(difference), style, unit))
+                intervals += 1
             lines.append("| " + " | ".join(cells) + " |")
+    from hdb.toy.experiment import code_version
+
     codes = sorted({run.get("code", "not recorded") for run in runs})
-    lines += ["", f"Code: {', '.join(codes)}; time per seed (s): {[run['timings_s']['total'] for run in runs]}."]
+    recomputed = [str(run["seed"]) for run in runs if run.get("memorisers_recomputed")]
+    lines += [
+        "",
+        f"{intervals} intervals in all, each at 95%: about one in 20 of those whose true value is 0 excludes 0 by "
+        "chance, so a single interval just clear of 0 is a lead to test again, not a finding.",
+        "",
+        f"Code of the runs: {', '.join(codes)}; summarised at {code_version()}; time per seed (s): "
+        f"{[run['timings_s']['total'] for run in runs]}."
+        + (
+            f" The light-normalised memorising baseline of seeds {', '.join(recomputed)} was recomputed from each "
+            "seed's world (it needs no model) by the summarising code, its world checked against the run's."
+            if recomputed
+            else ""
+        ),
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _interval(interval: tuple[float, float], style: str) -> str:
+    low, high = interval
+    return f"[{low:{style}}, {high:{style}}]"
 
 
 def _with_interval(values: np.ndarray, interval: tuple[float, float], style: str, unit: str = "") -> str:

@@ -154,10 +154,14 @@ def in_black_and_white(photo: Image.Image) -> Image.Image:
     return photo.convert("L").convert("RGB")
 
 
-def central_pixels(photo: Image.Image) -> np.ndarray:
-    """The central half of a render, flattened: what the pixel nearest-neighbour baseline compares."""
+def central_pixels(photo: Image.Image, standardised: bool = False) -> np.ndarray:
+    """The central half of a render, flattened: what the pixel nearest-neighbour baselines compare. `standardised`:
+    each channel to mean 0 and standard deviation 1 first, which undoes any per-channel affine change of light."""
     quarter = SIZE // 4
-    return np.asarray(photo, dtype=np.float32)[quarter:-quarter, quarter:-quarter].ravel()
+    pixels = np.asarray(photo, dtype=np.float32)[quarter:-quarter, quarter:-quarter]
+    if standardised:
+        pixels = (pixels - pixels.mean(axis=(0, 1))) / (pixels.std(axis=(0, 1)) + 1e-6)
+    return pixels.ravel()
 
 
 @dataclass
