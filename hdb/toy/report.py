@@ -234,13 +234,15 @@ def summary_table(runs: list[dict]) -> str:
         "per seed), each personalised from one render. Identified: per seed, then in all. AUC and margin: means "
         "over every (seed, person), with 95% bootstrap intervals resampling the people; AUC, seeds too: resampling "
         "the seeds, then the people within each (each seed trained its own base and hypernetworks, so this one holds "
-        "the training's variance too). Editability in % vs the base (lower is better). Each seed's own table: "
-        "seed*/results.md.",
+        "the training's variance too). r, pixels: the correlation, person by person, of the method's AUC with the raw "
+        "memorising baseline's (how much its successes follow the photo's light resembling the scoring renders'). "
+        "Editability in % vs the base (lower is better). Each seed's own table: seed*/results.md.",
         "",
-        "| method | identified | mean rank | AUC [95% CI] | AUC, seeds too | margin [95% CI] "
+        "| method | identified | mean rank | AUC [95% CI] | AUC, seeds too | r, pixels | margin [95% CI] "
         "| other people (photo / b&w) | person in b&w |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    pixels = pooled("pixel_nn", "auc_per_person")
     for name in names:
         m = runs[0]["methods"][name]
         cells = [m["label"]]
@@ -250,9 +252,10 @@ def summary_table(runs: list[dict]) -> str:
                 f"{' + '.join(map(str, counts))} = {sum(counts)}/{people}",
                 f"{np.mean([run['methods'][name]['mean_rank'] for run in runs]):.1f}",
                 *both_intervals(per_seed(name, "auc_per_person"), ".3f"),
+                f"{np.corrcoef(pixels, pooled(name, 'auc_per_person'))[0, 1]:+.2f}" if name != "pixel_nn" else "-",
             ]
         else:
-            cells += ["-", "-", "-", "-"]
+            cells += ["-", "-", "-", "-", "-"]
         margin = pooled(name, "margin_per_person") if "margin_per_person" in m else None
         cells.append("-" if margin is None else _with_interval(margin, bootstrap_interval(margin), "+.3f", "%"))
         intervals += margin is not None
