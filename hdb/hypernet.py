@@ -218,12 +218,13 @@ class HyperNetwork(nn.Module):
         return ((pixels - mean[:, None, None]) / std[:, None, None]).to(self.device)
 
     @torch.no_grad()
-    def predict(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        """One person's weights, A [L, r, a], B [L, b, r] in fp32, ready for `LiDBTerm.load_weights`."""
+    def predict(self, image: Image.Image, iterations: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One person's weights, A [L, r, a], B [L, b, r] in fp32, ready for `LiDBTerm.load_weights`; after
+        `iterations` refinements (None: the s it was trained with)."""
         was_training = self.training
         self.eval()
         try:
-            A, B = self(self.preprocess([image]))
+            A, B = self(self.preprocess([image]), iterations)
         finally:
             self.train(was_training)
         return A[0].float(), B[0].float()

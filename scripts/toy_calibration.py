@@ -24,7 +24,7 @@ from hdb.diffusion import encode_prompts, predict_noise
 from hdb.identities import load_weights_dataset
 from hdb.models import build_tiny_pipeline, training_scheduler
 from hdb.pipeline import PersonalPipeline
-from hdb.toy import experiment
+from hdb.toy import experiment, scores
 
 DRAWS = 8
 REGIONS = {"full": slice(0, 8), "c6": slice(1, 7), "c4": slice(2, 6)}  # of the 8x8 latents
@@ -68,12 +68,12 @@ def main(name: str, overrides: dict) -> dict:
         grid.append(loss_maps())
     grid = torch.stack(grid)  # [k, j, renders * draws, 8, 8]
     people, renders_each = len(test), config.eval_renders
-    pixels = experiment.identification(experiment.pixel_distances(test))
+    pixels = scores.identification(scores.pixel_distances(test))
     result = {"name": name, "jitter": dict(world.JITTER), "pixel": _scores(pixels)}
     for region, where in REGIONS.items():
         for used in (2, DRAWS):
             part = grid[:, :, :, where, where].reshape(people, people, renders_each, DRAWS, -1)[:, :, :, :used]
-            result[f"upper_{region}_{used}draws"] = _scores(experiment.identification(part.mean(dim=(2, 3, 4)).numpy()))
+            result[f"upper_{region}_{used}draws"] = _scores(scores.identification(part.mean(dim=(2, 3, 4)).numpy()))
     return result
 
 

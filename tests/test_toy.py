@@ -12,18 +12,16 @@ from hdb.config import PersonalizeConfig
 from hdb.errors import HdbError
 from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
 from hdb.lidb import LiDB
-from hdb.toy.experiment import (
+from hdb.toy.experiment import ToyConfig, evaluate_methods, in_forked_workers, method_labels, run_toy
+from hdb.toy.report import summarise_seeds, with_memorisers
+from hdb.toy.scores import (
     MEMORISERS,
-    ToyConfig,
-    evaluate_methods,
+    bootstrap_interval,
     identification,
-    in_forked_workers,
     memoriser_rows,
-    method_labels,
     pixel_distances,
-    run_toy,
+    seed_level_interval,
 )
-from hdb.toy.report import bootstrap_interval, seed_level_interval, summarise_seeds, with_memorisers
 from hdb.toy.world import SIZE, sample_people
 
 
@@ -120,7 +118,8 @@ def test_identification_ranks_and_intervals():
 
 
 def test_every_row_of_the_table_runs_and_files_are_written(tmp_path):
-    # a miniature of the full run with every option (ablation, s=1, beta=0, the paper's variants, the upper bound)
+    # a miniature of the full run with every option (ablation, s=1, beta=0, the paper's variants and recipe, the
+    # upper bound)
     config = ToyConfig(
         pretrain_identities=20,
         pretrain_steps=20,
@@ -139,13 +138,15 @@ def test_every_row_of_the_table_runs_and_files_are_written(tmp_path):
         compare_s1=True,
         compare_beta0=True,
         paper_variants=True,
+        paper_recipe=True,
     )
     folder = tmp_path / "seed1"
     results = run_toy(folder, config=config, seed=1, progress=False)
     for name in ("results.json", "results.md", "losses.png", "renders.jpg", "samples.jpg"):
         assert (folder / name).stat().st_size > 0
     methods = results["methods"]
-    assert list(methods) == [*MEMORISERS, *method_labels(config)] and len(methods) == 2 + 21
+    assert list(methods) == [*MEMORISERS, *method_labels(config)] and len(methods) == 2 + 21 + 1 + 3 * 2
+    assert methods["hyper_k1"]["matrix"] != methods["hyper"]["matrix"]  # the s=4 network read at k=1 is another
     assert all(np.array(m["matrix"]).shape == (3, 3) for m in methods.values())  # every model x person
     assert json.loads((folder / "results.json").read_text())["methods"].keys() == methods.keys()
     table = (folder / "results.md").read_text()

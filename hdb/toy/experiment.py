@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import queue
 import shutil
-import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -68,8 +67,9 @@ from hdb.options import DREAMBOOTH_LORA_LR
 from hdb.pipeline import PersonalPipeline
 from hdb.preoptimize import preoptimize
 from hdb.stage import training_stage
-from hdb.toy.report import bootstrap_interval, image_sheet, plot_losses, renders_sheet, results_table
-from hdb.toy.world import JITTER, Person, central_pixels, in_black_and_white, sample_people
+from hdb.toy.report import code_version, image_sheet, plot_losses, renders_sheet, results_table
+from hdb.toy.scores import identified, memoriser_rows
+from hdb.toy.world import JITTER, Person, in_black_and_white, sample_people
 from hdb.train_hypernet import train_hypernetwork
 from hdb.training import TrainConfig, TrainingDiverged, train
 
@@ -107,6 +107,9 @@ class ToyConfig:
     compare_s1: bool = False  # also train a hypernetwork with s=1 (the paper's ablation)
     compare_beta0: bool = False  # also train a hypernetwork on the diffusion loss alone (beta = 0)
     paper_variants: bool = False  # also train hypernetworks with the paper's weight loss, zero start, concatenation
+    # also train the paper's recipe, its three choices together, at each beta of PAPER_RECIPE_BETAS (the raw L2's
+    # scale is not the normalised distance's: the sweep gives the paper its best beta, chosen on the same people)
+    paper_recipe: bool = False
     ablation: bool = True  # the finetune's prediction frozen or trained x relaxed inside the aux bases or free
     # held out from both stages: personalised from one render, scored on others
     test_identities: int = 48
@@ -139,15 +142,19 @@ QUICK = ToyConfig(
     preopt_group=16,  # an identity's weights do not depend on its group (hdb.preoptimize): only faster
     upper_bound_renders=0,
 )
-# The paper's variants against hdb's choices (`hdb toy --paper-variants`): four hypernetworks (hdb's and three with
-# one of the paper's choices each) on the same world, base and stage 1, judged on the same 48 held-out people; at
-# a smaller scale than the full run (fewer training people and steps, for CPU time), the same for all four
+# The paper's variants against hdb's choices (`hdb toy --paper-variants`): hdb's hypernetwork, one with each of the
+# paper's choices swapped in alone, the paper's recipe (the three together) at each beta of PAPER_RECIPE_BETAS, and
+# the paper's k=1 and beta=0 ablations, on the same world, base and stage 1, judged on the same 48 held-out people;
+# at a smaller scale than the full run (fewer training people and steps, for CPU time), the same for all
 PAPER_VARIANTS = ToyConfig(
     train_identities=96,
     preopt_steps=80,
     preopt_group=16,
     hyper_steps=600,
     paper_variants=True,
+    paper_recipe=True,
+    compare_s1=True,
+    compare_beta0=True,
     ablation=False,
     long_finetune_steps=0,
     dreambooth_steps=0,
@@ -294,6 +301,7 @@ class Method:
     learning_rate: float | None = None  # None: the toy's finetune_lr
     wrong_photo: bool = False  # the control: the hypernetwork is shown the next person's photo
     upper_bound: bool = False  # a LiDB pre-optimised on many other renders of the person
+    iterations: int | None = None  # the hypernetwork read at this many refinement iterations (None: its own s)
 
 
 @dataclass(frozen=True)
@@ -311,6 +319,8 @@ class ToyHypernet:
         return not self.asked_by or getattr(config, self.asked_by)
 
 
+PAPER_RECIPE_BETAS = {"paper_recipe": 1.0, "paper_recipe_b01": 0.1, "paper_recipe_b001": 0.01}
+PAPER_RECIPE = {"weight_loss": "paper", "refine_from": "zero", "decoder_input": "concatenated"}
 HYPERNETS = {
     "s": ToyHypernet(),
     "s1": ToyHypernet("compare_s1", iterations=1),
@@ -318,11 +328,13 @@ HYPERNETS = {
     "paper_loss": ToyHypernet("paper_variants", weight_loss="paper"),
     "zero_start": ToyHypernet("paper_variants", refine_from="zero"),
     "concatenated": ToyHypernet("paper_variants", decoder_input="concatenated"),
+    **{name: ToyHypernet("paper_recipe", beta=beta, **PAPER_RECIPE) for name, beta in PAPER_RECIPE_BETAS.items()},
 }
 VARIANT_LABELS = {
     "paper_loss": "the paper's raw L2 weight loss",
     "zero_start": "the paper's zero start",
     "concatenated": "the paper's concatenated decoder input",
+    **{name: f"the paper's recipe (all three), beta {beta:g}" for name, beta in PAPER_RECIPE_BETAS.items()},
 }
 
 
@@ -353,6 +365,7 @@ def toy_methods(config: ToyConfig) -> dict[str, Method]:
             f"hypernetwork + {steps} steps, frozen prediction, confined", "s", steps, "lidb", train_prediction=False
         ),
         "hyper_s1": Method("hypernetwork only, trained with s=1", "s1"),
+        "hyper_k1": Method(f"hypernetwork only, trained with s={s}, read at k=1", "s", iterations=1),
         "hyper_beta0": Method("hypernetwork only, trained with beta=0", "beta0"),
         "hyper_beta0_ft_lora": Method(f"beta=0 hypernetwork + {steps} steps, lora", "beta0", steps, "lora"),
         **{
@@ -374,6 +387,7 @@ def toy_methods(config: ToyConfig) -> dict[str, Method]:
         "hyper_ft_lidb_frozen": not config.ablation,
         "upper_bound": not config.upper_bound_renders,
     }
+    dropped["hyper_k1"] = not config.compare_s1  # read beside the network trained with s=1
     wanted = {name for name, hypernet in HYPERNETS.items() if hypernet.wanted(config)}
     return {
         name: method
@@ -474,7 +488,7 @@ class _Scoring:
         net = self.hypernets[method.hypernet] if method.hypernet else None
         photo = (other if method.wrong_photo else person).photos[0]
         with torch.no_grad():
-            prediction = net.predict(photo) if net is not None else None
+            prediction = net.predict(photo, method.iterations) if net is not None else None
         if method.upper_bound:
             self.personal.use_weights(*self.upper_bound[person.identity.name])
         elif method.steps:
@@ -591,23 +605,6 @@ def sample_picture(pipe: Pipeline, lidb: LiDB, seed: int, steps: int) -> Image.I
 
 
 # ----------------------------------------------------------------------------- the whole run
-
-
-def code_version() -> str:
-    """The git commit this code is at (with "+changes" when hdb's code differs from it), or hdb's version.
-
-    Only the package counts: results other runs write into the checkout (docs/toy/seed*) are not code."""
-    package = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=package, capture_output=True, text=True)
-        changed = subprocess.run(["git", "status", "--porcelain", "."], cwd=package, capture_output=True, text=True)
-    except OSError:  # no git
-        commit = None
-    if commit is None or commit.returncode != 0:
-        from hdb import __version__
-
-        return f"hdb {__version__}"
-    return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
 
 
 def run_toy(
@@ -768,43 +765,10 @@ def train_toy_hypernet(
     return train_hypernetwork(pipe, people, folder, folder.parent / "preopt", hyper_config, device="cpu")
 
 
-def pixel_distances(people: list[Person], standardised: bool = False) -> np.ndarray:
-    """A memorising baseline: [k, j] = mean distance of person j's renders to person k's photo, on the central
-    pixels (`central_pixels`, each image `standardised` per channel or not). A toy that this identifies would reward
-    remembering the photo."""
-    photos = np.stack([central_pixels(p.photos[0], standardised) for p in people])
-    renders = [np.stack([central_pixels(r, standardised) for r in p.eval_renders]) for p in people]
-    return np.array([[np.linalg.norm(r - photo, axis=1).mean() for r in renders] for photo in photos])
-
-
-# The memorising baselines, the photo's pixels against the person's other renders: as they are, and with each image
-# standardised per channel (the world's light jitter is a per-channel affine change, which that undoes)
-MEMORISERS = {
-    "pixel_nn": ("pixel nearest neighbour on the photo (memorising baseline)", False),
-    "pixel_nn_standardised": ("pixel nearest neighbour, each image standardised per channel (light-normalised)", True),
-}
-
-
-def memoriser_rows(test_people: list[Person]) -> dict[str, dict]:
-    """The memorising baselines' rows of the results (`MEMORISERS`): identification from pixels alone, no model."""
-    return {
-        name: _identified(label, pixel_distances(test_people, standardised))
-        for name, (label, standardised) in MEMORISERS.items()
-    }
-
-
 def _logged_terms(path: Path) -> dict[str, list[float]]:
     """The diffusion and weight terms of stage 2's loss, step by step, from its losses.jsonl."""
     records = [json.loads(line) for line in path.read_text().splitlines()]
     return {key: [r[key] for r in records if key in r] for key in ("diffusion_loss", "weight_loss")}
-
-
-def identification(matrix: np.ndarray) -> dict[str, np.ndarray]:
-    """Per person j, from [k, j] = person j's renders under person k's model (lower: fits better): the rank of
-    their own model among all N (1: best), and the AUC (the share of the N-1 other models their own one beats)."""
-    own = np.diag(matrix)
-    better_others = (matrix < own[None, :]).sum(axis=0)  # the diagonal never counts: it is not below itself
-    return {"rank": 1 + better_others, "auc": 1 - better_others / (len(own) - 1)}
 
 
 def summarise(scores: Scores, memorisers: dict[str, dict], config: ToyConfig) -> dict:
@@ -833,21 +797,7 @@ def summarise(scores: Scores, memorisers: dict[str, dict], config: ToyConfig) ->
         if name != "base":  # the base is one model for everyone: nothing to identify
             others = np.where(np.eye(len(v), dtype=bool), np.inf, grid).min(axis=0)  # best other model, per person
             margin = 100 * (others - v) / base
-            row |= _identified(labels[name], grid)
+            row |= identified(labels[name], grid)
             row |= {"margin_pct": float(margin.mean()), "margin_per_person": margin.tolist()}
         summary[name] = row
     return summary
-
-
-def _identified(label: str, matrix: np.ndarray) -> dict:
-    ranks = identification(matrix)
-    return {
-        "label": label,
-        "people": len(matrix),
-        "identified": int((ranks["rank"] == 1).sum()),
-        "mean_rank": float(ranks["rank"].mean()),
-        "auc": float(ranks["auc"].mean()),
-        "auc_interval": bootstrap_interval(ranks["auc"]),
-        "auc_per_person": ranks["auc"].tolist(),
-        "matrix": matrix.tolist(),
-    }

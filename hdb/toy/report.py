@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import numpy as np
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from hdb.toy.world import Person
+from hdb.toy.scores import MEMORISERS, bootstrap_interval, memoriser_rows, seed_level_interval
+from hdb.toy.world import Person, sample_people
 
 
 def results_table(results: dict) -> str:
@@ -65,27 +67,21 @@ def _cells(m: dict, n: int) -> list[str]:
     ]
 
 
-def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean of `values` (paired differences, when given differences), resampling the
-    people with replacement."""
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
+def code_version() -> str:
+    """The git commit this code is at (with "+changes" when hdb's code differs from it), or hdb's version.
 
+    Only the package counts: results other runs write into the checkout (docs/toy/seed*) are not code."""
+    package = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=package, capture_output=True, text=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "."], cwd=package, capture_output=True, text=True)
+    except OSError:  # no git
+        commit = None
+    if commit is None or commit.returncode != 0:
+        from hdb import __version__
 
-def seed_level_interval(per_seed: list[np.ndarray], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean over (seed, person), resampling the seeds with replacement, then the people
-    within each drawn seed: each seed trained its own base and hypernetworks, so the seeds vary as well as the people
-    (`bootstrap_interval` resamples the people of the pooled seeds alone)."""
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for draw in range(resamples):
-        seeds = rng.integers(0, len(per_seed), len(per_seed))
-        people = [per_seed[s][rng.integers(0, len(per_seed[s]), len(per_seed[s]))] for s in seeds]
-        means[draw] = np.concatenate(people).mean()
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
+        return f"hdb {__version__}"
+    return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
 
 
 def _smooth(values: list[float], window: int) -> np.ndarray:
@@ -159,12 +155,9 @@ def summarise_seeds(folder: Path) -> str:
 
 
 def with_memorisers(run: dict) -> dict:
-    """`run` with every memorising baseline's row (hdb.toy.experiment.MEMORISERS). A run made before a baseline was a
+    """`run` with every memorising baseline's row (hdb.toy.scores.MEMORISERS). A run made before a baseline was a
     row gets it recomputed from its seed's world: the baselines compare pixels and need no model. The world is checked
     to be the run's: the same held-out people, and the same matrix for the baseline the run has."""
-    from hdb.toy.experiment import MEMORISERS, memoriser_rows
-    from hdb.toy.world import sample_people
-
     if all(name in run["methods"] for name in MEMORISERS):
         return run
     config = run["config"]
@@ -172,9 +165,8 @@ def with_memorisers(run: dict) -> dict:
         run["seed"], 2, config["test_identities"], 1, config["eval_renders"], "test", config["upper_bound_renders"]
     )
     rows = memoriser_rows(test)
-    if [p.identity.name for p in test] != run["held_out"] or rows["pixel_nn"]["matrix"] != run["methods"]["pixel_nn"][
-        "matrix"
-    ]:
+    same_people = [p.identity.name for p in test] == run["held_out"]
+    if not same_people or rows["pixel_nn"]["matrix"] != run["methods"]["pixel_nn"]["matrix"]:
         raise ValueError(f"seed {run['seed']}'s world is not the one its results were made in: cannot add the rows")
     return {**run, "methods": rows | run["methods"], "memorisers_recomputed": True}
 
@@ -196,12 +188,29 @@ COMPARISONS = (
     ("upper_bound", "pixel_nn", "upper bound (8 renders) - the photo's pixels (memorising)"),
     ("hyper_ft_lora", "pixel_nn_standardised", "hypernetwork + fast finetune - the photo's light-normalised pixels"),
     ("upper_bound", "pixel_nn_standardised", "upper bound (8 renders) - the photo's light-normalised pixels"),
+    ("hyper_s1", "hyper", "the paper's k=1: a network trained with s=1 - hdb's s=4"),
+    ("hyper_k1", "hyper", "the paper's k=1 read on hdb's network: 1 iteration - 4"),
+    ("hyper_beta0", "hyper", "the paper's beta=0: the diffusion loss alone - with the weight term"),
     ("hyper_paper_loss", "hyper", "the paper's raw L2 weight loss - hdb's dense distance"),
     ("hyper_zero_start", "hyper", "the paper's zero start - hdb's LoRA-like start"),
     ("hyper_concatenated", "hyper", "the paper's concatenated input - hdb's cross-attention"),
     ("hyper_paper_loss_ft_lora", "hyper_ft_lora", "the same + fast finetune: raw L2 - dense"),
     ("hyper_zero_start_ft_lora", "hyper_ft_lora", "the same + fast finetune: zero start - LoRA-like"),
     ("hyper_concatenated_ft_lora", "hyper_ft_lora", "the same + fast finetune: concatenated - cross-attention"),
+    ("hyper_paper_recipe", "hyper", "the paper's recipe, beta 1 - hdb's"),
+    ("hyper_paper_recipe_b01", "hyper", "the paper's recipe, beta 0.1 - hdb's"),
+    ("hyper_paper_recipe_b001", "hyper", "the paper's recipe, beta 0.01 - hdb's"),
+    ("hyper_paper_recipe_ft_lora", "hyper_ft_lora", "the same + fast finetune: the paper's recipe, beta 1 - hdb's"),
+    (
+        "hyper_paper_recipe_b01_ft_lora",
+        "hyper_ft_lora",
+        "the same + fast finetune: the paper's recipe, beta 0.1 - hdb's",
+    ),
+    (
+        "hyper_paper_recipe_b001_ft_lora",
+        "hyper_ft_lora",
+        "the same + fast finetune: the paper's recipe, beta 0.01 - hdb's",
+    ),
 )
 
 
@@ -210,27 +219,9 @@ def summary_table(runs: list[dict]) -> str:
     people), and the paired differences of COMPARISONS with their intervals (one that excludes 0 is a difference)."""
     seeds = ", ".join(str(run["seed"]) for run in runs)
     which = f"seeds {seeds} pooled" if len(runs) > 1 else f"seed {seeds}"
-    names = [name for name in runs[0]["methods"] if all(name in run["methods"] for run in runs)]
-    people = sum(run["methods"]["base"]["people"] for run in runs)
-    intervals = 0
-
-    def pooled(name: str, key: str) -> np.ndarray:
-        return np.concatenate(per_seed(name, key))
-
-    def per_seed(name: str, key: str) -> list[np.ndarray]:
-        return [np.asarray(run["methods"][name][key]) for run in runs]
-
-    def both_intervals(values: list[np.ndarray], style: str, unit: str = "") -> list[str]:
-        nonlocal intervals
-        intervals += 2
-        together = np.concatenate(values)
-        return [
-            _with_interval(together, bootstrap_interval(together), style, unit),
-            _interval(seed_level_interval(values), style),
-        ]
-
+    pooled = _Pooled(runs)
     lines = [
-        f"The toy, {which}: {people} held-out people in all ({runs[0]['methods']['base']['people']} "
+        f"The toy, {which}: {pooled.people} held-out people in all ({runs[0]['methods']['base']['people']} "
         "per seed), each personalised from one render. Identified: per seed, then in all. AUC and margin: means "
         "over every (seed, person), with 95% bootstrap intervals resampling the people; AUC, seeds too: resampling "
         "the seeds, then the people within each (each seed trained its own base and hypernetworks, so this one holds "
@@ -241,61 +232,25 @@ def summary_table(runs: list[dict]) -> str:
         "| method | identified | mean rank | AUC [95% CI] | AUC, seeds too | r, pixels | margin [95% CI] "
         "| other people (photo / b&w) | person in b&w |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    pixels = pooled("pixel_nn", "auc_per_person")
-    for name in names:
-        m = runs[0]["methods"][name]
-        cells = [m["label"]]
-        if "identified" in m:
-            counts = [run["methods"][name]["identified"] for run in runs]
-            cells += [
-                f"{' + '.join(map(str, counts))} = {sum(counts)}/{people}",
-                f"{np.mean([run['methods'][name]['mean_rank'] for run in runs]):.1f}",
-                *both_intervals(per_seed(name, "auc_per_person"), ".3f"),
-                f"{np.corrcoef(pixels, pooled(name, 'auc_per_person'))[0, 1]:+.2f}" if name != "pixel_nn" else "-",
-            ]
-        else:
-            cells += ["-", "-", "-", "-", "-"]
-        margin = pooled(name, "margin_per_person") if "margin_per_person" in m else None
-        cells.append("-" if margin is None else _with_interval(margin, bootstrap_interval(margin), "+.3f", "%"))
-        intervals += margin is not None
-        if "other_people_pct" in m:
-            drift = np.mean([run["methods"][name]["other_people_pct"] for run in runs], axis=0)
-            cells += [" / ".join(f"{d:+.2f}%" for d in drift), f"{pooled(name, 'in_context_per_person').mean():+.2f}%"]
-        else:
-            cells += ["-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+        *(pooled.method_row(name) for name in pooled.names),
         "",
         "Paired differences, the same people under both methods (AUC in absolute terms; margin and the person in "
         "black and white in % of the base loss):",
         "",
         "| difference | AUC [95% CI] | AUC, seeds too | margin [95% CI] | person in b&w [95% CI] |",
         "| --- | --- | --- | --- | --- |",
+        *(
+            pooled.difference_row(name, against, what)
+            for name, against, what in COMPARISONS
+            if name in pooled.names and against in pooled.names
+        ),
     ]
-    for name, against, what in COMPARISONS:
-        if name in names and against in names:
-            differences = [
-                ours - theirs
-                for ours, theirs in zip(*(per_seed(n, "auc_per_person") for n in (name, against)), strict=True)
-            ]
-            cells = [what, *both_intervals(differences, "+.3f")]
-            for key, style, unit in (("margin_per_person", "+.3f", "%"), ("in_context_per_person", "+.2f", "%")):
-                if key not in runs[0]["methods"][against]:  # the pixel baselines have an AUC only
-                    cells.append("-")
-                    continue
-                difference = pooled(name, key) - pooled(against, key)
-                cells.append(_with_interval(difference, bootstrap_interval(difference), style, unit))
-                intervals += 1
-            lines.append("| " + " | ".join(cells) + " |")
-    from hdb.toy.experiment import code_version
-
     codes = sorted({run.get("code", "not recorded") for run in runs})
     recomputed = [str(run["seed"]) for run in runs if run.get("memorisers_recomputed")]
     lines += [
         "",
-        f"{intervals} intervals in all, each at 95%: about one in 20 of those whose true value is 0 excludes 0 by "
-        "chance, so a single interval just clear of 0 is a lead to test again, not a finding.",
+        f"{pooled.intervals} intervals in all, each at 95%: about one in 20 of those whose true value is 0 excludes 0 "
+        "by chance, so a single interval just clear of 0 is a lead to test again, not a finding.",
         "",
         f"Code of the runs: {', '.join(codes)}; summarised at {code_version()}; time per seed (s): "
         f"{[run['timings_s']['total'] for run in runs]}."
@@ -307,6 +262,68 @@ def summary_table(runs: list[dict]) -> str:
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+class _Pooled:
+    """The seeds' runs pooled: a method's figures per seed or over every (seed, person), its table cells, and how many
+    intervals the cells show (`intervals`)."""
+
+    def __init__(self, runs: list[dict]) -> None:
+        self.runs, self.intervals = runs, 0
+        self.names = [name for name in runs[0]["methods"] if all(name in run["methods"] for run in runs)]
+        self.people = sum(run["methods"]["base"]["people"] for run in runs)
+
+    def per_seed(self, name: str, key: str) -> list[np.ndarray]:
+        return [np.asarray(run["methods"][name][key]) for run in self.runs]
+
+    def pooled(self, name: str, key: str) -> np.ndarray:
+        return np.concatenate(self.per_seed(name, key))
+
+    def interval(self, values: np.ndarray, style: str, unit: str = "") -> str:
+        """The mean of `values` with its interval over (seed, person) pairs."""
+        self.intervals += 1
+        return _with_interval(values, bootstrap_interval(values), style, unit)
+
+    def both_intervals(self, values: list[np.ndarray], style: str) -> list[str]:
+        """The mean of the seeds' `values` with its interval over (seed, person) pairs; then over seeds, then people."""
+        self.intervals += 1
+        return [self.interval(np.concatenate(values), style), _interval(seed_level_interval(values), style)]
+
+    def method_row(self, name: str) -> str:
+        runs, m = self.runs, self.runs[0]["methods"][name]
+        cells = [m["label"]]
+        if "identified" in m:
+            counts = [run["methods"][name]["identified"] for run in runs]
+            auc = self.pooled(name, "auc_per_person")
+            cells += [
+                f"{' + '.join(map(str, counts))} = {sum(counts)}/{self.people}",
+                f"{np.mean([run['methods'][name]['mean_rank'] for run in runs]):.1f}",
+                *self.both_intervals(self.per_seed(name, "auc_per_person"), ".3f"),
+                "-"
+                if name == "pixel_nn"
+                else f"{np.corrcoef(self.pooled('pixel_nn', 'auc_per_person'), auc)[0, 1]:+.2f}",
+            ]
+        else:
+            cells += ["-", "-", "-", "-", "-"]
+        has_margin = "margin_per_person" in m
+        cells.append(self.interval(self.pooled(name, "margin_per_person"), "+.3f", "%") if has_margin else "-")
+        if "other_people_pct" in m:
+            drift = np.mean([run["methods"][name]["other_people_pct"] for run in runs], axis=0)
+            in_context = self.pooled(name, "in_context_per_person").mean()
+            cells += [" / ".join(f"{d:+.2f}%" for d in drift), f"{in_context:+.2f}%"]
+        else:
+            cells += ["-", "-"]
+        return "| " + " | ".join(cells) + " |"
+
+    def difference_row(self, name: str, against: str, what: str) -> str:
+        ours, theirs = self.per_seed(name, "auc_per_person"), self.per_seed(against, "auc_per_person")
+        cells = [what, *self.both_intervals([a - b for a, b in zip(ours, theirs, strict=True)], "+.3f")]
+        for key, style, unit in (("margin_per_person", "+.3f", "%"), ("in_context_per_person", "+.2f", "%")):
+            if key not in self.runs[0]["methods"][against]:  # the pixel baselines have an AUC only
+                cells.append("-")
+                continue
+            cells.append(self.interval(self.pooled(name, key) - self.pooled(against, key), style, unit))
+        return "| " + " | ".join(cells) + " |"
 
 
 def _interval(interval: tuple[float, float], style: str) -> str:
