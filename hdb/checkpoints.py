@@ -44,8 +44,9 @@ def resume_point(out: Path, settings: dict[str, object]) -> tuple[Path | None, i
     resume = latest_checkpoint(out)
     if resume is None:
         return None, 0
-    check_resumable(resume, settings)
-    return resume, json.loads((resume / "state.json").read_text())["step"] + 1
+    state = json.loads((resume / "state.json").read_text())
+    check_resumable(resume, state, settings)
+    return resume, state["step"] + 1
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -78,11 +79,12 @@ def run_settings(
     }
 
 
-def check_resumable(checkpoint: Path, settings: dict[str, object]) -> None:
-    """Refuse to resume `checkpoint` with other settings than its run's, naming each that differs."""
-    saved = json.loads((checkpoint / "state.json").read_text()).get("settings")
+def check_resumable(checkpoint: Path, state: dict, settings: dict[str, object]) -> None:
+    """Refuse to resume `checkpoint` (its state.json's `state`) with other settings than its run's, naming each that
+    differs."""
+    saved = state.get("settings")
     if saved is None:  # a checkpoint of an hdb that did not record them: nothing to compare
-        warnings.warn(f"{checkpoint} does not record its run's settings: resuming it unchecked", stacklevel=3)
+        warnings.warn(f"{checkpoint} does not record its run's settings: resuming it unchecked", stacklevel=4)
         return
     saved = SETTINGS_ADDED_LATER | saved
     if isinstance(saved.get("lidb"), dict):  # its LiDB settings added later (`layers`) as those runs had them

@@ -23,7 +23,6 @@ LORA_FORMATS = ("diffusers", "kohya")  # diffusers/peft keys; kohya keys (AUTOMA
 # The frozen base's weights: as loaded ("none"), or quantised by bitsandbytes (through diffusers, on a CUDA GPU):
 # "nf4", 4-bit NormalFloat as QLoRA's, or "int8"; the denoiser and the text encoders LiDB leaves alone (T5)
 QUANTIZATIONS = ("none", "nf4", "int8")
-QUANTIZE_HELP = "the frozen base in 4 (nf4) or 8 (int8) bits, for cards with less memory, CUDA only"
 TINY_ARCHS = ("sd15", "sdxl", "sd2", "flux", "sd3")  # the tiny random pipelines hdb builds for offline tries and tests
 # Which layers LiDB targets (`hdb.families.Family.lidb_components`), the default first: "all", the attention
 # projections of the denoiser and of the text encoder (CLIP's, for FLUX.1: not T5); "denoiser", the denoiser's alone;

@@ -18,7 +18,6 @@ from hdb.config import (
     FILE_DTYPES,
     LORA_FORMATS,
     QUANTIZATIONS,
-    QUANTIZE_HELP,
     RELAX_MODES,
     TINY_ARCHS,
     Checked,
@@ -30,6 +29,7 @@ from hdb.config import (
 from hdb.example_photos import ASSETS
 
 HYPERNET_HELP = "trained hypernetwork: hub id or directory"  # the commands' and the app's --hypernet
+QUANTIZE_HELP = "the frozen base in 4 (nf4) or 8 (int8) bits, for cards with less memory, CUDA only"
 
 
 @dataclass

@@ -17,10 +17,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from hdb.arguments import config_option
-from hdb.config import QUANTIZE_HELP, PersonalizeConfig, shown_value
+from hdb.config import PersonalizeConfig, shown_value
 from hdb.console import quiet_libraries
 from hdb.errors import HdbError
-from hdb.options import HYPERNET_HELP, AppOptions, ModelOptions
+from hdb.options import HYPERNET_HELP, QUANTIZE_HELP, AppOptions, ModelOptions
 from hdb.terms import app_terms, flag_for
 
 

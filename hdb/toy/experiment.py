@@ -635,16 +635,16 @@ def run_toy(
     pipe, factor, pretrain_losses = pretrained_base(crowd, config, seed, progress)
     lap("pretrain")
     # 3. stage 1: a LiDB per training identity
-    preopt_losses = preoptimize_people(pipe, train_people, work / "preopt", config, seed, progress)
+    preopt = work / "preopt"
+    preopt_losses = preoptimize_people(pipe, train_people, preopt, config, seed, progress)
     lap("preoptimize")
     # 4. stage 2: the hypernetworks
     hypernets, summary = {}, {}
     for variant, asked in HYPERNETS.items():
         if asked.wanted(config):
             folder = work / f"hypernet_{variant}"
-            summary[variant] = train_toy_hypernet(
-                pipe, asked, test_people, train_people, folder, config, seed, progress
-            )
+            people = (test_people, train_people)
+            summary[variant] = train_toy_hypernet(pipe, asked, *people, preopt, folder, config, seed, progress)
             hypernets[variant] = HyperNetwork.from_pretrained(folder / "hypernet")
             lap(f"hypernetwork_{variant}")
     # 5. held-out people, personalised from one render, scored on their other renders; and what a LiDB
@@ -734,13 +734,15 @@ def train_toy_hypernet(
     asked: ToyHypernet,
     test_people: list[Person],
     train_people: list[Person],
+    weights_dir: Path,
     folder: Path,
     config: ToyConfig,
     seed: int,
     progress: bool,
 ) -> dict:
-    """Train one of the toy's hypernetworks into `folder` (its summary back). The held-out people go first with
-    holdout=len(test): train_hypernetwork never trains on them, only reports its validation loss on their photo."""
+    """Train one of the toy's hypernetworks into `folder` on stage 1's `weights_dir` (its summary back). The held-out
+    people go first with holdout=len(test): train_hypernetwork never trains on them, only reports its validation loss
+    on their photo."""
     shape = (config.hyper_width, config.hyper_depth, config.hyper_heads, asked.iterations or config.iterations)
     changes = {key: value for key, value in vars(asked).items() if key in DECODER_FIELDS and value is not None}
     hyper_config = HypernetTrainConfig(
@@ -762,7 +764,7 @@ def train_toy_hypernet(
         weight_loss=asked.weight_loss or HypernetTrainConfig.weight_loss,
     )
     people = as_identities(test_people + train_people)
-    return train_hypernetwork(pipe, people, folder, folder.parent / "preopt", hyper_config, device="cpu")
+    return train_hypernetwork(pipe, people, folder, weights_dir, hyper_config, device="cpu")
 
 
 def _logged_terms(path: Path) -> dict[str, list[float]]:
