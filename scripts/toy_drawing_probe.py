@@ -1,0 +1,145 @@
+"""Can the toy's base draw its world? The probe behind docs/TOY.md's "A base that draws" (issue #37, step 4).
+
+    PYTHONPATH=. python scripts/toy_drawing_probe.py docs/toy/drawing
+
+`hdb toy`'s base is hdb's tiny SD1.5-shaped pipeline with a random VAE: it fits the world's latents well enough
+to tell people apart by diffusion loss, but what it draws is noise. This probe replaces the random VAE by one
+trained on the crowd's renders (seed 0's, the people `hdb toy` pre-trains its base on), pre-trains the base UNet on
+its latents exactly as `hdb toy` does (`pretrain_base`), and draws 8 pictures per context. The autoencoder is
+diffusers' AutoencoderTiny (plain convolutions, TAESD's shape; 8x8x4 latents, the tiny UNet's) trained as a plain
+autoencoder on L1 + L2, with the error's colour part (each pixel's error minus its mean over the channels)
+weighted `--chroma-weight` times. Writes to the folder: recon.png (held-out photos above their reconstructions),
+samples.png (row 1 "a photo of a person", row 2 "a black and white photo of a person"), probe.json (settings,
+losses, seconds, the code's commit). About 12 minutes on 2 cores with the defaults.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderTiny
+from PIL import Image
+
+from hdb.diffusion import to_pixels
+from hdb.generate import generate
+from hdb.models import build_tiny_pipeline
+from hdb.toy import experiment
+from hdb.toy.report import code_version
+from hdb.toy.world import in_black_and_white, sample_people
+
+SEED = 0
+PICTURES = 8  # per context
+
+
+def train_autoencoder(renders: list[Image.Image], steps: int, chroma_weight: float, log: list) -> AutoencoderTiny:
+    """A small AutoencoderTiny fitted to `renders` (a cosine-decayed learning rate from 1e-3, batches of 16)."""
+    torch.manual_seed(SEED)
+    vae = AutoencoderTiny(
+        encoder_block_out_channels=(16,) * 4,
+        decoder_block_out_channels=(16,) * 4,
+        num_encoder_blocks=(1, 2, 2, 2),
+        num_decoder_blocks=(2, 2, 2, 1),
+    )
+    pixels = to_pixels(renders)
+    optimizer = torch.optim.Adam(vae.parameters(), 1e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(steps):
+        batch = pixels[torch.randint(0, len(pixels), (16,))]
+        error = vae.decode(vae.encode(batch).latents).sample - batch
+        light = error.mean(dim=1, keepdim=True)  # the error in brightness; what is left is the error in colour
+        colour = error - light
+        loss = (light**2).mean() + light.abs().mean() + chroma_weight * ((colour**2).mean() + colour.abs().mean())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        log.append(loss.item())
+    return vae.eval()
+
+
+@torch.no_grad()
+def reconstruction_sheet(vae: AutoencoderTiny, photos: list[Image.Image]) -> tuple[Image.Image, dict]:
+    """The photos above their reconstructions, and how far apart they are (mean |error| in [-1, 1] units, and the
+    photos' and reconstructions' colourfulness: each pixel's mean |value - its channels' mean|)."""
+    pixels = to_pixels(photos)
+    rebuilt = vae.decode(vae.encode(pixels).latents).sample.clamp(-1, 1)
+
+    def colourfulness(t: torch.Tensor) -> float:
+        return round((t - t.mean(dim=1, keepdim=True)).abs().mean().item(), 4)
+
+    figures = {
+        "l1": round((rebuilt - pixels).abs().mean().item(), 4),
+        "colourfulness_photos": colourfulness(pixels),
+        "colourfulness_reconstructions": colourfulness(rebuilt),
+    }
+    grid = torch.cat([torch.cat(list(pixels), 2), torch.cat(list(rebuilt), 2)], 1)
+    sheet = Image.fromarray(((grid.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+    return sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST), figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--vae-steps", type=int, default=4000)
+    parser.add_argument("--chroma-weight", type=float, default=4.0)
+    parser.add_argument("--vae-with-black-and-white", action="store_true", help="half the VAE's renders in grey")
+    parser.add_argument("--base-steps", type=int, default=3000)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    started, record = time.perf_counter(), {"code": code_version(), "settings": vars(args) | {"out": str(args.out)}}
+    config = experiment.ToyConfig(pretrain_steps=args.base_steps)
+    crowd = sample_people(SEED, 0, config.pretrain_identities, config.pretrain_renders, 0, "crowd")
+    renders = [photo for person in crowd for photo in person.photos]
+    contexts = torch.arange(len(renders)) % 2  # hdb toy's base: every other render in black and white
+    in_context = [in_black_and_white(r) if c else r for r, c in zip(renders, contexts.tolist(), strict=True)]
+
+    vae_losses: list[float] = []
+    vae = train_autoencoder(in_context if args.vae_with_black_and_white else renders, args.vae_steps,
+                            args.chroma_weight, vae_losses)  # fmt: skip
+    record["seconds_vae"] = round(time.perf_counter() - started, 1)
+    held_out = sample_people(SEED, 2, 8, 1, 0, "test")  # the first 8 of hdb toy's held-out people
+    sheet, record["reconstruction"] = reconstruction_sheet(vae, [p.photos[0] for p in held_out])
+    args.out.mkdir(parents=True, exist_ok=True)
+    sheet.save(args.out / "recon.png")
+    if args.base_steps:
+        record |= draw_with_a_base(vae, in_context, contexts, config, args.out)
+    record |= {"vae_loss_per_100": every(vae_losses, 100), "seconds_total": round(time.perf_counter() - started, 1)}
+    (args.out / "probe.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps({k: v for k, v in record.items() if "per_100" not in k}))
+
+
+def draw_with_a_base(
+    vae: AutoencoderTiny, in_context: list[Image.Image], contexts: torch.Tensor, config: experiment.ToyConfig, out: Path
+) -> dict:
+    """Pre-train the base UNet on `vae`'s latents of the crowd's renders as `hdb toy` does, and draw PICTURES per
+    context into out/samples.png; its figures back."""
+    pipe = build_tiny_pipeline("sd15", SEED)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae = vae
+    with torch.no_grad():
+        chunks = [in_context[i : i + 64] for i in range(0, len(in_context), 64)]
+        latents = torch.cat([vae.encode(to_pixels(chunk)).latents for chunk in chunks])
+    factor = 1 / latents.std().item()  # unit-variance latents, as calibrate_latents gives the random VAE's
+    vae.register_to_config(scaling_factor=factor)
+    started = time.perf_counter()
+    base_losses = experiment.pretrain_base(pipe, latents * factor, contexts, config, SEED, progress=False)
+    seconds = round(time.perf_counter() - started, 1)
+
+    sheet = Image.new("RGB", (64 * PICTURES, 64 * len(experiment.PROMPTS)))
+    for row, prompt in enumerate(experiment.PROMPTS):
+        for column in range(PICTURES):
+            picture = generate(pipe, None, prompt, negative_prompt="", guidance=1.0, steps=25, seed=column)[0]
+            sheet.paste(picture, (64 * column, 64 * row))
+    sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(out / "samples.png")
+    return {"seconds_base": seconds, "latent_scaling_factor": factor, "base_loss_per_100": every(base_losses, 100)}
+
+
+def every(losses: list[float], n: int) -> list[float]:
+    """Means of n steps: a readable curve."""
+    return [round(sum(losses[i : i + n]) / len(losses[i : i + n]), 4) for i in range(0, len(losses), n)]
+
+
+if __name__ == "__main__":
+    main()
