@@ -39,9 +39,7 @@ def main(name: str, overrides: dict) -> dict:
     test = world.sample_people(seed, 2, config.test_identities, 1, config.eval_renders, "test", extra)
     pipe = build_tiny_pipeline("sd15", seed)
     pipe.set_progress_bar_config(disable=True)
-    renders = [photo for person in crowd for photo in person.photos]
-    contexts = torch.arange(len(renders)) % 2
-    renders = [world.in_black_and_white(r) if c else r for r, c in zip(renders, contexts.tolist(), strict=True)]
+    renders, contexts = experiment.crowd_in_context(crowd)
     latents, _ = experiment.calibrate_latents(pipe, renders)
     experiment.pretrain_base(pipe, latents, contexts, config, seed, progress=False)
     with tempfile.TemporaryDirectory() as work:

@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderTiny
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from hdb.diffusion import to_pixels
 from hdb.generate import generate
 from hdb.models import build_tiny_pipeline
 from hdb.toy import experiment
-from hdb.toy.report import code_version
-from hdb.toy.world import in_black_and_white, sample_people
+from hdb.toy.report import code_version, image_sheet
+from hdb.toy.world import sample_people
 
 SEED = 0
 PICTURES = 8  # per context
@@ -74,9 +75,7 @@ def reconstruction_sheet(vae: AutoencoderTiny, photos: list[Image.Image]) -> tup
         "colourfulness_photos": colourfulness(pixels),
         "colourfulness_reconstructions": colourfulness(rebuilt),
     }
-    grid = torch.cat([torch.cat(list(pixels), 2), torch.cat(list(rebuilt), 2)], 1)
-    sheet = Image.fromarray(((grid.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
-    return sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST), figures
+    return image_sheet([photos, VaeImageProcessor().postprocess(rebuilt, output_type="pil")]), figures
 
 
 def main() -> None:
@@ -91,9 +90,8 @@ def main() -> None:
     started, record = time.perf_counter(), {"code": code_version(), "settings": vars(args) | {"out": str(args.out)}}
     config = experiment.ToyConfig(pretrain_steps=args.base_steps)
     crowd = sample_people(SEED, 0, config.pretrain_identities, config.pretrain_renders, 0, "crowd")
-    renders = [photo for person in crowd for photo in person.photos]
-    contexts = torch.arange(len(renders)) % 2  # hdb toy's base: every other render in black and white
-    in_context = [in_black_and_white(r) if c else r for r, c in zip(renders, contexts.tolist(), strict=True)]
+    in_context, contexts = experiment.crowd_in_context(crowd)  # what hdb toy's base learns from
+    renders = [photo for person in crowd for photo in person.photos]  # all in colour
 
     vae_losses: list[float] = []
     vae = train_autoencoder(in_context if args.vae_with_black_and_white else renders, args.vae_steps,
@@ -118,21 +116,16 @@ def draw_with_a_base(
     pipe = build_tiny_pipeline("sd15", SEED)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae = vae
-    with torch.no_grad():
-        chunks = [in_context[i : i + 64] for i in range(0, len(in_context), 64)]
-        latents = torch.cat([vae.encode(to_pixels(chunk)).latents for chunk in chunks])
-    factor = 1 / latents.std().item()  # unit-variance latents, as calibrate_latents gives the random VAE's
-    vae.register_to_config(scaling_factor=factor)
+    latents, factor = experiment.calibrate_latents(pipe, in_context)  # unit-variance latents, as hdb toy's
     started = time.perf_counter()
-    base_losses = experiment.pretrain_base(pipe, latents * factor, contexts, config, SEED, progress=False)
+    base_losses = experiment.pretrain_base(pipe, latents, contexts, config, SEED, progress=False)
     seconds = round(time.perf_counter() - started, 1)
 
-    sheet = Image.new("RGB", (64 * PICTURES, 64 * len(experiment.PROMPTS)))
-    for row, prompt in enumerate(experiment.PROMPTS):
-        for column in range(PICTURES):
-            picture = generate(pipe, None, prompt, negative_prompt="", guidance=1.0, steps=25, seed=column)[0]
-            sheet.paste(picture, (64 * column, 64 * row))
-    sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(out / "samples.png")
+    rows = [
+        [generate(pipe, None, prompt, negative_prompt="", guidance=1.0, steps=25, seed=s)[0] for s in range(PICTURES)]
+        for prompt in experiment.PROMPTS
+    ]
+    image_sheet(rows).save(out / "samples.png")
     return {"seconds_base": seconds, "latent_scaling_factor": factor, "base_loss_per_100": every(base_losses, 100)}
 
 

@@ -5,14 +5,26 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+import torch
+from diffusers import AutoencoderTiny
 from helpers import TINY_DECODER
 
 from hdb.cli import build_parser, cmd_toy
 from hdb.config import PersonalizeConfig
+from hdb.diffusion import encode_images, to_pixels
 from hdb.errors import HdbError
 from hdb.hypernet import HyperNetwork, build_tiny_image_encoder
 from hdb.lidb import LiDB
-from hdb.toy.experiment import ToyConfig, evaluate_methods, in_forked_workers, method_labels, run_toy
+from hdb.models import build_tiny_pipeline
+from hdb.toy.experiment import (
+    ToyConfig,
+    calibrate_latents,
+    crowd_in_context,
+    evaluate_methods,
+    in_forked_workers,
+    method_labels,
+    run_toy,
+)
 from hdb.toy.report import summarise_seeds, with_memorisers
 from hdb.toy.scores import (
     MEMORISERS,
@@ -35,6 +47,28 @@ def test_people_are_reproducible_and_renders_vary():
     pixels = [np.asarray(p, dtype=np.float32) for p in people[0].photos]
     assert np.abs(pixels[0] - pixels[1]).mean() > 1  # jittered: no two renders of a person are the same
     assert sample_people(1, 1, 1, 1, 0, "p")[0].identity != people[0].identity
+
+
+def test_a_trained_autoencoder_tiny_serves_as_the_toys_vae():
+    """The drawing probe's VAE (scripts/toy_drawing_probe.py): an AutoencoderTiny, which has no posterior, encodes
+    through the pipeline (its one encoding times its scaling factor) and calibrates to unit-variance latents; the
+    crowd's renders alternate between the two contexts, the black-and-white ones grey."""
+    renders, contexts = crowd_in_context(sample_people(0, 0, 3, 2, 0, "crowd"))
+    assert contexts.tolist() == [0, 1, 0, 1, 0, 1]
+    grey = [np.ptp(np.asarray(r, dtype=np.int16), axis=2).max() for r in renders]  # channel spread per pixel
+    assert all(spread == 0 for spread in grey[1::2]) and all(spread > 0 for spread in grey[::2])
+    pipe = build_tiny_pipeline("sd15")
+    pipe.vae = AutoencoderTiny(
+        encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4, scaling_factor=0.5,
+        num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
+    )  # fmt: skip
+    pixels = to_pixels(renders)
+    with torch.no_grad():
+        own = pipe.vae.encode(pixels).latents
+    assert torch.allclose(encode_images(pipe, pixels), own * 0.5)
+    latents, factor = calibrate_latents(pipe, renders)
+    assert latents.shape == (6, 4, 8, 8) and latents.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert factor == pytest.approx(0.5 / (own * 0.5).std().item(), rel=1e-4)
 
 
 def test_cli_wiring(tmp_path):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderTiny, DiffusionPipeline
 from torch import nn
 
 from hdb.errors import HdbError
@@ -33,6 +33,13 @@ def lora_module_path(name: str) -> tuple[str, str]:
     if component.startswith("text_encoder") and not path.startswith("text_model."):
         path = f"text_model.{path}"
     return component, path
+
+
+def vae_latents(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> the VAE's latents before scaling: its posterior's mean (AutoencoderKL: one photo, no
+    sampling noise), or its one encoding (AutoencoderTiny, TAESD's shape, which has no posterior)."""
+    encoded = vae.encode(pixels.to(vae.device, vae.dtype))
+    return encoded.latents if isinstance(vae, AutoencoderTiny) else encoded.latent_dist.mean
 
 
 @dataclass

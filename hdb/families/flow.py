@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-from hdb.families.family import Conditioning, Family
+from hdb.families.family import Conditioning, Family, vae_latents
 
 
 class FlowMatchingFamily(Family):
@@ -53,8 +53,7 @@ class FlowMatchingFamily(Family):
 
     def encode_images(self, pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
         vae = pipe.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        return (vae_latents(vae, pixels) - vae.config.shift_factor) * vae.config.scaling_factor
 
     def sampling_scheduler(self, pipe: DiffusionPipeline) -> FlowMatchEulerDiscreteScheduler:
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)

@@ -25,7 +25,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from hdb.config import DEFAULT_BASE
-from hdb.families.family import Conditioning, Family, Variant
+from hdb.families.family import Conditioning, Family, Variant, vae_latents
 from hdb.seeding import initialised_from
 
 TOKENIZER_DIR = Path(__file__).parent.parent / "clip_tokenizer"  # the real CLIP tokenizer's files, shipped with hdb
@@ -110,9 +110,7 @@ class StableDiffusion(Family):
         return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def encode_images(self, pipe: DiffusionPipeline, pixels: torch.Tensor) -> torch.Tensor:
-        vae = pipe.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
-        return latents * vae.config.scaling_factor
+        return vae_latents(pipe.vae, pixels) * pipe.vae.config.scaling_factor
 
     def sampling_scheduler(self, pipe: DiffusionPipeline) -> DPMSolverMultistepScheduler:
         return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # good pictures in ~25 steps

@@ -722,11 +722,17 @@ def pretrained_base(
     prompt: the pipeline, its latents' scaling factor and the training losses."""
     pipe = build_tiny_pipeline("sd15", seed)
     pipe.set_progress_bar_config(disable=True)
-    renders = [photo for person in crowd for photo in person.photos]
-    contexts = torch.arange(len(renders)) % 2
-    renders = [in_black_and_white(r) if c else r for r, c in zip(renders, contexts.tolist(), strict=True)]
+    renders, contexts = crowd_in_context(crowd)
     latents, factor = calibrate_latents(pipe, renders)
     return pipe, factor, pretrain_base(pipe, latents, contexts, config, seed, progress)
+
+
+def crowd_in_context(crowd: list[Person]) -> tuple[list[Image.Image], torch.Tensor]:
+    """The crowd's renders as the base learns them, every other one in black and white, and each one's context
+    (`pretrain_base`'s: 0 for GENERIC_PROMPT, 1 for CONTEXT_PROMPT)."""
+    renders = [photo for person in crowd for photo in person.photos]
+    contexts = torch.arange(len(renders)) % 2
+    return [in_black_and_white(r) if c else r for r, c in zip(renders, contexts.tolist(), strict=True)], contexts
 
 
 def train_toy_hypernet(
