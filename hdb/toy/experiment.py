@@ -61,12 +61,22 @@ from hdb.families import denoiser
 from hdb.generate import generate
 from hdb.hypernet import DECODER_FIELDS, HyperNetwork
 from hdb.identities import Identity, load_weights_dataset
-from hdb.lidb import LiDB
 from hdb.models import Pipeline, build_tiny_pipeline, training_scheduler
 from hdb.options import DREAMBOOTH_LORA_LR
 from hdb.pipeline import PersonalPipeline
 from hdb.preoptimize import preoptimize
 from hdb.stage import training_stage
+from hdb.toy.drawing import train_autoencoder
+from hdb.toy.pictures import (
+    PICTURES,
+    PictureScores,
+    Recogniser,
+    galleries,
+    photo_copy_row,
+    picture_summary,
+    score_pictures,
+    train_recogniser,
+)
 from hdb.toy.report import code_version, image_sheet, plot_losses, renders_sheet, results_table
 from hdb.toy.scores import identified, memoriser_rows
 from hdb.toy.world import JITTER, Person, in_black_and_white, sample_people
@@ -76,6 +86,7 @@ from hdb.training import TrainConfig, TrainingDiverged, train
 GENERIC_PROMPT = "a photo of a person"
 CONTEXT_PROMPT = "a black and white photo of a person"  # the base's second context (black-and-white renders)
 INSTANCE_IN_CONTEXT = f"a black and white photo of {DEFAULT_INSTANCE_PROMPT}"  # the person where the photo was not
+INSTANCE_PROMPTS = (DEFAULT_INSTANCE_PROMPT, INSTANCE_IN_CONTEXT)  # the person in the base's two contexts
 PROMPTS = (GENERIC_PROMPT, CONTEXT_PROMPT)  # the base's two contexts (pretrain_base's `contexts`: 0 and 1)
 T = TypeVar("T")
 R = TypeVar("R")
@@ -86,7 +97,8 @@ class ToyConfig:
     # base model: pre-trained on renders of people who appear nowhere else, every other one in black and white
     pretrain_identities: int = 600
     pretrain_renders: int = 4
-    pretrain_steps: int = 1000
+    vae_steps: int = 4000  # a VAE trained on the crowd's renders (hdb.toy.drawing; 0: the tiny pipeline's random one)
+    pretrain_steps: int = 3000
     pretrain_batch: int = 16
     pretrain_lr: float = 1e-3
     # stages 1 and 2: training identities, a few renders each
@@ -122,13 +134,16 @@ class ToyConfig:
     dreambooth_lr: float = DREAMBOOTH_LORA_LR
     other_people: int = 16  # people seen nowhere else, on whom editability is measured
     other_draws: int = 2  # draws per render of the other people (their loss is averaged over all: fewer suffice)
-    sample_steps: int = 25  # sampling steps of the samples sheet
+    sample_steps: int = 25  # sampling steps of every picture the models draw
+    recogniser_steps: int = 3000  # the toy's face recogniser (hdb.toy.pictures), trained on the crowd's renders
     upper_bound_renders: int = 8  # a LiDB pre-optimised on this many OTHER renders of the person (0: skip)
 
 
 QUICK = ToyConfig(
     pretrain_identities=150,
+    vae_steps=0,  # the random VAE: the suite's time (its pictures are noise, but scored all the same)
     pretrain_steps=240,
+    recogniser_steps=300,
     train_identities=96,
     preopt_steps=80,
     hyper_steps=300,
@@ -188,7 +203,7 @@ def pretrain_base(
     pipe: Pipeline, latents: torch.Tensor, contexts: torch.Tensor, config: ToyConfig, seed: int, progress: bool = True
 ) -> list[float]:
     """Train every UNet weight on renders of many people, each with its context's prompt (`contexts[i]`: 0 for
-    GENERIC_PROMPT, 1 for CONTEXT_PROMPT); the text encoder and VAE stay random."""
+    GENERIC_PROMPT, 1 for CONTEXT_PROMPT); the text encoder stays random, the VAE as it is."""
     scheduler = training_scheduler(pipe)
     with torch.no_grad():
         prompts = encode_prompts(pipe, list(PROMPTS)).embeds  # the text encoder is frozen: encode once
@@ -408,6 +423,7 @@ class Scores:
     other_people: dict[str, list[list[float]]]  # [method][k]: % vs base on other people, per context
     in_context: dict[str, list[float]]  # [method][k]: % vs base on person k's black-and-white renders
     stops: dict[str, int]  # finetunes that train()'s divergence guard stopped early
+    pictures: dict[str, list[PictureScores]]  # [method][k]: the pictures person k's model draws, scored
     samples: list[list[Image.Image]]  # the samples sheet's rows
 
 
@@ -415,6 +431,7 @@ def evaluate_methods(
     pipe: Pipeline,
     hypernets: dict[str, HyperNetwork],
     upper_bound_dir: Path | None,
+    recogniser: Recogniser,
     test: list[Person],
     others: list[Person],
     config: ToyConfig,
@@ -424,9 +441,10 @@ def evaluate_methods(
 ) -> Scores:
     """Personalise each held-out person from their one photo by every method, and score the result on the
     other renders of EVERY held-out person; on other people, in both contexts; and on the person's own renders
-    in black and white, with the prompt of that context. `workers` > 1 shares the people out among that many
+    in black and white, with the prompt of that context. Each model also draws the person in both contexts, and
+    `recogniser` judges whom it drew (hdb.toy.pictures). `workers` > 1 shares the people out among that many
     forked processes (`in_forked_workers`): the same scores, sooner on as many cores."""
-    scoring = _Scoring(pipe, hypernets, upper_bound_dir, test, others, config, seed)
+    scoring = _Scoring(pipe, hypernets, upper_bound_dir, recogniser, test, others, config, seed)
     try:
         everyone = in_forked_workers(
             scoring.score_person, len(test), workers, progress, "personalising held-out people"
@@ -434,34 +452,36 @@ def evaluate_methods(
     finally:
         scoring.personal.unload()
     methods = scoring.methods
-    scores = Scores({name: [] for name in methods}, {name: [] for name in methods}, {n: [] for n in methods}, {}, [])
+    scores = Scores(*({name: [] for name in methods} for _ in range(3)), {}, {name: [] for name in methods}, [])
     for person in everyone:
         for name, (row, drift_pct, context_pct) in person.measured.items():
             scores.losses[name].append(row)
             scores.other_people[name].append(drift_pct)
             scores.in_context[name].append(context_pct)
+            scores.pictures[name].append(person.pictures[name])
         for name in person.stopped:
             scores.stops[name] = scores.stops.get(name, 0) + 1
-        if person.sheet_row is not None:
-            scores.samples.append(person.sheet_row)
+        scores.samples += person.sheet_rows
     return scores
 
 
 class _Scoring:
     """What scoring every held-out person shares: the pipeline's person, the methods' starts, the draws each model is
-    measured on, and the base model's own scores."""
+    measured on, the recogniser and the people it compares pictures with, and the base model's own scores."""
 
     def __init__(
         self,
         pipe: Pipeline,
         hypernets: dict[str, HyperNetwork],
         upper_bound_dir: Path | None,
+        recogniser: Recogniser,
         test: list[Person],
         others: list[Person],
         config: ToyConfig,
         seed: int,
     ) -> None:
         self.pipe, self.hypernets, self.test, self.config, self.seed = pipe, hypernets, test, config, seed
+        self.recogniser, self.gallery = recogniser, galleries(recogniser, test)
         self.personal = PersonalPipeline(pipe, lidb_config=hypernets["s"].lidb_config)  # each method its own start
         self.upper_bound = (
             load_weights_dataset(upper_bound_dir, self.personal.lidb, [p.identity.name for p in test])
@@ -482,6 +502,7 @@ class _Scoring:
         )  # fmt: skip
         self.personal.forget()
         self.base_row, self.base_drift, self.base_context = self.measure(None)
+        self.base_pictures = self.draw()
 
     def personalise(self, method: Method, person: Person, other: Person) -> bool:
         """Put the pipeline in the state `method` leaves for `person`; True if the divergence guard stopped it."""
@@ -526,22 +547,36 @@ class _Scoring:
             context = heldout_loss(pipe, in_context, INSTANCE_IN_CONTEXT)
         return row, drift, context
 
+    @torch.no_grad()
+    def draw(self) -> list[list[Image.Image]]:
+        """What the model as it stands draws of the person in each context (INSTANCE_PROMPTS), PICTURES each, from the
+        same seeds for every model; no guidance: the toy's base never saw an empty prompt."""
+        return [
+            generate(self.pipe, self.personal.lidb, prompt, negative_prompt="", guidance=1.0,
+                     steps=self.config.sample_steps, seed=self.seed, num_images=PICTURES)
+            for prompt in INSTANCE_PROMPTS
+        ]  # fmt: skip
+
     def score_person(self, k: int) -> PersonScores:
-        """Person k personalised by every method (from person k+1's photo for the control), and measured."""
+        """Person k personalised by every method (from person k+1's photo for the control), measured, and drawn."""
         person, other = self.test[k], self.test[(k + 1) % len(self.test)]
-        measured, stopped, sheet_row = {}, [], [person.photos[0]]
+        measured, stopped, pictures = {}, [], {}
+        sheet_rows = [[person.photos[0]], [in_black_and_white(person.photos[0])]] if k < SAMPLED_PEOPLE else []
         for name, method in self.methods.items():
             if self.personalise(method, person, other):
                 stopped.append(name)
-            if name == "base":  # one model for everyone: measured once, as the scoring began
-                measured[name] = (self.base_row, [0.0] * len(PROMPTS), 0.0)
+            if name == "base":  # one model for everyone: measured and drawn once, as the scoring began
+                measured[name], drawn = (self.base_row, [0.0] * len(PROMPTS), 0.0), self.base_pictures
             else:
                 row, drift, context = self.measure(k)
                 drift_pct = [100 * (d / b - 1) for d, b in zip(drift, self.base_drift, strict=True)]
                 measured[name] = (row, drift_pct, float(100 * (context[0] / self.base_context[k] - 1)))
-            if k < SAMPLED_PEOPLE and name in SAMPLED_METHODS:
-                sheet_row.append(sample_picture(self.pipe, self.personal.lidb, self.seed, self.config.sample_steps))
-        return PersonScores(measured, stopped, sheet_row if k < SAMPLED_PEOPLE else None)
+                drawn = self.draw()
+            pictures[name] = score_pictures(self.recogniser, self.gallery, drawn)
+            if name in SAMPLED_METHODS:
+                for sheet_row, in_context in zip(sheet_rows, drawn, strict=False):
+                    sheet_row.append(in_context[0])
+        return PersonScores(measured, stopped, pictures, sheet_rows)
 
 
 @dataclass
@@ -550,7 +585,8 @@ class PersonScores:
 
     measured: dict[str, tuple[list[float], list[float], float]]  # per method: own row, % on others, % in context
     stopped: list[str]  # the methods whose finetune the divergence guard stopped
-    sheet_row: list[Image.Image] | None  # the samples sheet's row, for the first SAMPLED_PEOPLE
+    pictures: dict[str, PictureScores]  # per method: its pictures of the person, scored
+    sheet_rows: list[list[Image.Image]]  # the samples sheet's rows (one per context), for the first SAMPLED_PEOPLE
 
 
 def in_forked_workers(
@@ -598,12 +634,6 @@ def in_forked_workers(
     return [done[i] for i in range(count)]
 
 
-@torch.no_grad()
-def sample_picture(pipe: Pipeline, lidb: LiDB, seed: int, steps: int) -> Image.Image:
-    """What the model draws for the instance prompt (no guidance: the toy base never saw an empty prompt)."""
-    return generate(pipe, lidb, DEFAULT_INSTANCE_PROMPT, negative_prompt="", guidance=1.0, steps=steps, seed=seed)[0]
-
-
 # ----------------------------------------------------------------------------- the whole run
 
 
@@ -631,9 +661,12 @@ def run_toy(
     # 1. the world: four disjoint populations
     crowd, train_people, test_people, other_people = toy_world(config, seed)
     lap("render")
-    # 2. the base model, on the crowd's renders
-    pipe, factor, pretrain_losses = pretrained_base(crowd, config, seed, progress)
+    # 2. the base model, on the crowd's renders; and a face recogniser, on the same renders
+    base = pretrained_base(crowd, config, seed, progress)
+    pipe = base.pipe
     lap("pretrain")
+    recogniser, recogniser_losses = train_recogniser(crowd, config.recogniser_steps, seed, progress)
+    lap("recogniser")
     # 3. stage 1: a LiDB per training identity
     preopt = work / "preopt"
     preopt_losses = preoptimize_people(pipe, train_people, preopt, config, seed, progress)
@@ -654,7 +687,7 @@ def run_toy(
         upper = [Person(p.identity, p.extra_renders, [], []) for p in test_people]
         preoptimize_people(pipe, upper, upper_bound_dir, config, seed, progress)
     scores = evaluate_methods(
-        pipe, hypernets, upper_bound_dir, test_people, other_people, config, seed, progress, workers
+        pipe, hypernets, upper_bound_dir, recogniser, test_people, other_people, config, seed, progress, workers
     )
     lap("evaluate")
     lap.timings["total"] = round(time.perf_counter() - started, 1)
@@ -667,16 +700,19 @@ def run_toy(
         "timings_s": lap.timings,
         "torch_threads": torch.get_num_threads(),
         "scoring_workers": workers,
-        "latent_scaling_factor": factor,
+        "latent_scaling_factor": base.latent_scaling_factor,
         "jitter": JITTER,
         "losses": {
-            "pretrain": pretrain_losses,
+            "vae": base.vae_losses,
+            "pretrain": base.pretrain_losses,
+            "recogniser": recogniser_losses,
             "preoptimize": preopt_losses,
             "hypernet": summary["s"]["losses"],
             "hypernet_validation": summary["s"]["validation"],
             "hypernet_terms": _logged_terms(work / "hypernet_s" / "losses.jsonl"),
         },
-        "methods": summarise(scores, memoriser_rows(test_people), config),
+        "methods": summarise(scores, memoriser_rows(test_people), photo_copy_row(recogniser, test_people), config),
+        "picture_prompts": INSTANCE_PROMPTS,
         "guard_stops": scores.stops,
         "held_out": [p.identity.name for p in test_people],
     }
@@ -715,16 +751,28 @@ class _Laps:
         self.since = now
 
 
-def pretrained_base(
-    crowd: list[Person], config: ToyConfig, seed: int, progress: bool
-) -> tuple[Pipeline, float, list[float]]:
-    """The toy's base model trained on the crowd's renders, every other one in black and white with that context's
-    prompt: the pipeline, its latents' scaling factor and the training losses."""
+@dataclass
+class Base:
+    """The toy's base model and how it was made."""
+
+    pipe: Pipeline
+    latent_scaling_factor: float
+    vae_losses: list[float]  # empty: the tiny pipeline's random VAE
+    pretrain_losses: list[float]
+
+
+def pretrained_base(crowd: list[Person], config: ToyConfig, seed: int, progress: bool) -> Base:
+    """The toy's base model: a VAE trained on the crowd's colour renders (`config.vae_steps`), then the UNet trained on
+    its latents of the crowd's renders, every other one in black and white with that context's prompt."""
     pipe = build_tiny_pipeline("sd15", seed)
     pipe.set_progress_bar_config(disable=True)
+    vae_losses = []
+    if config.vae_steps:
+        colour = [photo for person in crowd for photo in person.photos]
+        pipe.vae, vae_losses = train_autoencoder(colour, config.vae_steps, seed, progress=progress)
     renders, contexts = crowd_in_context(crowd)
     latents, factor = calibrate_latents(pipe, renders)
-    return pipe, factor, pretrain_base(pipe, latents, contexts, config, seed, progress)
+    return Base(pipe, factor, vae_losses, pretrain_base(pipe, latents, contexts, config, seed, progress))
 
 
 def crowd_in_context(crowd: list[Person]) -> tuple[list[Image.Image], torch.Tensor]:
@@ -779,14 +827,15 @@ def _logged_terms(path: Path) -> dict[str, list[float]]:
     return {key: [r[key] for r in records if key in r] for key in ("diffusion_loss", "weight_loss")}
 
 
-def summarise(scores: Scores, memorisers: dict[str, dict], config: ToyConfig) -> dict:
+def summarise(scores: Scores, memorisers: dict[str, dict], photo_copy: dict[str, dict], config: ToyConfig) -> dict:
     """Per method: the own-renders loss (mean, per person, vs base), identification from the N x N matrix (how many
     people their own model fits best, chance 1/N; mean rank; AUC with a bootstrap interval; the margin to the best
     other model in % of the base loss), editability (% vs base on other people per context, and on the person in
-    the other context). The memorising baselines' rows (`memoriser_rows`) come first."""
+    the other context), and its pictures judged (`picture_summary`). The memorising baselines' rows
+    (`memoriser_rows`) come first, then the pictures' own baseline (`photo_copy_row`)."""
     base = np.diag(np.array(scores.losses["base"]))
     labels = method_labels(config)
-    summary = dict(memorisers)
+    summary = dict(memorisers) | photo_copy
     for name, matrix in scores.losses.items():
         grid = np.array(matrix)
         v = np.diag(grid)
@@ -807,5 +856,6 @@ def summarise(scores: Scores, memorisers: dict[str, dict], config: ToyConfig) ->
             margin = 100 * (others - v) / base
             row |= identified(labels[name], grid)
             row |= {"margin_pct": float(margin.mean()), "margin_per_person": margin.tolist()}
+        row["pictures"] = picture_summary(labels[name], scores.pictures[name], identify=name != "base")
         summary[name] = row
     return summary

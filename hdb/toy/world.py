@@ -28,6 +28,7 @@ JITTER = {
     "colour": 0.4,
     "background": 20.0,
     "blur": 1.0,
+    "shading": 0.0,
 }
 
 
@@ -69,22 +70,44 @@ HAIR_COLOURS = (
 EYE_COLOURS = ((60, 40, 25), (50, 110, 170), (60, 140, 80), (110, 110, 120))
 
 
+# The proportions' ranges, fractions of the image side (face) or of the face width (eyes, mouth)
+PROPORTIONS = {
+    "face_width": (0.44, 0.58),
+    "face_height": (0.56, 0.70),
+    "eye_spacing": (0.34, 0.52),
+    "mouth_width": (0.25, 0.55),
+}
+
+
 def random_identity(rng: np.random.Generator, name: str) -> ToyIdentity:
     tone = rng.uniform(0.25, 1.0)  # skin from dark to light, warm-tinted
     skin = (int(90 + 160 * tone), int(55 + 150 * tone), int(35 + 140 * tone))
+    hair, eyes = HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))], EYE_COLOURS[rng.integers(len(EYE_COLOURS))]
+    proportions = {trait: rng.uniform(low, high) for trait, (low, high) in PROPORTIONS.items()}
     return ToyIdentity(
         name=name,
         skin=skin,
-        hair=HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))],
-        eyes=EYE_COLOURS[rng.integers(len(EYE_COLOURS))],
-        face_width=rng.uniform(0.44, 0.58),
-        face_height=rng.uniform(0.56, 0.70),
-        eye_spacing=rng.uniform(0.34, 0.52),
-        mouth_width=rng.uniform(0.25, 0.55),
+        hair=hair,
+        eyes=eyes,
+        **proportions,
         hair_style=HAIR_STYLES[rng.integers(len(HAIR_STYLES))],
         glasses=bool(rng.random() < 0.35),
         beard=bool(rng.random() < 0.3),
     )
+
+
+def identity_traits(identity: ToyIdentity) -> np.ndarray:
+    """What the toy's face recogniser learns to read, each trait in [0, 1]: skin brightness, hair colour, eye colour
+    and hair style (one-hot), the proportions (0 and 1 the ends of their ranges), glasses and beard."""
+    one_hot = [
+        np.eye(len(choices))[choices.index(value)]
+        for value, choices in ((identity.hair, HAIR_COLOURS), (identity.eyes, EYE_COLOURS),
+                               (identity.hair_style, HAIR_STYLES))
+    ]  # fmt: skip
+    proportions = [(getattr(identity, name) - low) / (high - low) for name, (low, high) in PROPORTIONS.items()]
+    return np.concatenate(
+        [[np.mean(identity.skin) / 255], *one_hot, proportions, [identity.glasses, identity.beard]]
+    ).astype(np.float32)
 
 
 def render(identity: ToyIdentity, rng: np.random.Generator) -> Image.Image:
@@ -145,8 +168,17 @@ def render(identity: ToyIdentity, rng: np.random.Generator) -> Image.Image:
     photo = ImageEnhance.Brightness(photo).enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"]))
     photo = ImageEnhance.Contrast(photo).enhance(rng.uniform(1 - JITTER["light"], 1 + JITTER["light"]))
     gains = rng.uniform(1 - JITTER["colour"], 1 + JITTER["colour"], 3)  # the light's colour
-    tinted = np.clip(np.asarray(photo, dtype=np.float32) * gains, 0, 255).astype(np.uint8)
+    tinted = np.clip(np.asarray(photo, dtype=np.float32) * gains * _shading(rng)[..., None], 0, 255).astype(np.uint8)
     return Image.fromarray(tinted).filter(ImageFilter.GaussianBlur(JITTER["blur"]))  # camera softness
+
+
+def _shading(rng: np.random.Generator) -> np.ndarray:
+    """Light from one side: a brightness ramp across the picture, up to JITTER["shading"] brighter on one side and as
+    much darker on the other, in a random direction. It varies across the face, so standardising each channel (which
+    undoes the light's brightness, contrast and colour) does not undo it."""
+    angle, strength = rng.uniform(0, 2 * np.pi), rng.uniform(0, JITTER["shading"])
+    across = (np.arange(SIZE) - (SIZE - 1) / 2) / (SIZE / 2)  # -1 .. 1 over the side
+    return 1 + strength * (np.cos(angle) * across[None, :] + np.sin(angle) * across[:, None])
 
 
 def in_black_and_white(photo: Image.Image) -> Image.Image:
