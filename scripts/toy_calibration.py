@@ -51,7 +51,7 @@ def main(name: str, overrides: dict) -> dict:
 
     @torch.no_grad()
     def loss_maps() -> torch.Tensor:  # [people, renders * draws, 8, 8]: the squared error per latent position
-        personal.lidb.use_shared()
+        personal.lidb.own.use_shared()
         maps = []
         for chunk in zip(*(t.split(256) for t in (draws.latents, draws.noise, draws.timesteps)), strict=True):
             clean, noise, timesteps = chunk

@@ -2,15 +2,17 @@
 
     PYTHONPATH=. python scripts/toy_drawing_probe.py docs/toy/drawing
 
-`hdb toy`'s base is hdb's tiny SD1.5-shaped pipeline with a random VAE: it fits the world's latents well enough
+`hdb toy`'s base was hdb's tiny SD1.5-shaped pipeline with a random VAE: it fits the world's latents well enough
 to tell people apart by diffusion loss, but what it draws is noise. This probe replaces the random VAE by one
 trained on the crowd's renders (seed 0's, the people `hdb toy` pre-trains its base on), pre-trains the base UNet on
 its latents exactly as `hdb toy` does (`pretrain_base`), and draws 8 pictures per context. The autoencoder is
-diffusers' AutoencoderTiny (plain convolutions, TAESD's shape; 8x8x4 latents, the tiny UNet's) trained as a plain
-autoencoder on L1 + L2, with the error's colour part (each pixel's error minus its mean over the channels)
-weighted `--chroma-weight` times. Writes to the folder: recon.png (held-out photos above their reconstructions),
-samples.png (row 1 "a photo of a person", row 2 "a black and white photo of a person"), probe.json (settings,
-losses, seconds, the code's commit). About 12 minutes on 2 cores with the defaults.
+hdb/toy/drawing.py's, the one `hdb toy` now trains: diffusers' AutoencoderTiny (plain convolutions, TAESD's shape;
+8x8x4 latents, the tiny UNet's) trained as a plain autoencoder on L1 + L2, with the error's colour part (each
+pixel's error minus its mean over the channels) weighted `--chroma-weight` times. docs/toy/drawing's figures came
+from the probe's own copy of that recipe, at the commit its probe.json records. Writes to the folder: recon.png
+(held-out photos above their reconstructions), samples.png (row 1 "a photo of a person", row 2 "a black and white
+photo of a person"), probe.json (settings, losses, seconds, the code's commit). About 12 minutes on 2 cores with
+the defaults.
 """
 
 import argparse
@@ -27,37 +29,12 @@ from hdb.diffusion import to_pixels
 from hdb.generate import generate
 from hdb.models import build_tiny_pipeline
 from hdb.toy import experiment
+from hdb.toy.drawing import COLOUR_WEIGHT, train_autoencoder
 from hdb.toy.report import code_version, image_sheet
 from hdb.toy.world import sample_people
 
 SEED = 0
 PICTURES = 8  # per context
-
-
-def train_autoencoder(renders: list[Image.Image], steps: int, chroma_weight: float, log: list) -> AutoencoderTiny:
-    """A small AutoencoderTiny fitted to `renders` (a cosine-decayed learning rate from 1e-3, batches of 16)."""
-    torch.manual_seed(SEED)
-    vae = AutoencoderTiny(
-        encoder_block_out_channels=(16,) * 4,
-        decoder_block_out_channels=(16,) * 4,
-        num_encoder_blocks=(1, 2, 2, 2),
-        num_decoder_blocks=(2, 2, 2, 1),
-    )
-    pixels = to_pixels(renders)
-    optimizer = torch.optim.Adam(vae.parameters(), 1e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for _ in range(steps):
-        batch = pixels[torch.randint(0, len(pixels), (16,))]
-        error = vae.decode(vae.encode(batch).latents).sample - batch
-        light = error.mean(dim=1, keepdim=True)  # the error in brightness; what is left is the error in colour
-        colour = error - light
-        loss = (light**2).mean() + light.abs().mean() + chroma_weight * ((colour**2).mean() + colour.abs().mean())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        log.append(loss.item())
-    return vae.eval()
 
 
 @torch.no_grad()
@@ -82,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--vae-steps", type=int, default=4000)
-    parser.add_argument("--chroma-weight", type=float, default=4.0)
+    parser.add_argument("--chroma-weight", type=float, default=COLOUR_WEIGHT)
     parser.add_argument("--vae-with-black-and-white", action="store_true", help="half the VAE's renders in grey")
     parser.add_argument("--base-steps", type=int, default=3000)
     args = parser.parse_args()
@@ -93,9 +70,8 @@ def main() -> None:
     in_context, contexts = experiment.crowd_in_context(crowd)  # what hdb toy's base learns from
     renders = [photo for person in crowd for photo in person.photos]  # all in colour
 
-    vae_losses: list[float] = []
-    vae = train_autoencoder(in_context if args.vae_with_black_and_white else renders, args.vae_steps,
-                            args.chroma_weight, vae_losses)  # fmt: skip
+    vae, vae_losses = train_autoencoder(in_context if args.vae_with_black_and_white else renders, args.vae_steps,
+                                        SEED, args.chroma_weight, progress=False)  # fmt: skip
     record["seconds_vae"] = round(time.perf_counter() - started, 1)
     held_out = sample_people(SEED, 2, 8, 1, 0, "test")  # the first 8 of hdb toy's held-out people
     sheet, record["reconstruction"] = reconstruction_sheet(vae, [p.photos[0] for p in held_out])

@@ -25,6 +25,7 @@ from hdb.toy.experiment import (
     method_labels,
     run_toy,
 )
+from hdb.toy.pictures import CONTEXTS, Recogniser
 from hdb.toy.report import summarise_seeds, with_memorisers
 from hdb.toy.scores import (
     MEMORISERS,
@@ -34,7 +35,7 @@ from hdb.toy.scores import (
     pixel_distances,
     seed_level_interval,
 )
-from hdb.toy.world import SIZE, sample_people
+from hdb.toy.world import SIZE, identity_traits, sample_people
 
 
 def test_people_are_reproducible_and_renders_vary():
@@ -86,17 +87,22 @@ def test_scoring_in_two_workers_gives_the_same_scores(tiny_sd15):
                        dreambooth_steps=2, other_people=2, sample_steps=2, upper_bound_renders=0,
                        ablation=False)  # fmt: skip
     test, others = sample_people(0, 2, 3, 1, 2, "t"), sample_people(0, 3, 2, 0, 2, "o")
+    recogniser = Recogniser(len(identity_traits(test[0].identity)))  # untrained: the same readings in any process
     alone, shared = (
-        evaluate_methods(tiny_sd15, hypernets, None, test, others, config, seed=0, progress=False, workers=workers)
+        evaluate_methods(tiny_sd15, hypernets, None, recogniser, test, others, config, seed=0, progress=False,
+                         workers=workers)
         for workers in (1, 2)
-    )
+    )  # fmt: skip
     assert alone.losses == shared.losses and len(alone.losses["hyper_ft_lora"]) == 3
     assert alone.other_people == shared.other_people and alone.in_context == shared.in_context
-    assert alone.stops == shared.stops
+    assert alone.stops == shared.stops and alone.pictures == shared.pictures
+    assert len(alone.pictures["hyper"]) == 3 and np.array(alone.pictures["hyper"][0].distances).shape == (2, 3)
     pictures, again = ([[np.asarray(image) for image in row] for row in run.samples] for run in (alone, shared))
-    assert len(pictures) == 2 and all(len(row) == 1 + 6 for row in pictures)  # the photo + SAMPLED_METHODS
+    # two people, each a row per context: the photo (in colour, then in grey) + SAMPLED_METHODS' first pictures
+    assert len(pictures) == 4 and all(len(row) == 1 + 6 for row in pictures)
     assert np.array_equal(np.stack(pictures), np.stack(again))
-    assert np.array_equal(pictures[0][1], pictures[1][1])  # the base draws alike for both, not the last model left
+    assert np.array_equal(pictures[0][1], pictures[2][1])  # the base draws alike for both, not the last model left
+    assert not np.array_equal(pictures[0][1], pictures[1][1])  # ... and another picture for the other prompt
 
 
 def test_a_workers_error_reaches_the_caller():
@@ -169,6 +175,8 @@ def test_every_row_of_the_table_runs_and_files_are_written(tmp_path):
         other_people=2,
         upper_bound_renders=2,
         sample_steps=2,
+        vae_steps=3,
+        recogniser_steps=3,
         compare_s1=True,
         compare_beta0=True,
         paper_variants=True,
@@ -179,12 +187,22 @@ def test_every_row_of_the_table_runs_and_files_are_written(tmp_path):
     for name in ("results.json", "results.md", "losses.png", "renders.jpg", "samples.jpg"):
         assert (folder / name).stat().st_size > 0
     methods = results["methods"]
-    assert list(methods) == [*MEMORISERS, *method_labels(config)] and len(methods) == 2 + 21 + 1 + 3 * 2
+    assert list(methods) == [*MEMORISERS, "photo_copy", *method_labels(config)] and len(methods) == 3 + 21 + 1 + 3 * 2
     assert methods["hyper_k1"]["matrix"] != methods["hyper"]["matrix"]  # the s=4 network read at k=1 is another
-    assert all(np.array(m["matrix"]).shape == (3, 3) for m in methods.values())  # every model x person
+    assert all(np.array(m["matrix"]).shape == (3, 3) for m in methods.values() if "matrix" in m)  # model x person
+    assert len(results["losses"]["vae"]) == 3  # the VAE was trained (a step a loss)
+    for name in ["photo_copy", *method_labels(config)]:  # every model drew its person, judged in both contexts
+        pictures = methods[name]["pictures"]
+        assert len(pictures["in_context_per_person"]) == 3 and len(pictures["diversity"]) == 2
+        identified = [np.array(pictures[c]["matrix"]).shape == (3, 3) for c in CONTEXTS if c in pictures]
+        assert identified == ([] if name == "base" else [True, True])  # one model for everyone identifies no one
     assert json.loads((folder / "results.json").read_text())["methods"].keys() == methods.keys()
     table = (folder / "results.md").read_text()
     assert all(m["label"] in table for m in methods.values())
+    picture_rows = table[table.index("| method | identified, photo") :].splitlines()
+    assert len([row for row in picture_rows if row.startswith("| ") and "---" not in row]) == 2 + len(
+        method_labels(config)
+    )
     assert all(len(m["other_people_pct"]) == 2 and len(m["in_context_per_person"]) == 3 for m in methods.values()
                if "per_person" in m)  # fmt: skip
     summary = summarise_seeds(tmp_path)

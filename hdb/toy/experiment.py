@@ -156,6 +156,7 @@ QUICK = ToyConfig(
     other_people=4,
     preopt_group=16,  # an identity's weights do not depend on its group (hdb.preoptimize): only faster
     upper_bound_renders=0,
+    sample_steps=10,
 )
 # The paper's variants against hdb's choices (`hdb toy --paper-variants`): hdb's hypernetwork, one with each of the
 # paper's choices swapped in alone, the paper's recipe (the three together) at each beta of PAPER_RECIPE_BETAS, and

@@ -59,14 +59,14 @@ def picture_table(results: dict) -> list[str]:
     methods, config, prompts = results["methods"], results["config"], results["picture_prompts"]
     n = methods["base"]["people"]
     lines = [
-        f'Pictures: each model draws its person {PICTURES} times for each prompt ("{prompts[0]}", '
-        f'"{prompts[1]}"; {config["sample_steps"]} steps, the same seeds for every model). '
-        "Identity: the toy's face recogniser (hdb/toy/pictures.py: a CNN trained on the crowd's renders to read the world's traits) reads "
-        "each picture; model k's pictures against person j's renders in the same context (the mean of their "
-        "traits); identified = person j's own model's pictures are nearest (chance: 1 of "
-        f"{n}), AUC with its 95% interval over people. In context: the share of pictures in the colour asked "
-        f"(colour for the photo prompt, grey for black and white; grey = colourfulness under {GREY_BELOW}). "
-        "Diversity: mean |difference| of two pictures of one prompt (pixels in [-1, 1]).",
+        f"Pictures: each model draws its person {PICTURES} times for each prompt ('{prompts[0]}', '{prompts[1]}'; "
+        f"{config['sample_steps']} steps, the same seeds for every model). Identity: the toy's face recogniser "
+        "(hdb/toy/pictures.py: a CNN trained on the crowd's renders to read the world's traits) reads each picture; "
+        "model k's pictures against person j's renders in the same context (the mean of their traits); identified = "
+        f"person j's own model's pictures are nearest (chance: 1 of {n}), AUC with its 95% interval over people. In "
+        "context: the share of pictures in the colour asked (colour for the photo prompt, grey for black and white; "
+        f"grey = colourfulness under {GREY_BELOW}). Diversity: mean |difference| of two pictures of one prompt "
+        "(pixels in [-1, 1]).",
         "",
         "| method | identified, photo | AUC, photo [95% CI] | identified, b&w | AUC, b&w [95% CI] "
         "| in context (photo / b&w) | diversity (photo / b&w) |",
@@ -136,9 +136,11 @@ def plot_losses(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 6), gridspec_kw={"width_ratios": [1, 1, 1.5]})
-    pretrain = results["losses"]["pretrain"]
-    axes[0].plot(_smooth(pretrain, 25))
-    axes[0].set(title="base UNet pre-training (diffusion loss, 25-step mean)", xlabel="step", ylabel="loss")
+    for name, what in (("vae", "VAE (colour-weighted L1 + L2)"), ("pretrain", "UNet (diffusion loss)")):
+        if results["losses"].get(name):  # runs with the tiny pipeline's random VAE trained none
+            axes[0].plot(_smooth(results["losses"][name], 25), label=what)
+    axes[0].set(title="the base: VAE, then UNet (25-step mean)", xlabel="step", ylabel="loss", yscale="log")
+    axes[0].legend(fontsize=8)
     hyper, terms = results["losses"]["hypernet"], results["losses"]["hypernet_terms"]
     axes[1].plot(_smooth(hyper, 25), label="alpha * diffusion + beta * weight distance")
     for name, values in terms.items():
@@ -228,6 +230,8 @@ COMPARISONS = (
     ("upper_bound", "pixel_nn", "upper bound (8 renders) - the photo's pixels (memorising)"),
     ("hyper_ft_lora", "pixel_nn_standardised", "hypernetwork + fast finetune - the photo's light-normalised pixels"),
     ("upper_bound", "pixel_nn_standardised", "upper bound (8 renders) - the photo's light-normalised pixels"),
+    ("hyper_ft_lora", "photo_copy", "hypernetwork + fast finetune - the photo itself (pictures only)"),
+    ("upper_bound", "photo_copy", "upper bound (8 renders) - the photo itself (pictures only)"),
     ("hyper_s1", "hyper", "the paper's k=1: a network trained with s=1 - hdb's s=4"),
     ("hyper_k1", "hyper", "the paper's k=1 read on hdb's network: 1 iteration - 4"),
     ("hyper_beta0", "hyper", "the paper's beta=0: the diffusion loss alone - with the weight term"),
@@ -272,7 +276,11 @@ def summary_table(runs: list[dict]) -> str:
         "| method | identified | mean rank | AUC [95% CI] | AUC, seeds too | r, pixels | margin [95% CI] "
         "| other people (photo / b&w) | person in b&w |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        *(pooled.method_row(name) for name in pooled.names),
+        *(  # the rows measured by diffusion loss (the photo copied is judged on pictures alone)
+            pooled.method_row(name)
+            for name in pooled.names
+            if pooled.has(name, "auc_per_person") or pooled.has(name, "per_person")
+        ),
         "",
         "Paired differences, the same people under both methods (AUC in absolute terms; margin and the person in "
         "black and white in % of the base loss):",
@@ -282,9 +290,11 @@ def summary_table(runs: list[dict]) -> str:
         *(
             pooled.difference_row(name, against, what)
             for name, against, what in COMPARISONS
-            if name in pooled.names and against in pooled.names
+            if pooled.has(name, "auc_per_person") and pooled.has(against, "auc_per_person")
         ),
     ]
+    if all("pictures" in run["methods"]["base"] for run in runs):  # runs made before the toy drew pictures have none
+        lines += ["", *pooled.picture_lines()]
     codes = sorted({run.get("code", "not recorded") for run in runs})
     recomputed = [str(run["seed"]) for run in runs if run.get("memorisers_recomputed")]
     lines += [
@@ -313,8 +323,13 @@ class _Pooled:
         self.names = [name for name in runs[0]["methods"] if all(name in run["methods"] for run in runs)]
         self.people = sum(run["methods"]["base"]["people"] for run in runs)
 
+    def has(self, name: str, key: str) -> bool:
+        """Whether method `name` is in every run with the figure `key` ("a/b" for row["a"]["b"])."""
+        rows = [run["methods"].get(name) for run in self.runs]
+        return all(row is not None and _figure(row, key) is not None for row in rows)
+
     def per_seed(self, name: str, key: str) -> list[np.ndarray]:
-        return [np.asarray(run["methods"][name][key]) for run in self.runs]
+        return [np.asarray(_figure(run["methods"][name], key)) for run in self.runs]
 
     def pooled(self, name: str, key: str) -> np.ndarray:
         return np.concatenate(self.per_seed(name, key))
@@ -364,6 +379,58 @@ class _Pooled:
                 continue
             cells.append(self.interval(self.pooled(name, key) - self.pooled(against, key), style, unit))
         return "| " + " | ".join(cells) + " |"
+
+    def picture_lines(self) -> list[str]:
+        """The pictures' table, seeds pooled, and the paired differences of their identification (`COMPARISONS`)."""
+        lines = [
+            "Pictures (each seed's results.md says how they are judged): identified per seed, then in all; AUC over "
+            "every (seed, person) with intervals over people, and over seeds then people; in context: the share of "
+            "pictures in the colour asked; diversity: mean |difference| of two pictures of one prompt.",
+            "",
+            "| method | identified, photo | AUC, photo [95% CI] | seeds too | identified, b&w | AUC, b&w [95% CI] "
+            "| seeds too | in context (photo / b&w) | diversity (photo / b&w) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name in self.names:
+            if not self.has(name, "pictures/in_context"):
+                continue
+            cells = [self.runs[0]["methods"][name]["label"]]
+            for context in CONTEXTS:
+                if self.has(name, f"pictures/{context}/auc_per_person"):
+                    counts = [run["methods"][name]["pictures"][context]["identified"] for run in self.runs]
+                    cells.append(f"{' + '.join(map(str, counts))} = {sum(counts)}/{self.people}")
+                    cells += self.both_intervals(self.per_seed(name, f"pictures/{context}/auc_per_person"), ".3f")
+                else:
+                    cells += ["-", "-", "-"]
+            for key, style in (("in_context_per_person", "percent"), ("diversity_per_person", ".3f")):
+                means = np.concatenate(self.per_seed(name, f"pictures/{key}")).mean(axis=0)
+                cells.append(" / ".join(f"{100 * v:.0f}%" if style == "percent" else f"{v:{style}}" for v in means))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Paired differences of the pictures' identification, the same people under both methods (AUC):",
+            "",
+            "| difference | photo [95% CI] | seeds too | b&w [95% CI] | seeds too |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, against, what in COMPARISONS:
+            keys = [f"pictures/{context}/auc_per_person" for context in CONTEXTS]
+            if all(self.has(method, key) for method in (name, against) for key in keys):
+                cells = [what]
+                for key in keys:
+                    ours, theirs = self.per_seed(name, key), self.per_seed(against, key)
+                    cells += self.both_intervals([a - b for a, b in zip(ours, theirs, strict=True)], "+.3f")
+                lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
+
+def _figure(row: dict, key: str) -> object:
+    """row[key], or for "a/b/c" row["a"]["b"]["c"]; None where there is no such figure."""
+    for part in key.split("/"):
+        if not isinstance(row, dict) or part not in row:
+            return None
+        row = row[part]
+    return row
 
 
 def _interval(interval: tuple[float, float], style: str) -> str:
