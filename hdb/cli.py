@@ -455,7 +455,7 @@ def cmd_toy(args: argparse.Namespace) -> None:
     folder = "docs/toy/paper_variants" if args.paper_variants else "docs/toy"
     out = args.out or Path(f"{folder}/seed{args.seed}")
     config = PAPER_VARIANTS if args.paper_variants else None  # None: run_toy's, full or --quick
-    results = run_toy(out, quick=args.quick, seed=args.seed, config=config, workers=args.workers)
+    results = run_toy(out, quick=args.quick, seed=args.seed, config=config, workers=args.workers, resume=args.resume)
     print((out / "results.md").read_text())
     print(
         f"written: {out}/results.json, results.md, losses.png, renders.jpg, samples.jpg "

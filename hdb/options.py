@@ -120,6 +120,9 @@ class ToyOptions(Checked):
         "processes that score the held-out people, one torch thread each (the run's longest part: 2 on 2 cores)",
         high=64,
     )
+    resume: bool = setting(
+        False, "go on with the run that stopped in the output folder (its work/: the same code, seed and config)"
+    )
 
 
 # DreamBooth-LoRA as users usually run it (diffusers' example): a rank-4 LoRA from zero, ~1,000 steps at lr 1e-4

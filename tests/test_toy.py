@@ -1,7 +1,8 @@
 """The toy experiment (`python -m hdb toy --quick`): synthetic people, every stage through hdb, held-out losses."""
 
 import json
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -211,6 +212,42 @@ def test_every_row_of_the_table_runs_and_files_are_written(tmp_path):
     assert "| the paper's concatenated input - hdb's cross-attention |" in summary
     memorising = next(line for line in summary.splitlines() if line.startswith("| upper bound (8 renders) - the photo"))
     assert memorising.endswith(" | - | - |")  # the pixel baseline has an AUC, no margin or editability
+
+
+def test_a_stopped_run_resumes_where_it_stopped_with_the_same_results(tmp_path):
+    config = ToyConfig(
+        pretrain_identities=12, vae_steps=3, pretrain_steps=4, recogniser_steps=3, train_identities=4, preopt_steps=3,
+        preopt_group=2, hyper_steps=4, test_identities=3, eval_renders=2, eval_draws=2, finetune_steps=2,
+        long_finetune_steps=0, dreambooth_steps=0, other_people=2, upper_bound_renders=0, sample_steps=2,
+        ablation=False,
+    )  # fmt: skip
+    run_toy(tmp_path, config=config, seed=2, progress=False)
+    work, whole = tmp_path / "work", json.loads((tmp_path / "results.json").read_text())
+    sheet = (tmp_path / "samples.jpg").read_bytes()
+    # as if stopped in stage 1 after its first group of 2 people (what follows is redone), ...
+    for path in sorted((work / "preopt" / "weights").glob("*.safetensors"))[2:]:
+        path.unlink()
+    shutil.rmtree(work / "hypernet_s")
+    shutil.rmtree(work / "scores")
+    run_toy(tmp_path, config=config, seed=2, progress=False, resume=True)
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert resumed["resumed"] and resumed["methods"] == whole["methods"]
+    assert resumed["losses"] == whole["losses"]  # the base's, the recogniser's, stage 1's from its log, stage 2's
+    # ... and while scoring: person 1 not begun, person 0 half way (no "done"): both made again, person 2 read back
+    shutil.rmtree(work / "scores" / "001")
+    (work / "scores" / "000" / "done").unlink()
+    first, last = (json.loads((work / "scores" / k / "scores.json").read_text()) for k in ("000", "002"))
+    last["measured"]["hyper"] = first["measured"]["hyper"]
+    (work / "scores" / "002" / "scores.json").write_text(json.dumps(last))
+    run_toy(tmp_path, config=config, seed=2, progress=False, resume=True)
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert [again["methods"]["hyper"]["matrix"][k] for k in (0, 1)] == whole["methods"]["hyper"]["matrix"][:2]
+    assert again["methods"]["hyper"]["matrix"][2] == whole["methods"]["hyper"]["matrix"][0]  # the kept file is read
+    assert (tmp_path / "samples.jpg").read_bytes() == sheet
+    with pytest.raises(HdbError, match="holds a run with another seed"):
+        run_toy(tmp_path, config=config, seed=3, progress=False, resume=True)
+    with pytest.raises(HdbError, match="another config"):
+        run_toy(tmp_path, config=replace(config, hyper_steps=5), seed=2, progress=False, resume=True)
 
 
 def test_quick_run_learns(tmp_path):

@@ -28,12 +28,14 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from hdb.config import (
@@ -64,20 +66,24 @@ from hdb.identities import Identity, load_weights_dataset
 from hdb.models import Pipeline, build_tiny_pipeline, training_scheduler
 from hdb.options import DREAMBOOTH_LORA_LR
 from hdb.pipeline import PersonalPipeline
+from hdb.preoptimize import LOSSES_FILE as PREOPTIMIZE_LOSSES
 from hdb.preoptimize import preoptimize
 from hdb.stage import training_stage
-from hdb.toy.drawing import train_autoencoder
+from hdb.toy.drawing import toy_autoencoder, train_autoencoder
 from hdb.toy.pictures import (
     PICTURES,
     PictureScores,
     Recogniser,
     galleries,
+    load_recogniser,
     photo_copy_row,
     picture_summary,
+    save_recogniser,
     score_pictures,
     train_recogniser,
 )
 from hdb.toy.report import code_version, image_sheet, plot_losses, renders_sheet, results_table
+from hdb.toy.resume import kept, load_json, save_json
 from hdb.toy.scores import identified, memoriser_rows
 from hdb.toy.world import JITTER, Person, in_black_and_white, sample_people
 from hdb.train_hypernet import train_hypernetwork
@@ -243,8 +249,9 @@ def as_identities(people: list[Person]) -> list:
 
 def preoptimize_people(
     pipe: Pipeline, people: list[Person], out_dir: Path, config: ToyConfig, seed: int, progress: bool = True
-) -> dict:
-    """Stage 1: a LiDB per training identity, `preopt_group` identities at a time (LiDB's per-sample path)."""
+) -> dict[str, list[float]]:
+    """Stage 1: a LiDB per training identity, `preopt_group` identities at a time (LiDB's per-sample path); each
+    identity's first and last loss, of this run and of the one it resumes (its weights there were kept)."""
     preopt_config = PreoptimizeConfig(
         steps=config.preopt_steps,
         group_size=config.preopt_group,
@@ -255,7 +262,8 @@ def preoptimize_people(
     summary = preoptimize(pipe, as_identities(people), out_dir, preopt_config)
     if summary["failed"]:  # stage 1 carries on past a diverging group; the toy's results need every person
         raise HdbError(f"Pre-optimisation diverged for {', '.join(summary['failed'])}; see {out_dir}/weights")
-    return summary["losses"]
+    records = [json.loads(line) for line in (out_dir / PREOPTIMIZE_LOSSES).read_text().splitlines()]
+    return {r["identity"]: [r["first_loss"], r["last_loss"]] for r in records}
 
 
 def _progress(items: Iterable[T], enabled: bool, description: str) -> tqdm[T]:
@@ -439,17 +447,23 @@ def evaluate_methods(
     seed: int,
     progress: bool = True,
     workers: int = 1,
+    kept_in: Path | None = None,
 ) -> Scores:
     """Personalise each held-out person from their one photo by every method, and score the result on the
     other renders of EVERY held-out person; on other people, in both contexts; and on the person's own renders
     in black and white, with the prompt of that context. Each model also draws the person in both contexts, and
     `recogniser` judges whom it drew (hdb.toy.pictures). `workers` > 1 shares the people out among that many
-    forked processes (`in_forked_workers`): the same scores, sooner on as many cores."""
+    forked processes (`in_forked_workers`): the same scores, sooner on as many cores. `kept_in`: a folder where each
+    person's scores are kept as they are made, and read back by a run that resumes (`kept`)."""
     scoring = _Scoring(pipe, hypernets, upper_bound_dir, recogniser, test, others, config, seed)
+
+    def score_person(k: int) -> PersonScores:
+        if kept_in is None:
+            return scoring.score_person(k)
+        return kept(kept_in / f"{k:03d}", lambda: scoring.score_person(k), PersonScores.save, PersonScores.load)
+
     try:
-        everyone = in_forked_workers(
-            scoring.score_person, len(test), workers, progress, "personalising held-out people"
-        )
+        everyone = in_forked_workers(score_person, len(test), workers, progress, "personalising held-out people")
     finally:
         scoring.personal.unload()
     methods = scoring.methods
@@ -543,7 +557,9 @@ class _Scoring:
         # the same losses to 1e-7), and unmerging puts the exact base weights back
         with lidb.merged_into_weights():
             row = heldout_loss(pipe, self.draws, DEFAULT_INSTANCE_PROMPT).tolist()
-            drift = [heldout_loss(pipe, d, prompt).mean() for d, prompt in zip(self.other_draws, PROMPTS, strict=True)]
+            drift = [
+                float(heldout_loss(pipe, d, prompt).mean()) for d, prompt in zip(self.other_draws, PROMPTS, strict=True)
+            ]
             in_context = self.in_context if k is None else self.in_context.of(k)
             context = heldout_loss(pipe, in_context, INSTANCE_IN_CONTEXT)
         return row, drift, context
@@ -588,6 +604,31 @@ class PersonScores:
     stopped: list[str]  # the methods whose finetune the divergence guard stopped
     pictures: dict[str, PictureScores]  # per method: its pictures of the person, scored
     sheet_rows: list[list[Image.Image]]  # the samples sheet's rows (one per context), for the first SAMPLED_PEOPLE
+
+    def save(self, folder: Path) -> None:
+        """The scores as JSON and the sheet's pictures as PNG files, for `load`."""
+        figures = {"measured": self.measured, "stopped": self.stopped}
+        figures["pictures"] = {name: asdict(scores) for name, scores in self.pictures.items()}
+        figures["sheet_rows"] = [len(row) for row in self.sheet_rows]
+        (folder / "scores.json").write_text(json.dumps(figures))
+        for r, row in enumerate(self.sheet_rows):
+            for c, picture in enumerate(row):
+                picture.save(folder / f"sheet_{r}_{c}.png")
+
+    @classmethod
+    def load(cls, folder: Path) -> PersonScores:
+        figures = json.loads((folder / "scores.json").read_text())
+        return cls(
+            {name: tuple(scores) for name, scores in figures["measured"].items()},
+            figures["stopped"],
+            {name: PictureScores(**scores) for name, scores in figures["pictures"].items()},
+            [[_png(folder / f"sheet_{r}_{c}.png") for c in range(n)] for r, n in enumerate(figures["sheet_rows"])],
+        )
+
+
+def _png(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")  # read now: the file is not kept open
 
 
 def in_forked_workers(
@@ -645,28 +686,39 @@ def run_toy(
     config: ToyConfig | None = None,
     progress: bool = True,
     workers: int = 1,
+    resume: bool = False,
 ) -> dict:
-    """Run the experiment end to end; write results.json, results.md, losses.png, renders.jpg to `out_dir`.
-    `workers`: processes that score the held-out people (the run's longest part), one torch thread each.
+    """Run the experiment end to end; write results.json, results.md, losses.png, renders.jpg, samples.jpg to
+    `out_dir`. `workers`: processes that score the held-out people (the run's longest part), one torch thread each.
 
-    Intermediate files (stage 1 weights, hypernetwork checkpoint, TensorBoard logs) go to out_dir/work,
-    which is emptied first: a resumable stage must not pick up a previous run's state.
+    Each phase's output (the base, the recogniser, stage 1's weights, the hypernetworks, each held-out person's
+    scores) goes to out_dir/work. That folder is emptied first, or with `resume` read back: a run stopped part way
+    goes on where it stopped (`kept`), as long as the code, seed and config are those it started with (checked).
     """
     config = config or (QUICK if quick else ToyConfig())
     out, started, code = Path(out_dir), time.perf_counter(), code_version()  # the code as the run starts
     work = out / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    check_resumable(work / "run.json", {"seed": seed, "code": code, "config": asdict(config), "jitter": JITTER})
     lap = _Laps(progress)
 
     # 1. the world: four disjoint populations
     crowd, train_people, test_people, other_people = toy_world(config, seed)
     lap("render")
     # 2. the base model, on the crowd's renders; and a face recogniser, on the same renders
-    base = pretrained_base(crowd, config, seed, progress)
+    base = kept(
+        work / "base", lambda: pretrained_base(crowd, config, seed, progress), Base.save, lambda f: Base.load(f, seed)
+    )
     pipe = base.pipe
     lap("pretrain")
-    recogniser, recogniser_losses = train_recogniser(crowd, config.recogniser_steps, seed, progress)
+    recogniser, recogniser_losses = kept(
+        work / "recogniser",
+        lambda: train_recogniser(crowd, config.recogniser_steps, seed, progress),
+        save_recogniser,
+        load_recogniser,
+    )
     lap("recogniser")
     # 3. stage 1: a LiDB per training identity
     preopt = work / "preopt"
@@ -678,7 +730,8 @@ def run_toy(
         if asked.wanted(config):
             folder = work / f"hypernet_{variant}"
             people = (test_people, train_people)
-            summary[variant] = train_toy_hypernet(pipe, asked, *people, preopt, folder, config, seed, progress)
+            train = partial(train_toy_hypernet, pipe, asked, *people, preopt, folder, config, seed, progress)
+            summary[variant] = kept(folder, train, save_json, load_json)
             hypernets[variant] = HyperNetwork.from_pretrained(folder / "hypernet")
             lap(f"hypernetwork_{variant}")
     # 5. held-out people, personalised from one render, scored on their other renders; and what a LiDB
@@ -688,8 +741,9 @@ def run_toy(
         upper = [Person(p.identity, p.extra_renders, [], []) for p in test_people]
         preoptimize_people(pipe, upper, upper_bound_dir, config, seed, progress)
     scores = evaluate_methods(
-        pipe, hypernets, upper_bound_dir, recogniser, test_people, other_people, config, seed, progress, workers
-    )
+        pipe, hypernets, upper_bound_dir, recogniser, test_people, other_people, config, seed, progress, workers,
+        kept_in=work / "scores",
+    )  # fmt: skip
     lap("evaluate")
     lap.timings["total"] = round(time.perf_counter() - started, 1)
 
@@ -698,7 +752,8 @@ def run_toy(
         "quick": quick,
         "code": code,  # the figures come from this code, as committed
         "config": asdict(config),
-        "timings_s": lap.timings,
+        "timings_s": lap.timings,  # of this run's phases: one resumed read the earlier ones' outputs back
+        "resumed": resume,
         "torch_threads": torch.get_num_threads(),
         "scoring_workers": workers,
         "latent_scaling_factor": base.latent_scaling_factor,
@@ -738,6 +793,18 @@ def toy_world(config: ToyConfig, seed: int) -> tuple[list[Person], list[Person],
     return crowd, train_people, test_people, other_people
 
 
+def check_resumable(path: Path, run: dict) -> None:
+    """Record what the run in this work folder is; a resumed run must be the same one (its phases' outputs are)."""
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != json.loads(json.dumps(run)):
+            changed = sorted(key for key in run if before.get(key) != json.loads(json.dumps(run[key])))
+            raise HdbError(
+                f"{path.parent} holds a run with another {', '.join(changed)}; run without --resume to start afresh"
+            )
+    path.write_text(json.dumps(run))
+
+
 class _Laps:
     """Each phase's seconds since the last (`lap(name)`), printed as it ends when `progress`."""
 
@@ -760,6 +827,26 @@ class Base:
     latent_scaling_factor: float
     vae_losses: list[float]  # empty: the tiny pipeline's random VAE
     pretrain_losses: list[float]
+
+    def save(self, folder: Path) -> None:
+        """The trained weights (the denoiser's and the VAE's) and the figures, for `load`."""
+        save_file(denoiser(self.pipe).state_dict(), folder / "denoiser.safetensors")
+        save_file(self.pipe.vae.state_dict(), folder / "vae.safetensors")
+        figures = {key: value for key, value in vars(self).items() if key != "pipe"}
+        (folder / "base.json").write_text(json.dumps(figures))
+
+    @classmethod
+    def load(cls, folder: Path, seed: int) -> Base:
+        """The base `save` wrote, in a tiny pipeline built from the same seed."""
+        figures = json.loads((folder / "base.json").read_text())
+        pipe = build_tiny_pipeline("sd15", seed)
+        pipe.set_progress_bar_config(disable=True)
+        if figures["vae_losses"]:  # a trained VAE, not the pipeline's own
+            pipe.vae = toy_autoencoder(seed).eval().requires_grad_(False)
+        pipe.vae.load_state_dict(load_file(folder / "vae.safetensors"))
+        pipe.vae.register_to_config(scaling_factor=figures["latent_scaling_factor"])
+        denoiser(pipe).load_state_dict(load_file(folder / "denoiser.safetensors"))
+        return cls(pipe, **figures)
 
 
 def pretrained_base(crowd: list[Person], config: ToyConfig, seed: int, progress: bool) -> Base:

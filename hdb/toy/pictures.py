@@ -17,11 +17,14 @@ white: the world's grey renders have 0, and fewer than 1% of its colour renders 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hdb.diffusion import sample_seed, to_pixels
@@ -143,3 +146,17 @@ def photo_copy_row(recogniser: Recogniser, people: list[Person]) -> dict[str, di
     gallery = galleries(recogniser, people)
     copies = [score_pictures(recogniser, gallery, [[p.photos[0]] * PICTURES] * len(CONTEXTS)) for p in people]
     return {"photo_copy": {"label": PHOTO_COPY, "pictures": picture_summary(PHOTO_COPY, copies)}}
+
+
+def save_recogniser(trained: tuple[Recogniser, list[float]], folder: Path) -> None:
+    """A trained recogniser and its losses (`train_recogniser`'s), for `load_recogniser`."""
+    recogniser, losses = trained
+    save_file(recogniser.state_dict(), folder / "recogniser.safetensors")
+    (folder / "losses.json").write_text(json.dumps(losses))
+
+
+def load_recogniser(folder: Path) -> tuple[Recogniser, list[float]]:
+    weights = load_file(folder / "recogniser.safetensors")
+    recogniser = Recogniser(len(weights[next(reversed(weights))]))  # the last layer's bias: one per trait
+    recogniser.load_state_dict(weights)
+    return recogniser.eval().requires_grad_(False), json.loads((folder / "losses.json").read_text())
