@@ -701,7 +701,8 @@ def run_toy(
     if not resume:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    check_resumable(work / "run.json", {"seed": seed, "code": code, "config": asdict(config), "jitter": JITTER})
+    hdb_code = code_version("HEAD:./")  # a resumed run may be at a later commit that leaves hdb's code as it was
+    check_resumable(work / "run.json", {"seed": seed, "code": hdb_code, "config": asdict(config), "jitter": JITTER})
     lap = _Laps(progress)
 
     # 1. the world: four disjoint populations

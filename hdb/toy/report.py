@@ -107,13 +107,14 @@ def _cells(m: dict, n: int) -> list[str]:
     ]
 
 
-def code_version() -> str:
+def code_version(of: str = "HEAD") -> str:
     """The git commit this code is at (with "+changes" when hdb's code differs from it), or hdb's version.
+    `of`="HEAD:./": the hdb package's own tree instead, the same at every commit that leaves hdb's code alone.
 
     Only the package counts: results other runs write into the checkout (docs/toy/seed*) are not code."""
     package = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=package, capture_output=True, text=True)
+        commit = subprocess.run(["git", "rev-parse", "--short", of], cwd=package, capture_output=True, text=True)
         changed = subprocess.run(["git", "status", "--porcelain", "."], cwd=package, capture_output=True, text=True)
     except OSError:  # no git
         commit = None
