@@ -697,50 +697,28 @@ def run_toy(
     """
     config = config or (QUICK if quick else ToyConfig())
     out, started, code = Path(out_dir), time.perf_counter(), code_version()  # the code as the run starts
-    work = out / "work"
-    if not resume:
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    hdb_code = code_version("HEAD:./")  # a resumed run may be at a later commit that leaves hdb's code as it was
-    check_resumable(work / "run.json", {"seed": seed, "code": hdb_code, "config": asdict(config), "jitter": JITTER})
+    work = work_folder(out, resume, seed, config)
     lap = _Laps(progress)
 
     # 1. the world: four disjoint populations
     crowd, train_people, test_people, other_people = toy_world(config, seed)
     lap("render")
     # 2. the base model, on the crowd's renders; and a face recogniser, on the same renders
-    base = kept(
-        work / "base", lambda: pretrained_base(crowd, config, seed, progress), Base.save, lambda f: Base.load(f, seed)
-    )
+    base = kept(work / "base", partial(pretrained_base, crowd, config, seed, progress), Base.save,
+                partial(Base.load, seed=seed))  # fmt: skip
     pipe = base.pipe
     lap("pretrain")
-    recogniser, recogniser_losses = kept(
-        work / "recogniser",
-        lambda: train_recogniser(crowd, config.recogniser_steps, seed, progress),
-        save_recogniser,
-        load_recogniser,
-    )
+    train = partial(train_recogniser, crowd, config.recogniser_steps, seed, progress)
+    recogniser, recogniser_losses = kept(work / "recogniser", train, save_recogniser, load_recogniser)
     lap("recogniser")
     # 3. stage 1: a LiDB per training identity
     preopt = work / "preopt"
     preopt_losses = preoptimize_people(pipe, train_people, preopt, config, seed, progress)
     lap("preoptimize")
     # 4. stage 2: the hypernetworks
-    hypernets, summary = {}, {}
-    for variant, asked in HYPERNETS.items():
-        if asked.wanted(config):
-            folder = work / f"hypernet_{variant}"
-            people = (test_people, train_people)
-            train = partial(train_toy_hypernet, pipe, asked, *people, preopt, folder, config, seed, progress)
-            summary[variant] = kept(folder, train, save_json, load_json)
-            hypernets[variant] = HyperNetwork.from_pretrained(folder / "hypernet")
-            lap(f"hypernetwork_{variant}")
-    # 5. held-out people, personalised from one render, scored on their other renders; and what a LiDB
-    # learns from many renders of them (stage 1 on their extra renders), the most one LiDB can do
-    upper_bound_dir = work / "upper_bound" if config.upper_bound_renders else None
-    if upper_bound_dir is not None:
-        upper = [Person(p.identity, p.extra_renders, [], []) for p in test_people]
-        preoptimize_people(pipe, upper, upper_bound_dir, config, seed, progress)
+    hypernets, summary = train_toy_hypernets(pipe, test_people, train_people, preopt, work, config, seed, lap)
+    # 5. held-out people, personalised from one render, scored on their other renders, and drawn
+    upper_bound_dir = upper_bound_weights(pipe, test_people, work, config, seed, progress)
     scores = evaluate_methods(
         pipe, hypernets, upper_bound_dir, recogniser, test_people, other_people, config, seed, progress, workers,
         kept_in=work / "scores",
@@ -780,6 +758,54 @@ def run_toy(
     renders_sheet(train_people[:4], test_people[:6]).save(out / "renders.jpg", quality=92)
     image_sheet(scores.samples).save(out / "samples.jpg", quality=92)
     return results
+
+
+def upper_bound_weights(
+    pipe: Pipeline, test_people: list[Person], work: Path, config: ToyConfig, seed: int, progress: bool
+) -> Path | None:
+    """What a LiDB learns from many renders of each held-out person (stage 1 on their extra renders), the most one
+    LiDB can do: the folder of their weights (None where `config` asks for no upper bound)."""
+    if not config.upper_bound_renders:
+        return None
+    upper = [Person(p.identity, p.extra_renders, [], []) for p in test_people]
+    preoptimize_people(pipe, upper, work / "upper_bound", config, seed, progress)
+    return work / "upper_bound"
+
+
+def work_folder(out: Path, resume: bool, seed: int, config: ToyConfig) -> Path:
+    """out/work, where each phase keeps its output: emptied, or with `resume` kept for a run that must be the one it
+    holds (`check_resumable`)."""
+    work = out / "work"
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    hdb_code = code_version("HEAD:./")  # a resumed run may be at a later commit that leaves hdb's code as it was
+    check_resumable(work / "run.json", {"seed": seed, "code": hdb_code, "config": asdict(config), "jitter": JITTER})
+    return work
+
+
+def train_toy_hypernets(
+    pipe: Pipeline,
+    test_people: list[Person],
+    train_people: list[Person],
+    preopt: Path,
+    work: Path,
+    config: ToyConfig,
+    seed: int,
+    lap: _Laps,
+) -> tuple[dict[str, HyperNetwork], dict[str, dict]]:
+    """Stage 2: every hypernetwork `config` asks for (HYPERNETS), each kept in work/hypernet_NAME (`kept`), and each
+    one's training summary."""
+    hypernets, summary = {}, {}
+    for variant, asked in HYPERNETS.items():
+        if asked.wanted(config):
+            folder = work / f"hypernet_{variant}"
+            people = (test_people, train_people)
+            train = partial(train_toy_hypernet, pipe, asked, *people, preopt, folder, config, seed, lap.progress)
+            summary[variant] = kept(folder, train, save_json, load_json)
+            hypernets[variant] = HyperNetwork.from_pretrained(folder / "hypernet")
+            lap(f"hypernetwork_{variant}")
+    return hypernets, summary
 
 
 def toy_world(config: ToyConfig, seed: int) -> tuple[list[Person], list[Person], list[Person], list[Person]]:
