@@ -16,10 +16,12 @@ SIZE = 64  # the tiny pipeline's native resolution (8x8 latents)
 DRAW_SCALE = 2  # draw at 2x and downsample: anti-aliased edges
 HAIR_STYLES = ("bald", "short", "long", "bun")
 # How much renders of one person differ: scale, rotation (degrees), shift (fraction of the side), brightness and
-# contrast, the light's colour (a gain per channel), background and blur. Light varies most: matching the photo's
-# pixels must identify few people (the nearest-neighbour baseline row of the table), while a LiDB trained on 8
-# renders still identifies more. Pose varies little: the toy's random VAE is not shift-invariant, and a few pixels
-# of shift hid identity even from that LiDB (calibration probes, docs/TOY.md).
+# contrast, the light's colour (a gain per channel), background, blur, and shading (light from one side: a gain
+# ramping across the picture, 1 in the middle, up to 1 +- shading at the edges, clipped: a shadow). Light varies
+# most: matching the photo's pixels must identify few people (the memorising rows of the table), while a LiDB
+# trained on 8 renders still identifies more. Brightness, contrast and colour are a per-channel affine change, which
+# standardising each image undoes; the shading is not. Pose varies little: a few pixels of shift hid identity even
+# from that LiDB (calibration probes, docs/TOY.md).
 JITTER = {
     "scale": 0.03,
     "rotation": 3.0,
@@ -28,7 +30,7 @@ JITTER = {
     "colour": 0.4,
     "background": 20.0,
     "blur": 1.0,
-    "shading": 0.0,
+    "shading": 1.5,
 }
 
 
@@ -173,9 +175,9 @@ def render(identity: ToyIdentity, rng: np.random.Generator) -> Image.Image:
 
 
 def _shading(rng: np.random.Generator) -> np.ndarray:
-    """Light from one side: a brightness ramp across the picture, up to JITTER["shading"] brighter on one side and as
-    much darker on the other, in a random direction. It varies across the face, so standardising each channel (which
-    undoes the light's brightness, contrast and colour) does not undo it."""
+    """Light from one side: a gain ramping across the picture in a random direction, 1 in the middle and up to
+    1 +- JITTER["shading"] at the edges (clipped: a shadow where it falls below 0). It varies across the face, so
+    standardising each channel, which undoes the light's brightness, contrast and colour, does not undo it."""
     angle, strength = rng.uniform(0, 2 * np.pi), rng.uniform(0, JITTER["shading"])
     across = (np.arange(SIZE) - (SIZE - 1) / 2) / (SIZE / 2)  # -1 .. 1 over the side
     return 1 + strength * (np.cos(angle) * across[None, :] + np.sin(angle) * across[:, None])
