@@ -12,7 +12,7 @@ picture's context: the paper compares generated faces with the person's referenc
 The context detector is colourfulness (`colourfulness`): a picture asked for "in black and white" should be grey,
 one asked for as a photo should have colour. Pictures whose colourfulness is under GREY_BELOW count as black and
 white: the world's grey renders have 0, and fewer than 1% of its colour renders (the darkest) fall under it
-(tests/test_toy.py).
+(tests/test_toy_pictures.py).
 """
 
 from __future__ import annotations
