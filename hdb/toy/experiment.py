@@ -115,7 +115,8 @@ class ToyConfig:
     preopt_lr: float = 5e-3
     hyper_steps: int = 2000
     hyper_batch: int = 8
-    hyper_lr: float = 3e-4
+    # hdb's default; 3e-4 until 7e302c8, where the weight term exploded at step 1,867 of seed 0 in the shaded world
+    hyper_lr: float = HypernetTrainConfig.learning_rate
     hyper_alpha: float = HypernetTrainConfig.alpha  # diffusion loss weight
     hyper_beta: float = HypernetTrainConfig.beta  # weight loss weight (normalised: 1 at a zero prediction)
     hyper_width: int = 128
