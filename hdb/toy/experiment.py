@@ -154,6 +154,7 @@ QUICK = ToyConfig(
     train_identities=96,
     preopt_steps=80,
     hyper_steps=300,
+    hyper_lr=3e-4,  # 300 steps: the learning rate the quick run's tests were made with
     ablation=False,
     test_identities=8,
     eval_renders=3,
