@@ -29,7 +29,7 @@ from hdb.diffusion import to_pixels
 from hdb.generate import generate
 from hdb.models import build_tiny_pipeline
 from hdb.toy import experiment
-from hdb.toy.drawing import COLOUR_WEIGHT, train_autoencoder
+from hdb.toy.drawing import COLOUR_WEIGHT, colourfulness, train_autoencoder
 from hdb.toy.report import code_version, image_sheet
 from hdb.toy.world import sample_people
 
@@ -44,13 +44,10 @@ def reconstruction_sheet(vae: AutoencoderTiny, photos: list[Image.Image]) -> tup
     pixels = to_pixels(photos)
     rebuilt = vae.decode(vae.encode(pixels).latents).sample.clamp(-1, 1)
 
-    def colourfulness(t: torch.Tensor) -> float:
-        return round((t - t.mean(dim=1, keepdim=True)).abs().mean().item(), 4)
-
     figures = {
         "l1": round((rebuilt - pixels).abs().mean().item(), 4),
-        "colourfulness_photos": colourfulness(pixels),
-        "colourfulness_reconstructions": colourfulness(rebuilt),
+        "colourfulness_photos": round(colourfulness(pixels).mean().item(), 4),
+        "colourfulness_reconstructions": round(colourfulness(rebuilt).mean().item(), 4),
     }
     return image_sheet([photos, VaeImageProcessor().postprocess(rebuilt, output_type="pil")]), figures
 

@@ -14,6 +14,7 @@ from diffusers import AutoencoderTiny
 from PIL import Image
 
 from hdb.diffusion import sample_seed, to_pixels
+from hdb.seeding import initialised_from
 from hdb.training import TrainConfig, train
 
 COLOUR_WEIGHT = 4.0
@@ -23,8 +24,7 @@ AUTOENCODER_LR = 1e-3
 
 def toy_autoencoder(seed: int) -> AutoencoderTiny:
     """An untrained AutoencoderTiny of 16 channels whose latents are the tiny UNet's (64 px -> 8x8x4)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # its weights from the run's seed, the process's random state left as it was
+    with initialised_from(seed):
         return AutoencoderTiny(
             encoder_block_out_channels=(16,) * 4,
             decoder_block_out_channels=(16,) * 4,

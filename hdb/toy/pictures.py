@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hdb.diffusion import sample_seed, to_pixels
+from hdb.seeding import initialised_from
 from hdb.toy.drawing import colourfulness
 from hdb.toy.scores import identified
 from hdb.toy.world import Person, identity_traits, in_black_and_white
@@ -63,8 +64,7 @@ def train_recogniser(
     photos = [(photo, person.identity) for person in people for photo in person.photos]
     pixels = to_pixels([in_black_and_white(p) if i % 2 else p for i, (p, _) in enumerate(photos)])
     targets = torch.from_numpy(np.stack([identity_traits(identity) for _, identity in photos]))
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # its initial weights from the run's seed, the process's random state left alone
+    with initialised_from(seed):
         recogniser = Recogniser(targets.shape[1])
 
     def loss_fn(step: int) -> torch.Tensor:
