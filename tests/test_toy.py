@@ -24,6 +24,7 @@ from hdb.toy.experiment import (
     evaluate_methods,
     in_forked_workers,
     method_labels,
+    pretrain_base,
     run_toy,
 )
 from hdb.toy.pictures import CONTEXTS, Recogniser
@@ -71,6 +72,22 @@ def test_a_trained_autoencoder_tiny_serves_as_the_toys_vae():
     latents, factor = calibrate_latents(pipe, renders)
     assert latents.shape == (6, 4, 8, 8) and latents.std().item() == pytest.approx(1.0, abs=1e-4)
     assert factor == pytest.approx(0.5 / (own * 0.5).std().item(), rel=1e-4)
+
+
+def test_caption_dropout_shows_the_base_the_empty_prompt():
+    """`pretrain_unconditional`: the share of the base's renders shown the empty prompt instead of their context's
+    (what classifier-free guidance needs). All of them: the contexts no longer matter; none: they do."""
+    latents, contexts = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(6) % 2
+
+    def losses(share: float, swapped: bool = False) -> list[float]:
+        config = ToyConfig(pretrain_steps=4, pretrain_batch=4, pretrain_unconditional=share)
+        return pretrain_base(build_tiny_pipeline("sd15", 0), latents, 1 - contexts if swapped else contexts, config,
+                             seed=0, progress=False)  # fmt: skip
+
+    unconditional, conditional = losses(1.0), losses(0.0)
+    assert losses(1.0, swapped=True) == unconditional
+    assert losses(0.0, swapped=True) != conditional and unconditional != conditional
+    assert losses(0.0) == conditional  # reproducible: the comparisons above are the prompts', not chance's
 
 
 def test_cli_wiring(tmp_path):

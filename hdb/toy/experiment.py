@@ -107,6 +107,9 @@ class ToyConfig:
     pretrain_steps: int = 3000
     pretrain_batch: int = 16
     pretrain_lr: float = 1e-3
+    # the share of the base's renders shown with an empty prompt (SD's caption dropout), which classifier-free
+    # guidance needs; 0 until the guidance probe (scripts/toy_guidance_probe.py)
+    pretrain_unconditional: float = 0.0
     # stages 1 and 2: training identities, a few renders each
     train_identities: int = 200
     train_renders: int = 3
@@ -212,16 +215,24 @@ def pretrain_base(
     pipe: Pipeline, latents: torch.Tensor, contexts: torch.Tensor, config: ToyConfig, seed: int, progress: bool = True
 ) -> list[float]:
     """Train every UNet weight on renders of many people, each with its context's prompt (`contexts[i]`: 0 for
-    GENERIC_PROMPT, 1 for CONTEXT_PROMPT); the text encoder stays random, the VAE as it is."""
+    GENERIC_PROMPT, 1 for CONTEXT_PROMPT), a `config.pretrain_unconditional` share of them with the empty prompt
+    instead; the text encoder stays random, the VAE as it is."""
     scheduler = training_scheduler(pipe)
     with torch.no_grad():
-        prompts = encode_prompts(pipe, list(PROMPTS)).embeds  # the text encoder is frozen: encode once
+        # the text encoder is frozen: encode once (the empty prompt apart, so the others' embeddings stay bit-exact)
+        prompts = torch.cat([encode_prompts(pipe, list(PROMPTS)).embeds, encode_prompts(pipe, [""]).embeds])
+    empty = len(PROMPTS)
 
     def loss_fn(step: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(sample_seed(seed, "pretrain batch", step))
         picked = torch.randint(0, len(latents), (config.pretrain_batch,), generator=generator)
+        captions = contexts[picked]
+        if config.pretrain_unconditional:  # its own generator: without dropout, the batches of earlier runs
+            dropped = torch.Generator().manual_seed(sample_seed(seed, "pretrain captions", step))
+            captions = captions.masked_fill(torch.rand(len(picked), generator=dropped) < config.pretrain_unconditional,
+                                            empty)  # fmt: skip
         seeds = [sample_seed(seed, "pretrain", step, k) for k in range(len(picked))]
-        return step_loss(pipe, scheduler, latents[picked], Conditioning(prompts[contexts[picked]]), seeds).mean()
+        return step_loss(pipe, scheduler, latents[picked], Conditioning(prompts[captions]), seeds).mean()
 
     # The learning rate, then a tenth of it for the last quarter: the base should be near converged, or
     # any further training (LiDB included) would lower the loss of every person alike.
@@ -569,7 +580,7 @@ class _Scoring:
     @torch.no_grad()
     def draw(self) -> list[list[Image.Image]]:
         """What the model as it stands draws of the person in each context (INSTANCE_PROMPTS), PICTURES each, from the
-        same seeds for every model; no guidance: the toy's base never saw an empty prompt."""
+        same seeds for every model; no guidance: the toy's base never saw an empty prompt (pretrain_unconditional 0)."""
         return [
             generate(self.pipe, self.personal.lidb, prompt, negative_prompt="", guidance=1.0,
                      steps=self.config.sample_steps, seed=self.seed, num_images=PICTURES)
