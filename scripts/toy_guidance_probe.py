@@ -1,8 +1,8 @@
-"""Does classifier-free guidance let the toy's personalised models draw their person? (issue #37, after seed 0)
+"""Does classifier-free guidance let the toy's personalised models draw their person? (issue #37)
 
     PYTHONPATH=. python scripts/toy_guidance_probe.py docs/toy/guidance
 
-`hdb toy`'s pictures identify no one (docs/toy/seed0): its base never saw an empty prompt, so every model draws
+`hdb toy`'s pictures identify little (docs/toy/summary.md): its base never saw an empty prompt, so every model draws
 without guidance, and what it draws stays the base's whoever it was personalised on. Stable Diffusion is trained with
 a share of empty captions and sampled with guidance (the paper's evaluation: 7.5), which amplifies what the prompt, and
 so the personal weights, change. This probe pre-trains the base as `hdb toy` does but with `--unconditional` of the
@@ -12,7 +12,8 @@ every `--guidance`, and lets the toy's recogniser say whom each model drew (`hdb
 its pictures). Writes to the folder: probe.json (settings, seconds, the code's commit, every method x guidance's
 pictures summary), samples.png (per sampled person and guidance: the photo, then each method's first two pictures
 "a sks face" and its first one in black and white). The base is kept in the folder's work/ (`--resume`-style: a
-second call with the same seed and base settings reads it back). About 30 minutes on 2 cores with the defaults.
+second call with the same seed and base settings reads it back). About 15 minutes on 2 cores with the defaults
+(docs/TOY.md, "Guidance").
 """
 
 import argparse
@@ -29,7 +30,7 @@ from hdb.faces import AlignedFace
 from hdb.generate import generate
 from hdb.pipeline import PersonalPipeline
 from hdb.toy.experiment import INSTANCE_PROMPTS, Base, ToyConfig, pretrained_base, toy_methods, toy_world
-from hdb.toy.pictures import galleries, picture_summary, score_pictures, train_recogniser
+from hdb.toy.pictures import PICTURES, galleries, picture_summary, score_pictures, train_recogniser
 from hdb.toy.report import code_version, image_sheet
 from hdb.toy.resume import kept
 
@@ -87,7 +88,7 @@ def main() -> None:
             for g in args.guidance:
                 pictures = [
                     generate(base.pipe, personal.lidb, prompt, negative_prompt="", guidance=g,
-                             steps=config.sample_steps, seed=args.seed, num_images=4)
+                             steps=config.sample_steps, seed=args.seed, num_images=PICTURES)
                     for prompt in INSTANCE_PROMPTS
                 ]  # fmt: skip
                 drawn[name][g].append(score_pictures(recogniser, gallery, pictures))

@@ -108,7 +108,7 @@ class ToyConfig:
     pretrain_batch: int = 16
     pretrain_lr: float = 1e-3
     # the share of the base's renders shown with an empty prompt (SD's caption dropout), which classifier-free
-    # guidance needs; 0 until the guidance probe (scripts/toy_guidance_probe.py)
+    # guidance needs; 0 in hdb toy's runs, which draw without guidance (scripts/toy_guidance_probe.py sets it)
     pretrain_unconditional: float = 0.0
     # stages 1 and 2: training identities, a few renders each
     train_identities: int = 200
