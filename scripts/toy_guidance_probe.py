@@ -18,18 +18,16 @@ second call with the same seed and base settings reads it back). About 15 minute
 
 import argparse
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from hdb.config import PersonalizeConfig
 from hdb.faces import AlignedFace
 from hdb.generate import generate
 from hdb.pipeline import PersonalPipeline
-from hdb.toy.experiment import INSTANCE_PROMPTS, Base, ToyConfig, pretrained_base, toy_methods, toy_world
+from hdb.toy.experiment import INSTANCE_PROMPTS, Base, Laps, ToyConfig, pretrained_base, toy_methods, toy_world
 from hdb.toy.pictures import PICTURES, galleries, picture_summary, score_pictures, train_recogniser
 from hdb.toy.report import code_version, image_sheet
 from hdb.toy.resume import kept
@@ -52,14 +50,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = replace(ToyConfig(), pretrain_unconditional=args.unconditional, pretrain_steps=args.base_steps,
                      vae_steps=args.vae_steps)  # fmt: skip
-    record = {"code": code_version(), "settings": vars(args) | {"out": str(args.out)}, "seconds": {}}
-    started = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal started
-        record["seconds"][name] = round(time.perf_counter() - started, 1)
-        print(f"  {name}: {record['seconds'][name]} s", flush=True)
-        started = time.perf_counter()
+    lap = Laps(progress=True)
+    record = {"code": code_version(), "settings": vars(args) | {"out": str(args.out)}, "seconds": lap.timings}
 
     crowd, _, test, _ = toy_world(config, args.seed)
     test = test[: args.people]
@@ -78,11 +70,8 @@ def main() -> None:
     for k, person in enumerate(test):
         for name in METHODS:
             method = methods[name]
-            if method.steps:  # from zero, as hdb toy's rows (its _Scoring.personalise)
-                rate = method.learning_rate or config.finetune_lr
-                finetune = PersonalizeConfig(steps=method.steps, learning_rate=rate, relax=method.relax,
-                                             seed=args.seed, progress=False)  # fmt: skip
-                personal.personalize(AlignedFace.from_crop(person.photos[0]), finetune)
+            if method.steps:  # from zero, as hdb toy's rows
+                personal.personalize(AlignedFace.from_crop(person.photos[0]), method.finetune(config, args.seed))
             else:
                 personal.forget()
             for g in args.guidance:

@@ -62,12 +62,11 @@ def main() -> None:
                                     progress=False)  # fmt: skip
 
     def whole_unet(k: int) -> list[list[Image.Image]]:
-        denoiser(pipe).load_state_dict(base_weights)  # every person from the base
         pretrain_base(pipe, photo_latents[k : k + 1], torch.tensor([0]), unet_config, args.seed, progress=False)
         try:
             return draw(None, PROMPTS)
         finally:
-            denoiser(pipe).load_state_dict(base_weights)
+            denoiser(pipe).load_state_dict(base_weights)  # the next person starts from the base
 
     def lora(k: int) -> list[list[Image.Image]]:
         personal.personalize(AlignedFace.from_crop(test[k].photos[0]), lora_config)

@@ -340,6 +340,17 @@ class Method:
     upper_bound: bool = False  # a LiDB pre-optimised on many other renders of the person
     iterations: int | None = None  # the hypernetwork read at this many refinement iterations (None: its own s)
 
+    def finetune(self, config: ToyConfig, seed: int) -> PersonalizeConfig:
+        """The rank-relaxed finetune this row runs after its start (when `steps`), quietly."""
+        return PersonalizeConfig(
+            steps=self.steps,
+            learning_rate=self.learning_rate or config.finetune_lr,
+            relax=self.relax,
+            train_prediction=self.train_prediction,
+            seed=seed,
+            progress=False,
+        )
+
 
 @dataclass(frozen=True)
 class ToyHypernet:
@@ -542,16 +553,8 @@ class _Scoring:
             self.personal.use_weights(*self.upper_bound[person.identity.name])
         elif method.steps:
             face = AlignedFace.from_crop(person.photos[0])  # a render is already an aligned crop
-            ft = PersonalizeConfig(
-                steps=method.steps,
-                learning_rate=method.learning_rate or self.config.finetune_lr,
-                relax=method.relax,
-                train_prediction=method.train_prediction,
-                seed=self.seed,
-                progress=False,
-            )
             try:
-                self.personal.personalize(face, ft, start=prediction)
+                self.personal.personalize(face, method.finetune(self.config, self.seed), start=prediction)
             except TrainingDiverged as stop:  # score the last good step's weights, and count the stop
                 self.personal.use(stop.last_good)
                 return True
@@ -711,7 +714,7 @@ def run_toy(
     config = config or (QUICK if quick else ToyConfig())
     out, started, code = Path(out_dir), time.perf_counter(), code_version()  # the code as the run starts
     work = work_folder(out, resume, seed, config)
-    lap = _Laps(progress)
+    lap = Laps(progress)
 
     # 1. the world: four disjoint populations
     crowd, train_people, test_people, other_people = toy_world(config, seed)
@@ -805,7 +808,7 @@ def train_toy_hypernets(
     work: Path,
     config: ToyConfig,
     seed: int,
-    lap: _Laps,
+    lap: Laps,
 ) -> tuple[dict[str, HyperNetwork], dict[str, dict]]:
     """Stage 2: every hypernetwork `config` asks for (HYPERNETS), each kept in work/hypernet_NAME (`kept`), and each
     one's training summary."""
@@ -845,7 +848,7 @@ def check_resumable(path: Path, run: dict) -> None:
     path.write_text(json.dumps(run))
 
 
-class _Laps:
+class Laps:
     """Each phase's seconds since the last (`lap(name)`), printed as it ends when `progress`."""
 
     def __init__(self, progress: bool) -> None:
